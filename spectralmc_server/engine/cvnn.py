@@ -1,0 +1,174 @@
+"""Complex-valued layers, activations and the characteristic-function network.
+
+Complex tensors are carried *packed* as real tensors (..., 2n): the first n entries are
+real parts, the last n imaginary parts. A complex linear layer is then one real GEMM
+with the block matrix [[Wr^T, Wi^T], [-Wi^T, Wr^T]], and weights stay real float32
+tensors that safetensors stores natively.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from spectralmc_server.engine.processes.base import ModelDomain, Process
+from spectralmc_server.engine.spectrum import SpectrumConfig
+
+Activation = Literal["modrelu", "csilu", "cardioid", "crelu"]
+
+
+class NetworkConfig(BaseModel):
+    """Shape of the CVNN and how its output becomes a CF."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    width: int = Field(64, ge=2, le=4096)  # complex units per hidden layer
+    depth: int = Field(3, ge=1, le=32)  # hidden complex layers
+    activation: Activation = "csilu"  # split SiLU; modReLU, cardioid, CReLU also available
+    # What the network's outputs are: the CF itself (cf) or its logarithm (log_cf, so
+    # phi = exp(net) and |phi| decays without the net having to output tiny numbers).
+    head: Literal["cf", "log_cf"] = "log_cf"
+    # gaussian: add the log-CF (log_cf) or CF (cf) of the normal law with the model's
+    # scale, exp(-i w s/2 - w^2/2), so the net learns a residual; none: no baseline.
+    baseline: Literal["gaussian", "none"] = "none"
+
+
+class ComplexLinear(nn.Module):
+    """y = W x + b for complex W, x, b, on packed tensors (B, 2n) -> (B, 2m)."""
+
+    def __init__(self, n_in: int, n_out: int, *, zero_init: bool = False) -> None:
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        # Complex He-style init: Var(W) = Var(Wr) + Var(Wi) = 1 / n_in.
+        bound = math.sqrt(3.0 / (2.0 * n_in))
+        scale = 0.0 if zero_init else bound
+        self.weight_re = nn.Parameter((torch.rand(n_out, n_in) * 2.0 - 1.0) * scale)
+        self.weight_im = nn.Parameter((torch.rand(n_out, n_in) * 2.0 - 1.0) * scale)
+        self.bias_re = nn.Parameter(torch.zeros(n_out))
+        self.bias_im = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        wr, wi = self.weight_re.t(), self.weight_im.t()  # (n_in, n_out)
+        big = torch.cat([torch.cat([wr, wi], 1), torch.cat([-wi, wr], 1)], 0)  # (2 n_in, 2 n_out)
+        bias = torch.cat([self.bias_re, self.bias_im])  # (2 n_out,)
+        return torch.addmm(bias, x, big)
+
+
+def _split(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    n = z.shape[-1] // 2
+    return z[..., :n], z[..., n:]
+
+
+class ModReLU(nn.Module):
+    """modReLU (Arjovsky et al. 2016): z * relu(|z| + b) / |z|, phase kept."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(width))
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        re, im = _split(z)
+        mod = torch.sqrt(re * re + im * im + 1e-12)
+        gain = torch.relu(mod + self.bias) / mod
+        return torch.cat([re * gain, im * gain], -1)
+
+
+class SplitSiLU(nn.Module):
+    """SiLU applied to real and imaginary parts separately."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(z)
+
+
+class Cardioid(nn.Module):
+    """Cardioid (Virtue et al. 2017): (1 + cos(arg z)) / 2 * z."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        re, im = _split(z)
+        mod = torch.sqrt(re * re + im * im + 1e-12)
+        gain = 0.5 * (1.0 + re / mod)
+        return torch.cat([re * gain, im * gain], -1)
+
+
+class CReLU(nn.Module):
+    """ReLU applied to real and imaginary parts separately."""
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.relu(z)
+
+
+def make_activation(name: Activation, width: int) -> nn.Module:
+    if name == "modrelu":
+        return ModReLU(width)
+    if name == "csilu":
+        return SplitSiLU()
+    if name == "cardioid":
+        return Cardioid()
+    return CReLU()
+
+
+class CVNN(nn.Module):
+    """Complex MLP: real inputs in [-1, 1] (imaginary part 0) -> n_out complex outputs."""
+
+    def __init__(self, n_in: int, n_out: int, config: NetworkConfig) -> None:
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        layers: list[nn.Module] = []
+        width_in = n_in
+        for _ in range(config.depth):
+            layers += [ComplexLinear(width_in, config.width), make_activation(config.activation, config.width)]
+            width_in = config.width
+        self.hidden = nn.Sequential(*layers)
+        # A residual over a baseline starts at exactly zero, so an untrained
+        # gaussian-baseline model is the normal law with the right scale.
+        self.head = ComplexLinear(width_in, n_out, zero_init=config.baseline == "gaussian")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, n_in) real -> complex (B, n_out)."""
+        packed = torch.cat([x, torch.zeros_like(x)], -1)  # (B, 2 n_in)
+        out = self.head(self.hidden(packed))  # (B, 2 n_out)
+        re, im = _split(out)
+        return torch.complex(re, im)
+
+
+class CFModel(nn.Module):
+    """phi_Y(w_k | theta, T) for k = 0..K-1, with phi_Y(0) = 1 exactly.
+
+    Inputs are mapped to [-1, 1] by the model's domain; the network's float32 output is
+    combined with the baseline in float64, so the served CF is complex128.
+    """
+
+    def __init__(
+        self,
+        process: Process,
+        domain: ModelDomain,
+        spectrum: SpectrumConfig,
+        network: NetworkConfig,
+    ) -> None:
+        super().__init__()
+        self.process = process
+        self.domain = domain
+        self.spectrum = spectrum
+        self.network_config = network
+        self.net = CVNN(domain.dims, spectrum.n_freq - 1, network)
+        self.freqs: torch.Tensor
+        self.register_buffer("freqs", spectrum.frequencies()[1:], persistent=False)  # (K-1,) float64
+
+    def forward(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
+        """theta (B, P), T (B,) float64 -> phi_Y complex128 (B, K)."""
+        x = self.domain.network_input(theta, expiry).to(torch.float32)
+        out = self.net(x).to(torch.complex128)  # (B, K-1)
+        freqs = self.freqs
+        cfg = self.network_config
+        if cfg.baseline == "gaussian":
+            s = self.process.scale(theta, expiry).to(torch.float64)[:, None]  # (B, 1)
+            log_base = torch.complex(-0.5 * freqs * freqs * torch.ones_like(s), -0.5 * freqs * s)
+            phi = torch.exp(log_base + out) if cfg.head == "log_cf" else torch.exp(log_base) + out
+        else:
+            phi = torch.exp(out) if cfg.head == "log_cf" else out
+        one = torch.ones(phi.shape[0], 1, dtype=phi.dtype, device=phi.device)
+        return torch.cat([one, phi], 1)

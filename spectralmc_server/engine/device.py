@@ -1,0 +1,142 @@
+"""Backend choice (cpu/cuda) and byte budgets: hard memory caps for every buffer holder.
+
+Every component that keeps tensors alive (normals pool, simulator workspace, training
+batch, inference batch, model cache) takes a :class:`MemoryBudget` and reserves what it
+will hold *at construction*, so an over-large configuration is refused with a clear
+message instead of running out of memory midway.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+DeviceName = Literal["auto", "cpu", "cuda"]
+
+MiB = 1 << 20
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The configured device cannot be used on this machine."""
+
+
+class BudgetExceededError(ValueError):
+    """A component asked for more bytes than its budget allows."""
+
+
+def resolve_device(name: DeviceName | str) -> torch.device:
+    """Map a configured device name to a torch device.
+
+    ``auto`` takes CUDA when it is usable and the CPU otherwise; ``cuda`` on a machine
+    without a usable GPU is an error, never a silent fallback.
+    """
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                "device 'cuda' was requested but torch sees no usable CUDA device; "
+                'use --device cpu (or device = "auto")'
+            )
+        return torch.device("cuda")
+    raise DeviceUnavailableError(f"unknown device {name!r}: expected auto, cpu or cuda")
+
+
+def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes a dense tensor of this shape and dtype occupies."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n * torch.empty((), dtype=dtype).element_size()
+
+
+@dataclass(frozen=True)
+class BudgetReport:
+    """Use against cap for one budget, in bytes."""
+
+    name: str
+    cap_bytes: int
+    reserved_bytes: int
+    holders: dict[str, int]
+
+
+class MemoryBudget:
+    """A hard byte cap with named reservations; thread safe.
+
+    ``reserve`` raises :class:`BudgetExceededError` (naming the holder, the request and
+    what is left) rather than over-committing.
+    """
+
+    def __init__(self, name: str, cap_bytes: int) -> None:
+        if cap_bytes <= 0:
+            raise ValueError(f"budget {name!r}: cap must be positive, got {cap_bytes}")
+        self.name = name
+        self.cap_bytes = int(cap_bytes)
+        self._holders: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def reserved_bytes(self) -> int:
+        with self._lock:
+            return sum(self._holders.values())
+
+    def reserve(self, holder: str, nbytes: int) -> None:
+        """Reserve ``nbytes`` for ``holder`` (replacing its earlier reservation)."""
+        if nbytes < 0:
+            raise ValueError(f"cannot reserve a negative byte count ({nbytes})")
+        with self._lock:
+            others = sum(v for k, v in self._holders.items() if k != holder)
+            if others + nbytes > self.cap_bytes:
+                raise BudgetExceededError(
+                    f"{holder} needs {_fmt(nbytes)} but budget {self.name!r} has "
+                    f"{_fmt(self.cap_bytes - others)} free of a {_fmt(self.cap_bytes)} cap; "
+                    f"shrink the configuration or raise budgets.{self.name}_bytes"
+                )
+            self._holders[holder] = nbytes
+
+    def release(self, holder: str) -> None:
+        with self._lock:
+            self._holders.pop(holder, None)
+
+    def report(self) -> BudgetReport:
+        with self._lock:
+            return BudgetReport(self.name, self.cap_bytes, sum(self._holders.values()), dict(self._holders))
+
+
+def _fmt(nbytes: int) -> str:
+    if nbytes >= MiB:
+        return f"{nbytes / MiB:.1f} MiB"
+    return f"{nbytes} B"
+
+
+class BudgetConfig(BaseModel):
+    """Byte caps per component (defaults suit a laptop; raise them on a GPU box)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    normals_bytes: int = Field(256 * MiB, gt=0)  # normals pool: all cached blocks
+    simulator_bytes: int = Field(512 * MiB, gt=0)  # paths, binned samples, FFT buffers
+    training_bytes: int = Field(256 * MiB, gt=0)  # network, EMA copy, optimiser state
+    inference_bytes: int = Field(256 * MiB, gt=0)  # one inference chunk's working set
+    model_cache_bytes: int = Field(256 * MiB, gt=0)  # loaded model versions
+
+
+class Budgets:
+    """One :class:`MemoryBudget` per component, built from a :class:`BudgetConfig`."""
+
+    def __init__(self, config: BudgetConfig | None = None) -> None:
+        cfg = config or BudgetConfig()
+        self.normals = MemoryBudget("normals", cfg.normals_bytes)
+        self.simulator = MemoryBudget("simulator", cfg.simulator_bytes)
+        self.training = MemoryBudget("training", cfg.training_bytes)
+        self.inference = MemoryBudget("inference", cfg.inference_bytes)
+        self.model_cache = MemoryBudget("model_cache", cfg.model_cache_bytes)
+
+    def reports(self) -> list[BudgetReport]:
+        return [b.report() for b in (self.normals, self.simulator, self.training, self.inference, self.model_cache)]

@@ -1,0 +1,348 @@
+"""Batched inference: explicit contracts -> measures.
+
+One characteristic-function evaluation per distinct (theta, T) serves every strike,
+spot, rate and dividend that shares it. Delta, gamma and rho are analytic through the
+forward F = S e^{(r-q)T}; vega and theta come from forward-mode autograd through the CF
+(the network, or an analytic CF), then reverse mode through the COS sums. Contracts
+outside the model's domain are answered by the reference pricer and flagged, never
+extrapolated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.engine.cos import CosExpansion, cos_coefficients
+from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
+from spectralmc_server.engine.device import MemoryBudget
+from spectralmc_server.engine.processes import get_process
+from spectralmc_server.engine.processes.base import ModelDomain, Process
+from spectralmc_server.engine.reference import (
+    analytic_cf_y,
+    black_scholes,
+    lognormal_moments,
+    lognormal_quantiles,
+)
+from spectralmc_server.engine.spectrum import SpectrumConfig
+
+PRICE_MEASURES = ("price", "delta", "gamma", "vega", "theta", "rho", "digital")
+DIST_MEASURES = ("mean", "stdev", "skew", "kurtosis")
+MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")
+
+CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(theta (B, P), T (B,)) float64 -> phi_Y complex128 (B, K) on the spectrum's grid."""
+
+
+@dataclass(frozen=True)
+class OptionBatch:
+    """European options with explicit market inputs; every field (n,) float64 but
+    ``is_call`` (bool) and ``theta`` (n, P), the process parameters."""
+
+    spot: torch.Tensor
+    strike: torch.Tensor
+    expiry: torch.Tensor
+    rate: torch.Tensor
+    dividend: torch.Tensor
+    is_call: torch.Tensor
+    theta: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.spot.shape[0])
+
+    def select(self, index: torch.Tensor) -> OptionBatch:
+        return OptionBatch(
+            self.spot[index],
+            self.strike[index],
+            self.expiry[index],
+            self.rate[index],
+            self.dividend[index],
+            self.is_call[index],
+            self.theta[index],
+        )
+
+    @property
+    def forward(self) -> torch.Tensor:
+        return self.spot * torch.exp((self.rate - self.dividend) * self.expiry)
+
+
+class Pricer(Protocol):
+    def evaluate(
+        self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Each requested measure as (n,) float64; ``quantiles`` as (n, Q)."""
+        ...
+
+
+def _bytes_per_row(spectrum: SpectrumConfig, n_levels: int) -> int:
+    # Upper estimate of the float64 working set per contract: ~32 (n, K) temporaries in
+    # the COS sums and tangents, plus ~8 (n, Q, K) ones in quantile refinement.
+    return 8 * spectrum.n_freq * (32 + 8 * n_levels)
+
+
+def group_rows(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct rows of ``keys`` (n, d) and each row's group, like
+    ``torch.unique(keys, dim=0, return_inverse=True)`` but by d stable sorts (a
+    lexicographic order), which is far faster than torch's row-wise unique."""
+    n = keys.shape[0]
+    order = torch.arange(n, device=keys.device)
+    for col in range(keys.shape[1] - 1, -1, -1):
+        order = order[torch.sort(keys[order, col], stable=True).indices]
+    ordered = keys[order]
+    first = torch.ones(n, dtype=torch.bool, device=keys.device)
+    first[1:] = (ordered[1:] != ordered[:-1]).any(1)
+    inverse = torch.empty(n, dtype=torch.long, device=keys.device)
+    inverse[order] = torch.cumsum(first.long(), 0) - 1
+    return ordered[first], inverse
+
+
+class SpectralPricer:
+    """Prices from a CF on the spectrum's grid with the COS method."""
+
+    def __init__(
+        self,
+        process: Process,
+        spectrum: SpectrumConfig,
+        cf: CFFunction,
+        *,
+        budget: MemoryBudget | None = None,
+        max_rows: int = 16384,
+        max_levels: int = 64,
+        holder: str = "spectral pricer",
+    ) -> None:
+        self.process = process
+        self.spectrum = spectrum
+        self.cf = cf
+        per_row = _bytes_per_row(spectrum, max_levels)
+        if budget is not None:
+            max_rows = min(max_rows, budget.cap_bytes // per_row)
+            if max_rows < 1:
+                budget.reserve(holder, per_row)  # raises with the budget's message
+            budget.reserve(holder, max_rows * per_row)
+        self.max_rows = max_rows
+        self.max_levels = max_levels
+
+    def evaluate(
+        self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        if levels is not None and levels.numel() > self.max_levels:
+            raise ValueError(f"at most {self.max_levels} quantile levels, got {levels.numel()}")
+        n = len(batch)
+        if n <= self.max_rows:
+            return self._evaluate(batch, measures, levels)
+        parts = [
+            self._evaluate(batch.select(torch.arange(i, min(i + self.max_rows, n))), measures, levels)
+            for i in range(0, n, self.max_rows)
+        ]
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def _coef_with_tangents(
+        self, theta: torch.Tensor, expiry: torch.Tensor, want_theta: bool, want_expiry: bool
+    ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
+        """COS coefficients (U, K) and their derivatives along each parameter and along T.
+
+        Rows are independent, so one forward-mode pass per input direction gives every
+        row's derivative; the coefficients are linear in the CF, so they map the same way.
+        """
+        with torch.inference_mode(not (want_theta or want_expiry)):
+            coef = cos_coefficients(self.cf(theta, expiry), self.spectrum)
+        d_theta: list[torch.Tensor | None] = []
+        for j in range(theta.shape[1]):
+            if not want_theta:
+                d_theta.append(None)
+                continue
+            tangent = torch.zeros_like(theta)
+            tangent[:, j] = 1.0
+            d_phi = torch.func.jvp(lambda th: self.cf(th, expiry), (theta,), (tangent,))[1]
+            d_theta.append(cos_coefficients(d_phi, self.spectrum))
+        d_expiry = None
+        if want_expiry:
+            d_phi = torch.func.jvp(lambda t: self.cf(theta, t), (expiry,), (torch.ones_like(expiry),))[1]
+            d_expiry = cos_coefficients(d_phi, self.spectrum)
+        return coef.detach(), d_theta, d_expiry
+
+    def _evaluate(
+        self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None
+    ) -> dict[str, torch.Tensor]:
+        uniq, inv = group_rows(torch.cat([batch.theta, batch.expiry[:, None]], 1))  # (U, P+1), (n,)
+        th_u, t_u = uniq[:, :-1].contiguous(), uniq[:, -1].contiguous()
+        want_vega, want_theta = "vega" in measures, "theta" in measures
+        coef_u, d_th, d_t = self._coef_with_tangents(th_u, t_u, want_vega, want_theta)
+
+        theta = batch.theta.clone().requires_grad_(want_vega)
+        expiry = batch.expiry.clone().requires_grad_(want_theta)
+        # Per-contract coefficients, exact to first order in each contract's own (theta, T):
+        # the gradient of a contract's price then flows only to its own inputs.
+        coef = coef_u[inv]  # (n, K)
+        for j, d in enumerate(d_th):
+            if d is not None:
+                coef = coef + d[inv] * (theta[:, j] - theta[:, j].detach())[:, None]
+        if d_t is not None:
+            coef = coef + d_t[inv] * (expiry - expiry.detach())[:, None]
+
+        out: dict[str, torch.Tensor] = {}
+        s = self.process.scale(theta, expiry)
+        disc = torch.exp(-batch.rate * expiry)
+        qdisc = torch.exp(-batch.dividend * expiry)
+        fwd = batch.spot * torch.exp((batch.rate - batch.dividend) * expiry)
+        call = batch.is_call
+        if measures & set(PRICE_MEASURES):
+            exp = CosExpansion.from_coefficients(coef, self.spectrum)
+            terms = {k: v[:, 0] for k, v in exp.put_terms(s, torch.log(batch.strike / fwd)[:, None]).items()}
+            put = disc * fwd * terms["put"]
+            price = torch.where(call, put + disc * (fwd - batch.strike), put)
+            if want_vega or want_theta:
+                grads = torch.autograd.grad(price.sum(), [theta, expiry], allow_unused=True)
+                if want_vega:
+                    g = grads[0]
+                    out["vega"] = (g if g is not None else torch.zeros_like(theta))[:, 0]
+                if want_theta:
+                    g = grads[1]
+                    out["theta"] = -(g if g is not None else torch.zeros_like(expiry))
+            share = terms["share_below"].detach()
+            t = batch.expiry
+            d, f, q = disc.detach(), fwd.detach(), qdisc.detach()
+            out["price"] = price.detach()
+            out["delta"] = torch.where(call, q * (1.0 - share), -q * share)
+            out["gamma"] = q * (batch.strike / f) * terms["density"].detach() / batch.spot
+            put_rho = -t * put.detach() - t * d * f * share
+            out["rho"] = torch.where(call, put_rho + t * batch.strike * d, put_rho)
+            prob = terms["prob_below"].detach()
+            out["digital"] = torch.where(call, d * (1.0 - prob), d * prob)
+        if measures & {*DIST_MEASURES, "quantiles"}:
+            exp_u = CosExpansion.from_coefficients(coef_u, self.spectrum)
+            s_u = self.process.scale(th_u, t_u)
+            f = fwd.detach()
+            if measures & set(DIST_MEASURES):
+                mom = {k: v[inv] for k, v in exp_u.terminal_moments(s_u).items()}
+                out["mean"] = f * mom["mean"]
+                out["stdev"] = f * mom["stdev"]
+                out["skew"], out["kurtosis"] = mom["skew"], mom["kurtosis"]
+            if "quantiles" in measures:
+                if levels is None:
+                    raise ValueError("quantiles requested without quantile levels")
+                lv = levels.to(torch.float64)[None, :].expand(len(uniq), -1)
+                y = exp_u.quantile(lv)[inv]  # (n, Q)
+                out["quantiles"] = f[:, None] * torch.exp(s.detach()[:, None] * y)
+        return {k: v for k, v in out.items() if k in measures}
+
+
+class ClosedFormGBMPricer:
+    """Black-Scholes closed forms for every measure (the GBM reference)."""
+
+    def evaluate(
+        self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        vol = batch.theta[:, 0]
+        out: dict[str, torch.Tensor] = {}
+        if measures & set(PRICE_MEASURES):
+            out.update(
+                black_scholes(batch.spot, batch.strike, batch.expiry, batch.rate, batch.dividend, vol, batch.is_call)
+            )
+        s = vol * torch.sqrt(batch.expiry)
+        if measures & set(DIST_MEASURES):
+            out.update(lognormal_moments(batch.forward, s))
+        if "quantiles" in measures:
+            if levels is None:
+                raise ValueError("quantiles requested without quantile levels")
+            out["quantiles"] = lognormal_quantiles(batch.forward, s, levels)
+        return {k: v for k, v in out.items() if k in measures}
+
+
+def reference_pricer(process: Process, spectrum: SpectrumConfig | None = None) -> Pricer:
+    """The reference for a process: closed forms for GBM, COS on the analytic CF else."""
+    if process.name == "gbm":
+        return ClosedFormGBMPricer()
+    spec = spectrum or SpectrumConfig(n_freq=256, half_width=12.0, n_bins=1024)
+    return SpectralPricer(process, spec, lambda th, t: analytic_cf_y(process, spec, th, t))
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """A loaded model version: its identity and its pricer."""
+
+    name: str
+    process: Process
+    domain: ModelDomain
+    content_hash: str
+    version: int | None
+    manifest: dict[str, Any]
+    pricer: ModelPricer
+
+
+def load_served_model(
+    ckpt: Checkpoint,
+    *,
+    name: str | None = None,
+    version: int | None = None,
+    budget: MemoryBudget | None = None,
+    device: torch.device | None = None,
+) -> ServedModel:
+    """Build the served (EMA) network of a checkpoint and wrap it in a pricer."""
+    desc = ckpt.manifest["model"]
+    process = get_process(desc["process"])
+    domain = ModelDomain.model_validate(desc["domain"])
+    spectrum = SpectrumConfig.model_validate(desc["spectrum"])
+    network = NetworkConfig.model_validate(desc["network"])
+    model = CFModel(process, domain, spectrum, network)
+    model.load_state_dict(ckpt.model)
+    model.requires_grad_(False)
+    model.eval()
+    if device is not None:
+        model = model.to(device)
+    label = name or process.name
+    learned = SpectralPricer(
+        process,
+        spectrum,
+        model,
+        budget=budget,
+        holder=f"inference ({label} {ckpt.content_hash[:19]})",
+    )
+    return ServedModel(
+        name=label,
+        process=process,
+        domain=domain,
+        content_hash=ckpt.content_hash,
+        version=version,
+        manifest=ckpt.manifest,
+        pricer=ModelPricer(learned, domain, reference_pricer(process)),
+    )
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Measures per contract and which engine answered each (True: the learned model)."""
+
+    values: dict[str, torch.Tensor]
+    learned: torch.Tensor  # (n,) bool
+
+
+class ModelPricer:
+    """A learned model's pricer with the reference answering outside its domain."""
+
+    def __init__(self, learned: SpectralPricer, domain: ModelDomain, reference: Pricer) -> None:
+        self.learned = learned
+        self.domain = domain
+        self.reference = reference
+
+    def evaluate(self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None) -> Evaluation:
+        inside = self.domain.contains(batch.theta, batch.expiry)
+        idx_in = torch.nonzero(inside).flatten()
+        idx_out = torch.nonzero(~inside).flatten()
+        parts = []
+        if len(idx_in):
+            parts.append((idx_in, self.learned.evaluate(batch.select(idx_in), measures, levels)))
+        if len(idx_out):
+            parts.append((idx_out, self.reference.evaluate(batch.select(idx_out), measures, levels)))
+        values: dict[str, torch.Tensor] = {}
+        n = len(batch)
+        for idx, part in parts:
+            for k, v in part.items():
+                if k not in values:
+                    values[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float64)
+                values[k][idx] = v
+        return Evaluation(values, inside)

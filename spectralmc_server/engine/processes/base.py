@@ -1,0 +1,119 @@
+"""What every process provides, and the parameter domain a model is trained over.
+
+A process is described by its parameters theta (GBM: sigma), the maturity T and the
+law of X = log(S_T / F), which under the pricing measure depends on (theta, T) only.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, model_validator
+
+EXPIRY = "expiry_years"
+
+
+class ParameterRange(BaseModel):
+    """One input dimension of a model: its bounds and the coordinate it is sampled in."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    low: float
+    high: float
+    scale: Literal["linear", "log"] = "linear"  # log: sampled and fed uniform in log(x)
+
+    @model_validator(mode="after")
+    def _check(self) -> ParameterRange:
+        if not (math.isfinite(self.low) and math.isfinite(self.high) and self.low < self.high):
+            raise ValueError(f"{self.name}: need finite low < high, got [{self.low}, {self.high}]")
+        if self.scale == "log" and self.low <= 0:
+            raise ValueError(f"{self.name}: log scale needs low > 0, got {self.low}")
+        return self
+
+    def from_unit(self, u: torch.Tensor) -> torch.Tensor:
+        """Map u in [0, 1] to the parameter's value."""
+        if self.scale == "log":
+            lo, hi = math.log(self.low), math.log(self.high)
+            return torch.exp(lo + (hi - lo) * u)
+        return self.low + (self.high - self.low) * u
+
+    def to_unit(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of :meth:`from_unit` (differentiable in x)."""
+        if self.scale == "log":
+            lo, hi = math.log(self.low), math.log(self.high)
+            return (torch.log(x) - lo) / (hi - lo)
+        return (x - self.low) / (self.high - self.low)
+
+
+class ModelDomain(BaseModel):
+    """The box a model is trained over: the process parameters, then expiry_years."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ranges: tuple[ParameterRange, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelDomain:
+        if not self.ranges or self.ranges[-1].name != EXPIRY:
+            raise ValueError(f"the last domain range must be {EXPIRY!r}")
+        names = [r.name for r in self.ranges]
+        if len(set(names)) != len(names):
+            raise ValueError(f"duplicate domain ranges: {names}")
+        return self
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(r.name for r in self.ranges[:-1])
+
+    @property
+    def dims(self) -> int:
+        return len(self.ranges)
+
+    def from_unit(self, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: (B, dims) in [0, 1] -> theta (B, P), T (B,)."""
+        cols = [r.from_unit(u[:, i]) for i, r in enumerate(self.ranges)]
+        return torch.stack(cols[:-1], dim=1), cols[-1]
+
+    def network_input(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
+        """theta (B, P), T (B,) -> (B, dims) in [-1, 1], the network's coordinates."""
+        cols = [r.to_unit(theta[:, i]) for i, r in enumerate(self.ranges[:-1])]
+        cols.append(self.ranges[-1].to_unit(expiry))
+        return 2.0 * torch.stack(cols, dim=1) - 1.0
+
+    def contains(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
+        """Boolean mask (B,): inside the closed box."""
+        inside = (expiry >= self.ranges[-1].low) & (expiry <= self.ranges[-1].high)
+        for i, r in enumerate(self.ranges[:-1]):
+            inside &= (theta[:, i] >= r.low) & (theta[:, i] <= r.high)
+        return inside
+
+    def describe(self) -> dict[str, list[float]]:
+        return {r.name: [r.low, r.high] for r in self.ranges}
+
+
+class Process(ABC):
+    """A stochastic model of the underlying, simulated in X = log(S_T / F)."""
+
+    name: str
+    param_names: tuple[str, ...]
+    normals_per_path: int  # standard normals one path consumes
+
+    @abstractmethod
+    def default_domain(self) -> ModelDomain:
+        """The domain the bundled model covers."""
+
+    @abstractmethod
+    def scale(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
+        """Closed-form scale s(theta, T) (B,): roughly the standard deviation of X."""
+
+    @abstractmethod
+    def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """theta (B, P), T (B,), normals z (B, N, normals_per_path) -> X (B, N)."""
+
+    def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor | None:
+        """E[exp(i u X)] for real u (B, K) -> complex (B, K); None where no closed form."""
+        return None

@@ -1,0 +1,331 @@
+"""Online training of a CF model from Monte-Carlo batches.
+
+Each step: B parameter points from a scrambled Sobol sequence over the model's domain
+(reproducible by index), N paths per point with normals from the shared pool, the FFT
+estimate of each point's CF as the target, one Adam step on the mean squared modulus
+of the error, and an update of the exponential moving average (EMA) of the weights,
+which is what is served. The learning rate follows warmup then cosine decay, a pure
+function of the step. Every piece of state that the next step depends on (weights, EMA,
+Adam moments, step, Sobol index, normals block index) is in the checkpoint, so N steps,
+save, resume, N steps gives the same bits as 2N steps on the same device type.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.engine.cos import CosExpansion
+from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
+from spectralmc_server.engine.device import Budgets, DeviceName, MemoryBudget, resolve_device, tensor_bytes
+from spectralmc_server.engine.normals import NormalsConfig, NormalsPool, sobol_engine
+from spectralmc_server.engine.processes import get_process
+from spectralmc_server.engine.processes.base import ModelDomain, Process
+from spectralmc_server.engine.reference import analytic_cf_y
+from spectralmc_server.engine.spectrum import SpectrumConfig, estimate_cf
+
+VALIDATION_STRIKES = tuple(0.7 + 0.05 * i for i in range(13))  # K/F in [0.7, 1.3]
+
+
+class TrainConfig(BaseModel):
+    """Everything that determines a training run's bits (plus the device type)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    process: str = "gbm"
+    domain: ModelDomain | None = None  # None: the process's default domain
+    spectrum: SpectrumConfig = SpectrumConfig()
+    network: NetworkConfig = NetworkConfig()
+    seed: int = Field(0, ge=0, lt=2**31)  # Sobol scramble for points; root of the normals stream
+    batch_points: int = Field(256, ge=1)  # B: parameter points per step
+    paths: int = Field(512, ge=2)  # N: paths per point
+    normals_mode: Literal["sobol", "pseudo"] = "sobol"
+    antithetic: bool = True
+    lr: float = Field(2e-3, gt=0)  # peak Adam learning rate
+    lr_final_ratio: float = Field(0.02, gt=0, le=1)  # lr at the end of the cosine, over peak
+    warmup_steps: int = Field(200, ge=0)
+    schedule_steps: int = Field(10_000, ge=1)  # horizon of the cosine decay
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
+    validate_every: int = Field(250, ge=1)  # steps between validations
+    validation_grid: int = Field(12, ge=2)  # points per axis of the validation grid
+    device: DeviceName = "cpu"
+
+    @field_validator("process")
+    @classmethod
+    def _known_process(cls, v: str) -> str:
+        get_process(v)  # raises naming the known processes
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        process = get_process(self.process)
+        domain = self.resolved_domain()
+        if domain.param_names != process.param_names:
+            raise ValueError(
+                f"domain parameters {domain.param_names} do not match process "
+                f"{self.process!r} parameters {process.param_names}"
+            )
+        return self
+
+    def resolved_domain(self) -> ModelDomain:
+        return self.domain or get_process(self.process).default_domain()
+
+    def lr_at(self, step: int) -> float:
+        """Warmup, then cosine from lr to lr * lr_final_ratio at schedule_steps, then flat."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        span = max(self.schedule_steps - self.warmup_steps, 1)
+        frac = min((step - self.warmup_steps) / span, 1.0)
+        lo = self.lr * self.lr_final_ratio
+        return lo + 0.5 * (self.lr - lo) * (1.0 + math.cos(math.pi * frac))
+
+    def ema_decay_at(self, step: int) -> float:
+        """EMA decay warmed up so early averages are not dominated by the random init."""
+        return min(self.ema_decay, (1.0 + step) / (10.0 + step))
+
+
+@dataclass(frozen=True)
+class Validation:
+    """Errors of the EMA model against the analytic answer on the validation grid."""
+
+    step: int
+    elapsed_seconds: float
+    paths: int
+    loss: float
+    p50_bp: float  # put price error, basis points of spot (r = q = 0)
+    p95_bp: float
+    max_bp: float
+    cf_rmse: float  # root mean squared |phi_model - phi_true| over points and frequencies
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+class Trainer:
+    """Owns the model, its EMA copy, the optimiser and the training streams."""
+
+    def __init__(self, config: TrainConfig, budgets: Budgets | None = None) -> None:
+        self.config = config
+        self.process: Process = get_process(config.process)
+        self.domain = config.resolved_domain()
+        self.device = resolve_device(config.device)
+        budgets = budgets or Budgets()
+        self._budgets = budgets
+        torch.manual_seed(config.seed)  # network init is the only use of the global RNG
+        self.model = CFModel(self.process, self.domain, config.spectrum, config.network).to(self.device)
+        self.ema = CFModel(self.process, self.domain, config.spectrum, config.network).to(self.device)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr_at(0))
+        self._reserve(budgets.training, budgets.simulator)
+        self.pool = NormalsPool(
+            NormalsConfig(
+                seed=config.seed,
+                mode=config.normals_mode,
+                antithetic=config.antithetic,
+                rows=config.paths,
+                dims=config.batch_points * self.process.normals_per_path,
+                dtype="float32",
+                cache_blocks=3,
+                lookahead=1,
+            ),
+            budgets.normals,
+            self.device,
+        )
+        self.normals = self.pool.stream()
+        self._sobol = sobol_engine(self.domain.dims, config.seed)
+        self.step = 0
+        self.sobol_index = 0
+        self.paths_simulated = 0
+        self.elapsed_seconds = 0.0
+        self.loss_ema = float("nan")
+        self.history: list[Validation] = []
+        self._validation = _ValidationSet(self, config.validation_grid)
+
+    # -- memory ---------------------------------------------------------------------------
+    def _reserve(self, training: MemoryBudget, simulator: MemoryBudget) -> None:
+        cfg = self.config
+        n_params = sum(p.numel() for p in self.model.parameters())
+        act = cfg.batch_points * cfg.network.width * 2 * (cfg.network.depth + 1) * 3
+        training.reserve("trainer: weights, EMA, Adam moments, activations", 4 * (4 * n_params + act))
+        b, n, m = cfg.batch_points, cfg.paths, cfg.spectrum.n_bins
+        d = self.process.normals_per_path
+        # Paths and binning temporaries (~8 arrays of (B, N)), the bins, the padded FFT.
+        sim = tensor_bytes((b, n, 8 + d), torch.float32) + tensor_bytes((b, 2 * m + 2), torch.complex64) * 2
+        simulator.reserve("trainer: simulator workspace", sim)
+
+    def close(self) -> None:
+        self.pool.close()
+        self._budgets.training.release("trainer: weights, EMA, Adam moments, activations")
+        self._budgets.simulator.release("trainer: simulator workspace")
+
+    # -- one step -------------------------------------------------------------------------
+    def _draw_points(self) -> tuple[torch.Tensor, torch.Tensor]:
+        u: torch.Tensor = self._sobol.draw(self.config.batch_points, dtype=torch.float64)  # (B, dims)
+        self.sobol_index += self.config.batch_points
+        theta, expiry = self.domain.from_unit(u.to(self.device))
+        return theta, expiry
+
+    def targets(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """FFT CF estimates (B, K) from the block z (N, B*d)."""
+        b, d = theta.shape[0], self.process.normals_per_path
+        z = z.view(z.shape[0], b, d).transpose(0, 1)  # (B, N, d)
+        x = self.process.simulate_x(theta, expiry, z)  # (B, N)
+        s = self.process.scale(theta, expiry).to(x.dtype)[:, None]
+        return estimate_cf(x / s, self.config.spectrum)
+
+    def train_step(self) -> float:
+        cfg = self.config
+        theta, expiry = self._draw_points()
+        _, z = self.normals.next()
+        with torch.no_grad():
+            target = self.targets(theta, expiry, z).to(torch.complex128)  # (B, K)
+        self.paths_simulated += cfg.batch_points * cfg.paths
+        lr = cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        pred = self.model(theta, expiry)  # (B, K) complex128
+        loss = (pred[:, 1:] - target[:, 1:]).abs().square().mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.optimizer.step()
+        decay = cfg.ema_decay_at(self.step)
+        with torch.no_grad():
+            for pe, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                pe.lerp_(p, 1.0 - decay)
+        self.step += 1
+        value = float(loss.detach())
+        self.loss_ema = value if math.isnan(self.loss_ema) else 0.98 * self.loss_ema + 0.02 * value
+        return value
+
+    def run(
+        self,
+        steps: int,
+        on_step: Callable[[Trainer], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        """Run ``steps`` more steps, validating every ``validate_every`` steps."""
+        self.model.train()
+        for _ in range(steps):
+            if should_stop is not None and should_stop():
+                break
+            t0 = time.perf_counter()
+            self.train_step()
+            if self.step % self.config.validate_every == 0:
+                self.validate()
+            self.elapsed_seconds += time.perf_counter() - t0
+            if on_step is not None:
+                on_step(self)
+
+    # -- validation -----------------------------------------------------------------------
+    def validate(self) -> Validation:
+        v = self._validation.evaluate(self.ema)
+        self.history.append(v)
+        return v
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def checkpoint(self, metrics: dict[str, Any] | None = None) -> Checkpoint:
+        """The full training state (EMA weights in ``model``, the rest in ``training``)."""
+        training: dict[str, torch.Tensor] = {f"weights/{k}": v for k, v in self.model.state_dict().items()}
+        opt = self.optimizer.state_dict()
+        for idx, st in opt["state"].items():
+            for key, val in st.items():
+                training[f"optim/{idx}/{key}"] = torch.as_tensor(val)
+        manifest = {
+            "model": model_description(self.config),
+            "training": self.config.model_dump(mode="json"),
+            "state": {
+                "step": self.step,
+                "sobol_index": self.sobol_index,
+                "normals_block": self.normals.position,
+                "paths_simulated": self.paths_simulated,
+                "elapsed_seconds": self.elapsed_seconds,
+                "loss_ema": None if math.isnan(self.loss_ema) else self.loss_ema,
+                "device_type": self.device.type,
+            },
+            "metrics": {
+                "validation": self.history[-1].as_dict() if self.history else None,
+                "history": [v.as_dict() for v in self.history],
+                **(metrics or {}),
+            },
+        }
+        return Checkpoint(manifest, dict(self.ema.state_dict()), training)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: Checkpoint, budgets: Budgets | None = None, **overrides: Any) -> Trainer:
+        """Rebuild a trainer exactly where ``ckpt`` left off (config ``overrides`` allowed
+        for fields that do not change the bits, such as validate_every or device)."""
+        cfg = TrainConfig.model_validate({**ckpt.manifest["training"], **overrides})
+        trainer = cls(cfg, budgets)
+        state = ckpt.manifest["state"]
+        weights = {k.removeprefix("weights/"): v for k, v in ckpt.training.items() if k.startswith("weights/")}
+        trainer.model.load_state_dict(weights)
+        trainer.ema.load_state_dict(ckpt.model)
+        opt = trainer.optimizer.state_dict()
+        for key, val in ckpt.training.items():
+            if key.startswith("optim/"):
+                _, idx, name = key.split("/")
+                opt["state"].setdefault(int(idx), {})[name] = val.to(trainer.device)
+        trainer.optimizer.load_state_dict(opt)
+        trainer.step = int(state["step"])
+        trainer.sobol_index = int(state["sobol_index"])
+        trainer._sobol.fast_forward(trainer.sobol_index)
+        trainer.normals.seek(int(state["normals_block"]))
+        trainer.paths_simulated = int(state["paths_simulated"])
+        trainer.elapsed_seconds = float(state["elapsed_seconds"])
+        trainer.loss_ema = float("nan") if state.get("loss_ema") is None else float(state["loss_ema"])
+        trainer.history = [Validation(**v) for v in ckpt.manifest["metrics"].get("history", [])]
+        return trainer
+
+
+def model_description(config: TrainConfig) -> dict[str, Any]:
+    """What a server needs to rebuild the served network."""
+    return {
+        "process": config.process,
+        "domain": config.resolved_domain().model_dump(mode="json"),
+        "spectrum": config.spectrum.model_dump(mode="json"),
+        "network": config.network.model_dump(mode="json"),
+    }
+
+
+class _ValidationSet:
+    """A fixed grid of (theta, T) and strikes with the analytic answer, for monitoring."""
+
+    def __init__(self, trainer: Trainer, per_axis: int) -> None:
+        self.trainer = trainer
+        domain, process, spectrum = trainer.domain, trainer.process, trainer.config.spectrum
+        axes = [(torch.arange(per_axis, dtype=torch.float64) + 0.5) / per_axis] * domain.dims
+        u = torch.cartesian_prod(*axes).reshape(-1, domain.dims)  # (G, dims) cell centres
+        self.theta, self.expiry = domain.from_unit(u.to(trainer.device))
+        self.s = process.scale(self.theta, self.expiry)
+        kappa = torch.tensor(VALIDATION_STRIKES, dtype=torch.float64, device=trainer.device)
+        self.log_kappa = torch.log(kappa)[None, :].expand(len(self.s), -1)
+        self.true_phi = analytic_cf_y(process, spectrum, self.theta, self.expiry)
+        self.true_put = CosExpansion(self.true_phi, spectrum).put_terms(self.s, self.log_kappa)["put"]
+
+    @torch.no_grad()
+    def evaluate(self, model: CFModel) -> Validation:
+        t = self.trainer
+        phi = model(self.theta, self.expiry)
+        put = CosExpansion(phi, t.config.spectrum).put_terms(self.s, self.log_kappa)["put"]
+        err = ((put - self.true_put).abs() * 1e4).flatten()  # bp of spot with S = F
+        q = torch.quantile(err, torch.tensor([0.5, 0.95], dtype=torch.float64, device=err.device))
+        return Validation(
+            step=t.step,
+            elapsed_seconds=t.elapsed_seconds,
+            paths=t.paths_simulated,
+            loss=t.loss_ema,
+            p50_bp=float(q[0]),
+            p95_bp=float(q[1]),
+            max_bp=float(err.max()),
+            cf_rmse=float((phi - self.true_phi).abs().square().mean().sqrt()),
+        )

@@ -1,0 +1,171 @@
+"""The shared normals pool: reproducible blocks, modes, antithetics, caps, concurrency."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import pytest
+import torch
+
+from spectralmc_server.engine.device import BudgetExceededError, MemoryBudget
+from spectralmc_server.engine.normals import NormalsConfig, NormalsPool, generate_block
+
+CPU = torch.device("cpu")
+
+
+def _pool(config: NormalsConfig, *, prefetch: bool = True) -> NormalsPool:
+    return NormalsPool(config, MemoryBudget("normals", 64 << 20), CPU, prefetch=prefetch)
+
+
+@pytest.mark.parametrize("mode", ["sobol", "pseudo"])
+def test_blocks_are_a_pure_function_of_seed_and_index(mode: str) -> None:
+    cfg = NormalsConfig.model_validate(dict(seed=7, mode=mode, rows=256, dims=8, cache_blocks=2, lookahead=1))
+    direct = [generate_block(cfg, i, CPU) for i in range(6)]
+    # Different buffering: a tiny cache with prefetching, read in order...
+    with _pool(cfg) as pool:
+        stream = pool.stream()
+        in_order = [stream.next()[1].clone() for _ in range(6)]
+    # ...a larger cache, no prefetch, read backwards and twice.
+    bigger = cfg.model_copy(update={"cache_blocks": 8, "lookahead": 0})
+    with _pool(bigger, prefetch=False) as pool:
+        backwards = [pool.block(i).clone() for i in reversed(range(6))][::-1]
+        again = [pool.block(i) for i in range(6)]
+    for a, b, c, d in zip(direct, in_order, backwards, again, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c) and torch.equal(a, d)
+    assert not torch.equal(direct[0], direct[1])
+
+
+def test_seeds_and_indices_give_different_blocks() -> None:
+    a = generate_block(NormalsConfig(seed=1, rows=64, dims=4), 0, CPU)
+    b = generate_block(NormalsConfig(seed=2, rows=64, dims=4), 0, CPU)
+    c = generate_block(NormalsConfig(seed=1, rows=64, dims=4), 1, CPU)
+    assert not torch.equal(a, b) and not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("mode", ["sobol", "pseudo"])
+def test_blocks_are_standard_normal(mode: str) -> None:
+    cfg = NormalsConfig.model_validate(dict(seed=3, mode=mode, antithetic=False, rows=4096, dims=16, dtype="float64"))
+    z = generate_block(cfg, 0, CPU)
+    n = z.shape[0]
+    assert z.shape == (4096, 16) and z.dtype == torch.float64
+    # Mean and variance of each column within 5 standard errors of N(0, 1).
+    assert float(z.mean(0).abs().max()) < 5 / math.sqrt(n)
+    assert float((z.var(0) - 1).abs().max()) < 5 * math.sqrt(2 / n)
+    # Kolmogorov-Smirnov distance of the pooled sample to the normal CDF.
+    x = z.flatten().sort().values
+    cdf = torch.special.ndtr(x)
+    emp = torch.arange(1, x.numel() + 1, dtype=torch.float64) / x.numel()
+    assert float((cdf - emp).abs().max()) < 1.63 / math.sqrt(x.numel()) * 1.5
+
+
+def test_sobol_columns_are_stratified() -> None:
+    """Each column of a scrambled Sobol block has exactly one point per 1/n stratum."""
+    cfg = NormalsConfig(seed=5, mode="sobol", antithetic=False, rows=512, dims=32, dtype="float64")
+    u = torch.special.ndtr(generate_block(cfg, 3, CPU))  # back to [0, 1)
+    strata = torch.floor(u * 512).long()
+    for col in strata.t():
+        assert torch.equal(col.sort().values, torch.arange(512))
+
+
+def test_sobol_beats_pseudo_on_a_smooth_expectation() -> None:
+    """E[cos(Z)] = exp(-1/2): quasi-random error is far below pseudo-random error."""
+    exact = math.exp(-0.5)
+    errs = {}
+    for mode in ("sobol", "pseudo"):
+        cfg = NormalsConfig.model_validate(
+            dict(seed=11, mode=mode, antithetic=False, rows=1024, dims=64, dtype="float64")
+        )
+        z = generate_block(cfg, 0, CPU)
+        errs[mode] = float((torch.cos(z).mean(0) - exact).pow(2).mean().sqrt())
+    assert errs["sobol"] < errs["pseudo"] / 20
+
+
+def test_antithetic_rows_are_negated() -> None:
+    z = generate_block(NormalsConfig(seed=0, rows=128, dims=3, antithetic=True), 4, CPU)
+    assert torch.equal(z[64:], -z[:64])
+    assert float(z.sum(0).abs().max()) == 0.0
+
+
+def test_configuration_errors_are_clear() -> None:
+    with pytest.raises(ValueError, match="even"):
+        NormalsConfig(rows=7, antithetic=True, mode="pseudo")
+    with pytest.raises(ValueError, match="power-of-two"):
+        NormalsConfig(rows=96, mode="sobol")
+    with pytest.raises(ValueError, match="at most 21201 dims"):
+        NormalsConfig(rows=64, dims=30_000, mode="sobol")
+    with pytest.raises(ValueError, match="non-negative"):
+        generate_block(NormalsConfig(), -1, CPU)
+
+
+def test_pool_refuses_a_configuration_over_its_cap() -> None:
+    cfg = NormalsConfig(rows=1024, dims=1024, cache_blocks=8)  # 8 x 4 MiB + 8 MiB workspace
+    budget = MemoryBudget("normals", 16 << 20)
+    with pytest.raises(BudgetExceededError, match=r"normals pool .* needs 40\.0 MiB .* 16\.0 MiB cap"):
+        NormalsPool(cfg, budget, CPU)
+    assert budget.reserved_bytes == 0  # nothing was held back by the refusal
+    small = cfg.model_copy(update={"cache_blocks": 1})
+    with NormalsPool(small, budget, CPU) as pool:
+        assert budget.report().reserved_bytes == small.pool_bytes() == 12 << 20
+        assert pool.cached_blocks == 0
+    assert budget.reserved_bytes == 0  # released on close
+
+
+def test_cache_never_holds_more_than_its_capacity() -> None:
+    cfg = NormalsConfig(rows=64, dims=4, cache_blocks=3, lookahead=2)
+    with _pool(cfg) as pool:
+        s = pool.stream()
+        for _ in range(20):
+            s.next()
+            assert pool.cached_blocks <= 3
+
+
+def test_concurrent_consumers_get_the_same_blocks() -> None:
+    cfg = NormalsConfig(seed=9, rows=128, dims=16, cache_blocks=4, lookahead=2)
+    expected = [generate_block(cfg, i, CPU) for i in range(24)]
+    results: dict[int, list[tuple[int, torch.Tensor]]] = {}
+    errors: list[BaseException] = []
+    with _pool(cfg) as pool:
+
+        def consume(worker: int) -> None:
+            try:
+                # Four consumers: two share stride 1 from 0, two interleave even/odd blocks.
+                start, stride = [(0, 1), (0, 1), (0, 2), (1, 2)][worker]
+                stream = pool.stream(start=start, stride=stride)
+                n = 24 if stride == 1 else 12
+                results[worker] = [(i, z.clone()) for i, z in (stream.next() for _ in range(n))]
+                stream.close()
+            except BaseException as exc:  # reported by the assertion below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=consume, args=(w,)) for w in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    assert not errors
+    assert sorted(results) == [0, 1, 2, 3]
+    for got in results.values():
+        for index, z in got:
+            assert torch.equal(z, expected[index])
+    assert [i for i, _ in results[2]] == list(range(0, 24, 2))
+    assert [i for i, _ in results[3]] == list(range(1, 24, 2))
+
+
+def test_stream_seek_resumes_at_a_position() -> None:
+    cfg = NormalsConfig(seed=4, rows=64, dims=2)
+    with _pool(cfg) as pool:
+        s = pool.stream()
+        first = [s.next() for _ in range(5)]
+        s.seek(2)
+        again = s.next()
+        assert again[0] == 2 and torch.equal(again[1], first[2][1])
+        with pytest.raises(ValueError, match="non-negative"):
+            s.seek(-1)
+
+
+def test_closed_pool_refuses_work() -> None:
+    pool = _pool(NormalsConfig(rows=64, dims=2))
+    pool.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.block(0)

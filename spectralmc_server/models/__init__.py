@@ -1,0 +1,16 @@
+"""Models bundled with the package, so pricing works on a fresh install without training.
+
+Each subfolder is a checkpoint directory (see ``engine/checkpoint.py``) produced by the
+``spectralmc train`` command recorded in its manifest and in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BUNDLED_DIR = Path(__file__).resolve().parent
+
+
+def bundled_models() -> dict[str, Path]:
+    """Model name -> checkpoint directory, for every bundled model."""
+    return {p.name: p for p in sorted(BUNDLED_DIR.iterdir()) if (p / "manifest.json").is_file()}

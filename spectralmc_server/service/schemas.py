@@ -1,0 +1,164 @@
+"""Request and response schemas of the pricing API (CONTRACT.md), shared by HTTP and CLI.
+
+Validation is strict: unknown fields, non-finite numbers, non-positive spot, strike,
+vol or expiry, duplicate ids and unknown measures are rejected with the field's path
+and the reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from spectralmc_server.engine.processes import PROCESSES
+
+MAX_CONTRACTS = 20_000  # per request; larger books go in several requests
+MAX_QUANTILE_LEVELS = 64
+DEFAULT_QUANTILE_LEVELS = (0.01, 0.05, 0.5, 0.95, 0.99)
+
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Measure = Literal[
+    "price", "delta", "gamma", "vega", "theta", "rho", "digital", "mean", "stdev", "skew", "kurtosis", "quantiles"
+]
+
+
+def _default_measures() -> list[Measure]:
+    return ["price"]
+
+
+class Contract(BaseModel):
+    """One European option: explicit market inputs, or an underlying and an expiry date
+    resolved from the request's market-data snapshot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(min_length=1, max_length=128)
+    right: Literal["call", "put"]
+    strike: Positive
+    spot: Positive | None = None
+    expiry_years: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
+    rate: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None = None  # continuous, per year
+    dividend: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None = None  # continuous yield
+    process: str = "gbm"
+    vol: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
+    params: dict[str, Finite] | None = None
+    underlying: str | None = Field(None, min_length=1, max_length=64)
+    expiry: date | None = None
+
+    @field_validator("process")
+    @classmethod
+    def _known_process(cls, v: str) -> str:
+        if v not in PROCESSES:
+            raise ValueError(f"unknown process {v!r}; known: {', '.join(sorted(PROCESSES))}")
+        return v
+
+    @model_validator(mode="after")
+    def _inputs(self) -> Contract:
+        if self.underlying is not None or self.expiry is not None:
+            if self.underlying is None or self.expiry is None:
+                raise ValueError("a market-data contract needs both 'underlying' and 'expiry'")
+            explicit = [f for f in ("spot", "expiry_years") if getattr(self, f) is not None]
+            if explicit:
+                raise ValueError(f"give either underlying/expiry or explicit inputs, not both ({', '.join(explicit)})")
+            return self
+        missing = [f for f in ("spot", "expiry_years") if getattr(self, f) is None]
+        if self.process == "gbm" and self.vol is None and not (self.params and "vol" in self.params):
+            missing.append("vol")
+        if missing:
+            raise ValueError(f"missing explicit input(s): {', '.join(missing)} (or give underlying and expiry)")
+        if self.process == "gbm" and self.params:
+            extra = sorted(set(self.params) - {"vol"})
+            if extra:
+                raise ValueError(f"gbm takes only 'vol' in params, got {', '.join(extra)}")
+            if self.vol is not None and "vol" in self.params:
+                raise ValueError("give vol either as 'vol' or in 'params', not both")
+            if not 0 < self.params["vol"] <= 10:
+                raise ValueError("params.vol must be in (0, 10]")
+        return self
+
+    @property
+    def is_explicit(self) -> bool:
+        return self.underlying is None
+
+    def market_inputs(self) -> tuple[float, float, float, float]:
+        """spot, expiry_years, rate, dividend of an explicit contract (rate and dividend
+        default to 0)."""
+        if self.spot is None or self.expiry_years is None:
+            raise ValueError(f"contract {self.id!r} has no explicit market inputs")
+        return self.spot, self.expiry_years, self.rate or 0.0, self.dividend or 0.0
+
+    def process_params(self) -> dict[str, float]:
+        if self.process == "gbm":
+            vol = self.vol if self.vol is not None else (self.params or {})["vol"]
+            return {"vol": vol}
+        return dict(self.params or {})
+
+
+class PriceRequest(BaseModel):
+    """Body of POST /v1/price and stdin of ``spectralmc price``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespace: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
+    val_datetime: datetime | None = None
+    data_asof: datetime | None = None
+    measures: list[Measure] = Field(default_factory=_default_measures, min_length=1)
+    quantile_levels: list[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]] | None = Field(
+        None, min_length=1, max_length=MAX_QUANTILE_LEVELS
+    )
+    contracts: list[Contract] = Field(min_length=1, max_length=MAX_CONTRACTS)
+
+    @field_validator("measures")
+    @classmethod
+    def _unique_measures(cls, v: list[Measure]) -> list[Measure]:
+        dupes = sorted(k for k, n in Counter(v).items() if n > 1)
+        if dupes:
+            raise ValueError(f"each measure at most once; repeated: {', '.join(dupes)}")
+        return v
+
+    @field_validator("quantile_levels")
+    @classmethod
+    def _levels_need_quantiles(cls, v: list[float] | None, info: ValidationInfo) -> list[float] | None:
+        measures = info.data.get("measures")
+        if v is not None and measures is not None and "quantiles" not in measures:
+            raise ValueError("quantile_levels given but 'quantiles' is not among the measures")
+        return v
+
+    @field_validator("contracts")
+    @classmethod
+    def _unique_ids(cls, v: list[Contract]) -> list[Contract]:
+        dupes = sorted(k for k, n in Counter(c.id for c in v).items() if n > 1)
+        if dupes:
+            raise ValueError(f"duplicate contract id(s): {', '.join(dupes[:5])}")
+        return v
+
+    @property
+    def levels(self) -> tuple[float, ...]:
+        return tuple(self.quantile_levels) if self.quantile_levels is not None else DEFAULT_QUANTILE_LEVELS
+
+
+def format_validation_error(exc: ValidationError) -> list[dict[str, Any]]:
+    """Pydantic errors as ``[{"field": "contracts[0].strike", "reason": ...}]``."""
+    details = []
+    for err in exc.errors(include_url=False):
+        parts: list[str] = []
+        for loc in err["loc"]:
+            if isinstance(loc, int):
+                parts[-1:] = [f"{parts[-1]}[{loc}]" if parts else f"[{loc}]"]
+            else:
+                parts.append(str(loc))
+        reason = str(err["msg"]).removeprefix("Value error, ")
+        value = err.get("input")
+        if err["type"] not in ("missing", "model_type") and not isinstance(value, dict | list):
+            reason += f" (got {value!r})"
+        details.append({"field": ".".join(parts) or "(body)", "reason": reason})
+    return details
+
+
+def one_line(details: list[dict[str, Any]]) -> str:
+    """Validation details as one line for a terminal."""
+    return "; ".join(f"{d['field']}: {d['reason']}" for d in details)

@@ -1,0 +1,299 @@
+"""The ``spectralmc`` command line as users run it: real processes, stdout, stderr and
+exit codes (CONTRACT.md: bad input is one line on stderr and exit code 2)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+SCRIPT = Path(sys.executable).parent / "spectralmc"
+TINY_TOML = """\
+[train]
+batch_points = 16
+paths = 64
+validate_every = 10
+validation_grid = 3
+
+[train.network]
+width = 8
+depth = 1
+"""
+IN_DOMAIN = {
+    "id": "atm",
+    "right": "call",
+    "strike": 100.0,
+    "spot": 100.0,
+    "expiry_years": 1.0,
+    "rate": 0.0,
+    "dividend": 0.0,
+    "vol": 0.2,
+}
+
+
+def _env(**changes: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("SPECTRALMC_DEBUG", None)
+    env.update(changes)
+    return env
+
+
+def _run(
+    *args: str | Path,
+    stdin: bytes = b"",
+    entry_point: bool = False,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    command = [str(SCRIPT)] if entry_point else [sys.executable, "-m", "spectralmc_server.cli"]
+    return subprocess.run(
+        [*command, *map(str, args)],
+        input=stdin.decode(),
+        capture_output=True,
+        text=True,
+        env=env or _env(),
+        timeout=120,
+        check=False,
+    )
+
+
+def _usage_error(proc: subprocess.CompletedProcess[str]) -> str:
+    """Assert the bad-input convention and return the message."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert proc.stderr.endswith("\n")
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def _json_line(stdout: str) -> dict[str, Any]:
+    lines = stdout.splitlines()
+    assert len(lines) == 1, stdout
+    value = orjson.loads(lines[0])
+    assert isinstance(value, dict)
+    return value
+
+
+@dataclass(frozen=True)
+class Trained:
+    dir: Path
+    config: Path
+    proc: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """One tiny checkpoint for the session, trained through the console script."""
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.toml"
+    config.write_text(TINY_TOML)
+    out = root / "A"
+    proc = _run(
+        "train", "--process", "gbm", "--steps", "20", "--config", config, "--out", out, "--quiet", entry_point=True
+    )
+    return Trained(out, config, proc)
+
+
+def _price_body(*contracts: dict[str, Any], **extra: Any) -> bytes:
+    return orjson.dumps({"contracts": list(contracts), **extra})
+
+
+# -- train --------------------------------------------------------------------------------
+
+
+def test_entry_point_is_installed() -> None:
+    assert SCRIPT.is_file()
+    assert os.access(SCRIPT, os.X_OK)
+
+
+def test_train_writes_a_checkpoint(trained: Trained) -> None:
+    proc = trained.proc
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in trained.dir.iterdir()) == [
+        "manifest.json",
+        "model.safetensors",
+        "training.safetensors",
+    ]
+    summary = _json_line(proc.stdout)
+    assert summary["step"] == 20
+    assert summary["paths_simulated"] == 20 * 16 * 64
+    assert summary["out"] == str(trained.dir)
+    manifest_bytes = (trained.dir / "manifest.json").read_bytes()
+    assert summary["content_hash"] == "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    manifest = orjson.loads(manifest_bytes)
+    assert manifest["state"]["step"] == 20
+    assert manifest["training"]["batch_points"] == 16
+    assert manifest["training"]["network"]["width"] == 8
+    assert summary["validation"]["step"] == 20
+
+
+def test_price_round_trip(trained: Trained) -> None:
+    contracts = [
+        IN_DOMAIN,
+        {**IN_DOMAIN, "id": "put", "right": "put", "strike": 90.0},
+        {**IN_DOMAIN, "id": "far", "expiry_years": 10.0},
+    ]
+    body = _price_body(*contracts, measures=["price", "delta", "quantiles"], quantile_levels=[0.05, 0.5])
+    proc = _run("price", "--checkpoint", trained.dir, stdin=body)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.endswith("\n")
+    response = _json_line(proc.stdout)
+    assert [r["id"] for r in response["results"]] == ["atm", "put", "far"]
+    assert [r["method"] for r in response["results"]] == ["cvnn", "cvnn", "reference"]
+    for row in response["results"]:
+        assert row["model"] == "gbm"
+        assert isinstance(row["price"], float)
+        assert isinstance(row["delta"], float)
+        assert list(row["quantiles"]) == ["0.05", "0.5"]
+    summary = _json_line(trained.proc.stdout)
+    assert response["models"]["gbm"]["content_hash"] == summary["content_hash"]
+    assert response["market_data"] is None
+    again = _run("price", "--checkpoint", trained.dir, stdin=body)
+    assert again.stdout == proc.stdout  # same request, same model: same bytes
+
+
+def test_resume(tmp_path: Path, trained: Trained) -> None:
+    a, b = tmp_path / "A", tmp_path / "B"
+    first = _run("train", "--process", "gbm", "--steps", "10", "--config", trained.config, "--out", a, "--quiet")
+    assert first.returncode == 0, first.stderr
+    assert _json_line(first.stdout)["step"] == 10
+    # Without --quiet: the progress bar goes to stderr, stdout stays one JSON line.
+    second = _run("train", "--process", "gbm", "--resume", a, "--steps", "10", "--out", b)
+    assert second.returncode == 0, second.stderr
+    summary = _json_line(second.stdout)
+    assert summary["step"] == 20
+    assert summary["paths_simulated"] == 20 * 16 * 64
+    assert summary["content_hash"] != _json_line(first.stdout)["content_hash"]
+    assert orjson.loads((b / "manifest.json").read_bytes())["state"]["step"] == 20
+    assert orjson.loads((a / "manifest.json").read_bytes())["state"]["step"] == 10  # the source is left alone
+
+
+def test_version() -> None:
+    proc = _run("--version", entry_point=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "spectralmc 0.1.0"
+
+
+def test_bundled_model_prices_without_checkpoint() -> None:
+    proc = _run("price", stdin=_price_body(IN_DOMAIN), entry_point=True)
+    assert proc.returncode == 0, proc.stderr
+    response = _json_line(proc.stdout)
+    assert [r["id"] for r in response["results"]] == ["atm"]
+    assert response["results"][0]["method"] == "cvnn"
+    assert response["models"]["gbm"]["content_hash"].startswith("sha256:")
+
+
+# -- bad input: one line on stderr, exit 2 ----------------------------------------------
+
+
+@pytest.mark.parametrize("text", [b"{not json", b"", b'{"contracts": [{"strike": NaN}]}'])
+def test_price_invalid_json(text: bytes) -> None:
+    message = _usage_error(_run("price", stdin=text))
+    assert "not valid JSON" in message
+
+
+def test_price_validation_error(trained: Trained) -> None:
+    body = _price_body({**IN_DOMAIN, "strike": -5.0})
+    message = _usage_error(_run("price", "--checkpoint", trained.dir, stdin=body, entry_point=True))
+    assert "contracts[0].strike" in message
+    assert "greater than 0" in message
+
+
+def test_price_market_data_contract(trained: Trained) -> None:
+    body = _price_body(
+        IN_DOMAIN, {"id": "c3", "right": "call", "strike": 4100.0, "underlying": "SPX", "expiry": "2027-06-18"}
+    )
+    message = _usage_error(_run("price", "--checkpoint", trained.dir, stdin=body))
+    assert "contracts[1]" in message
+
+
+def test_price_checkpoint_not_a_checkpoint(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("hello")
+    message = _usage_error(_run("price", "--checkpoint", tmp_path, stdin=_price_body(IN_DOMAIN)))
+    assert str(tmp_path) in message
+    assert "checkpoint" in message
+
+
+def test_price_unknown_bundled_model() -> None:
+    message = _usage_error(_run("price", "--model", "no-such-model", stdin=_price_body(IN_DOMAIN)))
+    assert "no-such-model" in message
+
+
+def test_train_unknown_process(tmp_path: Path) -> None:
+    message = _usage_error(_run("train", "--process", "heston", "--steps", "5", "--out", tmp_path / "x"))
+    assert "heston" in message
+    assert "gbm" in message
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("steps", ["0", "-3"])
+def test_train_non_positive_steps(steps: str, tmp_path: Path) -> None:
+    message = _usage_error(_run("train", "--process", "gbm", "--steps", steps, "--out", tmp_path / "x"))
+    assert "--steps" in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_steps_and_minutes_together() -> None:
+    message = _usage_error(_run("train", "--process", "gbm", "--steps", "5", "--minutes", "1", entry_point=True))
+    assert "--steps" in message
+    assert "--minutes" in message
+
+
+def test_train_missing_process() -> None:
+    message = _usage_error(_run("train", "--steps", "5"))
+    assert "--process" in message
+
+
+def test_train_invalid_toml(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text("[train\nbatch_points = = 3\n")
+    message = _usage_error(_run("train", "--process", "gbm", "--steps", "5", "--config", config))
+    assert "--config" in message
+    assert "TOML" in message
+
+
+def test_train_unknown_config_field(tmp_path: Path) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text(TINY_TOML.replace("paths = 64", "pathz = 64"))
+    message = _usage_error(_run("train", "--process", "gbm", "--steps", "5", "--config", config))
+    assert "pathz" in message
+
+
+def test_train_resume_with_seed(trained: Trained, tmp_path: Path) -> None:
+    args = (
+        "train",
+        "--process",
+        "gbm",
+        "--resume",
+        trained.dir,
+        "--seed",
+        "3",
+        "--steps",
+        "5",
+        "--out",
+        tmp_path / "x",
+    )
+    message = _usage_error(_run(*args))
+    assert "--seed" in message
+    assert "--resume" in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_cuda_without_cuda(tmp_path: Path) -> None:
+    env = _env(CUDA_VISIBLE_DEVICES="")  # no usable GPU, even on a machine that has one
+    proc = _run("train", "--process", "gbm", "--steps", "5", "--device", "cuda", "--out", tmp_path / "x", env=env)
+    message = _usage_error(proc)
+    assert "cuda" in message
+    assert not (tmp_path / "x").exists()
+
+
+def test_no_command() -> None:
+    _usage_error(_run())

@@ -10,6 +10,7 @@ closed forms, so one CF evaluation prices every strike of one (theta, T):
 
     P(Y < y)              = sum' A_k psi_k(y),  psi_k(y) = int_{-L}^{y} cos(w_k (t + L)) dt
     E[e^{sY}; Y < y]      = sum' A_k chi_k(y),  chi_k(y) = int_{-L}^{y} e^{st} cos(w_k (t + L)) dt
+                          = sum' A_k [e^{sy} (s cos_k + w_k sin_k) - s e^{-sL}] / (s^2 + w_k^2)
     put / (D F)           = kappa P(Y < y*) - E[e^{sY}; Y < y*],  y* = log(kappa) / s,
                             kappa = K / F.
 
@@ -44,6 +45,9 @@ def cos_coefficients(phi_y: torch.Tensor, spectrum: SpectrumConfig) -> torch.Ten
     return a * scale
 
 
+PUT_TERMS = frozenset({"put", "prob_below", "share_below", "density"})
+
+
 class CosExpansion:
     """Cosine coefficients of the density of Y for a batch of CFs."""
 
@@ -71,83 +75,115 @@ class CosExpansion:
         return int(self.coef.shape[0])
 
     # -- building blocks: y is (B, J), results (B, J) -----------------------------------
-    def _trig(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin of w_k (y + L) for all k, (B, J, K) each.
+    def trig_sums(
+        self, y: torch.Tensor, coefs: torch.Tensor, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """sum_k c_k cos(w_k (y + L)) and sum_k c_k sin(w_k (y + L)) for several
+        coefficient vectors at once.
 
-        With theta = (y + L) pi / (2L) the angle is k theta. Writing k = b*hi + lo, only
-        the b + K/b angles lo*theta and hi*b*theta need cos/sin; the rest is one complex
-        product per k (angle addition), a quarter of the transcendental work.
+        y (N, J); coefs (R, C, K); ``rows`` (N,) picks each y-row's coefficient row
+        (default: row n for y-row n). Returns two (N, J, C) tensors.
+
+        With theta = (y + L) pi / (2L) the angle is k theta. Writing k = b hi + lo
+        (b ~ sqrt(K)), cos(k theta) = cos(b hi theta) cos(lo theta) - sin(.) sin(.), so
+        each sum is an inner sum over lo (one batched matrix product) and an outer sum
+        over hi: 2 (b + K/b) cosines and sines per y instead of 2K, and no (N, J, K)
+        temporaries.
         """
         b = self._block
         n_hi = -(-self.spectrum.n_freq // b)
-        theta = ((y + self.half_width) * float(self.w[1]))[..., None]  # (B, J, 1)
-        lo = theta * torch.arange(b, dtype=torch.float64, device=y.device)  # (B, J, b)
-        hi = theta * torch.arange(0, n_hi * b, b, dtype=torch.float64, device=y.device)  # (B, J, n_hi)
-        c_lo, s_lo = torch.cos(lo)[..., None, :], torch.sin(lo)[..., None, :]  # (B, J, 1, b)
-        c_hi, s_hi = torch.cos(hi)[..., :, None], torch.sin(hi)[..., :, None]  # (B, J, n_hi, 1)
-        shape = (*y.shape, n_hi * b)
-        c = (c_hi * c_lo - s_hi * s_lo).reshape(shape)[..., : self.spectrum.n_freq]
-        s = (s_hi * c_lo + c_hi * s_lo).reshape(shape)[..., : self.spectrum.n_freq]
-        return c, s
-
-    def _sum(self, terms: torch.Tensor) -> torch.Tensor:
-        """sum'_k A_k terms_k for terms (B, J, K) -> (B, J)."""
-        return torch.einsum("bjk,bk->bj", terms, self.coef)
-
-    def _psi(self, y: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """int_{-L}^{y} cos(w_k (t + L)) dt: sin/w_k, and y + L for k = 0."""
-        psi = sin * self._inv_w
-        psi[..., 0] = y + self.half_width
-        return psi
+        pad = n_hi * b - self.spectrum.n_freq
+        if pad:
+            coefs = torch.nn.functional.pad(coefs, (0, pad))
+        if rows is not None:
+            coefs = coefs[rows]
+        n, c = coefs.shape[0], coefs.shape[1]
+        theta = ((y + self.half_width) * float(self.w[1]))[..., None]  # (N, J, 1)
+        lo = theta * torch.arange(b, dtype=torch.float64, device=y.device)  # (N, J, b)
+        hi = theta * torch.arange(0, n_hi * b, b, dtype=torch.float64, device=y.device)  # (N, J, n_hi)
+        trig_lo = torch.cat([torch.cos(lo), torch.sin(lo)], 1)  # (N, 2J, b)
+        inner = torch.bmm(coefs.reshape(n, c * n_hi, b), trig_lo.transpose(1, 2))  # (N, C n_hi, 2J)
+        inner = inner.view(n, c, n_hi, 2, -1).permute(0, 4, 3, 1, 2)  # (N, J, 2, C, n_hi)
+        in_c, in_s = inner[:, :, 0], inner[:, :, 1]  # (N, J, C, n_hi): sums with cos(lo), sin(lo)
+        c_hi, s_hi = torch.cos(hi)[:, :, None, :], torch.sin(hi)[:, :, None, :]  # (N, J, 1, n_hi)
+        cos_sum = (c_hi * in_c - s_hi * in_s).sum(-1)
+        sin_sum = (s_hi * in_c + c_hi * in_s).sum(-1)
+        return cos_sum, sin_sum
 
     def density(self, y: torch.Tensor) -> torch.Tensor:
         """f_Y(y); 0 outside [-L, L]."""
-        f = self._sum(self._trig(y)[0])
+        f = self.trig_sums(y, self.coef[:, None, :])[0][..., 0]
         return torch.where(y.abs() <= self.half_width, f, torch.zeros_like(f))
 
     def cdf(self, y: torch.Tensor) -> torch.Tensor:
-        """P(Y < y) for y clamped to [-L, L] (0 below, total mass above)."""
+        """P(Y < y) = sum' A_k psi_k(y), psi_k = sin(w_k (y + L)) / w_k (y + L for k = 0),
+        for y clamped to [-L, L] (0 below, total mass above)."""
         yc = y.clamp(-self.half_width, self.half_width)
-        return self._sum(self._psi(yc, self._trig(yc)[1]))
-
-    def partial_exp(self, y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """E[exp(s Y); Y < y] with s (B,), y clamped to [-L, L]."""
-        yc = y.clamp(-self.half_width, self.half_width)
-        cos, sin = self._trig(yc)
-        return self._sum(self._chi(yc, s, cos, sin, torch.exp(s[:, None] * yc)))
-
-    def _chi(
-        self, y: torch.Tensor, s: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, exp_sy: torch.Tensor
-    ) -> torch.Tensor:
-        """int_{-L}^{y} e^{st} cos(w_k (t + L)) dt, (B, J, K)."""
-        sb = s[:, None, None]  # (B, 1, 1)
-        upper = exp_sy[..., None] * (sb * cos + self.w * sin)
-        lower = torch.exp(-sb * self.half_width) * sb
-        return (upper - lower) / (sb * sb + self.w * self.w)
+        sin_sum = self.trig_sums(yc, (self.coef * self._inv_w)[:, None, :])[1][..., 0]
+        return self.coef[:, :1] * (yc + self.half_width) + sin_sum
 
     # -- products ------------------------------------------------------------------------
-    def put_terms(self, s: torch.Tensor, log_kappa: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Normalised put quantities for strikes log(K/F) = log_kappa (B, J).
+    def put_terms(
+        self,
+        s: torch.Tensor,
+        log_kappa: torch.Tensor,
+        need: frozenset[str] = PUT_TERMS,
+        rows: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Normalised put quantities for strikes log(K/F) = log_kappa (N, J).
 
-        Returns ``put`` = E[(kappa - e^X)^+], ``prob_below`` = P(X < log kappa),
-        ``share_below`` = E[e^X; X < log kappa] and ``density`` = f_X(log kappa).
+        ``put`` = E[(kappa - e^X)^+], ``prob_below`` = P(X < log kappa),
+        ``share_below`` = E[e^X; X < log kappa], ``density`` = f_X(log kappa); only those
+        in ``need`` are computed. ``s`` is (R,), one per expansion row, and ``rows`` (N,)
+        maps strike rows to expansion rows (default: the identity), so many strikes can
+        share one (theta, T) without copying its coefficients first.
+
+        With B_k = A_k / (s^2 + w_k^2) the chi integrals fold into the put as
+
+            put = kappa (A_0 (y* + L) + s^2 sum_{k>=1} B_k/w_k sin_k - s sum_k B_k cos_k)
+                  + s e^{-sL} sum_k B_k,
+
+        using e^{s y*} = kappa: two sums over K per strike.
         """
-        ystar = log_kappa / s[:, None]  # (B, J)
-        below = ystar <= -self.half_width
-        above = ystar >= self.half_width
-        yc = ystar.clamp(-self.half_width, self.half_width)
-        cos, sin = self._trig(yc)  # one set of cosines and sines serves all four sums
+        lw = self.half_width
+        s_rows = s if rows is None else s[rows]
+        sb_rows = s_rows[:, None]  # (N, 1)
+        ystar = log_kappa / sb_rows  # (N, J)
+        below, above = ystar <= -lw, ystar >= lw
+        yc = ystar.clamp(-lw, lw)
         kappa = torch.exp(log_kappa)
-        # e^{s y*} = kappa inside the range; clamped strikes are overwritten below.
-        exp_sy = torch.where(below | above, torch.exp(s[:, None] * yc), kappa)
-        prob = self._sum(self._psi(yc, sin))
-        share = self._sum(self._chi(yc, s, cos, sin, exp_sy))
-        dens = self._sum(cos) / s[:, None]
-        zero, one = torch.zeros_like(prob), torch.ones_like(prob)
-        prob = torch.where(below, zero, torch.where(above, one, prob))
-        share = torch.where(below, zero, torch.where(above, one, share))
-        dens = torch.where(below | above, zero, dens)
-        return {"put": kappa * prob - share, "prob_below": prob, "share_below": share, "density": dens}
+        zero, one = torch.zeros_like(ystar), torch.ones_like(ystar)
+        a0 = self.coef[:, :1] if rows is None else self.coef[rows, :1]
+        head = a0 * (yc + lw)  # k = 0 term of P(Y < y*)
+        want_put = bool(need & {"put", "share_below"})
+        want_prob = bool(need & {"prob_below", "share_below"})
+        stack: list[torch.Tensor] = []
+        if want_put:
+            sb = s[:, None]  # (R, 1)
+            bk = self.coef / (sb * sb + self.w * self.w)  # (R, K)
+            stack += [bk, bk * self._inv_w]
+            tail = sb * torch.exp(-sb * lw) * bk.sum(1, keepdim=True)  # (R, 1)
+        if want_prob:
+            stack.append(self.coef * self._inv_w)
+        if "density" in need:
+            stack.append(self.coef)
+        cos_sum, sin_sum = self.trig_sums(yc, torch.stack(stack, 1), rows)  # (N, J, C)
+        out: dict[str, torch.Tensor] = {}
+        i = 0
+        if want_put:
+            tail_rows = tail if rows is None else tail[rows]
+            inside = kappa * (head + sb_rows * sb_rows * sin_sum[..., 1] - sb_rows * cos_sum[..., 0]) + tail_rows
+            out["put"] = torch.where(below, zero, torch.where(above, kappa - 1.0, inside))
+            i = 2
+        if want_prob:
+            prob = head + sin_sum[..., i]
+            out["prob_below"] = torch.where(below, zero, torch.where(above, one, prob))
+            i += 1
+        if "share_below" in need:
+            out["share_below"] = kappa * out["prob_below"] - out["put"]  # 0 below, 1 above
+        if "density" in need:
+            out["density"] = torch.where(below | above, zero, cos_sum[..., i] / sb_rows)
+        return {k: v for k, v in out.items() if k in need}
 
     def quantile(self, levels: torch.Tensor, *, grid: int = 1024, newton_steps: int = 8) -> torch.Tensor:
         """y with P(Y < y) = level, levels (B, Q) in (0, 1).

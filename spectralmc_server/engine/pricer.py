@@ -177,12 +177,14 @@ class SpectralPricer:
         expiry = batch.expiry.clone().requires_grad_(want_theta)
         # Per-contract coefficients, exact to first order in each contract's own (theta, T):
         # the gradient of a contract's price then flows only to its own inputs.
-        coef = coef_u[inv]  # (n, K)
-        for j, d in enumerate(d_th):
-            if d is not None:
-                coef = coef + d[inv] * (theta[:, j] - theta[:, j].detach())[:, None]
-        if d_t is not None:
-            coef = coef + d_t[inv] * (expiry - expiry.detach())[:, None]
+        coef = coef_u
+        if want_vega or want_theta:
+            coef = coef_u[inv]  # (n, K)
+            for j, d in enumerate(d_th):
+                if d is not None:
+                    coef = coef + d[inv] * (theta[:, j] - theta[:, j].detach())[:, None]
+            if d_t is not None:
+                coef = coef + d_t[inv] * (expiry - expiry.detach())[:, None]
 
         out: dict[str, torch.Tensor] = {}
         s = self.process.scale(theta, expiry)
@@ -191,8 +193,18 @@ class SpectralPricer:
         fwd = batch.spot * torch.exp((batch.rate - batch.dividend) * expiry)
         call = batch.is_call
         if measures & set(PRICE_MEASURES):
-            exp = CosExpansion.from_coefficients(coef, self.spectrum)
-            terms = {k: v[:, 0] for k, v in exp.put_terms(s, torch.log(batch.strike / fwd)[:, None]).items()}
+            need = {"put"}
+            need |= {"share_below"} if measures & {"delta", "rho"} else set()
+            need |= {"prob_below"} if "digital" in measures else set()
+            need |= {"density"} if "gamma" in measures else set()
+            log_kappa = torch.log(batch.strike / fwd)[:, None]
+            if want_vega or want_theta:  # per-contract coefficients carry the tangents
+                exp = CosExpansion.from_coefficients(coef, self.spectrum)
+                raw = exp.put_terms(s, log_kappa, frozenset(need))
+            else:  # strikes index their distinct point's coefficients
+                exp = CosExpansion.from_coefficients(coef_u, self.spectrum)
+                raw = exp.put_terms(self.process.scale(th_u, t_u), log_kappa, frozenset(need), rows=inv)
+            terms = {k: v[:, 0] for k, v in raw.items()}
             put = disc * fwd * terms["put"]
             price = torch.where(call, put + disc * (fwd - batch.strike), put)
             if want_vega or want_theta:
@@ -203,16 +215,19 @@ class SpectralPricer:
                 if want_theta:
                     g = grads[1]
                     out["theta"] = -(g if g is not None else torch.zeros_like(expiry))
-            share = terms["share_below"].detach()
             t = batch.expiry
             d, f, q = disc.detach(), fwd.detach(), qdisc.detach()
             out["price"] = price.detach()
-            out["delta"] = torch.where(call, q * (1.0 - share), -q * share)
-            out["gamma"] = q * (batch.strike / f) * terms["density"].detach() / batch.spot
-            put_rho = -t * put.detach() - t * d * f * share
-            out["rho"] = torch.where(call, put_rho + t * batch.strike * d, put_rho)
-            prob = terms["prob_below"].detach()
-            out["digital"] = torch.where(call, d * (1.0 - prob), d * prob)
+            if "share_below" in terms:
+                share = terms["share_below"].detach()
+                out["delta"] = torch.where(call, q * (1.0 - share), -q * share)
+                put_rho = -t * put.detach() - t * d * f * share
+                out["rho"] = torch.where(call, put_rho + t * batch.strike * d, put_rho)
+            if "density" in terms:
+                out["gamma"] = q * (batch.strike / f) * terms["density"].detach() / batch.spot
+            if "prob_below" in terms:
+                prob = terms["prob_below"].detach()
+                out["digital"] = torch.where(call, d * (1.0 - prob), d * prob)
         if measures & {*DIST_MEASURES, "quantiles"}:
             exp_u = CosExpansion.from_coefficients(coef_u, self.spectrum)
             s_u = self.process.scale(th_u, t_u)

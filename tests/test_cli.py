@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,3 +299,36 @@ def test_train_cuda_without_cuda(tmp_path: Path) -> None:
 
 def test_no_command() -> None:
     _usage_error(_run())
+
+
+def test_train_minutes_turns_a_budget_into_steps(tmp_path: Path, trained: Trained) -> None:
+    out = tmp_path / "M"
+    proc = _run("train", "--process", "gbm", "--minutes", "0.02", "--config", trained.config, "--out", out, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stderr.splitlines() if x.startswith("--minutes 0.02:"))
+    steps = int(line.rsplit("->", 1)[1].split()[0])
+    summary = _json_line(proc.stdout)
+    assert summary["step"] == steps >= 1
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["training"]["schedule_steps"] == steps  # --steps N reproduces the run
+
+
+def test_train_interrupt_writes_a_checkpoint_and_exits_130(tmp_path: Path, trained: Trained) -> None:
+    out = tmp_path / "I"
+    command = [sys.executable, "-m", "spectralmc_server.cli", "train", "--process", "gbm", "--steps", "1000000"]
+    command += ["--config", str(trained.config), "--out", str(out), "--checkpoint-every", "20", "--quiet"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "manifest.json").exists():  # training is under way
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130
+    summary = _json_line(stdout)
+    assert 20 <= summary["step"] < 1_000_000
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    assert manifest["state"]["step"] == summary["step"]  # nothing trained is lost

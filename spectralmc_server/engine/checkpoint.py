@@ -104,6 +104,7 @@ def write_dir(ckpt: Checkpoint, path: Path) -> str:
     files = ckpt.encode()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is shared like any directory
     try:
         for name, data in files.items():
             with (tmp / name).open("wb") as fh:

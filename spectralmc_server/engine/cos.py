@@ -95,14 +95,16 @@ class CosExpansion:
         pad = n_hi * b - self.spectrum.n_freq
         if pad:
             coefs = torch.nn.functional.pad(coefs, (0, pad))
-        if rows is not None:
-            coefs = coefs[rows]
-        n, c = coefs.shape[0], coefs.shape[1]
+        r, c = coefs.shape[0], coefs.shape[1]
+        n = y.shape[0]
         theta = ((y + self.half_width) * float(self.w[1]))[..., None]  # (N, J, 1)
         lo = theta * torch.arange(b, dtype=torch.float64, device=y.device)  # (N, J, b)
         hi = theta * torch.arange(0, n_hi * b, b, dtype=torch.float64, device=y.device)  # (N, J, n_hi)
         trig_lo = torch.cat([torch.cos(lo), torch.sin(lo)], 1)  # (N, 2J, b)
-        inner = torch.bmm(coefs.reshape(n, c * n_hi, b), trig_lo.transpose(1, 2))  # (N, C n_hi, 2J)
+        coefs = coefs.reshape(r, c * n_hi, b)
+        if rows is not None:
+            coefs = coefs[rows]  # (N, C n_hi, b)
+        inner = torch.bmm(coefs, trig_lo.transpose(1, 2))  # (N, C n_hi, 2J)
         inner = inner.view(n, c, n_hi, 2, -1).permute(0, 4, 3, 1, 2)  # (N, J, 2, C, n_hi)
         in_c, in_s = inner[:, :, 0], inner[:, :, 1]  # (N, J, C, n_hi): sums with cos(lo), sin(lo)
         c_hi, s_hi = torch.cos(hi)[:, :, None, :], torch.sin(hi)[:, :, None, :]  # (N, J, 1, n_hi)

@@ -173,23 +173,12 @@ class SpectralPricer:
         want_vega, want_theta = "vega" in measures, "theta" in measures
         coef_u, d_th, d_t = self._coef_with_tangents(th_u, t_u, want_vega, want_theta)
 
-        theta = batch.theta.clone().requires_grad_(want_vega)
-        expiry = batch.expiry.clone().requires_grad_(want_theta)
-        # Per-contract coefficients, exact to first order in each contract's own (theta, T):
-        # the gradient of a contract's price then flows only to its own inputs.
-        coef = coef_u
-        if want_vega or want_theta:
-            coef = coef_u[inv]  # (n, K)
-            for j, d in enumerate(d_th):
-                if d is not None:
-                    coef = coef + d[inv] * (theta[:, j] - theta[:, j].detach())[:, None]
-            if d_t is not None:
-                coef = coef + d_t[inv] * (expiry - expiry.detach())[:, None]
+        want_grad = want_vega or want_theta
+        theta = batch.theta.clone().requires_grad_(want_vega) if want_grad else batch.theta
+        expiry = batch.expiry.clone().requires_grad_(want_theta) if want_grad else batch.expiry
 
         out: dict[str, torch.Tensor] = {}
-        s = self.process.scale(theta, expiry)
         disc = torch.exp(-batch.rate * expiry)
-        qdisc = torch.exp(-batch.dividend * expiry)
         fwd = batch.spot * torch.exp((batch.rate - batch.dividend) * expiry)
         call = batch.is_call
         if measures & set(PRICE_MEASURES):
@@ -198,16 +187,24 @@ class SpectralPricer:
             need |= {"prob_below"} if "digital" in measures else set()
             need |= {"density"} if "gamma" in measures else set()
             log_kappa = torch.log(batch.strike / fwd)[:, None]
-            if want_vega or want_theta:  # per-contract coefficients carry the tangents
+            if want_grad:
+                # Per-contract coefficients, exact to first order in each contract's own
+                # (theta, T): the gradient of a contract's price flows only to its inputs.
+                coef = coef_u[inv]  # (n, K)
+                for j, d in enumerate(d_th):
+                    if d is not None:
+                        coef = coef + d[inv] * (theta[:, j] - theta[:, j].detach())[:, None]
+                if d_t is not None:
+                    coef = coef + d_t[inv] * (expiry - expiry.detach())[:, None]
                 exp = CosExpansion.from_coefficients(coef, self.spectrum)
-                raw = exp.put_terms(s, log_kappa, frozenset(need))
+                raw = exp.put_terms(self.process.scale(theta, expiry), log_kappa, frozenset(need))
             else:  # strikes index their distinct point's coefficients
                 exp = CosExpansion.from_coefficients(coef_u, self.spectrum)
                 raw = exp.put_terms(self.process.scale(th_u, t_u), log_kappa, frozenset(need), rows=inv)
             terms = {k: v[:, 0] for k, v in raw.items()}
             put = disc * fwd * terms["put"]
             price = torch.where(call, put + disc * (fwd - batch.strike), put)
-            if want_vega or want_theta:
+            if want_grad:
                 grads = torch.autograd.grad(price.sum(), [theta, expiry], allow_unused=True)
                 if want_vega:
                     g = grads[0]
@@ -216,7 +213,8 @@ class SpectralPricer:
                     g = grads[1]
                     out["theta"] = -(g if g is not None else torch.zeros_like(expiry))
             t = batch.expiry
-            d, f, q = disc.detach(), fwd.detach(), qdisc.detach()
+            d, f = disc.detach(), fwd.detach()
+            q = torch.exp(-batch.dividend * t) if measures & {"delta", "gamma"} else d
             out["price"] = price.detach()
             if "share_below" in terms:
                 share = terms["share_below"].detach()
@@ -234,7 +232,9 @@ class SpectralPricer:
             f = fwd.detach()
             if measures & set(DIST_MEASURES):
                 mom = {k: v[inv] for k, v in exp_u.terminal_moments(s_u).items()}
-                out["mean"] = f * mom["mean"]
+                # Under the pricing measure E[S_T] = F for every model (E[e^X] = 1); the
+                # COS density's own mean differs from 1 by the model's martingale defect.
+                out["mean"] = f.clone()
                 out["stdev"] = f * mom["stdev"]
                 out["skew"], out["kurtosis"] = mom["skew"], mom["kurtosis"]
             if "quantiles" in measures:
@@ -242,7 +242,7 @@ class SpectralPricer:
                     raise ValueError("quantiles requested without quantile levels")
                 lv = levels.to(torch.float64)[None, :].expand(len(uniq), -1)
                 y = exp_u.quantile(lv)[inv]  # (n, Q)
-                out["quantiles"] = f[:, None] * torch.exp(s.detach()[:, None] * y)
+                out["quantiles"] = f[:, None] * torch.exp(s_u[inv][:, None] * y)
         return {k: v for k, v in out.items() if k in measures}
 
 
@@ -346,6 +346,8 @@ class ModelPricer:
 
     def evaluate(self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None) -> Evaluation:
         inside = self.domain.contains(batch.theta, batch.expiry)
+        if bool(inside.all()):  # the common case: no gathering and scattering
+            return Evaluation(self.learned.evaluate(batch, measures, levels), inside)
         idx_in = torch.nonzero(inside).flatten()
         idx_out = torch.nonzero(~inside).flatten()
         parts = []

@@ -48,6 +48,9 @@ class TrainConfig(BaseModel):
     paths: int = Field(512, ge=2)  # N: paths per point
     normals_mode: Literal["sobol", "pseudo"] = "sobol"
     antithetic: bool = True
+    # mc: FFT estimates from simulated paths (the method). exact: the analytic CF as the
+    # target, a noise-free diagnostic that separates MC noise from fitting limits.
+    targets: Literal["mc", "exact"] = "mc"
     lr: float = Field(2e-3, gt=0)  # peak Adam learning rate
     lr_final_ratio: float = Field(0.02, gt=0, le=1)  # lr at the end of the cosine, over peak
     warmup_steps: int = Field(200, ge=0)
@@ -73,6 +76,8 @@ class TrainConfig(BaseModel):
                 f"domain parameters {domain.param_names} do not match process "
                 f"{self.process!r} parameters {process.param_names}"
             )
+        if self.targets == "exact" and not process.has_analytic_cf:
+            raise ValueError(f"targets = 'exact' needs an analytic CF, which {self.process!r} lacks")
         return self
 
     def resolved_domain(self) -> ModelDomain:
@@ -185,10 +190,13 @@ class Trainer:
     def train_step(self) -> float:
         cfg = self.config
         theta, expiry = self._draw_points()
-        _, z = self.normals.next()
         with torch.no_grad():
-            target = self.targets(theta, expiry, z).to(torch.complex128)  # (B, K)
-        self.paths_simulated += cfg.batch_points * cfg.paths
+            if cfg.targets == "exact":
+                target = analytic_cf_y(self.process, cfg.spectrum, theta, expiry)
+            else:
+                _, z = self.normals.next()
+                target = self.targets(theta, expiry, z).to(torch.complex128)  # (B, K)
+                self.paths_simulated += cfg.batch_points * cfg.paths
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr

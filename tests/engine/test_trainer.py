@@ -156,3 +156,16 @@ def test_config_errors_are_clear() -> None:
                 }
             }
         )
+
+
+def test_exact_targets_train_without_simulating() -> None:
+    """The noise-free diagnostic: analytic targets, no paths, and the loss still falls."""
+    t = Trainer(_config(targets="exact"))
+    try:
+        first = t.train_step()
+        t.run(198)
+        last = t.train_step()
+        assert t.paths_simulated == 0 and t.normals.position == 0
+        assert last < first / 20
+    finally:
+        t.close()

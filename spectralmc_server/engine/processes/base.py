@@ -101,6 +101,7 @@ class Process(ABC):
     name: str
     param_names: tuple[str, ...]
     normals_per_path: int  # standard normals one path consumes
+    has_analytic_cf: bool = False  # True where analytic_cf_x returns a closed form
 
     @abstractmethod
     def default_domain(self) -> ModelDomain:

@@ -17,6 +17,7 @@ class GBMProcess(Process):
     name = "gbm"
     param_names = ("vol",)
     normals_per_path = 1
+    has_analytic_cf = True
 
     def default_domain(self) -> ModelDomain:
         return ModelDomain(

@@ -12,6 +12,7 @@ save, resume, N steps gives the same bits as 2N steps on the same device type.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -124,27 +125,32 @@ class Trainer:
         self.device = resolve_device(config.device)
         budgets = budgets or Budgets()
         self._budgets = budgets
-        torch.manual_seed(config.seed)  # network init is the only use of the global RNG
-        self.model = CFModel(self.process, self.domain, config.spectrum, config.network).to(self.device)
-        self.ema = CFModel(self.process, self.domain, config.spectrum, config.network).to(self.device)
-        self.ema.load_state_dict(self.model.state_dict())
-        self.ema.requires_grad_(False)
+        # The network's initial weights come from the seed without touching the caller's
+        # global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            self.model = CFModel(self.process, self.domain, config.spectrum, config.network).to(self.device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr_at(0))
         self._reserve(budgets.training, budgets.simulator)
-        self.pool = NormalsPool(
-            NormalsConfig(
-                seed=config.seed,
-                mode=config.normals_mode,
-                antithetic=config.antithetic,
-                rows=config.paths,
-                dims=config.batch_points * self.process.normals_per_path,
-                dtype="float32",
-                cache_blocks=3,
-                lookahead=1,
-            ),
-            budgets.normals,
-            self.device,
-        )
+        try:
+            self.pool = NormalsPool(
+                NormalsConfig(
+                    seed=config.seed,
+                    mode=config.normals_mode,
+                    antithetic=config.antithetic,
+                    rows=config.paths,
+                    dims=config.batch_points * self.process.normals_per_path,
+                    dtype="float32",
+                    cache_blocks=3,
+                    lookahead=1,
+                ),
+                budgets.normals,
+                self.device,
+            )
+        except BaseException:
+            self._release()
+            raise
         self.normals = self.pool.stream()
         self._sobol = sobol_engine(self.domain.dims, config.seed)
         self.step = 0
@@ -167,10 +173,13 @@ class Trainer:
         sim = tensor_bytes((b, n, 8 + d), torch.float32) + tensor_bytes((b, 2 * m + 2), torch.complex64) * 2
         simulator.reserve("trainer: simulator workspace", sim)
 
-    def close(self) -> None:
-        self.pool.close()
+    def _release(self) -> None:
         self._budgets.training.release("trainer: weights, EMA, Adam moments, activations")
         self._budgets.simulator.release("trainer: simulator workspace")
+
+    def close(self) -> None:
+        self.pool.close()
+        self._release()
 
     # -- one step -------------------------------------------------------------------------
     def _draw_points(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -169,3 +169,15 @@ def test_exact_targets_train_without_simulating() -> None:
         assert last < first / 20
     finally:
         t.close()
+
+
+def test_a_refused_trainer_holds_no_memory_and_leaves_global_rng_alone() -> None:
+    budgets = Budgets(BudgetConfig(normals_bytes=1 << 10))  # too small for the normals pool
+    with pytest.raises(BudgetExceededError, match="normals pool"):
+        Trainer(_config(), budgets)
+    assert budgets.training.reserved_bytes == 0 and budgets.simulator.reserved_bytes == 0
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    Trainer(_config()).close()
+    assert torch.equal(torch.rand(3), expected)

@@ -114,6 +114,8 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(f"--minutes must be a positive number, got {args.minutes}")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    if args.out is not None:
+        _check_writable(args.out)  # before training, not after it
     overrides: dict[str, Any] = {}
     if args.device is not None:
         overrides["device"] = args.device
@@ -172,6 +174,19 @@ def _train(args: argparse.Namespace) -> int:
         summary["content_hash"] = write_dir(trainer.checkpoint({"command": args.cmdline}), args.out)
     sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     return EXIT_INTERRUPTED if stop["requested"] else EXIT_OK
+
+
+def _check_writable(out: Path) -> None:
+    """--out must be a directory we can create and replace (or a new path in one)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out: {out} exists and is not a directory")
+    parent = out.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot create {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UsageError(f"--out: {parent} is not writable")
 
 
 def _steps_for_minutes(config: Any, minutes: float | None) -> int:

@@ -332,3 +332,22 @@ def test_train_interrupt_writes_a_checkpoint_and_exits_130(tmp_path: Path, train
     assert 20 <= summary["step"] < 1_000_000
     manifest = orjson.loads((out / "manifest.json").read_bytes())
     assert manifest["state"]["step"] == summary["step"]  # nothing trained is lost
+
+
+def test_train_out_must_be_writable_before_training(tmp_path: Path, trained: Trained) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    message = _usage_error(_run("train", "--process", "gbm", "--steps", "5", "--out", blocker))
+    assert "exists and is not a directory" in message
+    message = _usage_error(_run("train", "--process", "gbm", "--steps", "5", "--out", blocker / "sub" / "ck"))
+    assert "--out: cannot create" in message
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: nothing to refuse
+            return
+        message = _usage_error(_run("train", "--process", "gbm", "--steps", "5", "--out", locked / "ck"))
+        assert "is not writable" in message
+    finally:
+        locked.chmod(0o700)

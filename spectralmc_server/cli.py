@@ -7,6 +7,8 @@ Exit codes: 0 success, 2 bad input (one line on stderr naming what is wrong),
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import math
 import os
 import shlex
@@ -14,7 +16,7 @@ import signal
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -29,6 +31,10 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 class UsageError(Exception):
     """Bad input from the user: reported on one line, exit code 2."""
+
+
+class CorruptionError(Exception):
+    """Damaged or edited store content: reported on one line, exit code 1."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,14 +55,50 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, help="seed of the parameter points and normals (default 0)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (default cpu)")
     train.add_argument("--config", type=Path, help="TOML file whose [train] table sets TrainConfig fields")
-    train.add_argument("--resume", type=Path, help="checkpoint directory to continue from")
+    train.add_argument(
+        "--resume", help="continue from a checkpoint directory, or with --store from a version (N or 'head')"
+    )
     train.add_argument("--out", type=Path, help="checkpoint directory to write (atomically)")
     train.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: end only)")
+    train.add_argument("--store", help="commit versions to this store (file:///path or s3://bucket/prefix)")
+    train.add_argument("--model", help="model name in the store (default: the process name)")
+    train.add_argument("--commit-every", type=int, help="commit every N steps (default: only at the end)")
+    train.add_argument("--commit-seconds", type=float, help="commit every T seconds")
+    train.add_argument("--commit-if-improved", action="store_true", help="skip due commits that do not improve")
+    train.add_argument("--message", help="commit message template with {step}, {loss}, {val_bp}")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     price = sub.add_parser("price", help="price one request read as JSON on stdin")
-    price.add_argument("--model", help="bundled model to use (default: every bundled model)")
+    price.add_argument("--store", help="price with the served version of --model in this store")
+    price.add_argument("--model", help="model to use (bundled name, or the model's name in --store)")
     price.add_argument("--checkpoint", type=Path, help="price with this checkpoint directory instead")
+
+    store = sub.add_parser("store", help="manage model versions in a store")
+    store.add_argument("--store", required=True, help="file:///path or s3://bucket/prefix")
+    store.add_argument("--model", required=True, help="model name")
+    store.add_argument("--json", action="store_true", help="machine-readable output")
+    ops = store.add_subparsers(dest="op", required=True, parser_class=_Parser)
+    json_flag = _Parser(add_help=False)
+    json_flag.add_argument("--json", action="store_true", dest="json_op", help="machine-readable output")
+    ops.add_parser("list", help="every version, oldest first", parents=[json_flag])
+    inspect = ops.add_parser("inspect", help="one version's record and manifest", parents=[json_flag])
+    inspect.add_argument("version", type=int)
+    ops.add_parser("verify", help="check the whole history (exit 1 if damaged)", parents=[json_flag])
+    pin = ops.add_parser("pin", help="serve version N (rollback)", parents=[json_flag])
+    pin.add_argument("version", type=int)
+    pin.add_argument("--by", default=os.environ.get("USER", ""), help="who pins (recorded in the pin log)")
+    unpin = ops.add_parser("unpin", help="track the head again", parents=[json_flag])
+    unpin.add_argument("--by", default=os.environ.get("USER", ""))
+    gc = ops.add_parser("gc", help="delete the content of old versions (records stay)", parents=[json_flag])
+    gc.add_argument("--keep", type=int, required=True, help="keep the last N versions")
+    gc.add_argument("--protect", default="", help="comma-separated versions to keep too")
+    gc.add_argument("--min-keep", type=int, default=1, help="never keep fewer than this")
+    gc.add_argument("--grace-seconds", type=float, default=3600.0, help="age before unreferenced content is deleted")
+    mode = gc.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--dry-run", action="store_true", help="show what would be deleted")
+    mode.add_argument("--yes", action="store_true", help="delete")
+    tb = ops.add_parser("tensorboard", help="write per-version metrics for TensorBoard", parents=[json_flag])
+    tb.add_argument("--logdir", type=Path, required=True)
     return parser
 
 
@@ -67,10 +109,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cmdline = "spectralmc " + " ".join(shlex.quote(a) for a in argv)
         if args.command == "train":
             return _train(args)
+        if args.command == "store":
+            return _store(args)
         return _price(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except CorruptionError as exc:
+        print(f"corrupt: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -79,6 +126,104 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"internal error: {type(exc).__name__}: {exc} (set SPECTRALMC_DEBUG=1 for a traceback)", file=sys.stderr)
         return EXIT_FAILURE
+
+
+# -- stores -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _store_errors() -> Iterator[None]:
+    """Store failures as CLI outcomes: damage exits 1, anything else the user can act on 2."""
+    from spectralmc_server.store.objects import StoreError
+    from spectralmc_server.store.uri import InvalidStoreURI
+    from spectralmc_server.store.versions import CorruptObject
+
+    try:
+        yield
+    except CorruptObject as exc:
+        raise CorruptionError(str(exc)) from None
+    except (StoreError, InvalidStoreURI) as exc:
+        raise UsageError(str(exc)) from None
+
+
+@contextlib.contextmanager
+def _store_session(uri: str, model: str) -> Iterator[tuple[asyncio.Runner, Any]]:
+    """An event loop and the VersionStore of ``model`` at ``uri``, closed afterwards."""
+    from spectralmc_server.store.uri import open_store
+    from spectralmc_server.store.versions import VersionStore
+
+    with _store_errors(), asyncio.Runner() as runner:
+        objects = runner.run(open_store(uri))
+        try:
+            yield runner, VersionStore(objects, model)
+        finally:
+            runner.run(objects.close())
+
+
+def _store(args: argparse.Namespace) -> int:
+    from spectralmc_server.store import admin
+
+    with _store_session(args.store, args.model) as (run, vs):
+        op = args.op
+        result: Any
+        if op == "list":
+            result = run.run(admin.list_versions(vs))
+            text = (
+                "\n".join(
+                    f"{r['version']:>6}  {r['time']}  {'H' if r['head'] else ' '}{'P' if r['pinned'] else ' '}"
+                    f"{'c' if r['collected'] else ' '}  {r['message']}"
+                    for r in result
+                )
+                or f"model {args.model!r} has no versions"
+            )
+        elif op == "inspect":
+            result = run.run(admin.inspect_version(vs, args.version))
+            text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
+        elif op == "verify":
+            report = run.run(vs.verify())
+            result = report.as_dict()
+            text = (
+                f"ok: {report.versions} versions, head {report.head}, pinned {report.pinned}, "
+                f"{len(report.collected)} collected"
+                if report.ok
+                else f"DAMAGED: first bad version {report.first_bad}\n"
+                + "\n".join(f"  version {p['version']}: {p['object']}: {p['reason']}" for p in report.problems)
+            )
+            text += "".join(f"\n  note: {n}" for n in report.notes)
+        elif op in ("pin", "unpin"):
+            entry = run.run(vs.pin(args.version, args.by) if op == "pin" else vs.unpin(args.by))
+            result = {"seq": entry.index, **entry.body}
+            serving = f"version {args.version}" if op == "pin" else "the head"
+            text = f"{op}ned: serving {serving} (pin log entry {entry.index})"
+        elif op == "gc":
+            try:
+                protect = [int(x) for x in args.protect.split(",") if x.strip()]
+            except ValueError:
+                raise UsageError(f"--protect takes comma-separated version numbers, got {args.protect!r}") from None
+            if args.keep < 0 or args.min_keep < 1:
+                raise UsageError("--keep must be >= 0 and --min-keep >= 1")
+            report = run.run(
+                vs.gc(
+                    args.keep,
+                    protect=protect,
+                    min_keep=args.min_keep,
+                    dry_run=args.dry_run,
+                    grace_seconds=args.grace_seconds,
+                )
+            )
+            result = report.as_dict()
+            done = "would delete" if args.dry_run else f"deleted ({report.bytes_freed} bytes)"
+            text = (
+                f"{done} {len(report.deleted_objects)} objects: the content of versions "
+                f"{report.collected_versions}; retained {report.retained}"
+            )
+        else:  # tensorboard
+            result = run.run(admin.write_tensorboard(vs, args.logdir))
+            text = f"wrote {len(result['versions'])} versions to {result['logdir']}"
+    sys.stdout.write((orjson.dumps(result).decode() if args.json or args.json_op else text) + "\n")
+    if op == "verify" and not result["ok"]:
+        return EXIT_FAILURE
+    return EXIT_OK
 
 
 # -- train ------------------------------------------------------------------------------
@@ -104,9 +249,10 @@ def _validation_message(prefix: str, exc: ValidationError) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from spectralmc_server.engine.checkpoint import CheckpointError, read_dir, write_dir
+    from spectralmc_server.engine.checkpoint import CheckpointError, write_dir
     from spectralmc_server.engine.device import DeviceUnavailableError
     from spectralmc_server.engine.trainer import TrainConfig, Trainer
+    from spectralmc_server.store.commits import DEFAULT_MESSAGE, CommitPolicy
 
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be a positive integer, got {args.steps}")
@@ -114,66 +260,134 @@ def _train(args: argparse.Namespace) -> int:
         raise UsageError(f"--minutes must be a positive number, got {args.minutes}")
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
+    store_flags = [f for f in ("model", "commit_every", "commit_seconds", "message") if getattr(args, f) is not None]
+    if args.commit_if_improved:
+        store_flags.append("commit_if_improved")
+    if args.store is None and store_flags:
+        raise UsageError(f"--{store_flags[0].replace('_', '-')} needs --store")
+    try:
+        policy = CommitPolicy(
+            every_steps=args.commit_every,
+            every_seconds=args.commit_seconds,
+            only_if_improved=args.commit_if_improved,
+            message=args.message or DEFAULT_MESSAGE,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     if args.out is not None:
         _check_writable(args.out)  # before training, not after it
     overrides: dict[str, Any] = {}
     if args.device is not None:
         overrides["device"] = args.device
-    try:
-        if args.resume is not None:
-            if args.seed is not None or args.config is not None:
-                raise UsageError("--resume continues a run as configured: drop --seed and --config")
-            ckpt = read_dir(args.resume)
-            if ckpt.manifest["training"]["process"] != args.process:
-                raise UsageError(
-                    f"--process {args.process} does not match the checkpoint's process "
-                    f"{ckpt.manifest['training']['process']!r}"
-                )
-            trainer = Trainer.from_checkpoint(ckpt, **overrides)
-            steps = args.steps if args.steps is not None else _steps_for_minutes(trainer.config, args.minutes)
-        else:
-            fields = _load_toml(args.config) if args.config is not None else {}
-            fields.update(overrides, process=args.process)
-            if args.seed is not None:
-                fields["seed"] = args.seed
-            config = TrainConfig.model_validate(fields)
-            if args.steps is not None:
-                steps = args.steps
-            elif args.minutes is not None:
-                steps = _steps_for_minutes(config, args.minutes)
+    model_name = args.model or args.process
+
+    with contextlib.ExitStack() as stack:
+        session = stack.enter_context(_store_session(args.store, model_name)) if args.store else None
+        try:
+            if args.resume is not None:
+                if args.seed is not None or args.config is not None:
+                    raise UsageError("--resume continues a run as configured: drop --seed and --config")
+                ckpt = _resume_checkpoint(args.resume, session)
+                if ckpt.manifest["training"]["process"] != args.process:
+                    raise UsageError(
+                        f"--process {args.process} does not match the checkpoint's process "
+                        f"{ckpt.manifest['training']['process']!r}"
+                    )
+                trainer = Trainer.from_checkpoint(ckpt, **overrides)
+                steps = args.steps if args.steps is not None else _steps_for_minutes(trainer.config, args.minutes)
             else:
-                steps = config.schedule_steps
-            config = config.model_copy(update={"schedule_steps": steps})
-            trainer = Trainer(config)
-    except ValidationError as exc:
-        raise UsageError(_validation_message("invalid training configuration", exc)) from None
-    except (CheckpointError, DeviceUnavailableError) as exc:
-        raise UsageError(str(exc)) from None
-    except ValueError as exc:  # unknown process, budget exceeded, bad domain
-        raise UsageError(str(exc)) from None
+                fields = _load_toml(args.config) if args.config is not None else {}
+                fields.update(overrides, process=args.process)
+                if args.seed is not None:
+                    fields["seed"] = args.seed
+                config = TrainConfig.model_validate(fields)
+                if args.steps is not None:
+                    steps = args.steps
+                elif args.minutes is not None:
+                    steps = _steps_for_minutes(config, args.minutes)
+                else:
+                    steps = config.schedule_steps
+                config = config.model_copy(update={"schedule_steps": steps})
+                trainer = Trainer(config)
+        except ValidationError as exc:
+            raise UsageError(_validation_message("invalid training configuration", exc)) from None
+        except (CheckpointError, DeviceUnavailableError) as exc:
+            raise UsageError(str(exc)) from None
+        except ValueError as exc:  # unknown process, budget exceeded, bad domain
+            raise UsageError(str(exc)) from None
 
-    stop = {"requested": False}
+        committed: list[int] = []
+        committed_at = {"step": -1}
 
-    def on_sigint(signum: int, frame: FrameType | None) -> None:
-        stop["requested"] = True
+        def commit(t: Any) -> None:
+            assert session is not None
+            if not t.history or t.history[-1].step != t.step:
+                t.validate()
+            val = t.history[-1].p95_bp
+            message = policy.render(step=t.step, loss=t.loss_ema, val_bp=val)
+            with _store_errors():
+                stored = session[0].run(
+                    session[1].commit(t.checkpoint({"command": args.cmdline}), message, rebase=True)
+                )
+            policy.committed(val)
+            committed.append(stored.version)
+            committed_at["step"] = t.step
 
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
-        _run_with_progress(trainer, steps, args, lambda: stop["requested"])
-    finally:
-        signal.signal(signal.SIGINT, previous)
-        trainer.close()
+        def after_step(t: Any) -> None:
+            if args.out is not None and args.checkpoint_every and t.step % args.checkpoint_every == 0:
+                write_dir(t.checkpoint({"command": args.cmdline}), args.out)
+            if session is not None and policy.due(t.step, t.history[-1].p95_bp if t.history else None):
+                commit(t)
+
+        stop = {"requested": False}
+
+        def on_sigint(signum: int, frame: FrameType | None) -> None:
+            stop["requested"] = True
+
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        try:
+            _run_with_progress(trainer, steps, args, lambda: stop["requested"], after_step)
+            final_due = session is not None and policy.final and committed_at["step"] != trainer.step
+            improved = not policy.only_if_improved or policy.improves(trainer.history[-1].p95_bp)
+            if final_due and improved:
+                commit(trainer)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            trainer.close()
     summary: dict[str, Any] = {
         "step": trainer.step,
         "paths_simulated": trainer.paths_simulated,
         "elapsed_seconds": round(trainer.elapsed_seconds, 3),
         "validation": trainer.history[-1].as_dict() if trainer.history else None,
     }
+    if args.store is not None:
+        summary.update(store=args.store, model=model_name, committed=committed)
     if args.out is not None:
         summary["out"] = str(args.out)
         summary["content_hash"] = write_dir(trainer.checkpoint({"command": args.cmdline}), args.out)
     sys.stdout.write(orjson.dumps(summary).decode() + "\n")
     return EXIT_INTERRUPTED if stop["requested"] else EXIT_OK
+
+
+def _resume_checkpoint(resume: str, session: tuple[asyncio.Runner, Any] | None) -> Any:
+    """--resume: a checkpoint directory, or with --store a version number or 'head'."""
+    from spectralmc_server.engine.checkpoint import read_dir
+
+    if session is None:
+        return read_dir(Path(resume))
+    run, vs = session
+    with _store_errors():
+        if resume == "head":
+            head = run.run(vs.head())
+            if head is None:
+                raise UsageError(f"--resume head: model {vs.name!r} has no versions in the store")
+            version = head.version
+        else:
+            try:
+                version = int(resume)
+            except ValueError:
+                raise UsageError(f"--resume with --store takes a version number or 'head', got {resume!r}") from None
+        return run.run(vs.load(version, need_training=True))
 
 
 def _check_writable(out: Path) -> None:
@@ -211,10 +425,8 @@ def _steps_for_minutes(config: Any, minutes: float | None) -> int:
     return steps
 
 
-def _run_with_progress(trainer: Any, steps: int, args: argparse.Namespace, should_stop: Any) -> None:
+def _run_with_progress(trainer: Any, steps: int, args: argparse.Namespace, should_stop: Any, after_step: Any) -> None:
     from tqdm import tqdm
-
-    from spectralmc_server.engine.checkpoint import write_dir
 
     bar = tqdm(total=steps, unit="step", disable=args.quiet, file=sys.stderr, dynamic_ncols=True)
     start_step, start_paths, t0 = trainer.step, trainer.paths_simulated, time.perf_counter()
@@ -227,8 +439,7 @@ def _run_with_progress(trainer: Any, steps: int, args: argparse.Namespace, shoul
             if t.history:
                 post["val_p95_bp"] = f"{t.history[-1].p95_bp:.2f}"
             bar.set_postfix(post, refresh=False)
-        if args.out is not None and args.checkpoint_every and t.step % args.checkpoint_every == 0:
-            write_dir(t.checkpoint({"command": args.cmdline}), args.out)
+        after_step(t)
 
     try:
         trainer.run(steps, on_step=on_step, should_stop=should_stop)
@@ -239,6 +450,20 @@ def _run_with_progress(trainer: Any, steps: int, args: argparse.Namespace, shoul
 
 
 # -- price ------------------------------------------------------------------------------
+
+
+def _served_from_store(uri: str, model: str) -> Any:
+    """The version a server would serve now: the store's pin, else its head."""
+    from spectralmc_server.engine.pricer import load_served_model
+
+    with _store_session(uri, model) as (run, vs):
+        version = run.run(vs.pinned())
+        if version is None:
+            head = run.run(vs.head())
+            if head is None:
+                raise UsageError(f"--store: model {model!r} has no versions in {uri}")
+            version = head.version
+        return load_served_model(run.run(vs.load(version)), name=model, version=version)
 
 
 def _price(args: argparse.Namespace) -> int:
@@ -258,9 +483,13 @@ def _price(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         raise UsageError(_validation_message("invalid request", exc)) from None
 
+    if args.store is not None and args.checkpoint is not None:
+        raise UsageError("give --store or --checkpoint, not both")
     try:
         if args.checkpoint is not None:
             served = [load_served_model(read_dir(args.checkpoint, need_training=False))]
+        elif args.store is not None:
+            served = [_served_from_store(args.store, args.model or "gbm")]
         else:
             available = bundled_models()
             if not available:

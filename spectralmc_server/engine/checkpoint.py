@@ -20,12 +20,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
-import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
+
+if TYPE_CHECKING:
+    import torch
 
 FORMAT = "spectralmc-checkpoint/1"
 MANIFEST = "manifest.json"
@@ -57,6 +57,8 @@ class Checkpoint:
 
     def encode(self) -> dict[str, bytes]:
         """File name -> bytes, with the tensor hashes written into the manifest."""
+        from safetensors.torch import save as st_save
+
         model_bytes = st_save(_contiguous(self.model))
         training_bytes = st_save(_contiguous(self.training))
         manifest = dict(self.manifest)
@@ -77,6 +79,8 @@ def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def decode(files: dict[str, bytes], *, need_training: bool = True) -> Checkpoint:
     """Parse and verify checkpoint files (every tensor file against the manifest)."""
+    from safetensors.torch import load as st_load
+
     if MANIFEST not in files:
         raise CheckpointError(f"checkpoint has no {MANIFEST}")
     try:

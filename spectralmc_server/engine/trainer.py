@@ -270,6 +270,7 @@ class Trainer:
                 "device_type": self.device.type,
             },
             "metrics": {
+                "parameters": sum(p.numel() for p in self.model.parameters()),
                 "validation": self.history[-1].as_dict() if self.history else None,
                 "history": [v.as_dict() for v in self.history],
                 **(metrics or {}),

@@ -14,7 +14,9 @@ manifest lists each tensor file's hash, it covers every byte of the checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -35,6 +37,17 @@ TRAINING_FILE = "training.safetensors"
 
 class CheckpointError(ValueError):
     """A checkpoint directory is missing, malformed or fails its hashes."""
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the code that wrote a checkpoint (read from package metadata)."""
+    from spectralmc_server import __version__
+
+    out = {"spectralmc": __version__}
+    for dist in ("torch", "safetensors"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            out[dist] = importlib.metadata.version(dist)
+    return out
 
 
 def sha256_hex(data: bytes) -> str:

@@ -22,7 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.engine.checkpoint import Checkpoint, library_versions
 from spectralmc_server.engine.cos import CosExpansion
 from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
 from spectralmc_server.engine.device import Budgets, DeviceName, MemoryBudget, resolve_device, tensor_bytes
@@ -258,6 +258,7 @@ class Trainer:
             for key, val in st.items():
                 training[f"optim/{idx}/{key}"] = torch.as_tensor(val)
         manifest = {
+            "library": library_versions(),
             "model": model_description(self.config),
             "training": self.config.model_dump(mode="json"),
             "state": {

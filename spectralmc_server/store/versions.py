@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import importlib.metadata
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -32,7 +31,6 @@ from typing import Any
 
 import orjson
 
-from spectralmc_server import __version__
 from spectralmc_server.engine.checkpoint import (
     MANIFEST,
     MODEL_FILE,
@@ -41,6 +39,7 @@ from spectralmc_server.engine.checkpoint import (
     CheckpointError,
     canonical_json,
     decode,
+    library_versions,
     sha256_hex,
 )
 from spectralmc_server.store.objects import (
@@ -58,16 +57,7 @@ GC_FORMAT = "spectralmc-gc/1"
 CONTENT_ROLES = {"manifest": MANIFEST, "model": MODEL_FILE, "training": TRAINING_FILE}
 CONCURRENCY = 32  # object reads in flight when walking history
 
-
-def _library_versions() -> dict[str, str]:
-    out = {"spectralmc": __version__}
-    for dist in ("torch", "safetensors"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[dist] = importlib.metadata.version(dist)
-    return out
-
-
-LIBRARY = _library_versions()
+LIBRARY = library_versions()
 
 
 class VersionError(StoreError):

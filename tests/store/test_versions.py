@@ -84,21 +84,17 @@ def test_identical_content_is_stored_once(backend: Backend) -> None:
     run(go())
 
 
-class RecordGate:
-    """Holds every record claim until ``parties`` writers reach it: a true race for one
-    version number, whatever the scheduling."""
+class Delegating:
+    """An object store that passes every call through to ``inner``; subclasses change one."""
 
-    def __init__(self, inner: ObjectStore, barrier: asyncio.Barrier) -> None:
+    def __init__(self, inner: ObjectStore) -> None:
         self.inner = inner
         self.description = inner.description
-        self.barrier = barrier
 
     async def get(self, key: str) -> Blob | None:
         return await self.inner.get(key)
 
     async def put_if_absent(self, key: str, data: bytes) -> str:
-        if "/records/" in key:
-            await self.barrier.wait()
         return await self.inner.put_if_absent(key, data)
 
     async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
@@ -112,6 +108,20 @@ class RecordGate:
 
     async def close(self) -> None:
         await self.inner.close()
+
+
+class RecordGate(Delegating):
+    """Holds every record claim until ``parties`` writers reach it: a true race for one
+    version number, whatever the scheduling."""
+
+    def __init__(self, inner: ObjectStore, barrier: asyncio.Barrier) -> None:
+        super().__init__(inner)
+        self.barrier = barrier
+
+    async def put_if_absent(self, key: str, data: bytes) -> str:
+        if "/records/" in key:
+            await self.barrier.wait()
+        return await self.inner.put_if_absent(key, data)
 
 
 def test_two_first_commits_cannot_both_succeed(backend: Backend) -> None:
@@ -139,32 +149,13 @@ def test_two_first_commits_cannot_both_succeed(backend: Backend) -> None:
     run(go())
 
 
-class FlakyHead:
+class FlakyHead(Delegating):
     """An object store whose head reads fail (as a network blip would)."""
-
-    def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-        self.description = inner.description
 
     async def get(self, key: str) -> Blob | None:
         if key.endswith("/refs/head"):
             raise StoreUnavailable("simulated outage on the head read")
         return await self.inner.get(key)
-
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        return await self.inner.put_if_absent(key, data)
-
-    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
-        return await self.inner.put_if_match(key, data, etag)
-
-    async def list(self, prefix: str, start_after: str | None = None, limit: int = 1000) -> Page:
-        return await self.inner.list(prefix, start_after, limit)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def test_a_failed_head_read_is_never_an_empty_store(backend: Backend) -> None:
@@ -352,12 +343,11 @@ def test_more_than_a_thousand_versions_are_listed() -> None:
         run(go(Path(d)))
 
 
-class Counting:
+class Counting(Delegating):
     """Counts object reads and listed pages, to show walks are linear."""
 
     def __init__(self, inner: ObjectStore) -> None:
-        self.inner = inner
-        self.description = inner.description
+        super().__init__(inner)
         self.gets = 0
         self.pages = 0
 
@@ -365,21 +355,9 @@ class Counting:
         self.gets += 1
         return await self.inner.get(key)
 
-    async def put_if_absent(self, key: str, data: bytes) -> str:
-        return await self.inner.put_if_absent(key, data)
-
-    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
-        return await self.inner.put_if_match(key, data, etag)
-
     async def list(self, prefix: str, start_after: str | None = None, limit: int = 1000) -> Page:
         self.pages += 1
         return await self.inner.list(prefix, start_after, limit)
-
-    async def delete(self, key: str) -> None:
-        await self.inner.delete(key)
-
-    async def close(self) -> None:
-        await self.inner.close()
 
 
 def test_ten_thousand_versions_stay_linear(tmp_path: Path) -> None:

@@ -70,10 +70,6 @@ class CosExpansion:
         self._block = max(1, round(k**0.5))  # trig of k = block * hi + lo from two small tables
         self._inv_w = torch.cat([torch.zeros(1, dtype=torch.float64, device=coef.device), 1.0 / self.w[1:]])
 
-    @property
-    def batch(self) -> int:
-        return int(self.coef.shape[0])
-
     # -- building blocks: y is (B, J), results (B, J) -----------------------------------
     def trig_sums(
         self, y: torch.Tensor, coefs: torch.Tensor, rows: torch.Tensor | None = None

@@ -142,7 +142,6 @@ class NormalsPool:
         self._streams: list[NormalsStream] = []
         self._cond = threading.Condition()
         self._closed = False
-        self.generated = 0  # blocks generated (cache misses + prefetches), for stats
         self._thread: threading.Thread | None = None
         if prefetch and config.lookahead > 0:
             self._thread = threading.Thread(target=self._prefetch_loop, name="normals-prefetch", daemon=True)
@@ -204,7 +203,6 @@ class NormalsPool:
             raise
         with self._cond:
             self._in_progress.discard(index)
-            self.generated += 1
             if not self._closed:
                 self._insert(index, z)
             self._cond.notify_all()

@@ -441,7 +441,7 @@ class VersionStore:
             return report
         report.versions = len(entries)
         by_version = {e.index: e for e in entries}
-        collected = await self._collected()
+        collected = await self.collected()
         report.collected = sorted(collected)
         try:
             head_ref = await self.records.read_ref()
@@ -496,9 +496,6 @@ class VersionStore:
 
     async def collected(self) -> set[int]:
         """Versions whose content garbage collection has removed."""
-        return await self._collected()
-
-    async def _collected(self) -> set[int]:
         out = set()
         for key, _ in await list_all(self.objects, f"{self.base}/gc/"):
             m = re.fullmatch(re.escape(self.base) + r"/gc/(\d{12})\.json", key)
@@ -645,7 +642,7 @@ class VersionStore:
                 continue
             if h in referenced or now - modified >= grace_seconds:
                 delete.append(key)
-        already = await self._collected()
+        already = await self.collected()
         sizes = 0
         if not dry_run:
             for v in doomed:

@@ -91,9 +91,6 @@ class ModelDomain(BaseModel):
             inside &= (theta[:, i] >= r.low) & (theta[:, i] <= r.high)
         return inside
 
-    def describe(self) -> dict[str, list[float]]:
-        return {r.name: [r.low, r.high] for r in self.ranges}
-
 
 class Process(ABC):
     """A stochastic model of the underlying, simulated in X = log(S_T / F)."""

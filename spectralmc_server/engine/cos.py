@@ -192,7 +192,7 @@ class CosExpansion:
         """
         lw = self.half_width
         nodes, psi = _cdf_table(self.spectrum, grid, str(self.coef.device))  # (G+1,), (G+1, K)
-        table = torch.cummax(self.coef @ psi.t(), dim=1).values.contiguous()  # (B, G+1)
+        table = torch.cummax(rowwise_matmul(self.coef, psi.t()), dim=1).values.contiguous()  # (B, G+1)
         idx = torch.searchsorted(table, levels.contiguous()).clamp(1, grid)  # first table >= level
         lo, hi = nodes[idx - 1], nodes[idx]
         f_lo = torch.gather(table, 1, idx - 1)
@@ -217,7 +217,7 @@ class CosExpansion:
         tails); see docs/method.md.
         """
         nodes, weights, cosm = _quadrature(self.spectrum, str(self.coef.device))  # (Q,), (Q,), (Q, K)
-        f = self.coef @ cosm.t()  # (B, Q) density at the nodes
+        f = rowwise_matmul(self.coef, cosm.t())  # (B, Q) density at the nodes
         # Where the series is below its own noise floor (measured by how far it dips
         # below zero, which a density cannot), its value is noise that e^{n s y} would
         # magnify: drop it. Tails lighter than the floor are then left out (a bias
@@ -244,6 +244,23 @@ class CosExpansion:
             "skew": torch.where(ok, m3 / (safe * torch.sqrt(safe)), nan),
             "kurtosis": torch.where(ok, m4 / (safe * safe) - 3.0, nan),
         }
+
+
+ROW_CHUNK = 64
+
+
+def rowwise_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
+    """``a @ b`` for a (B, K), computed in blocks of exactly ``chunk`` rows (the last
+    padded with zeros), so each row's rounding does not depend on B: BLAS picks its
+    kernel by shape, and a row's answer must not change with what it is batched with."""
+    n = a.shape[0]
+    if n == 0:
+        return a @ b
+    short = (-n) % chunk
+    if short:
+        a = torch.cat([a, a.new_zeros(short, a.shape[1])])
+    out = torch.cat([a[i : i + chunk] @ b for i in range(0, a.shape[0], chunk)])
+    return out[:n]
 
 
 @functools.lru_cache(maxsize=16)

@@ -35,6 +35,7 @@ DIST_MEASURES = ("mean", "stdev", "skew", "kurtosis")
 MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")
 
 CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CF_CHUNK = 64  # rows per CF evaluation: one fixed shape makes answers batch-invariant
 """(theta (B, P), T (B,)) float64 -> phi_Y complex128 (B, K) on the spectrum's grid."""
 
 
@@ -113,10 +114,12 @@ class SpectralPricer:
         max_rows: int = 16384,
         max_levels: int = 64,
         holder: str = "spectral pricer",
+        cf_chunk: int = CF_CHUNK,
     ) -> None:
         self.process = process
         self.spectrum = spectrum
-        self.cf = cf
+        self.raw_cf = cf
+        self.cf_chunk = cf_chunk
         per_row = _bytes_per_row(spectrum, max_levels)
         if budget is not None:
             max_rows = min(max_rows, budget.cap_bytes // per_row)
@@ -139,6 +142,29 @@ class SpectralPricer:
             for i in range(0, n, self.max_rows)
         ]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def cf(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
+        """The CF at U points, evaluated in chunks of exactly ``cf_chunk`` rows (the last
+        one padded with copies of its first row).
+
+        A float32 matrix product's rounding depends on the batch shape (BLAS picks its
+        kernel by size), so a point's CF would differ by ~1e-7 between a request priced
+        alone and the same request batched with others. With one fixed shape a point's
+        answer depends on nothing but the point: the same request gives the same bytes
+        however the server batches it.
+        """
+        n, c = theta.shape[0], self.cf_chunk
+        if n == 0:
+            return self.raw_cf(theta, expiry)
+        parts = []
+        for i in range(0, n, c):
+            th, t = theta[i : i + c], expiry[i : i + c]
+            short = c - th.shape[0]
+            if short:
+                th = torch.cat([th, th[:1].expand(short, -1)])  # (c, P)
+                t = torch.cat([t, t[:1].expand(short)])  # (c,)
+            parts.append(self.raw_cf(th, t)[: c - short])
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _coef_with_tangents(
         self, theta: torch.Tensor, expiry: torch.Tensor, want_theta: bool, want_expiry: bool

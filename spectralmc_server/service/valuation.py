@@ -7,7 +7,7 @@ against the same model versions gives the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -43,53 +43,76 @@ def _batch(contracts: list[Contract], param_names: tuple[str, ...]) -> OptionBat
     )
 
 
+def check_inputs(request: PriceRequest) -> None:
+    """What can be refused before any pricing: contracts by reference (no market data
+    here yet)."""
+    for i, c in enumerate(request.contracts):
+        if not c.is_explicit:
+            raise RequestError(
+                f"contracts[{i}]",
+                "prices by underlying/expiry need a market-data snapshot, and none is available "
+                "here; give spot, expiry_years, rate, dividend and vol instead",
+            )
+
+
 class Valuer:
-    """Prices requests with the models it holds (one per process name)."""
+    """Prices requests with the models it holds (one per process name); a process with
+    no model here is answered by its reference pricer (``method: reference``).
+
+    :meth:`value_many` prices several requests in one batch per (measures, levels) and
+    process. Each contract's answer depends only on the contract and the model version
+    (the pricer evaluates in fixed-shape chunks), so batching never changes a byte.
+    """
 
     def __init__(self, models: Mapping[str, ServedModel]) -> None:
         self.models = dict(models)
 
     def value(self, request: PriceRequest) -> dict[str, Any]:
-        for i, c in enumerate(request.contracts):
-            if not c.is_explicit:
-                raise RequestError(
-                    f"contracts[{i}]",
-                    "prices by underlying/expiry need a market-data snapshot, and none is available "
-                    "here; give spot, expiry_years, rate, dividend and vol instead",
-                )
-        measures = frozenset(request.measures)
-        levels = torch.tensor(request.levels, dtype=torch.float64)
-        by_process: dict[str, list[int]] = {}
-        for i, c in enumerate(request.contracts):
-            by_process.setdefault(c.process, []).append(i)
-        rows: list[dict[str, Any]] = [{} for _ in request.contracts]
-        used: dict[str, dict[str, Any]] = {}
-        for proc_name, idx in sorted(by_process.items()):
-            process = get_process(proc_name)
-            contracts = [request.contracts[i] for i in idx]
-            batch = _batch(contracts, process.param_names)
-            served = self.models.get(proc_name)
-            if served is not None:
-                ev = served.pricer.evaluate(batch, measures, levels)
-                values, learned = ev.values, ev.learned.tolist()
-                if any(learned):
-                    used[served.name] = {"version": served.version, "content_hash": served.content_hash}
-            else:
-                values = reference_pricer(process).evaluate(batch, measures, levels)
-                learned = [False] * len(idx)
-            for j, i in enumerate(idx):
-                row: dict[str, Any] = {
-                    "id": contracts[j].id,
-                    "model": proc_name,
-                    "method": "cvnn" if learned[j] else "reference",
-                }
-                for m in request.measures:
-                    if m == "quantiles":
-                        row[m] = {repr(q): float(v) for q, v in zip(request.levels, values[m][j].tolist(), strict=True)}
-                    else:
-                        row[m] = float(values[m][j])
-                rows[i] = row
-        return {"results": rows, "models": used, "market_data": None}
+        return self.value_many([request])[0]
+
+    def value_many(self, requests: Sequence[PriceRequest]) -> list[dict[str, Any]]:
+        for r in requests:
+            check_inputs(r)
+        answers: list[dict[str, Any]] = [
+            {"results": [None] * len(r.contracts), "models": {}, "market_data": None} for r in requests
+        ]
+        groups: dict[tuple[tuple[str, ...], tuple[float, ...]], list[int]] = {}
+        for i, r in enumerate(requests):
+            groups.setdefault((tuple(r.measures), r.levels), []).append(i)
+        for (measure_list, level_values), members in groups.items():
+            measures = frozenset(measure_list)
+            levels = torch.tensor(level_values, dtype=torch.float64)
+            level_keys = [repr(q) for q in level_values]
+            by_process: dict[str, list[tuple[int, int]]] = {}
+            for i in members:
+                for j, c in enumerate(requests[i].contracts):
+                    by_process.setdefault(c.process, []).append((i, j))
+            for proc_name, refs in sorted(by_process.items()):
+                process = get_process(proc_name)
+                contracts = [requests[i].contracts[j] for i, j in refs]
+                batch = _batch(contracts, process.param_names)
+                served = self.models.get(proc_name)
+                if served is not None:
+                    ev = served.pricer.evaluate(batch, measures, levels)
+                    values, learned = ev.values, ev.learned.tolist()
+                    identity = {"version": served.version, "content_hash": served.content_hash}
+                else:
+                    values = reference_pricer(process).evaluate(batch, measures, levels)
+                    learned = [False] * len(refs)
+                cols = {m: values[m].tolist() for m in measure_list}
+                for k, (i, j) in enumerate(refs):
+                    row: dict[str, Any] = {
+                        "id": contracts[k].id,
+                        "model": proc_name,
+                        "method": "cvnn" if learned[k] else "reference",
+                    }
+                    for m in measure_list:
+                        v = cols[m][k]
+                        row[m] = dict(zip(level_keys, v, strict=True)) if m == "quantiles" else v
+                    answers[i]["results"][j] = row
+                    if learned[k] and served is not None:
+                        answers[i]["models"][served.name] = identity
+        return answers
 
 
 def dumps(response: dict[str, Any]) -> bytes:

@@ -3,14 +3,13 @@ fallback, grouping of strikes, chunking, and memory caps."""
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
 from spectralmc_server.engine.device import BudgetExceededError, MemoryBudget
 from spectralmc_server.engine.pricer import (
+    CF_CHUNK,
     MEASURES,
     ModelPricer,
     OptionBatch,
@@ -146,13 +145,41 @@ def test_strikes_sharing_a_point_reuse_one_cf_evaluation() -> None:
     expiry = b.expiry[torch.arange(300) % 3]
     grouped = _replace(b, theta=theta, expiry=expiry)
     got = SpectralPricer(GBM, SPEC, counting).evaluate(grouped, frozenset({"price", "delta"}))
-    assert calls == [3]
+    assert calls == [CF_CHUNK]  # three distinct points, padded to the one fixed chunk shape
     one_by_one = SpectralPricer(GBM, SPEC, model)
     for i in (0, 1, 2, 150, 299):
         single = one_by_one.evaluate(grouped.select(torch.tensor([i])), frozenset({"price", "delta"}))
-        # The float32 network's GEMMs round differently for different batch shapes, so
-        # a contract priced alone and in a batch agree to float32 precision, not bitwise.
-        assert math.isclose(float(single["price"][0]), float(got["price"][i]), rel_tol=1e-6, abs_tol=1e-9)
+        # Fixed-shape CF chunks: a contract priced alone and in a batch agree bitwise.
+        assert torch.equal(single["price"][0], got["price"][i])
+        assert torch.equal(single["delta"][0], got["delta"][i])
+
+
+def test_answers_do_not_depend_on_the_batch() -> None:
+    """Every measure of a contract is bitwise the same alone, in a small batch and in a
+    large one, at any position (the server batches requests from different clients)."""
+    model = _perturbed_model()
+    pricer = SpectralPricer(GBM, SPEC, model)
+    measures = frozenset({"price", "delta", "gamma", "vega", "theta", "rho", "stdev", "skew", "quantiles"})
+    levels = torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64)
+    target = _batch(1, seed=21)
+    alone = pricer.evaluate(target, measures, levels)
+    for n, pos in ((2, 1), (7, 0), (65, 64), (300, 150)):
+        others = _batch(n, seed=100 + n)
+        idx = torch.arange(n)
+        mixed = _replace(
+            others,
+            **{
+                f: torch.where(
+                    (idx == pos).reshape(-1, *([1] * (getattr(others, f).dim() - 1))),
+                    getattr(target, f)[0],
+                    getattr(others, f),
+                )
+                for f in ("spot", "strike", "expiry", "rate", "dividend", "is_call", "theta")
+            },
+        )
+        got = pricer.evaluate(mixed, measures, levels)
+        for m in measures:
+            assert torch.equal(got[m][pos], alone[m][0]), (n, pos, m)
 
 
 def test_chunking_gives_the_same_answers() -> None:

@@ -68,6 +68,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--message", help="commit message template with {step}, {loss}, {val_bp}")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    serve = sub.add_parser("serve", help="run the pricing server (HTTP API, metrics, online training)")
+    serve.add_argument("--config", type=Path, help="TOML settings file (see config/server.toml)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument("--role", choices=["serve", "train", "all"], help="what this process does (default all)")
+    serve.add_argument("--data-dir", type=Path, help="where the default local store lives")
+    serve.add_argument("--store", help="model store URI (file:///path or s3://bucket/prefix)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
     price = sub.add_parser("price", help="price one request read as JSON on stdin")
     price.add_argument("--store", help="price with the served version of --model in this store")
     price.add_argument("--model", help="model to use (bundled name, or the model's name in --store)")
@@ -111,6 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "store":
             return _store(args)
+        if args.command == "serve":
+            return _serve(args)
         return _price(args)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -450,6 +461,46 @@ def _run_with_progress(trainer: Any, steps: int, args: argparse.Namespace, shoul
 
 
 # -- price ------------------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+
+    from aiohttp import web
+
+    from spectralmc_server.service.app import create_app
+    from spectralmc_server.settings import Settings
+    from spectralmc_server.store.uri import InvalidStoreURI, parse_store_uri
+
+    if args.config is not None and not args.config.is_file():
+        raise UsageError(f"--config: no such file {args.config}")
+    try:
+        settings = Settings.load(
+            args.config, host=args.host, port=args.port, role=args.role, data_dir=args.data_dir, store=args.store
+        )
+        parse_store_uri(settings.store_uri)
+    except ValidationError as exc:
+        raise UsageError(_validation_message("invalid settings", exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {args.config}: not valid TOML: {exc}") from None
+    except InvalidStoreURI as exc:
+        raise UsageError(f"store: {exc}") from None
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    log = logging.getLogger("spectralmc_server")
+    log.info("role %s, store %s, models %s", settings.role, settings.store_uri, ", ".join(settings.models))
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
+            access_log=None,
+            print=lambda msg: log.info("%s", msg.strip()),
+        )
+    except OSError as exc:  # address in use, permission denied
+        raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    return EXIT_OK
 
 
 def _served_from_store(uri: str, model: str) -> Any:

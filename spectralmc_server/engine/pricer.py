@@ -79,7 +79,7 @@ class Pricer(Protocol):
         ...
 
 
-def _bytes_per_row(spectrum: SpectrumConfig, n_levels: int) -> int:
+def bytes_per_row(spectrum: SpectrumConfig, n_levels: int) -> int:
     # Upper estimate of the float64 working set per contract: ~32 (n, K) temporaries in
     # the COS sums and tangents, plus ~8 (n, Q, K) ones in quantile refinement.
     return 8 * spectrum.n_freq * (32 + 8 * n_levels)
@@ -120,7 +120,7 @@ class SpectralPricer:
         self.spectrum = spectrum
         self.raw_cf = cf
         self.cf_chunk = cf_chunk
-        per_row = _bytes_per_row(spectrum, max_levels)
+        per_row = bytes_per_row(spectrum, max_levels)
         if budget is not None:
             max_rows = min(max_rows, budget.cap_bytes // per_row)
             if max_rows < 1:
@@ -322,6 +322,7 @@ def load_served_model(
     version: int | None = None,
     budget: MemoryBudget | None = None,
     device: torch.device | None = None,
+    max_rows: int = 16384,
 ) -> ServedModel:
     """Build the served (EMA) network of a checkpoint and wrap it in a pricer."""
     desc = ckpt.manifest["model"]
@@ -341,6 +342,7 @@ def load_served_model(
         spectrum,
         model,
         budget=budget,
+        max_rows=max_rows,
         holder=f"inference ({label} {ckpt.content_hash[:19]})",
     )
     return ServedModel(

@@ -162,3 +162,84 @@ def format_validation_error(exc: ValidationError) -> list[dict[str, Any]]:
 def one_line(details: list[dict[str, Any]]) -> str:
     """Validation details as one line for a terminal."""
     return "; ".join(f"{d['field']}: {d['reason']}" for d in details)
+
+
+# -- responses and admin bodies (documented in the OpenAPI description) -------------------
+
+
+class ModelIdentity(BaseModel):
+    version: int | None
+    content_hash: str
+
+
+class ContractResult(BaseModel):
+    """One contract's answer: the measures asked for, in the request's order."""
+
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    model: str
+    method: Literal["cvnn", "reference"]
+
+
+class PriceResponse(BaseModel):
+    namespace: str
+    val_datetime: datetime | None
+    data_asof: datetime | None
+    results: list[ContractResult]
+    models: dict[str, ModelIdentity]
+    market_data: dict[str, Any] | None
+
+
+class ErrorDetail(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    field: str | None = None
+    reason: str | None = None
+
+
+class ErrorInfo(BaseModel):
+    code: str
+    message: str
+    details: list[ErrorDetail]
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class CommitBody(BaseModel):
+    """POST /v1/admin/models/{name}/commit."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    message: str = Field("committed through the admin API", max_length=1000)
+
+
+class PinBody(BaseModel):
+    """POST /v1/admin/models/{name}/pin."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+    by: str = Field("admin api", max_length=200)
+
+
+class UnpinBody(BaseModel):
+    """POST /v1/admin/models/{name}/unpin (the body is optional)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    by: str = Field("admin api", max_length=200)
+
+
+class GCBody(BaseModel):
+    """POST /v1/admin/models/{name}/gc; a dry run unless ``dry_run`` is false."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    keep: int = Field(ge=0, le=1_000_000)
+    protect: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=10_000)
+    dry_run: bool = True
+    min_keep: int = Field(1, ge=1, le=1_000_000)
+    grace_seconds: float = Field(3600.0, ge=0, allow_inf_nan=False)

@@ -74,7 +74,15 @@ class Valuer:
         for r in requests:
             check_inputs(r)
         answers: list[dict[str, Any]] = [
-            {"results": [None] * len(r.contracts), "models": {}, "market_data": None} for r in requests
+            {
+                "namespace": r.namespace,
+                "val_datetime": r.val_datetime,
+                "data_asof": r.data_asof,
+                "results": [None] * len(r.contracts),
+                "models": {},
+                "market_data": None,
+            }
+            for r in requests
         ]
         groups: dict[tuple[tuple[str, ...], tuple[float, ...]], list[int]] = {}
         for i, r in enumerate(requests):

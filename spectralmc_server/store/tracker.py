@@ -53,13 +53,16 @@ class ModelTracker(Generic[T]):
         self._current: Served[T] | None = None
         self.last_good_poll: float | None = None  # Unix time of the last successful poll
         self.consecutive_failures = 0
+        self.total_failures = 0
         self.last_error: str | None = None
         self.swaps = 0
+        self.store_pinned: int | None = None  # the store's pin as last seen (admin rollback)
         self._task: asyncio.Task[None] | None = None
 
     @property
     def mode(self) -> str:
-        return "pinned" if self.pinned_version is not None else "tracking"
+        """``pinned`` when this tracker or the store pins a version, else ``tracking``."""
+        return "pinned" if self.pinned_version is not None or self.store_pinned is not None else "tracking"
 
     @property
     def current(self) -> Served[T] | None:
@@ -76,7 +79,7 @@ class ModelTracker(Generic[T]):
     async def target(self) -> int | None:
         if self.pinned_version is not None:
             return self.pinned_version
-        pinned = await self.store.pinned()
+        pinned = self.store_pinned = await self.store.pinned()
         if pinned is not None:
             return pinned
         head = await self.store.head()
@@ -95,6 +98,7 @@ class ModelTracker(Generic[T]):
                 changed = True
         except Exception as exc:
             self.consecutive_failures += 1
+            self.total_failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
             raise
         self.consecutive_failures = 0

@@ -1,0 +1,139 @@
+"""Admin routes: commit, versions, pin (rollback), unpin, verify, gc.
+
+Every route needs ``Authorization: Bearer <admin_token>``, compared in constant time.
+With no token configured they answer 403: an admin API nobody configured is off.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from spectralmc_server.service import keys
+from spectralmc_server.service.errors import Conflict, Forbidden, NotFound, Unauthorized
+from spectralmc_server.service.routes import json_response, read_json, validate
+from spectralmc_server.service.schemas import CommitBody, GCBody, PinBody, UnpinBody
+from spectralmc_server.store import admin as store_admin
+from spectralmc_server.store.versions import ContentCollected, VersionError, VersionNotFound, VersionStore
+
+log = logging.getLogger(__name__)
+routes = web.RouteTableDef()
+
+
+def authorize(request: web.Request) -> None:
+    token = request.app[keys.SETTINGS].admin_token
+    if token is None:
+        raise Forbidden("the admin API is off: no admin_token is configured (SPECTRALMC_ADMIN_TOKEN)")
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        raise Unauthorized("admin routes need 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise Forbidden("the admin token is wrong")
+
+
+def model_store(request: web.Request) -> VersionStore:
+    authorize(request)
+    name = request.match_info["name"]
+    stores = request.app[keys.HOST].stores
+    if name not in stores:
+        raise NotFound(f"no served model {name!r}; served: {', '.join(stores)}")
+    return stores[name]
+
+
+async def optional_body(request: web.Request) -> Any:
+    return await read_json(request) if request.can_read_body else {}
+
+
+async def refresh(request: web.Request, name: str) -> dict[str, Any]:
+    """Make this server serve what the store now says, before answering."""
+    tracker = request.app[keys.HOST].trackers[name]
+    try:
+        await tracker.poll_once()
+    except Exception as exc:  # the store move happened; the swap is retried by polling
+        log.warning("model %s: refresh after an admin change failed: %s", name, exc)
+    return next(m for m in request.app[keys.HOST].describe() if m["name"] == name)
+
+
+@routes.post("/v1/admin/models/{name}/commit")
+async def commit(request: web.Request) -> web.Response:
+    """Commit the online trainer's current state as a new version."""
+    store = model_store(request)
+    body: CommitBody = validate(CommitBody, await optional_body(request))
+    training = request.app.get(keys.TRAINING)
+    if training is None or training.model != store.name:
+        note = request.app[keys.LIFECYCLE].training_note
+        raise Conflict(f"this server does not train model {store.name!r}" + (f" ({note})" if note else ""))
+    ckpt = await request.app[keys.WORKER].submit(training.checkpoint)
+    stored = await store.commit(ckpt, body.message, rebase=True)
+    serving = await refresh(request, store.name)
+    return json_response(
+        {
+            "version": stored.version,
+            "content_hash": stored.content_hash,
+            "step": ckpt.manifest["state"]["step"],
+            "serving": serving,
+        },
+        status=201,
+    )
+
+
+@routes.get("/v1/admin/models/{name}/versions")
+async def versions(request: web.Request) -> web.Response:
+    """Every version, oldest first, with head / pinned / collected flags."""
+    store = model_store(request)
+    return json_response({"model": store.name, "versions": await store_admin.list_versions(store)})
+
+
+@routes.post("/v1/admin/models/{name}/pin")
+async def pin(request: web.Request) -> web.Response:
+    """Serve version n everywhere (rollback)."""
+    store = model_store(request)
+    body: PinBody = validate(PinBody, await read_json(request))
+    try:
+        entry = await store.pin(body.version, body.by)
+    except VersionNotFound:
+        raise NotFound(f"model {store.name!r} has no version {body.version}") from None
+    except ContentCollected:
+        raise Conflict(f"version {body.version} of {store.name!r} was garbage-collected and cannot be served") from None
+    serving = await refresh(request, store.name)
+    return json_response({"pinned": body.version, "seq": entry.index, "serving": serving})
+
+
+@routes.post("/v1/admin/models/{name}/unpin")
+async def unpin(request: web.Request) -> web.Response:
+    """Track the head again."""
+    store = model_store(request)
+    body: UnpinBody = validate(UnpinBody, await optional_body(request))
+    entry = await store.unpin(body.by)
+    serving = await refresh(request, store.name)
+    return json_response({"pinned": None, "seq": entry.index, "serving": serving})
+
+
+@routes.get("/v1/admin/models/{name}/verify")
+async def verify(request: web.Request) -> web.Response:
+    """Walk the whole chain; ``ok`` is false and ``problems`` lists damage."""
+    store = model_store(request)
+    report = await store.verify()
+    return json_response(report.as_dict())
+
+
+@routes.post("/v1/admin/models/{name}/gc")
+async def gc(request: web.Request) -> web.Response:
+    """Delete the content of old versions (records stay); a dry run by default."""
+    store = model_store(request)
+    body: GCBody = validate(GCBody, await read_json(request))
+    try:
+        report = await store.gc(
+            body.keep,
+            protect=body.protect,
+            min_keep=body.min_keep,
+            dry_run=body.dry_run,
+            grace_seconds=body.grace_seconds,
+        )
+    except VersionError as exc:
+        raise Conflict(str(exc)) from None
+    return json_response(report.as_dict())

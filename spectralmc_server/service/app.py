@@ -1,0 +1,253 @@
+"""The aiohttp application: ``create_app(settings)`` builds it, nothing happens at import.
+
+Resources start in order and stop in reverse, each a ``cleanup_ctx``: object store ->
+models (seed, trackers) -> compute worker (and online training) -> valuation queue.
+Graceful shutdown (SIGTERM/SIGINT): readiness fails at once, new work gets 503,
+queued and in-flight requests are answered, the worker finishes its jobs, and the
+training state is committed when ``train.commit_on_shutdown`` is set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import orjson
+from aiohttp import web
+
+from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.engine.device import Budgets
+from spectralmc_server.engine.trainer import Trainer
+from spectralmc_server.service import admin, keys, routes
+from spectralmc_server.service.errors import APIError, MethodNotAllowed, NotFound, TooLarge, UnsupportedMediaType
+from spectralmc_server.service.metrics import Metrics, StateSource, TrainingState
+from spectralmc_server.service.models import ModelHost
+from spectralmc_server.service.openapi import build_openapi, docs_page
+from spectralmc_server.service.queue import ValuationQueue
+from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
+from spectralmc_server.settings import Settings
+from spectralmc_server.store.commits import CommitPolicy
+from spectralmc_server.store.s3 import S3Settings
+from spectralmc_server.store.uri import open_store
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error_response(exc: APIError) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(exc.body()), status=exc.status, content_type="application/json", headers=exc.headers
+    )
+
+
+def _from_http(exc: web.HTTPException, request: web.Request) -> APIError:
+    if exc.status == 404:
+        return NotFound(f"no route {request.method} {request.path}")
+    if exc.status == 405:
+        allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+        err: APIError = MethodNotAllowed(f"{request.method} is not allowed on {request.path}; allowed: {allowed}")
+        err.headers["Allow"] = allowed
+        return err
+    if exc.status == 413:
+        limit = request.app[keys.SETTINGS].max_body_bytes
+        return TooLarge(f"the body is over the {limit} byte limit")
+    if exc.status == 415:
+        return UnsupportedMediaType(exc.reason)
+    generic = APIError(exc.reason or "error")
+    generic.status, generic.code = exc.status, "http_error"
+    return generic
+
+
+@web.middleware
+async def errors_and_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Typed errors -> JSON answers; every request counted and timed by route."""
+    t0 = time.perf_counter()
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else "unmatched"
+    try:
+        response = await handler(request)
+    except APIError as exc:
+        response = _error_response(exc)
+    except web.HTTPException as exc:
+        response = _error_response(_from_http(exc, request))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        generic = APIError("internal error (logged on the server)")
+        response = _error_response(generic)
+    m = request.app[keys.METRICS]
+    m.requests.labels(route, request.method, str(response.status)).inc()
+    m.request_seconds.labels(route).observe(time.perf_counter() - t0)
+    return response
+
+
+# -- resources ---------------------------------------------------------------------------
+
+
+async def store_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[keys.SETTINGS]
+    s3 = S3Settings(
+        endpoint_url=s.s3.endpoint_url,
+        region=s.s3.region,
+        access_key_id=s.s3.access_key_id,
+        secret_access_key=None if s.s3.secret_access_key is None else s.s3.secret_access_key.get_secret_value(),
+    )
+    if s.store is None:
+        (s.data_dir / "store").mkdir(parents=True, exist_ok=True)
+    objects = await open_store(s.store_uri, s3)
+    app[keys.OBJECTS] = objects
+    yield
+    await objects.close()
+
+
+async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[keys.SETTINGS]
+    host = ModelHost(
+        app[keys.OBJECTS], list(s.models), app[keys.BUDGETS], poll_seconds=s.poll_seconds, seed_bundled=s.seed_bundled
+    )
+    app[keys.HOST] = host
+    await host.start()
+    yield
+    await host.stop()
+
+
+async def _training(app: web.Application) -> OnlineTraining | None:
+    """Resume online training from the trained model's head version, if it has state."""
+    s = app[keys.SETTINGS]
+    life = app[keys.LIFECYCLE]
+    if not s.trains:
+        life.training_note = f"role {s.role!r} with train.enabled={s.train.enabled}: not training"
+        return None
+    store = app[keys.HOST].stores.get(s.train.model)
+    if store is None:
+        life.training_note = f"train.model {s.train.model!r} is not among the served models"
+        return None
+    head = await store.head()
+    if head is None:
+        life.training_note = f"model {s.train.model!r} has no version to resume training from"
+        return None
+    try:
+        ckpt = await store.load(head.version, need_training=True)
+    except Exception as exc:
+        life.training_note = f"version {head.version} of {s.train.model!r} has no usable training state ({exc})"
+        return None
+    trainer = await asyncio.to_thread(
+        Trainer.from_checkpoint, ckpt, app[keys.BUDGETS], validate_every=s.train.validate_every, device=s.train.device
+    )
+    policy = CommitPolicy(
+        every_seconds=s.train.commit_every_seconds,
+        only_if_improved=s.train.commit_if_improved,
+        final=False,
+    )
+    base = (ckpt.manifest.get("metrics", {}).get("validation") or {}).get("p95_bp")
+    policy.committed(base)  # publish only what beats the version training resumed from
+    loop = asyncio.get_running_loop()
+
+    async def commit(ck: Checkpoint, message: str) -> None:
+        try:
+            stored = await store.commit(ck, message, rebase=True)
+            log.info("online training committed %s version %d: %s", store.name, stored.version, message)
+            await app[keys.HOST].trackers[store.name].poll_once()
+        except Exception:
+            log.exception("auto-commit of %s failed", store.name)
+
+    def publish(ck: Checkpoint, message: str) -> None:  # called on the worker thread
+        def schedule() -> None:
+            task = asyncio.create_task(commit(ck, message))
+            life.background.add(task)
+            task.add_done_callback(life.background.discard)
+
+        loop.call_soon_threadsafe(schedule)
+
+    life.training_note = None
+    return OnlineTraining(s.train.model, trainer, policy, publish, base_version=head.version)
+
+
+async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[keys.SETTINGS]
+    training = await _training(app)
+    if training is not None:
+        app[keys.TRAINING] = training
+    worker = ComputeWorker(app[keys.METRICS], training, s.torch_threads)
+    app[keys.WORKER] = worker
+    worker.start()
+    yield
+    life = app[keys.LIFECYCLE]
+    if training is not None and s.train.commit_on_shutdown and worker.alive:
+        try:
+            ckpt = await worker.submit(training.checkpoint)
+            stored = await app[keys.HOST].stores[training.model].commit(ckpt, "training state at shutdown", rebase=True)
+            log.info("committed %s version %d at shutdown", training.model, stored.version)
+        except Exception:
+            log.exception("commit at shutdown failed")
+    for task in list(life.background):
+        assert isinstance(task, asyncio.Task)
+        with contextlib.suppress(Exception):
+            await task
+    await asyncio.to_thread(worker.stop, s.shutdown_timeout_seconds)
+    if training is not None:
+        training.trainer.close()
+
+
+async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
+    queue = ValuationQueue(app[keys.SETTINGS].queue, app[keys.WORKER], app[keys.HOST], app[keys.METRICS])
+    app[keys.QUEUE] = queue
+    task = asyncio.create_task(queue.run(), name="valuation-queue")
+    app[keys.LIFECYCLE].started = True
+    yield
+    await queue.drain(app[keys.SETTINGS].shutdown_timeout_seconds)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await queue.stop()
+
+
+async def on_shutdown(app: web.Application) -> None:
+    """Readiness fails at once; queued work is answered before resources stop."""
+    app[keys.LIFECYCLE].shutting_down = True
+    if keys.QUEUE in app:
+        await app[keys.QUEUE].drain(app[keys.SETTINGS].shutdown_timeout_seconds)
+
+
+def _state_source(app: web.Application) -> StateSource:
+    def training_state() -> TrainingState | None:
+        t = app.get(keys.TRAINING)
+        return None if t is None else t.state()
+
+    def queue_state() -> tuple[int, int, int, int]:
+        q = app.get(keys.QUEUE)
+        qs = app[keys.SETTINGS].queue
+        n, c = q.depth if q is not None else (0, 0)
+        return n, c, qs.max_pending_requests, qs.max_pending_contracts
+
+    return StateSource(
+        models=lambda: app[keys.HOST].states() if keys.HOST in app else [],
+        budgets=app[keys.BUDGETS].reports,
+        training=training_state,
+        queue=queue_state,
+        ready=lambda: routes.not_ready_reason(app) is None,
+    )
+
+
+async def docs(request: web.Request) -> web.Response:
+    """Human-readable API description."""
+    return web.Response(text=docs_page(orjson.loads(request.app[keys.OPENAPI])), content_type="text/html")
+
+
+def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
+    """The application for ``settings`` (resources start when it is run)."""
+    app = web.Application(middlewares=[errors_and_metrics], client_max_size=settings.max_body_bytes)
+    app[keys.SETTINGS] = settings
+    app[keys.METRICS] = metrics or Metrics()
+    app[keys.BUDGETS] = Budgets(settings.budgets)
+    app[keys.LIFECYCLE] = keys.Lifecycle()
+    app[keys.OPENAPI] = orjson.dumps(build_openapi())
+    app[keys.METRICS].add_state(_state_source(app))
+    app.add_routes(routes.routes)
+    app.add_routes(admin.routes)
+    app.router.add_get("/docs", docs)
+    app.cleanup_ctx.extend([store_ctx, models_ctx, worker_ctx, queue_ctx])
+    app.on_shutdown.append(on_shutdown)
+    return app

@@ -1,0 +1,85 @@
+"""Typed errors raised by handlers and turned into JSON answers by one middleware.
+
+Body: ``{"error": {"code": ..., "message": ..., "details": [...]}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class APIError(Exception):
+    """An answer other than success; ``status`` is the HTTP status."""
+
+    status = 500
+    code = "internal"
+
+    def __init__(
+        self, message: str, *, details: list[dict[str, Any]] | None = None, headers: dict[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details or []
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, "details": self.details}}
+
+
+class MalformedRequest(APIError):  # noqa: N818
+    status, code = 400, "malformed"
+
+
+class Unauthorized(APIError):  # noqa: N818
+    status, code = 401, "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="spectralmc-admin"'})
+
+
+class Forbidden(APIError):  # noqa: N818
+    status, code = 403, "forbidden"
+
+
+class NotFound(APIError):  # noqa: N818
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(APIError):  # noqa: N818
+    status, code = 405, "method_not_allowed"
+
+
+class Conflict(APIError):  # noqa: N818
+    status, code = 409, "conflict"
+
+
+class TooLarge(APIError):  # noqa: N818
+    status, code = 413, "too_large"
+
+
+class UnsupportedMediaType(APIError):  # noqa: N818
+    status, code = 415, "unsupported_media_type"
+
+
+class Invalid(APIError):  # noqa: N818
+    status, code = 422, "invalid"
+
+
+class Unavailable(APIError):  # noqa: N818
+    """Overloaded, shutting down or not ready: try again later."""
+
+    status, code = 503, "unavailable"
+
+    def __init__(self, message: str, retry_after: int = 1, *, code: str = "unavailable") -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+        self.code = code
+
+
+class DeadlineExceeded(APIError):  # noqa: N818
+    status, code = 504, "deadline_exceeded"
+
+
+class EngineFailure(APIError):  # noqa: N818
+    """The compute engine failed on valid input: a bug, not the client's fault."""
+
+    status, code = 500, "engine_failure"

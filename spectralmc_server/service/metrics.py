@@ -1,0 +1,187 @@
+"""Prometheus metrics: one registry per app, names prefixed ``spectralmc_``, base units.
+
+Event counters and histograms are updated where the event happens (handlers, the
+queue, the worker thread; prometheus_client is thread safe). State that already lives
+somewhere (model versions, budgets, training progress) is read at scrape time by
+:class:`StateCollector`, so there is one source of truth and nothing to keep in sync.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from spectralmc_server.engine.device import BudgetReport
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+
+
+@dataclass
+class ModelState:
+    """One served model as the exporter sees it."""
+
+    name: str
+    mode: str
+    version: int | None
+    content_hash: str | None
+    swaps: int
+    poll_failures: int
+
+
+@dataclass
+class TrainingState:
+    """The online trainer as the exporter sees it."""
+
+    model: str
+    steps: int
+    loss: float | None
+    validation_bp: dict[str, float] = field(default_factory=dict)  # p50_bp, p95_bp, max_bp
+    commits: int = 0
+
+
+@dataclass
+class StateSource:
+    """Callables the collector reads at scrape time."""
+
+    models: Callable[[], list[ModelState]]
+    budgets: Callable[[], list[BudgetReport]]
+    training: Callable[[], TrainingState | None]
+    queue: Callable[[], tuple[int, int, int, int]]  # requests, contracts, cap requests, cap contracts
+    ready: Callable[[], bool]
+
+
+class StateCollector(Collector):
+    """Turns the app's live state into gauges on each scrape."""
+
+    def __init__(self, source: StateSource) -> None:
+        self.source = source
+
+    def collect(self) -> Iterator[Metric]:
+        models = self.source.models()
+        info = InfoMetricFamily(
+            "spectralmc_model", "The model version each served model answers with", labels=["model"]
+        )
+        version = GaugeMetricFamily("spectralmc_model_version", "Served version number", labels=["model"])
+        swaps = CounterMetricFamily("spectralmc_model_swaps", "Hot swaps to a new version", labels=["model"])
+        polls = CounterMetricFamily(
+            "spectralmc_store_poll_failures", "Failed polls of the version store", labels=["model"]
+        )
+        for m in models:
+            info.add_metric(
+                [m.name],
+                {
+                    "version": "" if m.version is None else str(m.version),
+                    "content_hash": m.content_hash or "",
+                    "mode": m.mode,
+                },
+            )
+            version.add_metric([m.name], float("nan") if m.version is None else m.version)
+            swaps.add_metric([m.name], m.swaps)
+            polls.add_metric([m.name], m.poll_failures)
+        yield from (info, version, swaps, polls)
+
+        used = GaugeMetricFamily(
+            "spectralmc_budget_used_bytes", "Bytes reserved against each capped component", labels=["component"]
+        )
+        cap = GaugeMetricFamily("spectralmc_budget_cap_bytes", "Byte cap of each component", labels=["component"])
+        for b in self.source.budgets():
+            used.add_metric([b.name], b.reserved_bytes)
+            cap.add_metric([b.name], b.cap_bytes)
+        yield from (used, cap)
+
+        requests, contracts, cap_requests, cap_contracts = self.source.queue()
+        depth = GaugeMetricFamily("spectralmc_queue_depth", "Requests waiting for the compute worker")
+        depth.add_metric([], requests)
+        qc = GaugeMetricFamily("spectralmc_queue_contracts", "Contracts waiting for the compute worker")
+        qc.add_metric([], contracts)
+        qcap = GaugeMetricFamily(
+            "spectralmc_queue_capacity", "Queue bound; beyond it requests get 503", labels=["unit"]
+        )
+        qcap.add_metric(["requests"], cap_requests)
+        qcap.add_metric(["contracts"], cap_contracts)
+        ready = GaugeMetricFamily("spectralmc_ready", "1 when models are loaded and work is accepted")
+        ready.add_metric([], 1.0 if self.source.ready() else 0.0)
+        yield from (depth, qc, qcap, ready)
+
+        training = self.source.training()
+        if training is not None:
+            steps = CounterMetricFamily("spectralmc_training_steps", "Online training steps", labels=["model"])
+            steps.add_metric([training.model], training.steps)
+            loss = GaugeMetricFamily("spectralmc_training_loss", "Training loss (EMA of steps)", labels=["model"])
+            loss.add_metric([training.model], float("nan") if training.loss is None else training.loss)
+            val = GaugeMetricFamily(
+                "spectralmc_validation_error_bp",
+                "Validation price error in basis points of spot",
+                labels=["model", "stat"],
+            )
+            for stat, value in sorted(training.validation_bp.items()):
+                val.add_metric([training.model, stat.removesuffix("_bp")], value)
+            commits = CounterMetricFamily("spectralmc_training_commits", "Versions committed by the trainer")
+            commits.add_metric([], training.commits)
+            yield from (steps, loss, val, commits)
+
+
+class Metrics:
+    """Every metric of one app, on its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "spectralmc_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "spectralmc_http_request_duration_seconds",
+            "HTTP request duration",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_contracts = Histogram(
+            "spectralmc_batch_contracts", "Contracts per compute batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_requests = Histogram(
+            "spectralmc_batch_requests", "Requests per compute batch", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.batch_seconds = Histogram(
+            "spectralmc_batch_duration_seconds", "Compute time of one batch", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.queue_wait_seconds = Histogram(
+            "spectralmc_queue_wait_seconds", "Time from enqueue to batch start", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.contracts_priced = Counter(
+            "spectralmc_contracts_priced", "Contracts priced", ["model", "method"], registry=r
+        )
+        self.dropped = Counter(
+            "spectralmc_requests_dropped",
+            "Requests not computed: overloaded, deadline, disconnected, shutting_down",
+            ["reason"],
+            registry=r,
+        )
+        self.engine_failures = Counter(
+            "spectralmc_engine_failures", "Unexpected errors in the compute worker", registry=r
+        )
+        self.training_step_seconds = Histogram(
+            "spectralmc_training_step_duration_seconds",
+            "Wall time of one training step (a queued request waits at most one)",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        for reason in ("overloaded", "deadline", "disconnected", "shutting_down"):
+            self.dropped.labels(reason)
+
+    def add_state(self, source: StateSource) -> None:
+        self.registry.register(StateCollector(source))
+
+
+def metric_names(registry: CollectorRegistry) -> Iterable[str]:
+    """Every sample name the registry exposes now."""
+    for metric in registry.collect():
+        for sample in metric.samples:
+            yield sample.name

@@ -1,0 +1,136 @@
+"""ModelHost: the served models, each a VersionStore plus a ModelTracker.
+
+At start an empty store is seeded with the bundled model of the same name (version 1),
+so a fresh machine serves at once. Loads are budgeted: each loaded version reserves
+its weights in ``model_cache`` (at most the current and the incoming one), and one
+inference working set, sized from the ``inference`` cap, bounds the rows the worker
+prices at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
+from spectralmc_server.engine.device import BudgetExceededError, Budgets
+from spectralmc_server.engine.pricer import ServedModel, bytes_per_row, load_served_model
+from spectralmc_server.engine.spectrum import SpectrumConfig
+from spectralmc_server.models import bundled_models
+from spectralmc_server.service.metrics import ModelState
+from spectralmc_server.service.schemas import MAX_QUANTILE_LEVELS
+from spectralmc_server.store.objects import ObjectStore
+from spectralmc_server.store.tracker import ModelTracker
+from spectralmc_server.store.versions import CommitConflict, VersionStore
+
+log = logging.getLogger(__name__)
+SEED_MESSAGE = "seeded from the bundled model"
+
+
+class ModelHost:
+    """Every served model by name; :meth:`snapshot` is what one batch prices with."""
+
+    def __init__(
+        self, objects: ObjectStore, names: list[str], budgets: Budgets, *, poll_seconds: float, seed_bundled: bool
+    ) -> None:
+        self.objects = objects
+        self.budgets = budgets
+        self.seed_bundled = seed_bundled
+        self.stores = {n: VersionStore(objects, n) for n in names}
+        self.trackers: dict[str, ModelTracker[ServedModel]] = {
+            n: ModelTracker(self.stores[n], self._loader(n), poll_seconds=poll_seconds) for n in names
+        }
+
+    def _loader(self, name: str) -> Any:
+        def load(ckpt: Checkpoint, version: int) -> ServedModel:
+            spectrum = SpectrumConfig.model_validate(ckpt.manifest["model"]["spectrum"])
+            per_row = bytes_per_row(spectrum, MAX_QUANTILE_LEVELS)
+            max_rows = self.budgets.inference.cap_bytes // per_row
+            if max_rows < 1:
+                raise BudgetExceededError(
+                    f"budget 'inference' ({self.budgets.inference.cap_bytes} B) is below one contract's "
+                    f"working set ({per_row} B); raise budgets.inference_bytes"
+                )
+            self.budgets.inference.reserve("inference working set", max_rows * per_row)
+            nbytes = sum(t.numel() * t.element_size() for t in ckpt.model.values())
+            cur = self.trackers[name].current
+            keep = {f"{name} v{cur.version}"} if cur is not None else set()
+            for holder in self.budgets.model_cache.report().holders:
+                if holder.startswith(f"{name} v") and holder not in keep:
+                    self.budgets.model_cache.release(holder)
+            self.budgets.model_cache.reserve(f"{name} v{version}", nbytes)
+            return load_served_model(ckpt, name=name, version=version, max_rows=max_rows)
+
+        return load
+
+    async def seed(self) -> None:
+        """Commit the bundled model as version 1 of every empty store that has one."""
+        bundled = bundled_models()
+        for name, store in self.stores.items():
+            if name not in bundled or await store.head() is not None:
+                continue
+            ckpt = await asyncio.to_thread(read_dir, bundled[name])
+            with contextlib.suppress(CommitConflict):  # another replica seeded it first
+                stored = await store.commit(ckpt, SEED_MESSAGE)
+                log.info("seeded model %s version %d from %s", name, stored.version, bundled[name])
+
+    async def start(self) -> None:
+        if self.seed_bundled:
+            await self.seed()
+        for tracker in self.trackers.values():
+            await tracker.start()
+            tracker.start_polling()
+
+    async def stop(self) -> None:
+        for tracker in self.trackers.values():
+            await tracker.stop()
+
+    def snapshot(self) -> dict[str, ServedModel]:
+        """Process name -> the version to answer with (read once per batch)."""
+        out: dict[str, ServedModel] = {}
+        for tracker in self.trackers.values():
+            cur = tracker.current
+            if cur is not None:
+                out.setdefault(cur.model.process.name, cur.model)
+        return out
+
+    def not_ready(self) -> str | None:
+        """Why the host cannot answer yet, or None."""
+        missing = [n for n, t in self.trackers.items() if t.current is None]
+        if not missing:
+            return None
+        reasons = [f"{n} ({self.trackers[n].last_error or 'no version in the store yet'})" for n in missing]
+        return f"no version loaded for {', '.join(reasons)}"
+
+    def describe(self) -> list[dict[str, Any]]:
+        rows = []
+        for name, t in self.trackers.items():
+            cur = t.current
+            rows.append(
+                {
+                    "name": name,
+                    "process": None if cur is None else cur.model.process.name,
+                    "version": None if cur is None else cur.version,
+                    "content_hash": None if cur is None else cur.content_hash,
+                    "mode": t.mode,
+                    "domain": None if cur is None else cur.model.domain.model_dump(mode="json"),
+                    "swaps": t.swaps,
+                    "last_error": t.last_error,
+                }
+            )
+        return rows
+
+    def states(self) -> list[ModelState]:
+        return [
+            ModelState(
+                name=n,
+                mode=t.mode,
+                version=None if t.current is None else t.current.version,
+                content_hash=None if t.current is None else t.current.content_hash,
+                swaps=t.swaps,
+                poll_failures=t.total_failures,
+            )
+            for n, t in self.trackers.items()
+        ]

@@ -1,0 +1,170 @@
+"""The OpenAPI 3.1 description, generated from the pydantic schemas, and a docs page."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+import orjson
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from spectralmc_server import __version__
+from spectralmc_server.service.schemas import (
+    CommitBody,
+    ErrorResponse,
+    GCBody,
+    PinBody,
+    PriceRequest,
+    PriceResponse,
+    UnpinBody,
+)
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": REF.format(model=model.__name__)}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed JSON",
+        401: "Missing bearer token",
+        403: "Wrong token, or no admin token configured",
+        404: "Unknown model or version",
+        409: "Conflict",
+        413: "Body or contract count over the limit",
+        422: "Invalid fields (each named in details)",
+        503: "Overloaded, shutting down or not ready (Retry-After)",
+        504: "Deadline passed",
+    }
+    return {str(c): _json(_ref(ErrorResponse), text[c]) for c in codes}
+
+
+ANY_OBJECT: dict[str, Any] = {"type": "object"}
+TEXT = {"type": "string"}
+NAME = [
+    {"name": "name", "in": "path", "required": True, "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.-]{1,64}$"}}
+]
+ADMIN: list[dict[str, list[str]]] = [{"bearer": []}]
+
+
+def _admin(
+    summary: str, method: str, body: type[BaseModel] | None, ok: int = 200, *, optional: bool = False
+) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "tags": ["admin"],
+        "security": ADMIN,
+        "parameters": NAME,
+        "responses": {str(ok): _json(ANY_OBJECT, "Done"), **_errors(401, 403, 404, 409, 422)},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": not optional, "content": {"application/json": {"schema": _ref(body)}}}
+        op["responses"].update(_errors(400, 413))
+    return {method: op}
+
+
+def build_openapi() -> dict[str, Any]:
+    _, defs = models_json_schema(
+        [
+            (PriceRequest, "validation"),
+            (PriceResponse, "serialization"),
+            (ErrorResponse, "serialization"),
+            (CommitBody, "validation"),
+            (PinBody, "validation"),
+            (UnpinBody, "validation"),
+            (GCBody, "validation"),
+        ],
+        ref_template=REF,
+    )
+    plain = {"200": _json(ANY_OBJECT, "OK")}
+    paths: dict[str, Any] = {
+        "/v1/price": {
+            "post": {
+                "summary": "Price contracts (measures, Greeks, distribution of S_T)",
+                "tags": ["pricing"],
+                "parameters": [
+                    {
+                        "name": "X-Request-Timeout",
+                        "in": "header",
+                        "required": False,
+                        "description": "This request's deadline in seconds",
+                        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 60},
+                    }
+                ],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(PriceRequest)}}},
+                "responses": {
+                    "200": _json(_ref(PriceResponse), "Priced"),
+                    **_errors(400, 413, 422, 503, 504),
+                },
+            }
+        },
+        "/v1/models": {"get": {"summary": "Served models", "tags": ["models"], "responses": plain}},
+        "/healthz": {"get": {"summary": "Process alive", "tags": ["ops"], "responses": {**plain, **_errors(503)}}},
+        "/readyz": {"get": {"summary": "Ready to price", "tags": ["ops"], "responses": {**plain, **_errors(503)}}},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics",
+                "tags": ["ops"],
+                "responses": {
+                    "200": {"description": "Text format", "content": {"text/plain": {"schema": {"type": "string"}}}}
+                },
+            }
+        },
+        "/v1/openapi.json": {"get": {"summary": "This description", "tags": ["ops"], "responses": plain}},
+        "/v1/admin/models/{name}/commit": _admin("Commit the trainer's state", "post", CommitBody, 201, optional=True),
+        "/v1/admin/models/{name}/versions": _admin("Version history", "get", None),
+        "/v1/admin/models/{name}/pin": _admin("Serve version n (rollback)", "post", PinBody),
+        "/v1/admin/models/{name}/unpin": _admin("Track the head again", "post", UnpinBody, optional=True),
+        "/v1/admin/models/{name}/verify": _admin("Verify the hash chain", "get", None),
+        "/v1/admin/models/{name}/gc": _admin("Collect old versions' content", "post", GCBody),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "SpectralMC server",
+            "version": __version__,
+            "description": "Prices from learned characteristic functions; see docs/api.md.",
+        },
+        "servers": [{"url": "/"}],
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def docs_page(spec: dict[str, Any]) -> str:
+    """A self-contained HTML page listing every route and schema (no external assets)."""
+    rows = []
+    for path, ops in spec["paths"].items():
+        for method, op in ops.items():
+            codes = ", ".join(sorted(op.get("responses", {})))
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
+                f"<td>{html.escape(op.get('summary', ''))}</td><td>{codes}</td></tr>"
+            )
+    schemas = "".join(
+        f"<h3 id='{html.escape(name)}'>{html.escape(name)}</h3><pre>"
+        f"{html.escape(orjson.dumps(s, option=orjson.OPT_INDENT_2).decode())}</pre>"
+        for name, s in spec["components"]["schemas"].items()
+    )
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>SpectralMC API</title>"
+        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}td,th{padding:.2em .8em;"
+        "text-align:left}pre{background:#f4f4f4;padding:.5em;overflow:auto}</style></head><body>"
+        f"<h1>SpectralMC server API {html.escape(spec['info']['version'])}</h1>"
+        "<p>Machine-readable: <a href='/v1/openapi.json'>/v1/openapi.json</a> (OpenAPI 3.1).</p>"
+        "<table><tr><th>method</th><th>path</th><th>what</th><th>statuses</th></tr>"
+        + "".join(rows)
+        + "</table><h2>Schemas</h2>"
+        + schemas
+        + "</body></html>"
+    )

@@ -1,0 +1,167 @@
+"""Public routes: pricing, models, health, readiness, metrics, the API description.
+
+Handlers only parse, submit to the queue and await; errors are raised as typed
+:mod:`~spectralmc_server.service.errors` and answered by the middleware.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from typing import Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import ValidationError
+
+from spectralmc_server.service import keys
+from spectralmc_server.service.errors import (
+    DeadlineExceeded,
+    Invalid,
+    MalformedRequest,
+    TooLarge,
+    Unavailable,
+)
+from spectralmc_server.service.schemas import MAX_CONTRACTS, PriceRequest, format_validation_error
+from spectralmc_server.service.valuation import RequestError, check_inputs, dumps
+
+routes = web.RouteTableDef()
+TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; the client's own deadline for this request
+
+
+def json_response(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json", headers=headers)
+
+
+async def read_json(request: web.Request) -> Any:
+    """The body as JSON: 413 past the size limit, 400 when it is not JSON."""
+    raw = await request.read()  # raises 413 past client_max_size
+    if not raw:
+        raise MalformedRequest("the request body is empty; send a JSON object")
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise MalformedRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def validate(model: type[Any], body: Any) -> Any:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        details = format_validation_error(exc)
+        raise Invalid(f"{len(details)} invalid field(s)", details=details) from None
+
+
+def _timeout(request: web.Request) -> float:
+    s = request.app[keys.SETTINGS]
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return s.request_timeout_seconds
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and 0 < value <= s.max_request_timeout_seconds):
+        raise Invalid(
+            f"header {TIMEOUT_HEADER} must be seconds in (0, {s.max_request_timeout_seconds}]",
+            details=[{"field": f"header:{TIMEOUT_HEADER}", "reason": f"got {raw!r}"}],
+        )
+    return value
+
+
+@routes.post("/v1/price")
+async def price(request: web.Request) -> web.Response:
+    """Price explicit contracts through the batching queue."""
+    app = request.app
+    settings = app[keys.SETTINGS]
+    if not settings.serves:
+        raise Unavailable(f"this server's role is {settings.role!r}: it does not price", 60, code="not_serving")
+    timeout = _timeout(request)
+    body = await read_json(request)
+    if isinstance(body, dict) and isinstance(body.get("contracts"), list) and len(body["contracts"]) > MAX_CONTRACTS:
+        raise TooLarge(
+            f"{len(body['contracts'])} contracts in one request; at most {MAX_CONTRACTS} (split the book)",
+            details=[{"field": "contracts", "reason": f"at most {MAX_CONTRACTS} contracts"}],
+        )
+    req: PriceRequest = validate(PriceRequest, body)
+    try:
+        check_inputs(req)
+    except RequestError as exc:
+        raise Invalid(str(exc), details=[{"field": exc.field, "reason": exc.reason}]) from None
+    reason = app[keys.HOST].not_ready()
+    if reason is not None:
+        raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
+    transport = request.transport
+
+    def connected() -> bool:
+        return transport is not None and not transport.is_closing()
+
+    future = app[keys.QUEUE].submit(req, timeout=timeout, connected=connected)
+    try:
+        answer = await asyncio.wait_for(future, timeout)
+    except TimeoutError:
+        raise DeadlineExceeded(f"no answer within the {timeout:g} s deadline") from None
+    return web.Response(body=dumps(answer), content_type="application/json")
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    """Served models: name, version, content hash, mode and domain."""
+    return json_response({"models": request.app[keys.HOST].describe()})
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Alive: the compute worker runs and has not failed."""
+    worker = request.app[keys.WORKER]
+    if not worker.alive:
+        raise Unavailable(f"compute engine down: {worker.failure or 'the worker thread stopped'}", 5, code="unhealthy")
+    return json_response({"status": "ok"})
+
+
+def not_ready_reason(app: web.Application) -> str | None:
+    life = app[keys.LIFECYCLE]
+    if life.shutting_down:
+        return "shutting down"
+    if not life.started:
+        return "starting"
+    worker = app[keys.WORKER]
+    if not worker.alive:
+        return f"compute engine down: {worker.failure or 'the worker thread stopped'}"
+    if app[keys.SETTINGS].serves:
+        return app[keys.HOST].not_ready()
+    return None
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Ready: models loaded and work accepted; else 503 with the reason."""
+    app = request.app
+    reason = not_ready_reason(app)
+    if reason is not None:
+        raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
+    s = app[keys.SETTINGS]
+    training = app.get(keys.TRAINING)
+    return json_response(
+        {
+            "status": "ready",
+            "role": s.role,
+            "models": {m["name"]: m["version"] for m in app[keys.HOST].describe()},
+            "training": None if training is None else training.model,
+            "training_note": app[keys.LIFECYCLE].training_note,
+        }
+    )
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition of this app's registry."""
+    body = generate_latest(request.app[keys.METRICS].registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+@routes.get("/v1/openapi.json")
+async def openapi(request: web.Request) -> web.Response:
+    """This API's OpenAPI 3 description."""
+    return web.Response(body=request.app[keys.OPENAPI], content_type="application/json")

@@ -1,0 +1,175 @@
+"""ComputeWorker: the one thread that owns the device.
+
+Inference batches go first; when no batch is waiting, the worker runs one online
+training step, so a batch that arrives waits at most one step (a few ms on CPU; the
+step time is in ``spectralmc_training_step_duration_seconds``). Torch never runs on
+the event loop: handlers submit callables and await futures.
+
+Two failure kinds, as in vLLM: a job that raises fails that job's requests; an engine
+failure (marked by :meth:`mark_failed`, or a training step that raises) makes health
+checks fail, so an orchestrator restarts the process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+
+from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.engine.trainer import Trainer
+from spectralmc_server.service.metrics import Metrics, TrainingState
+from spectralmc_server.store.commits import CommitPolicy
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+_Job = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
+
+
+class EngineDead(RuntimeError):  # noqa: N818
+    """The worker has failed or stopped and takes no more work."""
+
+
+class OnlineTraining:
+    """One model's trainer, stepped by the worker, with auto-commits by policy.
+
+    ``publish(checkpoint, message)`` is called on the worker thread when a commit is
+    due; it must only hand the checkpoint over (the app commits it on the event loop).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        trainer: Trainer,
+        policy: CommitPolicy,
+        publish: Callable[[Checkpoint, str], None],
+        base_version: int | None = None,
+    ) -> None:
+        self.model = model
+        self.trainer = trainer
+        self.policy = policy
+        self.publish = publish
+        self.base_version = base_version  # the version training resumed from
+        self.commits = 0
+        self.enabled = True
+
+    def step(self) -> None:
+        t = self.trainer
+        t.model.train()
+        t.train_step()
+        if t.step % t.config.validate_every == 0:
+            t.validate()
+        val = t.history[-1].p95_bp if t.history else None
+        if self.policy.due(t.step, val):
+            self.publish(self.checkpoint(), self.policy.render(step=t.step, loss=t.loss_ema, val_bp=val or math.nan))
+            self.policy.committed(val)
+
+    def checkpoint(self) -> Checkpoint:
+        """The full training state now (validated first, so the manifest has metrics)."""
+        t = self.trainer
+        if not t.history or t.history[-1].step != t.step:
+            t.validate()
+        self.commits += 1
+        return t.checkpoint({"command": f"spectralmc serve (online training of {self.model})"})
+
+    def state(self) -> TrainingState:
+        t = self.trainer
+        v = t.history[-1].as_dict() if t.history else {}
+        return TrainingState(
+            model=self.model,
+            steps=t.step,
+            loss=None if math.isnan(t.loss_ema) else t.loss_ema,
+            validation_bp={k: float(v[k]) for k in ("p50_bp", "p95_bp", "max_bp") if k in v},
+            commits=self.commits,
+        )
+
+
+class ComputeWorker:
+    """Runs submitted callables first and training steps in the gaps, on one thread."""
+
+    def __init__(self, metrics: Metrics, training: OnlineTraining | None = None, torch_threads: int | None = None):
+        self.metrics = metrics
+        self.training = training
+        self.torch_threads = torch_threads
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="compute-worker", daemon=True)
+        self._stopping = False
+        self.failure: str | None = None
+        self.busy_since: float | None = None  # monotonic time the current job or step began
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and self.failure is None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
+        """Run ``fn`` on the worker before any further training step."""
+        if self.failure is not None:
+            raise EngineDead(self.failure)
+        if self._stopping or not self._thread.is_alive():
+            raise EngineDead("the compute worker is stopped")
+        cf: concurrent.futures.Future[T] = concurrent.futures.Future()
+        self._jobs.put((fn, cf))
+        return asyncio.wrap_future(cf)
+
+    def mark_failed(self, reason: str) -> None:
+        if self.failure is None:
+            self.failure = reason
+            log.error("compute engine failed: %s", reason)
+        self.metrics.engine_failures.inc()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the queued jobs, then stop (training stops at once)."""
+        self._stopping = True
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    def _training_on(self) -> bool:
+        return self.training is not None and self.training.enabled and not self._stopping and self.failure is None
+
+    def _run(self) -> None:
+        if self.torch_threads is not None:
+            torch.set_num_threads(self.torch_threads)
+        while True:
+            try:
+                item = self._jobs.get_nowait() if self._training_on() else self._jobs.get(timeout=0.5)
+            except queue.Empty:
+                if self._training_on():
+                    self._train_step()
+                continue
+            if item is None:
+                if self._stopping:
+                    break
+                continue
+            fn, cf = item
+            if not cf.set_running_or_notify_cancel():
+                continue
+            self.busy_since = time.monotonic()
+            try:
+                cf.set_result(fn())
+            except BaseException as exc:
+                cf.set_exception(exc)
+            finally:
+                self.busy_since = None
+
+    def _train_step(self) -> None:
+        assert self.training is not None
+        t0 = time.perf_counter()
+        self.busy_since = time.monotonic()
+        try:
+            self.training.step()
+        except Exception as exc:
+            self.mark_failed(f"training step failed: {type(exc).__name__}: {exc}")
+        finally:
+            self.busy_since = None
+        self.metrics.training_step_seconds.observe(time.perf_counter() - t0)

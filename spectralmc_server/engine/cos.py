@@ -247,19 +247,20 @@ class CosExpansion:
 
 
 ROW_CHUNK = 64
+ROW_MAX_BLOCK = 4096
 
 
 def rowwise_matmul(a: torch.Tensor, b: torch.Tensor, chunk: int = ROW_CHUNK) -> torch.Tensor:
-    """``a @ b`` for a (B, K), computed in blocks of exactly ``chunk`` rows (the last
-    padded with zeros), so each row's rounding does not depend on B: BLAS picks its
-    kernel by shape, and a row's answer must not change with what it is batched with."""
+    """``a @ b`` for a (B, K), in blocks of at most ``ROW_MAX_BLOCK`` rows whose row count
+    is a multiple of ``chunk`` (the last padded with zeros): BLAS picks its kernel by
+    shape, and a row's answer must not change with what it is batched with."""
     n = a.shape[0]
     if n == 0:
         return a @ b
     short = (-n) % chunk
     if short:
         a = torch.cat([a, a.new_zeros(short, a.shape[1])])
-    out = torch.cat([a[i : i + chunk] @ b for i in range(0, a.shape[0], chunk)])
+    out = torch.cat([a[i : i + ROW_MAX_BLOCK] @ b for i in range(0, a.shape[0], ROW_MAX_BLOCK)])
     return out[:n]
 
 

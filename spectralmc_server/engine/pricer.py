@@ -35,7 +35,8 @@ DIST_MEASURES = ("mean", "stdev", "skew", "kurtosis")
 MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")
 
 CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CF_CHUNK = 64  # rows per CF evaluation: one fixed shape makes answers batch-invariant
+CF_CHUNK = 64  # CF evaluations take a multiple of this many rows: answers are batch-invariant
+CF_MAX_BLOCK = 4096  # rows per CF evaluation at most (a multiple of CF_CHUNK)
 """(theta (B, P), T (B,)) float64 -> phi_Y complex128 (B, K) on the spectrum's grid."""
 
 
@@ -144,26 +145,28 @@ class SpectralPricer:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def cf(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
-        """The CF at U points, evaluated in chunks of exactly ``cf_chunk`` rows (the last
-        one padded with copies of its first row).
+        """The CF at U points, evaluated in blocks of at most ``CF_MAX_BLOCK`` rows whose
+        row count is always a multiple of ``cf_chunk`` (the last block padded with copies
+        of its first row).
 
-        A float32 matrix product's rounding depends on the batch shape (BLAS picks its
-        kernel by size), so a point's CF would differ by ~1e-7 between a request priced
-        alone and the same request batched with others. With one fixed shape a point's
-        answer depends on nothing but the point: the same request gives the same bytes
-        however the server batches it.
+        A float32 matrix product's rounding depends on the batch shape: BLAS takes other
+        kernels for a handful of rows than for many (measured: one or two rows round
+        differently from seven or more). With every block a multiple of 64 rows a point's
+        answer depends on nothing but the point, so the same request gives the same
+        bytes however the server batches it (tests/engine/test_pricer.py checks shapes
+        from 1 to 3,000 rows).
         """
         n, c = theta.shape[0], self.cf_chunk
         if n == 0:
             return self.raw_cf(theta, expiry)
         parts = []
-        for i in range(0, n, c):
-            th, t = theta[i : i + c], expiry[i : i + c]
-            short = c - th.shape[0]
+        for i in range(0, n, CF_MAX_BLOCK):
+            th, t = theta[i : i + CF_MAX_BLOCK], expiry[i : i + CF_MAX_BLOCK]
+            short = (-th.shape[0]) % c
             if short:
-                th = torch.cat([th, th[:1].expand(short, -1)])  # (c, P)
-                t = torch.cat([t, t[:1].expand(short)])  # (c,)
-            parts.append(self.raw_cf(th, t)[: c - short])
+                th = torch.cat([th, th[:1].expand(short, -1)])  # (m, P), m a multiple of c
+                t = torch.cat([t, t[:1].expand(short)])  # (m,)
+            parts.append(self.raw_cf(th, t)[: th.shape[0] - short])
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _coef_with_tangents(

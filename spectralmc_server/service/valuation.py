@@ -28,18 +28,43 @@ class RequestError(ValueError):
 
 
 def _batch(contracts: list[Contract], param_names: tuple[str, ...]) -> OptionBatch:
-    market = torch.tensor([c.market_inputs() for c in contracts], dtype=torch.float64)  # (n, 4)
-    params = [c.process_params() for c in contracts]
+    """Explicit contracts as one batch; one pass over the contracts (this runs per
+    contract on the serving path, so it avoids per-field method calls)."""
+    if param_names == ("vol",):  # GBM: vol as a field or in params
+        rows = [
+            (
+                c.spot,
+                c.strike,
+                c.expiry_years,
+                c.rate or 0.0,
+                c.dividend or 0.0,
+                c.right == "call",
+                c.vol if c.vol is not None else (c.params or {})["vol"],
+            )
+            for c in contracts
+        ]
+    else:
+        rows = [
+            (
+                c.spot,
+                c.strike,
+                c.expiry_years,
+                c.rate or 0.0,
+                c.dividend or 0.0,
+                c.right == "call",
+                *(c.process_params()[n] for n in param_names),
+            )
+            for c in contracts
+        ]
+    table = torch.tensor(rows, dtype=torch.float64).reshape(len(contracts), 6 + len(param_names))  # (n, 6 + P)
     return OptionBatch(
-        spot=market[:, 0],
-        strike=torch.tensor([c.strike for c in contracts], dtype=torch.float64),
-        expiry=market[:, 1],
-        rate=market[:, 2],
-        dividend=market[:, 3],
-        is_call=torch.tensor([c.right == "call" for c in contracts], dtype=torch.bool),
-        theta=torch.tensor([[p[n] for n in param_names] for p in params], dtype=torch.float64).reshape(
-            len(contracts), len(param_names)
-        ),
+        spot=table[:, 0],
+        strike=table[:, 1],
+        expiry=table[:, 2],
+        rate=table[:, 3],
+        dividend=table[:, 4],
+        is_call=table[:, 5] > 0.5,
+        theta=table[:, 6:],
     )
 
 

@@ -132,7 +132,7 @@ def valuer(served: ServedModel) -> Valuer:
 def test_response_shape(valuer: Valuer, served: ServedModel) -> None:
     contracts = [INSIDE[0], OUTSIDE[0], INSIDE[1], OUTSIDE[1], *INSIDE[2:]]
     response = valuer.value(_request(contracts, ALL_MEASURES))
-    assert set(response) == {"results", "models", "market_data"}
+    assert set(response) == {"namespace", "val_datetime", "data_asof", "results", "models", "market_data"}
     assert response["market_data"] is None
     assert [r["id"] for r in response["results"]] == [c["id"] for c in contracts]
     for row in response["results"]:

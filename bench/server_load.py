@@ -1,0 +1,267 @@
+"""Server load: ``spectralmc serve`` in its own process, loaded by ``wrk`` (Debian package)
+from another process on loopback.
+
+Scenarios, each with online training off and on: single-contract requests at
+concurrency 64, and 1,000-contract requests at concurrency 8; next to an aiohttp
+hello-world handler (it reads the same body and answers a constant) measured in the
+same run. Reports requests/s, options/s, p50 / p99 latency (wrk's own histogram), non-2xx
+answers, and the server's resident memory idle and under load. ``--soak-minutes M``
+adds a run of M minutes of single-contract load sampling RSS every 5 s, to show memory
+stays flat after warm-up.
+
+    python bench/server_load.py --record                 # ~3 minutes
+    python bench/server_load.py --record --soak-minutes 10
+    python bench/server_load.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import IMG, ROOT, record, table
+
+HELLO = """
+import sys
+from aiohttp import web
+async def hello(request):
+    await request.read()
+    return web.Response(body=b'{"ok":true}', content_type="application/json")
+app = web.Application()
+app.router.add_post("/v1/price", hello)
+app.router.add_get("/readyz", lambda r: hello(r))
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print=None)
+"""
+
+
+def contract(i: int) -> dict[str, object]:
+    """Distinct contracts inside the model's domain (vol, expiry and strike vary)."""
+    return {
+        "id": f"c{i}",
+        "right": "call" if i % 2 else "put",
+        "strike": 80.0 + (i * 7) % 41,
+        "spot": 100.0,
+        "expiry_years": 0.1 + (i * 13 % 97) / 40.0,
+        "rate": 0.02,
+        "dividend": 0.01,
+        "vol": 0.1 + (i * 17 % 89) / 120.0,
+    }
+
+
+def body(n: int) -> bytes:
+    return json.dumps({"contracts": [contract(i) for i in range(n)]}).encode()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeError("server not ready")
+
+
+@contextmanager
+def server(kind: str, workdir: Path, training: bool) -> Iterator[tuple[str, int]]:
+    port = free_port()
+    if kind == "hello":
+        cmd = [sys.executable, "-c", HELLO, str(port)]
+    else:
+        cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--port", str(port)]
+        cmd += ["--data-dir", str(workdir / "data"), "--log-level", "warning"]
+    env = {**os.environ, "SPECTRALMC_TRAIN__ENABLED": "true" if training else "false"}
+    log = (workdir / f"{kind}-{port}.log").open("wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc)
+        yield url, proc.pid
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@dataclass
+class Load:
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+    non_2xx: int
+    rss_peak: int
+
+
+def _ms(text: str) -> float:
+    m = re.match(r"([\d.]+)(us|ms|s)", text)
+    if m is None:
+        raise ValueError(f"cannot read wrk latency {text!r}")
+    scale = {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+    return float(m.group(1)) * scale
+
+
+def wrk(url: str, payload: bytes, connections: int, seconds: float, workdir: Path, pid: int) -> Load:
+    path = workdir / f"body-{len(payload)}.json"
+    path.write_bytes(payload)
+    script = workdir / f"post-{len(payload)}.lua"
+    script.write_text(
+        f'local f = io.open("{path}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*a")\nf:close()\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(int(seconds), 1)}s", "--latency", "-s", str(script)]
+    proc = subprocess.Popen([*cmd, url + "/v1/price"], stdout=subprocess.PIPE, text=True)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, rss_bytes(pid))
+        time.sleep(0.25)
+    out = proc.stdout.read() if proc.stdout else ""
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors:.*", out)
+    non_2xx = int(bad.group(1)) if bad else 0
+    if errors:
+        print(f"  wrk: {errors.group(0)}")
+    return Load(rps, _ms(lat["50"]), _ms(lat["99"]), non_2xx, peak)
+
+
+def soak(url: str, pid: int, minutes: float, workdir: Path) -> list[tuple[float, int]]:
+    """Single-contract load for ``minutes``, RSS sampled every 5 s."""
+    path = workdir / "soak.lua"
+    payload = workdir / "soak.json"
+    payload.write_bytes(body(1))
+    path.write_text(
+        f'local f = io.open("{payload}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*a")\nf:close()\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+    proc = subprocess.Popen(
+        ["wrk", "-t1", "-c64", f"-d{int(minutes * 60)}s", "-s", str(path), url + "/v1/price"],
+        stdout=subprocess.DEVNULL,
+    )
+    t0 = time.monotonic()
+    samples = []
+    while proc.poll() is None:
+        samples.append((time.monotonic() - t0, rss_bytes(pid)))
+        time.sleep(5.0)
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=10.0, help="duration of each wrk run")
+    ap.add_argument("--soak-minutes", type=float, default=0.0, help="memory soak run length (0: none)")
+    ap.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
+    ap.add_argument("--plot", type=Path, default=IMG / "server_load.png")
+    ap.add_argument("--quick", action="store_true", help="a short smoke run (1 s per scenario, no training)")
+    args = ap.parse_args(argv)
+    if shutil.which("wrk") is None:
+        print("error: wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
+        return 2
+    seconds = 1.0 if args.quick else args.seconds
+    rows: list[list[object]] = []
+    results: dict[str, Load] = {}
+    scenarios = [("single", 1, 64), ("batch 1,000", 1000, 8)]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        with server("hello", work, False) as (url, pid):
+            for name, n, conns in scenarios:
+                load = wrk(url, body(n), conns, seconds, work, pid)
+                results[f"hello {name}"] = load
+                rows.append(["aiohttp hello world", name, conns, "-", load.requests_per_s, "-", load.p50_ms, load.p99_ms, load.non_2xx, "-"])
+        for training in (False,) if args.quick else (False, True):
+            with server("spectralmc", work, training) as (url, pid):
+                time.sleep(1.0)
+                idle = rss_bytes(pid)
+                for name, n, conns in scenarios:
+                    wrk(url, body(n), conns, min(seconds, 2.0), work, pid)  # warm-up
+                    load = wrk(url, body(n), conns, seconds, work, pid)
+                    label = f"spectralmc {'training' if training else 'serving only'}"
+                    results[f"{label} {name}"] = load
+                    rows.append(
+                        [label, name, conns, f"{idle / 2**20:.0f}", load.requests_per_s, load.requests_per_s * n,
+                         load.p50_ms, load.p99_ms, load.non_2xx, f"{load.rss_peak / 2**20:.0f}"]
+                    )
+                soak_samples = soak(url, pid, args.soak_minutes, work) if args.soak_minutes and not training else []
+                if soak_samples:
+                    results["soak"] = Load(0, 0, 0, 0, max(r for _, r in soak_samples))
+    headers = ["server", "requests", "conns", "RSS idle MiB", "req/s", "options/s", "p50 ms", "p99 ms", "non-2xx", "RSS load MiB"]
+    text = table(headers, rows)
+    print(text)
+    soak_text = ""
+    if args.soak_minutes and not args.quick and soak_samples:
+        warm = [r for t, r in soak_samples if t >= 60.0] or [r for _, r in soak_samples]
+        soak_text = (
+            f"\n\nSoak: {args.soak_minutes:g} min of single-contract load at concurrency 64, RSS sampled every 5 s: "
+            f"{min(warm) / 2**20:.1f} MiB to {max(warm) / 2**20:.1f} MiB after the first minute "
+            f"(first sample after warm-up {warm[0] / 2**20:.1f} MiB, last {warm[-1] / 2**20:.1f} MiB)."
+        )
+        print(soak_text.strip())
+    _plot(rows, soak_samples if args.soak_minutes else [], args.plot)
+    print(f"plot: {args.plot}")
+    if args.record and not args.quick:
+        rel = args.plot.resolve().relative_to(ROOT / "docs")
+        record("server_load", f"{text}{soak_text}\n\n![server load]({rel})")
+    return 0
+
+
+def _plot(rows: list[list[object]], soak: list[tuple[float, int]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3 if soak else 2, figsize=(15 if soak else 10, 4))
+    labels = [f"{r[0]}\n{r[1]}" for r in rows]
+    axes[0].barh(labels, [float(r[4]) for r in rows])  # type: ignore[arg-type]
+    axes[0].set_xlabel("requests/s")
+    axes[1].barh(labels, [float(r[7]) for r in rows])  # type: ignore[arg-type]
+    axes[1].set_xlabel("p99 latency (ms)")
+    axes[1].set_yticks([])
+    if soak:
+        axes[2].plot([t / 60 for t, _ in soak], [r / 2**20 for _, r in soak])
+        axes[2].set_xlabel("minutes of load")
+        axes[2].set_ylabel("server RSS (MiB)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""Helpers for server tests: test settings, and ``spectralmc serve`` as a real process
+on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aiohttp.test_utils import TestClient
+
+from spectralmc_server.settings import Settings
+
+TOKEN = "s3cret-admin-token"
+CONTRACT = {"id": "c1", "right": "call", "strike": 105.0, "spot": 100.0, "expiry_years": 0.5, "vol": 0.25}
+
+MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+
+
+def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
+    """Test settings: a fresh data dir, no training unless asked, quick polling."""
+    fields: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "port": 0,
+        "poll_seconds": 0.05,
+        "admin_token": TOKEN,
+        "train": {"enabled": False},
+    }
+    fields.update(overrides)
+    return Settings(**fields)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60.0) -> ServerProcess:
+    """``spectralmc serve`` in its own process, returned once /readyz answers 200."""
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    full_env = {**os.environ, **(env or {})}
+    cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--port", str(port), *args]
+    if "--data-dir" not in args:
+        cmd += ["--data-dir", str(tmp_path / "data")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=full_env)
+    server = ServerProcess(proc, port, log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{server.url}/readyz", timeout=2) as r:
+                if r.status == 200:
+                    return server
+        except OSError:
+            pass
+        time.sleep(0.2)
+    server.stop(signal.SIGKILL)
+    raise RuntimeError(f"server not ready within {timeout} s:\n{log.read_text()}")

@@ -52,7 +52,6 @@ class TrainSettings(BaseModel):
     commit_every_seconds: float | None = Field(600.0, gt=0)  # auto-commit period (None: never)
     commit_if_improved: bool = True  # skip auto-commits that do not lower validation p95
     commit_on_shutdown: bool = False  # commit the training state at graceful shutdown
-    max_step_seconds: float = Field(0.25, gt=0)  # a slower step is refused at start-up
     device: DeviceName = "cpu"
 
 
@@ -79,7 +78,7 @@ class _TomlSource(PydanticBaseSettingsSource):
 
 
 class Settings(BaseSettings):
-    """Everything ``spectralmc serve`` can be told (see config/server.toml)."""
+    """Everything ``spectralmc serve`` can be told (config/server.toml lists it all)."""
 
     model_config = SettingsConfigDict(env_prefix="SPECTRALMC_", env_nested_delimiter="__", extra="forbid", frozen=True)
 

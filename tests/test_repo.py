@@ -21,7 +21,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = _readme_commands()
     assert len(commands) == 2, "the README's set-up is two commands"
     run_cmd, test_cmd = commands
-    assert "spectralmc price" in run_cmd and "pip install ." in run_cmd
+    assert run_cmd.endswith("spectralmc serve") and "pip install ." in run_cmd
     assert "./scripts/test" in test_cmd
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert test_cmd in ci

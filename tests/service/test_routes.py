@@ -333,7 +333,7 @@ async def test_disconnected_client_work_is_dropped(make_client: MakeClient) -> N
     await writer.wait_closed()
     await blocker
     value = 0.0
-    for _ in range(50):
+    for _ in range(30):
         value = await dropped(client, "disconnected")
         if value >= 1:
             break
@@ -371,7 +371,7 @@ async def test_disconnected_while_queued_counts_as_disconnected(make_client: Mak
     for task in fillers:
         await ok_json(await task)
     counts = {"disconnected": 0.0, "deadline": 0.0}
-    for _ in range(50):
+    for _ in range(30):
         counts = {k: await dropped(client, k) for k in counts}
         if sum(counts.values()) >= 1:
             break

@@ -203,7 +203,20 @@ def main(argv: list[str] | None = None) -> int:
             for name, n, conns in scenarios:
                 load = wrk(url, body(n), conns, seconds, work, pid)
                 results[f"hello {name}"] = load
-                rows.append(["aiohttp hello world", name, conns, "-", load.requests_per_s, "-", load.p50_ms, load.p99_ms, load.non_2xx, "-"])
+                rows.append(
+                    [
+                        "aiohttp hello world",
+                        name,
+                        conns,
+                        "-",
+                        load.requests_per_s,
+                        "-",
+                        load.p50_ms,
+                        load.p99_ms,
+                        load.non_2xx,
+                        "-",
+                    ]
+                )
         for training in (False,) if args.quick else (False, True):
             with server("spectralmc", work, training) as (url, pid):
                 time.sleep(1.0)
@@ -214,13 +227,34 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"spectralmc {'training' if training else 'serving only'}"
                     results[f"{label} {name}"] = load
                     rows.append(
-                        [label, name, conns, f"{idle / 2**20:.0f}", load.requests_per_s, load.requests_per_s * n,
-                         load.p50_ms, load.p99_ms, load.non_2xx, f"{load.rss_peak / 2**20:.0f}"]
+                        [
+                            label,
+                            name,
+                            conns,
+                            f"{idle / 2**20:.0f}",
+                            load.requests_per_s,
+                            load.requests_per_s * n,
+                            load.p50_ms,
+                            load.p99_ms,
+                            load.non_2xx,
+                            f"{load.rss_peak / 2**20:.0f}",
+                        ]
                     )
                 soak_samples = soak(url, pid, args.soak_minutes, work) if args.soak_minutes and not training else []
                 if soak_samples:
                     results["soak"] = Load(0, 0, 0, 0, max(r for _, r in soak_samples))
-    headers = ["server", "requests", "conns", "RSS idle MiB", "req/s", "options/s", "p50 ms", "p99 ms", "non-2xx", "RSS load MiB"]
+    headers = [
+        "server",
+        "requests",
+        "conns",
+        "RSS idle MiB",
+        "req/s",
+        "options/s",
+        "p50 ms",
+        "p99 ms",
+        "non-2xx",
+        "RSS load MiB",
+    ]
     text = table(headers, rows)
     print(text)
     soak_text = ""

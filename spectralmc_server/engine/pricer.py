@@ -234,12 +234,15 @@ class SpectralPricer:
             put = disc * fwd * terms["put"]
             price = torch.where(call, put + disc * (fwd - batch.strike), put)
             if want_grad:
-                grads = torch.autograd.grad(price.sum(), [theta, expiry], allow_unused=True)
+                # Only the inputs that require gradients may be differentiated (vega alone
+                # leaves expiry a plain tensor, theta alone the parameters).
+                wrt = [x for x, want in ((theta, want_vega), (expiry, want_theta)) if want]
+                grads = iter(torch.autograd.grad(price.sum(), wrt, allow_unused=True))
                 if want_vega:
-                    g = grads[0]
+                    g = next(grads)
                     out["vega"] = (g if g is not None else torch.zeros_like(theta))[:, 0]
                 if want_theta:
-                    g = grads[1]
+                    g = next(grads)
                     out["theta"] = -(g if g is not None else torch.zeros_like(expiry))
             t = batch.expiry
             d, f = disc.detach(), fwd.detach()

@@ -119,11 +119,11 @@ class ValuationQueue:
         now = asyncio.get_running_loop().time()
         live = []
         for item in batch:
-            if item.future.done():  # the handler gave up (deadline) and cancelled it
-                self.metrics.dropped.labels("deadline").inc()
-            elif not item.connected():
+            if not item.connected():  # first: a handler cancelled on disconnect also cancels its future
                 item.future.cancel()
                 self.metrics.dropped.labels("disconnected").inc()
+            elif item.future.done():  # the handler gave up (deadline) and cancelled it
+                self.metrics.dropped.labels("deadline").inc()
             elif now >= item.deadline:
                 item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
                 self.metrics.dropped.labels("deadline").inc()
@@ -159,17 +159,20 @@ class ValuationQueue:
             start = time.perf_counter()
             for item in batch:
                 self.metrics.queue_wait_seconds.observe(start - item.enqueued)
-            requests = [item.request for item in batch]
             host = self.host
 
-            def job() -> tuple[list[dict[str, Any]], dict[str, ServedModel], float]:
+            def job() -> tuple[list[Pending], list[dict[str, Any]], dict[str, ServedModel], float]:
+                # On the worker, just before computing: the batch may have waited behind a
+                # training step or another batch, and its clients may have gone meanwhile
+                # (reading transport and future state from this thread is a plain read).
+                live = [i for i in batch if i.connected() and not i.future.done()]
                 t0 = time.perf_counter()
                 models = host.snapshot()  # one version per model for the whole batch
-                answers = Valuer(models).value_many(requests)
-                return answers, models, time.perf_counter() - t0
+                answers = Valuer(models).value_many([i.request for i in live]) if live else []
+                return live, answers, models, time.perf_counter() - t0
 
             try:
-                answers, _, seconds = await self.worker.submit(job)
+                computed, answers, _, seconds = await self.worker.submit(job)
             except EngineDead as exc:
                 for item in batch:
                     if not item.future.done():
@@ -182,13 +185,17 @@ class ValuationQueue:
                     if not item.future.done():
                         item.future.set_exception(EngineFailure(f"the pricing engine failed: {type(exc).__name__}"))
                 return
+            skipped = set(batch) - set(computed)
+            self._live(list(skipped))  # counts them (disconnected or deadline) and settles them
+            if not computed:
+                return
             self.metrics.batch_seconds.observe(seconds)
-            self.metrics.batch_requests.observe(len(batch))
-            self.metrics.batch_contracts.observe(sum(i.contracts for i in batch))
+            self.metrics.batch_requests.observe(len(computed))
+            self.metrics.batch_contracts.observe(sum(i.contracts for i in computed))
             priced = Counter((row["model"], row["method"]) for answer in answers for row in answer["results"])
             for (model, method), count in priced.items():
                 self.metrics.contracts_priced.labels(model, method).inc(count)
-            for item, answer in zip(batch, answers, strict=True):
+            for item, answer in zip(computed, answers, strict=True):
                 if not item.future.done():
                     item.future.set_result(answer)
         finally:

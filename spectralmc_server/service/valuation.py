@@ -30,6 +30,7 @@ class RequestError(ValueError):
 def _batch(contracts: list[Contract], param_names: tuple[str, ...]) -> OptionBatch:
     """Explicit contracts as one batch; one pass over the contracts (this runs per
     contract on the serving path, so it avoids per-field method calls)."""
+    rows: list[tuple[Any, ...]]
     if param_names == ("vol",):  # GBM: vol as a field or in params
         rows = [
             (

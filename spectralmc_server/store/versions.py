@@ -313,8 +313,10 @@ class VersionStore:
         rebase: bool = False,
         metrics: dict[str, Any] | None = None,
     ) -> StoredVersion:
-        """Store the checkpoint's content, then claim the next version for it."""
-        return await self.commit_files(ckpt.encode(), message, rebase=rebase, metrics=metrics)
+        """Store the checkpoint's content, then claim the next version for it. Encoding
+        and hashing run in a thread: a server's event loop never serialises tensors."""
+        files = await asyncio.to_thread(ckpt.encode)
+        return await self.commit_files(files, message, rebase=rebase, metrics=metrics)
 
     async def commit_files(
         self,
@@ -329,7 +331,7 @@ class VersionStore:
         if missing:
             raise VersionError(f"checkpoint files missing: {', '.join(missing)}")
         manifest = _parse(files[MANIFEST], MANIFEST)
-        hashes = {role: sha256_hex(files[name]) for role, name in CONTENT_ROLES.items()}
+        hashes = await asyncio.to_thread(lambda: {role: sha256_hex(files[n]) for role, n in CONTENT_ROLES.items()})
         if manifest.get("files", {}) != {MODEL_FILE: hashes["model"], TRAINING_FILE: hashes["training"]}:
             raise VersionError("the manifest does not list the hashes of the weight files given with it")
 
@@ -387,13 +389,18 @@ class VersionStore:
                 if await self.objects.get(self.gc_key(version)) is not None:
                     raise ContentCollected(f"model {self.name!r} version {version}: content was garbage-collected")
                 raise CorruptObject(f"model {self.name!r} version {version}: {role} content is missing")
-            if sha256_hex(blob.data) != content[role]:
-                raise CorruptObject(f"model {self.name!r} version {version}: {role} content fails its hash")
             files[CONTENT_ROLES[role]] = blob.data
-        try:
-            ckpt = decode(files, need_training=need_training)
-        except CheckpointError as exc:
-            raise CorruptObject(f"model {self.name!r} version {version}: {exc}") from None
+
+        def check_and_decode() -> Checkpoint:  # in a thread: hashing and tensors stay off the event loop
+            for role in roles:
+                if sha256_hex(files[CONTENT_ROLES[role]]) != content[role]:
+                    raise CorruptObject(f"model {self.name!r} version {version}: {role} content fails its hash")
+            try:
+                return decode(files, need_training=need_training)
+            except CheckpointError as exc:
+                raise CorruptObject(f"model {self.name!r} version {version}: {exc}") from None
+
+        ckpt = await asyncio.to_thread(check_and_decode)
         if ckpt.content_hash != stored.content_hash:
             raise CorruptObject(f"model {self.name!r} version {version}: manifest does not match the record")
         return ckpt

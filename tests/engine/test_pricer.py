@@ -266,3 +266,15 @@ def test_deep_in_and_out_of_the_money_learned() -> None:
     assert torch.allclose(got["price"], expected, rtol=1e-14, atol=1e-14)
     assert torch.equal(got["gamma"], torch.zeros(n, dtype=F64))
     assert torch.allclose(got["delta"], torch.stack([qdisc[0], 0 * qdisc[0], 0 * qdisc[0], -qdisc[0]]), atol=1e-15)
+
+
+@pytest.mark.parametrize("measure", [m for m in MEASURES if m != "quantiles"])
+def test_each_measure_alone_equals_it_among_all(measure: str) -> None:
+    """Asking for one measure gives what it is among all of them (vega alone once
+    failed: autograd was asked about an input that did not require gradients)."""
+    pricer = SpectralPricer(GBM, SPEC, _perturbed_model())
+    b = _batch(40, seed=31)
+    alone = pricer.evaluate(b, frozenset({measure}))
+    together = pricer.evaluate(b, frozenset(MEASURES) - {"quantiles"})
+    assert set(alone) == {measure}
+    torch.testing.assert_close(alone[measure], together[measure], rtol=1e-12, atol=1e-12)

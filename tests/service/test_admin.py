@@ -8,7 +8,7 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from server_util import CONTRACT, TOKEN, MakeClient
 
@@ -32,6 +32,13 @@ ROUTE_IDS = [r[1] for r in ROUTES]
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+def app_of(client: Client) -> web.Application:
+    """The application behind the test client."""
+    app = client.app
+    assert isinstance(app, web.Application)
+    return app
 
 
 async def assert_error(r: ClientResponse, status: int, code: str, fields: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -92,7 +99,7 @@ async def served(client: Client) -> dict[str, Any]:
 async def commit_versions(client: Client, n: int) -> dict[int, str]:
     """Commit ``n`` distinct versions straight to the store; return version -> content hash
     (version 1 included), once the server serves the new head."""
-    store = client.server.app[keys.HOST].stores["gbm"]
+    store = app_of(client)[keys.HOST].stores["gbm"]
     ckpt = await store.load(1, need_training=True)
     hashes = {1: ckpt.content_hash}
     for i in range(2, n + 2):
@@ -271,7 +278,7 @@ async def test_gc_dry_run_then_collect(make_client: MakeClient) -> None:
 async def test_commit_without_training_409(make_client: MakeClient) -> None:
     client = await make_client()
     await assert_error(await call(client, "POST", "commit", {"message": "x"}), 409, "conflict")
-    head = await client.server.app[keys.HOST].stores["gbm"].head()
+    head = await app_of(client)[keys.HOST].stores["gbm"].head()
     assert head is not None and head.version == 1
 
 
@@ -284,7 +291,7 @@ async def test_commit_with_training(make_client: MakeClient) -> None:
     assert out["content_hash"].startswith("sha256:")
     assert out["serving"]["version"] == 2
     assert await price_identity(client) == {"version": 2, "content_hash": out["content_hash"]}
-    store = client.server.app[keys.HOST].stores["gbm"]
+    store = app_of(client)[keys.HOST].stores["gbm"]
     head = await store.head()
     assert head is not None and (head.version, head.content_hash) == (2, out["content_hash"])
     assert head.record.get("message") == "x"

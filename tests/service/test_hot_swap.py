@@ -39,7 +39,9 @@ def _variant(ckpt: Checkpoint, i: int) -> Checkpoint:
 
 async def test_hot_swap_under_load(make_client: MakeClient) -> None:
     client = await make_client(poll_seconds=0.02)
-    host = client.server.app[keys.HOST]
+    app = client.app
+    assert app is not None
+    host = app[keys.HOST]
     store = host.stores["gbm"]
     base = await store.load(1, need_training=True)
 

@@ -11,7 +11,7 @@ from typing import Any, get_args
 
 import orjson
 import pytest
-from aiohttp import ClientResponse
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from server_util import CONTRACT, MakeClient
 
@@ -24,6 +24,13 @@ METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^
 
 
 # -- helpers -----------------------------------------------------------------------------
+
+
+def app_of(client: Client) -> web.Application:
+    """The application behind the test client."""
+    app = client.app
+    assert isinstance(app, web.Application)
+    return app
 
 
 async def assert_error(r: ClientResponse, status: int, code: str, fields: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -88,7 +95,7 @@ async def ok_json(r: ClientResponse) -> dict[str, Any]:
 
 def block_worker(client: Client, seconds: float) -> asyncio.Future[None]:
     """Occupy the compute worker for ``seconds`` (await the result afterwards)."""
-    fut: asyncio.Future[None] = client.server.app[keys.WORKER].submit(lambda: time.sleep(seconds))
+    fut: asyncio.Future[None] = app_of(client)[keys.WORKER].submit(lambda: time.sleep(seconds))
     return fut
 
 
@@ -129,7 +136,7 @@ async def test_price_ok_order_methods_models_and_echo(make_client: MakeClient) -
 
     models = await ok_json(await client.get("/v1/models"))
     served = {m["name"]: m for m in models["models"]}
-    head = await client.server.app[keys.HOST].stores["gbm"].head()
+    head = await app_of(client)[keys.HOST].stores["gbm"].head()
     assert head is not None and head.version == 1
     assert out["models"] == {"gbm": {"version": 1, "content_hash": served["gbm"]["content_hash"]}}
     assert out["models"]["gbm"]["content_hash"] == head.content_hash
@@ -241,14 +248,15 @@ async def test_body_over_limit_413(make_client: MakeClient) -> None:
 
 async def test_too_many_contracts_413(make_client: MakeClient) -> None:
     client = await make_client()
-    body = {"contracts": [{"id": str(i), "right": "call", "strike": 1, "spot": 1, "expiry_years": 1, "vol": 0.2}
-                          for i in range(MAX_CONTRACTS + 1)]}  # fmt: skip
+    tiny = {"right": "call", "strike": 1, "spot": 1, "expiry_years": 1, "vol": 0.2}
+    body = {"contracts": [{"id": str(i), **tiny} for i in range(MAX_CONTRACTS + 1)]}
     await assert_error(await price(client, body), 413, "too_large", ("contracts",))
 
 
 async def test_contract_by_underlying_422(make_client: MakeClient) -> None:
     client = await make_client()
-    body = {"contracts": [CONTRACT, {"id": "c3", "right": "call", "strike": 4100.0, "underlying": "SPX", "expiry": "2027-06-18"}]}  # fmt: skip
+    by_reference = {"id": "c3", "right": "call", "strike": 4100.0, "underlying": "SPX", "expiry": "2027-06-18"}
+    body = {"contracts": [CONTRACT, by_reference]}
     await assert_error(await price(client, body), 422, "invalid", ("contracts[1]",))
 
 
@@ -318,7 +326,7 @@ async def test_disconnected_client_work_is_dropped(make_client: MakeClient) -> N
     assert await dropped(client, "disconnected") == 0
     blocker = block_worker(client, 1.0)
     payload = orjson.dumps({"contracts": [CONTRACT]})
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    _reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     writer.write(
         b"POST /v1/price HTTP/1.1\r\n"
         + f"Host: {client.server.host}:{client.server.port}\r\n".encode()
@@ -346,14 +354,14 @@ async def test_disconnected_while_queued_counts_as_disconnected(make_client: Mak
     """Work still in the queue (both compute slots busy) when its client leaves is dropped
     and counted under reason="disconnected"."""
     client = await make_client()
-    queue = client.server.app[keys.QUEUE]
+    queue = app_of(client)[keys.QUEUE]
     blocker = block_worker(client, 1.0)
     fillers = []
     for _ in range(2):  # two batches in flight: the next request stays queued
         fillers.append(asyncio.create_task(price(client, {"contracts": [CONTRACT]})))
         await asyncio.sleep(0.05)
     payload = orjson.dumps({"contracts": [{**CONTRACT, "id": "leaver"}]})
-    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
+    _reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     writer.write(
         b"POST /v1/price HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(payload)}\r\n\r\n".encode()
@@ -381,7 +389,7 @@ async def test_disconnected_while_queued_counts_as_disconnected(make_client: Mak
 
 async def test_engine_failure_500_then_unhealthy(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
     client = await make_client()
-    served = client.server.app[keys.HOST].trackers["gbm"].current
+    served = app_of(client)[keys.HOST].trackers["gbm"].current
     assert served is not None
     pricer = served.model.pricer
     assert isinstance(pricer, ModelPricer)
@@ -419,7 +427,7 @@ async def test_models(make_client: MakeClient) -> None:
     assert m["name"] == "gbm"
     assert m["version"] == 1
     assert m["mode"] == "tracking"
-    head = await client.server.app[keys.HOST].stores["gbm"].head()
+    head = await app_of(client)[keys.HOST].stores["gbm"].head()
     assert head is not None
     assert m["content_hash"] == head.content_hash and m["content_hash"].startswith("sha256:")
     names = {r["name"] for r in m["domain"]["ranges"]}
@@ -456,7 +464,7 @@ async def test_openapi_describes_every_route(make_client: MakeClient) -> None:
     assert spec["info"]["title"] and spec["info"]["version"]
     served = {
         (route.method.lower(), route.resource.canonical)
-        for route in client.server.app.router.routes()
+        for route in app_of(client).router.routes()
         if route.resource is not None and route.method not in ("HEAD", "*")
     }
     existing = {rt for rt in CONTRACT_ROUTES if rt in served}

@@ -18,13 +18,14 @@ def _load(name: str) -> ModuleType:
         spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
         assert spec is not None and spec.loader is not None
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
     finally:
         sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("name", ["accuracy_gbm", "speed_gbm", "ablation_gbm", "store"])
+@pytest.mark.parametrize("name", ["accuracy_gbm", "speed_gbm", "ablation_gbm", "store", "server_load"])
 def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = (BENCH.parent / "docs" / "benchmarks.md").read_text()
     plot = tmp_path / f"{name}.png"

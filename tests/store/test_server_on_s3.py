@@ -1,0 +1,76 @@
+"""The server on a real S3 store (SeaweedFS): seeding, pricing, a commit by another
+writer reaching the server by hot swap, and admin pin through S3 refs. The S3
+endpoint and credentials come from the server's own settings (``[s3]``), not from
+AWS_* variables."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+from aiohttp.test_utils import TestClient
+from server_util import CONTRACT, TOKEN, settings_for
+
+from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.service import keys
+from spectralmc_server.service.app import create_app
+from spectralmc_server.service.metrics import Metrics
+from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
+from spectralmc_server.store.versions import VersionStore
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def test_server_seeds_prices_and_swaps_on_s3(
+    tmp_path: Path,
+    s3_settings: S3Settings,
+    make_bucket: Callable[[], str],
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+) -> None:
+    bucket = make_bucket()
+    settings = settings_for(
+        tmp_path,
+        store=f"s3://{bucket}/serving",
+        s3={
+            "endpoint_url": s3_settings.endpoint_url,
+            "region": s3_settings.region,
+            "access_key_id": s3_settings.access_key_id,
+            "secret_access_key": s3_settings.secret_access_key,
+        },
+    )
+    client = await aiohttp_client(create_app(settings, Metrics()))
+
+    r = await client.post("/v1/price", json={"contracts": [CONTRACT]})
+    assert r.status == 200, await r.text()
+    first = await r.json()
+    assert first["models"]["gbm"]["version"] == 1  # the bundled model, seeded into S3
+
+    # Another writer (a trainer elsewhere) commits version 2 straight to S3.
+    async with S3ObjectStore(bucket, "serving", s3_settings) as objects:
+        other = VersionStore(objects, "gbm")
+        ckpt = await other.load(1, need_training=True)
+        scaled = {k: v * 1.001 if v.is_floating_point() else v for k, v in ckpt.model.items()}
+        stored = await other.commit(Checkpoint(ckpt.manifest, scaled, ckpt.training), "from elsewhere")
+    assert stored.version == 2
+
+    for _ in range(100):  # the tracker polls every 0.05 s
+        r = await client.post("/v1/price", json={"contracts": [CONTRACT]})
+        body = await r.json()
+        if body["models"]["gbm"]["version"] == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert body["models"]["gbm"] == {"version": 2, "content_hash": stored.content_hash}
+    assert body["results"][0]["price"] != first["results"][0]["price"]
+
+    r = await client.post("/v1/admin/models/gbm/pin", json={"version": 1}, headers=AUTH)
+    assert r.status == 200, await r.text()
+    r = await client.post("/v1/price", json={"contracts": [CONTRACT]})
+    assert orjson.loads(await r.read()) == first  # version 1 again, exactly
+    r = await client.get("/v1/admin/models/gbm/verify", headers=AUTH)
+    report = await r.json()
+    assert report["ok"] and report["pinned"] == 1 and report["head"] == 2
+    app = client.app
+    assert app is not None and app[keys.HOST].trackers["gbm"].mode == "pinned"

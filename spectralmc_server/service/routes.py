@@ -99,7 +99,8 @@ async def price(request: web.Request) -> web.Response:
 
     future = app[keys.QUEUE].submit(req, timeout=timeout, connected=connected)
     try:
-        answer = await asyncio.wait_for(future, timeout)
+        async with asyncio.timeout(timeout):  # cancels the future: the queue then skips it
+            answer = await future
     except TimeoutError:
         raise DeadlineExceeded(f"no answer within the {timeout:g} s deadline") from None
     return web.Response(body=dumps(answer), content_type="application/json")

@@ -116,19 +116,30 @@ class SpectralPricer:
         max_levels: int = 64,
         holder: str = "spectral pricer",
         cf_chunk: int = CF_CHUNK,
+        working_bytes: int | None = None,
     ) -> None:
         self.process = process
         self.spectrum = spectrum
         self.raw_cf = cf
         self.cf_chunk = cf_chunk
+        self.row_cap = max_rows
         per_row = bytes_per_row(spectrum, max_levels)
         if budget is not None:
             max_rows = min(max_rows, budget.cap_bytes // per_row)
             if max_rows < 1:
                 budget.reserve(holder, per_row)  # raises with the budget's message
             budget.reserve(holder, max_rows * per_row)
+            working_bytes = max_rows * per_row
         self.max_rows = max_rows
         self.max_levels = max_levels
+        # The working set a chunk may use: a chunk holds as many rows as fit for the
+        # quantile levels actually asked for (price-only chunks are ~17x larger).
+        self.working_bytes = working_bytes
+
+    def rows_per_chunk(self, n_levels: int) -> int:
+        if self.working_bytes is None:
+            return self.max_rows
+        return max(1, min(self.row_cap, self.working_bytes // bytes_per_row(self.spectrum, n_levels)))
 
     def evaluate(
         self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
@@ -136,11 +147,11 @@ class SpectralPricer:
         if levels is not None and levels.numel() > self.max_levels:
             raise ValueError(f"at most {self.max_levels} quantile levels, got {levels.numel()}")
         n = len(batch)
-        if n <= self.max_rows:
+        rows = self.rows_per_chunk(levels.numel() if levels is not None and "quantiles" in measures else 0)
+        if n <= rows:
             return self._evaluate(batch, measures, levels)
         parts = [
-            self._evaluate(batch.select(torch.arange(i, min(i + self.max_rows, n))), measures, levels)
-            for i in range(0, n, self.max_rows)
+            self._evaluate(batch.select(torch.arange(i, min(i + rows, n))), measures, levels) for i in range(0, n, rows)
         ]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -329,6 +340,7 @@ def load_served_model(
     budget: MemoryBudget | None = None,
     device: torch.device | None = None,
     max_rows: int = 16384,
+    working_bytes: int | None = None,
 ) -> ServedModel:
     """Build the served (EMA) network of a checkpoint and wrap it in a pricer."""
     desc = ckpt.manifest["model"]
@@ -349,6 +361,7 @@ def load_served_model(
         model,
         budget=budget,
         max_rows=max_rows,
+        working_bytes=working_bytes,
         holder=f"inference ({label} {ckpt.content_hash[:19]})",
     )
     return ServedModel(

@@ -61,7 +61,7 @@ class ModelHost:
                 if holder.startswith(f"{name} v") and holder not in keep:
                     self.budgets.model_cache.release(holder)
             self.budgets.model_cache.reserve(f"{name} v{version}", nbytes)
-            return load_served_model(ckpt, name=name, version=version, max_rows=max_rows)
+            return load_served_model(ckpt, name=name, version=version, working_bytes=max_rows * per_row)
 
         return load
 

@@ -278,3 +278,20 @@ def test_each_measure_alone_equals_it_among_all(measure: str) -> None:
     together = pricer.evaluate(b, frozenset(MEASURES) - {"quantiles"})
     assert set(alone) == {measure}
     torch.testing.assert_close(alone[measure], together[measure], rtol=1e-12, atol=1e-12)
+
+
+def test_chunk_size_follows_the_levels_asked_for() -> None:
+    """A working set sized for 64 quantile levels holds ~17x more price-only rows, and
+    the answers do not depend on how the rows were chunked."""
+    from spectralmc_server.engine.pricer import bytes_per_row
+
+    work = 10 * bytes_per_row(SPEC, 64)
+    small = SpectralPricer(GBM, SPEC, _perturbed_model(), working_bytes=work)
+    assert small.rows_per_chunk(64) == 10
+    assert small.rows_per_chunk(0) == work // bytes_per_row(SPEC, 0) > 100
+    b = _batch(250, seed=41)
+    levels = torch.tensor([0.1, 0.9], dtype=torch.float64)
+    whole = SpectralPricer(GBM, SPEC, _perturbed_model()).evaluate(b, frozenset({"price", "quantiles"}), levels)
+    chunked = small.evaluate(b, frozenset({"price", "quantiles"}), levels)
+    for m in ("price", "quantiles"):
+        assert torch.equal(whole[m], chunked[m])

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     max_request_timeout_seconds: float = Field(60.0, gt=0)  # cap on a client's X-Request-Timeout
     shutdown_timeout_seconds: float = Field(30.0, gt=0)  # drain limit at graceful shutdown
     torch_threads: int | None = Field(None, ge=1)  # intra-op threads of the worker (None: torch's)
+    # Python's cyclic GC: after start-up, freeze what is loaded (models, modules) so full
+    # collections stop rescanning it, and collect the young generation less often.
+    # Measured: p99 latency 167 ms -> 47 ms under single-contract load (docs/benchmarks.md).
+    gc_freeze: bool = True
+    gc_gen0_threshold: int = Field(50_000, ge=100)  # Python's default is 700
     queue: QueueSettings = QueueSettings()
     train: TrainSettings = TrainSettings()
     budgets: BudgetConfig = BudgetConfig()

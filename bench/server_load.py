@@ -195,14 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = 1.0 if args.quick else args.seconds
     rows: list[list[object]] = []
-    results: dict[str, Load] = {}
     scenarios = [("single", 1, 64), ("batch 1,000", 1000, 8)]
+    soak_samples: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with server("hello", work, False) as (url, pid):
             for name, n, conns in scenarios:
                 load = wrk(url, body(n), conns, seconds, work, pid)
-                results[f"hello {name}"] = load
                 rows.append(
                     [
                         "aiohttp hello world",
@@ -225,7 +224,6 @@ def main(argv: list[str] | None = None) -> int:
                     wrk(url, body(n), conns, min(seconds, 2.0), work, pid)  # warm-up
                     load = wrk(url, body(n), conns, seconds, work, pid)
                     label = f"spectralmc {'training' if training else 'serving only'}"
-                    results[f"{label} {name}"] = load
                     rows.append(
                         [
                             label,
@@ -240,9 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                             f"{load.rss_peak / 2**20:.0f}",
                         ]
                     )
-                soak_samples = soak(url, pid, args.soak_minutes, work) if args.soak_minutes and not training else []
-                if soak_samples:
-                    results["soak"] = Load(0, 0, 0, 0, max(r for _, r in soak_samples))
+                if args.soak_minutes and not training and not args.quick:
+                    soak_samples = soak(url, pid, args.soak_minutes, work)
     headers = [
         "server",
         "requests",
@@ -258,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     text = table(headers, rows)
     print(text)
     soak_text = ""
-    if args.soak_minutes and not args.quick and soak_samples:
+    if soak_samples:
         warm = [r for t, r in soak_samples if t >= 60.0] or [r for _, r in soak_samples]
         soak_text = (
             f"\n\nSoak: {args.soak_minutes:g} min of single-contract load at concurrency 64, RSS sampled every 5 s: "
@@ -266,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(first sample after warm-up {warm[0] / 2**20:.1f} MiB, last {warm[-1] / 2**20:.1f} MiB)."
         )
         print(soak_text.strip())
-    _plot(rows, soak_samples if args.soak_minutes else [], args.plot)
+    _plot(rows, soak_samples, args.plot)
     print(f"plot: {args.plot}")
     if args.record and not args.quick:
         rel = args.plot.resolve().relative_to(ROOT / "docs")

@@ -487,6 +487,7 @@ def _serve(args: argparse.Namespace) -> int:
         raise UsageError(f"store: {exc}") from None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_malformed_http_one_line)
     log = logging.getLogger("spectralmc_server")
     log.info("role %s, store %s, models %s", settings.role, settings.store_uri, ", ".join(settings.models))
     try:
@@ -501,6 +502,18 @@ def _serve(args: argparse.Namespace) -> int:
     except OSError as exc:  # address in use, permission denied
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
     return EXIT_OK
+
+
+def _malformed_http_one_line(record: Any) -> bool:
+    """aiohttp logs a request it cannot parse (a client's fault, answered 400) with a
+    traceback; keep one warning line instead."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg, record.args, record.exc_info, record.exc_text = "malformed HTTP request: %s", (exc,), None, None
+        record.levelno, record.levelname = 30, "WARNING"
+    return True
 
 
 def _served_from_store(uri: str, model: str) -> Any:

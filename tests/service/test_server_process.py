@@ -369,3 +369,19 @@ def test_settings_from_toml_and_env(serve: Serve, tmp_path: Path) -> None:
     assert metric_value(text.decode(), 'spectralmc_queue_capacity{unit="requests"}') == 77
     status, raw = http("GET", f"{server.url}/readyz")
     assert status == 200 and json.loads(raw)["training"] is None, raw
+
+
+def test_malformed_http_is_a_400_and_one_log_line(serve: Serve) -> None:
+    """A request aiohttp cannot parse is the client's fault: 400, and one warning line in
+    the log rather than a traceback."""
+    server = serve()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: a\x00b\r\n\r\n")
+        reply = sock.recv(4096)
+    assert reply.split(b" ", 2)[1] == b"400", reply[:200]
+    with urllib.request.urlopen(f"{server.url}/healthz", timeout=10) as r:  # still serving
+        assert r.status == 200
+    server.stop()
+    log = server.log.read_text()
+    assert "malformed HTTP request" in log
+    assert "Traceback" not in log, log

@@ -27,37 +27,29 @@ class RequestError(ValueError):
         self.reason = reason
 
 
-def _batch(contracts: list[Contract], param_names: tuple[str, ...]) -> OptionBatch:
-    """Explicit contracts as one batch; one pass over the contracts (this runs per
-    contract on the serving path, so it avoids per-field method calls)."""
-    rows: list[tuple[Any, ...]]
-    if param_names == ("vol",):  # GBM: vol as a field or in params
-        rows = [
-            (
-                c.spot,
-                c.strike,
-                c.expiry_years,
-                c.rate or 0.0,
-                c.dividend or 0.0,
-                c.right == "call",
-                c.vol if c.vol is not None else (c.params or {})["vol"],
-            )
-            for c in contracts
-        ]
-    else:
-        rows = [
-            (
-                c.spot,
-                c.strike,
-                c.expiry_years,
-                c.rate or 0.0,
-                c.dividend or 0.0,
-                c.right == "call",
-                *(c.process_params()[n] for n in param_names),
-            )
-            for c in contracts
-        ]
-    table = torch.tensor(rows, dtype=torch.float64).reshape(len(contracts), 6 + len(param_names))  # (n, 6 + P)
+def _params(c: Contract, names: tuple[str, ...]) -> tuple[float, ...]:
+    if names == ("vol",):  # GBM, the hot path: vol as a field or in params
+        return (c.vol if c.vol is not None else (c.params or {})["vol"],)
+    given = c.process_params()
+    return tuple(given[n] for n in names)
+
+
+def _batch(contracts: list[Contract], names: tuple[str, ...]) -> OptionBatch:
+    """Explicit contracts as one batch, in one pass (this runs per contract on the
+    serving path, so it avoids per-field method calls)."""
+    rows = [
+        (
+            c.spot,
+            c.strike,
+            c.expiry_years,
+            c.rate or 0.0,
+            c.dividend or 0.0,
+            c.right == "call",
+            *_params(c, names),
+        )
+        for c in contracts
+    ]
+    table = torch.tensor(rows, dtype=torch.float64).reshape(len(contracts), 6 + len(names))  # (n, 6 + P)
     return OptionBatch(
         spot=table[:, 0],
         strike=table[:, 1],

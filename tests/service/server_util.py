@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
 from spectralmc_server.settings import Settings
@@ -22,7 +24,8 @@ from spectralmc_server.settings import Settings
 TOKEN = "s3cret-admin-token"
 CONTRACT = {"id": "c1", "right": "call", "strike": 105.0, "spot": 100.0, "expiry_years": 0.5, "vol": 0.25}
 
-MakeClient = Callable[..., Awaitable[TestClient[Any, Any]]]
+Client = TestClient[Any, Any]
+MakeClient = Callable[..., Awaitable[Client]]
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
@@ -85,3 +88,30 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, 
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not ready within {timeout} s:\n{log.read_text()}")
+
+
+def app_of(client: Client) -> web.Application:
+    """The application behind the test client."""
+    app = client.app
+    assert isinstance(app, web.Application)
+    return app
+
+
+async def assert_error(r: ClientResponse, status: int, code: str, fields: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The response is a JSON error ``{"error": {"code", "message", "details"}}`` with this
+    status and code, and its details name every field in ``fields``."""
+    text = await r.text()
+    assert r.status == status, text
+    assert r.content_type == "application/json", (r.content_type, text)
+    body = orjson.loads(text)
+    assert set(body) == {"error"}, body
+    err = body["error"]
+    assert set(err) == {"code", "message", "details"}, err
+    assert err["code"] == code, err
+    assert isinstance(err["message"], str) and err["message"], err
+    assert isinstance(err["details"], list), err
+    named = {d.get("field") for d in err["details"]}
+    for f in fields:
+        assert f in named, (f, err["details"])
+    error: dict[str, Any] = err
+    return error

@@ -8,9 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
-from server_util import CONTRACT, TOKEN, MakeClient
+from server_util import CONTRACT, TOKEN, MakeClient, app_of, assert_error
 
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.service import keys
@@ -32,32 +32,6 @@ ROUTE_IDS = [r[1] for r in ROUTES]
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def app_of(client: Client) -> web.Application:
-    """The application behind the test client."""
-    app = client.app
-    assert isinstance(app, web.Application)
-    return app
-
-
-async def assert_error(r: ClientResponse, status: int, code: str, fields: tuple[str, ...] = ()) -> dict[str, Any]:
-    """A JSON error ``{"error": {"code", "message", "details"}}`` naming ``fields``."""
-    text = await r.text()
-    assert r.status == status, text
-    assert r.content_type == "application/json", (r.content_type, text)
-    body = orjson.loads(text)
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"code", "message", "details"}, err
-    assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"], err
-    assert isinstance(err["details"], list), err
-    named = {d.get("field") for d in err["details"]}
-    for f in fields:
-        assert f in named, (f, err["details"])
-    error: dict[str, Any] = err
-    return error
 
 
 async def ok_json(r: ClientResponse, status: int = 200) -> dict[str, Any]:

@@ -11,9 +11,9 @@ from typing import Any, get_args
 
 import orjson
 import pytest
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
-from server_util import CONTRACT, MakeClient
+from server_util import CONTRACT, MakeClient, app_of, assert_error
 
 from spectralmc_server.engine.pricer import ModelPricer
 from spectralmc_server.service import keys
@@ -24,33 +24,6 @@ METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^
 
 
 # -- helpers -----------------------------------------------------------------------------
-
-
-def app_of(client: Client) -> web.Application:
-    """The application behind the test client."""
-    app = client.app
-    assert isinstance(app, web.Application)
-    return app
-
-
-async def assert_error(r: ClientResponse, status: int, code: str, fields: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The response is a JSON error ``{"error": {"code", "message", "details"}}`` with this
-    status and code, and its details name every field in ``fields``."""
-    text = await r.text()
-    assert r.status == status, text
-    assert r.content_type == "application/json", (r.content_type, text)
-    body = orjson.loads(text)
-    assert set(body) == {"error"}, body
-    err = body["error"]
-    assert set(err) == {"code", "message", "details"}, err
-    assert err["code"] == code, err
-    assert isinstance(err["message"], str) and err["message"], err
-    assert isinstance(err["details"], list), err
-    named = {d.get("field") for d in err["details"]}
-    for f in fields:
-        assert f in named, (f, err["details"])
-    error: dict[str, Any] = err
-    return error
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

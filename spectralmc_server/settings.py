@@ -49,6 +49,7 @@ class TrainSettings(BaseModel):
     enabled: bool = True  # False: role all serves only (a laptop that should stay quiet)
     model: str = "gbm"  # the model trained (resumed from its served version's state)
     validate_every: int = Field(500, ge=1)  # steps between validations
+    idle_gap_seconds: float = Field(0.05, ge=0, le=60)  # train only after this long without a batch
     commit_every_seconds: float | None = Field(600.0, gt=0)  # auto-commit period (None: never)
     commit_if_improved: bool = True  # skip auto-commits that do not lower validation p95
     commit_on_shutdown: bool = False  # commit the training state at graceful shutdown

@@ -171,7 +171,7 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     training = await _training(app)
     if training is not None:
         app[keys.TRAINING] = training
-    worker = ComputeWorker(app[keys.METRICS], training, s.torch_threads)
+    worker = ComputeWorker(app[keys.METRICS], training, s.torch_threads, s.train.idle_gap_seconds)
     app[keys.WORKER] = worker
     worker.start()
     yield

@@ -95,10 +95,20 @@ class OnlineTraining:
 class ComputeWorker:
     """Runs submitted callables first and training steps in the gaps, on one thread."""
 
-    def __init__(self, metrics: Metrics, training: OnlineTraining | None = None, torch_threads: int | None = None):
+    def __init__(
+        self,
+        metrics: Metrics,
+        training: OnlineTraining | None = None,
+        torch_threads: int | None = None,
+        idle_gap_seconds: float = 0.0,
+    ):
         self.metrics = metrics
         self.training = training
         self.torch_threads = torch_threads
+        # A training step starts only after this long without a job: under sustained
+        # load the CPU (and the GIL) goes to serving, and training resumes in the lulls.
+        self.idle_gap_seconds = idle_gap_seconds
+        self._last_job_end = 0.0
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="compute-worker", daemon=True)
         self._stopping = False
@@ -141,10 +151,17 @@ class ComputeWorker:
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)
         while True:
+            training = self._training_on()
+            lull = time.monotonic() - self._last_job_end
             try:
-                item = self._jobs.get_nowait() if self._training_on() else self._jobs.get(timeout=0.5)
+                if not training:
+                    item = self._jobs.get(timeout=0.5)
+                elif lull >= self.idle_gap_seconds:
+                    item = self._jobs.get_nowait()
+                else:  # wait out the rest of the gap, unless a job comes first
+                    item = self._jobs.get(timeout=self.idle_gap_seconds - lull)
             except queue.Empty:
-                if self._training_on():
+                if training and time.monotonic() - self._last_job_end >= self.idle_gap_seconds:
                     self._train_step()
                 continue
             if item is None:
@@ -161,6 +178,7 @@ class ComputeWorker:
                 cf.set_exception(exc)
             finally:
                 self.busy_since = None
+                self._last_job_end = time.monotonic()
 
     def _train_step(self) -> None:
         assert self.training is not None

@@ -59,6 +59,9 @@ async def commit_many(spec: dict[str, Any], name: str, files_dirs: list[str], fo
 
     objects = await open_objects(spec)
     vs = VersionStore(objects, name)
+    if forever:  # tell the parent the imports and the connection are done: commits start now
+        sys.stdout.write("ready\n")
+        sys.stdout.flush()
     done: list[int] = []
     try:
         while True:

@@ -428,10 +428,13 @@ def test_committers_killed_at_random_points_leave_a_sound_store(backend: Backend
         child = subprocess.Popen(
             [sys.executable, str(STORE_UTIL), orjson.dumps(s).decode(), "m", *d],
             env=env,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
-        time.sleep(0.3 + rng.uniform(0.0, 0.6))  # start-up, then a random point mid-commit
+        # Wait for the child to be committing (its start-up time depends on the machine),
+        # then kill it at a random point: mid-upload, mid-claim or between commits.
+        assert child.stdout is not None and child.stdout.readline() == b"ready\n", child.stderr
+        time.sleep(rng.uniform(0.0, 0.4))
         child.send_signal(signal.SIGKILL)
         child.wait(30)
         assert child.returncode == -signal.SIGKILL, child.stderr.read() if child.stderr else b""

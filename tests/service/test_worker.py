@@ -90,6 +90,7 @@ async def test_a_failing_training_step_makes_the_engine_dead() -> None:
 async def test_stop_finishes_queued_jobs() -> None:
     worker = ComputeWorker(Metrics())
     worker.start()
+
     def slow(i: int) -> int:
         time.sleep(0.01)
         return i

@@ -151,7 +151,10 @@ def wrk(url: str, payload: bytes, connections: int, seconds: float, workdir: Pat
         peak = max(peak, rss_bytes(pid))
         time.sleep(0.25)
     out = proc.stdout.read() if proc.stdout else ""
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if found is None:
+        raise RuntimeError(f"wrk printed no Requests/sec line:\n{out}")
+    rps = float(found.group(1))
     lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", out, re.M))
     bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     errors = re.search(r"Socket errors:.*", out)
@@ -279,9 +282,9 @@ def _plot(rows: list[list[object]], soak: list[tuple[float, int]], path: Path) -
 
     fig, axes = plt.subplots(1, 3 if soak else 2, figsize=(15 if soak else 10, 4))
     labels = [f"{r[0]}\n{r[1]}" for r in rows]
-    axes[0].barh(labels, [float(r[4]) for r in rows])  # type: ignore[arg-type]
+    axes[0].barh(labels, [float(str(r[4])) for r in rows])
     axes[0].set_xlabel("requests/s")
-    axes[1].barh(labels, [float(r[7]) for r in rows])  # type: ignore[arg-type]
+    axes[1].barh(labels, [float(str(r[7])) for r in rows])
     axes[1].set_xlabel("p99 latency (ms)")
     axes[1].set_yticks([])
     if soak:

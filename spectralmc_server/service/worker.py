@@ -78,7 +78,14 @@ class OnlineTraining:
         if not t.history or t.history[-1].step != t.step:
             t.validate()
         self.commits += 1
-        return t.checkpoint({"command": f"spectralmc serve (online training of {self.model})"})
+        ckpt = t.checkpoint({"command": f"spectralmc serve (online training of {self.model})"})
+        # The trainer's state dicts alias its live tensors, which the next step updates in
+        # place while the event loop encodes this checkpoint: commit copies.
+        return Checkpoint(
+            ckpt.manifest,
+            {k: v.detach().clone() for k, v in ckpt.model.items()},
+            {k: v.detach().clone() for k, v in ckpt.training.items()},
+        )
 
     def state(self) -> TrainingState:
         t = self.trainer

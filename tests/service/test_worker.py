@@ -9,6 +9,7 @@ import threading
 import time
 
 import pytest
+import torch
 
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.worker import ComputeWorker, EngineDead, OnlineTraining
@@ -100,3 +101,25 @@ async def test_stop_finishes_queued_jobs() -> None:
     assert [await f for f in futures] == list(range(5))
     with pytest.raises(EngineDead):
         worker.submit(lambda: None)
+
+
+def test_online_checkpoint_is_a_copy_not_the_live_weights() -> None:
+    """The checkpoint handed to the event loop for committing must not change when the
+    worker's next training step updates the weights in place."""
+    from spectralmc_server.engine.trainer import TrainConfig, Trainer
+    from spectralmc_server.store.commits import CommitPolicy
+
+    config = TrainConfig(batch_points=4, paths=64, validate_every=1000, validation_grid=2)
+    trainer = Trainer(config)
+    try:
+        training = OnlineTraining("gbm", trainer, CommitPolicy(), lambda ck, msg: None)
+        training.step()
+        ckpt = training.checkpoint()
+        frozen = {k: v.clone() for k, v in ckpt.model.items()}
+        for _ in range(3):
+            training.step()
+        assert all(torch.equal(ckpt.model[k], frozen[k]) for k in frozen)
+        live = trainer.ema.state_dict()
+        assert any(not torch.equal(live[k], frozen[k]) for k in frozen)  # training did move on
+    finally:
+        trainer.close()

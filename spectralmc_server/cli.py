@@ -470,6 +470,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from spectralmc_server.service.app import create_app
     from spectralmc_server.settings import Settings
+    from spectralmc_server.store.objects import StoreError
     from spectralmc_server.store.uri import InvalidStoreURI, parse_store_uri
 
     if args.config is not None and not args.config.is_file():
@@ -501,6 +502,9 @@ def _serve(args: argparse.Namespace) -> int:
         )
     except OSError as exc:  # address in use, permission denied
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    except StoreError as exc:  # the store is unreachable or refuses us: the environment, not a bug
+        print(f"error: cannot start: model store {settings.store_uri}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 

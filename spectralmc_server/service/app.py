@@ -109,7 +109,12 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         app[keys.OBJECTS], list(s.models), app[keys.BUDGETS], poll_seconds=s.poll_seconds, seed_bundled=s.seed_bundled
     )
     app[keys.HOST] = host
-    await host.start()
+    try:
+        await host.start()
+    except BaseException:  # aiohttp cleans up no context when start-up fails: close the store here
+        await host.stop()
+        await app[keys.OBJECTS].close()
+        raise
     yield
     await host.stop()
 

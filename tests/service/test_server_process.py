@@ -385,3 +385,25 @@ def test_malformed_http_is_a_400_and_one_log_line(serve: Serve) -> None:
     log = server.log.read_text()
     assert "malformed HTTP request" in log
     assert "Traceback" not in log, log
+
+
+def test_serve_with_an_unreachable_store_exits_1_with_one_line(tmp_path: Path) -> None:
+    """The store is down at start-up: exit 1 with one line naming the store, no
+    traceback and no unclosed-session noise."""
+    port = free_port()
+    dead = free_port()  # nothing listens there
+    env = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{dead}",
+        "AWS_ACCESS_KEY_ID": "x",
+        "AWS_SECRET_ACCESS_KEY": "y",
+        "AWS_REGION": "us-east-1",
+        "SPECTRALMC_TRAIN__ENABLED": "false",
+    }
+    cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--port", str(port)]
+    cmd += ["--store", "s3://absent-bucket/p", "--data-dir", str(tmp_path / "d"), "--log-level", "warning"]
+    r = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: cannot start: model store s3://absent-bucket/p"), r.stderr
+    assert "Traceback" not in r.stderr and "Unclosed" not in r.stderr, r.stderr

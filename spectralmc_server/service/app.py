@@ -168,7 +168,7 @@ async def _training(app: web.Application) -> OnlineTraining | None:
         loop.call_soon_threadsafe(schedule)
 
     life.training_note = None
-    return OnlineTraining(s.train.model, trainer, policy, publish, base_version=head.version)
+    return OnlineTraining(s.train.model, trainer, policy, publish)
 
 
 async def worker_ctx(app: web.Application) -> AsyncIterator[None]:

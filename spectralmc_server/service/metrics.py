@@ -8,7 +8,7 @@ somewhere (model versions, budgets, training progress) is read at scrape time by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -178,10 +178,3 @@ class Metrics:
 
     def add_state(self, source: StateSource) -> None:
         self.registry.register(StateCollector(source))
-
-
-def metric_names(registry: CollectorRegistry) -> Iterable[str]:
-    """Every sample name the registry exposes now."""
-    for metric in registry.collect():
-        for sample in metric.samples:
-            yield sample.name

@@ -51,13 +51,11 @@ class OnlineTraining:
         trainer: Trainer,
         policy: CommitPolicy,
         publish: Callable[[Checkpoint, str], None],
-        base_version: int | None = None,
     ) -> None:
         self.model = model
         self.trainer = trainer
         self.policy = policy
         self.publish = publish
-        self.base_version = base_version  # the version training resumed from
         self.commits = 0
         self.enabled = True
 
@@ -120,7 +118,6 @@ class ComputeWorker:
         self._thread = threading.Thread(target=self._run, name="compute-worker", daemon=True)
         self._stopping = False
         self.failure: str | None = None
-        self.busy_since: float | None = None  # monotonic time the current job or step began
 
     @property
     def alive(self) -> bool:
@@ -178,23 +175,18 @@ class ComputeWorker:
             fn, cf = item
             if not cf.set_running_or_notify_cancel():
                 continue
-            self.busy_since = time.monotonic()
             try:
                 cf.set_result(fn())
             except BaseException as exc:
                 cf.set_exception(exc)
             finally:
-                self.busy_since = None
                 self._last_job_end = time.monotonic()
 
     def _train_step(self) -> None:
         assert self.training is not None
         t0 = time.perf_counter()
-        self.busy_since = time.monotonic()
         try:
             self.training.step()
         except Exception as exc:
             self.mark_failed(f"training step failed: {type(exc).__name__}: {exc}")
-        finally:
-            self.busy_since = None
         self.metrics.training_step_seconds.observe(time.perf_counter() - t0)

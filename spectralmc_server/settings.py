@@ -11,14 +11,16 @@ from __future__ import annotations
 import os
 import tomllib
 from contextvars import ContextVar
+from datetime import date
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
+from spectralmc_server.service.schemas import Contract, Measure
 
 _TOML: ContextVar[dict[str, Any] | None] = ContextVar("spectralmc_settings_toml", default=None)
 
@@ -54,6 +56,90 @@ class TrainSettings(BaseModel):
     commit_if_improved: bool = True  # skip auto-commits that do not lower validation p95
     commit_on_shutdown: bool = False  # commit the training state at graceful shutdown
     device: DeviceName = "cpu"
+
+
+class MarketDataSettings(BaseModel):
+    """Snapshots: the cache of loaded snapshots, and who may write them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    cache_entries: int = Field(64, ge=1)  # resolved snapshots kept in memory (content is immutable)
+    poll_seconds: float = Field(1.0, gt=0)  # how often streams look for snapshots put through other replicas
+    write_token: SecretStr | None = None  # set: PUT needs "Authorization: Bearer <token>"; unset: open
+
+
+class StreamSettings(BaseModel):
+    """WebSocket /v1/stream limits (per connection unless said otherwise)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    heartbeat_seconds: float = Field(20.0, gt=0)  # ping period; no pong within half of it closes
+    max_connections: int = Field(10_000, ge=1)  # per server; past it the upgrade answers 503
+    max_subscriptions: int = Field(100, ge=1)
+    max_contracts: int = Field(2_000, ge=1)  # summed over a connection's subscriptions
+    max_message_bytes: int = Field(1 << 20, ge=1024)  # a larger client message closes the socket (1009)
+    min_interval_seconds: float = Field(0.1, gt=0)  # the fastest interval a subscription may ask for
+    send_timeout_seconds: float = Field(30.0, gt=0)  # a send blocked this long closes a stalled client
+    control_queue: int = Field(32, ge=1)  # queued error messages per connection (oldest dropped past it)
+
+
+def _measures(*names: Measure) -> list[Measure]:
+    return list(names)
+
+
+class UISettings(BaseModel):
+    """What the live page at /ui subscribes to."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespace: str = "default"
+    portfolio: str = "demo"  # a name in [portfolios]
+    measures: list[Measure] = Field(default_factory=lambda: _measures("price", "delta", "vega"), min_length=1)
+
+
+class PriceJob(BaseModel):
+    """Every ``every_seconds``: price ``portfolio`` at the namespace's latest snapshot and
+    publish it to stream topic ``topic`` (default: the job's name)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["price"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+    every_seconds: float = Field(gt=0)
+    namespace: str = "default"
+    portfolio: str
+    topic: str | None = None
+    measures: list[Measure] = Field(default_factory=lambda: _measures("price"), min_length=1)
+
+
+class DeriveJob(BaseModel):
+    """Every ``every_seconds``: build a new snapshot from the namespace's latest one (for
+    ``implied_vol_surface``: a vol surface per ``underlyings`` from its option quotes),
+    stored with a later data_asof and its lineage. A latest snapshot this job made
+    itself is left alone (nothing new to derive from)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["derive"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
+    every_seconds: float = Field(gt=0)
+    namespace: str = "default"
+    derive: Literal["implied_vol_surface"] = "implied_vol_surface"
+    underlyings: list[str] = Field(min_length=1)
+    strike_kind: Literal["strike", "moneyness"] = "strike"
+
+
+Job = Annotated[PriceJob | DeriveJob, Field(discriminator="kind")]
+
+
+def _demo_portfolio() -> dict[str, list[Contract]]:
+    return {
+        "demo": [
+            Contract(id="demo-call-1y", right="call", strike=100.0, underlying="DEMO", expiry=date(2027, 12, 17)),
+            Contract(id="demo-put-1y", right="put", strike=90.0, underlying="DEMO", expiry=date(2027, 12, 17)),
+            Contract(id="demo-call-2y", right="call", strike=110.0, underlying="DEMO", expiry=date(2028, 12, 15)),
+        ]
+    }
 
 
 class S3Config(BaseModel):
@@ -106,11 +192,25 @@ class Settings(BaseSettings):
     queue: QueueSettings = QueueSettings()
     train: TrainSettings = TrainSettings()
     budgets: BudgetConfig = BudgetConfig()
+    marketdata: MarketDataSettings = MarketDataSettings()
+    stream: StreamSettings = StreamSettings()
+    ui: UISettings = UISettings()
+    portfolios: dict[str, list[Contract]] = Field(default_factory=_demo_portfolio)  # named books (jobs, /ui)
+    jobs: list[Job] = Field(default_factory=list)  # declarative real-time work, see config/jobs.toml
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.role == "train" and self.train.model not in self.models:
             raise ValueError(f"train.model {self.train.model!r} must be one of models {self.models}")
+        names = [j.name for j in self.jobs]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"job names must be unique; repeated: {', '.join(dupes)}")
+        for job in self.jobs:
+            if isinstance(job, PriceJob) and job.portfolio not in self.portfolios:
+                raise ValueError(f"job {job.name!r} prices portfolio {job.portfolio!r}, which is not in [portfolios]")
+        if self.ui.portfolio not in self.portfolios:
+            raise ValueError(f"ui.portfolio {self.ui.portfolio!r} is not in [portfolios]")
         return self
 
     @property

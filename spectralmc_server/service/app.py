@@ -1,7 +1,8 @@
 """The aiohttp application: ``create_app(settings)`` builds it, nothing happens at import.
 
 Resources start in order and stop in reverse, each a ``cleanup_ctx``: object store ->
-models (seed, trackers) -> compute worker (and online training) -> valuation queue.
+market data -> models (seed, trackers) -> compute worker (and online training) ->
+valuation queue -> stream hub -> declared jobs -> GC tuning.
 Graceful shutdown (SIGTERM/SIGINT): readiness fails at once, new work gets 503,
 queued and in-flight requests are answered, the worker finishes its jobs, and the
 training state is committed when ``train.commit_on_shutdown`` is set.
@@ -15,6 +16,7 @@ import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -22,14 +24,26 @@ from aiohttp import web
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine.trainer import Trainer
-from spectralmc_server.service import admin, keys, routes
-from spectralmc_server.service.errors import APIError, MethodNotAllowed, NotFound, TooLarge, UnsupportedMediaType
+from spectralmc_server.marketdata.store import SnapshotStore
+from spectralmc_server.service import admin, keys, routes, snapshot_routes
+from spectralmc_server.service.errors import (
+    APIError,
+    DeadlineExceeded,
+    MethodNotAllowed,
+    NotFound,
+    TooLarge,
+    UnsupportedMediaType,
+)
+from spectralmc_server.service.jobs import Schedule, derive_action, price_action
+from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics, StateSource, TrainingState
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.openapi import build_openapi, docs_page
 from spectralmc_server.service.queue import ValuationQueue
+from spectralmc_server.service.schemas import PriceRequest
+from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
-from spectralmc_server.settings import Settings
+from spectralmc_server.settings import PriceJob, Settings
 from spectralmc_server.store.commits import CommitPolicy
 from spectralmc_server.store.s3 import S3Settings
 from spectralmc_server.store.uri import open_store
@@ -101,6 +115,12 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[keys.OBJECTS] = objects
     yield
     await objects.close()
+
+
+async def marketdata_ctx(app: web.Application) -> AsyncIterator[None]:
+    s = app[keys.SETTINGS]
+    app[keys.MARKETDATA] = MarketData(SnapshotStore(app[keys.OBJECTS], s.marketdata.cache_entries), app[keys.METRICS])
+    yield
 
 
 async def models_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -198,7 +218,9 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
-    queue = ValuationQueue(app[keys.SETTINGS].queue, app[keys.WORKER], app[keys.HOST], app[keys.METRICS])
+    queue = ValuationQueue(
+        app[keys.SETTINGS].queue, app[keys.WORKER], app[keys.HOST], app[keys.METRICS], app[keys.MARKETDATA]
+    )
     app[keys.QUEUE] = queue
     task = asyncio.create_task(queue.run(), name="valuation-queue")
     app[keys.LIFECYCLE].started = True
@@ -208,6 +230,66 @@ async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
     with contextlib.suppress(asyncio.CancelledError):
         await task
     await queue.stop()
+
+
+def _pricer(app: web.Application) -> Callable[[PriceRequest], Awaitable[dict[str, Any]]]:
+    """Pricing for streams and jobs: through the queue, like /v1/price."""
+    timeout = app[keys.SETTINGS].request_timeout_seconds
+
+    async def price(request: PriceRequest) -> dict[str, Any]:
+        future = app[keys.QUEUE].submit(request, timeout=timeout, connected=lambda: True)
+        try:
+            async with asyncio.timeout(timeout):
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within the {timeout:g} s deadline") from None
+
+    return price
+
+
+async def stream_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The stream hub: requotes on new snapshots (here or via other replicas), model
+    swaps and intervals."""
+    s = app[keys.SETTINGS]
+    market = app[keys.MARKETDATA]
+    hub = StreamHub(s.stream, app[keys.METRICS], _pricer(app), market, s.marketdata.poll_seconds)
+    app[keys.STREAMS] = hub
+    market.listeners.append(hub.snapshot_stored)
+    for tracker in app[keys.HOST].trackers.values():
+        tracker.listeners.append(hub.models_changed)
+    tasks = [asyncio.create_task(hub.run(), name="stream-hub"), asyncio.create_task(hub.watch(), name="stream-watch")]
+    yield
+    await hub.close_all()
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    market.listeners.remove(hub.snapshot_stored)
+    for tracker in app[keys.HOST].trackers.values():
+        tracker.listeners.remove(hub.models_changed)
+
+
+async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The declared jobs, each on its own drift-free schedule."""
+    s = app[keys.SETTINGS]
+    market, hub, metrics = app[keys.MARKETDATA], app[keys.STREAMS], app[keys.METRICS]
+    schedules: dict[str, Schedule] = {}
+    for job in s.jobs:
+        if isinstance(job, PriceJob):
+            if not s.serves:
+                log.warning("job %s prices, and role %r does not: not scheduled", job.name, s.role)
+                continue
+            action = price_action(job, s.portfolios[job.portfolio], market, _pricer(app), hub.publish)
+        else:
+            action = derive_action(job, market)
+        schedules[job.name] = Schedule(job.name, job.every_seconds, action, metrics)
+    app[keys.JOBS] = schedules
+    tasks = [asyncio.create_task(sch.run(), name=f"schedule:{name}") for name, sch in schedules.items()]
+    yield
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -229,6 +311,8 @@ async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
 async def on_shutdown(app: web.Application) -> None:
     """Readiness fails at once; queued work is answered before resources stop."""
     app[keys.LIFECYCLE].shutting_down = True
+    if keys.STREAMS in app:
+        await app[keys.STREAMS].close_all()
     if keys.QUEUE in app:
         await app[keys.QUEUE].drain(app[keys.SETTINGS].shutdown_timeout_seconds)
 
@@ -250,6 +334,10 @@ def _state_source(app: web.Application) -> StateSource:
         training=training_state,
         queue=queue_state,
         ready=lambda: routes.not_ready_reason(app) is None,
+        streams=lambda: (
+            (len(app[keys.STREAMS].connections), app[keys.STREAMS].subscriptions) if keys.STREAMS in app else (0, 0)
+        ),
+        jobs=lambda: [(name, sch.last_success) for name, sch in app.get(keys.JOBS, {}).items()],
     )
 
 
@@ -269,7 +357,8 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app[keys.METRICS].add_state(_state_source(app))
     app.add_routes(routes.routes)
     app.add_routes(admin.routes)
+    app.add_routes(snapshot_routes.routes)
     app.router.add_get("/docs", docs)
-    app.cleanup_ctx.extend([store_ctx, models_ctx, worker_ctx, queue_ctx, gc_ctx])
+    app.cleanup_ctx.extend([store_ctx, marketdata_ctx, models_ctx, worker_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
     app.on_shutdown.append(on_shutdown)
     return app

@@ -65,6 +65,12 @@ class Invalid(APIError):  # noqa: N818
     status, code = 422, "invalid"
 
 
+class NoMarketData(Invalid):
+    """The snapshot a request names does not exist (422)."""
+
+    code = "no_market_data"
+
+
 class Unavailable(APIError):  # noqa: N818
     """Overloaded, shutting down or not ready: try again later."""
 

@@ -7,9 +7,12 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from spectralmc_server.engine.device import Budgets
+from spectralmc_server.service.jobs import Schedule
+from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.queue import ValuationQueue
+from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import ObjectStore
@@ -35,3 +38,6 @@ WORKER = web.AppKey("worker", ComputeWorker)
 TRAINING = web.AppKey("training", OnlineTraining)
 QUEUE = web.AppKey("queue", ValuationQueue)
 OPENAPI = web.AppKey("openapi", bytes)
+MARKETDATA = web.AppKey("marketdata", MarketData)
+STREAMS = web.AppKey("streams", StreamHub)
+JOBS: web.AppKey[dict[str, Schedule]] = web.AppKey("jobs")

@@ -54,6 +54,8 @@ class StateSource:
     training: Callable[[], TrainingState | None]
     queue: Callable[[], tuple[int, int, int, int]]  # requests, contracts, cap requests, cap contracts
     ready: Callable[[], bool]
+    streams: Callable[[], tuple[int, int]] = lambda: (0, 0)  # connections, subscriptions
+    jobs: Callable[[], list[tuple[str, float | None]]] = list  # (job, unix time of its last success)
 
 
 class StateCollector(Collector):
@@ -108,6 +110,21 @@ class StateCollector(Collector):
         ready = GaugeMetricFamily("spectralmc_ready", "1 when models are loaded and work is accepted")
         ready.add_metric([], 1.0 if self.source.ready() else 0.0)
         yield from (depth, qc, qcap, ready)
+
+        connections, subscriptions = self.source.streams()
+        conn = GaugeMetricFamily("spectralmc_stream_connections", "Open WebSocket stream connections")
+        conn.add_metric([], connections)
+        subs = GaugeMetricFamily("spectralmc_stream_subscriptions", "Live stream subscriptions")
+        subs.add_metric([], subscriptions)
+        yield from (conn, subs)
+        last = GaugeMetricFamily(
+            "spectralmc_job_last_success_timestamp_seconds",
+            "Unix time of each job's last successful run",
+            labels=["job"],
+        )
+        for job, when in self.source.jobs():
+            last.add_metric([job], float("nan") if when is None else when)
+        yield last
 
         training = self.source.training()
         if training is not None:
@@ -175,6 +192,63 @@ class Metrics:
         )
         for reason in ("overloaded", "deadline", "disconnected", "shutting_down"):
             self.dropped.labels(reason)
+        # market data
+        self.snapshots_put = Counter(
+            "spectralmc_snapshots_put",
+            "Snapshot PUTs by outcome: created, idempotent, conflict",
+            ["outcome"],
+            registry=r,
+        )
+        self.snapshot_resolutions = Counter(
+            "spectralmc_snapshot_resolutions",
+            "Snapshot resolutions for pricing (one per key per batch) by outcome: found, missing",
+            ["outcome"],
+            registry=r,
+        )
+        self.snapshot_cache = Counter(
+            "spectralmc_snapshot_cache", "Loads of resolved snapshots by result: hit, miss", ["result"], registry=r
+        )
+        # streaming
+        self.stream_messages = Counter(
+            "spectralmc_stream_messages", "WebSocket messages sent, by type", ["type"], registry=r
+        )
+        self.stream_dropped = Counter(
+            "spectralmc_stream_dropped",
+            "Stream messages not delivered: coalesced (a newer quote replaced it), control_overflow, closed",
+            ["reason"],
+            registry=r,
+        )
+        self.stream_closed = Counter(
+            "spectralmc_stream_disconnects", "Stream connections closed by reason", ["reason"], registry=r
+        )
+        self.stream_publish_seconds = Histogram(
+            "spectralmc_stream_publish_seconds",
+            "From a trigger (snapshot, model, interval) to quotes queued on every connection",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        # jobs
+        self.job_runs = Counter(
+            "spectralmc_job_runs", "Job runs by outcome: success, unchanged, error", ["job", "outcome"], registry=r
+        )
+        self.job_skipped = Counter(
+            "spectralmc_job_skipped",
+            "Ticks not run: overlap (the previous run was still going) or late (the loop fell behind)",
+            ["job", "reason"],
+            registry=r,
+        )
+        self.job_seconds = Histogram(
+            "spectralmc_job_duration_seconds", "Wall time of one job run", ["job"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.job_lag_seconds = Histogram(
+            "spectralmc_job_start_lag_seconds",
+            "How late a run started after its scheduled tick",
+            ["job"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        for reason in ("coalesced", "control_overflow", "closed"):
+            self.stream_dropped.labels(reason)
 
     def add_state(self, source: StateSource) -> None:
         self.registry.register(StateCollector(source))

@@ -10,7 +10,9 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from spectralmc_server import __version__
+from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.service.schemas import (
+    NAMESPACE_PATTERN,
     CommitBody,
     ErrorResponse,
     GCBody,
@@ -36,7 +38,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         400: "Malformed JSON",
         401: "Missing bearer token",
         403: "Wrong token, or no admin token configured",
-        404: "Unknown model or version",
+        404: "Not found (model, version or snapshot)",
         409: "Conflict",
         413: "Body or contract count over the limit",
         422: "Invalid fields (each named in details)",
@@ -70,6 +72,81 @@ def _admin(
     return {method: op}
 
 
+def _param(name: str, where: str, schema: dict[str, Any], description: str, required: bool = True) -> dict[str, Any]:
+    return {"name": name, "in": where, "required": required, "description": description, "schema": schema}
+
+
+TIME = {"type": "string", "format": "date-time"}
+
+
+def _marketdata_paths(plain: dict[str, Any]) -> dict[str, Any]:
+    ns = _param("namespace", "path", {"type": "string", "pattern": NAMESPACE_PATTERN}, "Market-data namespace")
+    vdt = _param("val_datetime", "path", TIME, "Valuation time, with a zone (2026-11-26T16:00:00Z)")
+    asof = _param("data_asof", "path", TIME, "When the data was known, with a zone")
+    return {
+        "/v1/marketdata/{namespace}/{val_datetime}/{data_asof}": {
+            "put": {
+                "summary": "Store one immutable snapshot (201; 200 when the same content is there; 409 otherwise)",
+                "tags": ["marketdata"],
+                "parameters": [ns, vdt, asof],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(MarketSnapshot)}}},
+                "responses": {
+                    "201": _json(ANY_OBJECT, "Stored: key, hash, lineage, arbitrage report"),
+                    "200": _json(ANY_OBJECT, "Already stored with the same content"),
+                    **_errors(400, 401, 403, 409, 413, 422),
+                },
+            }
+        },
+        "/v1/marketdata/{namespace}/{val_datetime}": {
+            "get": {
+                "summary": "The snapshot with the latest data_asof <= asof (default: the latest)",
+                "tags": ["marketdata"],
+                "parameters": [ns, vdt, _param("asof", "query", TIME, "Resolve as of this time", required=False)],
+                "responses": {**plain, **_errors(404, 422)},
+            }
+        },
+        "/v1/marketdata/{namespace}/latest": {
+            "get": {
+                "summary": "The namespace's greatest (val_datetime, data_asof)",
+                "tags": ["marketdata"],
+                "parameters": [ns],
+                "responses": {**plain, **_errors(404, 422)},
+            }
+        },
+        "/v1/marketdata/{namespace}": {
+            "get": {
+                "summary": "Stored snapshot keys in time order, one page",
+                "tags": ["marketdata"],
+                "parameters": [
+                    ns,
+                    _param("val_datetime", "query", TIME, "Only this valuation time", required=False),
+                    _param("after", "query", {"type": "string"}, "The cursor from the previous page", required=False),
+                    _param("limit", "query", {"type": "integer", "minimum": 1, "maximum": 1000}, "Page size", False),
+                ],
+                "responses": {**plain, **_errors(422)},
+            }
+        },
+        "/v1/stream": {
+            "get": {
+                "summary": "Streaming quotes over a WebSocket (protocol in docs/api.md)",
+                "tags": ["pricing"],
+                "responses": {
+                    "101": {"description": "Switching to the WebSocket protocol"},
+                    **_errors(400, 503),
+                },
+            }
+        },
+        "/v1/jobs": {"get": {"summary": "Declared jobs and their recent runs", "tags": ["ops"], "responses": plain}},
+        "/ui": {
+            "get": {
+                "summary": "Live page: served models and streaming quotes",
+                "tags": ["ops"],
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": TEXT}}}},
+            }
+        },
+    }
+
+
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
         [
@@ -80,6 +157,7 @@ def build_openapi() -> dict[str, Any]:
             (PinBody, "validation"),
             (UnpinBody, "validation"),
             (GCBody, "validation"),
+            (MarketSnapshot, "validation"),
         ],
         ref_template=REF,
     )
@@ -125,6 +203,7 @@ def build_openapi() -> dict[str, Any]:
         "/v1/admin/models/{name}/verify": _admin("Verify the hash chain", "get", None),
         "/v1/admin/models/{name}/gc": _admin("Collect old versions' content", "post", GCBody),
     }
+    paths.update(_marketdata_paths(plain))
     return {
         "openapi": "3.1.0",
         "info": {

@@ -23,11 +23,21 @@ from datetime import datetime
 from typing import Any
 
 from spectralmc_server.engine.pricer import ServedModel
-from spectralmc_server.service.errors import DeadlineExceeded, EngineFailure, Unavailable
+from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.service.errors import (
+    APIError,
+    DeadlineExceeded,
+    EngineFailure,
+    Invalid,
+    NoMarketData,
+    Unavailable,
+)
+from spectralmc_server.service.marketdata import MarketData, explicit_request, needs_market_data
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import Valuer
+from spectralmc_server.service.valuation import RequestError, Valuer
 from spectralmc_server.service.worker import ComputeWorker, EngineDead
 from spectralmc_server.settings import QueueSettings
 
@@ -46,6 +56,7 @@ class Pending:
     deadline: float  # loop time
     connected: Callable[[], bool]
     enqueued: float = field(default_factory=time.perf_counter)
+    needs_market: bool = False  # has contracts by reference: resolved once per batch
 
 
 def group_key(request: PriceRequest) -> GroupKey:
@@ -56,8 +67,16 @@ def group_key(request: PriceRequest) -> GroupKey:
 class ValuationQueue:
     """Batches requests for the :class:`ComputeWorker` (run :meth:`run` as a task)."""
 
-    def __init__(self, settings: QueueSettings, worker: ComputeWorker, host: ModelHost, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        settings: QueueSettings,
+        worker: ComputeWorker,
+        host: ModelHost,
+        metrics: Metrics,
+        market: MarketData | None = None,
+    ) -> None:
         self.settings = settings
+        self.market = market
         self.worker = worker
         self.host = host
         self.metrics = metrics
@@ -91,7 +110,15 @@ class ValuationQueue:
                 code="overloaded",
             )
         loop = asyncio.get_running_loop()
-        item = Pending(group_key(request), request, n, loop.create_future(), loop.time() + timeout, connected)
+        item = Pending(
+            group_key(request),
+            request,
+            n,
+            loop.create_future(),
+            loop.time() + timeout,
+            connected,
+            needs_market=needs_market_data(request),
+        )
         self._items.append(item)
         self._contracts += n
         self._arrived.set()
@@ -160,6 +187,9 @@ class ValuationQueue:
             for item in batch:
                 self.metrics.queue_wait_seconds.observe(start - item.enqueued)
             host = self.host
+            resolved = await self._resolve(batch)
+            batch = [i for i in batch if not i.future.done()]
+            failed: dict[int, RequestError] = {}
 
             def job() -> tuple[list[Pending], list[dict[str, Any]], dict[str, ServedModel], float]:
                 # On the worker, just before computing: the batch may have waited behind a
@@ -167,9 +197,26 @@ class ValuationQueue:
                 # (reading transport and future state from this thread is a plain read).
                 live = [i for i in batch if i.connected() and not i.future.done()]
                 t0 = time.perf_counter()
+                requests: list[PriceRequest] = []
+                markets: list[dict[str, Any] | None] = []
+                priced: list[Pending] = []
+                for i in live:  # contracts by reference get their inputs from the one snapshot
+                    if i.needs_market and resolved is not None:
+                        try:
+                            requests.append(explicit_request(i.request, *resolved))
+                        except RequestError as exc:
+                            failed[id(i)] = exc
+                            continue
+                        markets.append(resolved[0].key())
+                    else:
+                        requests.append(i.request)
+                        markets.append(None)
+                    priced.append(i)
                 models = host.snapshot()  # one version per model for the whole batch
-                answers = Valuer(models).value_many([i.request for i in live]) if live else []
-                return live, answers, models, time.perf_counter() - t0
+                answers = Valuer(models).value_many(requests) if requests else []
+                for answer, market in zip(answers, markets, strict=True):
+                    answer["market_data"] = market
+                return priced, answers, models, time.perf_counter() - t0
 
             try:
                 computed, answers, _, seconds = await self.worker.submit(job)
@@ -185,8 +232,13 @@ class ValuationQueue:
                     if not item.future.done():
                         item.future.set_exception(EngineFailure(f"the pricing engine failed: {type(exc).__name__}"))
                 return
-            skipped = set(batch) - set(computed)
-            self._live(list(skipped))  # counts them (disconnected or deadline) and settles them
+            for item in batch:
+                err = failed.get(id(item))
+                if err is not None and not item.future.done():
+                    detail = {"field": err.field, "reason": err.reason}
+                    item.future.set_exception(NoMarketData(str(err), details=[detail]))
+            skipped = [i for i in batch if i not in computed and id(i) not in failed]
+            self._live(skipped)  # counts them (disconnected or deadline) and settles them
             if not computed:
                 return
             self.metrics.batch_seconds.observe(seconds)
@@ -200,6 +252,39 @@ class ValuationQueue:
                     item.future.set_result(answer)
         finally:
             self._slots.release()
+
+    async def _resolve(self, batch: list[Pending]) -> tuple[SnapshotRecord, MarketSnapshot] | None:
+        """The batch's one snapshot, when a request in it prices by reference (every
+        request in a batch names the same key). A failure answers just those requests."""
+        needing = [i for i in batch if i.needs_market]
+        if not needing:
+            return None
+        first = needing[0].request
+        try:
+            if self.market is None:
+                raise Invalid(
+                    "this server has no market data", details=[{"field": "contracts", "reason": "by reference"}]
+                )
+            if first.val_datetime is None:  # the route refuses these; kept for direct callers
+                raise Invalid(
+                    "contracts by reference need val_datetime",
+                    details=[{"field": "val_datetime", "reason": "required with underlying/expiry contracts"}],
+                )
+            return await self.market.resolve(first.namespace, first.val_datetime, first.data_asof)
+        except APIError as exc:
+            for item in needing:
+                if not item.future.done():
+                    item.future.set_exception(type(exc)(exc.message, details=exc.details))
+        except Exception as exc:  # the store failed: a 503 for these requests, not a dead engine
+            log.warning("snapshot resolution failed: %s: %s", type(exc).__name__, exc)
+            for item in needing:
+                if not item.future.done():
+                    item.future.set_exception(
+                        Unavailable(
+                            f"market data unavailable: {type(exc).__name__}: {exc}", 1, code="store_unavailable"
+                        )
+                    )
+        return None
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, then wait until everything queued has been answered."""

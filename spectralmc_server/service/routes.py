@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -24,9 +25,11 @@ from spectralmc_server.service.errors import (
     Unavailable,
 )
 from spectralmc_server.service.schemas import MAX_CONTRACTS, PriceRequest, format_validation_error
+from spectralmc_server.service.stream import serve_connection
 from spectralmc_server.service.valuation import RequestError, check_inputs, dumps
 
 routes = web.RouteTableDef()
+UI_PAGE = (Path(__file__).parent / "static" / "ui.html").read_text()
 TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; the client's own deadline for this request
 
 
@@ -104,6 +107,44 @@ async def price(request: web.Request) -> web.Response:
     except TimeoutError:
         raise DeadlineExceeded(f"no answer within the {timeout:g} s deadline") from None
     return web.Response(body=dumps(answer), content_type="application/json")
+
+
+@routes.get("/v1/stream")
+async def stream(request: web.Request) -> web.StreamResponse:
+    """Streaming quotes over a WebSocket (protocol: service/stream.py, docs/api.md)."""
+    app = request.app
+    settings = app[keys.SETTINGS]
+    if not settings.serves:
+        raise Unavailable(f"this server's role is {settings.role!r}: it does not price", 60, code="not_serving")
+    if app[keys.LIFECYCLE].shutting_down:
+        raise Unavailable("the server is shutting down", 1, code="shutting_down")
+    hub = app[keys.STREAMS]
+    if len(hub.connections) >= settings.stream.max_connections:
+        raise Unavailable(f"at the limit of {settings.stream.max_connections} stream connections", 5, code="overloaded")
+    if not web.WebSocketResponse().can_prepare(request).ok:
+        raise MalformedRequest("GET /v1/stream takes a WebSocket upgrade (Upgrade: websocket)")
+    return await serve_connection(request, hub)
+
+
+@routes.get("/ui")
+async def ui(request: web.Request) -> web.Response:
+    """The live page: served models and a quote table for the demo portfolio."""
+    s = request.app[keys.SETTINGS]
+    config = {
+        "namespace": s.ui.namespace,
+        "portfolio": s.ui.portfolio,
+        "measures": s.ui.measures,
+        "contracts": [c.model_dump(mode="json", exclude_none=True) for c in s.portfolios[s.ui.portfolio]],
+    }
+    # "</" cannot close the script element when escaped; the JSON stays equal
+    embedded = orjson.dumps(config).decode().replace("</", "<\\/")
+    return web.Response(text=UI_PAGE.replace("__CONFIG__", embedded), content_type="text/html")
+
+
+@routes.get("/v1/jobs")
+async def jobs(request: web.Request) -> web.Response:
+    """The declared jobs: schedule, run counts, skips and recent runs."""
+    return json_response({"jobs": [s.describe() for s in request.app[keys.JOBS].values()]})
 
 
 @routes.get("/v1/models")

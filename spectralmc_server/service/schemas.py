@@ -8,13 +8,23 @@ and the reason.
 from __future__ import annotations
 
 from collections import Counter
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from spectralmc_server.engine.processes import PROCESSES
 
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$"
 MAX_CONTRACTS = 20_000  # per request; larger books go in several requests
 MAX_QUANTILE_LEVELS = 64
 DEFAULT_QUANTILE_LEVELS = (0.01, 0.05, 0.5, 0.95, 0.99)
@@ -61,9 +71,14 @@ class Contract(BaseModel):
         if self.underlying is not None or self.expiry is not None:
             if self.underlying is None or self.expiry is None:
                 raise ValueError("a market-data contract needs both 'underlying' and 'expiry'")
-            explicit = [f for f in ("spot", "expiry_years") if getattr(self, f) is not None]
+            explicit = [
+                f for f in ("spot", "expiry_years", "rate", "dividend", "vol", "params") if getattr(self, f) is not None
+            ]
             if explicit:
-                raise ValueError(f"give either underlying/expiry or explicit inputs, not both ({', '.join(explicit)})")
+                raise ValueError(
+                    f"give either underlying/expiry or explicit inputs, not both ({', '.join(explicit)}): "
+                    "a contract by reference takes all its inputs from the market-data snapshot"
+                )
             return self
         missing = [f for f in ("spot", "expiry_years") if getattr(self, f) is None]
         if self.process == "gbm" and self.vol is None and not (self.params and "vol" in self.params):
@@ -103,14 +118,24 @@ class PriceRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    namespace: str = Field("default", min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")
-    val_datetime: datetime | None = None
-    data_asof: datetime | None = None
+    namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
+    val_datetime: AwareDatetime | None = None  # with a time zone: 2026-11-26T16:00:00Z
+    data_asof: AwareDatetime | None = None  # None: the latest snapshot for val_datetime
     measures: list[Measure] = Field(default_factory=_default_measures, min_length=1)
     quantile_levels: list[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]] | None = Field(
         None, min_length=1, max_length=MAX_QUANTILE_LEVELS
     )
     contracts: list[Contract] = Field(min_length=1, max_length=MAX_CONTRACTS)
+
+    @field_validator("val_datetime", "data_asof")
+    @classmethod
+    def _in_utc(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("out of range once converted to UTC") from None
 
     @field_validator("measures")
     @classmethod

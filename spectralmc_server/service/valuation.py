@@ -62,14 +62,25 @@ def _batch(contracts: list[Contract], names: tuple[str, ...]) -> OptionBatch:
 
 
 def check_inputs(request: PriceRequest) -> None:
-    """What can be refused before any pricing: contracts by reference (no market data
-    here yet)."""
+    """What can be refused before any pricing: contracts by reference need the
+    val_datetime that names their snapshot."""
+    if request.val_datetime is None and any(not c.is_explicit for c in request.contracts):
+        raise RequestError(
+            "val_datetime",
+            "contracts by reference (underlying/expiry) need val_datetime to name their market-data snapshot",
+        )
+
+
+def check_explicit(request: PriceRequest) -> None:
+    """The Valuer prices explicit inputs only; contracts by reference must have been
+    resolved against a snapshot first (the server's queue does this)."""
     for i, c in enumerate(request.contracts):
         if not c.is_explicit:
             raise RequestError(
                 f"contracts[{i}]",
                 "prices by underlying/expiry need a market-data snapshot, and none is available "
-                "here; give spot, expiry_years, rate, dividend and vol instead",
+                "here; send the request to a server with market data, or give spot, expiry_years, "
+                "rate, dividend and vol instead",
             )
 
 
@@ -90,7 +101,7 @@ class Valuer:
 
     def value_many(self, requests: Sequence[PriceRequest]) -> list[dict[str, Any]]:
         for r in requests:
-            check_inputs(r)
+            check_explicit(r)
         answers: list[dict[str, Any]] = [
             {
                 "namespace": r.namespace,

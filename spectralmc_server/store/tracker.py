@@ -56,6 +56,7 @@ class ModelTracker(Generic[T]):
         self.total_failures = 0
         self.last_error: str | None = None
         self.swaps = 0
+        self.listeners: list[Callable[[int], None]] = []  # called with the new version after each swap
         self.store_pinned: int | None = None  # the store's pin as last seen (admin rollback)
         self._task: asyncio.Task[None] | None = None
 
@@ -96,6 +97,8 @@ class ModelTracker(Generic[T]):
                 self._current = Served(want, ckpt.content_hash, model)  # the one swap
                 self.swaps += 1
                 changed = True
+                for listener in list(self.listeners):
+                    listener(want)
         except Exception as exc:
             self.consecutive_failures += 1
             self.total_failures += 1

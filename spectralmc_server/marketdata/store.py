@@ -1,0 +1,289 @@
+"""Market-data snapshots on the object-store protocol (the one model versions use).
+
+Layout of namespace ``NS``::
+
+    marketdata/NS/content/<sha256>              canonical JSON of a MarketSnapshot, immutable
+    marketdata/NS/snapshots/<VDT>/<ASOF>.json   the key record, created once (put-if-absent)
+    marketdata/NS/refs/latest                   the greatest (VDT, ASOF) stored, moved by CAS
+
+VDT and ASOF are UTC times written ``20261126T160000.000000Z``, so the store's
+lexicographic listing is the time order and "as of T" is the last ASOF <= T under one
+VDT. Putting a key again with the same content is idempotent; with other content it is
+refused (:class:`SnapshotConflict`), so an answer that names a key and hash can always
+be reproduced. Derived snapshots carry ``lineage``: the job and the exact inputs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+
+from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.store.objects import ObjectStore, PreconditionFailed, list_all
+
+TOKEN_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+TOKEN_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+CAS_RETRIES = 20
+
+
+class SnapshotConflict(Exception):  # noqa: N818
+    """The key already holds a snapshot with different content."""
+
+
+class CorruptSnapshot(Exception):  # noqa: N818
+    """Stored bytes that fail their hash or do not parse."""
+
+
+def utc(value: datetime) -> datetime:
+    """An aware datetime in UTC (naive ones are refused earlier, by the schemas)."""
+    if value.tzinfo is None:
+        raise ValueError("a time zone is required (e.g. 2026-11-26T16:00:00Z)")
+    return value.astimezone(UTC)
+
+
+def token(value: datetime) -> str:
+    v = utc(value)  # formatted by hand: strftime does not zero-pad years below 1000
+    return f"{v.year:04d}{v.month:02d}{v.day:02d}T{v.hour:02d}{v.minute:02d}{v.second:02d}.{v.microsecond:06d}Z"
+
+
+def from_token(text: str) -> datetime:
+    return datetime.strptime(text, TOKEN_FORMAT).replace(tzinfo=UTC)
+
+
+def iso(value: datetime) -> str:
+    """The one spelling of a time in answers: ``2026-11-26T16:00:00Z`` (micros if any)."""
+    v = utc(value)
+    text = f"{v.year:04d}-{v.month:02d}-{v.day:02d}T{v.hour:02d}:{v.minute:02d}:{v.second:02d}"
+    return text + (f".{v.microsecond:06d}" if v.microsecond else "") + "Z"
+
+
+def canonical(snapshot: MarketSnapshot) -> bytes:
+    return orjson.dumps(snapshot.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
+
+
+def content_hash(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class SnapshotRecord:
+    """One stored key: which content it names, and where that content came from."""
+
+    namespace: str
+    val_datetime: datetime
+    data_asof: datetime
+    hash: str
+    lineage: dict[str, Any] | None
+    stored_at: str
+
+    def key(self) -> dict[str, Any]:
+        """The identity echoed by answers (``market_data``)."""
+        return {
+            "namespace": self.namespace,
+            "val_datetime": iso(self.val_datetime),
+            "data_asof": iso(self.data_asof),
+            "hash": self.hash,
+        }
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.key(), "lineage": self.lineage, "stored_at": self.stored_at}
+
+    def sort_key(self) -> tuple[datetime, datetime]:
+        return self.val_datetime, self.data_asof
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(
+            {**self.key(), "lineage": self.lineage, "stored_at": self.stored_at}, option=orjson.OPT_SORT_KEYS
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str) -> SnapshotRecord:
+        try:
+            body = orjson.loads(data)
+            return cls(
+                namespace=body["namespace"],
+                val_datetime=utc(datetime.fromisoformat(body["val_datetime"])),
+                data_asof=utc(datetime.fromisoformat(body["data_asof"])),
+                hash=body["hash"],
+                lineage=body.get("lineage"),
+                stored_at=body["stored_at"],
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise CorruptSnapshot(f"{where} is not a snapshot record: {exc}") from None
+
+
+class SnapshotStore:
+    """Put, resolve, list and load snapshots; loaded content is cached by hash (it is
+    immutable, so the cache never goes stale), bounded by ``cache_entries``."""
+
+    def __init__(self, objects: ObjectStore, cache_entries: int = 64) -> None:
+        self.objects = objects
+        self.cache_entries = cache_entries
+        self._cache: OrderedDict[str, MarketSnapshot] = OrderedDict()
+        self.cache_hits = 0
+        self.cache_misses = 0
+
+    @staticmethod
+    def _base(namespace: str) -> str:
+        return f"marketdata/{namespace}"
+
+    def record_key(self, namespace: str, val_datetime: datetime, data_asof: datetime) -> str:
+        return f"{self._base(namespace)}/snapshots/{token(val_datetime)}/{token(data_asof)}.json"
+
+    def content_key(self, namespace: str, h: str) -> str:
+        return f"{self._base(namespace)}/content/{h.removeprefix('sha256:')}"
+
+    def latest_key(self, namespace: str) -> str:
+        return f"{self._base(namespace)}/refs/latest"
+
+    async def put(
+        self,
+        namespace: str,
+        val_datetime: datetime,
+        data_asof: datetime,
+        snapshot: MarketSnapshot,
+        lineage: dict[str, Any] | None = None,
+    ) -> tuple[SnapshotRecord, bool]:
+        """Store ``snapshot`` under the key; ``(record, created)``. Same content again is
+        idempotent (``created`` False); different content raises SnapshotConflict."""
+        data = await asyncio.to_thread(canonical, snapshot)
+        h = content_hash(data)
+        with contextlib.suppress(PreconditionFailed):  # content first; the same bytes twice is fine
+            await self.objects.put_if_absent(self.content_key(namespace, h), data)
+        record = SnapshotRecord(
+            namespace=namespace,
+            val_datetime=utc(val_datetime),
+            data_asof=utc(data_asof),
+            hash=h,
+            lineage=lineage,
+            stored_at=iso(datetime.now(UTC)),
+        )
+        key = self.record_key(namespace, val_datetime, data_asof)
+        try:
+            await self.objects.put_if_absent(key, record.to_bytes())
+        except PreconditionFailed:
+            existing = await self._read_record(key)
+            if existing is None:  # deleted in between: not something this store does
+                raise SnapshotConflict(f"{key} changed while it was written; put it again") from None
+            if existing.hash != h:
+                raise SnapshotConflict(
+                    f"{namespace}/{iso(val_datetime)}/{iso(data_asof)} already holds other content "
+                    f"({existing.hash}); snapshots are immutable: put it under a later data_asof"
+                ) from None
+            self._remember(h, snapshot)
+            return existing, False
+        self._remember(h, snapshot)
+        await self._advance_latest(namespace, record)
+        return record, True
+
+    async def _read_record(self, key: str) -> SnapshotRecord | None:
+        blob = await self.objects.get(key)
+        return None if blob is None else SnapshotRecord.from_bytes(blob.data, key)
+
+    async def _advance_latest(self, namespace: str, record: SnapshotRecord) -> None:
+        """Move refs/latest to ``record`` if it is later than what it names (CAS, retried)."""
+        ref = self.latest_key(namespace)
+        for attempt in range(CAS_RETRIES):
+            blob = await self.objects.get(ref)
+            try:
+                if blob is None:
+                    await self.objects.put_if_absent(ref, record.to_bytes())
+                    return
+                current = SnapshotRecord.from_bytes(blob.data, ref)
+                if current.sort_key() >= record.sort_key():
+                    return
+                await self.objects.put_if_match(ref, record.to_bytes(), blob.etag)
+                return
+            except PreconditionFailed:
+                await asyncio.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
+        raise PreconditionFailed(f"{ref} kept changing; gave up after {CAS_RETRIES} tries")
+
+    async def latest(self, namespace: str) -> SnapshotRecord | None:
+        """The greatest (val_datetime, data_asof) stored in the namespace."""
+        ref = self.latest_key(namespace)
+        blob = await self.objects.get(ref)
+        return None if blob is None else SnapshotRecord.from_bytes(blob.data, ref)
+
+    async def asof_keys(self, namespace: str, val_datetime: datetime) -> list[datetime]:
+        """Every data_asof stored under (namespace, val_datetime), ascending."""
+        prefix = f"{self._base(namespace)}/snapshots/{token(val_datetime)}/"
+        out = []
+        for key, _ in await list_all(self.objects, prefix):
+            name = key[len(prefix) :].removesuffix(".json")
+            if TOKEN_RE.fullmatch(name):
+                out.append(from_token(name))
+        return out
+
+    async def resolve(
+        self, namespace: str, val_datetime: datetime, asof: datetime | None = None
+    ) -> SnapshotRecord | None:
+        """The record with the latest data_asof <= ``asof`` (None: the latest of all)."""
+        stamps = await self.asof_keys(namespace, val_datetime)
+        if asof is not None:
+            limit = utc(asof)
+            stamps = [s for s in stamps if s <= limit]
+        if not stamps:
+            return None
+        key = self.record_key(namespace, val_datetime, stamps[-1])
+        record = await self._read_record(key)
+        if record is None:
+            raise CorruptSnapshot(f"{key} was listed but cannot be read")
+        return record
+
+    async def list_keys(
+        self, namespace: str, val_datetime: datetime | None = None, after: str | None = None, limit: int = 100
+    ) -> tuple[list[tuple[datetime, datetime]], str | None]:
+        """Stored keys (val_datetime, data_asof) in time order, one page; pass the
+        returned cursor back as ``after`` for the next."""
+        prefix = f"{self._base(namespace)}/snapshots/" + (f"{token(val_datetime)}/" if val_datetime else "")
+        page = await self.objects.list(prefix, after, limit)
+        keys = []
+        for key in page.keys:
+            parts = key.split("/")
+            if len(parts) == 5 and TOKEN_RE.fullmatch(parts[3]) and TOKEN_RE.fullmatch(parts[4].removesuffix(".json")):
+                keys.append((from_token(parts[3]), from_token(parts[4].removesuffix(".json"))))
+        return keys, page.next_after
+
+    async def record(self, namespace: str, val_datetime: datetime, data_asof: datetime) -> SnapshotRecord | None:
+        return await self._read_record(self.record_key(namespace, val_datetime, data_asof))
+
+    def _remember(self, h: str, snapshot: MarketSnapshot) -> None:
+        self._cache[h] = snapshot
+        self._cache.move_to_end(h)
+        while len(self._cache) > self.cache_entries:
+            self._cache.popitem(last=False)
+
+    async def load(self, record: SnapshotRecord) -> MarketSnapshot:
+        """The record's content, checked against its hash (cached once checked)."""
+        cached = self._cache.get(record.hash)
+        if cached is not None:
+            self.cache_hits += 1
+            self._cache.move_to_end(record.hash)
+            return cached
+        self.cache_misses += 1
+        key = self.content_key(record.namespace, record.hash)
+        blob = await self.objects.get(key)
+        if blob is None:
+            raise CorruptSnapshot(f"{key} is missing (named by {iso(record.val_datetime)}/{iso(record.data_asof)})")
+
+        def parse() -> MarketSnapshot:
+            if content_hash(blob.data) != record.hash:
+                raise CorruptSnapshot(f"{key} fails its SHA-256 (bytes changed)")
+            try:
+                return MarketSnapshot.model_validate_json(blob.data)
+            except ValidationError as exc:
+                raise CorruptSnapshot(f"{key} does not parse as a snapshot: {exc}") from None
+
+        snapshot = await asyncio.to_thread(parse)
+        self._remember(record.hash, snapshot)
+        return snapshot

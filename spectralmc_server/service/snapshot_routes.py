@@ -1,0 +1,130 @@
+"""The market-data routes (CONTRACT.md).
+
+- ``PUT /v1/marketdata/{namespace}/{val_datetime}/{data_asof}``: store one snapshot;
+  201 created, 200 when the same content is already there, 409 for other content.
+  Open, or behind a bearer token when ``marketdata.write_token`` is set.
+- ``GET /v1/marketdata/{namespace}/{val_datetime}?asof=T``: the snapshot with the
+  latest data_asof <= T (no ``asof``: the latest); 404 when there is none.
+- ``GET /v1/marketdata/{namespace}/latest``: the greatest (val_datetime, data_asof).
+- ``GET /v1/marketdata/{namespace}?val_datetime=&after=&limit=``: the stored keys.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from datetime import datetime
+
+from aiohttp import web
+from pydantic import AwareDatetime, TypeAdapter, ValidationError
+
+from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.marketdata.store import SnapshotConflict, SnapshotRecord, iso, utc
+from spectralmc_server.service import keys
+from spectralmc_server.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from spectralmc_server.service.routes import json_response, read_json, validate
+from spectralmc_server.service.schemas import NAMESPACE_PATTERN
+
+routes = web.RouteTableDef()
+_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+MAX_LIST = 1000
+
+
+def _namespace(request: web.Request) -> str:
+    ns = request.match_info["namespace"]
+    if not re.fullmatch(NAMESPACE_PATTERN, ns):
+        raise Invalid(
+            "invalid namespace",
+            details=[{"field": "path.namespace", "reason": f"letters, digits, '_', '.', '-' (got {ns!r})"}],
+        )
+    return ns
+
+
+def _when(raw: str, field: str) -> datetime:
+    try:
+        return utc(_DATETIME.validate_python(raw))
+    except (ValidationError, ValueError, OverflowError):
+        raise Invalid(
+            f"{field} must be an ISO 8601 time with a zone",
+            details=[{"field": field, "reason": f"expected e.g. 2026-11-26T16:00:00Z (got {raw!r})"}],
+        ) from None
+
+
+def _authorize_write(request: web.Request) -> None:
+    token = request.app[keys.SETTINGS].marketdata.write_token
+    if token is None:
+        return
+    header = request.headers.get("Authorization", "")
+    if not header.startswith("Bearer "):
+        raise Unauthorized("market-data writes need 'Authorization: Bearer <token>'")
+    if not hmac.compare_digest(header[7:].strip().encode(), token.get_secret_value().encode()):
+        raise Forbidden("the token does not allow market-data writes")
+
+
+@routes.put("/v1/marketdata/{namespace}/{val_datetime}/{data_asof}")
+async def put_snapshot(request: web.Request) -> web.Response:
+    """Store one immutable snapshot (201, or 200 when the same content is already there)."""
+    _authorize_write(request)
+    ns = _namespace(request)
+    vdt = _when(request.match_info["val_datetime"], "path.val_datetime")
+    asof = _when(request.match_info["data_asof"], "path.data_asof")
+    snapshot: MarketSnapshot = validate(MarketSnapshot, await read_json(request))
+    try:
+        record, created = await request.app[keys.MARKETDATA].put(ns, vdt, asof, snapshot)
+    except SnapshotConflict as exc:
+        raise Conflict(str(exc)) from None
+    body = {**record.describe(), "created": created, "arbitrage": snapshot.arbitrage()}
+    return json_response(body, status=201 if created else 200)
+
+
+@routes.get("/v1/marketdata/{namespace}")
+async def list_snapshots(request: web.Request) -> web.Response:
+    """Stored keys in time order, a page at a time (``after`` is the returned cursor)."""
+    ns = _namespace(request)
+    q = request.query
+    vdt = _when(q["val_datetime"], "query.val_datetime") if "val_datetime" in q else None
+    try:
+        limit = int(q.get("limit", "100"))
+    except ValueError:
+        limit = -1
+    if not 1 <= limit <= MAX_LIST:
+        raise Invalid("bad limit", details=[{"field": "query.limit", "reason": f"an integer in [1, {MAX_LIST}]"}])
+    after = q.get("after")
+    try:
+        keys_, cursor = await request.app[keys.MARKETDATA].store.list_keys(ns, vdt, after, limit)
+    except ValueError as exc:  # a cursor that is not a key
+        raise Invalid("bad cursor", details=[{"field": "query.after", "reason": str(exc)}]) from None
+    return json_response(
+        {
+            "namespace": ns,
+            "snapshots": [{"val_datetime": iso(v), "data_asof": iso(a)} for v, a in keys_],
+            "next": cursor,
+        }
+    )
+
+
+async def _answer(request: web.Request, record: SnapshotRecord | None, what: str) -> web.Response:
+    if record is None:
+        raise NotFound(f"no snapshot for {what}")
+    snapshot = await request.app[keys.MARKETDATA].load(record)
+    return json_response(
+        {**record.describe(), "data": snapshot.model_dump(mode="json"), "arbitrage": snapshot.arbitrage()}
+    )
+
+
+@routes.get("/v1/marketdata/{namespace}/latest")
+async def latest_snapshot(request: web.Request) -> web.Response:
+    """The namespace's greatest (val_datetime, data_asof)."""
+    ns = _namespace(request)
+    return await _answer(request, await request.app[keys.MARKETDATA].store.latest(ns), f"{ns} (it has none)")
+
+
+@routes.get("/v1/marketdata/{namespace}/{val_datetime}")
+async def get_snapshot(request: web.Request) -> web.Response:
+    """The snapshot with the latest data_asof <= ``asof`` (default: the latest)."""
+    ns = _namespace(request)
+    vdt = _when(request.match_info["val_datetime"], "path.val_datetime")
+    asof = _when(request.query["asof"], "query.asof") if "asof" in request.query else None
+    record = await request.app[keys.MARKETDATA].store.resolve(ns, vdt, asof)
+    when = "latest" if asof is None else iso(asof)
+    return await _answer(request, record, f"{ns}/{iso(vdt)} as of {when}")

@@ -25,7 +25,7 @@ def _load(name: str) -> ModuleType:
         sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("name", ["accuracy_gbm", "speed_gbm", "ablation_gbm", "store", "server_load"])
+@pytest.mark.parametrize("name", ["accuracy_gbm", "speed_gbm", "ablation_gbm", "store", "server_load", "stream"])
 def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = (BENCH.parent / "docs" / "benchmarks.md").read_text()
     plot = tmp_path / f"{name}.png"

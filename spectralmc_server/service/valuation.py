@@ -15,6 +15,7 @@ import torch
 
 from spectralmc_server.engine.pricer import OptionBatch, ServedModel, reference_pricer
 from spectralmc_server.engine.processes import get_process
+from spectralmc_server.marketdata.store import iso
 from spectralmc_server.service.schemas import Contract, PriceRequest
 
 
@@ -105,8 +106,8 @@ class Valuer:
         answers: list[dict[str, Any]] = [
             {
                 "namespace": r.namespace,
-                "val_datetime": r.val_datetime,
-                "data_asof": r.data_asof,
+                "val_datetime": None if r.val_datetime is None else iso(r.val_datetime),
+                "data_asof": None if r.data_asof is None else iso(r.data_asof),
                 "results": [None] * len(r.contracts),
                 "models": {},
                 "market_data": None,

@@ -1,7 +1,7 @@
 """The server on a real S3 store (SeaweedFS): seeding, pricing, a commit by another
 writer reaching the server by hot swap, and admin pin through S3 refs. The S3
 endpoint and credentials come from the server's own settings (``[s3]``), not from
-AWS_* variables."""
+AWS_* variables. Market data on S3, shared by two servers."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from aiohttp.test_utils import TestClient
+from marketdata_util import ASOF, VDT, by_reference, snapshot
 from server_util import CONTRACT, TOKEN, settings_for
 
 from spectralmc_server.engine.checkpoint import Checkpoint
@@ -74,3 +75,50 @@ async def test_server_seeds_prices_and_swaps_on_s3(
     assert report["ok"] and report["pinned"] == 1 and report["head"] == 2
     app = client.app
     assert app is not None and app[keys.HOST].trackers["gbm"].mode == "pinned"
+
+
+async def test_market_data_on_s3_reaches_a_stream_through_another_replica(
+    tmp_path: Path,
+    s3_settings: S3Settings,
+    make_bucket: Callable[[], str],
+    aiohttp_client: Callable[..., Awaitable[TestClient[Any, Any]]],
+) -> None:
+    """Two servers on one S3 bucket: a snapshot PUT through one is priced by reference
+    through the other, and reaches the other's stream subscribers by its latest-ref poll."""
+    bucket = make_bucket()
+    s3 = {
+        "endpoint_url": s3_settings.endpoint_url,
+        "region": s3_settings.region,
+        "access_key_id": s3_settings.access_key_id,
+        "secret_access_key": s3_settings.secret_access_key,
+    }
+    common = {"store": f"s3://{bucket}/shared", "s3": s3, "marketdata": {"poll_seconds": 0.1}}
+    writer = await aiohttp_client(create_app(settings_for(tmp_path / "a", **common), Metrics()))
+    reader = await aiohttp_client(create_app(settings_for(tmp_path / "b", **common), Metrics()))
+
+    r = await writer.put(f"/v1/marketdata/default/{VDT}/{ASOF}", json=snapshot(spot=100.0))
+    assert r.status == 201, await r.text()
+    first_hash = (await r.json())["hash"]
+    body = {"val_datetime": VDT, "contracts": [by_reference()]}
+    r = await reader.post("/v1/price", json=body)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["market_data"]["hash"] == first_hash
+
+    ws = await reader.ws_connect("/v1/stream")
+    await ws.send_json({"op": "subscribe", "id": "s", "contracts": [by_reference()]})
+    quotes = []
+    while len(quotes) < 1:
+        msg = await ws.receive_json(timeout=10)
+        if msg["type"] == "quote":
+            quotes.append(msg)
+    r = await writer.put(f"/v1/marketdata/default/{VDT}/2026-11-26T16:02:00Z", json=snapshot(spot=110.0))
+    assert r.status == 201
+    second_hash = (await r.json())["hash"]
+    while True:
+        msg = await ws.receive_json(timeout=10)
+        if msg["type"] == "quote":
+            break
+    assert msg["reason"] == "snapshot" and msg["seq"] == 2
+    assert msg["market_data"]["hash"] == second_hash
+    assert msg["results"][0]["price"] > quotes[0]["results"][0]["price"]
+    await ws.close()

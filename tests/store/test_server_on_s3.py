@@ -106,7 +106,7 @@ async def test_market_data_on_s3_reaches_a_stream_through_another_replica(
 
     ws = await reader.ws_connect("/v1/stream")
     await ws.send_json({"op": "subscribe", "id": "s", "contracts": [by_reference()]})
-    quotes = []
+    quotes: list[dict[str, Any]] = []
     while len(quotes) < 1:
         msg = await ws.receive_json(timeout=10)
         if msg["type"] == "quote":

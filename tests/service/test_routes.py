@@ -229,7 +229,7 @@ async def test_too_many_contracts_413(make_client: MakeClient) -> None:
 async def test_contract_by_underlying_422(make_client: MakeClient) -> None:
     client = await make_client()
     by_reference = {"id": "c3", "right": "call", "strike": 4100.0, "underlying": "SPX", "expiry": "2027-06-18"}
-    body = {"contracts": [CONTRACT, by_reference]}
+    body: dict[str, Any] = {"contracts": [CONTRACT, by_reference]}
     await assert_error(await price(client, body), 422, "invalid", ("val_datetime",))
     body["val_datetime"] = "2026-11-26T16:00:00Z"  # no snapshot stored for it
     await assert_error(await price(client, body), 422, "no_market_data", ("val_datetime",))

@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument("--store", help="price with the served version of --model in this store")
     price.add_argument("--model", help="model to use (bundled name, or the model's name in --store)")
     price.add_argument("--checkpoint", type=Path, help="price with this checkpoint directory instead")
+    price.add_argument(
+        "--marketdata", help="store URI whose snapshots contracts by reference are priced from (often = --store)"
+    )
 
     store = sub.add_parser("store", help="manage model versions in a store")
     store.add_argument("--store", required=True, help="file:///path or s3://bucket/prefix")
@@ -145,13 +148,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 @contextlib.contextmanager
 def _store_errors() -> Iterator[None]:
     """Store failures as CLI outcomes: damage exits 1, anything else the user can act on 2."""
+    from spectralmc_server.marketdata.store import CorruptSnapshot
     from spectralmc_server.store.objects import StoreError
     from spectralmc_server.store.uri import InvalidStoreURI
     from spectralmc_server.store.versions import CorruptObject
 
     try:
         yield
-    except CorruptObject as exc:
+    except (CorruptObject, CorruptSnapshot) as exc:
         raise CorruptionError(str(exc)) from None
     except (StoreError, InvalidStoreURI) as exc:
         raise UsageError(str(exc)) from None
@@ -534,12 +538,39 @@ def _served_from_store(uri: str, model: str) -> Any:
         return load_served_model(run.run(vs.load(version)), name=model, version=version)
 
 
+def _resolve_market_data(uri: str, request: Any) -> tuple[Any, dict[str, Any]]:
+    """``request`` with its contracts by reference made explicit from the snapshot it
+    names in the store at ``uri``, and that snapshot's key and hash."""
+    from spectralmc_server.marketdata.store import SnapshotStore, iso
+    from spectralmc_server.service.marketdata import explicit_request
+    from spectralmc_server.service.valuation import RequestError
+    from spectralmc_server.store.uri import open_store
+
+    with _store_errors(), asyncio.Runner() as runner:
+        objects = runner.run(open_store(uri))
+        try:
+            snapshots = SnapshotStore(objects)
+            record = runner.run(snapshots.resolve(request.namespace, request.val_datetime, request.data_asof))
+            if record is None:
+                when = "latest" if request.data_asof is None else iso(request.data_asof)
+                raise RequestError(
+                    "val_datetime",
+                    f"no market-data snapshot for {request.namespace}/{iso(request.val_datetime)} "
+                    f"as of {when} in {uri}",
+                )
+            snapshot = runner.run(snapshots.load(record))
+        finally:
+            runner.run(objects.close())
+    return explicit_request(request, record, snapshot), record.key()
+
+
 def _price(args: argparse.Namespace) -> int:
     from spectralmc_server.engine.checkpoint import CheckpointError, read_dir
     from spectralmc_server.engine.pricer import load_served_model
     from spectralmc_server.models import bundled_models
+    from spectralmc_server.service.marketdata import needs_market_data
     from spectralmc_server.service.schemas import PriceRequest
-    from spectralmc_server.service.valuation import RequestError, Valuer, dumps
+    from spectralmc_server.service.valuation import RequestError, Valuer, check_inputs, dumps
 
     raw = sys.stdin.buffer.read()
     try:
@@ -569,10 +600,16 @@ def _price(args: argparse.Namespace) -> int:
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     valuer = Valuer({m.process.name: m for m in served})
+    market: dict[str, Any] | None = None
     try:
+        check_inputs(request)
+        if args.marketdata is not None and needs_market_data(request):
+            request, market = _resolve_market_data(args.marketdata, request)
         response = valuer.value(request)
     except RequestError as exc:
         raise UsageError(f"invalid request: {exc}") from None
+    if market is not None:
+        response["market_data"] = market
     sys.stdout.buffer.write(dumps(response) + b"\n")
     return EXIT_OK
 

@@ -3,6 +3,7 @@ exit codes (CONTRACT.md: bad input is one line on stderr and exit code 2)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -214,7 +216,42 @@ def test_price_market_data_contract(trained: Trained) -> None:
         IN_DOMAIN, {"id": "c3", "right": "call", "strike": 4100.0, "underlying": "SPX", "expiry": "2027-06-18"}
     )
     message = _usage_error(_run("price", "--checkpoint", trained.dir, stdin=body))
-    assert "contracts[1]" in message
+    assert "val_datetime" in message
+    dated = orjson.dumps({**orjson.loads(body), "val_datetime": "2026-11-26T16:00:00Z"})
+    message = _usage_error(_run("price", "--checkpoint", trained.dir, stdin=dated))
+    assert "contracts[1]" in message and "market-data snapshot" in message
+
+
+def test_price_by_reference_from_a_store(tmp_path: Path) -> None:
+    """--marketdata: contracts by reference priced from the snapshot the request names,
+    exactly as the explicit contract with the snapshot's inputs."""
+    from spectralmc_server.marketdata.objects import MarketSnapshot
+    from spectralmc_server.marketdata.store import SnapshotStore
+    from spectralmc_server.store.objects import LocalObjectStore
+
+    snap = MarketSnapshot.model_validate(
+        {
+            "spots": {"SPX": 100.0},
+            "yield_curves": {"USD": {"pillars": [{"years": 1.0, "zero_rate": 0.03}]}},
+            "discounting": {"SPX": "USD"},
+            "vol_surfaces": {"SPX": {"expiries_years": [1.0], "strikes": [100.0], "vols": [[0.2]]}},
+        }
+    )
+    vdt = datetime(2026, 11, 26, 16, tzinfo=UTC)
+    record, _ = asyncio.run(SnapshotStore(LocalObjectStore(tmp_path)).put("default", vdt, vdt, snap))
+    ref = {"id": "r", "right": "call", "strike": 100.0, "underlying": "SPX", "expiry": "2027-06-18"}
+    body = orjson.dumps({"val_datetime": "2026-11-26T16:00:00Z", "contracts": [ref]})
+    proc = _run("price", "--marketdata", tmp_path.as_uri(), stdin=body)
+    assert proc.returncode == 0, proc.stderr
+    out = _json_line(proc.stdout)
+    assert out["market_data"] == record.key()
+    t = (date(2027, 6, 18) - date(2026, 11, 26)).days / 365
+    explicit = {"id": "r", "right": "call", "strike": 100.0, "spot": 100.0, "expiry_years": t, "rate": 0.03, "vol": 0.2}
+    proc = _run("price", stdin=orjson.dumps({"contracts": [{**explicit, "dividend": 0.0}]}))
+    assert _json_line(proc.stdout)["results"] == out["results"]
+    later = orjson.dumps({"val_datetime": "2026-11-27T16:00:00Z", "contracts": [ref]})
+    message = _usage_error(_run("price", "--marketdata", tmp_path.as_uri(), stdin=later))
+    assert "no market-data snapshot for default/2026-11-27T16:00:00Z" in message
 
 
 def test_price_checkpoint_not_a_checkpoint(tmp_path: Path) -> None:

@@ -80,7 +80,7 @@ class StreamSettings(BaseModel):
     max_message_bytes: int = Field(1 << 20, ge=1024)  # a larger client message closes the socket (1009)
     min_interval_seconds: float = Field(0.1, gt=0)  # the fastest interval a subscription may ask for
     send_timeout_seconds: float = Field(30.0, gt=0)  # a send blocked this long closes a stalled client
-    control_queue: int = Field(32, ge=1)  # queued error messages per connection (oldest dropped past it)
+    control_queue: int = Field(256, ge=1)  # queued acks and errors per connection (oldest dropped past it)
 
 
 def _measures(*names: Measure) -> list[Measure]:

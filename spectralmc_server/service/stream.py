@@ -39,7 +39,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from spectralmc_server.marketdata.store import SnapshotRecord
-from spectralmc_server.service.errors import APIError, NoMarketData
+from spectralmc_server.service.errors import APIError, NoMarketData, Unavailable
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.schemas import (
@@ -313,21 +313,28 @@ class StreamHub:
         for item in work:
             groups.setdefault(item[1].fingerprint, []).append(item)
         latest: dict[str, SnapshotRecord | None] = {}
+        failed: dict[str, APIError] = {}
         for _, sub, _ in work:
             ns = sub.spec.namespace
-            if sub.needs_market and sub.spec.val_datetime is None and ns not in latest:
-                latest[ns] = await self.market.store.latest(ns)
-                if latest[ns] is not None:
-                    record = latest[ns]
-                    assert record is not None
-                    seen = self._seen.get(ns)
-                    if seen is None or record.sort_key() > seen:
-                        self._seen[ns] = record.sort_key()
+            if not (sub.needs_market and sub.spec.val_datetime is None) or ns in latest or ns in failed:
+                continue
+            try:
+                record = latest[ns] = await self.market.store.latest(ns)
+            except Exception as exc:  # the store is down: these subscriptions get an error
+                failed[ns] = Unavailable(
+                    f"market data unavailable: {type(exc).__name__}: {exc}", 1, code="store_unavailable"
+                )
+                continue
+            seen = self._seen.get(ns)
+            if record is not None and (seen is None or record.sort_key() > seen):
+                self._seen[ns] = record.sort_key()
 
         async def one(members: list[tuple[Connection, Subscription, str]]) -> None:
             spec = members[0][1].spec
             try:
                 if members[0][1].needs_market and spec.val_datetime is None:
+                    if spec.namespace in failed:
+                        raise failed[spec.namespace]
                     record = latest.get(spec.namespace)
                     if record is None:
                         raise NoMarketData(f"no market-data snapshot in namespace {spec.namespace!r} yet")

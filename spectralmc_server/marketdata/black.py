@@ -51,7 +51,7 @@ def implied_vol(
     sqrt_t = math.sqrt(t)
     for _ in range(200):
         value = black_forward(forward, strike, sigma * sqrt_t, is_call) - undiscounted
-        if abs(value) < tol * max(1.0, undiscounted):
+        if abs(value) <= tol * undiscounted:  # relative: tiny out-of-the-money prices too
             return sigma
         if value > 0:
             hi = sigma

@@ -38,7 +38,7 @@ def contract_inputs(
     ``where`` names the snapshot in messages ("default/2026-11-26T16:00:00Z as of ...")."""
     t = year_fraction(val_datetime, expiry)
     if t <= 0:
-        raise MissingMarketData(f"expiry {expiry.isoformat()} is not after the valuation date {val_datetime.date()}")
+        raise MissingMarketData(f"{underlying} expiry {expiry.isoformat()} is not after the valuation date of {where}")
     spot = snapshot.spots.get(underlying)
     if spot is None:
         raise MissingMarketData(f"no spot for {underlying} in {where}")

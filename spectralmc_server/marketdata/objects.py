@@ -22,7 +22,7 @@ import bisect
 import itertools
 import math
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -43,8 +43,10 @@ ARB_TOLERANCE = 1e-9  # relative slack before a grid point counts as arbitrage
 
 
 def year_fraction(val_datetime: datetime, expiry: date) -> float:
-    """ACT/365F from the valuation date (UTC) to an expiry date."""
-    return (expiry - val_datetime.date()).days / 365.0
+    """ACT/365F from the valuation date (the UTC date of an aware val_datetime) to an
+    expiry date."""
+    day = val_datetime.astimezone(UTC).date() if val_datetime.tzinfo is not None else val_datetime.date()
+    return (expiry - day).days / 365.0
 
 
 def _increasing(values: list[float], what: str) -> None:

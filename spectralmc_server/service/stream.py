@@ -24,7 +24,6 @@ and after ``send_timeout_seconds`` blocked on one send it is disconnected.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -140,8 +139,16 @@ def _fingerprint(spec: Subscribe) -> bytes:
 class Connection:
     """One client: its subscriptions and its bounded send queue (drained by one writer)."""
 
-    def __init__(self, ws: web.WebSocketResponse, settings: StreamSettings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        settings: StreamSettings,
+        metrics: Metrics,
+        abort: Callable[[], None] = lambda: None,
+    ) -> None:
         self.ws = ws
+        self.abort = abort  # drops the TCP connection at once (a client that does not read)
+        self.close_reason: str | None = None  # set when the server closes it (stalled, shutdown)
         self.settings = settings
         self.metrics = metrics
         self.subs: dict[str, Subscription] = {}
@@ -176,10 +183,14 @@ class Connection:
         self._control.append((kind, orjson.dumps({"type": kind, **body})))
         self._wake.set()
 
+    def forget(self, sub_id: str) -> None:
+        """Drop an unsent quote of a subscription that has gone."""
+        self._quotes.pop(sub_id, None)
+
     def error(self, sub_id: str | None, code: str, message: str, details: list[dict[str, Any]] | None = None) -> None:
         self.offer_control("error", {"id": sub_id, "code": code, "message": message, "details": details or []})
 
-    async def write(self, abort: Callable[[], None]) -> None:
+    async def write(self) -> None:
         """The writer task: sends queued messages in order, errors first."""
         timeout = self.settings.send_timeout_seconds
         while True:
@@ -194,10 +205,10 @@ class Connection:
                     async with asyncio.timeout(timeout):
                         await self.ws.send_str(payload.decode())
                 except TimeoutError:
-                    self.metrics.stream_closed.labels("stalled").inc()
                     log.info("closing a stream client stalled for %.0f s", timeout)
+                    self.close_reason = "stalled"
                     self.closed = True
-                    abort()
+                    self.abort()
                     return
                 except ConnectionError:
                     self.closed = True
@@ -466,6 +477,7 @@ class StreamHub:
             return
         if sub.ticker is not None:
             sub.ticker.cancel()
+        conn.forget(sub_id)  # no quote for it may follow the "unsubscribed"
         conn.offer_control("unsubscribed", {"id": sub_id})
 
     def drop(self, conn: Connection) -> None:
@@ -478,12 +490,21 @@ class StreamHub:
         if conn.writer is not None:
             conn.writer.cancel()
 
-    async def close_all(self) -> None:
-        """Shutdown: every client gets GOING_AWAY."""
-        for conn in list(self.connections):
-            with contextlib.suppress(Exception):
-                async with asyncio.timeout(1.0):
+    async def close_all(self, timeout: float = 1.0) -> None:
+        """Shutdown: every client gets GOING_AWAY, all at once; a client that does not
+        take the close frame within ``timeout`` (it stopped reading) is cut off."""
+        conns = list(self.connections)
+
+        async def close(conn: Connection) -> None:
+            conn.close_reason = conn.close_reason or "shutdown"
+            try:
+                async with asyncio.timeout(timeout):
                     await conn.ws.close(code=WSCloseCode.GOING_AWAY, message=b"server shutting down")
+            except Exception:
+                conn.abort()
+
+        await asyncio.gather(*(close(c) for c in conns))
+        for conn in conns:
             self.drop(conn)
 
 
@@ -492,14 +513,14 @@ async def serve_connection(request: web.Request, hub: StreamHub) -> web.WebSocke
     s = hub.settings
     ws = web.WebSocketResponse(heartbeat=s.heartbeat_seconds, max_msg_size=s.max_message_bytes)
     await ws.prepare(request)
-    conn = Connection(ws, s, hub.metrics)
     transport = request.transport
 
     def abort() -> None:
         if transport is not None:
             transport.abort()
 
-    conn.writer = asyncio.create_task(conn.write(abort))
+    conn = Connection(ws, s, hub.metrics, abort)
+    conn.writer = asyncio.create_task(conn.write())
     hub.connections.add(conn)
     reason = "client"
     try:
@@ -515,5 +536,5 @@ async def serve_connection(request: web.Request, hub: StreamHub) -> web.WebSocke
             reason = "too_big"
     finally:
         hub.drop(conn)
-        hub.metrics.stream_closed.labels(reason).inc()
+        hub.metrics.stream_closed.labels(conn.close_reason or reason).inc()
     return ws

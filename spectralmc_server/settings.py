@@ -115,8 +115,8 @@ class PriceJob(BaseModel):
 class DeriveJob(BaseModel):
     """Every ``every_seconds``: build a new snapshot from the namespace's latest one (for
     ``implied_vol_surface``: a vol surface per ``underlyings`` from its option quotes),
-    stored with a later data_asof and its lineage. A latest snapshot this job made
-    itself is left alone (nothing new to derive from)."""
+    stored with a later data_asof and its lineage. A latest snapshot this job made, or
+    one that already holds what it derives, is left alone (nothing new)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 from spectralmc_server.marketdata.black import NoImpliedVol, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, OptionQuote, VolSurface
-from spectralmc_server.marketdata.store import SnapshotRecord, iso
+from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
 from spectralmc_server.service.errors import APIError, NoMarketData
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
@@ -163,43 +163,48 @@ def price_action(
     return action
 
 
+MONEYNESS_DECIMALS = 8  # moneyness grid points: K / F(T) rounded, so m * F(T) maps back to m
+
+
 def implied_vol_surface(
     snapshot: MarketSnapshot, underlying: str, quotes: list[OptionQuote], strike_kind: Literal["strike", "moneyness"]
 ) -> VolSurface:
     """Black vols of ``quotes`` on their expiry x strike grid. Every grid cell needs a
-    quote (a call or a put; where both are quoted the out-of-the-money one is used)."""
+    quote: a call or a put; where both are quoted the out-of-the-money one is used (so
+    the answer does not depend on the quotes' order). Moneyness grid points are K / F(T)
+    rounded to 8 decimals."""
     forward_fn = snapshot.forward_fn(underlying)
     curve_name = snapshot.discounting.get(underlying)
     if forward_fn is None or curve_name is None:
         raise ValueError(f"{underlying} needs a spot and a discounting curve to imply vols")
     curve = snapshot.yield_curves[curve_name]
-    expiries = sorted({q.expiry_years for q in quotes})
-    cells: dict[tuple[float, float], float] = {}
-    strikes_seen: set[float] = set()
+    chosen: dict[tuple[float, float], tuple[bool, OptionQuote]] = {}  # cell -> (out of the money, quote)
     for q in quotes:
         f = forward_fn(q.expiry_years)
         otm = (q.right == "call") == (q.strike >= f)
-        key_strike = q.strike if strike_kind == "strike" else q.strike / f
-        strikes_seen.add(key_strike)
-        key = (q.expiry_years, key_strike)
-        if key in cells and not otm:
-            continue
-        try:
-            cells[key] = implied_vol(
-                q.price, f, q.strike, q.expiry_years, curve.discount(q.expiry_years), q.right == "call"
-            )
-        except NoImpliedVol as exc:
-            raise ValueError(f"quote {q.right} K={q.strike:g} T={q.expiry_years:g}: {exc}") from None
-    strikes = sorted(strikes_seen)
-    missing = [(t, k) for t in expiries for k in strikes if (t, k) not in cells]
+        x = q.strike if strike_kind == "strike" else round(q.strike / f, MONEYNESS_DECIMALS)
+        key = (q.expiry_years, x)
+        held = chosen.get(key)
+        if held is None or (otm and not held[0]):
+            chosen[key] = (otm, q)
+    expiries = sorted({t for t, _ in chosen})
+    strikes = sorted({x for _, x in chosen})
+    missing = [(t, x) for t in expiries for x in strikes if (t, x) not in chosen]
     if missing:
-        shown = ", ".join(f"T={t:g} K={k:g}" for t, k in missing[:5])
+        shown = ", ".join(f"T={t:.10g} K={x:.10g}" for t, x in missing[:5])
         raise ValueError(f"the quotes do not fill the expiry x strike grid; missing {len(missing)}: {shown}")
+    vols: dict[tuple[float, float], float] = {}
+    for key, (_, q) in sorted(chosen.items()):
+        t = q.expiry_years
+        try:
+            vols[key] = implied_vol(q.price, forward_fn(t), q.strike, t, curve.discount(t), q.right == "call")
+        except NoImpliedVol as exc:
+            raise ValueError(f"quote {q.right} K={q.strike:g} T={t:g}: {exc}") from None
     return VolSurface(
         strike_kind=strike_kind,
         expiries_years=expiries,
         strikes=strikes,
-        vols=[[cells[(t, k)] for k in strikes] for t in expiries],
+        vols=[[vols[(t, x)] for x in strikes] for t in expiries],
     )
 
 
@@ -223,6 +228,10 @@ def derive_action(job: DeriveJob, market: MarketData) -> Callable[[], Awaitable[
         surfaces = await asyncio.to_thread(build)
         derived = snapshot.model_copy(update={"vol_surfaces": {**snapshot.vol_surfaces, **surfaces}})
         derived = MarketSnapshot.model_validate(derived.model_dump())  # re-checked like a PUT
+        if canonical(derived) == canonical(snapshot):
+            # the latest snapshot already holds these surfaces (say another job derived
+            # from this job's output): storing it again would only make two jobs chase
+            raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) already holds what this job derives")
         now = datetime.now(UTC)
         asof = max(now, latest.data_asof + timedelta(microseconds=1))
         lineage = {

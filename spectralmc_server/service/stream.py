@@ -30,7 +30,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 import orjson
@@ -52,6 +52,7 @@ from spectralmc_server.service.schemas import (
 from spectralmc_server.settings import StreamSettings
 
 log = logging.getLogger(__name__)
+NOTHING_SEEN = (datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))
 Price = Callable[[PriceRequest], Awaitable[dict[str, Any]]]
 
 
@@ -337,7 +338,9 @@ class StreamHub:
                 )
                 continue
             seen = self._seen.get(ns)
-            if record is not None and (seen is None or record.sort_key() > seen):
+            if record is None:  # nothing yet: the first snapshot (even via a replica) is news
+                self._seen.setdefault(ns, NOTHING_SEEN)
+            elif seen is None or record.sort_key() > seen:
                 self._seen[ns] = record.sort_key()
 
         async def one(members: list[tuple[Connection, Subscription, str]]) -> None:

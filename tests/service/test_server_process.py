@@ -140,6 +140,16 @@ def test_real_prometheus_scrapes_the_server(serve: Serve, tmp_path: Path) -> Non
         )
     base = f"http://127.0.0.1:{prom_port}"
     try:
+        ready_by = time.monotonic() + 60.0  # Prometheus answers 503 until its TSDB is open
+        while True:
+            assert prom.poll() is None, f"prometheus exited with {prom.returncode}:\n{prom_log.read_text()}"
+            try:
+                if http("GET", f"{base}/-/ready", timeout=5)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < ready_by, f"prometheus not ready within 60 s:\n{prom_log.read_text()}"
+            time.sleep(0.2)
         for _ in range(3):
             price(server.url)
         deadline = time.monotonic() + 30.0

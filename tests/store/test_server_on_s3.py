@@ -121,4 +121,16 @@ async def test_market_data_on_s3_reaches_a_stream_through_another_replica(
     assert msg["reason"] == "snapshot" and msg["seq"] == 2
     assert msg["market_data"]["hash"] == second_hash
     assert msg["results"][0]["price"] > quotes[0]["results"][0]["price"]
+
+    # A namespace with no snapshot yet: the subscription waits (an error says why) and
+    # its first quote comes when a snapshot is PUT through the other server.
+    await ws.send_json({"op": "subscribe", "id": "f", "namespace": "fresh", "contracts": [by_reference()]})
+    while (msg := await ws.receive_json(timeout=10))["type"] != "error":
+        pass
+    assert msg["id"] == "f" and msg["code"] == "no_market_data"
+    r = await writer.put(f"/v1/marketdata/fresh/{VDT}/{ASOF}", json=snapshot(spot=90.0))
+    assert r.status == 201
+    while (msg := await ws.receive_json(timeout=10))["type"] != "quote" or msg["id"] != "f":
+        pass
+    assert msg["reason"] == "snapshot" and msg["market_data"]["namespace"] == "fresh"
     await ws.close()

@@ -4,7 +4,8 @@ For 1, 100 and 1,000 subscribers (one connection each, all subscribed to the sam
 contract priced by reference to the namespace's latest snapshot):
 
 - PUT -> receipt: the time from sending a snapshot PUT to each subscriber receiving
-  the quote computed from that snapshot (p50 / p99 / max over subscribers and rounds).
+  the quote computed from that snapshot (p50 / p99 / max over subscribers and rounds),
+  next to the PUT's own round trip (the store's writes: content, record, latest ref).
   The clients run in one asyncio loop in this process, so the figure includes the
   client side's own time to read N messages; both share the machine with the server.
 - quotes/s delivered: snapshots PUT back to back for a few seconds; every quote
@@ -110,15 +111,18 @@ class Bench:
                 raise TimeoutError("subscribers did not all receive their quote in time")
             await asyncio.sleep(0.005)
 
-    async def latency(self, subs: list[Subscriber], rounds: int) -> list[float]:
+    async def latency(self, subs: list[Subscriber], rounds: int) -> tuple[list[float], list[float]]:
+        """PUT -> receipt per subscriber and round, and the PUT's own round trip."""
         samples: list[float] = []
+        puts: list[float] = []
         for r in range(rounds):
             t0 = time.perf_counter()
             key = await self.put(100.0 + r + 1)
+            puts.append(time.perf_counter() - t0)
             await self.until(partial(arrived, subs, key), 60.0)
             samples += [s.arrivals[key] - t0 for s in subs]
             await asyncio.sleep(0.2)
-        return samples
+        return samples, puts
 
     async def throughput(self, subs: list[Subscriber], seconds: float) -> float:
         before = sum(s.received for s in subs)
@@ -156,12 +160,13 @@ async def run(url: str, pid: int, sizes: list[int], rounds: int, seconds: float)
             subs = await bench.connect(n)
             await asyncio.sleep(1.0)
             per_conn = (rss_bytes(pid) - rss0) / n
-            lat = await bench.latency(subs, rounds)
+            lat, puts = await bench.latency(subs, rounds)
             qps = await bench.throughput(subs, seconds)
             rows.append(
                 [
                     n,
                     len(lat),
+                    pct(puts, 0.5) * 1e3,
                     pct(lat, 0.5) * 1e3,
                     pct(lat, 0.99) * 1e3,
                     max(lat) * 1e3,
@@ -193,6 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     headers = [
         "subscribers",
         "samples",
+        "PUT alone p50 ms",
         "PUT->receipt p50 ms",
         "p99 ms",
         "max ms",
@@ -217,13 +223,14 @@ def _plot(rows: list[list[object]], path: Path) -> None:
 
     n = [float(str(r[0])) for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    axes[0].plot(n, [float(str(r[2])) for r in rows], "o-", label="p50")
-    axes[0].plot(n, [float(str(r[3])) for r in rows], "s-", label="p99")
+    axes[0].plot(n, [float(str(r[3])) for r in rows], "o-", label="p50")
+    axes[0].plot(n, [float(str(r[4])) for r in rows], "s-", label="p99")
+    axes[0].plot(n, [float(str(r[2])) for r in rows], ":", color="grey", label="the PUT alone (p50)")
     axes[0].set_xscale("log")
     axes[0].set_xlabel("subscribers")
     axes[0].set_ylabel("snapshot PUT -> quote received (ms)")
     axes[0].legend()
-    axes[1].plot(n, [float(str(r[5])) for r in rows], "o-")
+    axes[1].plot(n, [float(str(r[6])) for r in rows], "o-")
     axes[1].set_xscale("log")
     axes[1].set_xlabel("subscribers")
     axes[1].set_ylabel("quotes/s delivered")

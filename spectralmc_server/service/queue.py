@@ -237,7 +237,8 @@ class ValuationQueue:
                 if err is not None and not item.future.done():
                     detail = {"field": err.field, "reason": err.reason}
                     item.future.set_exception(NoMarketData(str(err), details=[detail]))
-            skipped = [i for i in batch if i not in computed and id(i) not in failed]
+            done = {id(i) for i in computed} | failed.keys()
+            skipped = [i for i in batch if id(i) not in done]
             self._live(skipped)  # counts them (disconnected or deadline) and settles them
             if not computed:
                 return

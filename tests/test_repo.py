@@ -49,3 +49,4 @@ def test_wheel_contains_the_bundled_models(tmp_path: Path) -> None:
     for f in ("manifest.json", "model.safetensors", "training.safetensors"):
         assert f"spectralmc_server/models/gbm/{f}" in names
     assert "spectralmc_server/py.typed" in names
+    assert "spectralmc_server/service/static/ui.html" in names  # the /ui page ships

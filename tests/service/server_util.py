@@ -3,6 +3,7 @@ on a free loopback port."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ import orjson
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 
+from spectralmc_server.service import keys
 from spectralmc_server.settings import Settings
 
 TOKEN = "s3cret-admin-token"
@@ -88,6 +90,12 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, 
         time.sleep(0.2)
     server.stop(signal.SIGKILL)
     raise RuntimeError(f"server not ready within {timeout} s:\n{log.read_text()}")
+
+
+def block_worker(client: Client, seconds: float) -> asyncio.Future[None]:
+    """Occupy the compute worker for ``seconds`` (await the result afterwards)."""
+    fut: asyncio.Future[None] = app_of(client)[keys.WORKER].submit(lambda: time.sleep(seconds))
+    return fut
 
 
 def app_of(client: Client) -> web.Application:

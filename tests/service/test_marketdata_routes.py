@@ -10,7 +10,6 @@ import copy
 import hashlib
 import math
 import re
-import time
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -19,10 +18,9 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from marketdata_util import ASOF, VDT, by_reference, snapshot
-from server_util import CONTRACT, MakeClient, app_of, assert_error
+from server_util import CONTRACT, MakeClient, assert_error, block_worker
 
 from spectralmc_server.marketdata.objects import MarketSnapshot, VolSurface, ZeroCurve
-from spectralmc_server.service import keys
 
 Client = TestClient[Any, Any]
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)")
@@ -133,12 +131,6 @@ def explicit_inputs(snap: dict[str, Any], vdt: str, contract: dict[str, Any]) ->
     forward = spot * math.exp((rate - dividend) * t)
     out["vol"] = VolSurface.model_validate(snap["vol_surfaces"][name]).vol(contract["strike"], t, forward)
     return out
-
-
-def block_worker(client: Client, seconds: float) -> asyncio.Future[None]:
-    """Occupy the compute worker for ``seconds`` (await the result afterwards)."""
-    fut: asyncio.Future[None] = app_of(client)[keys.WORKER].submit(lambda: time.sleep(seconds))
-    return fut
 
 
 # -- PUT ---------------------------------------------------------------------------------

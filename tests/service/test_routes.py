@@ -13,7 +13,7 @@ import orjson
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
-from server_util import CONTRACT, MakeClient, app_of, assert_error
+from server_util import CONTRACT, MakeClient, app_of, assert_error, block_worker
 
 from spectralmc_server.engine.pricer import ModelPricer
 from spectralmc_server.service import keys
@@ -64,12 +64,6 @@ async def ok_json(r: ClientResponse) -> dict[str, Any]:
     assert r.status == 200, text
     body: dict[str, Any] = orjson.loads(text)
     return body
-
-
-def block_worker(client: Client, seconds: float) -> asyncio.Future[None]:
-    """Occupy the compute worker for ``seconds`` (await the result afterwards)."""
-    fut: asyncio.Future[None] = app_of(client)[keys.WORKER].submit(lambda: time.sleep(seconds))
-    return fut
 
 
 # -- POST /v1/price ----------------------------------------------------------------------

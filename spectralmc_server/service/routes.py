@@ -27,6 +27,7 @@ from spectralmc_server.service.errors import (
 from spectralmc_server.service.schemas import MAX_CONTRACTS, PriceRequest, format_validation_error
 from spectralmc_server.service.stream import serve_connection
 from spectralmc_server.service.valuation import RequestError, check_inputs, dumps
+from spectralmc_server.settings import Settings
 
 routes = web.RouteTableDef()
 UI_PAGE = (Path(__file__).parent / "static" / "ui.html").read_text()
@@ -73,13 +74,16 @@ def _timeout(request: web.Request) -> float:
     return value
 
 
-@routes.post("/v1/price")
-async def price(request: web.Request) -> web.Response:
-    """Price explicit contracts through the batching queue."""
-    app = request.app
-    settings = app[keys.SETTINGS]
+def _require_serving(settings: Settings) -> None:
     if not settings.serves:
         raise Unavailable(f"this server's role is {settings.role!r}: it does not price", 60, code="not_serving")
+
+
+@routes.post("/v1/price")
+async def price(request: web.Request) -> web.Response:
+    """Price contracts (explicit or by reference) through the batching queue."""
+    app = request.app
+    _require_serving(app[keys.SETTINGS])
     timeout = _timeout(request)
     body = await read_json(request)
     if isinstance(body, dict) and isinstance(body.get("contracts"), list) and len(body["contracts"]) > MAX_CONTRACTS:
@@ -114,8 +118,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     """Streaming quotes over a WebSocket (protocol: service/stream.py, docs/api.md)."""
     app = request.app
     settings = app[keys.SETTINGS]
-    if not settings.serves:
-        raise Unavailable(f"this server's role is {settings.role!r}: it does not price", 60, code="not_serving")
+    _require_serving(settings)
     if app[keys.LIFECYCLE].shutting_down:
         raise Unavailable("the server is shutting down", 1, code="shutting_down")
     hub = app[keys.STREAMS]

@@ -32,6 +32,7 @@ from spectralmc_server.service.errors import (
     MethodNotAllowed,
     NotFound,
     TooLarge,
+    Unavailable,
     UnsupportedMediaType,
 )
 from spectralmc_server.service.jobs import Schedule, derive_action, price_action
@@ -45,6 +46,7 @@ from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import PriceJob, Settings
 from spectralmc_server.store.commits import CommitPolicy
+from spectralmc_server.store.objects import StoreUnavailable
 from spectralmc_server.store.s3 import S3Settings
 from spectralmc_server.store.uri import open_store
 
@@ -88,6 +90,9 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = _error_response(exc)
     except web.HTTPException as exc:
         response = _error_response(_from_http(exc, request))
+    except StoreUnavailable as exc:  # the object store is down: the client may retry, nothing is wrong with it
+        log.warning("store unavailable on %s %s: %s", request.method, request.path, exc)
+        response = _error_response(Unavailable(f"the store is unavailable: {exc}", 5, code="store_unavailable"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         generic = APIError("internal error (logged on the server)")

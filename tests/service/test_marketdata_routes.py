@@ -18,9 +18,11 @@ import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from marketdata_util import ASOF, VDT, by_reference, snapshot
-from server_util import CONTRACT, MakeClient, assert_error, block_worker
+from server_util import CONTRACT, MakeClient, app_of, assert_error, block_worker
 
 from spectralmc_server.marketdata.objects import MarketSnapshot, VolSurface, ZeroCurve
+from spectralmc_server.service import keys
+from spectralmc_server.store.objects import StoreUnavailable
 
 Client = TestClient[Any, Any]
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)")
@@ -918,3 +920,23 @@ async def test_now_is_not_a_default_val_datetime(make_client: MakeClient) -> Non
     now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     await put_ok(client, snapshot(), vdt=now, asof=now)
     await assert_error(await price(client, {"contracts": [by_reference()]}), 422, "invalid", ("val_datetime",))
+
+
+async def test_store_outage_is_503_and_loses_nothing(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The object store failing (after its own retries) answers 503 store_unavailable with
+    Retry-After, not a 500; once it is back the same PUT stores the snapshot."""
+    client = await make_client()
+    objects = app_of(client)[keys.MARKETDATA].store.objects
+
+    async def down(*args: Any, **kwargs: Any) -> Any:
+        raise StoreUnavailable("connection refused (test)")
+
+    for op in ("get", "put_if_absent", "put_if_match", "list"):
+        monkeypatch.setattr(objects, op, down)
+    r = await put(client, snapshot())
+    await assert_error(r, 503, "store_unavailable")
+    assert r.headers["Retry-After"] == "5"
+    await assert_error(await client.get(f"/v1/marketdata/default/{VDT}"), 503, "store_unavailable")
+    monkeypatch.undo()
+    r = await put(client, snapshot())
+    assert r.status == 201, await r.text()

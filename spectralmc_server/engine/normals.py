@@ -11,6 +11,12 @@ Modes:
 - ``sobol``: scrambled Sobol points (one fresh scramble per block) mapped through the
   inverse normal CDF. Each column is a (0, m, 1)-net: perfectly stratified in 1-D,
   which is what cuts the variance of a characteristic-function estimate.
+- ``sobol_shift``: Sobol points with a fresh random digital shift per block (each
+  coordinate's bits XORed with a random 30-bit word), mapped the same way. A digital
+  shift keeps every net property and makes each point uniform, so estimates stay
+  unbiased; it costs a fraction of a fresh LMS scramble, which dominates generation in
+  thousands of dimensions (measured at 6,144 dims x 256 rows: 306 ms to scramble
+  against 25 ms to draw).
 
 ``antithetic`` makes the second half of the rows the negation of the first half.
 """
@@ -37,6 +43,9 @@ def sobol_engine(dims: int, seed: int) -> Any:
     return _Sobol(dims, scramble=True, seed=seed)
 
 
+NormalsMode = Literal["sobol", "sobol_shift", "pseudo"]
+SOBOL_BITS = 30  # torch's Sobol points are k / 2^30
+
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
@@ -46,7 +55,7 @@ class NormalsConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     seed: int = Field(0, ge=0, lt=2**63)  # root of every block's stream
-    mode: Literal["sobol", "pseudo"] = "sobol"  # quasi-random (scrambled Sobol) or pseudo
+    mode: NormalsMode = "sobol"  # quasi-random (scrambled or shifted Sobol) or pseudo
     antithetic: bool = True  # rows [n/2:] = -rows[:n/2]
     rows: int = Field(512, gt=0)  # paths per block (a power of two in sobol mode)
     dims: int = Field(1, gt=0)  # normals per row (parameter points x normals per path)
@@ -58,7 +67,7 @@ class NormalsConfig(BaseModel):
     def _check(self) -> NormalsConfig:
         if self.antithetic and self.rows % 2:
             raise ValueError(f"rows must be even with antithetic=true, got {self.rows}")
-        if self.mode == "sobol":
+        if self.mode != "pseudo":
             base = self.rows // 2 if self.antithetic else self.rows
             if base & (base - 1):
                 raise ValueError(
@@ -97,13 +106,21 @@ def generate_block(config: NormalsConfig, index: int, device: torch.device) -> t
         raise ValueError(f"block index must be non-negative, got {index}")
     seed = block_seed(config.seed, index)
     n = config.rows // 2 if config.antithetic else config.rows
-    if config.mode == "sobol":
+    if config.mode == "sobol_shift":
+        gen = torch.Generator()
+        gen.manual_seed(seed)
+        shift = torch.randint(0, 1 << SOBOL_BITS, (config.dims,), generator=gen, dtype=torch.int64)
+        raw = _Sobol(config.dims, scramble=False).draw(n, dtype=torch.float64)  # (n, dims), k / 2^30
+        bits = (raw * float(1 << SOBOL_BITS)).to(torch.int64) ^ shift  # digital shift
+        u_mid = (bits.to(torch.float64) + 0.5) * 2.0**-SOBOL_BITS  # cell centres: never 0 or 1
+        z: torch.Tensor = torch.special.ndtri(u_mid).to(device=device, dtype=config.torch_dtype)
+    elif config.mode == "sobol":
         u: torch.Tensor = sobol_engine(config.dims, seed).draw(n, dtype=torch.float64)  # (n, dims) in [0, 1)
         # Scrambled points are never exactly 0 or 1 in practice; clamp for safety so the
         # inverse CDF stays finite (|z| <= 8.3 at the float64 edge).
         eps = 2.0**-53
         u = u.clamp_(eps, 1.0 - eps)
-        z: torch.Tensor = torch.special.ndtri(u).to(device=device, dtype=config.torch_dtype)
+        z = torch.special.ndtri(u).to(device=device, dtype=config.torch_dtype)
     else:
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)

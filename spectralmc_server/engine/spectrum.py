@@ -63,7 +63,8 @@ def estimate_cf(y: torch.Tensor, spectrum: SpectrumConfig, *, correct_binning: b
     m = spectrum.n_bins
     delta = spectrum.bin_width
     pos = (y + spectrum.half_width) / delta  # (B, N) in grid units, inside if 0 <= pos <= M
-    inside = (pos >= 0) & (pos <= m)
+    inside = (pos >= 0) & (pos <= m)  # False for NaN too: a non-finite sample is dropped
+    pos = torch.where(inside, pos, torch.zeros_like(pos))
     j = torch.floor(pos).clamp_(0, m - 1)
     t = (pos - j).masked_fill_(~inside, 0.0)  # weight on j + 1
     w_lo = (1.0 - t).masked_fill_(~inside, 0.0)  # weight on j

@@ -83,6 +83,15 @@ class Contract(BaseModel):
         missing = [f for f in ("spot", "expiry_years") if getattr(self, f) is None]
         if self.process == "gbm" and self.vol is None and not (self.params and "vol" in self.params):
             missing.append("vol")
+        if self.process != "gbm":
+            if self.vol is not None:
+                raise ValueError(f"{self.process} takes its parameters in 'params', not 'vol'")
+            names = PROCESSES[self.process].param_names
+            given = self.params or {}
+            missing += [f"params.{n}" for n in names if n not in given]
+            extra = sorted(set(given) - set(names))
+            if extra:
+                raise ValueError(f"{self.process} takes params {', '.join(names)}; unknown: {', '.join(extra)}")
         if missing:
             raise ValueError(f"missing explicit input(s): {', '.join(missing)} (or give underlying and expiry)")
         if self.process == "gbm" and self.params:
@@ -93,6 +102,11 @@ class Contract(BaseModel):
                 raise ValueError("give vol either as 'vol' or in 'params', not both")
             if not 0 < self.params["vol"] <= 10:
                 raise ValueError("params.vol must be in (0, 10]")
+        if self.process != "gbm":
+            try:
+                PROCESSES[self.process].check_params(dict(self.params or {}))
+            except ValueError as exc:
+                raise ValueError(f"params.{exc}") from None
         return self
 
     @property
@@ -268,3 +282,28 @@ class GCBody(BaseModel):
     dry_run: bool = True
     min_keep: int = Field(1, ge=1, le=1_000_000)
     grace_seconds: float = Field(3600.0, ge=0, allow_inf_nan=False)
+
+
+class CalibrateRequest(BaseModel):
+    """POST /v1/calibrate: fit a process to an underlying's vol surface in a snapshot."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
+    val_datetime: AwareDatetime
+    data_asof: AwareDatetime | None = None  # None: the latest snapshot for val_datetime
+    underlying: str = Field(min_length=1, max_length=64)
+    process: Literal["heston"] = "heston"
+    store: bool = False  # store the fitted set as a derived snapshot (a later data_asof)
+    allow_arbitrage: bool = False  # calibrate to a surface that has arbitrage violations
+    max_iterations: int = Field(100, ge=1, le=1000)
+
+    @field_validator("val_datetime", "data_asof")
+    @classmethod
+    def _in_utc(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        try:
+            return v.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("out of range once converted to UTC") from None

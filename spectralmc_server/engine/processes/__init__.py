@@ -9,8 +9,10 @@ from spectralmc_server.engine.processes.base import (
     Process,
 )
 from spectralmc_server.engine.processes.gbm import GBMProcess
+from spectralmc_server.engine.processes.heston import HestonProcess
+from spectralmc_server.engine.processes.merton import MertonProcess
 
-PROCESSES: dict[str, Process] = {"gbm": GBMProcess()}
+PROCESSES: dict[str, Process] = {"gbm": GBMProcess(), "heston": HestonProcess(), "merton": MertonProcess()}
 
 
 def get_process(name: str) -> Process:
@@ -22,4 +24,14 @@ def get_process(name: str) -> Process:
         raise ValueError(f"unknown process {name!r}: known processes are {known}") from None
 
 
-__all__ = ["EXPIRY", "PROCESSES", "GBMProcess", "ModelDomain", "ParameterRange", "Process", "get_process"]
+__all__ = [
+    "EXPIRY",
+    "PROCESSES",
+    "GBMProcess",
+    "HestonProcess",
+    "MertonProcess",
+    "ModelDomain",
+    "ParameterRange",
+    "Process",
+    "get_process",
+]

@@ -41,6 +41,18 @@ class ParameterRange(BaseModel):
             return torch.exp(lo + (hi - lo) * u)
         return self.low + (self.high - self.low) * u
 
+    def unit_derivative(self, x: torch.Tensor) -> torch.Tensor:
+        """d to_unit(x) / dx."""
+        if self.scale == "log":
+            return 1.0 / (x * (math.log(self.high) - math.log(self.low)))
+        return torch.full_like(x, 1.0 / (self.high - self.low))
+
+    def from_unit_derivative(self, u: torch.Tensor) -> torch.Tensor:
+        """d from_unit(u) / du."""
+        if self.scale == "log":
+            return self.from_unit(u) * (math.log(self.high) - math.log(self.low))
+        return torch.full_like(u, self.high - self.low)
+
     def to_unit(self, x: torch.Tensor) -> torch.Tensor:
         """Inverse of :meth:`from_unit` (differentiable in x)."""
         if self.scale == "log":
@@ -111,6 +123,16 @@ class Process(ABC):
     @abstractmethod
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """theta (B, P), T (B,), normals z (B, N, normals_per_path) -> X (B, N)."""
+
+    def check_params(self, params: dict[str, float]) -> None:
+        """Raise ValueError naming the parameter and the reason when a value is invalid
+        (``params`` holds every name of :attr:`param_names`). The default accepts all."""
+        return None
+
+    def vol_parameter(self) -> tuple[int, Literal["identity", "sqrt"]]:
+        """Which parameter vega differentiates by: (index, how it maps to a vol). With
+        "sqrt" the parameter is a variance and vega is per 1.00 of its square root."""
+        return 0, "identity"
 
     def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor | None:
         """E[exp(i u X)] for real u (B, K) -> complex (B, K); None where no closed form."""

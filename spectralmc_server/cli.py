@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import math
 import os
+import re
 import shlex
 import signal
 import sys
 import time
 import tomllib
 from collections.abc import Iterator, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -85,6 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--marketdata", help="store URI whose snapshots contracts by reference are priced from (often = --store)"
     )
 
+    cal = sub.add_parser("calibrate", help="fit a process to an underlying's vol surface in a market-data snapshot")
+    cal.add_argument("--marketdata", required=True, help="store URI holding the snapshots (file:///path or s3://...)")
+    cal.add_argument("--namespace", default="default", help="snapshot namespace (default: default)")
+    cal.add_argument("--val-datetime", required=True, help="the snapshot's val_datetime, e.g. 2026-11-26T16:00:00Z")
+    cal.add_argument("--asof", help="use the latest snapshot with data_asof <= this (default: the latest)")
+    cal.add_argument("--underlying", required=True, help="whose surface to fit")
+    cal.add_argument("--process", default="heston", choices=["heston"], help="process to fit (default heston)")
+    cal.add_argument("--store", help="fit through the served version of the model in this store")
+    cal.add_argument("--checkpoint", type=Path, help="fit through this checkpoint directory")
+    cal.add_argument("--reference", action="store_true", help="fit through the analytic CF, not the learned model")
+    cal.add_argument("--allow-arbitrage", action="store_true", help="fit a surface with arbitrage violations")
+    cal.add_argument("--save", action="store_true", help="store the fitted set as a derived snapshot in --marketdata")
+
     store = sub.add_parser("store", help="manage model versions in a store")
     store.add_argument("--store", required=True, help="file:///path or s3://bucket/prefix")
     store.add_argument("--model", required=True, help="model name")
@@ -121,6 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.cmdline = "spectralmc " + " ".join(shlex.quote(a) for a in argv)
         if args.command == "train":
             return _train(args)
+        if args.command == "calibrate":
+            return _calibrate(args)
         if args.command == "store":
             return _store(args)
         if args.command == "serve":
@@ -611,6 +628,70 @@ def _price(args: argparse.Namespace) -> int:
     if market is not None:
         response["market_data"] = market
     sys.stdout.buffer.write(dumps(response) + b"\n")
+    return EXIT_OK
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from pydantic import AwareDatetime, TypeAdapter
+
+    from spectralmc_server.engine.checkpoint import CheckpointError, read_dir
+    from spectralmc_server.engine.pricer import ServedModel, load_served_model
+    from spectralmc_server.marketdata.calibration import SurfaceError, calibrate_snapshot
+    from spectralmc_server.marketdata.store import SnapshotStore, iso, utc
+    from spectralmc_server.models import bundled_models
+    from spectralmc_server.service.calibration import store_fit
+    from spectralmc_server.service.schemas import NAMESPACE_PATTERN
+    from spectralmc_server.store.uri import open_store
+
+    if not re.fullmatch(NAMESPACE_PATTERN, args.namespace):
+        raise UsageError(f"--namespace: letters, digits, '_', '.', '-' (got {args.namespace!r})")
+    when: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
+    try:
+        vdt = utc(when.validate_python(args.val_datetime))
+        asof = None if args.asof is None else utc(when.validate_python(args.asof))
+    except (ValidationError, ValueError, OverflowError):
+        raise UsageError("--val-datetime/--asof: an ISO 8601 time with a zone, e.g. 2026-11-26T16:00:00Z") from None
+    if sum(x is not None and x is not False for x in (args.store, args.checkpoint, args.reference or None)) > 1:
+        raise UsageError("give at most one of --store, --checkpoint and --reference")
+    served: ServedModel | None = None
+    try:
+        if args.checkpoint is not None:
+            served = load_served_model(read_dir(args.checkpoint, need_training=False))
+        elif args.store is not None:
+            served = _served_from_store(args.store, args.process)
+        elif not args.reference:
+            bundled = bundled_models()
+            if args.process not in bundled:
+                raise UsageError(f"no bundled {args.process} model: give --store, --checkpoint or --reference")
+            served = load_served_model(read_dir(bundled[args.process], need_training=False), name=args.process)
+    except CheckpointError as exc:
+        raise UsageError(str(exc)) from None
+    if served is not None and served.process.name != args.process:
+        raise UsageError(f"the model is a {served.process.name} model, not {args.process}")
+    with _store_errors(), asyncio.Runner() as runner:
+        objects = runner.run(open_store(args.marketdata))
+        try:
+            snapshots = SnapshotStore(objects)
+            record = runner.run(snapshots.resolve(args.namespace, vdt, asof))
+            if record is None:
+                raise UsageError(
+                    f"no market-data snapshot for {args.namespace}/{iso(vdt)} as of "
+                    f"{'latest' if asof is None else iso(asof)} in {args.marketdata}"
+                )
+            snapshot = runner.run(snapshots.load(record))
+            try:
+                report = calibrate_snapshot(
+                    snapshot, args.underlying, args.process, served, allow_arbitrage=args.allow_arbitrage
+                )
+            except SurfaceError as exc:
+                raise UsageError(f"cannot calibrate: {exc}") from None
+            out: dict[str, Any] = {"market_data": record.describe(), **report.describe(), "stored": None}
+            if args.save:
+                stored = runner.run(store_fit(snapshots.put, record, snapshot, [report], None))
+                out["stored"] = None if stored is None else {**stored[0].describe(), "created": stored[1]}
+        finally:
+            runner.run(objects.close())
+    sys.stdout.buffer.write(orjson.dumps(out, option=orjson.OPT_INDENT_2) + b"\n")
     return EXIT_OK
 
 

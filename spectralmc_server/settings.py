@@ -114,7 +114,8 @@ class PriceJob(BaseModel):
 
 class DeriveJob(BaseModel):
     """Every ``every_seconds``: build a new snapshot from the namespace's latest one (for
-    ``implied_vol_surface``: a vol surface per ``underlyings`` from its option quotes),
+    ``implied_vol_surface``: a vol surface per ``underlyings`` from its option quotes; for
+    ``calibrate``: ``process`` parameters per underlying fitted to its surface),
     stored with a later data_asof and its lineage. A latest snapshot this job made, or
     one that already holds what it derives, is left alone (nothing new)."""
 
@@ -124,9 +125,12 @@ class DeriveJob(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$")
     every_seconds: float = Field(gt=0)
     namespace: str = "default"
-    derive: Literal["implied_vol_surface"] = "implied_vol_surface"
+    # implied_vol_surface: a surface from option quotes; calibrate: fit ``process`` to
+    # each underlying's surface (model_params[underlying][process], with the fit report)
+    derive: Literal["implied_vol_surface", "calibrate"] = "implied_vol_surface"
     underlyings: list[str] = Field(min_length=1)
     strike_kind: Literal["strike", "moneyness"] = "strike"
+    process: Literal["heston"] = "heston"  # calibrate only: the process fitted
 
 
 Job = Annotated[PriceJob | DeriveJob, Field(discriminator="kind")]

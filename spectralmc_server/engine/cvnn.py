@@ -51,10 +51,14 @@ class ComplexLinear(nn.Module):
         self.bias_re = nn.Parameter(torch.zeros(n_out))
         self.bias_im = nn.Parameter(torch.zeros(n_out))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real block matrix (2 n_in, 2 n_out) and the packed bias (2 n_out,)."""
         wr, wi = self.weight_re.t(), self.weight_im.t()  # (n_in, n_out)
         big = torch.cat([torch.cat([wr, wi], 1), torch.cat([-wi, wr], 1)], 0)  # (2 n_in, 2 n_out)
-        bias = torch.cat([self.bias_re, self.bias_im])  # (2 n_out,)
+        return big, torch.cat([self.bias_re, self.bias_im])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        big, bias = self.matrices()
         return torch.addmm(bias, x, big)
 
 
@@ -134,6 +138,37 @@ class CVNN(nn.Module):
         re, im = _split(out)
         return torch.complex(re, im)
 
+    def supports_tangents(self) -> bool:
+        return all(isinstance(m, ComplexLinear | SplitSiLU | CReLU) for m in self.hidden)
+
+    def forward_with_tangents(self, x: torch.Tensor, dx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output and its derivatives along P input directions in one pass:
+        x (B, n_in), dx (P, B, n_in) -> complex (B, n_out), (P, B, n_out).
+
+        Forward-mode differentiation written out for the layers it supports (complex
+        linear, split SiLU, CReLU): a few batched products instead of P autograd passes,
+        which is what makes calibration through the network fast.
+        """
+        h = torch.cat([x, torch.zeros_like(x)], -1)  # (B, 2 n_in)
+        t = torch.cat([dx, torch.zeros_like(dx)], -1)  # (P, B, 2 n_in)
+        for layer in [*self.hidden, self.head]:
+            if isinstance(layer, ComplexLinear):
+                big, bias = layer.matrices()
+                h = torch.addmm(bias, h, big)
+                t = t @ big
+            elif isinstance(layer, SplitSiLU):
+                sig = torch.sigmoid(h)
+                t = t * (sig * (1.0 + h * (1.0 - sig)))  # silu'(h)
+                h = h * sig
+            elif isinstance(layer, CReLU):
+                t = t * (h > 0).to(t.dtype)
+                h = torch.relu(h)
+            else:
+                raise NotImplementedError(f"no tangent rule for {type(layer).__name__}")
+        re, im = _split(h)
+        t_re, t_im = _split(t)
+        return torch.complex(re, im), torch.complex(t_re, t_im)
+
 
 class CFModel(nn.Module):
     """phi_Y(w_k | theta, T) for k = 0..K-1, with phi_Y(0) = 1 exactly.
@@ -172,3 +207,40 @@ class CFModel(nn.Module):
             phi = torch.exp(out) if cfg.head == "log_cf" else out
         one = torch.ones(phi.shape[0], 1, dtype=phi.dtype, device=phi.device)
         return torch.cat([one, phi], 1)
+
+    def supports_tangents(self) -> bool:
+        return self.net.supports_tangents()
+
+    def forward_with_tangents(
+        self, theta: torch.Tensor, expiry: torch.Tensor, d_theta: torch.Tensor, d_scale: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """phi_Y (B, K) and its derivatives (Q, B, K) along Q directions ``d_theta``
+        (Q, B, P) of the parameters (expiry fixed); ``d_scale`` (Q, B) is the scale's
+        derivative along the same directions (the Gaussian baseline depends on it)."""
+        x = self.domain.network_input(theta, expiry).to(torch.float32)
+        dunit = torch.stack(
+            [r.unit_derivative(theta[:, i]) for i, r in enumerate(self.domain.ranges[:-1])], 1
+        )  # (B, P)
+        dx = 2.0 * d_theta * dunit  # (Q, B, P)
+        dx = torch.cat([dx, torch.zeros_like(dx[..., :1])], -1).to(torch.float32)  # expiry fixed
+        out, d_out = self.net.forward_with_tangents(x, dx)
+        out, d_out = out.to(torch.complex128), d_out.to(torch.complex128)
+        freqs = self.freqs
+        cfg = self.network_config
+        if cfg.baseline == "gaussian":
+            s = self.process.scale(theta, expiry).to(torch.float64)[:, None]  # (B, 1)
+            log_base = torch.complex(-0.5 * freqs * freqs * torch.ones_like(s), -0.5 * freqs * s)
+            d_log_base = torch.complex(torch.zeros_like(d_scale[..., None] * freqs), -0.5 * freqs * d_scale[..., None])
+            if cfg.head == "log_cf":
+                phi = torch.exp(log_base + out)
+                d_phi = phi * (d_log_base + d_out)
+            else:
+                base = torch.exp(log_base)
+                phi, d_phi = base + out, base * d_log_base + d_out
+        elif cfg.head == "log_cf":
+            phi = torch.exp(out)
+            d_phi = phi * d_out
+        else:
+            phi, d_phi = out, d_out
+        one = torch.ones(phi.shape[0], 1, dtype=phi.dtype, device=phi.device)
+        return torch.cat([one, phi], 1), torch.cat([torch.zeros_like(d_phi[..., :1]), d_phi], -1)

@@ -25,7 +25,8 @@ from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine.trainer import Trainer
 from spectralmc_server.marketdata.store import SnapshotStore
-from spectralmc_server.service import admin, keys, routes, snapshot_routes
+from spectralmc_server.service import admin, calibration, keys, routes, snapshot_routes
+from spectralmc_server.service.calibration import calibrate_action
 from spectralmc_server.service.errors import (
     APIError,
     DeadlineExceeded,
@@ -286,7 +287,7 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
                 continue
             action = price_action(job, s.portfolios[job.portfolio], market, _pricer(app), hub.publish)
         else:
-            action = derive_action(job, market)
+            action = calibrate_action(job, app) if job.derive == "calibrate" else derive_action(job, market)
         schedules[job.name] = Schedule(job.name, job.every_seconds, action, metrics)
     app[keys.JOBS] = schedules
     tasks = [asyncio.create_task(sch.run(), name=f"schedule:{name}") for name, sch in schedules.items()]
@@ -363,6 +364,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.add_routes(routes.routes)
     app.add_routes(admin.routes)
     app.add_routes(snapshot_routes.routes)
+    app.add_routes(calibration.routes)
     app.router.add_get("/docs", docs)
     app.cleanup_ctx.extend([store_ctx, marketdata_ctx, models_ctx, worker_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
     app.on_shutdown.append(on_shutdown)

@@ -208,6 +208,20 @@ class Metrics:
         self.snapshot_cache = Counter(
             "spectralmc_snapshot_cache", "Loads of resolved snapshots by result: hit, miss", ["result"], registry=r
         )
+        # calibration
+        self.calibrations = Counter(
+            "spectralmc_calibrations",
+            "Calibrations by process and outcome: ok, rejected (a surface that cannot be fitted)",
+            ["process", "outcome"],
+            registry=r,
+        )
+        self.calibration_seconds = Histogram(
+            "spectralmc_calibration_seconds",
+            "Time of one calibration on the compute worker",
+            ["process"],
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+            registry=r,
+        )
         # streaming
         self.stream_messages = Counter(
             "spectralmc_stream_messages", "WebSocket messages sent, by type", ["type"], registry=r

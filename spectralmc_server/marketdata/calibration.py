@@ -1,0 +1,238 @@
+"""Calibrate a process's parameters to a snapshot's implied-volatility surface.
+
+Every node of the underlying's surface (expiry x strike or moneyness) is one quote: its
+forward comes from the snapshot's spot and curves, its Black vol from the grid. The
+fit runs through the served learned model where one is given (its CF and exact
+derivatives in one pass), through COS on the analytic CF otherwise, with the
+parameters kept inside the model's domain. The report gives the fitted parameters and,
+per quote, the market vol, the model's implied vol and their difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from spectralmc_server.engine.calibrate import CalibrationError, CalibrationResult, Quotes, calibrate, heston_start
+from spectralmc_server.engine.cvnn import CFModel
+from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM, ServedModel
+from spectralmc_server.engine.processes import get_process
+from spectralmc_server.engine.processes.base import ParameterRange
+from spectralmc_server.engine.reference import analytic_cf_y
+from spectralmc_server.marketdata.black import NoImpliedVol, implied_vol
+from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams, VolSurface
+
+CALIBRATABLE = ("heston",)  # processes with a start heuristic; others are refused clearly
+MIN_QUOTES = 8  # a 5-parameter fit on fewer nodes than this is not worth reporting
+MAX_ARBITRAGE_SHOWN = 3
+
+
+class SurfaceError(ValueError):
+    """The snapshot's surface cannot be calibrated to: missing, arbitrage, outside the model."""
+
+
+@dataclass(frozen=True)
+class QuoteNode:
+    expiry_years: float
+    strike: float
+    forward: float
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    underlying: str
+    process: str
+    method: str  # cvnn (through the learned model) or reference (analytic CF)
+    model: dict[str, Any] | None  # name, version, content_hash of the learned model used
+    result: CalibrationResult
+    nodes: list[QuoteNode]
+    quotes: Quotes
+
+    def per_quote(self) -> list[dict[str, Any]]:
+        out = []
+        for i, node in enumerate(self.nodes):
+            lm = float(self.quotes.log_moneyness[i])
+            price = float(self.result.model_price[i])
+            try:
+                model_vol: float | None = implied_vol(price, 1.0, math.exp(lm), node.expiry_years, 1.0, lm > 0)
+            except NoImpliedVol:
+                model_vol = None
+            market = float(self.quotes.vol[i])
+            out.append(
+                {
+                    "expiry_years": node.expiry_years,
+                    "strike": node.strike,
+                    "forward": node.forward,
+                    "market_vol": market,
+                    "model_vol": model_vol,
+                    "vol_error": None if model_vol is None else model_vol - market,
+                }
+            )
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        quotes = self.per_quote()
+        errors = [abs(q["vol_error"]) for q in quotes if q["vol_error"] is not None]
+        r = self.result
+        return {
+            "underlying": self.underlying,
+            "process": self.process,
+            "method": self.method,
+            "model": self.model,
+            "params": r.params,
+            "start": r.start,
+            "fit": {
+                "quotes": len(quotes),
+                "rmse_vol": math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else None,
+                "max_abs_vol_error": max(errors) if errors else None,
+                "iterations": r.iterations,
+                "evaluations": r.evaluations,
+                "seconds": r.seconds,
+                "converged": r.converged,
+            },
+            "quotes": quotes,
+        }
+
+    def model_params(self, lineage: dict[str, Any]) -> ModelParams:
+        """The fitted set as a snapshot's ``model_params[underlying][process]``."""
+        d = self.describe()
+        # everything but the timing: the same input and model give the same bytes
+        fit = {k: d[k] for k in ("method", "model", "start")} | {k: v for k, v in d["fit"].items() if k != "seconds"}
+        fit["quotes_detail"] = d["quotes"]
+        fit["inputs"] = lineage
+        return ModelParams(params=self.result.params, fit=fit)
+
+
+def surface_quotes(
+    snapshot: MarketSnapshot, underlying: str, *, allow_arbitrage: bool = False
+) -> tuple[Quotes, list[QuoteNode]]:
+    """Every node of ``underlying``'s surface as a quote (expiries in years from the
+    snapshot's val_datetime, as the surface stores them)."""
+    surface = snapshot.vol_surfaces.get(underlying)
+    if surface is None:
+        raise SurfaceError(f"no vol surface for {underlying} in the snapshot (vol_surfaces)")
+    forward = snapshot.forward_fn(underlying)
+    if forward is None:
+        raise SurfaceError(f"no forward for {underlying}: the snapshot needs its spot and discounting curve")
+    if not allow_arbitrage:
+        found = surface.arbitrage(forward)
+        if found:
+            shown = "; ".join(str(f) for f in found[:MAX_ARBITRAGE_SHOWN])
+            more = f" (and {len(found) - MAX_ARBITRAGE_SHOWN} more)" if len(found) > MAX_ARBITRAGE_SHOWN else ""
+            raise SurfaceError(
+                f"the {underlying} surface has {len(found)} arbitrage violation(s): {shown}{more}; "
+                "fix the surface or pass allow_arbitrage"
+            )
+    nodes: list[QuoteNode] = []
+    lms, ts, vols = [], [], []
+    for i, t in enumerate(surface.expiries_years):
+        f = forward(t)
+        for j, x in enumerate(surface.strikes):
+            k = x if surface.strike_kind == "strike" else x * f
+            nodes.append(QuoteNode(expiry_years=t, strike=k, forward=f))
+            lms.append(math.log(k / f))
+            ts.append(t)
+            vols.append(surface.vols[i][j])
+    f64 = torch.float64
+    quotes = Quotes.from_vols(torch.tensor(ts, dtype=f64), torch.tensor(lms, dtype=f64), torch.tensor(vols, dtype=f64))
+    return quotes, nodes
+
+
+def calibrate_snapshot(
+    snapshot: MarketSnapshot,
+    underlying: str,
+    process_name: str,
+    served: ServedModel | None,
+    *,
+    allow_arbitrage: bool = False,
+    max_iterations: int = 100,
+) -> CalibrationReport:
+    """Fit ``process_name`` to ``underlying``'s surface (see the module docstring)."""
+    if process_name not in CALIBRATABLE:
+        raise SurfaceError(f"calibration supports {', '.join(CALIBRATABLE)}, not {process_name!r}")
+    process = get_process(process_name)
+    quotes, nodes = surface_quotes(snapshot, underlying, allow_arbitrage=allow_arbitrage)
+    if len(quotes) < MIN_QUOTES:
+        raise SurfaceError(f"the {underlying} surface has {len(quotes)} nodes; calibration needs at least {MIN_QUOTES}")
+    model = None
+    bounds: tuple[ParameterRange, ...]
+    cf: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    if served is not None and isinstance(served.pricer.learned.raw_cf, CFModel):
+        net = served.pricer.learned.raw_cf
+        domain, spectrum = served.domain, served.pricer.learned.spectrum
+        lo, hi = domain.ranges[-1].low, domain.ranges[-1].high
+        outside = sorted({n.expiry_years for n in nodes if not lo <= n.expiry_years <= hi})
+        if outside:
+            raise SurfaceError(
+                f"surface expiries {', '.join(f'{t:g}' for t in outside)} years lie outside the {served.name} "
+                f"model's domain [{lo:g}, {hi:g}]"
+            )
+        bounds = domain.ranges[:-1]
+        cf = net
+        tangents = net.forward_with_tangents if net.supports_tangents() else None
+        method = "cvnn"
+        model = {"name": served.name, "version": served.version, "content_hash": served.content_hash}
+    else:
+        spectrum = REFERENCE_SPECTRUM
+        bounds = process.default_domain().ranges[:-1]
+
+        def analytic(th: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return analytic_cf_y(process, spectrum, th, t)
+
+        cf = analytic
+        tangents = None
+        method = "reference"
+    start = heston_start(quotes, bounds)
+    try:
+        result = calibrate(
+            cf, process, spectrum, quotes, bounds, start, max_iterations=max_iterations, tangents=tangents
+        )
+    except CalibrationError as exc:
+        raise SurfaceError(str(exc)) from None
+    return CalibrationReport(underlying, process_name, method, model, result, nodes, quotes)
+
+
+def synthetic_surface(
+    process_name: str,
+    params: dict[str, float],
+    expiries: list[float],
+    moneyness: list[float],
+    *,
+    rate: float = 0.0,
+    dividend: float = 0.0,
+) -> VolSurface:
+    """The Black vol surface (moneyness K/F x expiry) a process implies, priced by COS
+    on its analytic CF: the truth a calibration must recover."""
+    from spectralmc_server.engine.pricer import OptionBatch, reference_pricer
+
+    process = get_process(process_name)
+    rows = [(t, m) for t in expiries for m in moneyness]
+    f64 = torch.float64
+    t = torch.tensor([r[0] for r in rows], dtype=f64)
+    fwd = 100.0 * torch.exp(torch.tensor(rate - dividend, dtype=f64) * t)
+    strike = fwd * torch.tensor([r[1] for r in rows], dtype=f64)
+    is_call = torch.tensor([r[1] > 1.0 for r in rows])
+    theta = torch.tensor([[params[n] for n in process.param_names]] * len(rows), dtype=f64)
+    n = len(rows)
+    batch = OptionBatch(
+        spot=torch.full((n,), 100.0, dtype=f64),
+        strike=strike,
+        expiry=t,
+        rate=torch.full((n,), rate, dtype=f64),
+        dividend=torch.full((n,), dividend, dtype=f64),
+        is_call=is_call,
+        theta=theta,
+    )
+    price = reference_pricer(process).evaluate(batch, frozenset({"price"}))["price"]
+    vols = [
+        implied_vol(
+            float(price[i]), float(fwd[i]), float(strike[i]), rows[i][0], math.exp(-rate * rows[i][0]), bool(is_call[i])
+        )
+        for i in range(n)
+    ]
+    grid = [vols[i * len(moneyness) : (i + 1) * len(moneyness)] for i in range(len(expiries))]
+    return VolSurface(strike_kind="moneyness", expiries_years=expiries, strikes=moneyness, vols=grid)

@@ -1,0 +1,146 @@
+"""Calibration as a service: ``POST /v1/calibrate`` and the ``calibrate`` derive job.
+
+Both resolve a snapshot, fit the process to the underlying's surface on the compute
+worker (torch never runs on the event loop) through the served learned model, and may
+store the fitted parameter set as a derived snapshot: the input with
+``model_params[underlying][process]`` replaced, under the same val_datetime with a
+later data_asof, with its lineage (the input's key and hash, the model version used).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from aiohttp import web
+
+from spectralmc_server.marketdata.calibration import CalibrationReport, SurfaceError, calibrate_snapshot
+from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
+from spectralmc_server.service import keys
+from spectralmc_server.service.errors import Invalid, NoMarketData
+from spectralmc_server.service.jobs import Unchanged
+from spectralmc_server.service.routes import _require_serving, json_response, read_json, validate
+from spectralmc_server.service.schemas import CalibrateRequest
+from spectralmc_server.service.snapshot_routes import _authorize_write
+from spectralmc_server.settings import DeriveJob
+
+routes = web.RouteTableDef()
+
+
+async def fit(
+    app: web.Application,
+    record: SnapshotRecord,
+    snapshot: MarketSnapshot,
+    underlying: str,
+    process: str,
+    *,
+    allow_arbitrage: bool = False,
+    max_iterations: int = 100,
+) -> CalibrationReport:
+    """Calibrate on the compute worker; a bad surface is a 422 naming the reason."""
+    served = app[keys.HOST].snapshot().get(process)
+
+    def run() -> CalibrationReport:
+        return calibrate_snapshot(
+            snapshot, underlying, process, served, allow_arbitrage=allow_arbitrage, max_iterations=max_iterations
+        )
+
+    metrics = app[keys.METRICS]
+    try:
+        report = await app[keys.WORKER].submit(run)
+    except SurfaceError as exc:
+        metrics.calibrations.labels(process, "rejected").inc()
+        raise Invalid(str(exc), details=[{"field": "underlying", "reason": str(exc)}]) from None
+    metrics.calibrations.labels(process, "ok").inc()
+    metrics.calibration_seconds.labels(process).observe(report.result.seconds)
+    return report
+
+
+def derived_snapshot(snapshot: MarketSnapshot, report: CalibrationReport, lineage: dict[str, Any]) -> MarketSnapshot:
+    """``snapshot`` with the fitted set in ``model_params[underlying][process]``."""
+    params = {**snapshot.model_params}
+    params[report.underlying] = {**params.get(report.underlying, {}), report.process: report.model_params(lineage)}
+    derived = snapshot.model_copy(update={"model_params": params})
+    return MarketSnapshot.model_validate(derived.model_dump())  # re-checked like a PUT
+
+
+Put = Callable[[str, datetime, datetime, MarketSnapshot, dict[str, Any] | None], Awaitable[tuple[SnapshotRecord, bool]]]
+
+
+async def store_fit(
+    put: Put,
+    record: SnapshotRecord,
+    snapshot: MarketSnapshot,
+    reports: list[CalibrationReport],
+    job: str | None,
+) -> tuple[SnapshotRecord, bool] | None:
+    """Store the snapshot with every report's fitted set; None when ``snapshot``
+    already holds exactly these fits (nothing new to store)."""
+    now = datetime.now(UTC)
+    derived = snapshot
+    for report in reports:
+        inputs = {"job": job, "kind": "calibrate", "inputs": [record.key()], "model": report.model}
+        derived = derived_snapshot(derived, report, inputs)
+    if canonical(derived) == canonical(snapshot):
+        return None
+    asof = max(now, record.data_asof + timedelta(microseconds=1))
+    lineage: dict[str, Any] = {
+        "job": job,
+        "kind": "calibrate",
+        "process": reports[0].process,
+        "underlyings": [r.underlying for r in reports],
+        "inputs": [record.key()],
+        "models": [r.model for r in reports],
+        "produced_at": iso(now),
+    }
+    return await put(record.namespace, record.val_datetime, asof, derived, lineage)
+
+
+def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Awaitable[str | None]]:
+    """The ``calibrate`` derive job: fit every underlying of the namespace's latest
+    snapshot and store the result (unchanged when the latest is this job's own output
+    or already holds the same fits)."""
+
+    async def action() -> str | None:
+        market = app[keys.MARKETDATA]
+        latest = await market.store.latest(job.namespace)
+        if latest is None:
+            raise NoMarketData(f"no snapshot in namespace {job.namespace!r} yet")
+        if (latest.lineage or {}).get("job") == job.name:
+            raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) is this job's own output")
+        snapshot = await market.load(latest)
+        reports = [await fit(app, latest, snapshot, u, job.process) for u in job.underlyings]
+        stored = await store_fit(market.put, latest, snapshot, reports, job.name)
+        if stored is None:
+            raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) already holds these fits")
+        fits = ", ".join(f"{r.underlying} rmse {r.result.rmse_vol * 1e4:.1f} bp vol" for r in reports)
+        return f"stored {iso(stored[0].data_asof)} ({stored[0].hash}): {fits}"
+
+    return action
+
+
+@routes.post("/v1/calibrate")
+async def calibrate_route(request: web.Request) -> web.Response:
+    """Fit a process to an underlying's surface; ``store`` keeps the result as a snapshot."""
+    app = request.app
+    _require_serving(app[keys.SETTINGS])
+    req: CalibrateRequest = validate(CalibrateRequest, await read_json(request))
+    if req.store:
+        _authorize_write(request)
+    record, snapshot = await app[keys.MARKETDATA].resolve(req.namespace, req.val_datetime, req.data_asof)
+    report = await fit(
+        app,
+        record,
+        snapshot,
+        req.underlying,
+        req.process,
+        allow_arbitrage=req.allow_arbitrage,
+        max_iterations=req.max_iterations,
+    )
+    body: dict[str, Any] = {"market_data": record.describe(), **report.describe(), "stored": None}
+    if req.store:
+        stored = await store_fit(app[keys.MARKETDATA].put, record, snapshot, [report], None)
+        body["stored"] = None if stored is None else {**stored[0].describe(), "created": stored[1]}
+    return json_response(body)

@@ -172,7 +172,7 @@ def calibrate(
     start: dict[str, float],
     *,
     max_iterations: int = 100,
-    tolerance: float = 1e-6,
+    tolerance: float = 1e-4,
     tangents: TangentCF | None = None,
 ) -> CalibrationResult:
     """Levenberg-Marquardt fit of ``process``'s parameters (named by ``bounds``, in the

@@ -24,8 +24,8 @@ class SpectrumConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    n_freq: int = Field(64, ge=8, le=1024)  # K: w_k = k pi / (2L), k = 0..K-1
-    half_width: float = Field(10.0, gt=1.0, le=40.0)  # L: Y truncated to [-L, L]
+    n_freq: int = Field(64, ge=8, le=8192)  # K: w_k = k pi / (2L), k = 0..K-1
+    half_width: float = Field(10.0, gt=1.0, le=200.0)  # L: Y truncated to [-L, L]
     n_bins: int = Field(1024, ge=64, le=1 << 16)  # M: FFT bins over [-L, L]
 
     @model_validator(mode="after")
@@ -95,3 +95,23 @@ def direct_cf(y: torch.Tensor, spectrum: SpectrumConfig) -> torch.Tensor:
     re = (torch.cos(ang) * inside[:, :, None]).mean(1)
     im = (torch.sin(ang) * inside[:, :, None]).mean(1)
     return torch.complex(re, im)
+
+
+def control_variate_cf(
+    y: torch.Tensor, y_c: torch.Tensor, phi_c: torch.Tensor, spectrum: SpectrumConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The FFT CF estimate of Y improved by a control variate Y_c with known CF phi_c (B, K).
+
+    phi_cv(w) = phi_Y(w) - beta(w) (phi_Yc(w) - phi_c(w)) with the regression coefficient
+    beta(w) = Cov(e^{iwY}, e^{iwYc}) / Var(e^{iwYc}) estimated from the same samples:
+    Cov = E[e^{iw(Y - Yc)}] - phi_Y conj(phi_Yc), where the first term is one more FFT
+    estimate (of the difference's CF), and Var = 1 - |phi_c|^2 is known. The variance per
+    frequency falls by 1 / (1 - |corr|^2). Returns (phi_cv, beta), both complex (B, K).
+    """
+    phi_y = estimate_cf(y, spectrum)
+    phi_yc = estimate_cf(y_c, spectrum)
+    phi_d = estimate_cf(y - y_c, spectrum)  # E[e^{iwY} conj(e^{iwYc})]
+    var_c = (1.0 - phi_c.abs().square()).clamp(min=1e-12)
+    beta = (phi_d - phi_y * phi_yc.conj()) / var_c
+    beta[:, 0] = 0.0  # phi(0) is the kept mass: nothing to regress
+    return phi_y - beta * (phi_yc - phi_c), beta

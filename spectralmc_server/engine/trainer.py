@@ -30,7 +30,7 @@ from spectralmc_server.engine.normals import NormalsConfig, NormalsMode, Normals
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
 from spectralmc_server.engine.reference import analytic_cf_y
-from spectralmc_server.engine.spectrum import SpectrumConfig, estimate_cf
+from spectralmc_server.engine.spectrum import SpectrumConfig, control_variate_cf, estimate_cf
 
 VALIDATION_STRIKES = tuple(0.7 + 0.05 * i for i in range(13))  # K/F in [0.7, 1.3]
 VALIDATION_SEED = 2**31 + 7  # held-out Sobol scramble for validation points
@@ -50,6 +50,9 @@ class TrainConfig(BaseModel):
     paths: int = Field(512, ge=2)  # N: paths per point
     normals_mode: NormalsMode = "sobol"
     antithetic: bool = True
+    # Regress each CF target on a Gaussian companion driven by the same normals (the
+    # process's companion_x), whose CF is known: see spectrum.control_variate_cf.
+    control_variate: bool = False
     # mc: FFT estimates from simulated paths (the method). exact: the analytic CF as the
     # target, a noise-free diagnostic that separates MC noise from fitting limits.
     targets: Literal["mc", "exact"] = "mc"
@@ -81,6 +84,8 @@ class TrainConfig(BaseModel):
                 f"domain parameters {domain.param_names} do not match process "
                 f"{self.process!r} parameters {process.param_names}"
             )
+        if self.control_variate and not process.has_companion:
+            raise ValueError(f"control_variate needs a companion process, which {self.process!r} lacks")
         if self.targets == "exact" and not process.has_analytic_cf:
             raise ValueError(f"targets = 'exact' needs an analytic CF, which {self.process!r} lacks")
         return self
@@ -194,11 +199,7 @@ class Trainer:
 
     def targets(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """FFT CF estimates (B, K) from the block z (N, B*d)."""
-        b, d = theta.shape[0], self.process.normals_per_path
-        z = z.view(z.shape[0], b, d).transpose(0, 1)  # (B, N, d)
-        x = self.process.simulate_x(theta, expiry, z)  # (B, N)
-        s = self.process.scale(theta, expiry).to(x.dtype)[:, None]
-        return estimate_cf(x / s, self.config.spectrum)
+        return mc_targets(self.process, self.config.spectrum, theta, expiry, z, self.config.control_variate)
 
     def train_step(self) -> float:
         cfg = self.config
@@ -308,6 +309,34 @@ class Trainer:
         trainer.loss_ema = float("nan") if state.get("loss_ema") is None else float(state["loss_ema"])
         trainer.history = [Validation(**v) for v in ckpt.manifest["metrics"].get("history", [])]
         return trainer
+
+
+def mc_targets(
+    process: Process,
+    spectrum: SpectrumConfig,
+    theta: torch.Tensor,
+    expiry: torch.Tensor,
+    z: torch.Tensor,
+    control_variate: bool = False,
+) -> torch.Tensor:
+    """FFT estimates of phi_Y (B, K) for B points from a normals block z (N, B*d), point
+    b taking columns b*d .. b*d + d - 1; with ``control_variate`` regressed on the
+    process's Gaussian companion (spectrum.control_variate_cf)."""
+    b, d = theta.shape[0], process.normals_per_path
+    z = z.view(z.shape[0], b, d).transpose(0, 1)  # (B, N, d)
+    x = process.simulate_x(theta, expiry, z)  # (B, N)
+    s64 = process.scale(theta, expiry)
+    s = s64.to(x.dtype)[:, None]
+    if not control_variate:
+        return estimate_cf(x / s, spectrum)
+    companion = process.companion_x(theta, expiry, z)
+    if companion is None:
+        raise ValueError(f"process {process.name!r} has no companion for a control variate")
+    x_c, s_c = companion
+    w = spectrum.frequencies(dtype=torch.float64, device=x.device)[None, :] / s64[:, None]  # X frequencies
+    sc2 = (s_c * s_c)[:, None]
+    phi_c = torch.exp(torch.complex(-0.5 * sc2 * w * w, -0.5 * sc2 * w))  # Gaussian CF of X_c at w / s
+    return control_variate_cf(x / s, x_c / s, phi_c.to(x.dtype.to_complex()), spectrum)[0]
 
 
 def model_description(config: TrainConfig) -> dict[str, Any]:

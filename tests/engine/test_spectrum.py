@@ -103,3 +103,51 @@ def test_truncation_drops_mass_outside_the_range() -> None:
 def test_rejects_wrong_shapes() -> None:
     with pytest.raises(ValueError, match=r"\(points, paths\)"):
         estimate_cf(torch.zeros(10), SpectrumConfig())
+
+
+# -- control variates -----------------------------------------------------------------------
+def _cv_errors(process_name: str, theta: list[float], expiry: float, reps: int = 6) -> tuple[float, float]:
+    """Mean squared error over frequencies k >= 1 of the plain and the control-variate
+    estimates (the same normals), against the analytic CF."""
+    from spectralmc_server.engine.processes import get_process
+    from spectralmc_server.engine.reference import analytic_cf_y
+    from spectralmc_server.engine.trainer import mc_targets
+
+    process = get_process(process_name)
+    spec = SpectrumConfig(n_freq=64, half_width=10.0, n_bins=1024)
+    th = torch.tensor([theta] * 8, dtype=torch.float64)
+    t = torch.full((8,), expiry, dtype=torch.float64)
+    true = analytic_cf_y(process, spec, th, t)
+    plain = cv = 0.0
+    for r in range(reps):
+        cfg = NormalsConfig(seed=5, mode="pseudo", antithetic=False, rows=1024, dims=8 * process.normals_per_path)
+        z = generate_block(cfg, r, CPU)
+        plain += float((mc_targets(process, spec, th, t, z)[:, 1:] - true[:, 1:]).abs().square().mean())
+        cv += float((mc_targets(process, spec, th, t, z, True)[:, 1:] - true[:, 1:]).abs().square().mean())
+    return plain / reps, cv / reps
+
+
+def test_control_variate_with_an_exact_companion_removes_the_noise() -> None:
+    """GBM is its own companion: the regression coefficient is 1 and the estimate is the
+    known CF up to the O(1/N) error of estimating that coefficient."""
+    plain, cv = _cv_errors("gbm", [0.3], 1.0)
+    assert cv < plain / 100
+
+
+@pytest.mark.parametrize(
+    ("process", "theta", "factor"),
+    [
+        ("heston", [0.04, 2.0, 0.04, 0.05, -0.7], 5.0),  # near-deterministic variance: strong companion (14x measured)
+        ("merton", [0.3, 0.2, -0.05, 0.05], 3.0),  # small jumps: the diffusion explains most of X
+    ],
+)
+def test_control_variate_cuts_the_target_variance(process: str, theta: list[float], factor: float) -> None:
+    plain, cv = _cv_errors(process, theta, 1.0)
+    assert cv < plain / factor, (plain, cv)
+
+
+def test_control_variate_is_unbiased_with_a_weak_companion() -> None:
+    """Large vol-of-vol: the companion explains little, and the estimate must not be worse
+    than the plain one beyond the noise of estimating beta (10%)."""
+    plain, cv = _cv_errors("heston", [0.04, 0.5, 0.04, 1.0, 0.0], 2.0)
+    assert cv < plain * 1.1, (plain, cv)

@@ -111,6 +111,7 @@ class Process(ABC):
     param_names: tuple[str, ...]
     normals_per_path: int  # standard normals one path consumes
     has_analytic_cf: bool = False  # True where analytic_cf_x returns a closed form
+    has_companion: bool = False  # True where companion_x returns a control variate
 
     @abstractmethod
     def default_domain(self) -> ModelDomain:
@@ -133,6 +134,15 @@ class Process(ABC):
         """Which parameter vega differentiates by: (index, how it maps to a vol). With
         "sqrt" the parameter is a variance and vega is per 1.00 of its square root."""
         return 0, "identity"
+
+    def companion_x(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A control variate: (X_c (B, N), s_c (B,)) with X_c = -s_c^2/2 + s_c Zc, where Zc
+        is a standard normal built from the same normals ``z`` that drive
+        :meth:`simulate_x`, so X_c is Gaussian with a known CF and correlated with X.
+        None where the process has no companion."""
+        return None
 
     def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor | None:
         """E[exp(i u X)] for real u (B, K) -> complex (B, K); None where no closed form."""

@@ -18,6 +18,7 @@ class GBMProcess(Process):
     param_names = ("vol",)
     normals_per_path = 1
     has_analytic_cf = True
+    has_companion = True
 
     def default_domain(self) -> ModelDomain:
         return ModelDomain(
@@ -33,6 +34,13 @@ class GBMProcess(Process):
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         s = self.scale(theta, expiry).to(z.dtype)[:, None]  # (B, 1)
         return -0.5 * s * s + s * z[..., 0]  # (B, N)
+
+    def companion_x(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GBM is its own companion: the control variate then removes all the noise (a
+        check of the machinery, not a technique)."""
+        return self.simulate_x(theta, expiry, z), self.scale(theta, expiry)
 
     def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         s = self.scale(theta, expiry)[:, None]  # (B, 1)

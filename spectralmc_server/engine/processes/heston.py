@@ -42,9 +42,11 @@ class HestonProcess(Process):
     name = "heston"
     param_names = ("v0", "kappa", "theta", "xi", "rho")
     has_analytic_cf = True
+    has_companion = True
 
-    def __init__(self, steps: int = 16) -> None:
+    def __init__(self, steps: int = 16, *, bridge: bool = True) -> None:
         self.steps = steps
+        self.bridge = bridge  # False: normals in time order (for measuring what the bridge buys)
         self.normals_per_path = 2 * steps
 
     def default_domain(self) -> ModelDomain:
@@ -88,8 +90,8 @@ class HestonProcess(Process):
         th = theta.to(dtype)
         v0, kappa, mean_v, xi, rho = (th[:, i, None] for i in range(5))  # each (B, 1)
         dt = (expiry.to(dtype) / n)[:, None]  # (B, 1)
-        zv = brownian_bridge(z[..., :n])  # (B, N, n) variance normals in time order
-        zx = brownian_bridge(z[..., n:])  # (B, N, n) price normals in time order
+        zv = brownian_bridge(z[..., :n]) if self.bridge else z[..., :n]  # (B, N, n) variance, time order
+        zx = brownian_bridge(z[..., n:]) if self.bridge else z[..., n:]  # (B, N, n) price, time order
         ekt = torch.exp(-kappa * dt)  # (B, 1)
         c1 = xi * xi * ekt * (1.0 - ekt) / kappa  # s^2 = c1 v + c2
         c2 = mean_v * xi * xi * (1.0 - ekt) ** 2 / (2.0 * kappa)
@@ -132,6 +134,26 @@ class HestonProcess(Process):
             x = x + k0_star + k1 * v + k2 * v_next + torch.sqrt(var) * zx[..., i]
             v = v_next
         return x
+
+    def companion_x(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """GBM with Heston's scale s driven by W_S(T) / sqrt(T) = rho W_v + sqrt(1 - rho^2) W_perp,
+        both read off the same normals: with the bridge, normal 0 of each kind is its
+        Brownian path's end point over sqrt(steps), so Zc = rho z_v0 + sqrt(1 - rho^2) z_x0
+        is exactly standard normal. Close to X when the variance is nearly deterministic
+        (small xi); the regression coefficient is estimated per frequency, so a weak
+        companion costs nothing."""
+        n = self.steps
+        rho = theta[:, 4].to(z.dtype)[:, None]  # (B, 1)
+        if self.bridge:  # normal 0 of each kind is its path's end point over sqrt(steps)
+            zv, zx = z[..., 0], z[..., n]
+        else:
+            zv, zx = z[..., :n].sum(-1) / n**0.5, z[..., n:].sum(-1) / n**0.5
+        zc = rho * zv + torch.sqrt(1.0 - rho * rho) * zx  # (B, N)
+        s = self.scale(theta, expiry)
+        sc = s.to(z.dtype)[:, None]
+        return -0.5 * sc * sc + sc * zc, s
 
     def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         return heston_cf(u, theta, expiry)

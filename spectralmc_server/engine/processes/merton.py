@@ -30,6 +30,7 @@ class MertonProcess(Process):
     param_names = ("sigma", "lambda", "mu_j", "sigma_j")
     normals_per_path = 3
     has_analytic_cf = True
+    has_companion = True
 
     def default_domain(self) -> ModelDomain:
         return ModelDomain(
@@ -70,6 +71,14 @@ class MertonProcess(Process):
         n = poisson_inverse(torch.special.ndtr(z[..., 2].to(torch.float64)), (lam * t).to(torch.float64)).to(dtype)
         drift = -(0.5 * sigma * sigma + lam * k) * t
         return drift + sigma * torch.sqrt(t) * z[..., 0] + n * mu_j + torch.sqrt(n) * sigma_j * z[..., 1]
+
+    def companion_x(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The diffusion part alone, driven by the same normal Z1: GBM with s_c = sigma sqrt(T)."""
+        s = theta[:, 0] * torch.sqrt(expiry)
+        sc = s.to(z.dtype)[:, None]
+        return -0.5 * sc * sc + sc * z[..., 0], s
 
     def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         return merton_cf(u, theta, expiry)

@@ -10,11 +10,13 @@ per quote, the market vol, the model's implied vol and their difference.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 import torch
 
 from spectralmc_server.engine.calibrate import CalibrationError, CalibrationResult, Quotes, calibrate, heston_start
@@ -97,13 +99,23 @@ class CalibrationReport:
             "quotes": quotes,
         }
 
-    def model_params(self, lineage: dict[str, Any]) -> ModelParams:
-        """The fitted set as a snapshot's ``model_params[underlying][process]``."""
+    def quotes_hash(self) -> str:
+        """SHA-256 of the quotes fitted (expiry, strike, forward, market vol per node):
+        what the fit depends on, whichever snapshot carried them."""
+        nodes = [[n.expiry_years, n.strike, n.forward, float(self.quotes.vol[i])] for i, n in enumerate(self.nodes)]
+        return "sha256:" + hashlib.sha256(orjson.dumps(nodes)).hexdigest()
+
+    def model_params(self) -> ModelParams:
+        """The fitted set as a snapshot's ``model_params[underlying][process]``.
+
+        Its content depends only on the quotes and the model (no timing, no snapshot
+        key, no job name): the same fit stored twice is the same bytes, so jobs that
+        refit each other's output settle. Which snapshot it came from is the stored
+        record's lineage."""
         d = self.describe()
-        # everything but the timing: the same input and model give the same bytes
         fit = {k: d[k] for k in ("method", "model", "start")} | {k: v for k, v in d["fit"].items() if k != "seconds"}
         fit["quotes_detail"] = d["quotes"]
-        fit["inputs"] = lineage
+        fit["fitted_to"] = {"underlying": self.underlying, "quotes_hash": self.quotes_hash()}
         return ModelParams(params=self.result.params, fit=fit)
 
 

@@ -58,10 +58,10 @@ async def fit(
     return report
 
 
-def derived_snapshot(snapshot: MarketSnapshot, report: CalibrationReport, lineage: dict[str, Any]) -> MarketSnapshot:
+def derived_snapshot(snapshot: MarketSnapshot, report: CalibrationReport) -> MarketSnapshot:
     """``snapshot`` with the fitted set in ``model_params[underlying][process]``."""
     params = {**snapshot.model_params}
-    params[report.underlying] = {**params.get(report.underlying, {}), report.process: report.model_params(lineage)}
+    params[report.underlying] = {**params.get(report.underlying, {}), report.process: report.model_params()}
     derived = snapshot.model_copy(update={"model_params": params})
     return MarketSnapshot.model_validate(derived.model_dump())  # re-checked like a PUT
 
@@ -81,8 +81,7 @@ async def store_fit(
     now = datetime.now(UTC)
     derived = snapshot
     for report in reports:
-        inputs = {"job": job, "kind": "calibrate", "inputs": [record.key()], "model": report.model}
-        derived = derived_snapshot(derived, report, inputs)
+        derived = derived_snapshot(derived, report)
     if canonical(derived) == canonical(snapshot):
         return None
     asof = max(now, record.data_asof + timedelta(microseconds=1))

@@ -13,6 +13,7 @@ from spectralmc_server import __version__
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.service.schemas import (
     NAMESPACE_PATTERN,
+    CalibrateRequest,
     CommitBody,
     ErrorResponse,
     GCBody,
@@ -158,6 +159,7 @@ def build_openapi() -> dict[str, Any]:
             (UnpinBody, "validation"),
             (GCBody, "validation"),
             (MarketSnapshot, "validation"),
+            (CalibrateRequest, "validation"),
         ],
         ref_template=REF,
     )
@@ -181,6 +183,15 @@ def build_openapi() -> dict[str, Any]:
                     "200": _json(_ref(PriceResponse), "Priced"),
                     **_errors(400, 413, 422, 503, 504),
                 },
+            }
+        },
+        "/v1/calibrate": {
+            "post": {
+                "summary": "Fit Heston to an underlying's vol surface in a snapshot",
+                "tags": ["calibration"],
+                "security": [{}, {"bearer": []}],
+                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(CalibrateRequest)}}},
+                "responses": {**plain, **_errors(400, 401, 403, 422, 503)},
             }
         },
         "/v1/models": {"get": {"summary": "Served models", "tags": ["models"], "responses": plain}},

@@ -25,7 +25,21 @@ def _load(name: str) -> ModuleType:
         sys.path.remove(str(BENCH))
 
 
-@pytest.mark.parametrize("name", ["accuracy_gbm", "speed_gbm", "ablation_gbm", "store", "server_load", "stream"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "accuracy_gbm",
+        "speed_gbm",
+        "ablation_gbm",
+        "store",
+        "server_load",
+        "stream",
+        "accuracy_heston",
+        "accuracy_merton",
+        "calibration",
+        "variance_reduction",
+    ],
+)
 def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     docs = (BENCH.parent / "docs" / "benchmarks.md").read_text()
     plot = tmp_path / f"{name}.png"

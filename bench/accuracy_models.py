@@ -4,7 +4,8 @@ Held-out set: P points of a scrambled Sobol sequence (a scramble neither trainin
 validation uses) over the model's declared domain, times 13 strikes K/F in [0.7, 1.3],
 times put and call; S = 100, r = 3%, q = 1%. Truth: COS on the analytic CF with 2,048
 terms on [-64 s, 64 s] (engine/pricer.py REFERENCE_SPECTRUM; it matches QuantLib's
-AnalyticHestonEngine to 1e-12 at ordinary points, 2.5e-4 at the fattest-tailed corner). Error: |price - truth| in basis points of spot.
+AnalyticHestonEngine to 1e-12 at ordinary points, 2.5e-4 at the fattest-tailed
+corner). Error: |price - truth| in basis points of spot.
 
 Side by side in the same run (Heston): QuantLib's AnalyticHestonEngine and its
 MCEuropeanHestonEngine at the model's own p95 accuracy, time per option. Merton:

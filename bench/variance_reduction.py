@@ -88,7 +88,7 @@ def train_curve(steps: int, mode: NormalsMode, antithetic: bool, cv: bool) -> li
     trainer = Trainer(cfg)
     try:
         trainer.run(steps)
-        if trainer.history[-1].step != trainer.step:
+        if not trainer.history or trainer.history[-1].step != trainer.step:
             trainer.validate()
         return [v.as_dict() for v in trainer.history]
     finally:

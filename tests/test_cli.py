@@ -267,9 +267,9 @@ def test_price_unknown_bundled_model() -> None:
 
 
 def test_train_unknown_process(tmp_path: Path) -> None:
-    message = _usage_error(_run("train", "--process", "heston", "--steps", "5", "--out", tmp_path / "x"))
-    assert "heston" in message
-    assert "gbm" in message
+    message = _usage_error(_run("train", "--process", "sabr", "--steps", "5", "--out", tmp_path / "x"))
+    assert "sabr" in message
+    assert "gbm" in message and "heston" in message and "merton" in message
     assert not (tmp_path / "x").exists()
 
 

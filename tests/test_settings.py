@@ -28,7 +28,7 @@ def write(path: Path, text: str) -> Path:
 def test_defaults() -> None:
     s = Settings.load()
     assert (s.host, s.port, s.role) == ("127.0.0.1", 8080, "all")
-    assert s.models == ["gbm"]
+    assert s.models == ["gbm", "heston", "merton"]
     assert s.store is None
     assert s.admin_token is None
     assert s.queue.max_wait_seconds == 0.002
@@ -199,7 +199,7 @@ def test_serves_and_trains_per_role(role: str, enabled: bool, serves: bool, trai
 
 def test_train_role_needs_a_served_model(tmp_path: Path) -> None:
     with pytest.raises(ValidationError, match=r"train\.model 'heston' must be one of models \['gbm'\]"):
-        Settings.load(role="train", train={"model": "heston"})
+        Settings.load(role="train", models=["gbm"], train={"model": "heston"})
     config = write(tmp_path / "server.toml", 'role = "train"\nmodels = ["gbm"]\n[train]\nmodel = "heston"\n')
     with pytest.raises(ValidationError, match=r"train\.model"):
         Settings.load(config)

@@ -9,7 +9,7 @@ tensors that safetensors stores natively.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -50,9 +50,29 @@ class ComplexLinear(nn.Module):
         self.weight_im = nn.Parameter((torch.rand(n_out, n_in) * 2.0 - 1.0) * scale)
         self.bias_re = nn.Parameter(torch.zeros(n_out))
         self.bias_im = nn.Parameter(torch.zeros(n_out))
+        self._cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None  # see matrices()
 
     def matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The real block matrix (2 n_in, 2 n_out) and the packed bias (2 n_out,)."""
+        """The real block matrix (2 n_in, 2 n_out) and the packed bias (2 n_out,).
+
+        Frozen weights (no gradient wanted: serving, calibration) reuse the last build
+        while the parameters are unchanged (same storage, same in-place version
+        counters: an EMA update or load_state_dict invalidates it); weights that train
+        are rebuilt on every call so autograd sees the graph.
+        """
+        params = (self.weight_re, self.weight_im, self.bias_re, self.bias_im)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            return self._build()
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        cached = self._cache
+        if cached is None or cached[0] != key:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable anywhere
+                big, bias = self._build()
+            cached = (key, big, bias)
+            self._cache = cached
+        return cached[1], cached[2]
+
+    def _build(self) -> tuple[torch.Tensor, torch.Tensor]:
         wr, wi = self.weight_re.t(), self.weight_im.t()  # (n_in, n_out)
         big = torch.cat([torch.cat([wr, wi], 1), torch.cat([-wi, wr], 1)], 0)  # (2 n_in, 2 n_out)
         return big, torch.cat([self.bias_re, self.bias_im])

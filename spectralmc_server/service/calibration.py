@@ -21,9 +21,9 @@ from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid, NoMarketData
 from spectralmc_server.service.jobs import Unchanged
-from spectralmc_server.service.routes import _require_serving, json_response, read_json, validate
+from spectralmc_server.service.routes import json_response, read_json, require_serving, validate
 from spectralmc_server.service.schemas import CalibrateRequest
-from spectralmc_server.service.snapshot_routes import _authorize_write
+from spectralmc_server.service.snapshot_routes import authorize_write
 from spectralmc_server.settings import DeriveJob
 
 routes = web.RouteTableDef()
@@ -31,7 +31,6 @@ routes = web.RouteTableDef()
 
 async def fit(
     app: web.Application,
-    record: SnapshotRecord,
     snapshot: MarketSnapshot,
     underlying: str,
     process: str,
@@ -110,7 +109,7 @@ def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Await
         if (latest.lineage or {}).get("job") == job.name:
             raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) is this job's own output")
         snapshot = await market.load(latest)
-        reports = [await fit(app, latest, snapshot, u, job.process) for u in job.underlyings]
+        reports = [await fit(app, snapshot, u, job.process) for u in job.underlyings]
         stored = await store_fit(market.put, latest, snapshot, reports, job.name)
         if stored is None:
             raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) already holds these fits")
@@ -124,14 +123,13 @@ def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Await
 async def calibrate_route(request: web.Request) -> web.Response:
     """Fit a process to an underlying's surface; ``store`` keeps the result as a snapshot."""
     app = request.app
-    _require_serving(app[keys.SETTINGS])
+    require_serving(app[keys.SETTINGS])
     req: CalibrateRequest = validate(CalibrateRequest, await read_json(request))
     if req.store:
-        _authorize_write(request)
+        authorize_write(request)
     record, snapshot = await app[keys.MARKETDATA].resolve(req.namespace, req.val_datetime, req.data_asof)
     report = await fit(
         app,
-        record,
         snapshot,
         req.underlying,
         req.process,

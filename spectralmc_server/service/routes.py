@@ -74,7 +74,7 @@ def _timeout(request: web.Request) -> float:
     return value
 
 
-def _require_serving(settings: Settings) -> None:
+def require_serving(settings: Settings) -> None:
     if not settings.serves:
         raise Unavailable(f"this server's role is {settings.role!r}: it does not price", 60, code="not_serving")
 
@@ -83,7 +83,7 @@ def _require_serving(settings: Settings) -> None:
 async def price(request: web.Request) -> web.Response:
     """Price contracts (explicit or by reference) through the batching queue."""
     app = request.app
-    _require_serving(app[keys.SETTINGS])
+    require_serving(app[keys.SETTINGS])
     timeout = _timeout(request)
     body = await read_json(request)
     if isinstance(body, dict) and isinstance(body.get("contracts"), list) and len(body["contracts"]) > MAX_CONTRACTS:
@@ -118,7 +118,7 @@ async def stream(request: web.Request) -> web.StreamResponse:
     """Streaming quotes over a WebSocket (protocol: service/stream.py, docs/api.md)."""
     app = request.app
     settings = app[keys.SETTINGS]
-    _require_serving(settings)
+    require_serving(settings)
     if app[keys.LIFECYCLE].shutting_down:
         raise Unavailable("the server is shutting down", 1, code="shutting_down")
     hub = app[keys.STREAMS]

@@ -50,7 +50,7 @@ def _when(raw: str, field: str) -> datetime:
         ) from None
 
 
-def _authorize_write(request: web.Request) -> None:
+def authorize_write(request: web.Request) -> None:
     token = request.app[keys.SETTINGS].marketdata.write_token
     if token is None:
         return
@@ -64,7 +64,7 @@ def _authorize_write(request: web.Request) -> None:
 @routes.put("/v1/marketdata/{namespace}/{val_datetime}/{data_asof}")
 async def put_snapshot(request: web.Request) -> web.Response:
     """Store one immutable snapshot (201, or 200 when the same content is already there)."""
-    _authorize_write(request)
+    authorize_write(request)
     ns = _namespace(request)
     vdt = _when(request.match_info["val_datetime"], "path.val_datetime")
     asof = _when(request.match_info["data_asof"], "path.data_asof")

@@ -131,17 +131,23 @@ def test_contract_example_c3_validates_as_market_data_contract() -> None:
         c3.market_inputs()
 
 
-def test_contract_example_c2_unknown_process_is_named_with_known_ones() -> None:
-    details = _errors({**EXAMPLE_HEAD, "contracts": [C1, C2, C3]})
+def test_contract_example_validates_heston_included() -> None:
+    request = PriceRequest.model_validate({**EXAMPLE_HEAD, "contracts": [C1, C2, C3]})
+    assert [c.process for c in request.contracts] == ["gbm", "heston", "gbm"]
+    assert request.contracts[1].process_params() == C2["params"]
+
+
+def test_unknown_process_is_named_with_known_ones() -> None:
+    details = _errors({**EXAMPLE_HEAD, "contracts": [C1, {**C2, "process": "sabr"}, C3]})
     assert [d["field"] for d in details] == ["contracts[1].process"]
     reason = details[0]["reason"]
-    assert "heston" in reason
+    assert "sabr" in reason
     assert "known" in reason
     for name in PROCESSES:
         assert name in reason
 
 
-def test_example_body_as_json_text_validates_once_heston_is_removed() -> None:
+def test_example_body_as_json_text_validates_without_heston() -> None:
     text = orjson.dumps({**EXAMPLE_HEAD, "contracts": [C1, C3]})
     request = PriceRequest.model_validate_json(text)
     assert [c.id for c in request.contracts] == ["c1", "c3"]

@@ -36,6 +36,17 @@ Measure = Literal[
 ]
 
 
+def in_utc(v: datetime | None) -> datetime | None:
+    """A key time in UTC (the store's keys are UTC); an instant that overflows there is
+    invalid input, not a crash."""
+    if v is None:
+        return None
+    try:
+        return v.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("out of range once converted to UTC") from None
+
+
 def _default_measures() -> list[Measure]:
     return ["price"]
 
@@ -141,15 +152,7 @@ class PriceRequest(BaseModel):
     )
     contracts: list[Contract] = Field(min_length=1, max_length=MAX_CONTRACTS)
 
-    @field_validator("val_datetime", "data_asof")
-    @classmethod
-    def _in_utc(cls, v: datetime | None) -> datetime | None:
-        if v is None:
-            return None
-        try:
-            return v.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("out of range once converted to UTC") from None
+    _in_utc = field_validator("val_datetime", "data_asof")(in_utc)
 
     @field_validator("measures")
     @classmethod
@@ -298,12 +301,4 @@ class CalibrateRequest(BaseModel):
     allow_arbitrage: bool = False  # calibrate to a surface that has arbitrage violations
     max_iterations: int = Field(100, ge=1, le=1000)
 
-    @field_validator("val_datetime", "data_asof")
-    @classmethod
-    def _in_utc(cls, v: datetime | None) -> datetime | None:
-        if v is None:
-            return None
-        try:
-            return v.astimezone(UTC)
-        except OverflowError:
-            raise ValueError("out of range once converted to UTC") from None
+    _in_utc = field_validator("val_datetime", "data_asof")(in_utc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from spectralmc_server.engine.processes.asian import AsianProcess
 from spectralmc_server.engine.processes.base import (
     EXPIRY,
     ModelDomain,
@@ -13,12 +14,14 @@ from spectralmc_server.engine.processes.heston import HestonProcess
 from spectralmc_server.engine.processes.merton import MertonProcess
 
 PROCESSES: dict[str, Process] = {"gbm": GBMProcess(), "heston": HestonProcess(), "merton": MertonProcess()}
+# Not served yet (the contract's fixings, F_A in the pricer): trainable from the engine.
+TRAINABLE: dict[str, Process] = {**PROCESSES, "asian": AsianProcess()}
 
 
 def get_process(name: str) -> Process:
     """The process called ``name``; a clear error listing the known ones otherwise."""
     try:
-        return PROCESSES[name]
+        return TRAINABLE[name]
     except KeyError:
         known = ", ".join(sorted(PROCESSES))
         raise ValueError(f"unknown process {name!r}: known processes are {known}") from None

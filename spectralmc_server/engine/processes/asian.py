@@ -96,6 +96,16 @@ class AsianProcess(Process):
     def scale(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         return geometric_scale(theta, expiry)
 
+    def canonical_params(self, theta: torch.Tensor) -> torch.Tensor:
+        """Fixing counts are integers: sampled points are rounded before use."""
+        out = theta.clone()
+        out[:, 2] = fixing_count(theta)
+        return out
+
+    def reference_put(self, theta: torch.Tensor, expiry: torch.Tensor, log_kappa: torch.Tensor) -> torch.Tensor:
+        """E[(kappa - A / F_A)^+] by the control-variate MC (2^15 paths)."""
+        return asian_put_mc(theta, expiry, log_kappa, 1 << 15, seed=11)[0]
+
     def _paths(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """log(S(t_i) / F(t_i)) at every fixing (B, N, M) and the fixing mask (B, M)."""
         dtype = z.dtype
@@ -169,6 +179,7 @@ def asian_put_mc(
     seed: int = 0,
     control_variate: bool = True,
     chunk: int = 1 << 16,
+    max_elements: int = 1 << 24,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference for arithmetic Asians: E[(kappa - A / F_A)^+] (B, J) by Monte Carlo
     with antithetic pseudo-random normals and, by default, the geometric-average put as
@@ -183,7 +194,7 @@ def asian_put_mc(
     sums = {k: torch.zeros(b, j, dtype=torch.float64) for k in ("a", "g", "aa", "gg", "ag")}
     done, block = 0, 0
     while done < n_paths:
-        rows = min(chunk, n_paths - done)
+        rows = min(chunk, n_paths - done, max(2, max_elements // (b * MAX_FIXINGS)))
         rows += rows % 2
         cfg = NormalsConfig(seed=seed, mode="pseudo", antithetic=True, rows=rows, dims=b * MAX_FIXINGS, dtype="float64")
         z = generate_block(cfg, block, theta.device).view(rows, b, MAX_FIXINGS).transpose(0, 1)  # (B, rows, M)

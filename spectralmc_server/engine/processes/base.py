@@ -125,6 +125,15 @@ class Process(ABC):
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """theta (B, P), T (B,), normals z (B, N, normals_per_path) -> X (B, N)."""
 
+    def canonical_params(self, theta: torch.Tensor) -> torch.Tensor:
+        """Sampled parameter points as the process uses them (say, integers rounded)."""
+        return theta
+
+    def reference_put(self, theta: torch.Tensor, expiry: torch.Tensor, log_kappa: torch.Tensor) -> torch.Tensor | None:
+        """E[(kappa - e^X)^+] (B, J) by the process's own reference where it has no analytic
+        CF (None: use COS on the analytic CF)."""
+        return None
+
     def check_params(self, params: dict[str, float]) -> None:
         """Raise ValueError naming the parameter and the reason when a value is invalid
         (``params`` holds every name of :attr:`param_names`). The default accepts all."""

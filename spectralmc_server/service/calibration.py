@@ -19,8 +19,8 @@ from spectralmc_server.marketdata.calibration import CalibrationReport, SurfaceE
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
 from spectralmc_server.service import keys
-from spectralmc_server.service.errors import Invalid, NoMarketData
-from spectralmc_server.service.jobs import Unchanged
+from spectralmc_server.service.errors import Invalid
+from spectralmc_server.service.jobs import Unchanged, derive_input
 from spectralmc_server.service.routes import json_response, read_json, require_serving, validate
 from spectralmc_server.service.schemas import CalibrateRequest
 from spectralmc_server.service.snapshot_routes import authorize_write
@@ -103,12 +103,7 @@ def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Await
 
     async def action() -> str | None:
         market = app[keys.MARKETDATA]
-        latest = await market.store.latest(job.namespace)
-        if latest is None:
-            raise NoMarketData(f"no snapshot in namespace {job.namespace!r} yet")
-        if (latest.lineage or {}).get("job") == job.name:
-            raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) is this job's own output")
-        snapshot = await market.load(latest)
+        latest, snapshot = await derive_input(job, market)
         reports = [await fit(app, snapshot, u, job.process) for u in job.underlyings]
         stored = await store_fit(market.put, latest, snapshot, reports, job.name)
         if stored is None:

@@ -208,14 +208,20 @@ def implied_vol_surface(
     )
 
 
+async def derive_input(job: DeriveJob, market: MarketData) -> tuple[SnapshotRecord, MarketSnapshot]:
+    """The namespace's latest snapshot, which a derive job builds on; ``NoMarketData``
+    when there is none, ``Unchanged`` when it is the job's own output."""
+    latest = await market.store.latest(job.namespace)
+    if latest is None:
+        raise NoMarketData(f"no snapshot in namespace {job.namespace!r} yet")
+    if (latest.lineage or {}).get("job") == job.name:
+        raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) is this job's own output")
+    return latest, await market.load(latest)
+
+
 def derive_action(job: DeriveJob, market: MarketData) -> Callable[[], Awaitable[str | None]]:
     async def action() -> str | None:
-        latest = await market.store.latest(job.namespace)
-        if latest is None:
-            raise NoMarketData(f"no snapshot in namespace {job.namespace!r} yet")
-        if (latest.lineage or {}).get("job") == job.name:
-            raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) is this job's own output")
-        snapshot = await market.load(latest)
+        latest, snapshot = await derive_input(job, market)
         missing = [u for u in job.underlyings if not snapshot.option_quotes.get(u)]
         if missing:
             raise ValueError(f"no option quotes for {', '.join(missing)} in {_where(latest)}")

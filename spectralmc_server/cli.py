@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a model online from Monte-Carlo batches")
-    train.add_argument("--process", required=True, help="process to learn (gbm, heston, merton)")
+    train.add_argument("--process", required=True, help="process to learn (gbm, heston, merton, asian)")
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (also the learning-rate horizon)")
     length.add_argument("--minutes", type=float, help="wall-clock budget, turned into a step count after timing")

@@ -179,7 +179,8 @@ class Settings(BaseSettings):
     data_dir: Path = Field(default_factory=default_data_dir)  # the local store lives here
     store: str | None = None  # file:///abs/path or s3://bucket/prefix; None: data_dir/store
     s3: S3Config = S3Config()
-    models: list[str] = Field(default_factory=lambda: ["gbm", "heston", "merton"], min_length=1)  # served model names
+    # served model names
+    models: list[str] = Field(default_factory=lambda: ["gbm", "heston", "merton", "asian"], min_length=1)
     seed_bundled: bool = True  # an empty store gets the bundled model as version 1
     poll_seconds: float = Field(2.0, gt=0)  # how often trackers look for a new version
     admin_token: SecretStr | None = None  # None: admin routes answer 403

@@ -53,7 +53,7 @@ def test_bundled_gbm_model_accuracy_on_a_held_out_sample() -> None:
 
 
 # -- Heston and Merton ------------------------------------------------------------------------
-@pytest.mark.parametrize("name", ["heston", "merton"])
+@pytest.mark.parametrize("name", ["heston", "merton", "asian"])
 def test_bundled_model_is_small_and_covers_its_process_default_domain(name: str) -> None:
     path = bundled_models()[name]
     size = sum(f.stat().st_size for f in path.iterdir())

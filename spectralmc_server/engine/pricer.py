@@ -23,6 +23,7 @@ from spectralmc_server.engine.device import MemoryBudget
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
 from spectralmc_server.engine.reference import (
+    MonteCarloCF,
     analytic_cf_y,
     black_scholes,
     lognormal_moments,
@@ -43,6 +44,11 @@ CF_CHUNK = 64  # CF evaluations take a multiple of this many rows: answers are b
 # i.e. 0.025 bp); at ordinary points the two agree to 1e-12.
 REFERENCE_SPECTRUM = SpectrumConfig(n_freq=2048, half_width=64.0, n_bins=4096)
 REFERENCE_WORKING_BYTES = 256 * 2**20  # chunk the reference's large (rows, K) temporaries
+# Processes with no analytic CF (the arithmetic Asian): the CF by simulation, 2^16
+# antithetic paths shared by every point, with the companion as a control variate.
+MC_REFERENCE_SPECTRUM = SpectrumConfig(n_freq=128, half_width=12.0, n_bins=4096)
+MC_REFERENCE_PATHS = 1 << 16
+MC_REFERENCE_SEED = 20261127
 CF_MAX_BLOCK = 4096  # rows per CF evaluation at most (a multiple of CF_CHUNK)
 """(theta (B, P), T (B,)) float64 -> phi_Y complex128 (B, K) on the spectrum's grid."""
 
@@ -188,19 +194,19 @@ class SpectralPricer:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _coef_with_tangents(
-        self, theta: torch.Tensor, expiry: torch.Tensor, want_theta: bool, want_expiry: bool
+        self, theta: torch.Tensor, expiry: torch.Tensor, directions: frozenset[int], want_expiry: bool
     ) -> tuple[torch.Tensor, list[torch.Tensor | None], torch.Tensor | None]:
-        """COS coefficients (U, K) and their derivatives along each parameter and along T.
+        """COS coefficients (U, K) and their derivatives along the parameters in
+        ``directions`` (indices) and along T.
 
         Rows are independent, so one forward-mode pass per input direction gives every
         row's derivative; the coefficients are linear in the CF, so they map the same way.
         """
-        with torch.inference_mode(not (want_theta or want_expiry)):
+        with torch.inference_mode(not (directions or want_expiry)):
             coef = cos_coefficients(self.cf(theta, expiry), self.spectrum)
         d_theta: list[torch.Tensor | None] = []
-        vol_index = self.process.vol_parameter()[0]
         for j in range(theta.shape[1]):
-            if not want_theta or j != vol_index:  # vega needs the vol parameter's direction only
+            if j not in directions:  # vega needs the vol parameter's direction, rho the carry's
                 d_theta.append(None)
                 continue
             tangent = torch.zeros_like(theta)
@@ -219,19 +225,31 @@ class SpectralPricer:
         uniq, inv = group_rows(torch.cat([batch.theta, batch.expiry[:, None]], 1))  # (U, P+1), (n,)
         th_u, t_u = uniq[:, :-1].contiguous(), uniq[:, -1].contiguous()
         want_vega, want_theta = "vega" in measures, "theta" in measures
-        coef_u, d_th, d_t = self._coef_with_tangents(th_u, t_u, want_vega, want_theta)
+        # A parameter that moves with the rate (an Asian's carry): rho by autograd.
+        rate_index = self.process.rate_parameter()
+        want_rate = "rho" in measures and rate_index is not None
+        directions = {self.process.vol_parameter()[0]} if want_vega else set()
+        if want_rate and rate_index is not None:
+            directions.add(rate_index)
+        coef_u, d_th, d_t = self._coef_with_tangents(th_u, t_u, frozenset(directions), want_theta)
 
-        want_grad = want_vega or want_theta
-        theta = batch.theta.clone().requires_grad_(want_vega) if want_grad else batch.theta
+        want_grad = want_vega or want_theta or want_rate
+        params = batch.theta.clone().requires_grad_(want_vega) if want_grad else batch.theta
+        theta = params
         expiry = batch.expiry.clone().requires_grad_(want_theta) if want_grad else batch.expiry
+        rate = batch.rate.clone().requires_grad_(True) if want_rate else batch.rate
+        if want_rate and rate_index is not None:
+            moves = torch.zeros_like(batch.theta)
+            moves[:, rate_index] = 1.0
+            theta = theta + moves * (rate - rate.detach())[:, None]  # carry = r - q moves with r
 
         out: dict[str, torch.Tensor] = {}
-        disc = torch.exp(-batch.rate * expiry)
-        fwd = batch.spot * torch.exp((batch.rate - batch.dividend) * expiry)
+        disc = torch.exp(-rate * expiry)
+        fwd = batch.spot * self.process.forward_ratio(theta, expiry, rate, batch.dividend)
         call = batch.is_call
         if measures & set(PRICE_MEASURES):
             need = {"put"}
-            need |= {"share_below"} if measures & {"delta", "rho"} else set()
+            need |= {"share_below"} if "delta" in measures or ("rho" in measures and not want_rate) else set()
             need |= {"prob_below"} if "digital" in measures else set()
             need |= {"density"} if "gamma" in measures else set()
             log_kappa = torch.log(batch.strike / fwd)[:, None]
@@ -255,7 +273,7 @@ class SpectralPricer:
             if want_grad:
                 # Only the inputs that require gradients may be differentiated (vega alone
                 # leaves expiry a plain tensor, theta alone the parameters).
-                wrt = [x for x, want in ((theta, want_vega), (expiry, want_theta)) if want]
+                wrt = [x for x, want in ((params, want_vega), (expiry, want_theta), (rate, want_rate)) if want]
                 grads = iter(torch.autograd.grad(price.sum(), wrt, allow_unused=True))
                 if want_vega:
                     g = next(grads)
@@ -266,15 +284,22 @@ class SpectralPricer:
                 if want_theta:
                     g = next(grads)
                     out["theta"] = -(g if g is not None else torch.zeros_like(expiry))
+                if want_rate:
+                    g = next(grads)
+                    out["rho"] = g if g is not None else torch.zeros_like(batch.rate)
             t = batch.expiry
             d, f = disc.detach(), fwd.detach()
-            q = torch.exp(-batch.dividend * t) if measures & {"delta", "gamma"} else d
+            # D F / S: the forward's sensitivity to spot (e^{-qT} for a European)
+            q = d
+            if measures & {"delta", "gamma"}:
+                q = torch.exp(-batch.dividend * t) if rate_index is None else d * f / batch.spot
             out["price"] = price.detach()
             if "share_below" in terms:
                 share = terms["share_below"].detach()
                 out["delta"] = torch.where(call, q * (1.0 - share), -q * share)
-                put_rho = -t * put.detach() - t * d * f * share
-                out["rho"] = torch.where(call, put_rho + t * batch.strike * d, put_rho)
+                if not want_rate:
+                    put_rho = -t * put.detach() - t * d * f * share
+                    out["rho"] = torch.where(call, put_rho + t * batch.strike * d, put_rho)
             if "density" in terms:
                 out["gamma"] = q * (batch.strike / f) * terms["density"].detach() / batch.spot
             if "prob_below" in terms:
@@ -323,9 +348,16 @@ class ClosedFormGBMPricer:
 
 
 def reference_pricer(process: Process, spectrum: SpectrumConfig | None = None) -> Pricer:
-    """The reference for a process: closed forms for GBM, COS on the analytic CF else."""
+    """The reference for a process: closed forms for GBM, COS on the analytic CF where
+    there is one, else COS on a Monte-Carlo CF (:class:`MonteCarloCF`)."""
     if process.name == "gbm":
         return ClosedFormGBMPricer()
+    if not process.has_analytic_cf:
+        spec = spectrum or MC_REFERENCE_SPECTRUM
+        mc = MonteCarloCF(process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED)
+        # cf_chunk=1: every point shares the same paths, so no padding is needed for
+        # batch invariance (and padding would simulate the pad rows)
+        return SpectralPricer(process, spec, mc, cf_chunk=1, working_bytes=REFERENCE_WORKING_BYTES)
     spec = spectrum or REFERENCE_SPECTRUM
     return SpectralPricer(
         process, spec, lambda th, t: analytic_cf_y(process, spec, th, t), working_bytes=REFERENCE_WORKING_BYTES

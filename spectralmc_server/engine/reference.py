@@ -14,7 +14,7 @@ import torch
 
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
 from spectralmc_server.engine.processes.base import Process
-from spectralmc_server.engine.spectrum import SpectrumConfig
+from spectralmc_server.engine.spectrum import SpectrumConfig, control_variate_cf, estimate_cf
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -98,6 +98,71 @@ def analytic_cf_y(
     if phi is None:
         raise ValueError(f"process {process.name!r} has no analytic characteristic function")
     return phi
+
+
+def simulated_cf_y(
+    process: Process,
+    spectrum: SpectrumConfig,
+    theta: torch.Tensor,
+    expiry: torch.Tensor,
+    z: torch.Tensor,
+    control_variate: bool = False,
+) -> torch.Tensor:
+    """FFT estimates of phi_Y (B, K) from the paths that normals z (B, N, d) drive; with
+    ``control_variate`` regressed on the process's Gaussian companion
+    (spectrum.control_variate_cf)."""
+    x = process.simulate_x(theta, expiry, z)  # (B, N)
+    s64 = process.scale(theta, expiry)
+    s = s64.to(x.dtype)[:, None]
+    if not control_variate:
+        return estimate_cf(x / s, spectrum)
+    companion = process.companion_x(theta, expiry, z)
+    if companion is None:
+        raise ValueError(f"process {process.name!r} has no companion for a control variate")
+    x_c, s_c = companion
+    w = spectrum.frequencies(dtype=torch.float64, device=x.device)[None, :] / s64[:, None]  # X frequencies
+    sc2 = (s_c * s_c)[:, None]
+    phi_c = torch.exp(torch.complex(-0.5 * sc2 * w * w, -0.5 * sc2 * w))  # Gaussian CF of X_c at w / s
+    return control_variate_cf(x / s, x_c / s, phi_c.to(x.dtype.to_complex()), spectrum)[0]
+
+
+class MonteCarloCF:
+    """phi_Y on the spectrum's grid by simulation, for processes with no analytic CF: the
+    same ``paths`` antithetic float64 normals drive every point (so a point's answer
+    depends on nothing but the point, and is smooth in it: vega and theta differentiate
+    through the paths), with the companion as a control variate where there is one.
+    Points are simulated a few at a time (at most ``max_elements`` normals at once)."""
+
+    def __init__(
+        self, process: Process, spectrum: SpectrumConfig, *, paths: int, seed: int = 0, max_elements: int = 1 << 22
+    ) -> None:
+        self.process = process
+        self.spectrum = spectrum
+        self.paths = paths
+        self.seed = seed
+        self.rows = max(1, max_elements // (paths * process.normals_per_path))
+        self._z: torch.Tensor | None = None
+
+    def normals(self, device: torch.device) -> torch.Tensor:
+        if self._z is None or self._z.device != device:
+            d = self.process.normals_per_path
+            cfg = NormalsConfig(
+                seed=self.seed, mode="pseudo", antithetic=True, rows=self.paths, dims=d, dtype="float64"
+            )
+            self._z = generate_block(cfg, 0, device)  # (paths, d)
+        return self._z
+
+    def __call__(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
+        z = self.normals(theta.device)
+        cv = self.process.has_companion
+        parts = []
+        for i in range(0, theta.shape[0], self.rows):
+            th, t = theta[i : i + self.rows], expiry[i : i + self.rows]
+            z3 = z[None].expand(th.shape[0], -1, -1)  # (b, paths, d), shared
+            parts.append(simulated_cf_y(self.process, self.spectrum, th, t, z3, cv))
+        if not parts:
+            return torch.zeros(0, self.spectrum.n_freq, dtype=torch.complex128, device=theta.device)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass(frozen=True)

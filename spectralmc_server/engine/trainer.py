@@ -29,8 +29,8 @@ from spectralmc_server.engine.device import Budgets, DeviceName, MemoryBudget, r
 from spectralmc_server.engine.normals import NormalsConfig, NormalsMode, NormalsPool, sobol_engine
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
-from spectralmc_server.engine.reference import analytic_cf_y
-from spectralmc_server.engine.spectrum import SpectrumConfig, control_variate_cf, estimate_cf
+from spectralmc_server.engine.reference import analytic_cf_y, simulated_cf_y
+from spectralmc_server.engine.spectrum import SpectrumConfig
 
 VALIDATION_STRIKES = tuple(0.7 + 0.05 * i for i in range(13))  # K/F in [0.7, 1.3]
 VALIDATION_SEED = 2**31 + 7  # held-out Sobol scramble for validation points
@@ -323,20 +323,8 @@ def mc_targets(
     b taking columns b*d .. b*d + d - 1; with ``control_variate`` regressed on the
     process's Gaussian companion (spectrum.control_variate_cf)."""
     b, d = theta.shape[0], process.normals_per_path
-    z = z.view(z.shape[0], b, d).transpose(0, 1)  # (B, N, d)
-    x = process.simulate_x(theta, expiry, z)  # (B, N)
-    s64 = process.scale(theta, expiry)
-    s = s64.to(x.dtype)[:, None]
-    if not control_variate:
-        return estimate_cf(x / s, spectrum)
-    companion = process.companion_x(theta, expiry, z)
-    if companion is None:
-        raise ValueError(f"process {process.name!r} has no companion for a control variate")
-    x_c, s_c = companion
-    w = spectrum.frequencies(dtype=torch.float64, device=x.device)[None, :] / s64[:, None]  # X frequencies
-    sc2 = (s_c * s_c)[:, None]
-    phi_c = torch.exp(torch.complex(-0.5 * sc2 * w * w, -0.5 * sc2 * w))  # Gaussian CF of X_c at w / s
-    return control_variate_cf(x / s, x_c / s, phi_c.to(x.dtype.to_complex()), spectrum)[0]
+    z3 = z.view(z.shape[0], b, d).transpose(0, 1)  # (B, N, d)
+    return simulated_cf_y(process, spectrum, theta, expiry, z3, control_variate)
 
 
 def model_description(config: TrainConfig) -> dict[str, Any]:

@@ -85,7 +85,7 @@ def explicit_request(request: PriceRequest, record: SnapshotRecord, snapshot: Ma
             contracts.append(c)
             continue
         assert c.underlying is not None and c.expiry is not None  # the schema guarantees both
-        names = get_process(c.process).param_names
+        names = get_process(c.process).market_param_names
         try:
             got = contract_inputs(
                 snapshot,
@@ -108,6 +108,7 @@ def explicit_request(request: PriceRequest, record: SnapshotRecord, snapshot: Ma
                 process=c.process,
                 vol=got.params["vol"] if names == ("vol",) else None,
                 params=None if names == ("vol",) else got.params,
+                fixings=c.fixings,
             )
         except MissingMarketData as exc:
             raise RequestError(f"contracts[{i}]", str(exc)) from None

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from spectralmc_server.engine.processes import PROCESSES
+from spectralmc_server.engine.processes.asian import MAX_FIXINGS
 
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$"
 MAX_CONTRACTS = 20_000  # per request; larger books go in several requests
@@ -52,8 +53,9 @@ def _default_measures() -> list[Measure]:
 
 
 class Contract(BaseModel):
-    """One European option: explicit market inputs, or an underlying and an expiry date
-    resolved from the request's market-data snapshot."""
+    """One option: explicit market inputs, or an underlying and an expiry date resolved
+    from the request's market-data snapshot. European, or (process ``asian``) on the
+    arithmetic average of ``fixings`` equally spaced fixings up to the expiry."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -67,6 +69,7 @@ class Contract(BaseModel):
     process: str = "gbm"
     vol: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
     params: dict[str, Finite] | None = None
+    fixings: Annotated[int, Field(ge=1, le=MAX_FIXINGS, strict=True)] | None = None  # asian: t_i = i T / n
     underlying: str | None = Field(None, min_length=1, max_length=64)
     expiry: date | None = None
 
@@ -77,8 +80,20 @@ class Contract(BaseModel):
             raise ValueError(f"unknown process {v!r}; known: {', '.join(sorted(PROCESSES))}")
         return v
 
+    @property
+    def vol_driven(self) -> bool:
+        """The process takes one vol (gbm, asian) rather than a parameter set."""
+        return PROCESSES[self.process].market_param_names == ("vol",)
+
     @model_validator(mode="after")
     def _inputs(self) -> Contract:
+        averaged = PROCESSES[self.process].averages
+        if averaged and self.fixings is None:
+            raise ValueError(
+                f"{self.process} needs 'fixings': the number of equally spaced fixings (1 to {MAX_FIXINGS})"
+            )
+        if not averaged and self.fixings is not None:
+            raise ValueError(f"'fixings' applies to averaging processes (asian) only, not {self.process}")
         if self.underlying is not None or self.expiry is not None:
             if self.underlying is None or self.expiry is None:
                 raise ValueError("a market-data contract needs both 'underlying' and 'expiry'")
@@ -92,9 +107,10 @@ class Contract(BaseModel):
                 )
             return self
         missing = [f for f in ("spot", "expiry_years") if getattr(self, f) is None]
-        if self.process == "gbm" and self.vol is None and not (self.params and "vol" in self.params):
-            missing.append("vol")
-        if self.process != "gbm":
+        if self.vol_driven:
+            if self.vol is None and not (self.params and "vol" in self.params):
+                missing.append("vol")
+        else:
             if self.vol is not None:
                 raise ValueError(f"{self.process} takes its parameters in 'params', not 'vol'")
             names = PROCESSES[self.process].param_names
@@ -105,15 +121,15 @@ class Contract(BaseModel):
                 raise ValueError(f"{self.process} takes params {', '.join(names)}; unknown: {', '.join(extra)}")
         if missing:
             raise ValueError(f"missing explicit input(s): {', '.join(missing)} (or give underlying and expiry)")
-        if self.process == "gbm" and self.params:
+        if self.vol_driven and self.params:
             extra = sorted(set(self.params) - {"vol"})
             if extra:
-                raise ValueError(f"gbm takes only 'vol' in params, got {', '.join(extra)}")
+                raise ValueError(f"{self.process} takes only 'vol' in params, got {', '.join(extra)}")
             if self.vol is not None and "vol" in self.params:
                 raise ValueError("give vol either as 'vol' or in 'params', not both")
             if not 0 < self.params["vol"] <= 10:
                 raise ValueError("params.vol must be in (0, 10]")
-        if self.process != "gbm":
+        if not self.vol_driven:
             try:
                 PROCESSES[self.process].check_params(dict(self.params or {}))
             except ValueError as exc:
@@ -132,10 +148,14 @@ class Contract(BaseModel):
         return self.spot, self.expiry_years, self.rate or 0.0, self.dividend or 0.0
 
     def process_params(self) -> dict[str, float]:
-        if self.process == "gbm":
-            vol = self.vol if self.vol is not None else (self.params or {})["vol"]
+        """Every parameter of the process: an Asian's carry is rate - dividend and its
+        fixings the contract's."""
+        if not self.vol_driven:
+            return dict(self.params or {})
+        vol = self.vol if self.vol is not None else (self.params or {})["vol"]
+        if self.fixings is None:
             return {"vol": vol}
-        return dict(self.params or {})
+        return {"vol": vol, "carry": (self.rate or 0.0) - (self.dividend or 0.0), "fixings": float(self.fixings)}
 
 
 class PriceRequest(BaseModel):

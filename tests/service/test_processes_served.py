@@ -25,7 +25,7 @@ from spectralmc_server.engine.processes import get_process
 from spectralmc_server.service.schemas import PriceRequest
 from spectralmc_server.service.valuation import Valuer
 
-SERVED = ["gbm", "heston", "merton"]
+SERVED = ["gbm", "heston", "merton", "asian"]
 SPOT = 100.0
 BP = SPOT * 1e-4
 MAX_BP = 30.0
@@ -105,8 +105,8 @@ def p95(values: list[float]) -> float:
 # -- /v1/models --------------------------------------------------------------------------
 
 
-async def test_models_lists_gbm_heston_merton_with_their_domains(make_client: MakeClient) -> None:
-    client = await make_client()  # the default settings serve all three
+async def test_models_lists_every_process_with_its_domain(make_client: MakeClient) -> None:
+    client = await make_client()  # the default settings serve all four
     models = (await ok_json(await client.get("/v1/models")))["models"]
     by_name = {m["name"]: m for m in models}
     assert set(by_name) == set(SERVED), models
@@ -130,6 +130,7 @@ async def test_models_lists_gbm_heston_merton_with_their_domains(make_client: Ma
         "sigma_j",
         "expiry_years",
     ]
+    assert [r["name"] for r in by_name["asian"]["domain"]["ranges"]] == ["vol", "carry", "fixings", "expiry_years"]
     assert (await client.get("/readyz")).status == 200
 
 

@@ -13,15 +13,18 @@ from spectralmc_server.engine.processes.gbm import GBMProcess
 from spectralmc_server.engine.processes.heston import HestonProcess
 from spectralmc_server.engine.processes.merton import MertonProcess
 
-PROCESSES: dict[str, Process] = {"gbm": GBMProcess(), "heston": HestonProcess(), "merton": MertonProcess()}
-# Not served yet (the contract's fixings, F_A in the pricer): trainable from the engine.
-TRAINABLE: dict[str, Process] = {**PROCESSES, "asian": AsianProcess()}
+PROCESSES: dict[str, Process] = {
+    "gbm": GBMProcess(),
+    "heston": HestonProcess(),
+    "merton": MertonProcess(),
+    "asian": AsianProcess(),
+}
 
 
 def get_process(name: str) -> Process:
     """The process called ``name``; a clear error listing the known ones otherwise."""
     try:
-        return TRAINABLE[name]
+        return PROCESSES[name]
     except KeyError:
         known = ", ".join(sorted(PROCESSES))
         raise ValueError(f"unknown process {name!r}: known processes are {known}") from None
@@ -30,6 +33,7 @@ def get_process(name: str) -> Process:
 __all__ = [
     "EXPIRY",
     "PROCESSES",
+    "AsianProcess",
     "GBMProcess",
     "HestonProcess",
     "MertonProcess",

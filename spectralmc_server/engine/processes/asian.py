@@ -70,6 +70,7 @@ class AsianProcess(Process):
     normals_per_path = MAX_FIXINGS
     has_analytic_cf = False
     has_companion = True
+    averages = True
 
     def default_domain(self) -> ModelDomain:
         return ModelDomain(
@@ -81,12 +82,25 @@ class AsianProcess(Process):
             )
         )
 
+    @property
+    def market_param_names(self) -> tuple[str, ...]:
+        return ("vol",)  # carry = rate - dividend; fixings from the contract
+
+    def forward_ratio(
+        self, theta: torch.Tensor, expiry: torch.Tensor, rate: torch.Tensor, dividend: torch.Tensor
+    ) -> torch.Tensor:
+        """F_A / S: the average's forward, through the carry parameter (= rate - dividend)."""
+        return average_forward_ratio(theta, expiry)
+
+    def rate_parameter(self) -> int | None:
+        return 1  # the carry
+
     def check_params(self, params: dict[str, float]) -> None:
         vol, carry, fixings = (params[n] for n in self.param_names)
         if not 0 < vol <= 10:
             raise ValueError(f"vol must be in (0, 10], got {vol}")
-        if not -1 <= carry <= 1:
-            raise ValueError(f"carry must be in [-1, 1], got {carry}")
+        if not -2 <= carry <= 2:
+            raise ValueError(f"carry must be in [-2, 2], got {carry}")
         if not (1 <= fixings <= MAX_FIXINGS and float(fixings).is_integer()):
             raise ValueError(f"fixings must be an integer in [1, {MAX_FIXINGS}], got {fixings}")
 

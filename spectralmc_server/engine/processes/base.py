@@ -112,6 +112,26 @@ class Process(ABC):
     normals_per_path: int  # standard normals one path consumes
     has_analytic_cf: bool = False  # True where analytic_cf_x returns a closed form
     has_companion: bool = False  # True where companion_x returns a control variate
+    averages: bool = False  # True where the payoff is on an average over the contract's fixings
+
+    @property
+    def market_param_names(self) -> tuple[str, ...]:
+        """The parameters a contract or a market-data snapshot supplies (the rest follow
+        from the contract's terms and market inputs, as an Asian's carry and fixings do)."""
+        return self.param_names
+
+    def forward_ratio(
+        self, theta: torch.Tensor, expiry: torch.Tensor, rate: torch.Tensor, dividend: torch.Tensor
+    ) -> torch.Tensor:
+        """F / S (n,): the forward of the quantity the payoff is written on, over spot.
+        Europeans: e^{(r - q) T}. Differentiable in every argument."""
+        return torch.exp((rate - dividend) * expiry)
+
+    def rate_parameter(self) -> int | None:
+        """The index of a parameter that moves one-for-one with the rate (an Asian's
+        carry r - q), or None. Where there is one, rho is taken by autograd through the
+        CF as well as through the discount factor and the forward."""
+        return None
 
     @abstractmethod
     def default_domain(self) -> ModelDomain:

@@ -7,7 +7,9 @@ analytic CF (over points, frequencies k >= 1 and repetitions) is compared with p
 i.i.d. normals: VRF = MSE(pseudo) / MSE(technique). Techniques: antithetic pairs;
 digitally shifted Sobol normals (Heston: in time order, then laid out by the Brownian
 bridge); Sobol + bridge + antithetics; the control variate (a Gaussian companion on the
-same normals, regression coefficient per frequency); and everything together.
+same normals, regression coefficient per frequency, estimated from the same paths);
+and everything together. (The unit coefficient, beta = 1, is what the Asian model
+trains with: the regression's O(1/N) bias is measured in tests/engine/test_spectrum.py.)
 
 Part 2, accuracy per minute of training: short Heston runs with the same network, seed
 and number of steps, targets from (a) i.i.d. normals, (b) Sobol + bridge + antithetics,
@@ -65,7 +67,7 @@ def target_mse(
             seed=99, mode=mode, antithetic=antithetic, rows=paths, dims=points * process.normals_per_path
         )
         z = generate_block(cfg, r, torch.device("cpu"))  # (N, P d) float32, as in training
-        est = mc_targets(process, SPECTRUM, theta, expiry, z, cv).to(torch.complex128)
+        est = mc_targets(process, SPECTRUM, theta, expiry, z, cv, "regression").to(torch.complex128)
         total += float((est[:, 1:] - true[:, 1:]).abs().square().mean())
     return total / reps
 
@@ -79,6 +81,7 @@ def train_curve(steps: int, mode: NormalsMode, antithetic: bool, cv: bool) -> li
         normals_mode=mode,
         antithetic=antithetic,
         control_variate=cv,
+        control_coefficient="regression",
         lr=2e-3,
         schedule_steps=steps,
         validate_every=100,

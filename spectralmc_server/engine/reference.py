@@ -14,7 +14,7 @@ import torch
 
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
 from spectralmc_server.engine.processes.base import Process
-from spectralmc_server.engine.spectrum import SpectrumConfig, control_variate_cf, estimate_cf
+from spectralmc_server.engine.spectrum import ControlCoefficient, SpectrumConfig, control_variate_cf, estimate_cf
 
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
@@ -107,10 +107,11 @@ def simulated_cf_y(
     expiry: torch.Tensor,
     z: torch.Tensor,
     control_variate: bool = False,
+    coefficient: ControlCoefficient = "unit",
 ) -> torch.Tensor:
     """FFT estimates of phi_Y (B, K) from the paths that normals z (B, N, d) drive; with
-    ``control_variate`` regressed on the process's Gaussian companion
-    (spectrum.control_variate_cf)."""
+    ``control_variate`` corrected by the process's Gaussian companion with the given
+    coefficient (spectrum.control_variate_cf)."""
     x = process.simulate_x(theta, expiry, z)  # (B, N)
     s64 = process.scale(theta, expiry)
     s = s64.to(x.dtype)[:, None]
@@ -123,14 +124,15 @@ def simulated_cf_y(
     w = spectrum.frequencies(dtype=torch.float64, device=x.device)[None, :] / s64[:, None]  # X frequencies
     sc2 = (s_c * s_c)[:, None]
     phi_c = torch.exp(torch.complex(-0.5 * sc2 * w * w, -0.5 * sc2 * w))  # Gaussian CF of X_c at w / s
-    return control_variate_cf(x / s, x_c / s, phi_c.to(x.dtype.to_complex()), spectrum)[0]
+    return control_variate_cf(x / s, x_c / s, phi_c.to(x.dtype.to_complex()), spectrum, coefficient)[0]
 
 
 class MonteCarloCF:
     """phi_Y on the spectrum's grid by simulation, for processes with no analytic CF: the
     same ``paths`` antithetic float64 normals drive every point (so a point's answer
     depends on nothing but the point, and is smooth in it: vega and theta differentiate
-    through the paths), with the companion as a control variate where there is one.
+    through the paths), with the companion as a control variate (unit coefficient:
+    unbiased) where there is one.
     Points are simulated a few at a time (at most ``max_elements`` normals at once)."""
 
     def __init__(

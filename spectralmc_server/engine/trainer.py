@@ -30,7 +30,7 @@ from spectralmc_server.engine.normals import NormalsConfig, NormalsMode, Normals
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
 from spectralmc_server.engine.reference import analytic_cf_y, simulated_cf_y
-from spectralmc_server.engine.spectrum import SpectrumConfig
+from spectralmc_server.engine.spectrum import ControlCoefficient, SpectrumConfig
 
 VALIDATION_STRIKES = tuple(0.7 + 0.05 * i for i in range(13))  # K/F in [0.7, 1.3]
 VALIDATION_SEED = 2**31 + 7  # held-out Sobol scramble for validation points
@@ -50,9 +50,12 @@ class TrainConfig(BaseModel):
     paths: int = Field(512, ge=2)  # N: paths per point
     normals_mode: NormalsMode = "sobol"
     antithetic: bool = True
-    # Regress each CF target on a Gaussian companion driven by the same normals (the
-    # process's companion_x), whose CF is known: see spectrum.control_variate_cf.
+    # Correct each CF target with a Gaussian companion driven by the same normals (the
+    # process's companion_x), whose CF is known: see spectrum.control_variate_cf. The
+    # coefficient: unit (unbiased) or a regression estimated from the same paths
+    # (lower variance when the correlation is weak, but biased by O(1/paths)).
     control_variate: bool = False
+    control_coefficient: ControlCoefficient = "unit"
     # mc: FFT estimates from simulated paths (the method). exact: the analytic CF as the
     # target, a noise-free diagnostic that separates MC noise from fitting limits.
     targets: Literal["mc", "exact"] = "mc"
@@ -199,7 +202,8 @@ class Trainer:
 
     def targets(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """FFT CF estimates (B, K) from the block z (N, B*d)."""
-        return mc_targets(self.process, self.config.spectrum, theta, expiry, z, self.config.control_variate)
+        cfg = self.config
+        return mc_targets(self.process, cfg.spectrum, theta, expiry, z, cfg.control_variate, cfg.control_coefficient)
 
     def train_step(self) -> float:
         cfg = self.config
@@ -318,13 +322,14 @@ def mc_targets(
     expiry: torch.Tensor,
     z: torch.Tensor,
     control_variate: bool = False,
+    coefficient: ControlCoefficient = "unit",
 ) -> torch.Tensor:
     """FFT estimates of phi_Y (B, K) for B points from a normals block z (N, B*d), point
-    b taking columns b*d .. b*d + d - 1; with ``control_variate`` regressed on the
+    b taking columns b*d .. b*d + d - 1; with ``control_variate`` corrected by the
     process's Gaussian companion (spectrum.control_variate_cf)."""
     b, d = theta.shape[0], process.normals_per_path
     z3 = z.view(z.shape[0], b, d).transpose(0, 1)  # (B, N, d)
-    return simulated_cf_y(process, spectrum, theta, expiry, z3, control_variate)
+    return simulated_cf_y(process, spectrum, theta, expiry, z3, control_variate, coefficient)
 
 
 def model_description(config: TrainConfig) -> dict[str, Any]:

@@ -36,6 +36,7 @@ def _load(name: str) -> ModuleType:
         "stream",
         "accuracy_heston",
         "accuracy_merton",
+        "accuracy_asian",
         "calibration",
         "variance_reduction",
     ],

@@ -167,6 +167,7 @@ def test_a_regression_coefficient_from_the_same_paths_biases_the_asian_targets()
     from spectralmc_server.engine.cos import CosExpansion
     from spectralmc_server.engine.processes import get_process
     from spectralmc_server.engine.processes.asian import asian_put_mc
+    from spectralmc_server.engine.spectrum import ControlCoefficient
     from spectralmc_server.engine.trainer import mc_targets
 
     process = get_process("asian")
@@ -176,12 +177,12 @@ def test_a_regression_coefficient_from_the_same_paths_biases_the_asian_targets()
     t = torch.full((b,), 2.0, dtype=torch.float64)
     s = process.scale(th, t)
     log_kappa = torch.log(torch.tensor([[0.8, 0.9, 1.0, 1.1, 1.25]], dtype=torch.float64))
-    puts: dict[str, list[torch.Tensor]] = {"unit": [], "regression": []}
+    puts: dict[ControlCoefficient, list[torch.Tensor]] = {"unit": [], "regression": []}
     for block in range(blocks):
         cfg = NormalsConfig(seed=3, mode="sobol_shift", antithetic=True, rows=n, dims=b * 64, dtype="float32")
         z = generate_block(cfg, block, CPU).to(torch.float64)
         for coefficient, out in puts.items():
-            phi = mc_targets(process, spec, th, t, z, True, coefficient)  # type: ignore[arg-type]
+            phi = mc_targets(process, spec, th, t, z, True, coefficient)
             out.append(CosExpansion(phi, spec).put_terms(s, log_kappa.expand(b, -1))["put"])
     ref, ref_se = asian_put_mc(th[:1], t[:1], log_kappa, 1 << 18, seed=9)
     for coefficient, parts in puts.items():

@@ -56,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     length.add_argument("--minutes", type=float, help="wall-clock budget, turned into a step count after timing")
     train.add_argument("--seed", type=int, help="seed of the parameter points and normals (default 0)")
     train.add_argument("--device", choices=["auto", "cpu", "cuda"], help="compute device (default cpu)")
+    train.add_argument(
+        "--kernels",
+        choices=["auto", "torch", "fused"],
+        help="path simulation on CUDA: fused kernels where available (auto, the default), torch, or fused only",
+    )
     train.add_argument("--config", type=Path, help="TOML file whose [train] table sets TrainConfig fields")
     train.add_argument(
         "--resume", help="continue from a checkpoint directory, or with --store from a version (N or 'head')"
@@ -283,6 +288,7 @@ def _validation_message(prefix: str, exc: ValidationError) -> str:
 def _train(args: argparse.Namespace) -> int:
     from spectralmc_server.engine.checkpoint import CheckpointError, write_dir
     from spectralmc_server.engine.device import DeviceUnavailableError
+    from spectralmc_server.engine.kernels import FusedKernelsUnavailableError
     from spectralmc_server.engine.trainer import TrainConfig, Trainer
     from spectralmc_server.store.commits import DEFAULT_MESSAGE, CommitPolicy
 
@@ -311,6 +317,8 @@ def _train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.device is not None:
         overrides["device"] = args.device
+    if args.kernels is not None:
+        overrides["kernels"] = args.kernels
     model_name = args.model or args.process
 
     with contextlib.ExitStack() as stack:
@@ -343,7 +351,7 @@ def _train(args: argparse.Namespace) -> int:
                 trainer = Trainer(config)
         except ValidationError as exc:
             raise UsageError(_validation_message("invalid training configuration", exc)) from None
-        except (CheckpointError, DeviceUnavailableError) as exc:
+        except (CheckpointError, DeviceUnavailableError, FusedKernelsUnavailableError) as exc:
             raise UsageError(str(exc)) from None
         except ValueError as exc:  # unknown process, budget exceeded, bad domain
             raise UsageError(str(exc)) from None

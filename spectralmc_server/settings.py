@@ -20,6 +20,7 @@ from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
+from spectralmc_server.engine.kernels import KernelPolicy
 from spectralmc_server.service.schemas import Contract, Measure
 
 _TOML: ContextVar[dict[str, Any] | None] = ContextVar("spectralmc_settings_toml", default=None)
@@ -56,6 +57,7 @@ class TrainSettings(BaseModel):
     commit_if_improved: bool = True  # skip auto-commits that do not lower validation p95
     commit_on_shutdown: bool = False  # commit the training state at graceful shutdown
     device: DeviceName = "cpu"
+    kernels: KernelPolicy = "auto"  # path simulation: fused CUDA kernels where available, torch, or fused only
 
 
 class MarketDataSettings(BaseModel):

@@ -9,6 +9,7 @@ message instead of running out of memory midway.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -56,6 +57,26 @@ def tensor_bytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return n * torch.empty((), dtype=dtype).element_size()
 
 
+def live_tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    """Bytes of the distinct storages behind ``tensors`` (views of one storage count once)."""
+    seen: dict[tuple[str, int], int] = {}
+    for t in tensors:
+        storage = t.untyped_storage()
+        seen[(t.device.type, storage.data_ptr())] = storage.nbytes()
+    return sum(seen.values())
+
+
+def module_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """Every tensor a module keeps alive: parameters, buffers, and tensors its layers
+    cache (the ``_cache`` tuples frozen complex layers keep for serving)."""
+    yield from module.parameters()
+    yield from module.buffers()
+    for sub in module.modules():
+        cache = getattr(sub, "_cache", None)
+        if isinstance(cache, tuple):
+            yield from (c for c in cache if isinstance(c, torch.Tensor))
+
+
 @dataclass(frozen=True)
 class BudgetReport:
     """Use against cap for one budget, in bytes."""
@@ -64,6 +85,7 @@ class BudgetReport:
     cap_bytes: int
     reserved_bytes: int
     holders: dict[str, int]
+    live_bytes: int = 0  # measured now from the tensors the holders keep (those that report)
 
 
 class MemoryBudget:
@@ -79,6 +101,7 @@ class MemoryBudget:
         self.name = name
         self.cap_bytes = int(cap_bytes)
         self._holders: dict[str, int] = {}
+        self._probes: dict[str, Callable[[], int]] = {}
         self._lock = threading.Lock()
 
     @property
@@ -100,13 +123,25 @@ class MemoryBudget:
                 )
             self._holders[holder] = nbytes
 
+    def track(self, holder: str, probe: Callable[[], int]) -> None:
+        """Register how to measure what ``holder`` keeps alive now (bytes of its tensors);
+        :meth:`report` sums the probes as ``live_bytes``. Released with the holder."""
+        with self._lock:
+            if holder not in self._holders:
+                raise ValueError(f"{holder!r} holds no reservation in budget {self.name!r}")
+            self._probes[holder] = probe
+
     def release(self, holder: str) -> None:
         with self._lock:
             self._holders.pop(holder, None)
+            self._probes.pop(holder, None)
 
     def report(self) -> BudgetReport:
         with self._lock:
-            return BudgetReport(self.name, self.cap_bytes, sum(self._holders.values()), dict(self._holders))
+            holders = dict(self._holders)
+            probes = list(self._probes.values())
+        live = sum(probe() for probe in probes)  # outside the lock: probes take their own
+        return BudgetReport(self.name, self.cap_bytes, sum(holders.values()), holders, live)
 
 
 def _fmt(nbytes: int) -> str:

@@ -112,12 +112,14 @@ def simulated_cf_y(
     """FFT estimates of phi_Y (B, K) from the paths that normals z (B, N, d) drive; with
     ``control_variate`` corrected by the process's Gaussian companion with the given
     coefficient (spectrum.control_variate_cf)."""
-    x = process.simulate_x(theta, expiry, z)  # (B, N)
+    if control_variate:
+        x, companion = process.simulate_with_companion(theta, expiry, z)  # (B, N), one pass where fused
+    else:
+        x, companion = process.simulate_x(theta, expiry, z), None
     s64 = process.scale(theta, expiry)
     s = s64.to(x.dtype)[:, None]
     if not control_variate:
         return estimate_cf(x / s, spectrum)
-    companion = process.companion_x(theta, expiry, z)
     if companion is None:
         raise ValueError(f"process {process.name!r} has no companion for a control variate")
     x_c, s_c = companion

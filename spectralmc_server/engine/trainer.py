@@ -25,7 +25,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from spectralmc_server.engine.checkpoint import Checkpoint, library_versions
 from spectralmc_server.engine.cos import CosExpansion
 from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
-from spectralmc_server.engine.device import Budgets, DeviceName, MemoryBudget, resolve_device, tensor_bytes
+from spectralmc_server.engine.device import (
+    Budgets,
+    DeviceName,
+    MemoryBudget,
+    live_tensor_bytes,
+    module_tensors,
+    resolve_device,
+    tensor_bytes,
+)
+from spectralmc_server.engine.kernels import KernelPolicy, check_policy, kernel_policy
 from spectralmc_server.engine.normals import NormalsConfig, NormalsMode, NormalsPool, sobol_engine
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
@@ -33,6 +42,7 @@ from spectralmc_server.engine.reference import analytic_cf_y, simulated_cf_y
 from spectralmc_server.engine.spectrum import ControlCoefficient, SpectrumConfig
 
 VALIDATION_STRIKES = tuple(0.7 + 0.05 * i for i in range(13))  # K/F in [0.7, 1.3]
+TRAINING_HOLDER = "trainer: weights, EMA, Adam moments, activations"
 VALIDATION_SEED = 2**31 + 7  # held-out Sobol scramble for validation points
 
 
@@ -71,6 +81,9 @@ class TrainConfig(BaseModel):
     # has 3 million points in Heston's 6 dimensions); None: the grid.
     validation_points: int | None = Field(None, ge=16, le=65536)
     device: DeviceName = "cpu"
+    # Path simulation on CUDA: fused kernels (one launch over all steps, needs the gpu
+    # extra) where available, or torch's per-step ops; 'fused' refuses to start without.
+    kernels: KernelPolicy = "auto"
 
     @field_validator("process")
     @classmethod
@@ -135,6 +148,7 @@ class Trainer:
         self.process: Process = get_process(config.process)
         self.domain = config.resolved_domain()
         self.device = resolve_device(config.device)
+        check_policy(config.kernels, self.device)
         budgets = budgets or Budgets()
         self._budgets = budgets
         # The network's initial weights come from the seed without touching the caller's
@@ -177,16 +191,28 @@ class Trainer:
     def _reserve(self, training: MemoryBudget, simulator: MemoryBudget) -> None:
         cfg = self.config
         n_params = sum(p.numel() for p in self.model.parameters())
+        buffers = live_tensor_bytes(self.model.buffers())
         act = cfg.batch_points * cfg.network.width * 2 * (cfg.network.depth + 1) * 3
-        training.reserve("trainer: weights, EMA, Adam moments, activations", 4 * (4 * n_params + act))
+        # float32: weights, EMA, Adam's two moments, the frozen EMA's packed serving
+        # matrices (twice its weights, built by validation), activations; both copies'
+        # buffers. live_training_bytes() measures the held part of this.
+        training.reserve(TRAINING_HOLDER, 4 * (6 * n_params + act) + 2 * buffers)
+        training.track(TRAINING_HOLDER, self.live_training_bytes)
         b, n, m = cfg.batch_points, cfg.paths, cfg.spectrum.n_bins
         d = self.process.normals_per_path
         # Paths and binning temporaries (~8 arrays of (B, N)), the bins, the padded FFT.
         sim = tensor_bytes((b, n, 8 + d), torch.float32) + tensor_bytes((b, 2 * m + 2), torch.complex64) * 2
         simulator.reserve("trainer: simulator workspace", sim)
 
+    def live_training_bytes(self) -> int:
+        """Bytes the network, its EMA copy and the optimiser's moments hold now."""
+        tensors = [*module_tensors(self.model), *module_tensors(self.ema)]
+        for state in self.optimizer.state.values():
+            tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor))
+        return live_tensor_bytes(tensors)
+
     def _release(self) -> None:
-        self._budgets.training.release("trainer: weights, EMA, Adam moments, activations")
+        self._budgets.training.release(TRAINING_HOLDER)
         self._budgets.simulator.release("trainer: simulator workspace")
 
     def close(self) -> None:
@@ -203,7 +229,10 @@ class Trainer:
     def targets(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """FFT CF estimates (B, K) from the block z (N, B*d)."""
         cfg = self.config
-        return mc_targets(self.process, cfg.spectrum, theta, expiry, z, cfg.control_variate, cfg.control_coefficient)
+        with kernel_policy(cfg.kernels):
+            return mc_targets(
+                self.process, cfg.spectrum, theta, expiry, z, cfg.control_variate, cfg.control_coefficient
+            )
 
     def train_step(self) -> float:
         cfg = self.config

@@ -166,7 +166,12 @@ async def _training(app: web.Application) -> OnlineTraining | None:
         life.training_note = f"version {head.version} of {s.train.model!r} has no usable training state ({exc})"
         return None
     trainer = await asyncio.to_thread(
-        Trainer.from_checkpoint, ckpt, app[keys.BUDGETS], validate_every=s.train.validate_every, device=s.train.device
+        Trainer.from_checkpoint,
+        ckpt,
+        app[keys.BUDGETS],
+        validate_every=s.train.validate_every,
+        device=s.train.device,
+        kernels=s.train.kernels,
     )
     policy = CommitPolicy(
         every_seconds=s.train.commit_every_seconds,

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from spectralmc_server.engine import kernels
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
 
 MAX_FIXINGS = 64
@@ -131,11 +132,23 @@ class AsianProcess(Process):
         return -0.5 * vol * vol * t.to(dtype)[:, None, :] + vol * w, mask
 
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if kernels.use_fused(z, theta, expiry):
+            return kernels.asian_x_cuda(theta, expiry, z, companion=False)[0]
         log_ratio, _ = self._paths(theta, expiry, z)
         weights = average_weights(theta, expiry).to(z.dtype)[:, None, :]  # (B, 1, M), 0 past n
         # log sum_i w_i exp(l_i), stabilised by the largest term
         top = log_ratio.max(-1, keepdim=True).values
         return top[..., 0] + torch.log((weights * torch.exp(log_ratio - top)).sum(-1))
+
+    def simulate_with_companion(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """X and X_c from one fused pass over each path's normals on a CUDA device."""
+        if kernels.use_fused(z, theta, expiry):
+            x, xc = kernels.asian_x_cuda(theta, expiry, z, companion=True)
+            assert xc is not None
+            return x, (xc, geometric_scale(theta, expiry))
+        return self.simulate_x(theta, expiry, z), self.companion_x(theta, expiry, z)
 
     def companion_x(
         self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor

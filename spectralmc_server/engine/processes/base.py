@@ -173,6 +173,13 @@ class Process(ABC):
         None where the process has no companion."""
         return None
 
+    def simulate_with_companion(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """X and the companion from one pass over the normals where a process can do both
+        at once (a fused kernel); by default the two methods in turn."""
+        return self.simulate_x(theta, expiry, z), self.companion_x(theta, expiry, z)
+
     def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor | None:
         """E[exp(i u X)] for real u (B, K) -> complex (B, K); None where no closed form."""
         return None

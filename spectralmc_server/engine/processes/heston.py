@@ -30,6 +30,7 @@ from typing import Literal
 
 import torch
 
+from spectralmc_server.engine import kernels
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
 from spectralmc_server.engine.processes.bridge import brownian_bridge
 
@@ -85,6 +86,8 @@ class HestonProcess(Process):
         return torch.sqrt(integral)
 
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        if self.steps <= kernels.MAX_FUSED_STEPS and kernels.use_fused(z, theta, expiry):
+            return kernels.heston_x_cuda(theta, expiry, z, self.steps, self.bridge)  # one launch, all steps
         n = self.steps
         dtype = z.dtype
         th = theta.to(dtype)

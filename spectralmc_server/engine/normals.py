@@ -23,9 +23,12 @@ Modes:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
+import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -85,9 +88,24 @@ class NormalsConfig(BaseModel):
     def block_bytes(self) -> int:
         return tensor_bytes((self.rows, self.dims), self.torch_dtype)
 
+    def generation_bytes(self) -> int:
+        """Peak temporaries while one block is made: three float64 arrays of the base
+        rows (the uniforms or their integer table, the inverse CDF's output, and the
+        cast), on whichever route (host or device Sobol, pseudo-random)."""
+        base = self.rows // 2 if self.antithetic else self.rows
+        return 3 * tensor_bytes((base, self.dims), torch.float64)
+
     def pool_bytes(self) -> int:
-        """Cached blocks plus one float64 generation workspace."""
-        return self.cache_blocks * self.block_bytes() + tensor_bytes((self.rows, self.dims), torch.float64)
+        """The cached blocks, one more block being made while the cache is full (it is
+        inserted, and the oldest evicted, once complete), and its generation workspace."""
+        return (self.cache_blocks + 1) * self.block_bytes() + self.generation_bytes()
+
+
+@functools.lru_cache(maxsize=8)
+def _unscrambled_state(dims: int) -> torch.Tensor:
+    """Sobol direction numbers (dims, 30) for ``dims`` coordinates, unscrambled."""
+    state: torch.Tensor = _Sobol(dims, scramble=False).sobolstate
+    return state.clone()
 
 
 def block_seed(seed: int, index: int) -> int:
@@ -96,26 +114,62 @@ def block_seed(seed: int, index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def generate_block(config: NormalsConfig, index: int, device: torch.device) -> torch.Tensor:
+def sobol_bits(state: torch.Tensor, shift: torch.Tensor, n: int, device: torch.device) -> torch.Tensor:
+    """The first ``n`` (a power of two) Sobol points as 30-bit integers (n, dims) int32,
+    computed on ``device``: exactly the bits torch's SobolEngine draws on the host from
+    direction numbers ``state`` (dims, 30) and shift ``shift`` (dims,).
+
+    SobolEngine returns point k = shift XOR (XOR of v_j over the bits j of gray(k)),
+    gray(k) = k ^ (k >> 1). Here the table over all indices i < n of XOR_{bits j of i} v_j
+    is built by doubling (log2 n steps, each element written once) and read in Gray-code
+    order: a few passes over the block's memory instead of n sequential host steps.
+    """
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"device Sobol draws a power-of-two number of points, got {n}")
+    v = state.to(device=device, dtype=torch.int32)  # (dims, 30)
+    table = torch.zeros((1, v.shape[0]), dtype=torch.int32, device=device)
+    for j in range(n.bit_length() - 1):
+        table = torch.cat([table, table ^ v[:, j]], dim=0)
+    k = torch.arange(n, device=device)
+    return table[k ^ (k >> 1)] ^ shift.to(device=device, dtype=torch.int32)
+
+
+def generate_block(
+    config: NormalsConfig, index: int, device: torch.device, *, sobol_on_device: bool | None = None
+) -> torch.Tensor:
     """Block ``index`` of the stream ``config`` describes: shape ``(rows, dims)``.
 
     The pure function behind the pool; callers that need one block once may use it
-    directly.
+    directly. Sobol points are drawn on ``device`` when it is a CUDA device (or when
+    ``sobol_on_device`` says so): the same integer points either way, so on the CPU both
+    routes give the same bits.
     """
     if index < 0:
         raise ValueError(f"block index must be non-negative, got {index}")
     seed = block_seed(config.seed, index)
     n = config.rows // 2 if config.antithetic else config.rows
+    on_device = device.type == "cuda" if sobol_on_device is None else sobol_on_device
     if config.mode == "sobol_shift":
         gen = torch.Generator()
         gen.manual_seed(seed)
         shift = torch.randint(0, 1 << SOBOL_BITS, (config.dims,), generator=gen, dtype=torch.int64)
-        raw = _Sobol(config.dims, scramble=False).draw(n, dtype=torch.float64)  # (n, dims), k / 2^30
-        bits = (raw * float(1 << SOBOL_BITS)).to(torch.int64) ^ shift  # digital shift
+        if on_device:
+            bits = sobol_bits(_unscrambled_state(config.dims), shift, n, device).to(torch.int64)
+        else:
+            raw = _Sobol(config.dims, scramble=False).draw(n, dtype=torch.float64)  # (n, dims), k / 2^30
+            bits = (raw * float(1 << SOBOL_BITS)).to(torch.int64) ^ shift  # digital shift
         u_mid = (bits.to(torch.float64) + 0.5) * 2.0**-SOBOL_BITS  # cell centres: never 0 or 1
         z: torch.Tensor = torch.special.ndtri(u_mid).to(device=device, dtype=config.torch_dtype)
     elif config.mode == "sobol":
-        u: torch.Tensor = sobol_engine(config.dims, seed).draw(n, dtype=torch.float64)  # (n, dims) in [0, 1)
+        engine = sobol_engine(config.dims, seed)
+        u: torch.Tensor
+        if on_device:  # the scramble (small: dims x 30 words) on the host, the points on the device
+            u = sobol_bits(engine.sobolstate, engine.shift, n, device).to(torch.float64) * 2.0**-SOBOL_BITS
+            # SobolEngine keeps its first point in float32 (shift / 2^30 in the default
+            # dtype); round it the same way so both routes give the same bits.
+            u[0] = u[0].to(torch.float32).to(torch.float64)
+        else:
+            u = engine.draw(n, dtype=torch.float64)  # (n, dims) in [0, 1)
         # Scrambled points are never exactly 0 or 1 in practice; clamp for safety so the
         # inverse CDF stays finite (|z| <= 8.3 at the float64 edge).
         eps = 2.0**-53
@@ -131,14 +185,49 @@ def generate_block(config: NormalsConfig, index: int, device: torch.device) -> t
     return z.contiguous()
 
 
+@dataclass
+class PoolStats:
+    """How consumers found their blocks: the measure of how well prefetching overlaps.
+
+    ``ready``: the block was in the cache (generation fully hidden); ``waited``: the
+    prefetcher was still making it and the consumer waited ``wait_seconds`` in all;
+    ``generated``: the consumer made it itself (nothing overlapped), taking
+    ``consumer_generate_seconds``. ``prefetch_generate_seconds`` is the host time the
+    prefetcher spent (on a CUDA device, enqueueing onto its own stream)."""
+
+    ready: int = 0
+    waited: int = 0
+    generated: int = 0
+    wait_seconds: float = 0.0
+    consumer_generate_seconds: float = 0.0
+    prefetch_generate_seconds: float = 0.0
+
+    @property
+    def hidden_fraction(self) -> float:
+        """Share of requests whose block was ready: 1.0 when generation never blocked."""
+        total = self.ready + self.waited + self.generated
+        return self.ready / total if total else float("nan")
+
+
+@dataclass
+class _Block:
+    z: torch.Tensor
+    ready: torch.cuda.Event | None  # recorded on the pool's stream after generation (CUDA)
+
+
 class NormalsPool:
     """Shared, capped, prefetching cache of normal blocks for several consumers.
 
     Consumers either ask for a block by index (:meth:`block`) or hold a
     :class:`NormalsStream` cursor (:meth:`stream`) that a background thread fills ahead
-    of. The pool reserves ``config.pool_bytes()`` from ``budget`` at construction and
-    refuses a configuration over its cap there. Returned tensors are shared: do not
-    modify them in place.
+    of. On a CUDA device the prefetcher generates on its own CUDA stream and records an
+    event per block; a consumer's stream waits on that event (the host does not), and the
+    block is marked as used by the consumer's stream so the caching allocator never
+    recycles it early. Generation thus overlaps simulation and training on the device.
+
+    The pool reserves ``config.pool_bytes()`` from ``budget`` at construction and
+    refuses a configuration over its cap there; :meth:`live_bytes` is what it holds now.
+    Returned tensors are shared: do not modify them in place.
     """
 
     def __init__(
@@ -153,12 +242,15 @@ class NormalsPool:
         self.device = device or torch.device("cpu")
         self._holder = f"normals pool (seed {config.seed}, {config.rows}x{config.dims} {config.dtype})"
         budget.reserve(self._holder, config.pool_bytes())
+        budget.track(self._holder, self.live_bytes)
         self._budget = budget
-        self._cache: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self._cache: OrderedDict[int, _Block] = OrderedDict()
         self._in_progress: set[int] = set()
         self._streams: list[NormalsStream] = []
         self._cond = threading.Condition()
         self._closed = False
+        self.stats = PoolStats()
+        self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
         self._thread: threading.Thread | None = None
         if prefetch and config.lookahead > 0:
             self._thread = threading.Thread(target=self._prefetch_loop, name="normals-prefetch", daemon=True)
@@ -167,6 +259,8 @@ class NormalsPool:
     # -- consumers -------------------------------------------------------------------
     def block(self, index: int) -> torch.Tensor:
         """Block ``index`` (cached, awaited from the prefetcher, or generated now)."""
+        waited = False
+        t0 = time.perf_counter()
         with self._cond:
             while True:
                 if self._closed:
@@ -174,12 +268,30 @@ class NormalsPool:
                 cached = self._cache.get(index)
                 if cached is not None:
                     self._cache.move_to_end(index)
-                    return cached
+                    if waited:
+                        self.stats.waited += 1
+                        self.stats.wait_seconds += time.perf_counter() - t0
+                    else:
+                        self.stats.ready += 1
+                    return self._hand_over(cached)
                 if index not in self._in_progress:
                     self._in_progress.add(index)
                     break
+                waited = True
                 self._cond.wait()
-        return self._generate_and_insert(index)
+        block = self._generate_and_insert(index, side=False)
+        with self._cond:
+            self.stats.generated += 1
+            self.stats.consumer_generate_seconds += time.perf_counter() - t0
+        return block.z
+
+    def _hand_over(self, block: _Block) -> torch.Tensor:
+        """Order the consumer's CUDA stream after the block's generation."""
+        if block.ready is not None:
+            consumer = torch.cuda.current_stream(self.device)
+            consumer.wait_event(block.ready)
+            block.z.record_stream(consumer)
+        return block.z
 
     def stream(self, start: int = 0, stride: int = 1) -> NormalsStream:
         """A new cursor over blocks ``start, start + stride, ...``."""
@@ -188,6 +300,11 @@ class NormalsPool:
             self._streams.append(s)
             self._cond.notify_all()
         return s
+
+    def live_bytes(self) -> int:
+        """Bytes of the blocks the pool holds now (measured from the tensors)."""
+        with self._cond:
+            return sum(b.z.untyped_storage().nbytes() for b in self._cache.values())
 
     def close(self) -> None:
         with self._cond:
@@ -204,15 +321,27 @@ class NormalsPool:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def is_cached(self, index: int) -> bool:
+        """Whether block ``index`` is ready in the cache now."""
+        with self._cond:
+            return index in self._cache
+
     @property
     def cached_blocks(self) -> int:
         with self._cond:
             return len(self._cache)
 
     # -- internals -------------------------------------------------------------------
-    def _generate_and_insert(self, index: int) -> torch.Tensor:
+    def _generate_and_insert(self, index: int, *, side: bool) -> _Block:
         try:
-            z = generate_block(self.config, index, self.device)
+            if side and self._side_stream is not None:
+                with torch.cuda.stream(self._side_stream):
+                    z = generate_block(self.config, index, self.device)
+                    event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+                    event.record(self._side_stream)
+                block = _Block(z, event)
+            else:
+                block = _Block(generate_block(self.config, index, self.device), None)
         except BaseException:
             with self._cond:
                 self._in_progress.discard(index)
@@ -221,9 +350,9 @@ class NormalsPool:
         with self._cond:
             self._in_progress.discard(index)
             if not self._closed:
-                self._insert(index, z)
+                self._insert(index, block)
             self._cond.notify_all()
-        return z
+        return block
 
     def _wanted(self) -> list[int]:
         wanted: list[int] = []
@@ -231,7 +360,7 @@ class NormalsPool:
             wanted.extend(s.window(self.config.lookahead))
         return wanted
 
-    def _insert(self, index: int, z: torch.Tensor) -> None:
+    def _insert(self, index: int, block: _Block) -> None:
         # Called with the lock held. Evict least recently used blocks, preferring those
         # no stream is about to read.
         wanted = set(self._wanted())
@@ -240,7 +369,7 @@ class NormalsPool:
             if victim is None:
                 victim = next(iter(self._cache))
             del self._cache[victim]
-        self._cache[index] = z
+        self._cache[index] = block
 
     def _next_prefetch(self) -> int | None:
         wanted = self._wanted()
@@ -265,10 +394,14 @@ class NormalsPool:
                 if self._closed or index is None:
                     return
                 self._in_progress.add(index)
+            t0 = time.perf_counter()
             try:
-                self._generate_and_insert(index)
+                self._generate_and_insert(index, side=True)
             except Exception:  # the consumer regenerates and sees the error itself
                 continue
+            finally:
+                with self._cond:
+                    self.stats.prefetch_generate_seconds += time.perf_counter() - t0
 
 
 class NormalsStream:

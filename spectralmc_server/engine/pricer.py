@@ -375,6 +375,7 @@ class ServedModel:
     version: int | None
     manifest: dict[str, Any]
     pricer: ModelPricer
+    network: torch.nn.Module | None = None  # the learned network (for measuring its memory)
 
 
 def load_served_model(
@@ -417,6 +418,7 @@ def load_served_model(
         version=version,
         manifest=ckpt.manifest,
         pricer=ModelPricer(learned, domain, reference_pricer(process)),
+        network=model,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -92,10 +93,17 @@ class StateCollector(Collector):
             "spectralmc_budget_used_bytes", "Bytes reserved against each capped component", labels=["component"]
         )
         cap = GaugeMetricFamily("spectralmc_budget_cap_bytes", "Byte cap of each component", labels=["component"])
+        live = GaugeMetricFamily(
+            "spectralmc_budget_live_bytes",
+            "Bytes the component's tensors hold now, measured from the tensors (holders that report)",
+            labels=["component"],
+        )
         for b in self.source.budgets():
             used.add_metric([b.name], b.reserved_bytes)
             cap.add_metric([b.name], b.cap_bytes)
-        yield from (used, cap)
+            live.add_metric([b.name], b.live_bytes)
+        yield from (used, cap, live)
+        yield from device_memory_metrics()
 
         requests, contracts, cap_requests, cap_contracts = self.source.queue()
         depth = GaugeMetricFamily("spectralmc_queue_depth", "Requests waiting for the compute worker")
@@ -266,3 +274,28 @@ class Metrics:
 
     def add_state(self, source: StateSource) -> None:
         self.registry.register(StateCollector(source))
+
+
+def device_memory_metrics() -> list[GaugeMetricFamily]:
+    """torch's CUDA caching-allocator statistics per device, where this process has
+    initialised CUDA (a CPU-only process exports none: there is no device to report)."""
+    allocated = GaugeMetricFamily(
+        "spectralmc_device_allocated_bytes", "Bytes in live tensors on the device (torch allocator)", labels=["device"]
+    )
+    peak = GaugeMetricFamily(
+        "spectralmc_device_peak_allocated_bytes",
+        "Peak of allocated bytes since start (torch allocator)",
+        labels=["device"],
+    )
+    reserved = GaugeMetricFamily(
+        "spectralmc_device_reserved_bytes", "Bytes the caching allocator holds from the driver", labels=["device"]
+    )
+    total = GaugeMetricFamily("spectralmc_device_total_bytes", "The device's memory", labels=["device"])
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
+        for i in range(torch.cuda.device_count()):
+            label = [f"cuda:{i}"]
+            allocated.add_metric(label, torch.cuda.memory_allocated(i))
+            peak.add_metric(label, torch.cuda.max_memory_allocated(i))
+            reserved.add_metric(label, torch.cuda.memory_reserved(i))
+            total.add_metric(label, torch.cuda.get_device_properties(i).total_memory)
+    return [allocated, peak, reserved, total]

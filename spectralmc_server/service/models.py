@@ -15,7 +15,7 @@ import logging
 from typing import Any
 
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
-from spectralmc_server.engine.device import BudgetExceededError, Budgets
+from spectralmc_server.engine.device import BudgetExceededError, Budgets, live_tensor_bytes, module_tensors
 from spectralmc_server.engine.pricer import ServedModel, bytes_per_row, load_served_model
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.models import bundled_models
@@ -27,6 +27,9 @@ from spectralmc_server.store.versions import CommitConflict, VersionStore
 
 log = logging.getLogger(__name__)
 SEED_MESSAGE = "seeded from the bundled model"
+
+
+SERVED_BYTES_PER_WEIGHT_BYTE = 3  # weights + the block matrices serving caches (2x)
 
 
 class ModelHost:
@@ -54,14 +57,21 @@ class ModelHost:
                     f"working set ({per_row} B); raise budgets.inference_bytes"
                 )
             self.budgets.inference.reserve("inference working set", max_rows * per_row)
-            nbytes = sum(t.numel() * t.element_size() for t in ckpt.model.values())
+            # The weights, plus the packed real block matrices that frozen complex layers
+            # cache for serving (twice the weights; the packed biases equal the biases).
+            nbytes = SERVED_BYTES_PER_WEIGHT_BYTE * sum(t.numel() * t.element_size() for t in ckpt.model.values())
             cur = self.trackers[name].current
             keep = {f"{name} v{cur.version}"} if cur is not None else set()
             for holder in self.budgets.model_cache.report().holders:
                 if holder.startswith(f"{name} v") and holder not in keep:
                     self.budgets.model_cache.release(holder)
-            self.budgets.model_cache.reserve(f"{name} v{version}", nbytes)
-            return load_served_model(ckpt, name=name, version=version, working_bytes=max_rows * per_row)
+            holder = f"{name} v{version}"
+            self.budgets.model_cache.reserve(holder, nbytes)
+            served = load_served_model(ckpt, name=name, version=version, working_bytes=max_rows * per_row)
+            network = served.network
+            if network is not None:
+                self.budgets.model_cache.track(holder, lambda: live_tensor_bytes(module_tensors(network)))
+            return served
 
         return load
 

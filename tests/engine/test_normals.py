@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import pytest
 import torch
 
 from spectralmc_server.engine.device import BudgetExceededError, MemoryBudget
-from spectralmc_server.engine.normals import NormalsConfig, NormalsPool, generate_block
+from spectralmc_server.engine.normals import (
+    NormalsConfig,
+    NormalsMode,
+    NormalsPool,
+    generate_block,
+    sobol_bits,
+    sobol_engine,
+)
 
 CPU = torch.device("cpu")
 
@@ -99,14 +107,14 @@ def test_configuration_errors_are_clear() -> None:
 
 
 def test_pool_refuses_a_configuration_over_its_cap() -> None:
-    cfg = NormalsConfig(rows=1024, dims=1024, cache_blocks=8)  # 8 x 4 MiB + 8 MiB workspace
-    budget = MemoryBudget("normals", 16 << 20)
-    with pytest.raises(BudgetExceededError, match=r"normals pool .* needs 40\.0 MiB .* 16\.0 MiB cap"):
+    cfg = NormalsConfig(rows=1024, dims=1024, cache_blocks=8)  # (8 + 1) x 4 MiB + 3 x 4 MiB workspace
+    budget = MemoryBudget("normals", 24 << 20)
+    with pytest.raises(BudgetExceededError, match=r"normals pool .* needs 48\.0 MiB .* 24\.0 MiB cap"):
         NormalsPool(cfg, budget, CPU)
     assert budget.reserved_bytes == 0  # nothing was held back by the refusal
     small = cfg.model_copy(update={"cache_blocks": 1})
     with NormalsPool(small, budget, CPU) as pool:
-        assert budget.report().reserved_bytes == small.pool_bytes() == 12 << 20
+        assert budget.report().reserved_bytes == small.pool_bytes() == 20 << 20
         assert pool.cached_blocks == 0
     assert budget.reserved_bytes == 0  # released on close
 
@@ -169,3 +177,101 @@ def test_closed_pool_refuses_work() -> None:
     pool.close()
     with pytest.raises(RuntimeError, match="closed"):
         pool.block(0)
+
+
+# -- Sobol on the device, prefetch statistics, live bytes ------------------------------------
+@pytest.mark.parametrize("mode", ["sobol", "sobol_shift"])
+@pytest.mark.parametrize(
+    ("rows", "dims", "antithetic"), [(512, 3, True), (256, 2048, True), (64, 7, False), (1, 5, False)]
+)
+def test_device_sobol_route_gives_the_host_route_bits(
+    mode: NormalsMode, rows: int, dims: int, antithetic: bool
+) -> None:
+    """The device route (used on CUDA) builds the same integer points as torch's
+    SobolEngine on the host; run on the CPU, both routes give identical blocks."""
+    cfg = NormalsConfig(seed=3, mode=mode, rows=rows, dims=dims, antithetic=antithetic, dtype="float64")
+    for index in (0, 1, 17):
+        host = generate_block(cfg, index, CPU, sobol_on_device=False)
+        device = generate_block(cfg, index, CPU, sobol_on_device=True)
+        assert torch.equal(host, device), (mode, index)
+
+
+def test_sobol_bits_match_the_engine_and_refuse_other_counts() -> None:
+    engine = sobol_engine(6, seed=11)
+    state, shift = engine.sobolstate.clone(), engine.shift.clone()
+    drawn = (engine.draw(64, dtype=torch.float64)[1:] * 2.0**30).to(torch.int64)  # row 0 is kept in float32
+    bits = sobol_bits(state, shift, 64, CPU)
+    assert bits.dtype == torch.int32
+    assert torch.equal(bits[1:].to(torch.int64), drawn)
+    with pytest.raises(ValueError, match="power-of-two"):
+        sobol_bits(state, shift, 48, CPU)
+
+
+def test_pool_statistics_show_prefetch_hiding_generation() -> None:
+    cfg = NormalsConfig(seed=2, rows=256, dims=512, cache_blocks=3, lookahead=2)
+    with NormalsPool(cfg, MemoryBudget("n", 1 << 30), CPU, prefetch=False) as pool:
+        s = pool.stream()
+        for _ in range(4):
+            s.next()
+        assert (pool.stats.ready, pool.stats.waited, pool.stats.generated) == (0, 0, 4)
+        assert pool.stats.hidden_fraction == 0.0
+    with NormalsPool(cfg, MemoryBudget("n", 1 << 30), CPU) as pool:
+        s = pool.stream()
+        for _ in range(6):
+            deadline = time.monotonic() + 10
+            while not pool.is_cached(s.position) and time.monotonic() < deadline:  # a slow consumer
+                time.sleep(0.005)
+            s.next()
+        st = pool.stats
+        assert (st.ready, st.waited, st.generated) == (6, 0, 0)
+        assert st.hidden_fraction == 1.0
+        assert st.prefetch_generate_seconds > 0
+
+
+def test_pool_live_bytes_are_its_cached_blocks_and_stay_within_the_reservation() -> None:
+    cfg = NormalsConfig(rows=128, dims=64, cache_blocks=2, lookahead=0)
+    budget = MemoryBudget("normals", 1 << 30)
+    with NormalsPool(cfg, budget, CPU) as pool:
+        assert pool.live_bytes() == 0 == budget.report().live_bytes
+        pool.block(0)
+        assert pool.live_bytes() == cfg.block_bytes()
+        for i in range(1, 5):
+            pool.block(i)
+        assert pool.live_bytes() == 2 * cfg.block_bytes() == budget.report().live_bytes
+        assert budget.report().live_bytes <= budget.report().reserved_bytes
+    assert budget.report().live_bytes == 0  # released with the pool
+
+
+@pytest.mark.gpu
+def test_cuda_pool_hands_blocks_across_streams_with_the_same_values() -> None:
+    """Blocks made on the pool's own CUDA stream reach a consumer on another stream intact
+    (the consumer's stream waits on the block's event), equal to a direct generation."""
+    cuda = torch.device("cuda")
+    cfg = NormalsConfig(seed=4, mode="sobol_shift", rows=1024, dims=2048, cache_blocks=3, lookahead=2)
+    consumer = torch.cuda.Stream()
+    with NormalsPool(cfg, MemoryBudget("n", 1 << 30), cuda) as pool, torch.cuda.stream(consumer):
+        s = pool.stream()
+        time.sleep(0.5)  # let the prefetcher run ahead on its stream
+        got = [s.next()[1].sum(dtype=torch.float64) for _ in range(4)]
+        expected = [generate_block(cfg, i, cuda).sum(dtype=torch.float64) for i in range(4)]
+        torch.cuda.synchronize()
+        assert [float(g) for g in got] == [float(e) for e in expected]
+        assert pool.stats.ready >= 1
+
+
+@pytest.mark.gpu
+def test_cuda_block_generation_stays_within_the_pool_reservation() -> None:
+    """The byte accounting against torch's allocator: generating one block (device Sobol,
+    inverse CDF, antithetic copy) peaks within generation_bytes() + block_bytes()."""
+    cuda = torch.device("cuda")
+    for mode in ("sobol", "sobol_shift", "pseudo"):
+        cfg = NormalsConfig(seed=1, mode=mode, rows=2048, dims=4096)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        z = generate_block(cfg, 0, cuda)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        assert torch.cuda.memory_allocated() - base == z.untyped_storage().nbytes() == cfg.block_bytes()
+        assert peak <= cfg.generation_bytes() + cfg.block_bytes(), (mode, peak)
+        del z

@@ -475,6 +475,7 @@ async def test_metrics(make_client: MakeClient) -> None:
         "spectralmc_model_info",
         "spectralmc_budget_used_bytes",
         "spectralmc_budget_cap_bytes",
+        "spectralmc_budget_live_bytes",
     ):
         assert re.search(rf"^{name}[{{ _]", text, re.MULTILINE), name
     for line in text.splitlines():
@@ -486,6 +487,14 @@ async def test_metrics(make_client: MakeClient) -> None:
     assert metric(text, "spectralmc_queue_depth") == 0
     assert metric(text, "spectralmc_batch_contracts_count") == 1
     assert metric(text, "spectralmc_model_info", model="gbm", version="1", mode="tracking") == 1
+    # Memory per component: measured live bytes within the reservation within the cap.
+    for component in ("model_cache", "normals", "simulator", "training", "inference"):
+        live = metric(text, "spectralmc_budget_live_bytes", component=component)
+        used = metric(text, "spectralmc_budget_used_bytes", component=component)
+        cap = metric(text, "spectralmc_budget_cap_bytes", component=component)
+        assert live is not None and used is not None and cap is not None
+        assert 0 <= live <= used <= cap, component
+    assert (metric(text, "spectralmc_budget_live_bytes", component="model_cache") or 0) > 0  # a model is loaded
 
 
 # -- roles -------------------------------------------------------------------------------

@@ -248,7 +248,7 @@ def test_cuda_pool_hands_blocks_across_streams_with_the_same_values() -> None:
     (the consumer's stream waits on the block's event), equal to a direct generation."""
     cuda = torch.device("cuda")
     cfg = NormalsConfig(seed=4, mode="sobol_shift", rows=1024, dims=2048, cache_blocks=3, lookahead=2)
-    consumer = torch.cuda.Stream()
+    consumer = torch.cuda.Stream()  # type: ignore[no-untyped-call]
     with NormalsPool(cfg, MemoryBudget("n", 1 << 30), cuda) as pool, torch.cuda.stream(consumer):
         s = pool.stream()
         time.sleep(0.5)  # let the prefetcher run ahead on its stream

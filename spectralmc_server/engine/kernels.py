@@ -8,16 +8,18 @@ is the bandwidth bound the design aims at.
 
 One CUDA C source serves two compilers:
 
-- on a CUDA device it is compiled at run time by cupy (NVRTC, the ``gpu`` extra:
-  ``cupy-cuda13x``) and launched on torch's current stream, with tensors exchanged
-  zero-copy through DLPack;
+- on a CUDA device it is compiled at run time by NVRTC and launched on torch's current
+  stream: through cupy where the ``gpu`` extra (``cupy-cuda13x``) is installed, with
+  tensors exchanged zero-copy through DLPack, and otherwise through torch's own NVRTC
+  launcher (``torch.cuda._compile_kernel``, a CUDA build of torch >= 2.8), with raw
+  device pointers;
 - with ``-DSPECTRALMC_HOST`` a C++ compiler builds the same source into a shared
   library whose "kernels" loop over the thread index on the CPU. Tests use that to
   check the kernel arithmetic against the torch implementation on a machine with no GPU
   (see :func:`compile_host`).
 
 Which path runs is a policy (:func:`kernel_policy`): ``auto`` takes the fused kernels
-when the normals are on a CUDA device and cupy imports, ``torch`` never does, ``fused``
+when the normals are on a CUDA device and a launcher is there, ``torch`` never does, ``fused``
 insists (and :func:`check_policy` refuses it up front where it cannot run).
 """
 
@@ -88,14 +90,14 @@ DEVICE void bridge(const REAL* zp, int n, const int* plan_idx, const REAL* plan_
 
 /* Heston QE-M (heston.py): params (B, 6) = v0, kappa, theta, xi, rho, T; z[b*sb + p*sn + k],
    k < steps the variance normals, k >= steps the price normals; x (B, N). */
-KERNEL(heston_qe)(const REAL* __restrict__ z, long long sb, long long sn,
+KERNEL(heston_qe)(const REAL* __restrict__ z, int sb, int sn,
                   const REAL* __restrict__ params, const int* __restrict__ plan_idx,
                   const REAL* __restrict__ plan_w, int B, int N, int steps, int use_bridge,
                   REAL* __restrict__ x_out) {
     FOR_EACH_THREAD((long long)B * N) {
         int b = (int)(tid / N);
         long long p = tid % N;
-        const REAL* zp = z + b * sb + p * sn;
+        const REAL* zp = z + (long long)b * sb + p * sn;
         const REAL* th = params + 6 * b;
         REAL v0 = th[0], kappa = th[1], mean_v = th[2], xi = th[3], rho = th[4];
         REAL dt = th[5] / (REAL)steps;
@@ -153,14 +155,14 @@ KERNEL(heston_qe)(const REAL* __restrict__ z, long long sb, long long sn,
    weights (B, M) the normalised forward weights (0 past n); z[b*sb + p*sn + i].
    x = log sum_i w_i exp(l_i), l_i = -vol^2 t_i / 2 + vol W(t_i), by a running
    log-sum-exp; xc = -s_geo^2 / 2 + vol (1/n) sum_i W(t_i) (the control variate). */
-KERNEL(asian_average)(const REAL* __restrict__ z, long long sb, long long sn,
+KERNEL(asian_average)(const REAL* __restrict__ z, int sb, int sn,
                       const REAL* __restrict__ params, const REAL* __restrict__ weights, int M,
                       int B, int N, REAL* __restrict__ x_out, REAL* __restrict__ xc_out,
                       int companion) {
     FOR_EACH_THREAD((long long)B * N) {
         int b = (int)(tid / N);
         long long p = tid % N;
-        const REAL* zp = z + b * sb + p * sn;
+        const REAL* zp = z + (long long)b * sb + p * sn;
         const REAL* th = params + 4 * b;
         const REAL* wb = weights + (long long)M * b;
         REAL vol = th[0], expiry = th[1], s_geo = th[3];
@@ -218,12 +220,34 @@ def cupy_module() -> Any | None:
     return cupy
 
 
+def torch_nvrtc_available() -> bool:
+    """Whether torch can compile and launch a raw kernel itself (NVRTC through
+    ``torch.cuda._compile_kernel``, torch >= 2.8 built with CUDA): the route where cupy
+    is not installed."""
+    return torch.version.cuda is not None and hasattr(torch.cuda, "_compile_kernel")
+
+
+def backend(device: torch.device) -> Literal["cupy", "torch-nvrtc"] | None:
+    """Which launcher runs the kernels on ``device``: cupy (preferred), torch's NVRTC
+    route, or None (no fused kernels here)."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    if cupy_module() is not None:
+        return "cupy"
+    if torch_nvrtc_available():
+        return "torch-nvrtc"
+    return None
+
+
 def fused_unavailable_reason(device: torch.device) -> str | None:
     """Why the fused kernels cannot run on ``device`` (None: they can)."""
     if device.type != "cuda":
         return f"the fused kernels run on CUDA devices; this one is {device.type!r}"
-    if cupy_module() is None:
-        return "cupy is not installed or sees no device (pip install 'spectralmc-server[gpu]')"
+    if backend(device) is None:
+        return (
+            "neither cupy (pip install 'spectralmc-server[gpu]') nor torch's NVRTC kernel "
+            "compiler (a CUDA build of torch >= 2.8) is available"
+        )
     return None
 
 
@@ -270,9 +294,12 @@ def _real(dtype: torch.dtype) -> str:
 
 
 def _row_strides(z: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """z (B, N, d) with a unit last stride (copied if not), and its point and path strides."""
-    if z.stride(-1) != 1:
+    """z (B, N, d) with a unit last stride (copied if not), and its point and path strides
+    (32-bit kernel arguments: a block holds fewer than 2^31 normals per row)."""
+    if z.stride(-1) != 1 or max(z.stride(0), z.stride(1)) >= 2**31:
         z = z.contiguous()
+    if max(z.stride(0), z.stride(1)) >= 2**31:
+        raise ValueError(f"normals block too large for the fused kernels: strides {z.stride()}")
     return z, z.stride(0), z.stride(1)
 
 
@@ -302,33 +329,38 @@ def asian_arguments(theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) 
     return params, weights
 
 
-# -- CUDA through cupy -------------------------------------------------------------------
+# -- CUDA: cupy (DLPack) or torch's own NVRTC route ----------------------------------------
 @functools.lru_cache(maxsize=4)
-def _cuda_module(real: str) -> Any:
+def _cupy_module(real: str) -> Any:
     cupy = cupy_module()
     if cupy is None:
         raise FusedKernelsUnavailableError("cupy is not available")
     return cupy.RawModule(code=SOURCE, options=(f"-DREAL={real}", "--std=c++17"))
 
 
-def _launch(name: str, real: str, total: int, args: list[Any]) -> None:
-    cupy = cupy_module()
-    assert cupy is not None
-    kernel = _cuda_module(real).get_function(name)
+@functools.lru_cache(maxsize=8)
+def _torch_kernel(name: str, real: str) -> Any:
+    compile_kernel: Any = torch.cuda._compile_kernel
+    return compile_kernel(SOURCE, name, nvcc_options=[f"-DREAL={real}", "--std=c++17"])
+
+
+def _launch(name: str, real: str, total: int, args: list[torch.Tensor | int]) -> None:
+    """Launch kernel ``name`` over ``total`` threads on torch's current stream. Tensor
+    arguments are passed zero-copy (DLPack views for cupy, raw pointers for torch's
+    route); ints are 32-bit."""
     grid = (total + THREADS_PER_BLOCK - 1) // THREADS_PER_BLOCK
     stream = torch.cuda.current_stream()
-    conv: list[Any] = []
-    for a in args:
-        if isinstance(a, torch.Tensor):
-            conv.append(cupy.from_dlpack(a))  # zero-copy view of torch's memory
-        elif isinstance(a, bool):
-            conv.append(cupy.int32(int(a)))
-        elif isinstance(a, tuple):  # ("i64", value)
-            conv.append(cupy.int64(a[1]))
-        else:
-            conv.append(cupy.int32(a))
-    with cupy.cuda.ExternalStream(stream.cuda_stream):
-        kernel((grid,), (THREADS_PER_BLOCK,), tuple(conv))
+    route = backend(stream.device)
+    if route == "cupy":
+        cupy = cupy_module()
+        assert cupy is not None
+        conv = [cupy.from_dlpack(a) if isinstance(a, torch.Tensor) else cupy.int32(a) for a in args]
+        with cupy.cuda.ExternalStream(stream.cuda_stream):
+            _cupy_module(real).get_function(name)((grid,), (THREADS_PER_BLOCK,), tuple(conv))
+    elif route == "torch-nvrtc":
+        _torch_kernel(name, real)(grid=(grid, 1, 1), block=(THREADS_PER_BLOCK, 1, 1), args=args, stream=stream)
+    else:
+        raise FusedKernelsUnavailableError(fused_unavailable_reason(stream.device) or "no launcher")
 
 
 def heston_x_cuda(
@@ -339,7 +371,7 @@ def heston_x_cuda(
     b, n = z.shape[0], z.shape[1]
     params, idx, w = heston_arguments(theta, expiry, z, steps)
     x = torch.empty((b, n), dtype=z.dtype, device=z.device)
-    args = [z, ("i64", sb), ("i64", sn), params, idx, w, b, n, steps, use_bridge, x]
+    args: list[torch.Tensor | int] = [z, sb, sn, params, idx, w, b, n, steps, int(use_bridge), x]
     _launch("heston_qe", _real(z.dtype), b * n, args)
     return x
 
@@ -353,7 +385,7 @@ def asian_x_cuda(
     params, weights = asian_arguments(theta, expiry, z)
     x = torch.empty((b, n), dtype=z.dtype, device=z.device)
     xc = torch.empty_like(x) if companion else x[:1, :1]
-    args = [z, ("i64", sb), ("i64", sn), params, weights, weights.shape[1], b, n, x, xc, companion]
+    args: list[torch.Tensor | int] = [z, sb, sn, params, weights, weights.shape[1], b, n, x, xc, int(companion)]
     _launch("asian_average", _real(z.dtype), b * n, args)
     return x, (xc if companion else None)
 
@@ -365,10 +397,10 @@ class HostKernels:
     def __init__(self, library: Path, dtype: torch.dtype) -> None:
         self.dtype = dtype
         self._lib = ctypes.CDLL(str(library))
-        p, i64, i32 = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
-        self._lib.heston_qe_host.argtypes = [p, i64, i64, p, p, p, i32, i32, i32, i32, p]
+        p, i32 = ctypes.c_void_p, ctypes.c_int
+        self._lib.heston_qe_host.argtypes = [p, i32, i32, p, p, p, i32, i32, i32, i32, p]
         self._lib.heston_qe_host.restype = None
-        self._lib.asian_average_host.argtypes = [p, i64, i64, p, p, i32, i32, i32, p, p, i32]
+        self._lib.asian_average_host.argtypes = [p, i32, i32, p, p, i32, i32, i32, p, p, i32]
         self._lib.asian_average_host.restype = None
 
     def _check(self, z: torch.Tensor) -> None:
@@ -452,6 +484,7 @@ __all__ = [
     "HostKernels",
     "KernelPolicy",
     "asian_x_cuda",
+    "backend",
     "check_policy",
     "compile_host",
     "current_policy",

@@ -8,6 +8,9 @@ machine (tests marked ``gpu``) the kernels launched through cupy must match torc
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import importlib.util
 import shutil
 import subprocess
 from pathlib import Path
@@ -152,6 +155,50 @@ def test_nvcc_compiles_the_kernels_for_a_real_gpu(real: str, tmp_path: Path) -> 
     assert proc.returncode == 0, proc.stderr
     ptx = out.read_text()
     assert ".entry heston_qe" in ptx and ".entry asian_average" in ptx
+
+
+def _nvrtc_library() -> ctypes.CDLL | None:
+    """libnvrtc from the test extra's nvidia-cuda-nvrtc wheel, the system, or a toolkit."""
+    candidates: list[str | None] = []
+    spec = importlib.util.find_spec("nvidia")  # the namespace package of NVIDIA's wheels
+    for root in (spec.submodule_search_locations or []) if spec is not None else []:
+        candidates += sorted(str(p) for p in Path(root).glob("cu*/lib/libnvrtc.so*"))
+    candidates.append(ctypes.util.find_library("nvrtc"))
+    candidates += sorted(str(p) for p in Path("/usr/local").glob("cuda*/lib64/libnvrtc.so*"))
+    for name in candidates:
+        if name:
+            try:
+                return ctypes.CDLL(name)
+            except OSError:
+                continue
+    return None
+
+
+@pytest.mark.skipif(_nvrtc_library() is None, reason="NVRTC (libnvrtc, the CUDA toolkit) is not on this machine")
+@pytest.mark.parametrize("real", ["float", "double"])
+def test_nvrtc_compiles_the_kernels_as_the_runtime_launchers_do(real: str) -> None:
+    """cupy and torch's launcher both compile SOURCE with NVRTC at run time (no host
+    headers, no nvcc): compile it here the same way, to PTX for sm_90."""
+    lib = _nvrtc_library()
+    assert lib is not None
+    prog = ctypes.c_void_p()
+    src = kernels.SOURCE.encode()
+    assert lib.nvrtcCreateProgram(ctypes.byref(prog), src, b"kernels.cu", 0, None, None) == 0
+    options = [f"-DREAL={real}".encode(), b"--std=c++17", b"--gpu-architecture=compute_90"]
+    argv = (ctypes.c_char_p * len(options))(*options)
+    status = lib.nvrtcCompileProgram(prog, len(options), argv)
+    log_size = ctypes.c_size_t()
+    lib.nvrtcGetProgramLogSize(prog, ctypes.byref(log_size))
+    log = ctypes.create_string_buffer(log_size.value)
+    lib.nvrtcGetProgramLog(prog, log)
+    assert status == 0, log.value.decode(errors="replace")
+    size = ctypes.c_size_t()
+    assert lib.nvrtcGetPTXSize(prog, ctypes.byref(size)) == 0
+    ptx = ctypes.create_string_buffer(size.value)
+    assert lib.nvrtcGetPTX(prog, ptx) == 0
+    text = ptx.value.decode()
+    assert ".entry heston_qe" in text and ".entry asian_average" in text
+    lib.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
 # -- the policy ---------------------------------------------------------------------------

@@ -50,3 +50,31 @@ def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureF
     assert "|" in out and "plot:" in out  # printed a table
     assert plot.stat().st_size > 10_000  # wrote a PNG
     assert (BENCH.parent / "docs" / "benchmarks.md").read_text() == docs  # recorded nothing
+
+
+def test_gpu_check_script_runs_on_a_cpu_machine(tmp_path: Path) -> None:
+    """bench/gpu_check.sh, the one script for a GPU session, checked here first: its GPU
+    tests skip with the reason shown, the CPU path is measured, the tables and the plot
+    land under $OUT, and nothing is recorded."""
+    import json
+    import os
+    import subprocess
+
+    docs = (BENCH.parent / "docs" / "benchmarks.md").read_text()
+    env = {**os.environ, "OUT": str(tmp_path), "QUICK": "1"}
+    proc = subprocess.run(
+        ["bash", str(BENCH / "gpu_check.sh")], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    tests = (tmp_path / "gpu_tests.txt").read_text()
+    if not __import__("torch").cuda.is_available():
+        assert "SKIPPED" in tests and "needs a CUDA device" in tests
+    results = json.loads((tmp_path / "results.json").read_text())
+    cpu = results["cpu"]
+    for key in ("bandwidth_GBps", "paths_per_s_gen_heston_torch", "train_steps_per_s_heston", "inference_us_heston"):
+        assert isinstance(cpu[key], float) and cpu[key] > 0, key
+    assert cpu["memory"]["training"]["live"] <= cpu["memory"]["training"]["reserved"]
+    assert isinstance(cpu["curve_gbm"], list) and isinstance(cpu["curve_heston"], list)
+    assert "| measure" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "gpu_check.png").stat().st_size > 10_000
+    assert (BENCH.parent / "docs" / "benchmarks.md").read_text() == docs

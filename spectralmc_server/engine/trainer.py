@@ -143,7 +143,9 @@ class Validation:
 class Trainer:
     """Owns the model, its EMA copy, the optimiser and the training streams."""
 
-    def __init__(self, config: TrainConfig, budgets: Budgets | None = None) -> None:
+    def __init__(self, config: TrainConfig, budgets: Budgets | None = None, *, prefetch: bool = True) -> None:
+        """``prefetch`` False makes every step generate its own normals block (to measure
+        what prefetching overlaps); the bits are the same either way."""
         self.config = config
         self.process: Process = get_process(config.process)
         self.domain = config.resolved_domain()
@@ -173,6 +175,7 @@ class Trainer:
                 ),
                 budgets.normals,
                 self.device,
+                prefetch=prefetch,
             )
         except BaseException:
             self._release()

@@ -157,6 +157,8 @@ class S3Config(BaseModel):
     region: str | None = None
     access_key_id: str | None = None
     secret_access_key: SecretStr | None = None
+    max_attempts: int = Field(5, ge=1)  # per S3 operation, the first try included (retried with backoff)
+    timeout_seconds: float = Field(30.0, gt=0)  # connect and read timeout of one attempt
 
 
 class _TomlSource(PydanticBaseSettingsSource):
@@ -185,6 +187,8 @@ class Settings(BaseSettings):
     models: list[str] = Field(default_factory=lambda: ["gbm", "heston", "merton", "asian"], min_length=1)
     seed_bundled: bool = True  # an empty store gets the bundled model as version 1
     poll_seconds: float = Field(2.0, gt=0)  # how often trackers look for a new version
+    # after failed polls a tracker waits poll_seconds x 2^failures, at most this long
+    poll_max_backoff_seconds: float = Field(30.0, gt=0)
     admin_token: SecretStr | None = None  # None: admin routes answer 403
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # larger bodies: 413
     request_timeout_seconds: float = Field(10.0, gt=0)  # default per-request deadline (504)

@@ -114,6 +114,8 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         region=s.s3.region,
         access_key_id=s.s3.access_key_id,
         secret_access_key=None if s.s3.secret_access_key is None else s.s3.secret_access_key.get_secret_value(),
+        max_attempts=s.s3.max_attempts,
+        timeout_seconds=s.s3.timeout_seconds,
     )
     if s.store is None:
         (s.data_dir / "store").mkdir(parents=True, exist_ok=True)
@@ -132,7 +134,12 @@ async def marketdata_ctx(app: web.Application) -> AsyncIterator[None]:
 async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[keys.SETTINGS]
     host = ModelHost(
-        app[keys.OBJECTS], list(s.models), app[keys.BUDGETS], poll_seconds=s.poll_seconds, seed_bundled=s.seed_bundled
+        app[keys.OBJECTS],
+        list(s.models),
+        app[keys.BUDGETS],
+        poll_seconds=s.poll_seconds,
+        max_backoff_seconds=s.poll_max_backoff_seconds,
+        seed_bundled=s.seed_bundled,
     )
     app[keys.HOST] = host
     try:

@@ -33,6 +33,8 @@ class ModelState:
     content_hash: str | None
     swaps: int
     poll_failures: int
+    consecutive_poll_failures: int = 0
+    last_good_poll: float | None = None  # Unix time
 
 
 @dataclass
@@ -87,7 +89,20 @@ class StateCollector(Collector):
             version.add_metric([m.name], float("nan") if m.version is None else m.version)
             swaps.add_metric([m.name], m.swaps)
             polls.add_metric([m.name], m.poll_failures)
-        yield from (info, version, swaps, polls)
+        streak = GaugeMetricFamily(
+            "spectralmc_store_consecutive_poll_failures",
+            "Failed polls of the version store since the last good one (0: the store answers)",
+            labels=["model"],
+        )
+        good = GaugeMetricFamily(
+            "spectralmc_store_last_good_poll_timestamp_seconds",
+            "Unix time of the last successful poll of the version store",
+            labels=["model"],
+        )
+        for m in models:
+            streak.add_metric([m.name], m.consecutive_poll_failures)
+            good.add_metric([m.name], float("nan") if m.last_good_poll is None else m.last_good_poll)
+        yield from (info, version, swaps, polls, streak, good)
 
         used = GaugeMetricFamily(
             "spectralmc_budget_used_bytes", "Bytes reserved against each capped component", labels=["component"]

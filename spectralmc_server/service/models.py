@@ -36,14 +36,24 @@ class ModelHost:
     """Every served model by name; :meth:`snapshot` is what one batch prices with."""
 
     def __init__(
-        self, objects: ObjectStore, names: list[str], budgets: Budgets, *, poll_seconds: float, seed_bundled: bool
+        self,
+        objects: ObjectStore,
+        names: list[str],
+        budgets: Budgets,
+        *,
+        poll_seconds: float,
+        seed_bundled: bool,
+        max_backoff_seconds: float = 60.0,
     ) -> None:
         self.objects = objects
         self.budgets = budgets
         self.seed_bundled = seed_bundled
         self.stores = {n: VersionStore(objects, n) for n in names}
         self.trackers: dict[str, ModelTracker[ServedModel]] = {
-            n: ModelTracker(self.stores[n], self._loader(n), poll_seconds=poll_seconds) for n in names
+            n: ModelTracker(
+                self.stores[n], self._loader(n), poll_seconds=poll_seconds, max_backoff_seconds=max_backoff_seconds
+            )
+            for n in names
         }
 
     def _loader(self, name: str) -> Any:
@@ -114,6 +124,19 @@ class ModelHost:
         reasons = [f"{n} ({self.trackers[n].last_error or 'no version in the store yet'})" for n in missing]
         return f"no version loaded for {', '.join(reasons)}"
 
+    def degraded(self) -> list[str]:
+        """Trackers that serve a loaded version but whose last poll of the store failed:
+        answers go on from that version (still ready), and new versions wait for the store."""
+        out = []
+        for name, t in self.trackers.items():
+            cur = t.current
+            if cur is not None and t.consecutive_failures > 0:
+                out.append(
+                    f"{name}: serving version {cur.version}; {t.consecutive_failures} failed store poll(s) in a row, "
+                    f"next try in {t.backoff_seconds():g} s; last error: {t.last_error}"
+                )
+        return out
+
     def describe(self) -> list[dict[str, Any]]:
         rows = []
         for name, t in self.trackers.items():
@@ -141,6 +164,8 @@ class ModelHost:
                 content_hash=None if t.current is None else t.current.content_hash,
                 swaps=t.swaps,
                 poll_failures=t.total_failures,
+                consecutive_poll_failures=t.consecutive_failures,
+                last_good_poll=t.last_good_poll,
             )
             for n, t in self.trackers.items()
         ]

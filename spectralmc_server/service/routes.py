@@ -181,16 +181,19 @@ def not_ready_reason(app: web.Application) -> str | None:
 
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
-    """Ready: models loaded and work accepted; else 503 with the reason."""
+    """Ready: models loaded and work accepted; else 503 with the reason. A replica whose
+    store polls fail still answers from its loaded versions: 200, status ``degraded``."""
     app = request.app
     reason = not_ready_reason(app)
     if reason is not None:
         raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
     s = app[keys.SETTINGS]
     training = app.get(keys.TRAINING)
+    degraded = app[keys.HOST].degraded()
     return json_response(
         {
-            "status": "ready",
+            "status": "degraded" if degraded else "ready",
+            "degraded": degraded,
             "role": s.role,
             "models": {m["name"]: m["version"] for m in app[keys.HOST].describe()},
             "training": None if training is None else training.model,

@@ -387,6 +387,40 @@ async def test_healthz_and_readyz(make_client: MakeClient) -> None:
     assert ready["role"] == "all"
     assert ready["models"] == {"gbm": 1, "heston": 1, "merton": 1, "asian": 1}  # the bundled models, seeded
     assert ready["training"] is None  # training is off in these tests
+    assert ready["degraded"] == []
+
+
+async def test_readyz_degraded_while_store_polls_fail(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Polls of the version store fail (faked here; tests/deploy/test_cluster.py stops a
+    real S3 server): the replica stays ready and answers from its version, /readyz says
+    degraded with the reason, /metrics counts the streak, and all clears on a good poll."""
+    client = await make_client()
+    tracker = app_of(client)[keys.HOST].trackers["gbm"]
+    real_pinned = tracker.store.pinned
+
+    async def unreachable() -> Any:
+        raise OSError("simulated: connection refused")
+
+    monkeypatch.setattr(tracker.store, "pinned", unreachable)
+    for _ in range(200):
+        if tracker.consecutive_failures >= 1:
+            break
+        await asyncio.sleep(0.01)
+    ready = await ok_json(await client.get("/readyz"))
+    assert ready["status"] == "degraded"
+    assert len(ready["degraded"]) == 1 and ready["degraded"][0].startswith("gbm: serving version 1;")
+    assert "connection refused" in ready["degraded"][0]
+    r = await price(client, {"contracts": [CONTRACT]})
+    assert r.status == 200
+    text = await (await client.get("/metrics")).text()
+    streak = [
+        ln for ln in text.splitlines() if ln.startswith('spectralmc_store_consecutive_poll_failures{model="gbm"}')
+    ]
+    assert streak and float(streak[0].split()[-1]) >= 1
+    monkeypatch.setattr(tracker.store, "pinned", real_pinned)
+    await tracker.poll_once()
+    ready = await ok_json(await client.get("/readyz"))
+    assert ready["status"] == "ready" and ready["degraded"] == []
 
 
 async def test_models(make_client: MakeClient) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from typing import Any, Generic, TypeVar
 
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.store.versions import VersionStore
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -94,8 +97,10 @@ class ModelTracker(Generic[T]):
             if want is not None and (self._current is None or self._current.version != want):
                 ckpt = await self.store.load(want)
                 model = await asyncio.to_thread(self.loader, ckpt, want)
+                previous = None if self._current is None else self._current.version
                 self._current = Served(want, ckpt.content_hash, model)  # the one swap
                 self.swaps += 1
+                log.info("model %s: now serving version %d (was %s)", self.store.name, want, previous)
                 changed = True
                 for listener in list(self.listeners):
                     listener(want)
@@ -103,7 +108,17 @@ class ModelTracker(Generic[T]):
             self.consecutive_failures += 1
             self.total_failures += 1
             self.last_error = f"{type(exc).__name__}: {exc}"
+            if self.consecutive_failures == 1 or self.consecutive_failures % 10 == 0:  # not one line per poll
+                log.warning(
+                    "model %s: store poll failed (%d in a row; serving %s): %s",
+                    self.store.name,
+                    self.consecutive_failures,
+                    "nothing" if self._current is None else f"version {self._current.version}",
+                    self.last_error,
+                )
             raise
+        if self.consecutive_failures:
+            log.warning("model %s: store polls succeed after %d failures", self.store.name, self.consecutive_failures)
         self.consecutive_failures = 0
         self.last_error = None
         self.last_good_poll = time.time()

@@ -135,6 +135,17 @@ def paths_rates(device: torch.device, points: int, paths: int, bw: float) -> dic
     return out
 
 
+def timed_steps(trainer: Trainer, steps: int, device: torch.device) -> float:
+    """Seconds for ``steps`` training steps after one warm-up step."""
+    trainer.train_step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        trainer.train_step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
 def overlap(device: torch.device, steps: int, quick: bool) -> dict[str, Any]:
     """Heston training with and without prefetching, and generation alone."""
     changes: dict[str, Any] = {"validate_every": 10**6}
@@ -145,13 +156,7 @@ def overlap(device: torch.device, steps: int, quick: bool) -> dict[str, Any]:
     for prefetch in (True, False):
         trainer = Trainer(_config("heston", device, **changes), Budgets(), prefetch=prefetch)
         try:
-            trainer.train_step()
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(steps):
-                trainer.train_step()
-            sync(device)
-            times[prefetch] = time.perf_counter() - t0
+            times[prefetch] = timed_steps(trainer, steps, device)
             if prefetch:
                 out["pool_hidden_fraction"] = trainer.pool.stats.hidden_fraction
             cfg = trainer.pool.config
@@ -209,13 +214,7 @@ def train_rates(device: torch.device, steps: int, quick: bool) -> dict[str, Any]
         try:
             trainer = Trainer(_config(name, device, **changes), Budgets())
             try:
-                trainer.train_step()
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(steps):
-                    trainer.train_step()
-                sync(device)
-                dt = time.perf_counter() - t0
+                dt = timed_steps(trainer, steps, device)
                 out[f"train_steps_per_s_{name}"] = steps / dt
                 out[f"train_paths_per_s_{name}"] = steps * trainer.config.batch_points * trainer.config.paths / dt
             finally:

@@ -93,7 +93,9 @@ class ModelHost:
                 continue
             ckpt = await asyncio.to_thread(read_dir, bundled[name])
             with contextlib.suppress(CommitConflict):  # another replica seeded it first
-                stored = await store.commit(ckpt, SEED_MESSAGE)
+                # Version 1 or nothing: replicas starting together on an empty store all
+                # see it empty, and only one of them may seed.
+                stored = await store.commit(ckpt, SEED_MESSAGE, only_version=1)
                 log.info("seeded model %s version %d from %s", name, stored.version, bundled[name])
 
     async def start(self) -> None:

@@ -190,11 +190,18 @@ class Chain:
             except PreconditionFailed:
                 continue  # another writer moved it; look again
 
-    async def append(self, make: Callable[[int, str | None], dict[str, Any]], *, retry: bool) -> Entry:
+    async def append(
+        self, make: Callable[[int, str | None], dict[str, Any]], *, retry: bool, only_index: int | None = None
+    ) -> Entry:
         """Create the next entry with ``make(index, parent_hash)``; on losing the race,
-        raise :class:`CommitConflict` or (``retry``) build on the winner and try again."""
+        raise :class:`CommitConflict` or (``retry``) build on the winner and try again.
+        ``only_index``: create entry number ``only_index`` or nothing (CommitConflict when
+        the log has moved past it: "only if still empty" is ``only_index=1``)."""
         while True:
             index, parent = await self.tip()
+            if only_index is not None and index + 1 != only_index:
+                winner = await self.read(only_index)
+                raise CommitConflict(only_index, winner.body if winner else {})
             body = make(index + 1, parent)
             body[self.index_field] = index + 1
             body["parent"] = parent
@@ -312,11 +319,13 @@ class VersionStore:
         *,
         rebase: bool = False,
         metrics: dict[str, Any] | None = None,
+        only_version: int | None = None,
     ) -> StoredVersion:
         """Store the checkpoint's content, then claim the next version for it. Encoding
-        and hashing run in a thread: a server's event loop never serialises tensors."""
+        and hashing run in a thread: a server's event loop never serialises tensors.
+        ``only_version``: commit as exactly that version or raise CommitConflict."""
         files = await asyncio.to_thread(ckpt.encode)
-        return await self.commit_files(files, message, rebase=rebase, metrics=metrics)
+        return await self.commit_files(files, message, rebase=rebase, metrics=metrics, only_version=only_version)
 
     async def commit_files(
         self,
@@ -325,6 +334,7 @@ class VersionStore:
         *,
         rebase: bool = False,
         metrics: dict[str, Any] | None = None,
+        only_version: int | None = None,
     ) -> StoredVersion:
         """:meth:`commit` for an already encoded checkpoint (``Checkpoint.encode()``)."""
         missing = [name for name in CONTENT_ROLES.values() if name not in files]
@@ -359,7 +369,7 @@ class VersionStore:
                 "library": LIBRARY,
             }
 
-        entry = await self.records.append(make, retry=rebase)
+        entry = await self.records.append(make, retry=rebase, only_index=only_version)
         return StoredVersion(entry.index, entry.body, entry.hash)
 
     # -- reading -------------------------------------------------------------------------

@@ -149,6 +149,26 @@ def test_two_first_commits_cannot_both_succeed(backend: Backend) -> None:
     run(go())
 
 
+def test_only_version_commits_that_version_or_nothing(backend: Backend) -> None:
+    """Seeding: replicas that all saw an empty store each commit "version 1 or nothing";
+    a plain commit after the check would land as version 2 (found by the cluster test)."""
+
+    async def go() -> None:
+        async with backend.open("shared") as a, backend.open("shared") as b:
+            va, vb = VersionStore(a, "m"), VersionStore(b, "m")
+            assert await va.head() is None and await vb.head() is None  # both see it empty
+            first = await va.commit_files(tiny_files(1), "seed from a", only_version=1)
+            assert first.version == 1
+            with pytest.raises(CommitConflict) as lost:
+                await vb.commit_files(tiny_files(2), "seed from b", only_version=1)
+            assert lost.value.version == 1 and lost.value.winner["message"] == "seed from a"
+            assert [v.version for v in await vb.versions()] == [1]
+            nxt = await vb.commit_files(tiny_files(2), "next", only_version=2)
+            assert nxt.version == 2 and nxt.record["parent"] == first.record_hash
+
+    run(go())
+
+
 class FlakyHead(Delegating):
     """An object store whose head reads fail (as a network blip would)."""
 

@@ -12,7 +12,8 @@ runs against the replicas through every step and records each answer:
    both replicas says ``degraded`` with the reason, and after the store returns the
    replicas serve a new version again;
 4. two trainers commit concurrently: one linear chain of versions, ``verify`` ok;
-5. one replica SIGKILLed: the other keeps answering, and Prometheus sees it down.
+5. one replica SIGKILLed: the other keeps answering, and Prometheus sees it down (its
+   SpectralMCTargetDown alert pending).
 
 The steps share the processes, so they run as one test, in that order.
 """
@@ -400,6 +401,14 @@ async def test_cluster(cluster: Cluster) -> None:
         survivor = load.since(t_kill, "api-2")
         assert len(survivor) > 5 and not load.failures(t_kill, "api-2"), load.failures(t_kill, "api-2")[:5]
         await wait_targets(session, prom, {f"127.0.0.1:{api[0].port}": "down"}, timeout=30)
+        killed = f"127.0.0.1:{api[0].port}"
+        for _ in range(60):  # the rule sees it: SpectralMCTargetDown pending (it fires after its `for`)
+            alerts = (await prometheus_api(session, prom, "alerts"))["alerts"]
+            down = [a for a in alerts if a["labels"]["alertname"] == "SpectralMCTargetDown"]
+            if down:
+                break
+            await asyncio.sleep(0.25)
+        assert [(a["labels"]["instance"], a["state"]) for a in down] == [(killed, "pending")], alerts
         await load.stop()
         mark("replica kill done")
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML ships with schemathesis (test extra); no stubs installed
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from server_util import MakeClient
 

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML ships with schemathesis (test extra); no stubs installed
+import yaml
 from packaging.requirements import Requirement
 from prometheus_client.metrics import MetricWrapperBase
 from pydantic import BaseModel

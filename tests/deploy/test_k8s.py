@@ -32,7 +32,7 @@ from typing import Any
 
 import kubernetes_validate  # type: ignore[import-untyped]  # ships no type information
 import pytest
-import yaml  # type: ignore[import-untyped]  # PyYAML ships with schemathesis (test extra); no stubs installed
+import yaml
 from pydantic import BaseModel
 
 from spectralmc_server.cli import build_parser

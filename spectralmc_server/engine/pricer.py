@@ -430,30 +430,93 @@ class Evaluation:
     learned: torch.Tensor  # (n,) bool
 
 
+def price_bounds(batch: OptionBatch, process: Process) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model-free bounds on a European (or average-rate) option's price and the discount
+    factor, each (n,): with F the forward of what the payoff is written on and D the
+    discount factor, D (F - K)^+ <= call <= D F and D (K - F)^+ <= put <= D K."""
+    disc = torch.exp(-batch.rate * batch.expiry)
+    fwd = batch.spot * process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+    intrinsic = disc * torch.where(batch.is_call, fwd - batch.strike, batch.strike - fwd).clamp(min=0.0)
+    upper = disc * torch.where(batch.is_call, fwd, batch.strike)
+    return intrinsic, upper, disc
+
+
+def clamp_to_bounds(values: dict[str, torch.Tensor], batch: OptionBatch, process: Process) -> None:
+    """Prices and digitals inside their model-free bounds, whatever the method (a COS
+    reference is accurate to ~1e-12 of the forward, so this only removes rounding that
+    would show as a price a hair below intrinsic)."""
+    if "price" in values or "digital" in values:
+        low, high, disc = price_bounds(batch, process)
+        if "price" in values:
+            values["price"] = torch.minimum(torch.maximum(values["price"], low), high)
+        if "digital" in values:
+            values["digital"] = torch.minimum(values["digital"].clamp(min=0.0), disc)
+
+
 class ModelPricer:
-    """A learned model's pricer with the reference answering outside its domain."""
+    """A learned model's pricer, answering only where the model was validated: inside the
+    domain's box of parameters and expiries and, for strike-dependent measures, inside its
+    certified K/F range. Elsewhere, and wherever a learned price breaks a model-free bound
+    (a call below its discounted intrinsic value or above the discounted forward, and the
+    like for puts and digitals), the reference answers: never the network."""
 
     def __init__(self, learned: SpectralPricer, domain: ModelDomain, reference: Pricer) -> None:
         self.learned = learned
         self.domain = domain
         self.reference = reference
 
-    def evaluate(self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None) -> Evaluation:
+    def servable(self, batch: OptionBatch, measures: frozenset[str]) -> torch.Tensor:
+        """(n,) bool: where the learned model may answer these measures."""
         inside = self.domain.contains(batch.theta, batch.expiry)
-        if bool(inside.all()):  # the common case: no gathering and scattering
-            return Evaluation(self.learned.evaluate(batch, measures, levels), inside)
+        if measures & set(PRICE_MEASURES):
+            low, high = self.domain.certified_moneyness
+            fwd = batch.spot * self.learned.process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+            kappa = batch.strike / fwd
+            inside &= (kappa >= low) & (kappa <= high)
+        return inside
+
+    def evaluate(self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None) -> Evaluation:
+        process = self.learned.process
+        inside = self.servable(batch, measures)
         idx_in = torch.nonzero(inside).flatten()
-        idx_out = torch.nonzero(~inside).flatten()
-        parts = []
+        learned_values: dict[str, torch.Tensor] | None = None
         if len(idx_in):
-            parts.append((idx_in, self.learned.evaluate(batch.select(idx_in), measures, levels)))
+            sub = batch if len(idx_in) == len(batch) else batch.select(idx_in)
+            pricing = measures & set(PRICE_MEASURES)
+            asked = measures | {"price"} if pricing else measures  # the price is checked against its bounds
+            learned_values = self.learned.evaluate(sub, frozenset(asked), levels)
+            ok = torch.ones(len(idx_in), dtype=torch.bool)
+            for v in learned_values.values():  # a non-finite number is never served
+                ok &= torch.isfinite(v).reshape(len(idx_in), -1).all(1)
+            if pricing:
+                low, high, disc = price_bounds(sub, process)
+                price = learned_values["price"]
+                slack = 1e-12 * high  # rounding, not arbitrage
+                ok &= (price >= low - slack) & (price <= high + slack)
+                if "digital" in learned_values:
+                    digital = learned_values["digital"]
+                    ok &= (digital >= -slack) & (digital <= disc + slack)
+            if not bool(ok.all()):
+                inside[idx_in[~ok]] = False
+                learned_values = {k: v[ok] for k, v in learned_values.items()}
+                idx_in = idx_in[ok]
+        idx_out = torch.nonzero(~inside).flatten()
+        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        if learned_values is not None and len(idx_in):
+            parts.append((idx_in, learned_values))
         if len(idx_out):
             parts.append((idx_out, self.reference.evaluate(batch.select(idx_out), measures, levels)))
-        values: dict[str, torch.Tensor] = {}
-        n = len(batch)
-        for idx, part in parts:
-            for k, v in part.items():
-                if k not in values:
-                    values[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float64)
-                values[k][idx] = v
+        if len(parts) == 1 and len(parts[0][0]) == len(batch):
+            values = {k: v for k, v in parts[0][1].items() if k in measures}
+        else:
+            values = {}
+            n = len(batch)
+            for idx, part in parts:
+                for k, v in part.items():
+                    if k not in measures:
+                        continue
+                    if k not in values:
+                        values[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float64)
+                    values[k][idx] = v
+        clamp_to_bounds(values, batch, process)
         return Evaluation(values, inside)

@@ -42,6 +42,15 @@ from spectralmc_server.engine.reference import analytic_cf_y, simulated_cf_y
 from spectralmc_server.engine.spectrum import ControlCoefficient, SpectrumConfig
 
 VALIDATION_STRIKES = tuple(0.7 + 0.05 * i for i in range(13))  # K/F in [0.7, 1.3]
+
+
+def _with_moneyness(domain: ModelDomain) -> ModelDomain:
+    """The domain as served: with the K/F range its prices are validated on."""
+    if domain.moneyness is not None:
+        return domain
+    return domain.model_copy(update={"moneyness": (min(VALIDATION_STRIKES), max(VALIDATION_STRIKES))})
+
+
 TRAINING_HOLDER = "trainer: weights, EMA, Adam moments, activations"
 VALIDATION_SEED = 2**31 + 7  # held-out Sobol scramble for validation points
 
@@ -368,7 +377,7 @@ def model_description(config: TrainConfig) -> dict[str, Any]:
     """What a server needs to rebuild the served network."""
     return {
         "process": config.process,
-        "domain": config.resolved_domain().model_dump(mode="json"),
+        "domain": _with_moneyness(config.resolved_domain()).model_dump(mode="json"),
         "spectrum": config.spectrum.model_dump(mode="json"),
         "network": config.network.model_dump(mode="json"),
     }

@@ -1,18 +1,22 @@
 """Request and response schemas of the pricing API (CONTRACT.md), shared by HTTP and CLI.
 
-Validation is strict: unknown fields, non-finite numbers, non-positive spot, strike,
-vol or expiry, duplicate ids and unknown measures are rejected with the field's path
-and the reason.
+Validation is strict: unknown fields, non-finite numbers, values outside each input's
+bounds (spot, strike, K/F, vol, expiry, vol sqrt(T), every process parameter), duplicate
+ids and unknown measures are rejected with the field's path and the reason. Types are
+not coerced: a boolean or a string is not a number, and times are RFC 3339 strings
+(spectralmc_server/rfc3339.py).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from collections import Counter
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import torch
 from pydantic import (
-    AwareDatetime,
     BaseModel,
     ConfigDict,
     Field,
@@ -24,14 +28,23 @@ from pydantic import (
 
 from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.engine.processes.asian import MAX_FIXINGS
+from spectralmc_server.engine.processes.base import (
+    EXPIRY_BOUNDS,
+    MAX_SCALE,
+    MONEYNESS_BOUNDS,
+    PRICE_BOUNDS,
+    VOL_BOUNDS,
+)
+from spectralmc_server.rfc3339 import Date, DateTime
 
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$"
 MAX_CONTRACTS = 20_000  # per request; larger books go in several requests
 MAX_QUANTILE_LEVELS = 64
 DEFAULT_QUANTILE_LEVELS = (0.01, 0.05, 0.5, 0.95, 0.99)
 
-Finite = Annotated[float, Field(allow_inf_nan=False)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+Price = Annotated[float, Field(ge=PRICE_BOUNDS[0], le=PRICE_BOUNDS[1], allow_inf_nan=False, strict=True)]
 Measure = Literal[
     "price", "delta", "gamma", "vega", "theta", "rho", "digital", "mean", "stdev", "skew", "kurtosis", "quantiles"
 ]
@@ -57,21 +70,21 @@ class Contract(BaseModel):
     from the request's market-data snapshot. European, or (process ``asian``) on the
     arithmetic average of ``fixings`` equally spaced fixings up to the expiry."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     id: str = Field(min_length=1, max_length=128)
     right: Literal["call", "put"]
-    strike: Positive
-    spot: Positive | None = None
-    expiry_years: Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)] | None = None
+    strike: Price
+    spot: Price | None = None
+    expiry_years: Annotated[float, Field(ge=EXPIRY_BOUNDS[0], le=EXPIRY_BOUNDS[1], allow_inf_nan=False)] | None = None
     rate: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None = None  # continuous, per year
     dividend: Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)] | None = None  # continuous yield
     process: str = "gbm"
-    vol: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)] | None = None
+    vol: Annotated[float, Field(ge=VOL_BOUNDS[0], le=VOL_BOUNDS[1], allow_inf_nan=False)] | None = None
     params: dict[str, Finite] | None = None
     fixings: Annotated[int, Field(ge=1, le=MAX_FIXINGS, strict=True)] | None = None  # asian: t_i = i T / n
     underlying: str | None = Field(None, min_length=1, max_length=64)
-    expiry: date | None = None
+    expiry: Date | None = None
 
     @field_validator("process")
     @classmethod
@@ -127,14 +140,37 @@ class Contract(BaseModel):
                 raise ValueError(f"{self.process} takes only 'vol' in params, got {', '.join(extra)}")
             if self.vol is not None and "vol" in self.params:
                 raise ValueError("give vol either as 'vol' or in 'params', not both")
-            if not 0 < self.params["vol"] <= 10:
-                raise ValueError("params.vol must be in (0, 10]")
-        if not self.vol_driven:
-            try:
-                PROCESSES[self.process].check_params(dict(self.params or {}))
-            except ValueError as exc:
-                raise ValueError(f"params.{exc}") from None
+        try:
+            PROCESSES[self.process].check_params(self.process_params())
+        except ValueError as exc:
+            where = "params." if not self.vol_driven or self.vol is None else ""
+            raise ValueError(where + str(exc)) from None
+        self._check_spread_and_moneyness()
         return self
+
+    def _check_spread_and_moneyness(self) -> None:
+        """Bounds that tie inputs together: the spread s(theta, T) of log(S_T / F) and
+        the strike over the forward."""
+        spot, t, rate, dividend = self.market_inputs()
+        process = PROCESSES[self.process]
+        given = self.process_params()
+        if self.vol_driven:
+            s = given["vol"] * math.sqrt(t)
+        else:  # the engine's own formula; contracts by parameter set are not the hot path
+            theta = torch.tensor([[given[n] for n in process.param_names]], dtype=torch.float64)
+            s = float(process.scale(theta, torch.tensor([t], dtype=torch.float64))[0])
+        if not s <= MAX_SCALE:
+            raise ValueError(
+                f"the spread of log(S_T/F) up to expiry_years, {s:.4g} (vol sqrt(T) for a vol), "
+                f"must be at most {MAX_SCALE:g}"
+            )
+        kappa = self.strike / (spot * math.exp((rate - dividend) * t))
+        low, high = MONEYNESS_BOUNDS
+        if not low <= kappa <= high:
+            raise ValueError(
+                f"strike over the forward (K/F = {kappa:.4g}) must be in [{low:g}, {high:g}]: "
+                "such an option is worth its intrinsic value or nothing"
+            )
 
     @property
     def is_explicit(self) -> bool:
@@ -161,11 +197,11 @@ class Contract(BaseModel):
 class PriceRequest(BaseModel):
     """Body of POST /v1/price and stdin of ``spectralmc price``."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
-    val_datetime: AwareDatetime | None = None  # with a time zone: 2026-11-26T16:00:00Z
-    data_asof: AwareDatetime | None = None  # None: the latest snapshot for val_datetime
+    val_datetime: DateTime | None = None  # RFC 3339 with a time zone: 2026-11-26T16:00:00Z
+    data_asof: DateTime | None = None  # None: the latest snapshot for val_datetime
     measures: list[Measure] = Field(default_factory=_default_measures, min_length=1)
     quantile_levels: list[Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]] | None = Field(
         None, min_length=1, max_length=MAX_QUANTILE_LEVELS
@@ -217,8 +253,16 @@ def format_validation_error(exc: ValidationError) -> list[dict[str, Any]]:
         value = err.get("input")
         if err["type"] not in ("missing", "model_type") and not isinstance(value, dict | list):
             reason += f" (got {value!r})"
-        details.append({"field": ".".join(parts) or "(body)", "reason": reason})
+        field = ".".join(parts) or "(body)"
+        named = _NAMED_BOUND.match(reason)  # a contract-level check that names one input
+        if named is not None and isinstance(value, dict):
+            field, reason = f"{field}.{named[1]}", reason[len(named[1]) + 1 :]
+        details.append({"field": field, "reason": reason})
     return details
+
+
+# "params.v0 must be in [...]": the reason of a cross-field check about one input
+_NAMED_BOUND = re.compile(r"^((?:params\.)?[a-z_0-9]+) must be ")
 
 
 def one_line(details: list[dict[str, Any]]) -> str:
@@ -273,7 +317,7 @@ class ErrorResponse(BaseModel):
 class CommitBody(BaseModel):
     """POST /v1/admin/models/{name}/commit."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     message: str = Field("committed through the admin API", max_length=1000)
 
@@ -281,7 +325,7 @@ class CommitBody(BaseModel):
 class PinBody(BaseModel):
     """POST /v1/admin/models/{name}/pin."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     version: int = Field(ge=1)
     by: str = Field("admin api", max_length=200)
@@ -290,7 +334,7 @@ class PinBody(BaseModel):
 class UnpinBody(BaseModel):
     """POST /v1/admin/models/{name}/unpin (the body is optional)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     by: str = Field("admin api", max_length=200)
 
@@ -298,7 +342,7 @@ class UnpinBody(BaseModel):
 class GCBody(BaseModel):
     """POST /v1/admin/models/{name}/gc; a dry run unless ``dry_run`` is false."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     keep: int = Field(ge=0, le=1_000_000)
     protect: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=10_000)
@@ -310,11 +354,11 @@ class GCBody(BaseModel):
 class CalibrateRequest(BaseModel):
     """POST /v1/calibrate: fit a process to an underlying's vol surface in a snapshot."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
-    val_datetime: AwareDatetime
-    data_asof: AwareDatetime | None = None  # None: the latest snapshot for val_datetime
+    val_datetime: DateTime
+    data_asof: DateTime | None = None  # None: the latest snapshot for val_datetime
     underlying: str = Field(min_length=1, max_length=64)
     process: Literal["heston"] = "heston"
     store: bool = False  # store the fitted set as a derived snapshot (a later data_asof)

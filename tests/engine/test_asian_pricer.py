@@ -51,7 +51,7 @@ import QuantLib as ql  # noqa: N813 (the library's conventional alias)
 import torch
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import MEASURES, OptionBatch, ServedModel, load_served_model
+from spectralmc_server.engine.pricer import MEASURES, Evaluation, OptionBatch, ServedModel, load_served_model
 from spectralmc_server.engine.processes.asian import asian_put_mc, average_forward_ratio
 from spectralmc_server.engine.reference import black_scholes
 from spectralmc_server.models import bundled_models
@@ -182,8 +182,11 @@ def held_out_errors(served: ServedModel) -> tuple[torch.Tensor, torch.Tensor]:
     is_call = torch.rand(n, j, generator=g) < 0.5
     batch = _contracts(theta, expiry, rate, ratio, is_call)
 
-    ev = served.pricer.evaluate(batch, PRICE)
-    assert bool(ev.learned.all())
+    # the network's own accuracy: every point is in its domain and K/F range, and rows
+    # whose learned price breaks a model-free bound (test_served_pricer_never_serves_an_
+    # arbitrage) are measured here too
+    assert bool(served.pricer.servable(batch, PRICE).all())
+    ev = Evaluation(served.pricer.learned.evaluate(batch, PRICE), torch.ones(len(batch), dtype=torch.bool))
 
     fwd, disc = SPOT * average_forward_ratio(theta, expiry), torch.exp(-rate * expiry)  # (n,)
     bp_per_unit = 1e4 * disc * fwd / SPOT  # a price in units of F_A -> bp of spot
@@ -337,14 +340,16 @@ def test_learned_greeks_match_finite_differences(served: ServedModel) -> None:
     spot = 50.0 + 100.0 * torch.rand(n, generator=g, dtype=F64)
     b = dataclasses.replace(b, spot=spot, strike=b.strike * spot / SPOT)  # K / F_A kept
 
-    got = served.pricer.evaluate(b, GREEKS)
+    learned = served.pricer.learned  # the network's Greeks, wherever its price is served or not
+    got = learned.evaluate(b, GREEKS)
     steps = {"h_delta": 1e-5, "h_gamma": 1e-4, "h": 3e-4}
-    bumped = served.pricer.evaluate(_concat(_bumped(b, **steps)), PRICE)
-    assert bool(bumped.learned.all())
-    fd = _finite_differences(b, got.values["price"], bumped.values["price"], **steps)
+    bumped_batch = _concat(_bumped(b, **steps))
+    assert bool(served.pricer.domain.contains(bumped_batch.theta, bumped_batch.expiry).all())
+    bumped = learned.evaluate(bumped_batch, PRICE)
+    fd = _finite_differences(b, got["price"], bumped["price"], **steps)
     tol = {"delta": 1e-7, "gamma": 1e-5, "vega": 5e-4, "theta": 5e-4, "rho": 5e-4}
     for k, t in tol.items():
-        assert _relative(got.values[k], fd[k]) < t, (k, _relative(got.values[k], fd[k]))
+        assert _relative(got[k], fd[k]) < t, (k, _relative(got[k], fd[k]))
 
 
 @pytest.mark.slow
@@ -380,7 +385,10 @@ def test_put_call_parity_and_the_average_forward(served: ServedModel) -> None:
     calls = dataclasses.replace(puts, is_call=torch.ones(n, dtype=torch.bool))
     measures = frozenset({"price", "delta", "gamma", "mean"})
     p, c = served.pricer.evaluate(puts, measures), served.pricer.evaluate(calls, measures)
-    assert p.learned.tolist() == [False] + [True] * (n - 1)
+    # a put below 0 is a call below D (F_A - K): the pair goes to the reference together
+    assert p.learned.tolist() == c.learned.tolist()
+    assert not bool(p.learned[0])
+    assert int(p.learned.sum()) >= n - 8
 
     fa = torch.tensor(
         [_average_forward(float(t[1]), int(t[2]), float(x)) for t, x in zip(theta, expiry, strict=True)], dtype=F64
@@ -428,8 +436,9 @@ def test_a_contract_priced_alone_or_in_a_batch_of_300_is_bitwise_the_same(served
     measures = frozenset(MEASURES)
     levels = torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=F64)
     whole = served.pricer.evaluate(batch, measures, levels)
-    assert bool(whole.learned.all())
+    assert int(whole.learned.sum()) > 0.8 * n
     for i in (0, 150, 299):
         alone = served.pricer.evaluate(batch.select(torch.tensor([i])), measures, levels)
+        assert bool(alone.learned[0]) == bool(whole.learned[i])
         for m in measures:
             assert torch.equal(alone.values[m][0], whole.values[m][i]), (i, m)

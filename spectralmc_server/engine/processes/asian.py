@@ -19,12 +19,13 @@ order (increments of W over each fixing interval).
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 
 from spectralmc_server.engine import kernels
-from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
+from spectralmc_server.engine.processes.base import EXPIRY, VOL_BOUNDS, ModelDomain, ParameterRange, Process
 
 MAX_FIXINGS = 64
 
@@ -73,6 +74,12 @@ class AsianProcess(Process):
     has_companion = True
     averages = True
 
+    param_bounds: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "vol": VOL_BOUNDS,
+        "carry": (-2.0, 2.0),
+        "fixings": (1.0, float(MAX_FIXINGS)),
+    }
+
     def default_domain(self) -> ModelDomain:
         return ModelDomain(
             ranges=(
@@ -97,12 +104,9 @@ class AsianProcess(Process):
         return 1  # the carry
 
     def check_params(self, params: dict[str, float]) -> None:
-        vol, carry, fixings = (params[n] for n in self.param_names)
-        if not 0 < vol <= 10:
-            raise ValueError(f"vol must be in (0, 10], got {vol}")
-        if not -2 <= carry <= 2:
-            raise ValueError(f"carry must be in [-2, 2], got {carry}")
-        if not (1 <= fixings <= MAX_FIXINGS and float(fixings).is_integer()):
+        super().check_params(params)
+        fixings = params["fixings"]
+        if not float(fixings).is_integer():
             raise ValueError(f"fixings must be an integer in [1, {MAX_FIXINGS}], got {fixings}")
 
     def vol_parameter(self) -> tuple[int, Literal["identity", "sqrt"]]:

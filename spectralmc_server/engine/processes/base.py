@@ -8,12 +8,23 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 EXPIRY = "expiry_years"
+
+# What every contract's market inputs must satisfy, whatever its process: the range the
+# reference pricers are checked on (tests/engine/test_bounds_sweep.py). Outside it an
+# answer would be noise in float64 (a spread vol sqrt(T) below rounding) or overflow.
+VOL_BOUNDS = (1e-3, 5.0)  # a vol (gbm, asian), per year
+EXPIRY_BOUNDS = (1e-5, 30.0)  # years: five minutes to thirty years
+PRICE_BOUNDS = (1e-6, 1e9)  # spot and strike, in any currency unit
+MONEYNESS_BOUNDS = (1e-4, 1e4)  # K / F, the strike over the contract's forward
+MAX_SCALE = 4.0  # s(theta, T), about the stdev of log(S_T / F): vol sqrt(T) <= 4
+VALIDATED_MONEYNESS = (0.7, 1.3)  # K/F of the trainer's validation strikes
 
 
 class ParameterRange(BaseModel):
@@ -67,11 +78,17 @@ class ModelDomain(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     ranges: tuple[ParameterRange, ...]
+    # The strikes, as K/F, where the model's prices were validated: outside them the
+    # reference answers. None (manifests written before it was recorded): the trainer's
+    # validation strikes, VALIDATED_MONEYNESS.
+    moneyness: tuple[float, float] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelDomain:
         if not self.ranges or self.ranges[-1].name != EXPIRY:
             raise ValueError(f"the last domain range must be {EXPIRY!r}")
+        if self.moneyness is not None and not 0 < self.moneyness[0] < self.moneyness[1]:
+            raise ValueError(f"moneyness: need 0 < low < high, got {self.moneyness}")
         names = [r.name for r in self.ranges]
         if len(set(names)) != len(names):
             raise ValueError(f"duplicate domain ranges: {names}")
@@ -96,6 +113,11 @@ class ModelDomain(BaseModel):
         cols.append(self.ranges[-1].to_unit(expiry))
         return 2.0 * torch.stack(cols, dim=1) - 1.0
 
+    @property
+    def certified_moneyness(self) -> tuple[float, float]:
+        """K/F bounds inside which the learned prices may be served."""
+        return self.moneyness if self.moneyness is not None else VALIDATED_MONEYNESS
+
     def contains(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         """Boolean mask (B,): inside the closed box."""
         inside = (expiry >= self.ranges[-1].low) & (expiry <= self.ranges[-1].high)
@@ -113,6 +135,9 @@ class Process(ABC):
     has_analytic_cf: bool = False  # True where analytic_cf_x returns a closed form
     has_companion: bool = False  # True where companion_x returns a control variate
     averages: bool = False  # True where the payoff is on an average over the contract's fixings
+    # Every parameter's closed bounds: what the reference pricer is checked to handle
+    # (tests/engine/test_bounds_sweep.py); a contract outside them is refused (422).
+    param_bounds: ClassVar[Mapping[str, tuple[float, float]]] = {}
 
     @property
     def market_param_names(self) -> tuple[str, ...]:
@@ -155,9 +180,12 @@ class Process(ABC):
         return None
 
     def check_params(self, params: dict[str, float]) -> None:
-        """Raise ValueError naming the parameter and the reason when a value is invalid
-        (``params`` holds every name of :attr:`param_names`). The default accepts all."""
-        return None
+        """Raise ValueError naming the parameter and its range when a value is outside
+        :attr:`param_bounds` (``params`` holds every name of :attr:`param_names`)."""
+        for name, (low, high) in self.param_bounds.items():
+            value = params[name]
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
 
     def vol_parameter(self) -> tuple[int, Literal["identity", "sqrt"]]:
         """Which parameter vega differentiates by: (index, how it maps to a vol). With

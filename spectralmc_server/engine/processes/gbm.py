@@ -6,9 +6,12 @@ phi_X(u) = exp(-i u s^2 / 2 - u^2 s^2 / 2).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import ClassVar
+
 import torch
 
-from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
+from spectralmc_server.engine.processes.base import EXPIRY, VOL_BOUNDS, ModelDomain, ParameterRange, Process
 
 
 class GBMProcess(Process):
@@ -19,6 +22,8 @@ class GBMProcess(Process):
     normals_per_path = 1
     has_analytic_cf = True
     has_companion = True
+
+    param_bounds: ClassVar[Mapping[str, tuple[float, float]]] = {"vol": VOL_BOUNDS}
 
     def default_domain(self) -> ModelDomain:
         return ModelDomain(

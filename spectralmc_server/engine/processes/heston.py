@@ -26,7 +26,8 @@ which has no branch-cut discontinuity for any maturity:
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 
@@ -50,6 +51,16 @@ class HestonProcess(Process):
         self.bridge = bridge  # False: normals in time order (for measuring what the bridge buys)
         self.normals_per_path = 2 * steps
 
+    # Vols of 0.1% to 200%, mean reversion from a 1,000-year to a week's half-life, rho
+    # short of +-1 (where the variance becomes a deterministic function of the spot).
+    param_bounds: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "v0": (1e-6, 4.0),
+        "kappa": (1e-3, 50.0),
+        "theta": (1e-6, 4.0),
+        "xi": (1e-3, 5.0),
+        "rho": (-0.99, 0.99),
+    }
+
     def default_domain(self) -> ModelDomain:
         return ModelDomain(
             ranges=(
@@ -61,19 +72,6 @@ class HestonProcess(Process):
                 ParameterRange(name=EXPIRY, low=0.05, high=3.0, scale="log"),
             )
         )
-
-    def check_params(self, params: dict[str, float]) -> None:
-        v0, kappa, theta, xi, rho = (params[n] for n in self.param_names)
-        if not v0 > 0:
-            raise ValueError(f"v0 must be > 0, got {v0}")
-        if not kappa > 0:
-            raise ValueError(f"kappa must be > 0, got {kappa}")
-        if not theta > 0:
-            raise ValueError(f"theta must be > 0, got {theta}")
-        if not xi > 0:
-            raise ValueError(f"xi must be > 0, got {xi}")
-        if not -1 < rho < 1:
-            raise ValueError(f"rho must be in (-1, 1), got {rho}")
 
     def vol_parameter(self) -> tuple[int, Literal["identity", "sqrt"]]:
         # vega: d price / d sqrt(v0), per 1.00 of instantaneous vol

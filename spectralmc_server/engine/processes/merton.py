@@ -14,7 +14,8 @@ path takes three normals from the shared pool and no other randomness.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import ClassVar, Literal
 
 import torch
 
@@ -32,6 +33,14 @@ class MertonProcess(Process):
     has_analytic_cf = True
     has_companion = True
 
+    # At most 20 jumps a year on average, each of log-size mean within +-2 and stdev 2.
+    param_bounds: ClassVar[Mapping[str, tuple[float, float]]] = {
+        "sigma": (1e-3, 5.0),
+        "lambda": (0.0, 20.0),
+        "mu_j": (-2.0, 2.0),
+        "sigma_j": (0.0, 2.0),
+    }
+
     def default_domain(self) -> ModelDomain:
         return ModelDomain(
             ranges=(
@@ -42,17 +51,6 @@ class MertonProcess(Process):
                 ParameterRange(name=EXPIRY, low=0.1, high=3.0, scale="log"),
             )
         )
-
-    def check_params(self, params: dict[str, float]) -> None:
-        sigma, lam, mu_j, sigma_j = (params[n] for n in self.param_names)
-        if not 0 < sigma <= 10:
-            raise ValueError(f"sigma must be in (0, 10], got {sigma}")
-        if not 0 <= lam <= 100:
-            raise ValueError(f"lambda must be in [0, 100], got {lam}")
-        if not -5 <= mu_j <= 5:
-            raise ValueError(f"mu_j must be in [-5, 5], got {mu_j}")
-        if not 0 <= sigma_j <= 5:
-            raise ValueError(f"sigma_j must be in [0, 5], got {sigma_j}")
 
     def vol_parameter(self) -> tuple[int, Literal["identity", "sqrt"]]:
         return 0, "identity"  # vega: d price / d sigma

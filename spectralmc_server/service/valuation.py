@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 import torch
 
-from spectralmc_server.engine.pricer import OptionBatch, ServedModel, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch, ServedModel, clamp_to_bounds, reference_pricer
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
 from spectralmc_server.service.schemas import Contract, PriceRequest
@@ -85,6 +85,55 @@ def check_explicit(request: PriceRequest) -> None:
             )
 
 
+# Processes without an analytic CF are priced outside their model by simulation (about
+# 0.4 s per distinct point on one core): a request may send at most this many distinct
+# points there, so one request cannot hold the worker for minutes.
+MAX_SIMULATED_REFERENCE_POINTS = 32
+
+
+class NonFiniteResultError(RuntimeError):
+    """A pricer returned a non-finite number for valid input: a bug, never served."""
+
+
+def _check_finite(values: Mapping[str, torch.Tensor], measures: Sequence[str], contracts: list[Contract]) -> None:
+    for m in measures:
+        v = values[m]
+        ok = torch.isfinite(v).reshape(v.shape[0], -1).all(1)
+        if not bool(ok.all()):
+            bad = contracts[int(torch.nonzero(~ok)[0, 0])]
+            raise NonFiniteResultError(f"{m} of contract {bad.id!r} is not finite")
+
+
+def check_cost(request: PriceRequest, models: Mapping[str, ServedModel]) -> None:
+    """Refuse (RequestError) a request whose reference work is unbounded: more than
+    ``MAX_SIMULATED_REFERENCE_POINTS`` distinct (parameters, expiry) points that only a
+    simulated reference can answer."""
+    by_process: dict[str, list[Contract]] = {}
+    for c in request.contracts:
+        if c.is_explicit and not get_process(c.process).has_analytic_cf:
+            by_process.setdefault(c.process, []).append(c)
+    measures = frozenset(request.measures)
+    for name, contracts in by_process.items():
+        process = get_process(name)
+        batch = _batch(contracts, process.param_names)
+        served = models.get(name)
+        outside = torch.ones(len(batch), dtype=torch.bool)
+        if served is not None:
+            outside = ~served.pricer.servable(batch, measures)
+        points = {
+            (*row, t)
+            for row, t, out in zip(batch.theta.tolist(), batch.expiry.tolist(), outside.tolist(), strict=True)
+            if out
+        }
+        if len(points) > MAX_SIMULATED_REFERENCE_POINTS:
+            raise RequestError(
+                "contracts",
+                f"{len(points)} distinct {name} points (parameters and expiry) lie outside the served model's "
+                f"domain or certified strike range, where each is priced by simulation (~0.4 s each); at most "
+                f"{MAX_SIMULATED_REFERENCE_POINTS} per request: split the request",
+            )
+
+
 class Valuer:
     """Prices requests with the models it holds (one per process name); a process with
     no model here is answered by its reference pricer (``method: reference``).
@@ -136,7 +185,9 @@ class Valuer:
                     identity = {"version": served.version, "content_hash": served.content_hash}
                 else:
                     values = reference_pricer(process).evaluate(batch, measures, levels)
+                    clamp_to_bounds(values, batch, process)
                     learned = [False] * len(refs)
+                _check_finite(values, measure_list, contracts)
                 cols = {m: values[m].tolist() for m in measure_list}
                 for k, (i, j) in enumerate(refs):
                     row: dict[str, Any] = {

@@ -495,9 +495,8 @@ def _run_with_progress(trainer: Any, steps: int, args: argparse.Namespace, shoul
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    from aiohttp import web
-
     from spectralmc_server.service.app import create_app
+    from spectralmc_server.service.edge import run_app
     from spectralmc_server.settings import Settings
     from spectralmc_server.store.objects import StoreError
     from spectralmc_server.store.uri import InvalidStoreURI, parse_store_uri
@@ -521,13 +520,12 @@ def _serve(args: argparse.Namespace) -> int:
     log = logging.getLogger("spectralmc_server")
     log.info("role %s, store %s, models %s", settings.role, settings.store_uri, ", ".join(settings.models))
     try:
-        web.run_app(
+        run_app(  # web.run_app with JSON parser errors and the header-read timeout (service/edge.py)
             create_app(settings),
             host=settings.host,
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout_seconds,
-            access_log=None,
-            print=lambda msg: log.info("%s", msg.strip()),
+            on_start=lambda msg: log.info("%s", msg),
         )
     except OSError as exc:  # address in use, permission denied
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
@@ -538,7 +536,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _malformed_http_one_line(record: Any) -> bool:
-    """aiohttp logs a request it cannot parse (a client's fault, answered 400) with a
+    """aiohttp logs a request it cannot parse (a client's fault, answered 4xx as JSON) with a
     traceback; keep one warning line instead."""
     from aiohttp.http_exceptions import HttpProcessingError
 

@@ -190,7 +190,11 @@ class Settings(BaseSettings):
     # after failed polls a tracker waits poll_seconds x 2^failures, at most this long
     poll_max_backoff_seconds: float = Field(30.0, gt=0)
     admin_token: SecretStr | None = None  # None: admin routes answer 403
-    max_body_bytes: int = Field(16 * 2**20, ge=1024)  # larger bodies: 413
+    max_body_bytes: int = Field(16 * 2**20, ge=1024)  # larger bodies (as sent or inflated): 413
+    # a request head (request line and headers) not complete this long after its first
+    # byte closes the connection (408); slow "slowloris" clients cannot hold connections
+    header_read_timeout_seconds: float = Field(10.0, gt=0)
+    keepalive_timeout_seconds: float = Field(75.0, gt=0)  # an idle connection is closed after this
     request_timeout_seconds: float = Field(10.0, gt=0)  # default per-request deadline (504)
     max_request_timeout_seconds: float = Field(60.0, gt=0)  # cap on a client's X-Request-Timeout
     shutdown_timeout_seconds: float = Field(30.0, gt=0)  # drain limit at graceful shutdown

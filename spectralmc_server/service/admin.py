@@ -6,14 +6,14 @@ With no token configured they answer 403: an admin API nobody configured is off.
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import Any
 
 from aiohttp import web
 
 from spectralmc_server.service import keys
-from spectralmc_server.service.errors import Conflict, Forbidden, NotFound, Unauthorized
+from spectralmc_server.service.auth import ADMIN_REALM, require_token
+from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import CommitBody, GCBody, PinBody, UnpinBody
 from spectralmc_server.store import admin as store_admin
@@ -27,12 +27,7 @@ def authorize(request: web.Request) -> None:
     token = request.app[keys.SETTINGS].admin_token
     if token is None:
         raise Forbidden("the admin API is off: no admin_token is configured (SPECTRALMC_ADMIN_TOKEN)")
-    header = request.headers.get("Authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not given:
-        raise Unauthorized("admin routes need 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
-        raise Forbidden("the admin token is wrong")
+    require_token(request, token.get_secret_value(), realm=ADMIN_REALM, what="admin routes")
 
 
 def model_store(request: web.Request) -> VersionStore:

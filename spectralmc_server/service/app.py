@@ -25,7 +25,7 @@ from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine.trainer import Trainer
 from spectralmc_server.marketdata.store import SnapshotStore
-from spectralmc_server.service import admin, calibration, keys, routes, snapshot_routes
+from spectralmc_server.service import admin, calibration, edge, keys, routes, snapshot_routes
 from spectralmc_server.service.calibration import calibrate_action
 from spectralmc_server.service.errors import (
     APIError,
@@ -366,7 +366,11 @@ async def docs(request: web.Request) -> web.Response:
 
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The application for ``settings`` (resources start when it is run)."""
-    app = web.Application(middlewares=[errors_and_metrics], client_max_size=settings.max_body_bytes)
+    app = web.Application(
+        middlewares=[errors_and_metrics],
+        client_max_size=settings.max_body_bytes,
+        handler_args=edge.handler_args(settings),  # no inflation on the loop, keep-alive, line limits
+    )
     app[keys.SETTINGS] = settings
     app[keys.METRICS] = metrics or Metrics()
     app[keys.BUDGETS] = Budgets(settings.budgets)

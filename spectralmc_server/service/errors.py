@@ -33,8 +33,8 @@ class MalformedRequest(APIError):  # noqa: N818
 class Unauthorized(APIError):  # noqa: N818
     status, code = 401, "unauthorized"
 
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"WWW-Authenticate": 'Bearer realm="spectralmc-admin"'})
+    def __init__(self, message: str, *, realm: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
 
 
 class Forbidden(APIError):  # noqa: N818

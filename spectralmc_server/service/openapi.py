@@ -36,12 +36,13 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
-        400: "Malformed JSON",
-        401: "Missing bearer token",
+        400: "Malformed JSON, or a compressed body that does not inflate",
+        401: "Missing bearer token (WWW-Authenticate names the realm)",
         403: "Wrong token, or no admin token configured",
         404: "Not found (model, version or snapshot)",
         409: "Conflict",
-        413: "Body or contract count over the limit",
+        413: "Body (as sent or inflated) or contract count over the limit",
+        415: "Content-Type not JSON (application/json), or a Content-Encoding other than gzip or deflate",
         422: "Invalid fields (each named in details)",
         503: "Overloaded, shutting down or not ready (Retry-After)",
         504: "Deadline passed",
@@ -69,7 +70,7 @@ def _admin(
     }
     if body is not None:
         op["requestBody"] = {"required": not optional, "content": {"application/json": {"schema": _ref(body)}}}
-        op["responses"].update(_errors(400, 413))
+        op["responses"].update(_errors(400, 413, 415))
     return {method: op}
 
 
@@ -89,12 +90,13 @@ def _marketdata_paths(plain: dict[str, Any]) -> dict[str, Any]:
             "put": {
                 "summary": "Store one immutable snapshot (201; 200 when the same content is there; 409 otherwise)",
                 "tags": ["marketdata"],
+                "security": [{}, {"bearer": []}],  # the write token, when marketdata.write_token is set
                 "parameters": [ns, vdt, asof],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(MarketSnapshot)}}},
                 "responses": {
                     "201": _json(ANY_OBJECT, "Stored: key, hash, lineage, arbitrage report"),
                     "200": _json(ANY_OBJECT, "Already stored with the same content"),
-                    **_errors(400, 401, 403, 409, 413, 422),
+                    **_errors(400, 401, 403, 409, 413, 415, 422),
                 },
             }
         },
@@ -181,17 +183,22 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(PriceRequest)}}},
                 "responses": {
                     "200": _json(_ref(PriceResponse), "Priced"),
-                    **_errors(400, 413, 422, 503, 504),
+                    **_errors(400, 413, 415, 422, 503, 504),
                 },
             }
         },
         "/v1/calibrate": {
             "post": {
                 "summary": "Fit Heston to an underlying's vol surface in a snapshot",
+                "description": (
+                    "Open with store false (it writes nothing). With store true it writes a snapshot: like "
+                    "PUT /v1/marketdata it then needs the market-data write token (marketdata.write_token) "
+                    "when one is configured."
+                ),
                 "tags": ["calibration"],
                 "security": [{}, {"bearer": []}],
                 "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(CalibrateRequest)}}},
-                "responses": {**plain, **_errors(400, 401, 403, 422, 503)},
+                "responses": {**plain, **_errors(400, 401, 403, 413, 415, 422, 503)},
             }
         },
         "/v1/models": {"get": {"summary": "Served models", "tags": ["models"], "responses": plain}},

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from spectralmc_server.service import keys
+from spectralmc_server.service.body import read_body
 from spectralmc_server.service.errors import (
     DeadlineExceeded,
     Invalid,
@@ -39,8 +40,10 @@ def json_response(data: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 async def read_json(request: web.Request) -> Any:
-    """The body as JSON: 413 past the size limit, 400 when it is not JSON."""
-    raw = await request.read()  # raises 413 past client_max_size
+    """The body as JSON: 415 unless its Content-Type is JSON and its Content-Encoding
+    one the server inflates, 413 past the size limit (as sent or inflated), 400 when it
+    is not JSON (service/body.py)."""
+    raw = await read_body(request)
     if not raw:
         raise MalformedRequest("the request body is empty; send a JSON object")
     try:

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import hmac
 import re
 from datetime import datetime
 
@@ -21,7 +20,8 @@ from pydantic import AwareDatetime, TypeAdapter, ValidationError
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotConflict, SnapshotRecord, iso, utc
 from spectralmc_server.service import keys
-from spectralmc_server.service.errors import Conflict, Forbidden, Invalid, NotFound, Unauthorized
+from spectralmc_server.service.auth import MARKETDATA_REALM, require_token
+from spectralmc_server.service.errors import Conflict, Invalid, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import NAMESPACE_PATTERN
 
@@ -51,14 +51,12 @@ def _when(raw: str, field: str) -> datetime:
 
 
 def authorize_write(request: web.Request) -> None:
+    """Market-data writes (this PUT, ``POST /v1/calibrate`` with ``store``): open, or
+    the ``marketdata.write_token`` bearer token when one is set."""
     token = request.app[keys.SETTINGS].marketdata.write_token
     if token is None:
         return
-    header = request.headers.get("Authorization", "")
-    if not header.startswith("Bearer "):
-        raise Unauthorized("market-data writes need 'Authorization: Bearer <token>'")
-    if not hmac.compare_digest(header[7:].strip().encode(), token.get_secret_value().encode()):
-        raise Forbidden("the token does not allow market-data writes")
+    require_token(request, token.get_secret_value(), realm=MARKETDATA_REALM, what="market-data writes")
 
 
 @routes.put("/v1/marketdata/{namespace}/{val_datetime}/{data_asof}")

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient
-from server_util import TOKEN, MakeClient, ServerProcess, settings_for, start_server
+from server_util import TOKEN, AppServer, MakeClient, ServerProcess, settings_for, start_server
 
 from spectralmc_server.service.app import create_app
 from spectralmc_server.service.metrics import Metrics
@@ -24,7 +24,7 @@ async def make_client(
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
         app = create_app(settings_for(tmp_path, **overrides), Metrics())
-        return await aiohttp_client(app)
+        return await aiohttp_client(AppServer(app))
 
     yield make
 

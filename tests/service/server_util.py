@@ -18,9 +18,10 @@ from typing import Any
 
 import orjson
 from aiohttp import ClientResponse, web
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 
 from spectralmc_server.service import keys
+from spectralmc_server.service.edge import EdgeAppRunner
 from spectralmc_server.settings import Settings
 
 TOKEN = "s3cret-admin-token"
@@ -41,6 +42,14 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     }
     fields.update(overrides)
     return Settings(**fields)
+
+
+class AppServer(TestServer):
+    """pytest-aiohttp's test server on the production runner (service/edge.py): JSON
+    parser errors and the header-read timeout, as under ``spectralmc serve``."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return EdgeAppRunner(self.app, **kwargs)
 
 
 def free_port() -> int:

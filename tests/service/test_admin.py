@@ -160,7 +160,8 @@ async def test_malformed_body_400(make_client: MakeClient, route: str) -> None:
     client = await make_client()
     r = await client.post(f"{BASE}/gbm/{route}", data=b"{nope", headers={**AUTH, "Content-Type": "application/json"})
     await assert_error(r, 400, "malformed")
-    await assert_error(await client.post(f"{BASE}/gbm/{route}", headers=AUTH), 400, "malformed")
+    empty = await client.post(f"{BASE}/gbm/{route}", headers={**AUTH, "Content-Type": "application/json"})
+    await assert_error(empty, 400, "malformed")
 
 
 # -- pin / unpin, versions ---------------------------------------------------------------

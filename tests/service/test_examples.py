@@ -18,7 +18,9 @@ async def test_example_snapshot_and_price_by_reference(make_client: MakeClient) 
     client = await make_client()
     request = json.loads((EXAMPLES / "price_by_reference.json").read_text())
     path = f"/v1/marketdata/default/{request['val_datetime']}/{request['data_asof']}"
-    r = await client.put(path, data=(EXAMPLES / "snapshot.json").read_bytes())
+    r = await client.put(
+        path, data=(EXAMPLES / "snapshot.json").read_bytes(), headers={"Content-Type": "application/json"}
+    )
     assert r.status == 201, await r.text()
     stored = await r.json()
     assert stored["arbitrage"] == []  # the example surfaces are arbitrage-free on their grids

@@ -326,7 +326,7 @@ async def test_put_malformed_body_400(make_client: MakeClient) -> None:
     json_type = {"Content-Type": "application/json"}
     await assert_error(await client.put(path, data=b'{"spots": ', headers=json_type), 400, "malformed")
     await assert_error(await client.put(path, data=b"not json", headers=json_type), 400, "malformed")
-    await assert_error(await client.put(path), 400, "malformed")  # empty
+    await assert_error(await client.put(path, headers=json_type), 400, "malformed")  # empty
     await assert_error(await client.put(path, data=b"null", headers=json_type), 422, "invalid", ("(body)",))
 
 

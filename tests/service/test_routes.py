@@ -170,8 +170,9 @@ async def test_malformed_json_400(make_client: MakeClient) -> None:
 
 async def test_empty_body_400(make_client: MakeClient) -> None:
     client = await make_client()
-    await assert_error(await client.post("/v1/price"), 400, "malformed")
-    await assert_error(await client.post("/v1/price", data=b""), 400, "malformed")
+    json_type = {"Content-Type": "application/json"}
+    await assert_error(await client.post("/v1/price", headers=json_type), 400, "malformed")
+    await assert_error(await client.post("/v1/price", data=b"", headers=json_type), 400, "malformed")
 
 
 @pytest.mark.parametrize(

@@ -208,7 +208,7 @@ def test_price_validation_error(trained: Trained) -> None:
     body = _price_body({**IN_DOMAIN, "strike": -5.0})
     message = _usage_error(_run("price", "--checkpoint", trained.dir, stdin=body, entry_point=True))
     assert "contracts[0].strike" in message
-    assert "greater than 0" in message
+    assert "greater than or equal to 0.000001" in message
 
 
 def test_price_market_data_contract(trained: Trained) -> None:

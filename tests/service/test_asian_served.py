@@ -230,7 +230,7 @@ BAD: list[tuple[str, dict[str, Any], str, tuple[str, ...]]] = [
     ("no vol", _without(GOOD, "vol"), "contracts[1]", ("missing explicit input(s): vol",)),
     ("empty params", {**_without(GOOD, "vol"), "params": {}}, "contracts[1]", ("missing explicit input(s): vol",)),
     ("vol twice", {**GOOD, "params": {"vol": 0.25}}, "contracts[1]", ("either as 'vol' or in 'params'",)),
-    ("params.vol 0", {**_without(GOOD, "vol"), "params": {"vol": 0.0}}, "contracts[1]", ("params.vol", "(0, 10]")),
+    ("params.vol 0", {**_without(GOOD, "vol"), "params": {"vol": 0.0}}, "contracts[1].params.vol", ("[0.001, 5]",)),
 ]
 
 

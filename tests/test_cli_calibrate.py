@@ -247,11 +247,26 @@ def test_store_and_checkpoint_together(fits: Fits) -> None:
     assert "--store" in message and "--checkpoint" in message
 
 
-@pytest.mark.parametrize("value", ["yesterday", "2026-11-26T16:00:00", "2026-13-01T00:00:00Z"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "yesterday",
+        "2026-11-26T16:00:00",
+        "2026-13-01T00:00:00Z",
+        "1700000000",  # Unix seconds: RFC 3339 only
+        "0",
+        "-1",
+        "2026-11-26 16:00:00Z",
+        "2026-11-26T16:00Z",
+    ],
+)
 def test_bad_val_datetime(market: Market, capsys: pytest.CaptureFixture[str], value: str) -> None:
     proc = _run_in_process(capsys, "--marketdata", market.uri, "--val-datetime", value, "--underlying", "SPX")
     message = _usage_error(proc)
-    assert "--val-datetime" in message and "zone" in message
+    assert "--val-datetime" in message and "RFC 3339" in message and "zone" in message and repr(value) in message
+    args = ("--marketdata", market.uri, "--val-datetime", VDT, "--asof", value, "--underlying", "SPX")
+    message = _usage_error(_run_in_process(capsys, *args))
+    assert message.startswith("error: --asof:") and "RFC 3339" in message and repr(value) in message
 
 
 def test_missing_snapshot(market: Market, capsys: pytest.CaptureFixture[str]) -> None:

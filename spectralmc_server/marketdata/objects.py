@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from spectralmc_server.marketdata.black import black_forward
+from spectralmc_server.rfc3339 import Date
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
@@ -205,7 +206,7 @@ class VolSurface(BaseModel):
 class Fixing(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    date: date
+    date: Date
     value: Positive
 
 

@@ -11,6 +11,11 @@ lexicographic listing is the time order and "as of T" is the last ASOF <= T unde
 VDT. Putting a key again with the same content is idempotent; with other content it is
 refused (:class:`SnapshotConflict`), so an answer that names a key and hash can always
 be reproduced. Derived snapshots carry ``lineage``: the job and the exact inputs.
+
+refs/latest is the one pointer here, and a cache: a writer killed after its record and
+before the ref leaves it behind a stored snapshot. A repeated PUT of that key, and
+every server opening the store (:meth:`SnapshotStore.repair`), move it forward to the
+greatest stored record by the same CAS, never backwards.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import hashlib
 import random
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,7 +38,9 @@ from spectralmc_server.store.objects import ObjectStore, PreconditionFailed, lis
 
 TOKEN_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 TOKEN_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+RECORD_NAME_RE = re.compile(rf"{TOKEN_RE.pattern}/{TOKEN_RE.pattern}\.json")  # <VDT>/<ASOF>.json
 CAS_RETRIES = 20
+AFTER_EVERY_KEY = "~"  # sorts after every character a key may hold (letters, digits, _ . - /)
 
 
 class SnapshotConflict(Exception):  # noqa: N818
@@ -122,6 +129,16 @@ class SnapshotRecord:
             raise CorruptSnapshot(f"{where} is not a snapshot record: {exc}") from None
 
 
+@dataclass
+class RepairReport:
+    """What :meth:`SnapshotStore.repair` found: namespaces checked, the refs it moved
+    forward (namespace -> the record the ref now names) and what it could not read."""
+
+    checked: int = 0
+    moved: dict[str, SnapshotRecord] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+
+
 class SnapshotStore:
     """Put, resolve, list and load snapshots; loaded content is cached by hash (it is
     immutable, so the cache never goes stale), bounded by ``cache_entries``."""
@@ -181,6 +198,9 @@ class SnapshotStore:
                     f"({existing.hash}); snapshots are immutable: put it under a later data_asof"
                 ) from None
             self._remember(h, snapshot)
+            # The first writer may have died between its record and the ref: a retry of
+            # the same PUT finishes its work (and any other record the ref is behind).
+            await self.repair_latest(namespace)
             return existing, False
         self._remember(h, snapshot)
         await self._advance_latest(namespace, record)
@@ -190,23 +210,86 @@ class SnapshotStore:
         blob = await self.objects.get(key)
         return None if blob is None else SnapshotRecord.from_bytes(blob.data, key)
 
-    async def _advance_latest(self, namespace: str, record: SnapshotRecord) -> None:
-        """Move refs/latest to ``record`` if it is later than what it names (CAS, retried)."""
+    async def _advance_latest(self, namespace: str, record: SnapshotRecord) -> bool:
+        """Move refs/latest to ``record`` if it is later than what it names (CAS, retried);
+        True when this call moved it."""
         ref = self.latest_key(namespace)
         for attempt in range(CAS_RETRIES):
             blob = await self.objects.get(ref)
             try:
                 if blob is None:
                     await self.objects.put_if_absent(ref, record.to_bytes())
-                    return
+                    return True
                 current = SnapshotRecord.from_bytes(blob.data, ref)
                 if current.sort_key() >= record.sort_key():
-                    return
+                    return False
                 await self.objects.put_if_match(ref, record.to_bytes(), blob.etag)
-                return
+                return True
             except PreconditionFailed:
                 await asyncio.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
         raise PreconditionFailed(f"{ref} kept changing; gave up after {CAS_RETRIES} tries")
+
+    async def repair_latest(self, namespace: str) -> SnapshotRecord | None:
+        """Move refs/latest forward to the greatest record stored in the namespace when
+        it is behind one (a writer stopped between creating its record and moving the
+        ref); the record it moved to, or None when the ref was already right.
+
+        Only keys after the one the ref names are listed (record keys sort in time
+        order), so this costs a read and a short listing whatever the history. The move
+        is the CAS of :meth:`_advance_latest`: never backwards, and replicas repairing
+        (or putting) at once converge on the greatest record without conflict."""
+        ref = self.latest_key(namespace)
+        blob = await self.objects.get(ref)
+        after = None
+        if blob is not None:
+            current = SnapshotRecord.from_bytes(blob.data, ref)
+            after = self.record_key(namespace, current.val_datetime, current.data_asof)
+        prefix = f"{self._base(namespace)}/snapshots/"
+        newest = None
+        while True:
+            page = await self.objects.list(prefix, after)
+            for key in page.keys:
+                if RECORD_NAME_RE.fullmatch(key[len(prefix) :]):
+                    newest = key
+            if page.next_after is None:
+                break
+            after = page.next_after
+        if newest is None:
+            return None
+        record = await self._read_record(newest)
+        if record is None:  # listed, then gone: not something this store does
+            raise CorruptSnapshot(f"{newest} was listed but cannot be read")
+        return record if await self._advance_latest(namespace, record) else None
+
+    async def namespaces(self) -> list[str]:
+        """Every namespace holding anything, each once, in the store's listing order: one
+        one-key listing per namespace (after a namespace's first key the next listing
+        starts past all of its keys)."""
+        found: list[str] = []
+        after: str | None = None
+        while True:
+            page = await self.objects.list("marketdata/", after, 1)
+            if not page.keys:
+                return found
+            ns = page.keys[0].split("/")[1]
+            found.append(ns)
+            after = f"marketdata/{ns}/{AFTER_EVERY_KEY}"
+
+    async def repair(self) -> RepairReport:
+        """:meth:`repair_latest` for every namespace (a server does this when it opens the
+        store). A namespace whose ref or newest record does not parse is reported, and
+        the others are still repaired."""
+        report = RepairReport()
+        for ns in await self.namespaces():
+            report.checked += 1
+            try:
+                moved = await self.repair_latest(ns)
+            except CorruptSnapshot as exc:
+                report.problems[ns] = str(exc)
+                continue
+            if moved is not None:
+                report.moved[ns] = moved
+        return report
 
     async def latest(self, namespace: str) -> SnapshotRecord | None:
         """The greatest (val_datetime, data_asof) stored in the namespace."""

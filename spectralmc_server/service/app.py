@@ -24,7 +24,7 @@ from aiohttp import web
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine.trainer import Trainer
-from spectralmc_server.marketdata.store import SnapshotStore
+from spectralmc_server.marketdata.store import SnapshotStore, iso
 from spectralmc_server.service import admin, calibration, edge, keys, routes, snapshot_routes
 from spectralmc_server.service.calibration import calibrate_action
 from spectralmc_server.service.errors import (
@@ -47,7 +47,7 @@ from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import PriceJob, Settings
 from spectralmc_server.store.commits import CommitPolicy
-from spectralmc_server.store.objects import StoreUnavailable
+from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailable
 from spectralmc_server.store.s3 import S3Settings
 from spectralmc_server.store.uri import open_store
 
@@ -121,14 +121,46 @@ async def store_ctx(app: web.Application) -> AsyncIterator[None]:
         (s.data_dir / "store").mkdir(parents=True, exist_ok=True)
     objects = await open_store(s.store_uri, s3)
     app[keys.OBJECTS] = objects
+    if isinstance(objects, LocalObjectStore):  # writers killed midway leave temporary files
+        removed = await asyncio.to_thread(objects.collect_temporaries, ORPHAN_TEMP_SECONDS)
+        log.info(
+            "store %s: removed %d orphaned temporary file(s) older than %g s",
+            objects.description,
+            removed,
+            ORPHAN_TEMP_SECONDS,
+        )
     yield
     await objects.close()
 
 
 async def marketdata_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[keys.SETTINGS]
-    app[keys.MARKETDATA] = MarketData(SnapshotStore(app[keys.OBJECTS], s.marketdata.cache_entries), app[keys.METRICS])
+    store = SnapshotStore(app[keys.OBJECTS], s.marketdata.cache_entries)
+    app[keys.MARKETDATA] = MarketData(store, app[keys.METRICS])
+    await _repair_latest_refs(store)
     yield
+
+
+async def _repair_latest_refs(store: SnapshotStore) -> None:
+    """Move every namespace's latest ref forward over snapshots whose writer died before
+    moving it. Best effort: a store that cannot be read now is logged, not fatal (a
+    repeated PUT, or the next start, repairs it)."""
+    try:
+        report = await store.repair()
+    except Exception:
+        log.exception("market data: the latest refs were not checked (the store could not be read)")
+        return
+    for ns, record in report.moved.items():
+        log.warning(
+            "market data %s: refs/latest was behind a stored snapshot (a writer stopped before moving it); "
+            "moved forward to %s as of %s",
+            ns,
+            iso(record.val_datetime),
+            iso(record.data_asof),
+        )
+    for ns, problem in report.problems.items():
+        log.error("market data %s: refs/latest not checked: %s", ns, problem)
+    log.info("market data: checked the latest ref of %d namespace(s), moved %d", report.checked, len(report.moved))
 
 
 async def models_ctx(app: web.Application) -> AsyncIterator[None]:

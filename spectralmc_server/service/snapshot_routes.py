@@ -15,10 +15,10 @@ import re
 from datetime import datetime
 
 from aiohttp import web
-from pydantic import AwareDatetime, TypeAdapter, ValidationError
 
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotConflict, SnapshotRecord, iso, utc
+from spectralmc_server.rfc3339 import DATETIME_FORMAT, parse_datetime
 from spectralmc_server.service import keys
 from spectralmc_server.service.auth import MARKETDATA_REALM, require_token
 from spectralmc_server.service.errors import Conflict, Invalid, NotFound
@@ -26,7 +26,6 @@ from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import NAMESPACE_PATTERN
 
 routes = web.RouteTableDef()
-_DATETIME: TypeAdapter[datetime] = TypeAdapter(AwareDatetime)
 MAX_LIST = 1000
 
 
@@ -41,13 +40,14 @@ def _namespace(request: web.Request) -> str:
 
 
 def _when(raw: str, field: str) -> datetime:
+    """A time in a path segment or query parameter: RFC 3339 only (no Unix seconds)."""
     try:
-        return utc(_DATETIME.validate_python(raw))
-    except (ValidationError, ValueError, OverflowError):
-        raise Invalid(
-            f"{field} must be an ISO 8601 time with a zone",
-            details=[{"field": field, "reason": f"expected e.g. 2026-11-26T16:00:00Z (got {raw!r})"}],
-        ) from None
+        return utc(parse_datetime(raw))
+    except OverflowError:
+        reason = f"out of range once converted to UTC (got {raw!r})"
+    except ValueError as exc:
+        reason = f"{exc} (got {raw!r})"
+    raise Invalid(f"{field} must be {DATETIME_FORMAT}", details=[{"field": field, "reason": reason}])
 
 
 def authorize_write(request: web.Request) -> None:

@@ -35,9 +35,10 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from aiohttp import WSCloseCode, WSMsgType, web
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.rfc3339 import DateTime
 from spectralmc_server.service.errors import APIError, NoMarketData, Unavailable
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
@@ -66,7 +67,7 @@ class Subscribe(BaseModel):
     op: Literal["subscribe"]
     id: str = Field(min_length=1, max_length=128)
     namespace: str = Field("default", pattern=NAMESPACE_PATTERN)
-    val_datetime: AwareDatetime | None = None  # None: the namespace's latest snapshot
+    val_datetime: DateTime | None = None  # None: the namespace's latest snapshot
     contracts: list[Contract] | None = Field(None, min_length=1)
     topic: str | None = Field(None, min_length=1, max_length=64)
     measures: list[Measure] = Field(default_factory=_default_measures, min_length=1)

@@ -30,6 +30,7 @@ from typing import Protocol
 
 KEY_RE = re.compile(r"[A-Za-z0-9_\-][A-Za-z0-9_.\-]*(/[A-Za-z0-9_\-][A-Za-z0-9_.\-]*)*")
 MAX_PAGE = 1000
+ORPHAN_TEMP_SECONDS = 300.0  # a local store's temporary file this old has no live writer (see collect_temporaries)
 
 
 class StoreError(Exception):
@@ -226,8 +227,8 @@ class LocalObjectStore:
                     sub = key + "/"
                     if not (sub.startswith(prefix) or prefix.startswith(sub)):
                         continue
-                    if start_after is not None and sub < start_after[: len(sub)]:
-                        continue
+                    if start_after is not None and (sub < start_after[: len(sub)] or start_after >= sub + "~"):
+                        continue  # every key below sub sorts before start_after ('~' follows every key character)
                     if walk(Path(entry.path), sub):
                         return True
                 elif key.startswith(prefix) and (start_after is None or key > start_after):
@@ -269,7 +270,13 @@ class LocalObjectStore:
         return None
 
     def collect_temporaries(self, older_than_seconds: float = 3600.0) -> int:
-        """Remove temporary files left by writers that died; returns how many."""
+        """Remove temporary files left by writers that died; returns how many.
+
+        Only files not written for ``older_than_seconds`` go: a live writer (in this
+        process or another one sharing the directory) writes, fsyncs and links or
+        renames its temporary file within moments, and its mtime moves while it writes,
+        so a file minutes old has no writer left. Servers run this when they open the
+        store (with :data:`ORPHAN_TEMP_SECONDS`), and GC with its grace period."""
         cutoff = time.time() - older_than_seconds
         removed = 0
         for p in self._tmp.glob("*.part"):

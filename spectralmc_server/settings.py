@@ -21,7 +21,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
 from spectralmc_server.engine.kernels import KernelPolicy
-from spectralmc_server.service.schemas import Contract, Measure
+from spectralmc_server.service.schemas import MAX_CONTRACTS, Contract, Measure
 
 _TOML: ContextVar[dict[str, Any] | None] = ContextVar("spectralmc_settings_toml", default=None)
 
@@ -83,6 +83,12 @@ class StreamSettings(BaseModel):
     min_interval_seconds: float = Field(0.1, gt=0)  # the fastest interval a subscription may ask for
     send_timeout_seconds: float = Field(30.0, gt=0)  # a send blocked this long closes a stalled client
     control_queue: int = Field(256, ge=1)  # queued acks and errors per connection (oldest dropped past it)
+    # Requotes: every subscription due at once is priced in as few queue requests as possible
+    merge_contracts: int = Field(MAX_CONTRACTS, ge=1, le=MAX_CONTRACTS)  # distinct contracts per merged request
+    max_inflight_contracts: int = Field(40_000, ge=1)  # contracts the hub has in the queue at once
+    max_inflight_requests: int = Field(2, ge=1)  # requests the hub has in the queue at once
+    merge_seconds: float = Field(2.0, gt=0)  # after a missed deadline: merged requests sized to take this long
+    overload_retry_seconds: float = Field(10.0, ge=0)  # retry a request the queue refuses (503) this long
 
 
 def _measures(*names: Measure) -> list[Measure]:

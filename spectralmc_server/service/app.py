@@ -330,6 +330,7 @@ async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
                 log.warning("job %s prices, and role %r does not: not scheduled", job.name, s.role)
                 continue
             action = price_action(job, s.portfolios[job.portfolio], market, _pricer(app), hub.publish)
+            hub.declare_topic(job.topic or job.name)  # subscriptions to other topics are refused
         else:
             action = calibrate_action(job, app) if job.derive == "calibrate" else derive_action(job, market)
         schedules[job.name] = Schedule(job.name, job.every_seconds, action, metrics)

@@ -13,7 +13,25 @@ Server messages: ``{"type": "subscribed", ...}``, ``{"type": "quote", "id", "seq
 Quotes are pushed on subscribe, on each new snapshot for the namespace (stored here or,
 found by polling the namespace's latest ref, through another replica), on each model
 version change and every ``interval_seconds``. One hub task computes them in order, so
-seq and data never go backwards; subscriptions asking for the same thing are priced once.
+seq and data never go backwards. A subscription to a topic no price job publishes is
+refused (``not_found``, naming the known topics).
+
+Requotes are merged: every subscription due in one round (new subscriptions, a
+snapshot, a model swap, intervals falling due together) is grouped by what one request
+must share (namespace, val_datetime, data_asof, measures, quantile levels, by reference
+or not), and each group is priced in as few queue requests as possible: at most
+``merge_contracts`` distinct contracts each, identical contracts of many subscriptions
+priced once under a hub-wide id, the answer's rows mapped back to each subscription's
+own ids. Each subscription gets the quote it would have got alone. A request the queue
+refuses as overloaded is retried (after the hub's other requests; a merged one refused
+SPLIT_AFTER times in a row as two halves) with backoff for ``overload_retry_seconds``
+in all; one that fails naming a contract is split (the subscriptions holding it priced
+alone, the rest in halves) so one subscription's bad contract fails only its own
+quote; one that misses its deadline (a costly measure set) is priced again in requests
+sized to take ``merge_seconds`` at the pace it showed, and that measure set's requests
+stay capped until answers show they can grow. The hub holds at most
+``max_inflight_requests`` requests and ``max_inflight_contracts`` contracts in the
+queue at once, so its backlog waits in the hub, not against any request's deadline.
 
 Each connection has one writer task and a bounded send queue: at most one pending
 quote per subscription (a newer one replaces it: ``coalesced``) and at most
@@ -26,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import re
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -39,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.rfc3339 import DateTime
-from spectralmc_server.service.errors import APIError, NoMarketData, Unavailable
+from spectralmc_server.service.errors import APIError, DeadlineExceeded, Invalid, NoMarketData, Unavailable
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.schemas import (
@@ -55,6 +74,10 @@ from spectralmc_server.settings import StreamSettings
 log = logging.getLogger(__name__)
 NOTHING_SEEN = (datetime.min.replace(tzinfo=UTC), datetime.min.replace(tzinfo=UTC))
 Price = Callable[[PriceRequest], Awaitable[dict[str, Any]]]
+RETRY_FIRST_SECONDS = 0.02  # backoff of a merged request the queue refused: doubling from this
+RETRY_MAX_SECONDS = 1.0  # ... up to this (the queue's own Retry-After is 1 s by default)
+SPLIT_AFTER = 3  # refusals in a row after which a merged request is retried as two halves
+CONTRACT_FIELD = re.compile(r"^contracts\[(\d+)\]")
 
 
 def _default_measures() -> list[Measure]:
@@ -110,16 +133,89 @@ class ClientMessage(BaseModel):
 
 
 @dataclass(eq=False)
+class Interned:
+    """One distinct contract (its terms without the id), shared by every subscription
+    holding it; ``contract`` is it under the hub's id, unique among live contracts, so
+    merged requests hold it once."""
+
+    key: bytes
+    contract: Contract
+    refs: int = 0
+
+
+@dataclass(eq=False)
 class Subscription:
     spec: Subscribe
     fingerprint: bytes  # equal for subscriptions that ask for the same quotes
     needs_market: bool
+    entries: tuple[Interned, ...] = ()  # spec.contracts[i] is entries[i] under the subscription's id
     seq: int = 0
     ticker: asyncio.Task[None] | None = None
 
     @property
     def id(self) -> str:
         return self.spec.id
+
+
+Item = tuple["Connection", Subscription, str]  # a subscription due for a quote, and why
+GroupKey = tuple[str, datetime | None, datetime | None, tuple[str, ...], tuple[float, ...] | None, bool]
+
+
+class InflightBudget:
+    """How much of the valuation queue the hub holds at once: at most ``max_requests``
+    requests and ``max_contracts`` contracts (a larger request waits until it is alone).
+    A request acquired ``alone`` waits for the others (and goes before any that come
+    after it) and holds the queue to itself, so its time is its own."""
+
+    def __init__(self, max_requests: int, max_contracts: int) -> None:
+        self.max_requests = max_requests
+        self.max_contracts = max_contracts
+        self.requests = 0
+        self.contracts = 0
+        self.alone = False
+        self.waiting_alone = 0
+        self._freed = asyncio.Event()
+
+    def _fits(self, n: int, alone: bool) -> bool:
+        if self.requests == 0:
+            return alone or self.waiting_alone == 0
+        if alone or self.alone or self.waiting_alone:
+            return False
+        return self.requests < self.max_requests and self.contracts + n <= self.max_contracts
+
+    async def acquire(self, n: int, alone: bool = False) -> None:
+        self.waiting_alone += alone
+        try:
+            while not self._fits(n, alone):
+                self._freed.clear()
+                await self._freed.wait()
+        finally:
+            self.waiting_alone -= alone
+            self._freed.set()  # those waiting behind it look again
+        self.requests += 1
+        self.contracts += n
+        self.alone = alone
+
+    def release(self, n: int) -> None:
+        self.requests -= 1
+        self.contracts -= n
+        self.alone = False
+        self._freed.set()
+
+
+@dataclass
+class Retry:
+    """What the queue refused as overloaded, retried: one merged request and the parts
+    it is split into share one limit (``overload_retry_seconds`` from the first refusal)
+    and one backoff."""
+
+    give_up: float | None = None
+    delay: float = RETRY_FIRST_SECONDS
+
+
+class SplitRefused(Exception):  # noqa: N818
+    """A merged request refused SPLIT_AFTER times in a row: smaller ones may fit (a queue
+    that admits by estimated cost takes a smaller request sooner)."""
 
 
 def _field(path: str) -> str:
@@ -242,6 +338,15 @@ class StreamHub:
         self._wake = asyncio.Event()
         self._seen: dict[str, tuple[datetime, datetime]] = {}  # namespace -> latest key seen
         self._trigger_time: float | None = None
+        self.declared: set[str] = set()  # topics the price jobs publish
+        self._interned: dict[bytes, Interned] = {}  # the distinct contracts of live subscriptions
+        self._next_id = 0
+        self._budget = InflightBudget(settings.max_inflight_requests, settings.max_inflight_contracts)
+        self.queue_requests = 0  # requests the hub submitted to the queue (each retry counted)
+        # (measures, quantile levels, by reference) -> distinct contracts per merged request,
+        # for a measure set whose merged request missed its deadline
+        self._caps: dict[tuple[tuple[str, ...], tuple[float, ...] | None, bool], int] = {}
+        self.overload_retries = 0  # of which retries after an 'overloaded' refusal
 
     # -- triggers (called on the loop; none of them blocks) --------------------------------
 
@@ -268,6 +373,34 @@ class StreamHub:
     @property
     def subscriptions(self) -> int:
         return sum(len(c.subs) for c in self.connections)
+
+    @property
+    def distinct_contracts(self) -> int:
+        """Distinct contract terms held by live subscriptions (each priced once per round)."""
+        return len(self._interned)
+
+    def declare_topic(self, topic: str) -> None:
+        """A price job publishes ``topic``: subscriptions to it are accepted."""
+        self.declared.add(topic)
+
+    @property
+    def known_topics(self) -> set[str]:
+        return self.declared | self.topics.keys()
+
+    def _intern(self, contract: Contract) -> Interned:
+        key = orjson.dumps(contract.model_dump(mode="json", exclude={"id"}), option=orjson.OPT_SORT_KEYS)
+        entry = self._interned.get(key)
+        if entry is None:
+            self._next_id += 1
+            entry = self._interned[key] = Interned(key, contract.model_copy(update={"id": f"k{self._next_id}"}))
+        entry.refs += 1
+        return entry
+
+    def _release(self, sub: Subscription) -> None:
+        for entry in sub.entries:
+            entry.refs -= 1
+            if entry.refs == 0 and self._interned.get(entry.key) is entry:
+                del self._interned[entry.key]
 
     # -- the hub's tasks --------------------------------------------------------------------
 
@@ -318,13 +451,12 @@ class StreamHub:
                 elif latest.sort_key() > seen:
                     self.snapshot_stored(latest)
 
-    async def requote(self, work: list[tuple[Connection, Subscription, str]]) -> None:
-        """Price each distinct subscription once and queue the quote on every connection."""
+    async def requote(self, work: list[Item]) -> None:
+        """Quote every subscription in ``work``: grouped by what one request must share,
+        each group priced in as few merged queue requests as possible, and every
+        subscription's quote queued on its connection."""
         if not work:
             return
-        groups: dict[bytes, list[tuple[Connection, Subscription, str]]] = {}
-        for item in work:
-            groups.setdefault(item[1].fingerprint, []).append(item)
         latest: dict[str, SnapshotRecord | None] = {}
         failed: dict[str, APIError] = {}
         for _, sub, _ in work:
@@ -344,36 +476,257 @@ class StreamHub:
             elif seen is None or record.sort_key() > seen:
                 self._seen[ns] = record.sort_key()
 
-        async def one(members: list[tuple[Connection, Subscription, str]]) -> None:
-            spec = members[0][1].spec
-            try:
-                if members[0][1].needs_market and spec.val_datetime is None:
-                    if spec.namespace in failed:
-                        raise failed[spec.namespace]
-                    record = latest.get(spec.namespace)
-                    if record is None:
-                        raise NoMarketData(f"no market-data snapshot in namespace {spec.namespace!r} yet")
-                    request = spec.price_request(record.val_datetime, record.data_asof)
-                else:
-                    request = spec.price_request(spec.val_datetime, None)
-                answer = await self.price(request)
-            except APIError as exc:
+        # group key -> fingerprint -> the subscriptions asking exactly that
+        groups: dict[GroupKey, dict[bytes, list[Item]]] = {}
+        for item in work:
+            conn, sub, _ = item
+            spec = sub.spec
+            val_datetime, data_asof = spec.val_datetime, None
+            if sub.needs_market and spec.val_datetime is None:
+                err = failed.get(spec.namespace)
+                record = latest.get(spec.namespace)
+                if err is None and record is None:
+                    err = NoMarketData(f"no market-data snapshot in namespace {spec.namespace!r} yet")
+                if err is not None:
+                    conn.error(sub.id, err.code, err.message, err.details)
+                    continue
+                assert record is not None
+                val_datetime, data_asof = record.val_datetime, record.data_asof
+            levels = None if spec.quantile_levels is None else tuple(spec.quantile_levels)
+            key = (spec.namespace, val_datetime, data_asof, tuple(spec.measures), levels, sub.needs_market)
+            groups.setdefault(key, {}).setdefault(sub.fingerprint, []).append(item)
+        await asyncio.gather(*(self._group(key, list(prints.values())) for key, prints in groups.items()))
+
+    def _limit(self, key: GroupKey) -> int:
+        """Distinct contracts per merged request of this group: ``merge_contracts``, or
+        less for a measure set whose requests have missed their deadline (see _learn)."""
+        return min(self.settings.merge_contracts, self._caps.get(key[3:], self.settings.merge_contracts))
+
+    async def _group(self, key: GroupKey, prints: list[list[Item]], below: int | None = None) -> None:
+        """One group's fingerprint groups in merged requests of at most ``_limit`` (and
+        fewer than ``below``) distinct contracts each."""
+        jobs: list[asyncio.Task[None]] = []
+        start = 0
+        try:
+            while start < len(prints):
+                limit = self._limit(key) if below is None else min(self._limit(key), below - 1)
+                chunk, start = self._take(prints, start, limit)
+                jobs.append(asyncio.create_task(self._merged(key, chunk)))
+            await asyncio.gather(*jobs)
+        finally:
+            for job in jobs:  # the round was cancelled (shutdown): so are its requests
+                job.cancel()
+
+    @staticmethod
+    def _take(prints: list[list[Item]], start: int, limit: int) -> tuple[list[list[Item]], int]:
+        """Fingerprint groups from ``start`` holding at most ``limit`` distinct contracts
+        (at least one group); the chunk and where the next one starts."""
+        chunk: list[list[Item]] = []
+        held: set[Interned] = set()
+        for i in range(start, len(prints)):
+            fresh = {entry for entry in prints[i][0][1].entries if entry not in held}
+            if chunk and len(held) + len(fresh) > limit:
+                break
+            chunk.append(prints[i])
+            held |= fresh
+        return chunk, start + len(chunk)
+
+    async def _merged(self, key: GroupKey, chunk: list[list[Item]], retry: Retry | None = None) -> None:
+        """Price the fingerprint groups of ``chunk`` (one group key) in one request: each
+        distinct contract once under its hub id, the rows handed back under each
+        subscription's own ids."""
+        if len(chunk) == 1:
+            await self._alone(key, chunk[0], retry)
+            return
+        namespace, val_datetime, data_asof, _, _, _ = key
+        index: dict[Interned, int] = {}
+        for members in chunk:
+            for entry in members[0][1].entries:
+                index.setdefault(entry, len(index))
+        spec = chunk[0][0][1].spec
+        try:
+            request = PriceRequest.model_validate(
+                {
+                    "namespace": namespace,
+                    "val_datetime": val_datetime,
+                    "data_asof": data_asof,
+                    "measures": spec.measures,
+                    "quantile_levels": spec.quantile_levels,
+                    "contracts": [entry.contract for entry in index],
+                }
+            )
+        except ValidationError:  # each subscription validated alone: price them apart
+            await self._split(key, chunk, None)
+            return
+        retry = retry or Retry()
+        try:
+            answer = await self._price(request, key, retry, split=True)
+        except SplitRefused:
+            await self._split(key, chunk, None, retry)
+            return
+        except DeadlineExceeded as exc:
+            if len(index) > 1:  # smaller requests, sized by the time this one took (_learn)
+                await self._group(key, chunk, below=len(index))
+                return
+            for members in chunk:
                 for conn, sub, _ in members:
                     conn.error(sub.id, exc.code, exc.message, exc.details)
+            return
+        except APIError as exc:
+            culprit = self._culprit(exc, list(index))
+            if culprit is not False:  # it names a contract: only its holders may fail
+                await self._split(key, chunk, culprit)
                 return
-            except ValidationError as exc:
+            for members in chunk:
                 for conn, sub, _ in members:
-                    conn.error(sub.id, "invalid", "the subscription cannot be priced", format_validation_error(exc))
-                return
-            for conn, sub, reason in members:
-                if conn.subs.get(sub.id) is not sub:
-                    continue  # unsubscribed meanwhile
-                sub.seq += 1
-                conn.offer_quote(
-                    sub.id, orjson.dumps({"type": "quote", "id": sub.id, "seq": sub.seq, "reason": reason, **answer})
-                )
+                    conn.error(sub.id, exc.code, exc.message, exc.details)
+            return
+        rows: list[dict[str, Any]] = answer["results"]
+        # A response names the model of each process that answered a row with the network
+        # (rows name the process), in process-name order; a subscription's quote names
+        # those of its own rows. Models are named after their process unless configured
+        # otherwise; then the order tells which is which.
+        learned = sorted({row["model"] for row in rows if row["method"] == "cvnn"})
+        identities = list(answer["models"].items())
+        if len(learned) != len(identities):
+            log.warning("merged answer names models %s for processes %s: pricing apart", answer["models"], learned)
+            await asyncio.gather(*(self._alone(key, members) for members in chunk))
+            return
+        if set(answer["models"]) == set(learned):
+            model_of = {proc: (proc, answer["models"][proc]) for proc in learned}
+        else:
+            model_of = dict(zip(learned, identities, strict=True))
+        for members in chunk:
+            sub = members[0][1]
+            mine = zip(sub.entries, sub.spec.contracts or (), strict=True)
+            own = [{**rows[index[entry]], "id": c.id} for entry, c in mine]
+            used = {row["model"] for row in own if row["method"] == "cvnn"}
+            models = {name: identity for proc, (name, identity) in model_of.items() if proc in used}
+            self._deliver(members, {**answer, "results": own, "models": models})
 
-        await asyncio.gather(*(one(m) for m in groups.values()))
+    @staticmethod
+    def _culprit(exc: APIError, contracts: list[Interned]) -> Interned | Literal[False] | None:
+        """For a request-level failure naming a contract (422 with ``contracts[i]``): the
+        contract (None when the index is not one); False for a failure that every
+        subscription of the request would have alone (no snapshot, overloaded, ...)."""
+        if not isinstance(exc, Invalid):
+            return False
+        fields = [str(d.get("field") or "") for d in exc.details]
+        if not any(f.startswith("contracts") for f in fields):
+            return False
+        for f in fields:
+            m = CONTRACT_FIELD.match(f)
+            if m is not None and int(m.group(1)) < len(contracts):
+                return contracts[int(m.group(1))]
+        return None
+
+    async def _split(
+        self, key: GroupKey, chunk: list[list[Item]], culprit: Interned | None, retry: Retry | None = None
+    ) -> None:
+        """A merged request failed for one of its subscriptions (or was refused again and
+        again): those holding the contract it named are priced alone (each gets exactly
+        its own answer) and the rest in two halves, so k bad subscriptions cost
+        O(k log n) requests."""
+        suspects = [m for m in chunk if culprit is not None and culprit in m[0][1].entries]
+        rest = [m for m in chunk if not (culprit is not None and culprit in m[0][1].entries)]
+        jobs = [self._alone(key, members) for members in suspects]
+        if len(rest) > 1:
+            half = len(rest) // 2
+            jobs += [self._merged(key, rest[:half], retry), self._merged(key, rest[half:], retry)]
+        elif rest:
+            jobs.append(self._alone(key, rest[0], retry))
+        await asyncio.gather(*jobs)
+
+    async def _alone(self, key: GroupKey, members: list[Item], retry: Retry | None = None) -> None:
+        """Subscriptions asking for the same thing: their own request, as if alone."""
+        _, val_datetime, data_asof, _, _, _ = key
+        try:
+            request = members[0][1].spec.price_request(val_datetime, data_asof)
+            answer = await self._price(request, key, retry or Retry())
+        except APIError as exc:
+            for conn, sub, _ in members:
+                conn.error(sub.id, exc.code, exc.message, exc.details)
+            return
+        except ValidationError as exc:
+            for conn, sub, _ in members:
+                conn.error(sub.id, "invalid", "the subscription cannot be priced", format_validation_error(exc))
+            return
+        self._deliver(members, answer)
+
+    async def _price(self, request: PriceRequest, key: GroupKey, retry: Retry, split: bool = False) -> dict[str, Any]:
+        """One queue request within the hub's in-flight budget, its time learned (_learn).
+        Refused as overloaded, it is retried alone (after the hub's other requests: an
+        idle queue admits even a request it deems costly) with ``retry``'s backoff, from
+        RETRY_FIRST_SECONDS doubling to RETRY_MAX_SECONDS, until ``overload_retry_seconds``
+        after its first refusal; then the refusal is the answer. With ``split`` (a merged
+        request), SPLIT_AFTER refusals in a row raise SplitRefused instead."""
+        n = len(request.contracts)
+        loop = asyncio.get_running_loop()
+        alone = False
+        refusals = 0
+        while True:
+            await self._budget.acquire(n, alone=alone)
+            self.queue_requests += 1
+            sent = loop.time()
+            try:
+                answer = await self.price(request)
+            except DeadlineExceeded:
+                self._learn(key, n, loop.time() - sent, missed=True)
+                raise
+            except Unavailable as exc:
+                if exc.code != "overloaded":
+                    raise
+                if retry.give_up is None:
+                    retry.give_up = loop.time() + self.settings.overload_retry_seconds
+                if loop.time() >= retry.give_up:
+                    if self.settings.overload_retry_seconds > 0:
+                        raise Unavailable(
+                            f"{exc.message} (the stream retried for {self.settings.overload_retry_seconds:g} s)",
+                            code="overloaded",
+                        ) from None
+                    raise
+            else:
+                self._learn(key, n, loop.time() - sent)
+                return answer
+            finally:
+                self._budget.release(n)
+            self.overload_retries += 1
+            await asyncio.sleep(min(retry.delay, retry.give_up - loop.time()))
+            retry.delay = min(2 * retry.delay, RETRY_MAX_SECONDS)
+            refusals += 1
+            if split and refusals >= SPLIT_AFTER:
+                raise SplitRefused
+            alone = True
+
+    def _learn(self, key: GroupKey, n: int, seconds: float, *, missed: bool = False) -> None:
+        """A request of ``n`` contracts of this measure set took ``seconds`` (``missed``:
+        and then missed its deadline). A miss caps the set's merged requests at the
+        contracts that take ``merge_seconds`` at that pace (below ``n``: the deadline is
+        well above ``merge_seconds``); an answer within ``merge_seconds`` lets the cap
+        grow to what would take ``merge_seconds`` at its pace. A request's time is a
+        fixed part plus a part per contract, so n * merge_seconds / seconds contracts take
+        at most merge_seconds after an answer that came within it, and answers never
+        shrink the cap: only misses do."""
+        kind = key[3:]
+        target = int(n * self.settings.merge_seconds / max(seconds, 1e-9))
+        cap = self._caps.get(kind)
+        if missed:
+            self._caps[kind] = max(1, min(n - 1, target, self.settings.merge_contracts if cap is None else cap))
+        elif cap is not None and seconds <= self.settings.merge_seconds and target > cap:
+            if target >= self.settings.merge_contracts:
+                del self._caps[kind]
+            else:
+                self._caps[kind] = target
+
+    @staticmethod
+    def _deliver(members: list[Item], answer: dict[str, Any]) -> None:
+        for conn, sub, reason in members:
+            if conn.subs.get(sub.id) is not sub:
+                continue  # unsubscribed meanwhile
+            sub.seq += 1
+            conn.offer_quote(
+                sub.id, orjson.dumps({"type": "quote", "id": sub.id, "seq": sub.seq, "reason": reason, **answer})
+            )
 
     def publish(self, topic: str, body: dict[str, Any]) -> int:
         """Send a job's result to every subscription of ``topic``; how many got it."""
@@ -437,8 +790,25 @@ class StreamHub:
                 [{"field": "interval_seconds", "reason": f"at least {s.min_interval_seconds:g} s"}],
             )
             return
+        if spec.topic is not None and spec.topic not in self.known_topics:
+            known = sorted(self.known_topics)
+            listed = ", ".join(repr(t) for t in known) if known else "none (no price job is declared)"
+            conn.error(
+                spec.id,
+                "not_found",
+                f"no price job publishes topic {spec.topic!r}; known topics: {listed}",
+                [{"field": "topic", "reason": "no price job publishes it", "known": known}],
+            )
+            return
+        if spec.contracts is not None:
+            try:  # what /v1/price would refuse for the whole request, refused now
+                spec.price_request(spec.val_datetime, None)
+            except ValidationError as exc:
+                conn.error(spec.id, "invalid", "the subscription cannot be priced", format_validation_error(exc))
+                return
         needs = any(not c.is_explicit for c in spec.contracts or ())
-        sub = Subscription(spec, _fingerprint(spec), needs)
+        entries = tuple(self._intern(c) for c in spec.contracts or ())
+        sub = Subscription(spec, _fingerprint(spec), needs, entries)
         conn.subs[spec.id] = sub
         conn.offer_control("subscribed", {"id": spec.id, "contracts": n, "topic": spec.topic})
         if spec.topic is not None:
@@ -481,6 +851,7 @@ class StreamHub:
             return
         if sub.ticker is not None:
             sub.ticker.cancel()
+        self._release(sub)
         conn.forget(sub_id)  # no quote for it may follow the "unsubscribed"
         conn.offer_control("unsubscribed", {"id": sub_id})
 
@@ -490,6 +861,7 @@ class StreamHub:
         for sub in conn.subs.values():
             if sub.ticker is not None:
                 sub.ticker.cancel()
+            self._release(sub)
         conn.subs.clear()
         if conn.writer is not None:
             conn.writer.cancel()

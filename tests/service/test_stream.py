@@ -545,10 +545,13 @@ async def test_topic_subscription_gets_job_results(make_client: MakeClient) -> N
     assert late["topic"] == "t" and len(late["results"]) == 3, late
     nxt = await recv(ws2)
     assert nxt["reason"] == "job" and nxt["seq"] == 2, nxt
-    # a topic nobody publishes: subscribed, and quiet
+    # a topic no job publishes: refused, naming it and the known topics; nothing subscribed
     await send(ws2, {"op": "subscribe", "id": "other", "topic": "nobody"})
-    ack, _ = await recv_until(ws2, lambda m: m["type"] != "quote")
-    assert ack["type"] == "subscribed" and ack["id"] == "other", ack
+    err, _ = await recv_until(ws2, lambda m: m["type"] != "quote")
+    assert err["type"] == "error" and err["id"] == "other" and err["code"] == "not_found", err
+    assert "'nobody'" in err["message"] and "known topics: 't'" in err["message"], err
+    assert err["details"] == [{"field": "topic", "reason": "no price job publishes it", "known": ["t"]}], err
+    assert connection_with(client, "other") is None
     got = await expect_silence(ws2, 0.6)
     assert all(m["id"] == "late" for m in got), got
     await ws.close()

@@ -40,6 +40,7 @@ def _load(name: str) -> ModuleType:
         "gpu_probe",
         "calibration",
         "variance_reduction",
+        "abuse",
     ],
 )
 def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -33,15 +33,21 @@ def default_data_dir() -> Path:
 
 
 class QueueSettings(BaseModel):
-    """Dynamic batching and back-pressure of the valuation queue."""
+    """Dynamic batching, admission by estimated cost and back-pressure of the valuation
+    queue, and the bounds on calibrations (which go through the same queue)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_batch_contracts: int = Field(4096, ge=1)  # contracts per compute batch
+    max_batch_contracts: int = Field(4096, ge=1)  # contracts per compute job (larger requests are split)
+    max_job_seconds: float = Field(0.1, gt=0, le=10)  # estimated compute per job (and calibration slice)
     max_wait_seconds: float = Field(0.002, ge=0, le=1)  # how long a batch waits to fill
     max_pending_contracts: int = Field(100_000, ge=1)  # beyond this: 503 + Retry-After
     max_pending_requests: int = Field(2048, ge=1)  # ... or beyond this many requests
-    retry_after_seconds: int = Field(1, ge=1)  # the Retry-After of a 503
+    retry_after_seconds: int = Field(1, ge=1)  # the Retry-After of a 503 at these bounds
+    # admitted only if the estimated wait plus own compute is within this share of the deadline
+    admission_fraction: float = Field(0.8, gt=0, le=1)
+    max_calibrations: int = Field(1, ge=1)  # fits queued or running at once; more: 503 + Retry-After
+    max_calibration_quotes: int = Field(2500, ge=8)  # surface nodes one fit takes; more: 422
 
 
 class TrainSettings(BaseModel):

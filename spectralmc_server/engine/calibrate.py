@@ -174,12 +174,16 @@ def calibrate(
     max_iterations: int = 100,
     tolerance: float = 1e-4,
     tangents: TangentCF | None = None,
+    on_iteration: Callable[[int, int], None] | None = None,
 ) -> CalibrationResult:
     """Levenberg-Marquardt fit of ``process``'s parameters (named by ``bounds``, in the
     process's order) to ``quotes``; stops when a step improves the sum of squares by
     less than ``tolerance`` relative, or after ``max_iterations`` accepted or rejected
     steps. ``tangents``, where given, supplies the CF's derivatives in one pass (the
-    learned network's); otherwise they come from ``torch.func.jacfwd`` through ``cf``."""
+    learned network's); otherwise they come from ``torch.func.jacfwd`` through ``cf``.
+    ``on_iteration(iterations, evaluations)``, where given, is called before each step
+    with the counts so far; an exception it raises stops the fit (a deadline, a pause
+    point for a caller that runs the fit in slices)."""
     t0 = time.perf_counter()
     names = process.param_names
     if tuple(b.name for b in bounds) != names:
@@ -261,6 +265,8 @@ def calibrate(
     iterations = 0
     converged = False
     while iterations < max_iterations:
+        if on_iteration is not None:
+            on_iteration(iterations, evaluations)
         iterations += 1
         a = jac.T @ jac
         g = jac.T @ r

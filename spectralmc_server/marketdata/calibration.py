@@ -162,8 +162,10 @@ def calibrate_snapshot(
     *,
     allow_arbitrage: bool = False,
     max_iterations: int = 100,
+    on_iteration: Callable[[int, int], None] | None = None,
 ) -> CalibrationReport:
-    """Fit ``process_name`` to ``underlying``'s surface (see the module docstring)."""
+    """Fit ``process_name`` to ``underlying``'s surface (see the module docstring);
+    ``on_iteration`` is the optimiser's hook (engine/calibrate.py)."""
     if process_name not in CALIBRATABLE:
         raise SurfaceError(f"calibration supports {', '.join(CALIBRATABLE)}, not {process_name!r}")
     process = get_process(process_name)
@@ -201,7 +203,15 @@ def calibrate_snapshot(
     start = heston_start(quotes, bounds)
     try:
         result = calibrate(
-            cf, process, spectrum, quotes, bounds, start, max_iterations=max_iterations, tangents=tangents
+            cf,
+            process,
+            spectrum,
+            quotes,
+            bounds,
+            start,
+            max_iterations=max_iterations,
+            tangents=tangents,
+            on_iteration=on_iteration,
         )
     except CalibrationError as exc:
         raise SurfaceError(str(exc)) from None

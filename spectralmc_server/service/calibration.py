@@ -5,6 +5,12 @@ worker (torch never runs on the event loop) through the served learned model, an
 store the fitted parameter set as a derived snapshot: the input with
 ``model_params[underlying][process]`` replaced, under the same val_datetime with a
 later data_asof, with its lineage (the input's key and hash, the model version used).
+
+A fit goes through the valuation queue like pricing: admitted by its estimated cost,
+at most ``queue.max_calibrations`` at once, run in slices of about
+``queue.max_job_seconds`` between which pricing jobs run, and stopped between
+iterations once its deadline (``X-Request-Timeout`` or the default) has passed. A
+surface of more than ``queue.max_calibration_quotes`` nodes is refused (422).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid
 from spectralmc_server.service.jobs import Unchanged, derive_input
+from spectralmc_server.service.routes import _timeout as request_timeout
 from spectralmc_server.service.routes import json_response, read_json, require_serving, validate
 from spectralmc_server.service.schemas import CalibrateRequest
 from spectralmc_server.service.snapshot_routes import authorize_write
@@ -37,18 +44,47 @@ async def fit(
     *,
     allow_arbitrage: bool = False,
     max_iterations: int = 100,
+    timeout: float | None = None,
+    connected: Callable[[], bool] = lambda: True,
 ) -> CalibrationReport:
-    """Calibrate on the compute worker; a bad surface is a 422 naming the reason."""
+    """Calibrate on the compute worker through the queue (see the module docstring); a
+    bad or too large surface is a 422 naming the reason, a fit past its deadline (default
+    ``request_timeout_seconds``) a 504."""
+    settings = app[keys.SETTINGS]
+    metrics = app[keys.METRICS]
     served = app[keys.HOST].snapshot().get(process)
+    surface = snapshot.vol_surfaces.get(underlying)
+    limit = settings.queue.max_calibration_quotes
+    quotes = 0 if surface is None else len(surface.expiries_years) * len(surface.strikes)
+    if quotes > limit:
+        metrics.calibrations.labels(process, "rejected").inc()
+        reason = (
+            f"the {underlying} surface has {quotes} nodes; a fit takes at most {limit} (queue.max_calibration_quotes)"
+        )
+        raise Invalid(reason, details=[{"field": "underlying", "reason": reason}])
 
-    def run() -> CalibrationReport:
+    def run(on_iteration: Callable[[int, int], None]) -> CalibrationReport:
         return calibrate_snapshot(
-            snapshot, underlying, process, served, allow_arbitrage=allow_arbitrage, max_iterations=max_iterations
+            snapshot,
+            underlying,
+            process,
+            served,
+            allow_arbitrage=allow_arbitrage,
+            max_iterations=max_iterations,
+            on_iteration=on_iteration,
         )
 
-    metrics = app[keys.METRICS]
+    future = app[keys.QUEUE].submit_fit(
+        run,
+        process=process,
+        method="reference" if served is None else "cvnn",
+        quotes=max(quotes, 1),
+        max_iterations=max_iterations,
+        timeout=settings.request_timeout_seconds if timeout is None else timeout,
+        connected=connected,
+    )
     try:
-        report = await app[keys.WORKER].submit(run)
+        report = await future
     except SurfaceError as exc:
         metrics.calibrations.labels(process, "rejected").inc()
         raise Invalid(str(exc), details=[{"field": "underlying", "reason": str(exc)}]) from None
@@ -122,7 +158,9 @@ async def calibrate_route(request: web.Request) -> web.Response:
     req: CalibrateRequest = validate(CalibrateRequest, await read_json(request))
     if req.store:
         authorize_write(request)
+    timeout = request_timeout(request)
     record, snapshot = await app[keys.MARKETDATA].resolve(req.namespace, req.val_datetime, req.data_asof)
+    transport = request.transport
     report = await fit(
         app,
         snapshot,
@@ -130,6 +168,8 @@ async def calibrate_route(request: web.Request) -> web.Response:
         req.process,
         allow_arbitrage=req.allow_arbitrage,
         max_iterations=req.max_iterations,
+        timeout=timeout,
+        connected=lambda: transport is not None and not transport.is_closing(),
     )
     body: dict[str, Any] = {"market_data": record.describe(), **report.describe(), "stored": None}
     if req.store:

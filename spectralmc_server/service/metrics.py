@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -21,6 +21,15 @@ from spectralmc_server.engine.device import BudgetReport
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+DROP_REASONS = (
+    "overloaded",
+    "estimated_wait",
+    "too_costly",
+    "calibration_limit",
+    "deadline",
+    "disconnected",
+    "shutting_down",
+)
 
 
 @dataclass
@@ -200,8 +209,20 @@ class Metrics:
         )
         self.dropped = Counter(
             "spectralmc_requests_dropped",
-            "Requests not computed: overloaded, deadline, disconnected, shutting_down",
+            "Requests not computed: overloaded (queue bounds), estimated_wait (would miss its deadline), "
+            "too_costly (own compute over its deadline), calibration_limit, deadline, disconnected, shutting_down",
             ["reason"],
+            registry=r,
+        )
+        self.queue_estimated_wait = Gauge(
+            "spectralmc_queue_estimated_wait_seconds",
+            "Estimated wait before a new request's own compute starts (queued and in-flight work, a training step)",
+            registry=r,
+        )
+        self.queue_unit_seconds = Gauge(
+            "spectralmc_queue_unit_cost_seconds",
+            "Learned compute per contract (per quote-evaluation for fits) by cost class",
+            ["process", "method", "tier"],
             registry=r,
         )
         self.engine_failures = Counter(
@@ -213,7 +234,7 @@ class Metrics:
             buckets=STEP_BUCKETS,
             registry=r,
         )
-        for reason in ("overloaded", "deadline", "disconnected", "shutting_down"):
+        for reason in DROP_REASONS:
             self.dropped.labels(reason)
         # market data
         self.snapshots_put = Counter(

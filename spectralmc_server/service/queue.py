@@ -1,13 +1,36 @@
-"""ValuationQueue: dynamic batching in front of the compute worker.
+"""ValuationQueue: admission by estimated cost, dynamic batching and bounded jobs in
+front of the compute worker.
 
-Requests are grouped by (models, namespace, val_datetime, data_asof): one batch prices
-one market-data key with one version of each model. A batch waits at most
-``max_wait_seconds`` to fill and holds at most ``max_batch_contracts`` (a larger
-request is a batch of its own). The queue is bounded: past ``max_pending_requests`` or
-``max_pending_contracts`` a request is refused with 503 and Retry-After instead of
-growing the queue. Work whose client has gone or whose deadline has passed is dropped
-before it is computed. Two batches may be in flight so the worker never idles between
-them; the worker runs them in order, so versions never go backwards.
+Cost. The queue learns what the worker's time goes to: a pricing job costs a fixed
+overhead plus, per contract, the seconds of its cost class (process; method: ``cvnn``
+inside the served model's domain, ``reference`` outside; tier: the heaviest kind of
+measure asked for), a calibration slice costs the seconds per quote-evaluation of its
+class. Every job's measured time updates the estimates (:class:`CostModel`).
+
+Admission. At submit a request's wait is estimated as the work queued and in flight,
+plus one online-training step, plus its own compute. When that exceeds
+``admission_fraction`` of the request's deadline it is refused at once with 503
+``overloaded`` and Retry-After (the seconds until enough of that work has drained)
+instead of waiting to time out. An idle queue admits anything (its jobs are bounded,
+and running it corrects the estimate). The queue is also bounded in requests and
+contracts, and in concurrent calibrations.
+
+Jobs. Requests are grouped by (models, namespace, val_datetime, data_asof): one batch
+prices one market-data key. A job holds at most ``max_batch_contracts`` contracts and
+about ``max_job_seconds`` of estimated compute, so a large request is split into
+chunks priced one after another (at most one in flight per request) and other batches
+run between them. Each request is priced with one snapshot of model versions and one
+resolved market-data snapshot, taken at its first chunk; the chunks' answers are joined
+into the bytes an unsplit answer has (the engine is batch-invariant). A calibration runs
+as a :class:`~spectralmc_server.service.worker.SlicedTask`, one slice per job.
+
+Order. Jobs go in arrival order, except that work behind a request that is being split
+(or a calibration) may go first while that request's slack (its deadline, less the work
+that must run before it finishes) covers it: a one-contract request does not wait for a
+20,000-contract one, and the large one still finishes in time. Work whose client has
+gone or whose deadline has passed is dropped before it is computed, and between chunks.
+Two jobs may be in flight so the worker never idles between them; the worker runs them
+in order, so versions never go backwards.
 """
 
 from __future__ import annotations
@@ -15,14 +38,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import re
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from spectralmc_server.engine.pricer import ServedModel
+from spectralmc_server.engine.pricer import PRICE_MEASURES, ServedModel
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.service.errors import (
@@ -38,16 +63,268 @@ from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.schemas import PriceRequest
 from spectralmc_server.service.valuation import RequestError, Valuer
-from spectralmc_server.service.worker import ComputeWorker, EngineDead
+from spectralmc_server.service.worker import ComputeWorker, EngineDead, SlicedTask
 from spectralmc_server.settings import QueueSettings
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 GroupKey = tuple[tuple[str, ...], str, datetime | None, datetime | None]
+ClassKey = tuple[str, str, str]  # (process, method, tier)
+Resolved = tuple[SnapshotRecord, MarketSnapshot]
+IterationHook = Callable[[int, int], None]  # (iterations, evaluations) so far
+
+SLOTS = 2  # jobs in flight
+MAX_PRESSURE = 4.0  # the most a job overrunning its estimate scales the queue's by
+HICCUP_SECONDS = 0.02  # an overrun shorter than this says nothing
+FILL_WORTH = 10  # a batch waits max_wait_seconds to fill only when its job is shorter than this many times that
+MANY_LEVELS = 8  # more quantile levels than this: tier quantiles_many
+# Starting points of the learned costs (seconds per contract, per quote-evaluation for
+# fits; seconds per job of a tier), on the optimistic side: a class not yet measured gets
+# jobs of at most PROBE_CONTRACTS of its contracts, RAMP times more each job after, so a
+# wrong prior costs a few short jobs (the reference of a process without a closed form
+# is a Monte Carlo, ~0.1 s a contract, hence the small probe there).
+PRIOR_UNIT_SECONDS = {
+    "price": 5e-6,
+    "tangents": 2e-5,
+    "distribution": 4e-5,
+    "quantiles_many": 3e-4,
+    "fit": 5e-5,
+}
+PRIOR_JOB_SECONDS = {"price": 1e-3, "tangents": 3e-3, "distribution": 5e-3, "quantiles_many": 1e-2}
+MAX_RETRY_AFTER = 60
+PRIOR_FIT_EVALUATIONS = 30.0
+PROBE_CONTRACTS = {"cvnn": 64, "reference": 4}
+RAMP = 4  # each job that measures a class may hold RAMP times more of it than the last
+RAMPED = 3  # jobs after which a class's estimate is trusted (no ramp, batched with others)
+# The learned pricer evaluates blocks of 64 rows: a smaller chunk costs as much as 64.
+MIN_CHUNK = {"cvnn": 64, "reference": 1}
+_CONTRACT_FIELD = re.compile(r"^contracts\[(\d+)\]")
+
+
+def group_key(request: PriceRequest) -> GroupKey:
+    models = tuple(sorted({c.process for c in request.contracts}))
+    return models, request.namespace, request.val_datetime, request.data_asof
+
+
+def tier_of(request: PriceRequest) -> str:
+    """The heaviest kind of measure asked for (its cost per contract differs by ~50x)."""
+    m = set(request.measures)
+    if "quantiles" in m and len(request.levels) > MANY_LEVELS:
+        return "quantiles_many"
+    if m & {"stdev", "skew", "kurtosis", "quantiles"}:
+        return "distribution"
+    if m & {"vega", "theta"}:
+        return "tangents"
+    return "price"
+
+
+# -- the cost model ---------------------------------------------------------------------
+
+
+@dataclass
+class _Unit:
+    """One class's seconds per unit: a fast EWMA (what the worker does now) and a slow
+    one (what it does usually), both of log(seconds)."""
+
+    fast: float
+    slow: float
+    samples: int = 0
+    at: float = field(default_factory=time.monotonic)
+
+
+class CostModel:
+    """Worker seconds of a pricing job: per tier of measures in it, a fixed overhead
+    (``PRIOR_JOB_SECONDS``), plus ``sum_k contracts_k * unit_k`` over its cost classes;
+    of a calibration slice: ``evaluations * quotes * unit``.
+
+    After each job its measured time, less the overheads, is shared among its classes
+    in proportion to their estimates (what classes still being measured leave
+    unexplained goes to them), and each class's implied seconds per unit moves
+    its estimates in log space: by ``FAST`` of the way (``SLOW`` for the usual level),
+    each step at most ``STEP`` times (a class's first ``RAMPED`` jobs, which are small,
+    by up to ``FIRST_STEP``), so one stalled job (torch's first call, a burst that holds
+    the GIL) moves it only so far. The estimate is the fast one, relaxing toward the
+    usual level with a half-life of ``HALF_LIFE`` seconds while the class is not
+    measured: work refused while the worker was slow is admitted again later."""
+
+    FAST = 0.3
+    SLOW = 0.03
+    STEP = 4.0
+    FIRST_STEP = 30.0
+    HALF_LIFE = 10.0
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics
+        self.units: dict[ClassKey, _Unit] = {}
+        self.fit_evaluations = PRIOR_FIT_EVALUATIONS  # mean evaluations of a finished fit
+
+    def _unit(self, key: ClassKey, usual: bool = False) -> float:
+        u = self.units.get(key)
+        if u is None:
+            return PRIOR_UNIT_SECONDS[key[2]]
+        if usual:
+            return math.exp(u.slow)
+        relax = 0.5 ** ((time.monotonic() - u.at) / self.HALF_LIFE)
+        return math.exp(u.slow + (u.fast - u.slow) * relax)
+
+    def unit(self, key: ClassKey) -> float:
+        return self._unit(key)
+
+    def samples(self, key: ClassKey) -> int:
+        """Jobs that have measured this class."""
+        u = self.units.get(key)
+        return 0 if u is None else u.samples
+
+    def overhead(self, tiers: Any) -> float:
+        """The fixed seconds of one job pricing these tiers."""
+        return sum(PRIOR_JOB_SECONDS[t] for t in set(tiers))
+
+    def seconds(self, counts: Mapping[ClassKey, int], *, usual: bool = False) -> float:
+        return sum(n * self._unit(k, usual) for k, n in counts.items())
+
+    def fit_seconds(self, key: ClassKey, evaluations: float, quotes: int, *, usual: bool = False) -> float:
+        return evaluations * quotes * self._unit(key, usual)
+
+    def _update(self, key: ClassKey, implied: float) -> None:
+        u = self.units.get(key)
+        if u is None:
+            prior = math.log(PRIOR_UNIT_SECONDS[key[2]])
+            u = self.units[key] = _Unit(prior, prior)
+        current = math.log(self._unit(key))
+        limit = math.log(self.FIRST_STEP if u.samples < RAMPED else self.STEP)
+        target = min(max(math.log(max(implied, 1e-12)), current - limit), current + limit)
+        if u.samples < RAMPED:  # its first jobs set it
+            u.fast = u.slow = target
+        else:
+            u.fast = current + self.FAST * (target - current)
+            u.slow += self.SLOW * (target - u.slow)
+        u.samples += 1
+        u.at = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.queue_unit_seconds.labels(*key).set(math.exp(u.fast))
+
+    def observe(self, counts: Mapping[ClassKey, int], seconds: float) -> None:
+        """A pricing job with ``counts`` contracts per class took ``seconds``."""
+        parts = {k: n * self._unit(k) for k, n in counts.items() if n > 0}
+        if not parts or not math.isfinite(seconds) or seconds <= 0:
+            return
+        fixed = self.overhead(k[2] for k in parts)
+        work = max(seconds - fixed, 0.1 * seconds)
+        new = {k for k in parts if self.samples(k) < RAMPED}
+        if new and len(new) < len(parts):  # the classes still being measured take the surprise
+            work = max(work - sum(p for k, p in parts.items() if k not in new), 0.05 * work)
+            parts = {k: p for k, p in parts.items() if k in new}
+        total = sum(parts.values())
+        for key, part in parts.items():
+            self._update(key, work * part / total / counts[key])
+
+    def observe_slice(self, key: ClassKey, evaluations: int, quotes: int, seconds: float) -> None:
+        """A calibration slice did ``evaluations`` of ``quotes`` quotes in ``seconds``."""
+        if evaluations > 0 and quotes > 0 and math.isfinite(seconds) and seconds > 0:
+            self._update(key, seconds / (evaluations * quotes))
+
+    def observe_fit(self, evaluations: int) -> None:
+        self.fit_evaluations = 0.8 * self.fit_evaluations + 0.2 * evaluations
+
+
+# -- what is queued ---------------------------------------------------------------------
+
+
+class _Boxes:
+    """Each served model's domain as plain floats (classification runs on the event
+    loop, without torch): which contracts the learned model answers."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, int | None, str], tuple[float, float, tuple[tuple[str, float, float], ...]]] = {}
+
+    def box(self, served: ServedModel) -> tuple[float, float, tuple[tuple[str, float, float], ...]]:
+        key = (served.name, served.version, served.content_hash)
+        got = self._cache.get(key)
+        if got is None:
+            ranges = served.domain.ranges
+            got = (ranges[-1].low, ranges[-1].high, tuple((r.name, r.low, r.high) for r in ranges[:-1]))
+            if len(self._cache) > 64:
+                self._cache.clear()
+            self._cache[key] = got
+        return got
+
+
+def _moneyness_range(served: ServedModel) -> tuple[float, float] | None:
+    bounds = getattr(served.domain, "certified_moneyness", None)
+    if isinstance(bounds, tuple) and len(bounds) == 2:
+        return float(bounds[0]), float(bounds[1])
+    return None
+
+
+def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _Boxes) -> list[tuple[int, ClassKey]]:
+    """The request's contracts as runs ``(end, class)`` in order: the method each is
+    expected to get (inside the domain's box and certified strikes: cvnn). An estimate:
+    contracts by reference count as cvnn, and the engine may still send a contract to the
+    reference (a learned price outside its bounds); measured jobs correct the rest."""
+    tier = tier_of(request)
+    strike_measures = bool(set(request.measures) & set(PRICE_MEASURES))
+    runs: list[tuple[int, ClassKey]] = []
+    current: ClassKey | None = None
+    for i, c in enumerate(request.contracts):
+        served = models.get(c.process)
+        if served is None:
+            method = "reference"
+        elif c.expiry_years is None or c.spot is None:
+            method = "cvnn"  # by reference: resolved later, assumed inside
+        else:
+            lo, hi, ranges = boxes.box(served)
+            t = c.expiry_years
+            inside = lo <= t <= hi
+            params: dict[str, float] | None = None
+            if inside:
+                if len(ranges) == 1 and c.vol is not None:
+                    inside = ranges[0][1] <= c.vol <= ranges[0][2]
+                else:
+                    params = c.process_params()
+                    inside = all(low <= params.get(name, math.nan) <= high for name, low, high in ranges)
+            if inside and strike_measures:
+                kf = _moneyness_range(served)
+                if kf is not None:
+                    carry = (c.rate or 0.0) - (c.dividend or 0.0)
+                    fixings = c.fixings
+                    if fixings is None:
+                        ratio = math.exp(carry * t)
+                    else:  # the average's forward over n equally spaced fixings
+                        step = carry * t / fixings
+                        ratio = (
+                            1.0
+                            if abs(step) < 1e-12
+                            else math.exp(step) * math.expm1(carry * t) / (fixings * math.expm1(step))
+                        )
+                    kappa = c.strike / (c.spot * ratio)
+                    inside = kf[0] <= kappa <= kf[1]
+            method = "cvnn" if inside else "reference"
+        key = (c.process, method, tier)
+        if key != current:
+            if current is not None:
+                runs.append((i, current))
+            current = key
+    assert current is not None  # a request has at least one contract
+    runs.append((len(request.contracts), current))
+    return runs
+
+
+def _counts(runs: list[tuple[int, ClassKey]], start: int, end: int) -> Counter[ClassKey]:
+    out: Counter[ClassKey] = Counter()
+    begin = 0
+    for stop, key in runs:
+        lo, hi = max(begin, start), min(stop, end)
+        if hi > lo:
+            out[key] += hi - lo
+        begin = stop
+        if begin >= end:
+            break
+    return out
 
 
 @dataclass(eq=False)
 class Pending:
-    """One queued request."""
+    """One queued pricing request (priced in one or more chunks)."""
 
     key: GroupKey
     request: PriceRequest
@@ -56,16 +333,104 @@ class Pending:
     deadline: float  # loop time
     connected: Callable[[], bool]
     enqueued: float = field(default_factory=time.perf_counter)
-    needs_market: bool = False  # has contracts by reference: resolved once per batch
+    needs_market: bool = False  # has contracts by reference: resolved once per request
+    runs: list[tuple[int, ClassKey]] = field(default_factory=list)
+    tier: str = "price"  # tier_of(request)
+    margin: float = 0.0  # the share of the deadline admission keeps free
+    next: int = 0  # the first contract not yet sent to the worker
+    busy: bool = False  # a chunk is on the worker
+    queued: bool = True  # in the queue (some of it not yet sent to the worker)
+    closed: bool = False  # answered, failed or dropped
+    slowdown: float = 1.0  # measured / estimated time of its last chunk computed alone (>= 1)
+    chunk: int | None = None  # contracts of its next chunk, from how long the last one took alone
+    parts: list[dict[str, Any]] = field(default_factory=list)
+    models: dict[str, ServedModel] | None = None  # its one snapshot of model versions
+    resolved: Resolved | None = None  # its one market-data snapshot
+
+    def remaining(self) -> Counter[ClassKey]:
+        return _counts(self.runs, self.next, self.contracts)
 
 
-def group_key(request: PriceRequest) -> GroupKey:
-    models = tuple(sorted({c.process for c in request.contracts}))
-    return models, request.namespace, request.val_datetime, request.data_asof
+@dataclass(eq=False)
+class FitItem:
+    """One queued or running calibration, computed in slices."""
+
+    task: SlicedTask[Any]
+    future: asyncio.Future[Any]
+    cls: ClassKey  # (process, method, "fit")
+    quotes: int
+    max_evaluations: int
+    deadline: float  # loop time (= time.monotonic for the hook on the fit's thread)
+    connected: Callable[[], bool]
+    margin: float = 0.0
+    enqueued: float = field(default_factory=time.perf_counter)
+    busy: bool = False
+    queued: bool = True
+    closed: bool = False
+    iterations: int = 0  # written by the fit's thread
+    evaluations: int = 0
+
+
+Item = Pending | FitItem
+
+
+class FitDeadline(Exception):  # noqa: N818
+    """Raised by the iteration hook once a fit's deadline has passed."""
+
+    def __init__(self, iterations: int) -> None:
+        super().__init__(f"deadline passed after {iterations} iterations")
+        self.iterations = iterations
+
+
+@dataclass(eq=False)
+class _Slice:
+    item: Pending
+    start: int
+    end: int
+    counts: Counter[ClassKey]
+
+
+@dataclass(eq=False)
+class _Job:
+    estimate: float  # seconds
+    dispatched: float = field(default_factory=time.perf_counter)
+    started: float | None = None  # perf_counter on the worker
+
+
+def _ceil_seconds(seconds: float) -> int:
+    """A Retry-After: whole seconds, at least 1, at most MAX_RETRY_AFTER."""
+    return min(max(1, math.ceil(seconds - 1e-9)), MAX_RETRY_AFTER) if math.isfinite(seconds) else MAX_RETRY_AFTER
+
+
+def merge_answers(parts: list[dict[str, Any]], models: Mapping[str, ServedModel] | None) -> dict[str, Any]:
+    """A request's chunk answers as the one answer it would have had unsplit: results
+    in order, and the model identities in the order the Valuer writes them (by process)."""
+    if len(parts) == 1:
+        return parts[0]
+    answer = dict(parts[0])
+    results: list[Any] = []
+    identities: dict[str, Any] = {}
+    for part in parts:
+        results.extend(part["results"])
+        for name, identity in part["models"].items():
+            identities.setdefault(name, identity)
+    process_of = {served.name: process for process, served in (models or {}).items()}
+    answer["results"] = results
+    answer["models"] = {k: identities[k] for k in sorted(identities, key=lambda k: (process_of.get(k, k), k))}
+    return answer
+
+
+def _shifted(err: RequestError, offset: int) -> RequestError:
+    """A chunk's error naming ``contracts[i]`` as the request's index."""
+    m = _CONTRACT_FIELD.match(err.field)
+    if m is None or offset == 0:
+        return err
+    return RequestError(f"contracts[{int(m.group(1)) + offset}]{err.field[m.end() :]}", err.reason)
 
 
 class ValuationQueue:
-    """Batches requests for the :class:`ComputeWorker` (run :meth:`run` as a task)."""
+    """Admits, batches and splits work for the :class:`ComputeWorker` (run :meth:`run`
+    as a task)."""
 
     def __init__(
         self,
@@ -80,17 +445,119 @@ class ValuationQueue:
         self.worker = worker
         self.host = host
         self.metrics = metrics
-        self._items: deque[Pending] = deque()
-        self._contracts = 0
-        self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(2)  # batches in flight
+        self.cost = CostModel(metrics)
+        self._boxes = _Boxes()
+        self._items: deque[Item] = deque()
+        self._contracts = 0  # contracts queued, not yet sent to the worker
+        self._queued: Counter[ClassKey] = Counter()  # the same, by cost class
+        self._keys: Counter[GroupKey] = Counter()  # queued requests by batch key
+        self._fits: set[FitItem] = set()  # queued or running
+        self._wake = asyncio.Event()
+        self._jobs: set[_Job] = set()
         self._inflight: set[asyncio.Task[None]] = set()
         self.closed = False
+        self._stopped = False
+        metrics.queue_estimated_wait.set_function(self.estimated_wait)
 
     @property
     def depth(self) -> tuple[int, int]:
-        """Queued requests and contracts (not counting batches already computing)."""
+        """Queued requests (with work not yet sent to the worker) and their contracts."""
         return len(self._items), self._contracts
+
+    # -- estimates ----------------------------------------------------------------------
+
+    def _inflight_seconds(self) -> float:
+        """What is left of the jobs on the worker; a job past its estimate (a burst that
+        keeps the event loop, and so the GIL, busy slows the worker at once, before the
+        learned costs can follow) is assumed to need as long again as it has overrun.
+        The oldest job counts from when it was sent (the worker thread may be waiting
+        for the GIL to take it up)."""
+        now = time.perf_counter()
+        oldest = min(self._jobs, key=lambda j: j.dispatched, default=None)
+        total = 0.0
+        for job in self._jobs:
+            start = job.started if job.started is not None else (job.dispatched if job is oldest else None)
+            if start is None:
+                total += job.estimate
+            else:
+                elapsed = now - start
+                total += max(job.estimate - elapsed, elapsed - job.estimate)
+        return total
+
+    def pressure(self) -> float:
+        """How much slower than estimated the worker runs right now (1 to MAX_PRESSURE):
+        the oldest job's time on the worker (or waiting for the worker thread to take it
+        up) over its estimate, once it overruns by more than a GIL hiccup. A burst that
+        keeps the event loop, and so the GIL, busy slows the worker at once; the learned
+        costs follow only as jobs end."""
+        oldest = min(self._jobs, key=lambda j: j.dispatched, default=None)
+        if oldest is None or oldest.estimate <= 0:
+            return 1.0
+        elapsed = time.perf_counter() - (oldest.started if oldest.started is not None else oldest.dispatched)
+        if elapsed < oldest.estimate + HICCUP_SECONDS:
+            return 1.0
+        return min(elapsed / oldest.estimate, MAX_PRESSURE)
+
+    def _fit_remaining(self, fit: FitItem) -> float:
+        expected = min(max(self.cost.fit_evaluations, 2.0), float(fit.max_evaluations))
+        left = max(expected - fit.evaluations, 2.0)
+        return self.cost.fit_seconds(fit.cls, left, fit.quotes)
+
+    def _queued_seconds(self) -> float:
+        s = self.settings
+        work = self.cost.seconds(self._queued)
+        per_job = max((self.cost.overhead([k[2]]) for k in self._queued), default=0.0)
+        jobs = max(
+            len(self._keys), math.ceil(self._contracts / s.max_batch_contracts), math.ceil(work / s.max_job_seconds)
+        )
+        fits = sum(self._fit_remaining(f) for f in self._fits if not f.closed)
+        return work + jobs * per_job + fits
+
+    def estimated_wait(self) -> float:
+        """Seconds before a new request's own compute would start: the work in flight and
+        queued, and a training step the worker may be in."""
+        return self._inflight_seconds() + self._queued_seconds() * self.pressure() + self.worker.training_delay
+
+    def _item_seconds(self, item: Pending) -> float:
+        return self.cost.seconds(item.remaining()) * item.slowdown
+
+    def _admit(self, own: float, timeout: float, what: str) -> None:
+        """Refuse (503 overloaded, Retry-After) work that would not finish in time: its
+        own estimated compute ``own`` after the estimated wait. With nothing queued or
+        computing anything is admitted: there is nothing to wait for, its jobs are
+        bounded (others interleave), its deadline stops it, and running it corrects the
+        estimate where that was stale."""
+        s = self.settings
+        if not (self._jobs or self._items):
+            return
+        ahead = self.estimated_wait()
+        own *= self.pressure()
+        budget = timeout * s.admission_fraction
+        if ahead + own <= budget:
+            return
+        if own > budget:  # too much even alone: admitted once the queue is idle
+            self.metrics.dropped.labels("too_costly").inc()
+            raise Unavailable(
+                f"overloaded: {what} needs an estimated {own:.3g} s of compute, more than {s.admission_fraction:g} "
+                f"of its {timeout:g} s deadline, and {ahead:.3g} s of work is ahead of it; send a longer "
+                "X-Request-Timeout or smaller requests",
+                _ceil_seconds(ahead),
+                code="overloaded",
+            )
+        self.metrics.dropped.labels("estimated_wait").inc()
+        raise Unavailable(
+            f"overloaded: an estimated {ahead:.3g} s of work is ahead; with its own {own:.3g} s {what} would not "
+            f"finish within {s.admission_fraction:g} of its {timeout:g} s deadline",
+            _ceil_seconds(min(ahead, ahead + own - budget)),
+            code="overloaded",
+        )
+
+    def _check_open(self) -> None:
+        if self.closed:
+            self.metrics.dropped.labels("shutting_down").inc()
+            raise Unavailable("the server is shutting down", self.settings.retry_after_seconds, code="shutting_down")
+
+    # -- submitting ---------------------------------------------------------------------
 
     def submit(
         self, request: PriceRequest, *, timeout: float, connected: Callable[[], bool]
@@ -98,9 +565,7 @@ class ValuationQueue:
         """Queue a validated request; the future resolves to its response dict."""
         s = self.settings
         n = len(request.contracts)
-        if self.closed:
-            self.metrics.dropped.labels("shutting_down").inc()
-            raise Unavailable("the server is shutting down", s.retry_after_seconds, code="shutting_down")
+        self._check_open()
         if len(self._items) >= s.max_pending_requests or self._contracts + n > s.max_pending_contracts:
             self.metrics.dropped.labels("overloaded").inc()
             raise Unavailable(
@@ -109,6 +574,12 @@ class ValuationQueue:
                 s.retry_after_seconds,
                 code="overloaded",
             )
+        runs = classify(request, self.host.snapshot(), self._boxes)
+        counts = _counts(runs, 0, n)
+
+        work = self.cost.seconds(counts)
+        jobs = max(math.ceil(n / s.max_batch_contracts), math.ceil(work / s.max_job_seconds))
+        self._admit(work + self.cost.overhead([tier_of(request)]) * jobs, timeout, f"this request ({n} contracts)")
         loop = asyncio.get_running_loop()
         item = Pending(
             group_key(request),
@@ -118,148 +589,532 @@ class ValuationQueue:
             loop.time() + timeout,
             connected,
             needs_market=needs_market_data(request),
+            runs=runs,
+            tier=runs[0][1][2],
+            margin=(1.0 - s.admission_fraction) * timeout,
         )
         self._items.append(item)
         self._contracts += n
-        self._arrived.set()
+        self._queued.update(counts)
+        self._keys[item.key] += 1
+        if self._pump() is not None:  # at once where it can start (the event loop may be busy)
+            self._wake.set()
         return item.future
 
-    def _take(self) -> list[Pending]:
-        """The oldest request's key: every queued request with it, in order, up to the
-        batch limit (a request larger than the limit goes alone)."""
-        first = self._items[0]
-        limit = self.settings.max_batch_contracts
-        batch: list[Pending] = []
-        rest: deque[Pending] = deque()
-        total = 0
-        for item in self._items:
-            if item.key == first.key and (not batch or total + item.contracts <= limit):
-                batch.append(item)
-                total += item.contracts
-            else:
-                rest.append(item)
-        self._items = rest
-        self._contracts -= total
-        return batch
+    def submit_fit(
+        self,
+        fn: Callable[[IterationHook], T],
+        *,
+        process: str,
+        method: str,
+        quotes: int,
+        max_iterations: int,
+        timeout: float,
+        connected: Callable[[], bool],
+    ) -> asyncio.Future[T]:
+        """Queue a calibration: ``fn(on_iteration)`` runs on the worker in slices of about
+        ``max_job_seconds`` (``on_iteration`` is the optimiser's hook: the pause point and
+        the deadline check). At most ``max_calibrations`` at once; the deadline stops it
+        between iterations (504)."""
+        s = self.settings
+        self._check_open()
+        running = [f for f in self._fits if not f.closed]
+        if len(running) >= s.max_calibrations:
+            self.metrics.dropped.labels("calibration_limit").inc()
+            left = sum(self._fit_remaining(f) for f in running)
+            raise Unavailable(
+                f"overloaded: {len(running)} calibration(s) running, the limit is {s.max_calibrations}",
+                _ceil_seconds(left),
+                code="overloaded",
+            )
+        if len(self._items) >= s.max_pending_requests:
+            self.metrics.dropped.labels("overloaded").inc()
+            raise Unavailable(
+                f"overloaded: {len(self._items)} requests queued; the bound is {s.max_pending_requests}",
+                s.retry_after_seconds,
+                code="overloaded",
+            )
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        cls: ClassKey = (process, method, "fit")
+        item: FitItem
 
-    def _live(self, batch: list[Pending]) -> list[Pending]:
-        now = asyncio.get_running_loop().time()
-        live = []
-        for item in batch:
-            if not item.connected():  # first: a handler cancelled on disconnect also cancels its future
-                item.future.cancel()
-                self.metrics.dropped.labels("disconnected").inc()
-            elif item.future.done():  # the handler gave up (deadline) and cancelled it
-                self.metrics.dropped.labels("deadline").inc()
-            elif now >= item.deadline:
-                item.future.set_exception(DeadlineExceeded("the request's deadline passed while it was queued"))
-                self.metrics.dropped.labels("deadline").inc()
-            else:
-                live.append(item)
-        return live
+        def run(checkpoint: Callable[[], None]) -> T:  # on the fit's own thread
+            def hook(iterations: int, evaluations: int) -> None:
+                item.iterations, item.evaluations = iterations, evaluations
+                if time.monotonic() >= deadline:  # the loop's clock (asyncio uses time.monotonic)
+                    raise FitDeadline(iterations)
+                checkpoint()
+
+            return fn(hook)
+
+        future: asyncio.Future[T] = loop.create_future()
+        item = FitItem(
+            SlicedTask(run, name=f"calibration-{process}"),
+            future,
+            cls,
+            quotes,
+            2 * max_iterations + 1,
+            deadline,
+            connected,
+            margin=(1.0 - s.admission_fraction) * timeout,
+        )
+        self._admit(self._fit_remaining(item), timeout, f"this calibration ({quotes} quotes)")
+        self._items.append(item)
+        self._fits.add(item)
+        self._pump()
+        self._wake.set()
+        return future
+
+    # -- choosing the next job ----------------------------------------------------------
+
+    def _retry_after(self) -> dict[str, str]:
+        return {"Retry-After": str(_ceil_seconds(self.estimated_wait()))}
+
+    def _unqueue(self, item: Item) -> None:
+        """``item`` leaves the queue: nothing of it is left to send to the worker."""
+        if not item.queued:
+            return
+        item.queued = False
+        with contextlib.suppress(ValueError):
+            self._items.remove(item)
+        if isinstance(item, Pending):
+            if item.next < item.contracts:
+                self._contracts -= item.contracts - item.next
+                self._queued.subtract(item.remaining())
+                self._queued = +self._queued
+                item.next = item.contracts
+            self._keys[item.key] -= 1
+            if self._keys[item.key] <= 0:
+                del self._keys[item.key]
+
+    def _close(self, item: Item) -> None:
+        """``item`` is done with: answered, failed or dropped."""
+        if item.closed:
+            return
+        item.closed = True
+        self._unqueue(item)
+        if isinstance(item, FitItem):
+            self._fits.discard(item)
+            if not item.task.done:  # let its thread unwind (it raises at its next checkpoint)
+                item.task.cancel()
+                with contextlib.suppress(EngineDead):
+                    self.worker.submit(lambda: item.task.run_slice(0.0))
+
+    def _alive(self, item: Item, now: float) -> bool:
+        """False (and the item settled and counted) when its client has gone, it has
+        been given up on, or its deadline has passed."""
+        if item.closed:
+            return False
+        if not item.connected():  # first: a handler cancelled on disconnect also cancels its future
+            item.future.cancel()
+            self.metrics.dropped.labels("disconnected").inc()
+        elif item.future.done():  # the handler gave up (deadline) and cancelled it
+            self.metrics.dropped.labels("deadline").inc()
+        elif now >= item.deadline:
+            what = "calibration" if isinstance(item, FitItem) else "request"
+            done = (
+                f" after {item.iterations} iterations"
+                if isinstance(item, FitItem)
+                else (f" after {item.next} of {item.contracts} contracts" if item.next else " while it was queued")
+            )
+            item.future.set_exception(
+                DeadlineExceeded(f"the {what}'s deadline passed{done}", headers=self._retry_after())
+            )
+            self.metrics.dropped.labels("deadline").inc()
+        else:
+            return True
+        self._close(item)
+        return False
+
+    def _first_job_seconds(self, item: Item) -> float:
+        if isinstance(item, FitItem):
+            return min(
+                self._fit_remaining(item),
+                max(self.settings.max_job_seconds, self.cost.fit_seconds(item.cls, 2, item.quotes)),
+            )
+        overhead = self.cost.overhead([item.tier])
+        return min(self._item_seconds(item), self.settings.max_job_seconds) + overhead
+
+    def _choose(self) -> tuple[Item, float] | None:
+        """The next job's lead item and the slack it may use (inf: no one to protect):
+        the oldest item, unless it is being split (or computing) and its slack, and that
+        of everything passed, covers a later item's job."""
+        loop_now = asyncio.get_running_loop().time()
+        cum = self._inflight_seconds()
+        slack = math.inf
+        passed = False
+        for item in list(self._items):
+            if not self._alive(item, loop_now):
+                continue
+            if not item.busy:
+                first = self._first_job_seconds(item)
+                if not passed or first <= slack:
+                    return item, slack
+            cum += self._fit_remaining(item) if isinstance(item, FitItem) else self._item_seconds(item)
+            own = item.deadline - loop_now - item.margin - cum
+            if own >= 0:  # one that will be late anyway is not protected (no cascade)
+                slack = min(slack, own)
+            passed = True
+        return None
+
+    def _ramp_cap(self, key: ClassKey) -> int | None:
+        """The most contracts of ``key`` one job may hold while its cost is still being
+        measured (a slow start: PROBE_CONTRACTS, then RAMP times more per job), or None."""
+        samples = self.cost.samples(key)
+        return PROBE_CONTRACTS.get(key[1], 1) * RAMP**samples if samples < RAMPED else None
+
+    def _slice(self, item: Pending, max_contracts: int, max_seconds: float) -> _Slice:
+        """The item's next chunk within the limits (at least one contract)."""
+        start = item.next
+        end = start
+        seconds = 0.0
+        counts: Counter[ClassKey] = Counter()
+        begin = 0
+        for stop, key in item.runs:
+            lo = max(begin, end)
+            begin = stop
+            if stop <= lo:
+                continue
+            method = key[1]
+            unit = self.cost.unit(key) * item.slowdown
+            room = max_seconds - seconds
+            take = min(stop - lo, max_contracts - (end - start), int(room / unit) if unit > 0 else stop - lo)
+            if item.chunk is not None:  # its last chunk's time says better than the estimate
+                take = min(stop - lo, max_contracts - (end - start), item.chunk - (end - start))
+            if end == start:  # at least one block (a job's fixed costs are paid anyway)
+                take = max(take, min(stop - lo, MIN_CHUNK.get(method, 1), max_contracts))
+            cap = self._ramp_cap(key)
+            if cap is not None:
+                take = min(take, cap - counts[key])
+            if take <= 0:
+                break
+            seconds += take * unit
+            counts[key] += take
+            end = lo + take
+            if end < stop:
+                break
+        return _Slice(item, start, end, counts)
+
+    def _plan(self, lead: Pending, slack: float) -> list[_Slice]:
+        """The lead's next chunk, and whole queued requests of its key after it, within
+        the job's limits (and the slack of any request it passes, and the slow start of
+        classes still being measured)."""
+        s = self.settings
+        budget = min(s.max_job_seconds, slack) - self.cost.overhead([lead.tier])
+        first = self._slice(lead, s.max_batch_contracts, max(budget, 0.0))
+        plan = [first]
+        contracts = first.end - first.start
+        seconds = self.cost.seconds(first.counts) * lead.slowdown
+        if contracts >= s.max_batch_contracts or seconds >= budget:
+            return plan
+        classes = Counter(first.counts)
+        loop_now = asyncio.get_running_loop().time()
+        seen_lead = False
+        for item in list(self._items):
+            if item is lead:
+                seen_lead = True
+                continue
+            if not seen_lead or not isinstance(item, Pending) or item.busy or item.key != lead.key or item.next:
+                continue
+            cost = self._item_seconds(item)
+            if contracts + item.contracts > s.max_batch_contracts or seconds + cost > budget:
+                continue
+            wanted = item.remaining()
+            caps = {k: self._ramp_cap(k) for k in wanted}
+            if any(cap is not None and classes[k] + wanted[k] > cap for k, cap in caps.items()):
+                continue
+            if not self._alive(item, loop_now):
+                continue
+            plan.append(_Slice(item, 0, item.contracts, wanted))
+            classes.update(wanted)
+            contracts += item.contracts
+            seconds += cost
+        return plan
+
+    # -- the loop -----------------------------------------------------------------------
 
     async def run(self) -> None:
-        """The batcher loop: forever, until cancelled."""
-        wait = self.settings.max_wait_seconds
+        """The batcher loop: forever, until cancelled. Jobs also start as soon as one
+        ends (:meth:`_pump` from the job's own task), so a busy event loop does not leave
+        the worker idle between jobs."""
         while True:
-            while not self._items:
-                self._arrived.clear()
-                await self._arrived.wait()
-            await self._slots.acquire()
-            if not self._items:  # drained while waiting for a slot
-                self._slots.release()
+            self._wake.clear()
+            fill = self._pump()
+            if fill is not None:
+                await asyncio.sleep(fill)  # let the batch fill
                 continue
-            first = self._items[0]
-            waited = time.perf_counter() - first.enqueued
-            if wait > 0 and waited < wait and self._contracts < self.settings.max_batch_contracts:
-                await asyncio.sleep(wait - waited)
-            batch = self._live(self._take())
-            if not batch:
-                self._slots.release()
+            await self._wake.wait()
+
+    def _pump(self) -> float | None:
+        """Start jobs while a slot is free and work is ready; the seconds to wait for the
+        next batch to fill, or None."""
+        wait = self.settings.max_wait_seconds
+        while len(self._jobs) < SLOTS:
+            chosen = self._choose()
+            if chosen is None:
+                return None
+            lead, slack = chosen
+            if isinstance(lead, FitItem):
+                self._start_slice(lead)
                 continue
-            task = asyncio.create_task(self._compute(batch))
-            self._inflight.add(task)
-            task.add_done_callback(self._inflight.discard)
+            waited = time.perf_counter() - lead.enqueued
+            small = self._first_job_seconds(lead) < FILL_WORTH * wait  # batching it with others pays
+            if small and lead.next == 0 and waited < wait and self._contracts < self.settings.max_batch_contracts:
+                return wait - waited
+            self._start_batch(self._plan(lead, slack))
+        return None
 
-    async def _compute(self, batch: list[Pending]) -> None:
-        try:
-            start = time.perf_counter()
-            for item in batch:
-                self.metrics.queue_wait_seconds.observe(start - item.enqueued)
-            host = self.host
-            resolved = await self._resolve(batch)
-            batch = [i for i in batch if not i.future.done()]
-            failed: dict[int, RequestError] = {}
+    def _start_batch(self, plan: list[_Slice]) -> None:
+        now = time.perf_counter()
+        for sl in plan:
+            item = sl.item
+            if sl.start == 0:
+                self.metrics.queue_wait_seconds.observe(now - item.enqueued)
+            item.busy = True
+            self._contracts -= sl.end - sl.start
+            self._queued.subtract(sl.counts)
+            item.next = sl.end
+            if item.next >= item.contracts:  # all of it is on its way
+                self._unqueue(item)
+        self._queued = +self._queued
+        estimate = self.cost.overhead(sl.item.tier for sl in plan) + sum(
+            self.cost.seconds(sl.counts) * sl.item.slowdown for sl in plan
+        )
+        job = _Job(estimate)
+        self._jobs.add(job)
+        failed: dict[int, RequestError] = {}
+        submitted = None  # to the worker at once, unless market data must be resolved first
+        if not any(sl.item.needs_market and sl.item.resolved is None for sl in plan):
+            submitted = self._submit(plan, job, failed)
+        self._track(job, self._compute(plan, job, submitted, failed))
 
-            def job() -> tuple[list[Pending], list[dict[str, Any]], dict[str, ServedModel], float]:
-                # On the worker, just before computing: the batch may have waited behind a
-                # training step or another batch, and its clients may have gone meanwhile
-                # (reading transport and future state from this thread is a plain read).
-                live = [i for i in batch if i.connected() and not i.future.done()]
-                t0 = time.perf_counter()
-                requests: list[PriceRequest] = []
-                markets: list[dict[str, Any] | None] = []
-                priced: list[Pending] = []
-                for i in live:  # contracts by reference get their inputs from the one snapshot
-                    if i.needs_market and resolved is not None:
-                        try:
-                            requests.append(explicit_request(i.request, *resolved))
-                        except RequestError as exc:
-                            failed[id(i)] = exc
-                            continue
-                        markets.append(resolved[0].key())
-                    else:
-                        requests.append(i.request)
-                        markets.append(None)
-                    priced.append(i)
-                models = host.snapshot()  # one version per model for the whole batch
-                answers = Valuer(models).value_many(requests) if requests else []
-                for answer, market in zip(answers, markets, strict=True):
+    def _start_slice(self, fit: FitItem) -> None:
+        fit.busy = True
+        job = _Job(self._first_job_seconds(fit))
+        self._jobs.add(job)
+        self._track(job, self._run_slice(fit, job))
+
+    def _track(self, job: _Job, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._inflight.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._inflight.discard(t)
+            self._jobs.discard(job)
+            self._wake.set()
+
+        task.add_done_callback(done)
+
+    def _finished(self, job: _Job) -> None:
+        """``job`` is off the worker: start the next at once."""
+        self._jobs.discard(job)
+        if not self._stopped:
+            self._pump()
+        self._wake.set()
+
+    # -- computing ----------------------------------------------------------------------
+
+    def _submit(
+        self, plan: list[_Slice], job: _Job, failed: dict[int, RequestError]
+    ) -> asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]]:
+        """Send the job to the worker (a failed future when the worker is dead)."""
+        host = self.host
+
+        def work() -> tuple[list[_Slice], list[dict[str, Any]], float]:
+            # On the worker, just before computing: the job may have waited behind a
+            # training step or another job, and its clients may have gone meanwhile
+            # (reading transport and future state from this thread is a plain read).
+            job.started = t0 = time.perf_counter()
+            live = [sl for sl in plan if not sl.item.closed and sl.item.connected() and not sl.item.future.done()]
+            fresh: dict[str, ServedModel] | None = None
+            groups: dict[int, tuple[dict[str, ServedModel], list[tuple[_Slice, PriceRequest, Any]]]] = {}
+            for sl in live:
+                item = sl.item
+                if item.models is None:  # one version per model for the whole request
+                    if fresh is None:
+                        fresh = host.snapshot()
+                    item.models = fresh
+                request = item.request
+                if sl.start or sl.end < item.contracts:
+                    request = request.model_copy(update={"contracts": request.contracts[sl.start : sl.end]})
+                market: Any = None
+                if item.needs_market and item.resolved is not None:
+                    try:
+                        request = explicit_request(request, *item.resolved)
+                    except RequestError as exc:
+                        failed[id(item)] = _shifted(exc, sl.start)
+                        continue
+                    market = item.resolved[0].key()
+                groups.setdefault(id(item.models), (item.models, []))[1].append((sl, request, market))
+            priced: list[_Slice] = []
+            answers: list[dict[str, Any]] = []
+            for models, members in groups.values():
+                got = Valuer(models).value_many([r for _, r, _ in members])
+                for (sl, _, market), answer in zip(members, got, strict=True):
                     answer["market_data"] = market
-                return priced, answers, models, time.perf_counter() - t0
+                    priced.append(sl)
+                    answers.append(answer)
+            return priced, answers, time.perf_counter() - t0
 
-            try:
-                computed, answers, _, seconds = await self.worker.submit(job)
-            except EngineDead as exc:
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(Unavailable(f"the compute engine is down: {exc}", 5))
-                return
-            except Exception as exc:  # valid requests that the engine could not price: a bug
-                self.worker.mark_failed(f"batch failed: {type(exc).__name__}: {exc}")
-                log.exception("batch of %d requests failed", len(batch))
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(EngineFailure(f"the pricing engine failed: {type(exc).__name__}"))
-                return
-            for item in batch:
-                err = failed.get(id(item))
-                if err is not None and not item.future.done():
-                    detail = {"field": err.field, "reason": err.reason}
-                    item.future.set_exception(NoMarketData(str(err), details=[detail]))
-            done = {id(i) for i in computed} | failed.keys()
-            skipped = [i for i in batch if id(i) not in done]
-            self._live(skipped)  # counts them (disconnected or deadline) and settles them
-            if not computed:
-                return
-            self.metrics.batch_seconds.observe(seconds)
-            self.metrics.batch_requests.observe(len(computed))
-            self.metrics.batch_contracts.observe(sum(i.contracts for i in computed))
-            priced = Counter((row["model"], row["method"]) for answer in answers for row in answer["results"])
-            for (model, method), count in priced.items():
-                self.metrics.contracts_priced.labels(model, method).inc(count)
-            for item, answer in zip(computed, answers, strict=True):
-                if not item.future.done():
-                    item.future.set_result(answer)
+        try:
+            return self.worker.submit(work)
+        except EngineDead as exc:
+            dead: asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]]
+            dead = asyncio.get_running_loop().create_future()
+            dead.set_exception(exc)
+            return dead
+
+    async def _compute(
+        self,
+        plan: list[_Slice],
+        job: _Job,
+        submitted: asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]] | None,
+        failed: dict[int, RequestError],
+    ) -> None:
+        try:
+            await self._settle(plan, job, submitted, failed)
         finally:
-            self._slots.release()
+            self._finished(job)
 
-    async def _resolve(self, batch: list[Pending]) -> tuple[SnapshotRecord, MarketSnapshot] | None:
-        """The batch's one snapshot, when a request in it prices by reference (every
-        request in a batch names the same key). A failure answers just those requests."""
-        needing = [i for i in batch if i.needs_market]
+    async def _settle(
+        self,
+        plan: list[_Slice],
+        job: _Job,
+        submitted: asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]] | None,
+        failed: dict[int, RequestError],
+    ) -> None:
+        if submitted is None:
+            await self._resolve([sl.item for sl in plan])
+            submitted = self._submit(plan, job, failed)
+        try:
+            computed, answers, seconds = await submitted
+        except EngineDead as exc:
+            for sl in plan:
+                if not sl.item.future.done():
+                    sl.item.future.set_exception(Unavailable(f"the compute engine is down: {exc}", 5))
+                self._close(sl.item)
+            return
+        except Exception as exc:  # valid requests that the engine could not price: a bug
+            self.worker.mark_failed(f"batch failed: {type(exc).__name__}: {exc}")
+            log.exception("batch of %d requests failed", len(plan))
+            for sl in plan:
+                if not sl.item.future.done():
+                    sl.item.future.set_exception(EngineFailure(f"the pricing engine failed: {type(exc).__name__}"))
+                self._close(sl.item)
+            return
+        finally:
+            for sl in plan:
+                sl.item.busy = False
+        for sl in plan:
+            err = failed.get(id(sl.item))
+            if err is not None:
+                if not sl.item.future.done():
+                    detail = {"field": err.field, "reason": err.reason}
+                    sl.item.future.set_exception(NoMarketData(str(err), details=[detail]))
+                self._close(sl.item)
+        done = {id(sl) for sl in computed}
+        for sl in plan:
+            if id(sl) not in done and id(sl.item) not in failed:
+                self._alive(sl.item, asyncio.get_running_loop().time())  # counts and settles it
+                if not sl.item.closed and sl.item.future.done():
+                    self._close(sl.item)
+        if not computed:
+            return
+        self._learn(computed, answers, seconds)
+        for sl, answer in zip(computed, answers, strict=True):
+            item = sl.item
+            if item.closed or item.future.done():
+                self._close(item)
+                continue
+            item.parts.append(answer)
+            if sl.end >= item.contracts:
+                item.future.set_result(merge_answers(item.parts, item.models))
+                item.parts = []
+                self._close(item)
+
+    def _learn(self, computed: list[_Slice], answers: list[dict[str, Any]], seconds: float) -> None:
+        """Metrics of a computed job, and its time into the cost model (by the classes
+        the contracts were given at submit, which is what estimates are made from: the
+        rare contract the engine sends elsewhere is part of its class's cost)."""
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.batch_requests.observe(len(computed))
+        self.metrics.batch_contracts.observe(sum(sl.end - sl.start for sl in computed))
+        priced: Counter[tuple[str, str]] = Counter()
+        classes: Counter[ClassKey] = Counter()
+        for sl, answer in zip(computed, answers, strict=True):
+            priced.update((row["model"], row["method"]) for row in answer["results"])
+            classes.update(sl.counts)
+        for (model, method), count in priced.items():
+            self.metrics.contracts_priced.labels(model, method).inc(count)
+        self.cost.observe(classes, seconds)
+        if len(computed) == 1 and seconds > 0:  # alone in its job
+            sl = computed[0]
+            n = sl.end - sl.start
+            predicted = self.cost.overhead([sl.item.tier]) + self.cost.seconds(sl.counts)
+            # how far its classification was off, and the next chunk to take about
+            # max_job_seconds (at most RAMP times this one)
+            sl.item.slowdown = min(max(seconds / predicted, 1.0), 1e4) if predicted > 0 else 1.0
+            sl.item.chunk = max(1, min(int(n * self.settings.max_job_seconds / seconds), RAMP * n))
+
+    async def _run_slice(self, fit: FitItem, job: _Job) -> None:
+        try:
+            await self._fit_slice(fit, job)
+        finally:
+            self._finished(job)
+
+    async def _fit_slice(self, fit: FitItem, job: _Job) -> None:
+        slice_seconds = self.settings.max_job_seconds
+
+        def work() -> tuple[bool, float, int]:
+            job.started = t0 = time.perf_counter()
+            before = fit.evaluations
+            finished = fit.task.run_slice(slice_seconds)
+            return finished, time.perf_counter() - t0, fit.evaluations - before
+
+        try:
+            finished, seconds, evaluations = await self.worker.submit(work)
+        except EngineDead as exc:
+            if not fit.future.done():
+                fit.future.set_exception(Unavailable(f"the compute engine is down: {exc}", 5))
+            self._close(fit)
+            return
+        finally:
+            fit.busy = False
+        if evaluations > 0:
+            self.cost.observe_slice(fit.cls, evaluations, fit.quotes, seconds)
+        if not finished:
+            if fit.future.done() and not fit.closed:  # given up on while computing
+                self._close(fit)
+            return
+        try:
+            result = fit.task.result()
+        except FitDeadline as exc:
+            if not fit.future.done():
+                fit.future.set_exception(
+                    DeadlineExceeded(
+                        f"the calibration was stopped after {exc.iterations} iterations: its deadline passed "
+                        "(send a longer X-Request-Timeout, a lower max_iterations or a smaller surface)",
+                        headers=self._retry_after(),
+                    )
+                )
+            self.metrics.dropped.labels("deadline").inc()
+        except BaseException as exc:  # the fit's own errors (a surface it cannot fit) go to the caller
+            if not fit.future.done():
+                fit.future.set_exception(exc)
+        else:
+            self.cost.observe_fit(fit.evaluations)
+            if not fit.future.done():
+                fit.future.set_result(result)
+        self._close(fit)
+
+    async def _resolve(self, items: list[Pending]) -> None:
+        """The market-data snapshot of every request in the job that prices by reference
+        and has none yet: one resolution for all (they share a key), kept by each request
+        for its later chunks. A failure answers just those requests."""
+        needing = [i for i in items if i.needs_market and i.resolved is None and not i.closed]
         if not needing:
-            return None
+            return
         first = needing[0].request
         try:
             if self.market is None:
@@ -271,11 +1126,13 @@ class ValuationQueue:
                     "contracts by reference need val_datetime",
                     details=[{"field": "val_datetime", "reason": "required with underlying/expiry contracts"}],
                 )
-            return await self.market.resolve(first.namespace, first.val_datetime, first.data_asof)
+            resolved = await self.market.resolve(first.namespace, first.val_datetime, first.data_asof)
         except APIError as exc:
             for item in needing:
                 if not item.future.done():
                     item.future.set_exception(type(exc)(exc.message, details=exc.details))
+                self._close(item)
+            return
         except Exception as exc:  # the store failed: a 503 for these requests, not a dead engine
             log.warning("snapshot resolution failed: %s: %s", type(exc).__name__, exc)
             for item in needing:
@@ -285,7 +1142,10 @@ class ValuationQueue:
                             f"market data unavailable: {type(exc).__name__}: {exc}", 1, code="store_unavailable"
                         )
                     )
-        return None
+                self._close(item)
+            return
+        for item in needing:
+            item.resolved = resolved
 
     async def drain(self, timeout: float) -> bool:
         """Refuse new work, then wait until everything queued has been answered."""
@@ -297,12 +1157,16 @@ class ValuationQueue:
         return not (self._items or self._inflight)
 
     async def stop(self) -> None:
+        self._stopped = True
         for task in list(self._inflight):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for item in self._items:
+        for item in list(self._items) + list(self._fits):
             if not item.future.done():
                 item.future.set_exception(Unavailable("the server stopped before this request was priced", 1))
+            self._close(item)
         self._items.clear()
         self._contracts = 0
+        self._queued.clear()
+        self._keys.clear()

@@ -8,6 +8,11 @@ the event loop: handlers submit callables and await futures.
 Two failure kinds, as in vLLM: a job that raises fails that job's requests; an engine
 failure (marked by :meth:`mark_failed`, or a training step that raises) makes health
 checks fail, so an orchestrator restarts the process.
+
+A long computation that cannot be cut into independent jobs (a calibration) runs as a
+:class:`SlicedTask`: its own thread computes only while a worker job waits for it, and
+hands control back at its checkpoints once a slice has used its time, so other jobs run
+between its slices and the compute stays serialized on the worker.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import torch
 
@@ -36,6 +41,83 @@ _Job = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
 
 class EngineDead(RuntimeError):  # noqa: N818
     """The worker has failed or stopped and takes no more work."""
+
+
+class SliceCancelled(Exception):  # noqa: N818
+    """Raised at a :class:`SlicedTask`'s checkpoint once it has been cancelled."""
+
+
+class SlicedTask(Generic[T]):
+    """``fn(checkpoint)`` run in slices of bounded time, each inside a worker job.
+
+    ``fn`` runs on a thread of its own, but only while :meth:`run_slice` (called on the
+    worker, as a job) waits for it: the worker thread is blocked meanwhile, so exactly
+    one of the two computes at any time. ``fn`` must call ``checkpoint()`` between its
+    steps (a calibration's iterations); once the slice has used its time, the checkpoint
+    hands control back and blocks until the next slice. After :meth:`cancel` the next
+    checkpoint raises :class:`SliceCancelled`.
+    """
+
+    def __init__(self, fn: Callable[[Callable[[], None]], T], name: str = "sliced-task") -> None:
+        self._fn = fn
+        self._name = name
+        self._resume = threading.Semaphore(0)  # worker -> task: compute
+        self._paused = threading.Semaphore(0)  # task -> worker: paused or finished
+        self._thread: threading.Thread | None = None
+        self._slice_end = 0.0
+        self._cancelled = False
+        self.done = False
+        self.slices = 0
+        self._result: T | None = None
+        self._error: BaseException | None = None
+
+    def run_slice(self, seconds: float) -> bool:
+        """On the worker: let the task compute for about ``seconds`` (until its next
+        checkpoint after that); True once it has finished (or failed)."""
+        if self.done:
+            return True
+        self.slices += 1
+        self._slice_end = time.perf_counter() + seconds
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._main, name=self._name, daemon=True)
+            self._thread.start()
+        self._resume.release()
+        self._paused.acquire()
+        return self.done
+
+    def checkpoint(self) -> None:
+        """On the task's thread, between steps: pause when the slice's time is up."""
+        if self._cancelled:
+            raise SliceCancelled("cancelled")
+        if time.perf_counter() >= self._slice_end:
+            self._paused.release()
+            self._resume.acquire()
+            if self._cancelled:
+                raise SliceCancelled("cancelled")
+
+    def cancel(self) -> None:
+        """The next checkpoint raises; run one more slice (any length) to let it unwind."""
+        self._cancelled = True
+
+    def result(self) -> T:
+        """The value ``fn`` returned, or the exception it raised (once :attr:`done`)."""
+        if not self.done:
+            raise RuntimeError("the task has not finished")
+        if self._error is not None:
+            raise self._error
+        return self._result  # type: ignore[return-value]
+
+    def _main(self) -> None:
+        self._resume.acquire()
+        try:
+            if self._cancelled:
+                raise SliceCancelled("cancelled")
+            self._result = self._fn(self.checkpoint)
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            self.done = True
+            self._paused.release()
 
 
 class OnlineTraining:
@@ -118,6 +200,7 @@ class ComputeWorker:
         self._thread = threading.Thread(target=self._run, name="compute-worker", daemon=True)
         self._stopping = False
         self.failure: str | None = None
+        self.step_seconds = 0.0  # EWMA of a training step's wall time (0 before the first)
 
     @property
     def alive(self) -> bool:
@@ -151,6 +234,11 @@ class ComputeWorker:
     def _training_on(self) -> bool:
         return self.training is not None and self.training.enabled and not self._stopping and self.failure is None
 
+    @property
+    def training_delay(self) -> float:
+        """The most a job waits for a training step already running (0 without training)."""
+        return self.step_seconds if self._training_on() else 0.0
+
     def _run(self) -> None:
         if self.torch_threads is not None:
             torch.set_num_threads(self.torch_threads)
@@ -181,6 +269,9 @@ class ComputeWorker:
                 cf.set_exception(exc)
             finally:
                 self._last_job_end = time.monotonic()
+            # not held until the next job: the job's closure holds its batch's requests,
+            # and cf its answers (for a 20,000-contract batch, tens of MB while idle)
+            del item, fn, cf
 
     def _train_step(self) -> None:
         assert self.training is not None
@@ -189,4 +280,6 @@ class ComputeWorker:
             self.training.step()
         except Exception as exc:
             self.mark_failed(f"training step failed: {type(exc).__name__}: {exc}")
-        self.metrics.training_step_seconds.observe(time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        self.metrics.training_step_seconds.observe(seconds)
+        self.step_seconds = seconds if self.step_seconds == 0.0 else 0.8 * self.step_seconds + 0.2 * seconds

@@ -101,6 +101,21 @@ def _measures(*names: Measure) -> list[Measure]:
     return list(names)
 
 
+class MemorySettings(BaseModel):
+    """Memory held for clients that do not read, and freed memory given back
+    (service/memory.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # an HTTP answer over 64 KiB whose client takes none of it this long: the connection is cut
+    send_timeout_seconds: float = Field(30.0, gt=0)
+    # bytes of such answers being sent, all clients together; past it the stalest send is cut
+    max_send_bytes: int = Field(128 * 2**20, ge=2**20)
+    reclaim_idle_seconds: float = Field(5.0, ge=0)  # no request this long: full GC + malloc_trim, once (0: never)
+    reclaim_growth_bytes: int = Field(64 * 2**20, ge=0)  # RSS grown this much since: the same at once (0: never)
+    malloc_trim: bool = True  # reclaims give freed heap back to the OS (glibc only)
+
+
 class UISettings(BaseModel):
     """What the live page at /ui subscribes to."""
 
@@ -221,6 +236,7 @@ class Settings(BaseSettings):
     budgets: BudgetConfig = BudgetConfig()
     marketdata: MarketDataSettings = MarketDataSettings()
     stream: StreamSettings = StreamSettings()
+    memory: MemorySettings = MemorySettings()
     ui: UISettings = UISettings()
     portfolios: dict[str, list[Contract]] = Field(default_factory=_demo_portfolio)  # named books (jobs, /ui)
     jobs: list[Job] = Field(default_factory=list)  # declarative real-time work, see config/jobs.toml

@@ -2,7 +2,7 @@
 
 Resources start in order and stop in reverse, each a ``cleanup_ctx``: object store ->
 market data -> models (seed, trackers) -> compute worker (and online training) ->
-valuation queue -> stream hub -> declared jobs -> GC tuning.
+valuation queue -> stream hub -> declared jobs -> GC tuning -> memory (memory.py).
 Graceful shutdown (SIGTERM/SIGINT): readiness fails at once, new work gets 503,
 queued and in-flight requests are answered, the worker finishes its jobs, and the
 training state is committed when ``train.commit_on_shutdown`` is set.
@@ -38,6 +38,7 @@ from spectralmc_server.service.errors import (
 )
 from spectralmc_server.service.jobs import Schedule, derive_action, price_action
 from spectralmc_server.service.marketdata import MarketData
+from spectralmc_server.service.memory import bounded_send, memory_ctx
 from spectralmc_server.service.metrics import Metrics, StateSource, TrainingState
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.openapi import build_openapi, docs_page
@@ -400,7 +401,7 @@ async def docs(request: web.Request) -> web.Response:
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The application for ``settings`` (resources start when it is run)."""
     app = web.Application(
-        middlewares=[errors_and_metrics],
+        middlewares=[bounded_send, errors_and_metrics],  # bounded_send: answers over 64 KiB (memory.py)
         client_max_size=settings.max_body_bytes,
         handler_args=edge.handler_args(settings),  # no inflation on the loop, keep-alive, line limits
     )
@@ -416,5 +417,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.add_routes(calibration.routes)
     app.router.add_get("/docs", docs)
     app.cleanup_ctx.extend([store_ctx, marketdata_ctx, models_ctx, worker_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
+    app.cleanup_ctx.append(memory_ctx)  # send tracking and the reclaimer (memory.py)
     app.on_shutdown.append(on_shutdown)
     return app

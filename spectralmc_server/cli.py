@@ -595,7 +595,7 @@ def _price(args: argparse.Namespace) -> int:
     from spectralmc_server.models import bundled_models
     from spectralmc_server.service.marketdata import needs_market_data
     from spectralmc_server.service.schemas import PriceRequest
-    from spectralmc_server.service.valuation import RequestError, Valuer, check_inputs, dumps
+    from spectralmc_server.service.valuation import RequestError, Valuer, check_inputs, check_request, dumps
 
     raw = sys.stdin.buffer.read()
     try:
@@ -630,6 +630,7 @@ def _price(args: argparse.Namespace) -> int:
         check_inputs(request)
         if args.marketdata is not None and needs_market_data(request):
             request, market = _resolve_market_data(args.marketdata, request)
+        check_request(request, valuer.models)
         response = valuer.value(request)
     except RequestError as exc:
         raise UsageError(f"invalid request: {exc}") from None

@@ -34,6 +34,11 @@ from spectralmc_server.engine.spectrum import SpectrumConfig
 PRICE_MEASURES = ("price", "delta", "gamma", "vega", "theta", "rho", "digital")
 DIST_MEASURES = ("mean", "stdev", "skew", "kurtosis")
 MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")
+# stdev, skew and kurtosis come from quadrature against a COS density, whose tails it
+# under-weights as the spread s grows (docs/method.md): a learned model answers them up
+# to this s; beyond, GBM's closed forms do and other processes refuse (422).
+SPREAD_MEASURES = frozenset({"stdev", "skew", "kurtosis"})
+MOMENT_MAX_SPREAD = 1.0
 
 CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CF_CHUNK = 64  # CF evaluations take a multiple of this many rows: answers are batch-invariant
@@ -468,6 +473,8 @@ class ModelPricer:
     def servable(self, batch: OptionBatch, measures: frozenset[str]) -> torch.Tensor:
         """(n,) bool: where the learned model may answer these measures."""
         inside = self.domain.contains(batch.theta, batch.expiry)
+        if measures & SPREAD_MEASURES:  # the quadrature's tails (docs/method.md)
+            inside &= self.learned.process.scale(batch.theta, batch.expiry) <= MOMENT_MAX_SPREAD
         if measures & set(PRICE_MEASURES):
             low, high = self.domain.certified_moneyness
             fwd = batch.spot * self.learned.process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)

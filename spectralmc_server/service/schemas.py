@@ -149,28 +149,45 @@ class Contract(BaseModel):
         return self
 
     def _check_spread_and_moneyness(self) -> None:
-        """Bounds that tie inputs together: the spread s(theta, T) of log(S_T / F) and
-        the strike over the forward."""
+        """Bounds that tie inputs together: the spread s(theta, T) of log(S_T / F), what
+        the process needs of it, and the strike over the forward of what the payoff is
+        written on (the average's for an asian)."""
         spot, t, rate, dividend = self.market_inputs()
-        process = PROCESSES[self.process]
-        given = self.process_params()
-        if self.vol_driven:
-            s = given["vol"] * math.sqrt(t)
-        else:  # the engine's own formula; contracts by parameter set are not the hot path
-            theta = torch.tensor([[given[n] for n in process.param_names]], dtype=torch.float64)
-            s = float(process.scale(theta, torch.tensor([t], dtype=torch.float64))[0])
+        s = self.spread()
         if not s <= MAX_SCALE:
             raise ValueError(
                 f"the spread of log(S_T/F) up to expiry_years, {s:.4g} (vol sqrt(T) for a vol), "
                 f"must be at most {MAX_SCALE:g}"
             )
-        kappa = self.strike / (spot * math.exp((rate - dividend) * t))
+        process = PROCESSES[self.process]
+        try:
+            process.check_spread(self.process_params(), t, s)
+        except ValueError as exc:
+            raise ValueError(("" if self.vol_driven else "params.") + str(exc)) from None
+        if process.averages:
+            theta = torch.tensor([[self.process_params()[n] for n in process.param_names]], dtype=torch.float64)
+            one = torch.tensor([t], dtype=torch.float64)
+            ratio = float(process.forward_ratio(theta, one, one * rate, one * dividend)[0])
+        else:
+            ratio = math.exp((rate - dividend) * t)
+        kappa = self.strike / (spot * ratio)
         low, high = MONEYNESS_BOUNDS
         if not low <= kappa <= high:
             raise ValueError(
                 f"strike over the forward (K/F = {kappa:.4g}) must be in [{low:g}, {high:g}]: "
                 "such an option is worth its intrinsic value or nothing"
             )
+
+    def spread(self) -> float:
+        """s(theta, T), about the stdev of log(S_T / F), of an explicit contract."""
+        _, t, _, _ = self.market_inputs()
+        process = PROCESSES[self.process]
+        given = self.process_params()
+        if self.vol_driven:
+            return given["vol"] * math.sqrt(t)
+        # the engine's own formula; contracts by parameter set are not the hot path
+        theta = torch.tensor([[given[n] for n in process.param_names]], dtype=torch.float64)
+        return float(process.scale(theta, torch.tensor([t], dtype=torch.float64))[0])
 
     @property
     def is_explicit(self) -> bool:

@@ -13,7 +13,14 @@ from typing import Any
 import orjson
 import torch
 
-from spectralmc_server.engine.pricer import OptionBatch, ServedModel, clamp_to_bounds, reference_pricer
+from spectralmc_server.engine.pricer import (
+    MOMENT_MAX_SPREAD,
+    SPREAD_MEASURES,
+    OptionBatch,
+    ServedModel,
+    clamp_to_bounds,
+    reference_pricer,
+)
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
 from spectralmc_server.service.schemas import Contract, PriceRequest
@@ -22,10 +29,11 @@ from spectralmc_server.service.schemas import Contract, PriceRequest
 class RequestError(ValueError):
     """A request that validated but cannot be answered; ``field`` names the culprit."""
 
-    def __init__(self, field: str, reason: str) -> None:
+    def __init__(self, field: str, reason: str, *, market: bool = True) -> None:
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+        self.market = market  # True: the market data is missing or unusable (no_market_data)
 
 
 def _params(c: Contract, names: tuple[str, ...]) -> tuple[float, ...]:
@@ -104,6 +112,24 @@ def _check_finite(values: Mapping[str, torch.Tensor], measures: Sequence[str], c
             raise NonFiniteResultError(f"{m} of contract {bad.id!r} is not finite")
 
 
+def check_request(request: PriceRequest, models: Mapping[str, ServedModel]) -> None:
+    """What an explicit request must satisfy before pricing, beyond its schema: a
+    bounded simulated-reference cost (:func:`check_cost`) and higher moments only where
+    the quadrature is accurate. Raises RequestError (a 422 naming the contract)."""
+    if SPREAD_MEASURES & set(request.measures):
+        for i, c in enumerate(request.contracts):
+            if c.is_explicit and c.process != "gbm":
+                s = c.spread()
+                if s > MOMENT_MAX_SPREAD:
+                    raise RequestError(
+                        f"contracts[{i}]",
+                        f"stdev, skew and kurtosis are answered for a spread of log(S_T/F) up to "
+                        f"{MOMENT_MAX_SPREAD:g} (docs/method.md); this {c.process} contract's is {s:.4g}",
+                        market=False,
+                    )
+    check_cost(request, models)
+
+
 def check_cost(request: PriceRequest, models: Mapping[str, ServedModel]) -> None:
     """Refuse (RequestError) a request whose reference work is unbounded: more than
     ``MAX_SIMULATED_REFERENCE_POINTS`` distinct (parameters, expiry) points that only a
@@ -131,6 +157,7 @@ def check_cost(request: PriceRequest, models: Mapping[str, ServedModel]) -> None
                 f"{len(points)} distinct {name} points (parameters and expiry) lie outside the served model's "
                 f"domain or certified strike range, where each is priced by simulation (~0.4 s each); at most "
                 f"{MAX_SIMULATED_REFERENCE_POINTS} per request: split the request",
+                market=False,
             )
 
 

@@ -17,7 +17,7 @@ from spectralmc_server.engine.pricer import (
     reference_pricer,
 )
 from spectralmc_server.engine.processes import GBMProcess
-from spectralmc_server.engine.reference import analytic_cf_y, black_scholes
+from spectralmc_server.engine.reference import analytic_cf_y, black_scholes, lognormal_moments
 from spectralmc_server.engine.spectrum import SpectrumConfig
 
 GBM = GBMProcess()
@@ -212,7 +212,8 @@ def test_outside_the_domain_the_reference_answers() -> None:
     domain = GBM.default_domain()
     pricer = ModelPricer(SpectralPricer(GBM, SPEC, model), domain, reference_pricer(GBM))
     b = _batch(6, seed=11)
-    theta = torch.tensor([[0.2], [2.0], [0.2], [0.01], [0.3], [1.0]], dtype=F64)  # vol 2.0 and 0.01 outside
+    # vol 2.0 and 0.01 outside; vol 0.5 at T 3 is inside with a spread under MOMENT_MAX_SPREAD
+    theta = torch.tensor([[0.2], [2.0], [0.2], [0.01], [0.3], [0.5]], dtype=F64)
     expiry = torch.tensor([1.0, 1.0, 5.0, 1.0, 0.001, 3.0], dtype=F64)  # T 5.0 and 0.001 outside
     b = _replace(b, theta=theta, expiry=expiry)
     ev = pricer.evaluate(b, ALL, LEVELS)
@@ -295,3 +296,18 @@ def test_chunk_size_follows_the_levels_asked_for() -> None:
     chunked = small.evaluate(b, frozenset({"price", "quantiles"}), levels)
     for m in ("price", "quantiles"):
         assert torch.equal(whole[m], chunked[m])
+
+
+def test_higher_moments_past_the_quadrature_spread_come_from_the_closed_form() -> None:
+    """vol 1, T 3 is inside the domain, but its spread 1.73 exceeds MOMENT_MAX_SPREAD:
+    stdev, skew and kurtosis (and with them the contract) come from Black-Scholes."""
+    pricer = ModelPricer(SpectralPricer(GBM, SPEC, _perturbed_model()), GBM.default_domain(), reference_pricer(GBM))
+    b = _replace(
+        _batch(2, seed=3), theta=torch.tensor([[1.0], [1.0]], dtype=F64), expiry=torch.tensor([3.0, 3.0], dtype=F64)
+    )
+    b = _replace(b, strike=b.forward)
+    assert pricer.evaluate(b, frozenset({"price"})).learned.tolist() == [True, True]
+    ev = pricer.evaluate(b, frozenset({"price", "kurtosis"}))
+    assert ev.learned.tolist() == [False, False]
+    want = lognormal_moments(b.forward, torch.sqrt(b.expiry))["kurtosis"]
+    assert torch.equal(ev.values["kurtosis"], want)

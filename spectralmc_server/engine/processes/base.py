@@ -187,6 +187,11 @@ class Process(ABC):
             if not low <= value <= high:
                 raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {value!r}")
 
+    def check_spread(self, params: dict[str, float], expiry: float, spread: float) -> None:
+        """Raise ValueError where the reference cannot resolve the law at this expiry
+        (``spread`` is :meth:`scale`); the default accepts all."""
+        return None
+
     def vol_parameter(self) -> tuple[int, Literal["identity", "sqrt"]]:
         """Which parameter vega differentiates by: (index, how it maps to a vol). With
         "sqrt" the parameter is a variance and vega is per 1.00 of its square root."""

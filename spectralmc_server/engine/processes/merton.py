@@ -14,6 +14,7 @@ path takes three normals from the shared pool and no other randomness.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import ClassVar, Literal
 
@@ -22,6 +23,10 @@ import torch
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
 
 MAX_JUMPS = 40  # counts above this are cut (P(n > 40) < 1e-30 for lambda T <= 3)
+
+
+SPIKE_MIN_WIDTH = 0.05  # the narrowest Gaussian component served, in spreads
+SPIKE_MAX_JUMP_MEAN = 14.0  # lambda T past which the jump-free paths weigh < e^-14 ~ 1e-6
 
 
 class MertonProcess(Process):
@@ -55,6 +60,21 @@ class MertonProcess(Process):
                 ParameterRange(name=EXPIRY, low=0.1, high=3.0, scale="log"),
             )
         )
+
+    def check_spread(self, params: dict[str, float], expiry: float, spread: float) -> None:
+        """The paths with few jumps are Gaussians of width sqrt(sigma^2 T + n sigma_j^2);
+        the reference's COS series (2,048 terms on +-64 spreads) resolves widths down to
+        about a tenth of the spread. A narrower one with weight (no jumps: e^{-lambda T};
+        sigma_j = 0: every jump count) is a spike it would smear: refused."""
+        sigma, lam, sigma_j = params["sigma"], params["lambda"], params["sigma_j"]
+        narrow = sigma * math.sqrt(expiry)
+        significant = sigma_j == 0.0 or lam * expiry < SPIKE_MAX_JUMP_MEAN
+        if significant and narrow < SPIKE_MIN_WIDTH * spread:
+            raise ValueError(
+                f"sigma must be at least {SPIKE_MIN_WIDTH:g} x the spread / sqrt(T) = "
+                f"{SPIKE_MIN_WIDTH * spread / math.sqrt(expiry):.4g} here, got {sigma!r}: paths with no jump "
+                "(or jumps of fixed size) form a spike narrower than the reference resolves"
+            )
 
     def vol_parameter(self) -> tuple[int, Literal["identity", "sqrt"]]:
         return 0, "identity"  # vega: d price / d sigma

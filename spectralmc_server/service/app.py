@@ -148,8 +148,12 @@ async def _repair_latest_refs(store: SnapshotStore) -> None:
     repeated PUT, or the next start, repairs it)."""
     try:
         report = await store.repair()
-    except Exception:
-        log.exception("market data: the latest refs were not checked (the store could not be read)")
+    except Exception as exc:  # one line, not a traceback: the store being down is no bug
+        log.warning(
+            "market data: the latest refs were not checked (the store could not be read: %s: %s)",
+            type(exc).__name__,
+            exc,
+        )
         return
     for ns, record in report.moved.items():
         log.warning(

@@ -62,7 +62,7 @@ from spectralmc_server.service.marketdata import MarketData, explicit_request, n
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import RequestError, Valuer
+from spectralmc_server.service.valuation import NonFiniteResultError, RequestError, Valuer, check_request
 from spectralmc_server.service.worker import ComputeWorker, EngineDead, SlicedTask
 from spectralmc_server.settings import QueueSettings
 
@@ -73,8 +73,9 @@ ClassKey = tuple[str, str, str]  # (process, method, tier)
 Resolved = tuple[SnapshotRecord, MarketSnapshot]
 IterationHook = Callable[[int, int], None]  # (iterations, evaluations) so far
 
-SLOTS = 2  # jobs in flight
-MAX_PRESSURE = 4.0  # the most a job overrunning its estimate scales the queue's by
+SLOTS = 2  # jobs in flight (the worker runs them in order, so it never waits for the next)
+MAX_SLOTS = 8  # ... up to this many while the event loop is slow to hear that one has ended
+MAX_PRESSURE = 50.0  # the most a job overrunning its estimate scales the queue's by
 HICCUP_SECONDS = 0.02  # an overrun shorter than this says nothing
 FILL_WORTH = 10  # a batch waits max_wait_seconds to fill only when its job is shorter than this many times that
 MANY_LEVELS = 8  # more quantile levels than this: tier quantiles_many
@@ -95,9 +96,10 @@ MAX_RETRY_AFTER = 60
 PRIOR_FIT_EVALUATIONS = 30.0
 PROBE_CONTRACTS = {"cvnn": 64, "reference": 4}
 RAMP = 4  # each job that measures a class may hold RAMP times more of it than the last
-RAMPED = 3  # jobs after which a class's estimate is trusted (no ramp, batched with others)
+RAMPED = 3  # jobs after which a class's estimate is trusted (no more slow start)
 # The learned pricer evaluates blocks of 64 rows: a smaller chunk costs as much as 64.
 MIN_CHUNK = {"cvnn": 64, "reference": 1}
+EFFICIENCY = 4  # a chunk holds at least this many times its job's fixed cost in contracts
 _CONTRACT_FIELD = re.compile(r"^contracts\[(\d+)\]")
 
 
@@ -123,11 +125,11 @@ def tier_of(request: PriceRequest) -> str:
 
 @dataclass
 class _Unit:
-    """One class's seconds per unit: a fast EWMA (what the worker does now) and a slow
-    one (what it does usually), both of log(seconds)."""
+    """One class's seconds per unit, as log(seconds): from the worker's wall time (what
+    a job takes now) and from its CPU time (what the work itself costs)."""
 
-    fast: float
-    slow: float
+    wall: float
+    cpu: float
     samples: int = 0
     at: float = field(default_factory=time.monotonic)
 
@@ -139,19 +141,23 @@ class CostModel:
 
     After each job its measured time, less the overheads, is shared among its classes
     in proportion to their estimates (what classes still being measured leave
-    unexplained goes to them), and each class's implied seconds per unit moves
-    its estimates in log space: by ``FAST`` of the way (``SLOW`` for the usual level),
-    each step at most ``STEP`` times (a class's first ``RAMPED`` jobs, which are small,
-    by up to ``FIRST_STEP``), so one stalled job (torch's first call, a burst that holds
-    the GIL) moves it only so far. The estimate is the fast one, relaxing toward the
-    usual level with a half-life of ``HALF_LIFE`` seconds while the class is not
-    measured: work refused while the worker was slow is admitted again later."""
+    unexplained goes to them), and each class's implied seconds per unit moves its
+    estimates in log space by ``WEIGHT`` of the way, each step at most ``STEP`` times (a
+    class's first ``RAMPED`` jobs, which are small, by up to ``FIRST_STEP``), so one
+    stalled job (torch's first call) moves it only so far. Two estimates are kept: from
+    the wall time, what admission uses (it includes the worker waiting for the GIL while
+    the event loop is busy; it rises the whole step at once and falls by ``WEIGHT``, so
+    admission errs on the side of refusing), and from the computing thread's CPU time, the work itself,
+    which sizes jobs (a worker slowed for everyone gains nothing from smaller jobs but
+    more fixed costs; torch's intra-op threads are not counted, so it errs low). The
+    wall estimate relaxes toward the CPU one with a half-life of ``HALF_LIFE`` seconds
+    while the class is not measured: work refused while the worker was slow is admitted
+    again later."""
 
-    FAST = 0.3
-    SLOW = 0.03
+    WEIGHT = 0.3
     STEP = 4.0
     FIRST_STEP = 30.0
-    HALF_LIFE = 10.0
+    HALF_LIFE = 60.0
 
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.metrics = metrics
@@ -163,11 +169,12 @@ class CostModel:
         if u is None:
             return PRIOR_UNIT_SECONDS[key[2]]
         if usual:
-            return math.exp(u.slow)
+            return math.exp(u.cpu)
         relax = 0.5 ** ((time.monotonic() - u.at) / self.HALF_LIFE)
-        return math.exp(u.slow + (u.fast - u.slow) * relax)
+        return math.exp(u.cpu + (u.wall - u.cpu) * relax)
 
     def unit(self, key: ClassKey) -> float:
+        """Seconds per unit of ``key`` now (for admission)."""
         return self._unit(key)
 
     def samples(self, key: ClassKey) -> int:
@@ -180,48 +187,61 @@ class CostModel:
         return sum(PRIOR_JOB_SECONDS[t] for t in set(tiers))
 
     def seconds(self, counts: Mapping[ClassKey, int], *, usual: bool = False) -> float:
+        """Seconds of these contracts now, or (``usual``) of the work itself."""
         return sum(n * self._unit(k, usual) for k, n in counts.items())
 
     def fit_seconds(self, key: ClassKey, evaluations: float, quotes: int, *, usual: bool = False) -> float:
         return evaluations * quotes * self._unit(key, usual)
 
-    def _update(self, key: ClassKey, implied: float) -> None:
+    def _step(self, current: float, implied: float, first: bool, rise: float) -> float:
+        limit = math.log(self.FIRST_STEP if first else self.STEP)
+        target = min(max(math.log(max(implied, 1e-12)), current - limit), current + limit)
+        weight = 1.0 if first else (rise if target > current else self.WEIGHT)
+        return current + weight * (target - current)
+
+    def _update(self, key: ClassKey, wall: float, cpu: float) -> None:
         u = self.units.get(key)
         if u is None:
             prior = math.log(PRIOR_UNIT_SECONDS[key[2]])
             u = self.units[key] = _Unit(prior, prior)
-        current = math.log(self._unit(key))
-        limit = math.log(self.FIRST_STEP if u.samples < RAMPED else self.STEP)
-        target = min(max(math.log(max(implied, 1e-12)), current - limit), current + limit)
-        if u.samples < RAMPED:  # its first jobs set it
-            u.fast = u.slow = target
-        else:
-            u.fast = current + self.FAST * (target - current)
-            u.slow += self.SLOW * (target - u.slow)
+        first = u.samples < RAMPED  # its first jobs set it
+        # admission's estimate rises at once (up to STEP a job: a burst that holds the
+        # GIL slows the worker many times over within a second) and falls by WEIGHT
+        u.wall = self._step(math.log(self._unit(key)), wall, first, 1.0)
+        u.cpu = self._step(u.cpu, cpu, first, self.WEIGHT)
         u.samples += 1
         u.at = time.monotonic()
         if self.metrics is not None:
-            self.metrics.queue_unit_seconds.labels(*key).set(math.exp(u.fast))
+            self.metrics.queue_unit_seconds.labels(*key).set(math.exp(u.wall))
 
-    def observe(self, counts: Mapping[ClassKey, int], seconds: float) -> None:
-        """A pricing job with ``counts`` contracts per class took ``seconds``."""
+    def observe(self, counts: Mapping[ClassKey, int], seconds: float, cpu_seconds: float | None = None) -> None:
+        """A pricing job with ``counts`` contracts per class took ``seconds`` (and
+        ``cpu_seconds`` of its thread; None: as many)."""
         parts = {k: n * self._unit(k) for k, n in counts.items() if n > 0}
         if not parts or not math.isfinite(seconds) or seconds <= 0:
             return
+        cpu = seconds if cpu_seconds is None or not math.isfinite(cpu_seconds) else min(cpu_seconds, seconds)
         fixed = self.overhead(k[2] for k in parts)
-        work = max(seconds - fixed, 0.1 * seconds)
+        wall_work, cpu_work = max(seconds - fixed, 0.1 * seconds), max(cpu - fixed, 0.1 * cpu)
         new = {k for k in parts if self.samples(k) < RAMPED}
         if new and len(new) < len(parts):  # the classes still being measured take the surprise
-            work = max(work - sum(p for k, p in parts.items() if k not in new), 0.05 * work)
+            known = sum(p for k, p in parts.items() if k not in new)
+            known_cpu = sum(n * self._unit(k, usual=True) for k, n in counts.items() if k not in new)
+            wall_work, cpu_work = max(wall_work - known, 0.05 * wall_work), max(cpu_work - known_cpu, 0.05 * cpu_work)
             parts = {k: p for k, p in parts.items() if k in new}
         total = sum(parts.values())
         for key, part in parts.items():
-            self._update(key, work * part / total / counts[key])
+            share = part / total / counts[key]
+            self._update(key, wall_work * share, cpu_work * share)
 
-    def observe_slice(self, key: ClassKey, evaluations: int, quotes: int, seconds: float) -> None:
+    def observe_slice(
+        self, key: ClassKey, evaluations: int, quotes: int, seconds: float, cpu_seconds: float | None = None
+    ) -> None:
         """A calibration slice did ``evaluations`` of ``quotes`` quotes in ``seconds``."""
         if evaluations > 0 and quotes > 0 and math.isfinite(seconds) and seconds > 0:
-            self._update(key, seconds / (evaluations * quotes))
+            cpu = seconds if cpu_seconds is None else min(max(cpu_seconds, 0.0), seconds)
+            units = evaluations * quotes
+            self._update(key, seconds / units, max(cpu, 0.1 * seconds) / units)
 
     def observe_fit(self, evaluations: int) -> None:
         self.fit_evaluations = 0.8 * self.fit_evaluations + 0.2 * evaluations
@@ -342,7 +362,6 @@ class Pending:
     queued: bool = True  # in the queue (some of it not yet sent to the worker)
     closed: bool = False  # answered, failed or dropped
     slowdown: float = 1.0  # measured / estimated time of its last chunk computed alone (>= 1)
-    chunk: int | None = None  # contracts of its next chunk, from how long the last one took alone
     parts: list[dict[str, Any]] = field(default_factory=list)
     models: dict[str, ServedModel] | None = None  # its one snapshot of model versions
     resolved: Resolved | None = None  # its one market-data snapshot
@@ -390,11 +409,15 @@ class _Slice:
     counts: Counter[ClassKey]
 
 
+_Result = tuple[list[_Slice], list[dict[str, Any]], float, float]  # priced, answers, wall and CPU seconds
+
+
 @dataclass(eq=False)
 class _Job:
     estimate: float  # seconds
     dispatched: float = field(default_factory=time.perf_counter)
     started: float | None = None  # perf_counter on the worker
+    ended: float | None = None
 
 
 def _ceil_seconds(seconds: float) -> int:
@@ -425,7 +448,7 @@ def _shifted(err: RequestError, offset: int) -> RequestError:
     m = _CONTRACT_FIELD.match(err.field)
     if m is None or offset == 0:
         return err
-    return RequestError(f"contracts[{int(m.group(1)) + offset}]{err.field[m.end() :]}", err.reason)
+    return RequestError(f"contracts[{int(m.group(1)) + offset}]{err.field[m.end() :]}", err.reason, market=err.market)
 
 
 class ValuationQueue:
@@ -457,6 +480,9 @@ class ValuationQueue:
         self._inflight: set[asyncio.Task[None]] = set()
         self.closed = False
         self._stopped = False
+        self._slots = SLOTS  # jobs kept on the worker (more while the event loop lags)
+        self._lag = 0.0  # EWMA: seconds from a job's end on the worker to the loop hearing of it
+        self._job_time = 0.01  # EWMA: seconds of a job on the worker
         metrics.queue_estimated_wait.set_function(self.estimated_wait)
 
     @property
@@ -777,13 +803,14 @@ class ValuationQueue:
             if stop <= lo:
                 continue
             method = key[1]
-            unit = self.cost.unit(key) * item.slowdown
+            # sized at the worker's usual speed: when it runs slow for everyone (a busy
+            # event loop holding the GIL) smaller jobs would only add fixed costs
+            unit = self.cost.seconds({key: 1}, usual=True) * item.slowdown
             room = max_seconds - seconds
             take = min(stop - lo, max_contracts - (end - start), int(room / unit) if unit > 0 else stop - lo)
-            if item.chunk is not None:  # its last chunk's time says better than the estimate
-                take = min(stop - lo, max_contracts - (end - start), item.chunk - (end - start))
-            if end == start:  # at least one block (a job's fixed costs are paid anyway)
-                take = max(take, min(stop - lo, MIN_CHUNK.get(method, 1), max_contracts))
+            if end == start:  # enough that the job's fixed cost stays a small part of it
+                floor = max(MIN_CHUNK.get(method, 1), math.ceil(EFFICIENCY * self.cost.overhead([key[2]]) / unit))
+                take = max(take, min(stop - lo, floor, max_contracts))
             cap = self._ramp_cap(key)
             if cap is not None:
                 take = min(take, cap - counts[key])
@@ -805,7 +832,7 @@ class ValuationQueue:
         first = self._slice(lead, s.max_batch_contracts, max(budget, 0.0))
         plan = [first]
         contracts = first.end - first.start
-        seconds = self.cost.seconds(first.counts) * lead.slowdown
+        seconds = self.cost.seconds(first.counts, usual=True) * lead.slowdown  # jobs sized at the usual speed
         if contracts >= s.max_batch_contracts or seconds >= budget:
             return plan
         classes = Counter(first.counts)
@@ -817,10 +844,10 @@ class ValuationQueue:
                 continue
             if not seen_lead or not isinstance(item, Pending) or item.busy or item.key != lead.key or item.next:
                 continue
-            cost = self._item_seconds(item)
+            wanted = item.remaining()
+            cost = self.cost.seconds(wanted, usual=True) * item.slowdown
             if contracts + item.contracts > s.max_batch_contracts or seconds + cost > budget:
                 continue
-            wanted = item.remaining()
             caps = {k: self._ramp_cap(k) for k in wanted}
             if any(cap is not None and classes[k] + wanted[k] > cap for k, cap in caps.items()):
                 continue
@@ -850,7 +877,7 @@ class ValuationQueue:
         """Start jobs while a slot is free and work is ready; the seconds to wait for the
         next batch to fill, or None."""
         wait = self.settings.max_wait_seconds
-        while len(self._jobs) < SLOTS:
+        while len(self._jobs) < self._slots:
             chosen = self._choose()
             if chosen is None:
                 return None
@@ -907,7 +934,15 @@ class ValuationQueue:
         task.add_done_callback(done)
 
     def _finished(self, job: _Job) -> None:
-        """``job`` is off the worker: start the next at once."""
+        """``job`` is off the worker: start the next at once. How long the event loop
+        took to hear of it, against how long jobs take, sets how many jobs are kept on
+        the worker: a loop busy with a burst of requests must not leave it idle."""
+        if job.started is not None and job.ended is not None:
+            lag = max(time.perf_counter() - job.ended, 0.0)
+            self._lag += 0.3 * (lag - self._lag)
+            self._job_time += 0.3 * (job.ended - job.started - self._job_time)
+            extra = math.ceil(self._lag / max(self._job_time, 1e-3))
+            self._slots = min(SLOTS + extra, MAX_SLOTS)
         self._jobs.discard(job)
         if not self._stopped:
             self._pump()
@@ -915,17 +950,16 @@ class ValuationQueue:
 
     # -- computing ----------------------------------------------------------------------
 
-    def _submit(
-        self, plan: list[_Slice], job: _Job, failed: dict[int, RequestError]
-    ) -> asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]]:
+    def _submit(self, plan: list[_Slice], job: _Job, failed: dict[int, RequestError]) -> asyncio.Future[_Result]:
         """Send the job to the worker (a failed future when the worker is dead)."""
         host = self.host
 
-        def work() -> tuple[list[_Slice], list[dict[str, Any]], float]:
+        def work() -> _Result:
             # On the worker, just before computing: the job may have waited behind a
             # training step or another job, and its clients may have gone meanwhile
             # (reading transport and future state from this thread is a plain read).
             job.started = t0 = time.perf_counter()
+            c0 = time.thread_time()
             live = [sl for sl in plan if not sl.item.closed and sl.item.connected() and not sl.item.future.done()]
             fresh: dict[str, ServedModel] | None = None
             groups: dict[int, tuple[dict[str, ServedModel], list[tuple[_Slice, PriceRequest, Any]]]] = {}
@@ -946,21 +980,39 @@ class ValuationQueue:
                         failed[id(item)] = _shifted(exc, sl.start)
                         continue
                     market = item.resolved[0].key()
+                try:
+                    check_request(request, item.models)
+                except RequestError as exc:
+                    failed[id(item)] = _shifted(exc, sl.start)
+                    continue
                 groups.setdefault(id(item.models), (item.models, []))[1].append((sl, request, market))
             priced: list[_Slice] = []
             answers: list[dict[str, Any]] = []
             for models, members in groups.values():
-                got = Valuer(models).value_many([r for _, r, _ in members])
+                try:
+                    got: list[dict[str, Any] | None] = list(Valuer(models).value_many([r for _, r, _ in members]))
+                except NonFiniteResultError:  # a bug: answer the others, fail only the culprit(s)
+                    log.exception("a non-finite result in a batch; pricing its requests one by one")
+                    got = []
+                    for sl, r, _ in members:
+                        try:
+                            got.append(Valuer(models).value(r))
+                        except NonFiniteResultError as exc:
+                            failed[id(sl.item)] = RequestError("contracts", f"not priced: {exc}", market=False)
+                            got.append(None)
                 for (sl, _, market), answer in zip(members, got, strict=True):
+                    if answer is None:
+                        continue
                     answer["market_data"] = market
                     priced.append(sl)
                     answers.append(answer)
-            return priced, answers, time.perf_counter() - t0
+            job.ended = time.perf_counter()
+            return priced, answers, job.ended - t0, time.thread_time() - c0
 
         try:
             return self.worker.submit(work)
         except EngineDead as exc:
-            dead: asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]]
+            dead: asyncio.Future[_Result]
             dead = asyncio.get_running_loop().create_future()
             dead.set_exception(exc)
             return dead
@@ -969,7 +1021,7 @@ class ValuationQueue:
         self,
         plan: list[_Slice],
         job: _Job,
-        submitted: asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]] | None,
+        submitted: asyncio.Future[_Result] | None,
         failed: dict[int, RequestError],
     ) -> None:
         try:
@@ -981,14 +1033,14 @@ class ValuationQueue:
         self,
         plan: list[_Slice],
         job: _Job,
-        submitted: asyncio.Future[tuple[list[_Slice], list[dict[str, Any]], float]] | None,
+        submitted: asyncio.Future[_Result] | None,
         failed: dict[int, RequestError],
     ) -> None:
         if submitted is None:
             await self._resolve([sl.item for sl in plan])
             submitted = self._submit(plan, job, failed)
         try:
-            computed, answers, seconds = await submitted
+            computed, answers, seconds, cpu = await submitted
         except EngineDead as exc:
             for sl in plan:
                 if not sl.item.future.done():
@@ -1011,7 +1063,8 @@ class ValuationQueue:
             if err is not None:
                 if not sl.item.future.done():
                     detail = {"field": err.field, "reason": err.reason}
-                    sl.item.future.set_exception(NoMarketData(str(err), details=[detail]))
+                    kind = NoMarketData if err.market else Invalid
+                    sl.item.future.set_exception(kind(str(err), details=[detail]))
                 self._close(sl.item)
         done = {id(sl) for sl in computed}
         for sl in plan:
@@ -1021,7 +1074,7 @@ class ValuationQueue:
                     self._close(sl.item)
         if not computed:
             return
-        self._learn(computed, answers, seconds)
+        self._learn(computed, answers, seconds, cpu)
         for sl, answer in zip(computed, answers, strict=True):
             item = sl.item
             if item.closed or item.future.done():
@@ -1033,7 +1086,7 @@ class ValuationQueue:
                 item.parts = []
                 self._close(item)
 
-    def _learn(self, computed: list[_Slice], answers: list[dict[str, Any]], seconds: float) -> None:
+    def _learn(self, computed: list[_Slice], answers: list[dict[str, Any]], seconds: float, cpu: float) -> None:
         """Metrics of a computed job, and its time into the cost model (by the classes
         the contracts were given at submit, which is what estimates are made from: the
         rare contract the engine sends elsewhere is part of its class's cost)."""
@@ -1047,15 +1100,11 @@ class ValuationQueue:
             classes.update(sl.counts)
         for (model, method), count in priced.items():
             self.metrics.contracts_priced.labels(model, method).inc(count)
-        self.cost.observe(classes, seconds)
-        if len(computed) == 1 and seconds > 0:  # alone in its job
+        self.cost.observe(classes, seconds, cpu)
+        if len(computed) == 1 and seconds > 0:  # alone in its job: how far its classification was off
             sl = computed[0]
-            n = sl.end - sl.start
             predicted = self.cost.overhead([sl.item.tier]) + self.cost.seconds(sl.counts)
-            # how far its classification was off, and the next chunk to take about
-            # max_job_seconds (at most RAMP times this one)
             sl.item.slowdown = min(max(seconds / predicted, 1.0), 1e4) if predicted > 0 else 1.0
-            sl.item.chunk = max(1, min(int(n * self.settings.max_job_seconds / seconds), RAMP * n))
 
     async def _run_slice(self, fit: FitItem, job: _Job) -> None:
         try:
@@ -1066,14 +1115,15 @@ class ValuationQueue:
     async def _fit_slice(self, fit: FitItem, job: _Job) -> None:
         slice_seconds = self.settings.max_job_seconds
 
-        def work() -> tuple[bool, float, int]:
+        def work() -> tuple[bool, float, float, int]:
             job.started = t0 = time.perf_counter()
-            before = fit.evaluations
+            before, cpu = fit.evaluations, fit.task.cpu_seconds
             finished = fit.task.run_slice(slice_seconds)
-            return finished, time.perf_counter() - t0, fit.evaluations - before
+            job.ended = time.perf_counter()
+            return finished, job.ended - t0, fit.task.cpu_seconds - cpu, fit.evaluations - before
 
         try:
-            finished, seconds, evaluations = await self.worker.submit(work)
+            finished, seconds, cpu, evaluations = await self.worker.submit(work)
         except EngineDead as exc:
             if not fit.future.done():
                 fit.future.set_exception(Unavailable(f"the compute engine is down: {exc}", 5))
@@ -1082,7 +1132,7 @@ class ValuationQueue:
         finally:
             fit.busy = False
         if evaluations > 0:
-            self.cost.observe_slice(fit.cls, evaluations, fit.quotes, seconds)
+            self.cost.observe_slice(fit.cls, evaluations, fit.quotes, seconds, cpu)
         if not finished:
             if fit.future.done() and not fit.closed:  # given up on while computing
                 self._close(fit)

@@ -68,6 +68,8 @@ class SlicedTask(Generic[T]):
         self._cancelled = False
         self.done = False
         self.slices = 0
+        self.cpu_seconds = 0.0  # CPU time of its thread so far
+        self._cpu_mark = 0.0
         self._result: T | None = None
         self._error: BaseException | None = None
 
@@ -90,8 +92,10 @@ class SlicedTask(Generic[T]):
         if self._cancelled:
             raise SliceCancelled("cancelled")
         if time.perf_counter() >= self._slice_end:
+            self.cpu_seconds += time.thread_time() - self._cpu_mark
             self._paused.release()
             self._resume.acquire()
+            self._cpu_mark = time.thread_time()
             if self._cancelled:
                 raise SliceCancelled("cancelled")
 
@@ -109,6 +113,7 @@ class SlicedTask(Generic[T]):
 
     def _main(self) -> None:
         self._resume.acquire()
+        self._cpu_mark = time.thread_time()
         try:
             if self._cancelled:
                 raise SliceCancelled("cancelled")
@@ -116,6 +121,7 @@ class SlicedTask(Generic[T]):
         except BaseException as exc:
             self._error = exc
         finally:
+            self.cpu_seconds += time.thread_time() - self._cpu_mark
             self.done = True
             self._paused.release()
 

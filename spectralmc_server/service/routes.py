@@ -27,7 +27,7 @@ from spectralmc_server.service.errors import (
 )
 from spectralmc_server.service.schemas import MAX_CONTRACTS, PriceRequest, format_validation_error
 from spectralmc_server.service.stream import serve_connection
-from spectralmc_server.service.valuation import RequestError, check_inputs, dumps
+from spectralmc_server.service.valuation import RequestError, check_inputs, check_request, dumps
 from spectralmc_server.settings import Settings
 
 routes = web.RouteTableDef()
@@ -102,6 +102,10 @@ async def price(request: web.Request) -> web.Response:
     reason = app[keys.HOST].not_ready()
     if reason is not None:
         raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
+    try:  # on the whole request: the queue may split it into jobs (and checks each again)
+        check_request(req, app[keys.HOST].snapshot())
+    except RequestError as exc:
+        raise Invalid(str(exc), details=[{"field": exc.field, "reason": exc.reason}]) from None
     transport = request.transport
 
     def connected() -> bool:

@@ -265,16 +265,12 @@ def edge_contracts(base: dict[str, Any]) -> list[dict[str, Any]]:
         base | {"vol": 0.3, "rate": 1.0, "dividend": -1.0, "strike": 100.0 * math.exp(2.0)},
         base | {"process": "heston", "params": hi | {"kappa": lo["kappa"], "rho": lo["rho"]}},
         base | {"process": "heston", "params": lo | {"kappa": hi["kappa"], "rho": hi["rho"]}},
+        # sigma at its minimum with the most jumps (lambda T = 20: no jump-free spike)
         base
         | {
             "process": "merton",
-            "expiry_years": 0.1,
-            "params": {
-                "sigma": m["sigma"][0],
-                "lambda": m["lambda"][1],
-                "mu_j": m["mu_j"][0],
-                "sigma_j": m["sigma_j"][0],
-            },
+            "expiry_years": 1.0,
+            "params": {"sigma": m["sigma"][0], "lambda": m["lambda"][1], "mu_j": -0.1, "sigma_j": 0.1},
         },
         base | {"process": "merton", "expiry_years": 0.05, "params": {k: v[1] for k, v in m.items()}},
         base | {"process": "asian", "fixings": 64, "vol": g["vol"][1], "expiry_years": 0.5},
@@ -744,6 +740,18 @@ class Probe:
                 "",
             ),
             ("gbm spot 1e-300, strike 1e300", base | {"vol": 0.2, "spot": 1e-300, "strike": 1e300}, ""),
+            (
+                # a jump-free spike (sigma sqrt(T) = 0.003 against a spread of 2.8) the
+                # reference cannot resolve: it answered 62.84 against the series' 62.75
+                "merton sigma 0.01, lambda 20, mu_j -2, sigma_j 0, T 0.1",
+                base
+                | {
+                    "process": "merton",
+                    "expiry_years": 0.1,
+                    "params": {"sigma": 0.01, "lambda": 20.0, "mu_j": -2.0, "sigma_j": 0.0},
+                },
+                "contracts[0].params.sigma",
+            ),
         ]
         for name, c, must in cases:
             a = await self.price([c])

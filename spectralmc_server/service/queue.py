@@ -512,8 +512,9 @@ class ValuationQueue:
 
     def pressure(self) -> float:
         """How much slower than estimated the worker runs right now (1 to MAX_PRESSURE):
-        the oldest job's time on the worker (or waiting for the worker thread to take it
-        up) over its estimate, once it overruns by more than a GIL hiccup. A burst that
+        the oldest job's expected time on the worker (or waiting for the worker thread to
+        take it up), as long again as it has overrun, over its estimate, once it overruns
+        by more than a GIL hiccup. A burst that
         keeps the event loop, and so the GIL, busy slows the worker at once; the learned
         costs follow only as jobs end."""
         oldest = min(self._jobs, key=lambda j: j.dispatched, default=None)
@@ -522,7 +523,7 @@ class ValuationQueue:
         elapsed = time.perf_counter() - (oldest.started if oldest.started is not None else oldest.dispatched)
         if elapsed < oldest.estimate + HICCUP_SECONDS:
             return 1.0
-        return min(elapsed / oldest.estimate, MAX_PRESSURE)
+        return min((2 * elapsed - oldest.estimate) / oldest.estimate, MAX_PRESSURE)  # as long again to go
 
     def _fit_remaining(self, fit: FitItem) -> float:
         expected = min(max(self.cost.fit_evaluations, 2.0), float(fit.max_evaluations))

@@ -5,7 +5,7 @@ Cost. The queue learns what the worker's time goes to: a pricing job costs a fix
 overhead plus, per contract, the seconds of its cost class (process; method: ``cvnn``
 inside the served model's domain, ``reference`` outside; tier: the heaviest kind of
 measure asked for), a calibration slice costs the seconds per quote-evaluation of its
-class. Every job's measured time updates the estimates (:class:`CostModel`).
+class. Every job's measured wall and CPU time updates the estimates (:class:`CostModel`).
 
 Admission. At submit a request's wait is estimated as the work queued and in flight,
 plus one online-training step, plus its own compute. When that exceeds
@@ -17,9 +17,10 @@ contracts, and in concurrent calibrations.
 
 Jobs. Requests are grouped by (models, namespace, val_datetime, data_asof): one batch
 prices one market-data key. A job holds at most ``max_batch_contracts`` contracts and
-about ``max_job_seconds`` of estimated compute, so a large request is split into
-chunks priced one after another (at most one in flight per request) and other batches
-run between them. Each request is priced with one snapshot of model versions and one
+about ``max_job_seconds`` of compute (at the work's own cost, its CPU time: a worker
+slowed by a busy event loop gains nothing from smaller jobs), so a large request is
+split into chunks priced one after another (at most one in flight per request) and
+other batches run between them. Each request is priced with one snapshot of model versions and one
 resolved market-data snapshot, taken at its first chunk; the chunks' answers are joined
 into the bytes an unsplit answer has (the engine is batch-invariant). A calibration runs
 as a :class:`~spectralmc_server.service.worker.SlicedTask`, one slice per job.
@@ -29,8 +30,9 @@ Order. Jobs go in arrival order, except that work behind a request that is being
 that must run before it finishes) covers it: a one-contract request does not wait for a
 20,000-contract one, and the large one still finishes in time. Work whose client has
 gone or whose deadline has passed is dropped before it is computed, and between chunks.
-Two jobs may be in flight so the worker never idles between them; the worker runs them
-in order, so versions never go backwards.
+Two jobs are kept on the worker so it never idles between them (up to eight while the
+event loop is slow to hear that one ended); it runs them in order, so versions never go
+backwards.
 """
 
 from __future__ import annotations
@@ -475,6 +477,7 @@ class ValuationQueue:
         self._queued: Counter[ClassKey] = Counter()  # the same, by cost class
         self._keys: Counter[GroupKey] = Counter()  # queued requests by batch key
         self._fits: set[FitItem] = set()  # queued or running
+        self._large: set[Item] = set()  # queued requests of several jobs (or being split), calibrations
         self._wake = asyncio.Event()
         self._jobs: set[_Job] = set()
         self._inflight: set[asyncio.Task[None]] = set()
@@ -540,10 +543,27 @@ class ValuationQueue:
         fits = sum(self._fit_remaining(f) for f in self._fits if not f.closed)
         return work + jobs * per_job + fits
 
-    def estimated_wait(self) -> float:
-        """Seconds before a new request's own compute would start: the work in flight and
-        queued, and a training step the worker may be in."""
-        return self._inflight_seconds() + self._queued_seconds() * self.pressure() + self.worker.training_delay
+    def estimated_wait(self, own: float = 0.0) -> float:
+        """Seconds before the own compute of a new request of ``own`` seconds would
+        start: the work in flight and queued, and a training step the worker may be in.
+        Of a request being split (or a calibration) whose slack allows it to be passed,
+        only one job and as much again as the new request's own compute counts: the new
+        request goes between its jobs."""
+        queued = self._queued_seconds()
+        inflight = self._inflight_seconds()
+        if self._large:
+            now = asyncio.get_running_loop().time()
+            worst = inflight + queued
+            for item in self._large:
+                if item.deadline - now - item.margin - worst < own:  # its slack, at the worst, does not allow it
+                    continue
+                if isinstance(item, FitItem):
+                    counted = self._fit_remaining(item)
+                else:
+                    rest = self._item_seconds(item)
+                    counted = rest + math.ceil(rest / self.settings.max_job_seconds) * self.cost.overhead([item.tier])
+                queued -= max(counted - own - self._first_job_seconds(item), 0.0)
+        return inflight + max(queued, 0.0) * self.pressure() + self.worker.training_delay
 
     def _item_seconds(self, item: Pending) -> float:
         return self.cost.seconds(item.remaining()) * item.slowdown
@@ -557,8 +577,8 @@ class ValuationQueue:
         s = self.settings
         if not (self._jobs or self._items):
             return
-        ahead = self.estimated_wait()
         own *= self.pressure()
+        ahead = self.estimated_wait(own)
         budget = timeout * s.admission_fraction
         if ahead + own <= budget:
             return
@@ -607,6 +627,7 @@ class ValuationQueue:
         work = self.cost.seconds(counts)
         jobs = max(math.ceil(n / s.max_batch_contracts), math.ceil(work / s.max_job_seconds))
         self._admit(work + self.cost.overhead([tier_of(request)]) * jobs, timeout, f"this request ({n} contracts)")
+        large = jobs > 1
         loop = asyncio.get_running_loop()
         item = Pending(
             group_key(request),
@@ -621,6 +642,8 @@ class ValuationQueue:
             margin=(1.0 - s.admission_fraction) * timeout,
         )
         self._items.append(item)
+        if large:
+            self._large.add(item)
         self._contracts += n
         self._queued.update(counts)
         self._keys[item.key] += 1
@@ -689,6 +712,7 @@ class ValuationQueue:
         self._admit(self._fit_remaining(item), timeout, f"this calibration ({quotes} quotes)")
         self._items.append(item)
         self._fits.add(item)
+        self._large.add(item)
         self._pump()
         self._wake.set()
         return future
@@ -703,6 +727,7 @@ class ValuationQueue:
         if not item.queued:
             return
         item.queued = False
+        self._large.discard(item)
         with contextlib.suppress(ValueError):
             self._items.remove(item)
         if isinstance(item, Pending):
@@ -905,6 +930,8 @@ class ValuationQueue:
             item.next = sl.end
             if item.next >= item.contracts:  # all of it is on its way
                 self._unqueue(item)
+            else:  # being split (whatever it was estimated at submit)
+                self._large.add(item)
         self._queued = +self._queued
         estimate = self.cost.overhead(sl.item.tier for sl in plan) + sum(
             self.cost.seconds(sl.counts) * sl.item.slowdown for sl in plan
@@ -1221,3 +1248,4 @@ class ValuationQueue:
         self._contracts = 0
         self._queued.clear()
         self._keys.clear()
+        self._large.clear()

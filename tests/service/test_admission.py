@@ -238,10 +238,11 @@ async def test_an_overload_burst_is_answered_200_or_503_not_504(make_client: Mak
 async def test_a_small_request_is_not_held_behind_a_large_one(make_client: MakeClient) -> None:
     """While a 20,000-contract request computes (in jobs of about max_job_seconds), a
     one-contract request is answered in a small fraction of the time the large one
-    still needs: it runs between two of the large one's jobs."""
+    still needs: it runs between two of the large one's jobs. So one whose deadline is
+    shorter than what the large one still needs is admitted, not refused."""
     client = await make_client(torch_threads=1)
     queue = app_of(client)[keys.QUEUE]
-    measures = ["price", "delta", "vega", "theta"]
+    measures = ["price", "delta", "vega", "theta", "stdev"]
     for _ in range(2):  # learn the costs
         await ok(await price(client, {"measures": measures, "contracts": book(2000)}))
     large = asyncio.create_task(price(client, {"measures": measures, "contracts": book(20_000)}, timeout=60))
@@ -259,6 +260,9 @@ async def test_a_small_request_is_not_held_behind_a_large_one(make_client: MakeC
     small = await price(client, {"measures": measures, "contracts": [contract(0)]})
     t_small = time.perf_counter() - t0
     await ok(small)
+    ahead = queue._inflight_seconds() + queue._queued_seconds()  # all of it, in arrival order
+    assert ahead > 0.8 * 0.5, ahead  # more than a 0.5 s deadline admits
+    await ok(await price(client, {"measures": measures, "contracts": [contract(1)]}, timeout=0.5))
     big = await large
     t_large = time.perf_counter() - t0
     assert len(orjson.loads(await ok(big))["results"]) == 20_000

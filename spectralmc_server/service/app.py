@@ -297,7 +297,9 @@ def _pricer(app: web.Application) -> Callable[[PriceRequest], Awaitable[dict[str
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            raise DeadlineExceeded(f"no answer within the {timeout:g} s deadline") from None
+            raise DeadlineExceeded(
+                f"no answer within the {timeout:g} s deadline", headers=app[keys.QUEUE].retry_after()
+            ) from None
 
     return price
 

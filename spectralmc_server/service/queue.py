@@ -722,6 +722,11 @@ class ValuationQueue:
     def _retry_after(self) -> dict[str, str]:
         return {"Retry-After": str(_ceil_seconds(self.estimated_wait()))}
 
+    def retry_after(self) -> dict[str, str]:
+        """The Retry-After header of a 504 or 503 answered outside the queue (a handler's
+        own deadline): when the work now ahead should have drained."""
+        return self._retry_after()
+
     def _unqueue(self, item: Item) -> None:
         """``item`` leaves the queue: nothing of it is left to send to the worker."""
         if not item.queued:

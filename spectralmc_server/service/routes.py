@@ -116,7 +116,9 @@ async def price(request: web.Request) -> web.Response:
         async with asyncio.timeout(timeout):  # cancels the future: the queue then skips it
             answer = await future
     except TimeoutError:
-        raise DeadlineExceeded(f"no answer within the {timeout:g} s deadline") from None
+        raise DeadlineExceeded(
+            f"no answer within the {timeout:g} s deadline", headers=app[keys.QUEUE].retry_after()
+        ) from None
     return web.Response(body=dumps(answer), content_type="application/json")
 
 

@@ -287,6 +287,7 @@ async def test_deadline_504(make_client: MakeClient) -> None:
     r = await price(client, {"contracts": [CONTRACT]}, **{"X-Request-Timeout": "0.2"})
     await assert_error(r, 504, "deadline_exceeded")
     assert time.perf_counter() - t0 < 0.9  # answered at the deadline, not when the worker freed up
+    assert int(r.headers["Retry-After"]) >= 1  # when to come back: the queue's estimated wait
     await blocker
     await ok_json(await price(client, {"contracts": [CONTRACT]}))
 

@@ -1,5 +1,5 @@
 """The ``spectralmc`` command line as users run it: real processes, stdout, stderr and
-exit codes (CONTRACT.md: bad input is one line on stderr and exit code 2)."""
+exit codes (docs/api.md: bad input is one line on stderr and exit code 2)."""
 
 from __future__ import annotations
 

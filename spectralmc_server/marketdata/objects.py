@@ -1,4 +1,4 @@
-"""Typed market objects and the snapshot that groups them (DESIGN.md section 6).
+"""Typed market objects and the snapshot that groups them (docs/marketdata.md).
 
 Conventions, stated once and used everywhere:
 - Times are year fractions ACT/365F from the snapshot's val_datetime (calendar days

@@ -1,4 +1,4 @@
-"""Request and response schemas of the pricing API (CONTRACT.md), shared by HTTP and CLI.
+"""Request and response schemas of the pricing API (docs/api.md), shared by HTTP and CLI.
 
 Validation is strict: unknown fields, non-finite numbers, values outside each input's
 bounds (spot, strike, K/F, vol, expiry, vol sqrt(T), every process parameter), duplicate

@@ -1,4 +1,4 @@
-"""The market-data routes (CONTRACT.md).
+"""The market-data routes (docs/api.md).
 
 - ``PUT /v1/marketdata/{namespace}/{val_datetime}/{data_asof}``: store one snapshot;
   201 created, 200 when the same content is already there, 409 for other content.

@@ -1,4 +1,4 @@
-"""Store URIs: ``file:///absolute/path`` and ``s3://bucket/prefix`` (CONTRACT.md)."""
+"""Store URIs: ``file:///absolute/path`` and ``s3://bucket/prefix`` (docs/api.md)."""
 
 from __future__ import annotations
 

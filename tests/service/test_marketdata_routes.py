@@ -1,4 +1,4 @@
-"""Market-data routes and pricing by reference over HTTP (CONTRACT.md): PUT/GET/list/latest
+"""Market-data routes and pricing by reference over HTTP (docs/api.md): PUT/GET/list/latest
 of snapshots, their errors and write token, as-of resolution, arbitrage reports, and
 contracts by underlying/expiry priced exactly as their explicit inputs (one snapshot
 resolution per key per batch, reproducible bytes)."""

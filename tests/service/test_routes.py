@@ -1,4 +1,4 @@
-"""Public routes against the HTTP contract (CONTRACT.md): pricing, its errors, back-pressure,
+"""Public routes against the HTTP contract (docs/api.md): pricing, its errors, back-pressure,
 deadlines, dropped work, engine failure, health, readiness, models, metrics, OpenAPI, docs."""
 
 from __future__ import annotations

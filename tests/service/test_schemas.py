@@ -1,4 +1,4 @@
-"""Validation of the POST /v1/price body (CONTRACT.md): what is accepted, the defaults,
+"""Validation of the POST /v1/price body (docs/api.md): what is accepted, the defaults,
 and that every rejection names the field and the reason."""
 
 from __future__ import annotations

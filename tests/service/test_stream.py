@@ -1,4 +1,4 @@
-"""WebSocket ``/v1/stream`` against CONTRACT.md: subscribe/unsubscribe, quotes pushed on
+"""WebSocket ``/v1/stream`` against docs/api.md: subscribe/unsubscribe, quotes pushed on
 subscribe, new snapshots, model changes, intervals and job topics; bad messages answered
 with errors on a connection that stays open; the upgrade's 400/503; 200 live subscribers
 served promptly beside a client that never reads (whose queue stays bounded), eviction

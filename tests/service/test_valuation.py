@@ -1,5 +1,5 @@
 """Valuer: request -> response through a served (tiny, freshly trained) model, the
-reference fallback outside the model's domain, and the response shape of CONTRACT.md."""
+reference fallback outside the model's domain, and the response shape of docs/api.md."""
 
 from __future__ import annotations
 

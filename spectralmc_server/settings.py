@@ -13,12 +13,13 @@ import tomllib
 from contextvars import ContextVar
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from spectralmc_server.engine.certify import DEFAULT_TOLERANCE, MIN_POINTS, GateLimit
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
 from spectralmc_server.engine.kernels import KernelPolicy
 from spectralmc_server.service.schemas import MAX_CONTRACTS, Contract, Measure
@@ -124,6 +125,60 @@ class UISettings(BaseModel):
     namespace: str = "default"
     portfolio: str = "demo"  # a name in [portfolios]
     measures: list[Measure] = Field(default_factory=lambda: _measures("price", "delta", "vega"), min_length=1)
+
+
+class GateLimitSettings(BaseModel):
+    """Thresholds on one measure's normalised error over a certificate's sample."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    p95: float | None = Field(None, gt=0)
+    max: float | None = Field(None, gt=0)
+
+
+def _default_tolerance() -> dict[Measure, float]:
+    return {cast(Measure, m): v for m, v in DEFAULT_TOLERANCE.items()}
+
+
+def _default_gate() -> dict[str, dict[Measure, GateLimitSettings]]:
+    # Normalised as in engine/certify.py (a price's 1e-4 is 1 bp of spot). The bundled
+    # models' certificates are within these with room (docs/benchmarks.md); a 50-step
+    # model (price p95 ~1,000 bp) is far outside.
+    return {
+        "default": {
+            "price": GateLimitSettings(p95=5e-4, max=50e-4),
+            "delta": GateLimitSettings(p95=20e-4, max=200e-4),
+            "digital": GateLimitSettings(p95=20e-4, max=200e-4),
+        }
+    }
+
+
+class CertificateSettings(BaseModel):
+    """Certified answers: each model version's error map (engine/certify.py), the
+    tolerances past which a learned measure is not served, and the quality gate a
+    version must pass to be committed by training or served by a tracker."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    points: int = Field(MIN_POINTS, ge=MIN_POINTS, le=1 << 16)  # held-out parameter points per certificate
+    # per measure: absolute per unit of its scale (price: 25e-4 = 25 bp of D F), or
+    # relative to the value for stdev and quantiles (0.02 = 2%)
+    tolerance: dict[Measure, float] = Field(default_factory=_default_tolerance)
+    # per model name ("default": any model not named), per measure: p95 and max of the
+    # normalised error a version's certificate must not exceed
+    gate: dict[str, dict[Measure, GateLimitSettings]] = Field(default_factory=_default_gate)
+
+    @model_validator(mode="after")
+    def _check(self) -> CertificateSettings:
+        bad = {m: v for m, v in self.tolerance.items() if not v > 0}
+        if bad:
+            raise ValueError(f"certificate.tolerance must be positive: {bad}")
+        return self
+
+    def limits(self, model: str) -> dict[str, GateLimit]:
+        """The gate of ``model``: its own entry, else ``default``."""
+        table = self.gate.get(model, self.gate.get("default", {}))
+        return {m: GateLimit(p95=v.p95, max=v.max) for m, v in table.items()}
 
 
 class PriceJob(BaseModel):
@@ -238,6 +293,7 @@ class Settings(BaseSettings):
     stream: StreamSettings = StreamSettings()
     memory: MemorySettings = MemorySettings()
     ui: UISettings = UISettings()
+    certificate: CertificateSettings = CertificateSettings()
     portfolios: dict[str, list[Contract]] = Field(default_factory=_demo_portfolio)  # named books (jobs, /ui)
     jobs: list[Job] = Field(default_factory=list)  # declarative real-time work, see config/jobs.toml
 

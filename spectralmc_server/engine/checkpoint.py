@@ -7,9 +7,13 @@ Layout::
                            SHA-256 of each tensor file
     model.safetensors      the EMA weights: what is served
     training.safetensors   raw weights and optimiser state: what resuming needs
+    certificate.json       optional: the model's measured error map (engine/certify.py),
+                           naming the content hash it certifies
 
 The model's content hash is the SHA-256 of the canonical manifest bytes; since the
-manifest lists each tensor file's hash, it covers every byte of the checkpoint.
+manifest lists each tensor file's hash, it covers every byte of the checkpoint. The
+certificate is about the model, not part of it: it names the model's hash (checked on
+read), and a version store keeps its own SHA-256 (docs/store.md).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ FORMAT = "spectralmc-checkpoint/1"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.safetensors"
+CERTIFICATE_FILE = "certificate.json"
 
 
 class CheckpointError(ValueError):
@@ -67,6 +72,7 @@ class Checkpoint:
     model: dict[str, torch.Tensor]  # EMA weights, by parameter name
     training: dict[str, torch.Tensor]  # raw weights and optimiser state
     read_hash: str | None = None  # content hash of the manifest bytes this was read from
+    certificate: dict[str, Any] | None = None  # engine/certify.py's certificate of this model, if any
 
     def encode(self) -> dict[str, bytes]:
         """File name -> bytes, with the tensor hashes written into the manifest."""
@@ -119,11 +125,14 @@ def write_dir(ckpt: Checkpoint, path: Path) -> str:
     """Write atomically (temp dir, then rename over); returns the content hash."""
     path = Path(path)
     files = ckpt.encode()
+    written = dict(files)
+    if ckpt.certificate is not None:  # the directory is replaced whole: no stale certificate stays
+        written[CERTIFICATE_FILE] = canonical_json(ckpt.certificate)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     tmp.chmod(0o755)  # mkdtemp makes it private; a checkpoint is shared like any directory
     try:
-        for name, data in files.items():
+        for name, data in written.items():
             with (tmp / name).open("wb") as fh:
                 fh.write(data)
                 fh.flush()
@@ -153,4 +162,17 @@ def read_dir(path: Path, *, need_training: bool = True) -> Checkpoint:
             files[name] = (path / name).read_bytes()
         except FileNotFoundError:
             raise CheckpointError(f"{path} has no {name}") from None
-    return decode(files, need_training=need_training)
+    ckpt = decode(files, need_training=need_training)
+    cert_path = path / CERTIFICATE_FILE
+    if not cert_path.is_file():
+        return ckpt
+    from dataclasses import replace
+
+    from spectralmc_server.engine.certify import CertificateError
+    from spectralmc_server.engine.certify import decode as decode_certificate
+
+    try:
+        cert = decode_certificate(cert_path.read_bytes(), ckpt.content_hash)
+    except CertificateError as exc:
+        raise CheckpointError(f"{cert_path}: {exc}") from None
+    return replace(ckpt, certificate=cert)

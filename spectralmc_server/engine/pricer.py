@@ -10,8 +10,8 @@ extrapolated.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -54,6 +54,7 @@ REFERENCE_WORKING_BYTES = 256 * 2**20  # chunk the reference's large (rows, K) t
 MC_REFERENCE_SPECTRUM = SpectrumConfig(n_freq=128, half_width=12.0, n_bins=4096)
 MC_REFERENCE_PATHS = 1 << 16
 MC_REFERENCE_SEED = 20261127
+MC_REFERENCE_GROUPS = 8  # independent groups of paths: the reference's standard error
 CF_MAX_BLOCK = 4096  # rows per CF evaluation at most (a multiple of CF_CHUNK)
 """(theta (B, P), T (B,)) float64 -> phi_Y complex128 (B, K) on the spectrum's grid."""
 
@@ -352,17 +353,66 @@ class ClosedFormGBMPricer:
         return {k: v for k, v in out.items() if k in measures}
 
 
+class MonteCarloReference:
+    """COS on a Monte-Carlo CF in ``groups`` independent groups of paths (seeds
+    ``seed + g``): the answer is the groups' mean (for the measures linear in the CF,
+    price, Greeks and digital, exactly the estimate from all the paths) and its standard
+    error the groups' spread over sqrt(groups)."""
+
+    def __init__(
+        self, process: Process, spectrum: SpectrumConfig, *, paths: int, groups: int = MC_REFERENCE_GROUPS, seed: int
+    ) -> None:
+        if groups < 2 or paths % groups:
+            raise ValueError(f"need at least 2 groups dividing the paths, got {groups} for {paths}")
+        self.groups = [
+            # cf_chunk=1: every point shares its group's paths, so no padding is needed
+            # for batch invariance (and padding would simulate the pad rows)
+            SpectralPricer(
+                process,
+                spectrum,
+                MonteCarloCF(process, spectrum, paths=paths // groups, seed=seed + g),
+                cf_chunk=1,
+                working_bytes=REFERENCE_WORKING_BYTES,
+            )
+            for g in range(groups)
+        ]
+
+    def evaluate_with_error(
+        self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        parts = [g.evaluate(batch, measures, levels) for g in self.groups]
+        values: dict[str, torch.Tensor] = {}
+        stderr: dict[str, torch.Tensor] = {}
+        for k in parts[0]:
+            stack = torch.stack([p[k] for p in parts])
+            values[k] = stack.mean(0)
+            stderr[k] = stack.std(0) / len(parts) ** 0.5
+        return values, stderr
+
+    def evaluate(
+        self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        return self.evaluate_with_error(batch, measures, levels)[0]
+
+
+def reference_with_error(
+    reference: Pricer, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """A reference's values and, for a Monte-Carlo reference, their standard errors (a
+    closed form or COS on an analytic CF has none: an empty dict)."""
+    if isinstance(reference, MonteCarloReference):
+        return reference.evaluate_with_error(batch, measures, levels)
+    return reference.evaluate(batch, measures, levels), {}
+
+
 def reference_pricer(process: Process, spectrum: SpectrumConfig | None = None) -> Pricer:
     """The reference for a process: closed forms for GBM, COS on the analytic CF where
-    there is one, else COS on a Monte-Carlo CF (:class:`MonteCarloCF`)."""
+    there is one, else COS on a Monte-Carlo CF (:class:`MonteCarloReference`)."""
     if process.name == "gbm":
         return ClosedFormGBMPricer()
     if not process.has_analytic_cf:
         spec = spectrum or MC_REFERENCE_SPECTRUM
-        mc = MonteCarloCF(process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED)
-        # cf_chunk=1: every point shares the same paths, so no padding is needed for
-        # batch invariance (and padding would simulate the pad rows)
-        return SpectralPricer(process, spec, mc, cf_chunk=1, working_bytes=REFERENCE_WORKING_BYTES)
+        return MonteCarloReference(process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED)
     spec = spectrum or REFERENCE_SPECTRUM
     return SpectralPricer(
         process, spec, lambda th, t: analytic_cf_y(process, spec, th, t), working_bytes=REFERENCE_WORKING_BYTES
@@ -381,6 +431,7 @@ class ServedModel:
     manifest: dict[str, Any]
     pricer: ModelPricer
     network: torch.nn.Module | None = None  # the learned network (for measuring its memory)
+    certificate: dict[str, Any] | None = None  # engine/certify.py's measured error map of this version
 
 
 def load_served_model(
@@ -392,8 +443,12 @@ def load_served_model(
     device: torch.device | None = None,
     max_rows: int = 16384,
     working_bytes: int | None = None,
+    tolerance: Mapping[str, float] | None = None,
+    require_certificate: bool = True,
 ) -> ServedModel:
-    """Build the served (EMA) network of a checkpoint and wrap it in a pricer."""
+    """Build the served (EMA) network of a checkpoint and wrap it in a pricer that
+    bounds every learned answer by the checkpoint's certificate (none: no learned
+    answer is served; see :class:`ModelPricer`)."""
     desc = ckpt.manifest["model"]
     process = get_process(desc["process"])
     domain = ModelDomain.model_validate(desc["domain"])
@@ -422,17 +477,61 @@ def load_served_model(
         content_hash=ckpt.content_hash,
         version=version,
         manifest=ckpt.manifest,
-        pricer=ModelPricer(learned, domain, reference_pricer(process)),
+        pricer=ModelPricer(
+            learned,
+            domain,
+            reference_pricer(process),
+            certificate=ckpt.certificate,
+            tolerance=tolerance,
+            require_certificate=require_certificate,
+        ),
         network=model,
+        certificate=ckpt.certificate,
     )
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Measures per contract and which engine answered each (True: the learned model)."""
+    """Measures per contract, which engine answered each (True: the learned model), each
+    answer's error bound in the measure's units (same shapes as ``values``), and the
+    learned answers withheld because their bound passed the measure's tolerance where no
+    reference could answer instead (their value is NaN, served as null with a warning;
+    ``bounds`` keeps the bound that was too wide)."""
 
     values: dict[str, torch.Tensor]
     learned: torch.Tensor  # (n,) bool
+    bounds: dict[str, torch.Tensor] = field(default_factory=dict)
+    withheld: dict[str, torch.Tensor] = field(default_factory=dict)  # measure -> (n,) bool
+
+
+# A closed form's bound: float64 rounding. COS on an analytic CF with the reference's
+# 2,048 terms on [-64 s, 64 s]: within 2.5e-8 of the forward at the domain's heaviest
+# Heston tail and ~1e-12 elsewhere (REFERENCE_SPECTRUM): 1e-7 per unit of the measure.
+CLOSED_FORM_BOUND = 1e-12
+COS_REFERENCE_BOUND = 1e-7
+
+
+def reference_bounds(
+    reference: Pricer,
+    process: Process,
+    batch: OptionBatch,
+    values: Mapping[str, torch.Tensor],
+    stderr: Mapping[str, torch.Tensor],
+) -> dict[str, torch.Tensor]:
+    """The bound of a reference answer: three standard errors for Monte Carlo, else the
+    method's accuracy per unit of the measure (``CLOSED_FORM_BOUND``, ``COS_REFERENCE_BOUND``)."""
+    from spectralmc_server.engine.certify import MC_SE_MULTIPLE, measure_units
+
+    units = measure_units(batch, process)
+    rel = CLOSED_FORM_BOUND if isinstance(reference, ClosedFormGBMPricer) else COS_REFERENCE_BOUND
+    out = {}
+    for m, v in values.items():
+        if m in stderr:
+            out[m] = MC_SE_MULTIPLE * stderr[m]
+        else:
+            unit = units[m] if m != "quantiles" else units[m][:, None]
+            out[m] = (rel * unit).expand_as(v).clone()
+    return out
 
 
 def price_bounds(batch: OptionBatch, process: Process) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -459,19 +558,56 @@ def clamp_to_bounds(values: dict[str, torch.Tensor], batch: OptionBatch, process
 
 
 class ModelPricer:
-    """A learned model's pricer, answering only where the model was validated: inside the
-    domain's box of parameters and expiries and, for strike-dependent measures, inside its
-    certified K/F range. Elsewhere, and wherever a learned price breaks a model-free bound
-    (a call below its discounted intrinsic value or above the discounted forward, and the
-    like for puts and digitals), the reference answers: never the network."""
+    """A learned model's pricer, answering only where the model was validated and
+    certified, and never past a measure's tolerance.
 
-    def __init__(self, learned: SpectralPricer, domain: ModelDomain, reference: Pricer) -> None:
+    - Inside the domain's box of parameters and expiries and, for strike-dependent
+      measures, inside its certified K/F range, the network answers; elsewhere, and
+      wherever a learned price breaks a model-free bound (a call below its discounted
+      intrinsic value or above the discounted forward, and the like for puts and
+      digitals) or is not finite, the reference answers: never the network.
+    - Every answer carries an error bound: a learned one from the model's certificate
+      (engine/certify.py), a reference one from its method (:func:`reference_bounds`).
+    - A learned measure whose bound passes its tolerance (``tolerance``: per measure,
+      absolute per unit of the measure's scale, or relative to the value for
+      ``RELATIVE_MEASURES``) is answered by the reference for the whole contract where
+      the reference is analytic; where the reference is a simulation (whose cost a
+      request cannot be made to wait for) the measure is withheld: NaN here, null with a
+      warning in a response.
+    - Without a certificate nothing learned is served (``require_certificate=False``,
+      for engine tests and benchmarks of raw networks only, serves it with NaN bounds).
+    """
+
+    def __init__(
+        self,
+        learned: SpectralPricer,
+        domain: ModelDomain,
+        reference: Pricer,
+        *,
+        certificate: Mapping[str, Any] | None = None,
+        tolerance: Mapping[str, float] | None = None,
+        require_certificate: bool = True,
+    ) -> None:
+        from spectralmc_server.engine.certify import DEFAULT_TOLERANCE, BoundMap
+
         self.learned = learned
         self.domain = domain
         self.reference = reference
+        self.certificate = certificate
+        self.bound_map = None if certificate is None else BoundMap(certificate, learned.process, domain)
+        self.tolerance = {**DEFAULT_TOLERANCE, **(tolerance or {})}
+        self.require_certificate = require_certificate
+        self.simulated_reference = isinstance(reference, MonteCarloReference)
+
+    @property
+    def qualified(self) -> bool:
+        """May the network answer at all (it has a certificate, or none is required)?"""
+        return self.bound_map is not None or not self.require_certificate
 
     def servable(self, batch: OptionBatch, measures: frozenset[str]) -> torch.Tensor:
         """(n,) bool: where the learned model may answer these measures."""
+        if not self.qualified:
+            return torch.zeros(len(batch), dtype=torch.bool)
         inside = self.domain.contains(batch.theta, batch.expiry)
         if measures & SPREAD_MEASURES:  # the quadrature's tails (docs/method.md)
             inside &= self.learned.process.scale(batch.theta, batch.expiry) <= MOMENT_MAX_SPREAD
@@ -483,13 +619,34 @@ class ModelPricer:
             inside &= (kappa >= low * (1 - slack)) & (kappa <= high * (1 + slack))
         return inside
 
+    def too_wide(
+        self, batch: OptionBatch, values: Mapping[str, torch.Tensor], bounds: Mapping[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Per measure, (n,) bool: the bound is unknown (NaN) or past the tolerance."""
+        from spectralmc_server.engine.certify import RELATIVE_MEASURES, measure_units
+
+        units = measure_units(batch, self.learned.process)
+        out = {}
+        for m, b in bounds.items():
+            tol = self.tolerance.get(m)
+            if tol is None:
+                continue
+            v = values[m]
+            limit = tol * v.abs() if m in RELATIVE_MEASURES else tol * (units[m][:, None] if v.dim() == 2 else units[m])
+            bad = ~(b <= limit)  # NaN bounds are never within tolerance
+            out[m] = bad.reshape(len(batch), -1).any(1)
+        return out
+
     def evaluate(self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None) -> Evaluation:
         process = self.learned.process
+        n = len(batch)
         inside = self.servable(batch, measures)
         idx_in = torch.nonzero(inside).flatten()
         learned_values: dict[str, torch.Tensor] | None = None
+        learned_bounds: dict[str, torch.Tensor] = {}
+        learned_withheld: dict[str, torch.Tensor] = {}
         if len(idx_in):
-            sub = batch if len(idx_in) == len(batch) else batch.select(idx_in)
+            sub = batch if len(idx_in) == n else batch.select(idx_in)
             pricing = measures & set(PRICE_MEASURES)
             asked = measures | {"price"} if pricing else measures  # the price is checked against its bounds
             learned_values = self.learned.evaluate(sub, frozenset(asked), levels)
@@ -504,27 +661,56 @@ class ModelPricer:
                 if "digital" in learned_values:
                     digital = learned_values["digital"]
                     ok &= (digital >= -slack) & (digital <= disc + slack)
+            learned_values = {k: v for k, v in learned_values.items() if k in measures}
+            if self.bound_map is not None:
+                learned_bounds = self.bound_map.bounds(sub, measures, levels)
+            else:  # an uncertified network, served only where no certificate is required
+                learned_bounds = {k: torch.full_like(v, float("nan")) for k, v in learned_values.items()}
+            if self.require_certificate:
+                wide = self.too_wide(sub, learned_values, learned_bounds)
+                if self.simulated_reference:
+                    for m, wide_m in wide.items():
+                        bad = wide_m & ok
+                        if bool(bad.any()):
+                            learned_withheld[m] = bad
+                            learned_values[m] = learned_values[m].clone()
+                            learned_values[m][bad] = float("nan")
+                else:
+                    for bad in wide.values():
+                        ok &= ~bad
             if not bool(ok.all()):
                 inside[idx_in[~ok]] = False
                 learned_values = {k: v[ok] for k, v in learned_values.items()}
+                learned_bounds = {k: v[ok] for k, v in learned_bounds.items()}
+                learned_withheld = {k: v[ok] for k, v in learned_withheld.items()}
                 idx_in = idx_in[ok]
         idx_out = torch.nonzero(~inside).flatten()
-        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor]]] = []
+        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
         if learned_values is not None and len(idx_in):
-            parts.append((idx_in, learned_values))
+            parts.append((idx_in, learned_values, learned_bounds))
         if len(idx_out):
-            parts.append((idx_out, self.reference.evaluate(batch.select(idx_out), measures, levels)))
-        if len(parts) == 1 and len(parts[0][0]) == len(batch):
+            out_batch = batch.select(idx_out)
+            ref_values, stderr = reference_with_error(self.reference, out_batch, measures, levels)
+            ref_bounds = reference_bounds(self.reference, process, out_batch, ref_values, stderr)
+            parts.append((idx_out, ref_values, ref_bounds))
+        values: dict[str, torch.Tensor] = {}
+        bounds: dict[str, torch.Tensor] = {}
+        withheld: dict[str, torch.Tensor] = {}
+        if len(parts) == 1 and len(parts[0][0]) == n:
             values = {k: v for k, v in parts[0][1].items() if k in measures}
+            bounds = {k: v for k, v in parts[0][2].items() if k in measures}
         else:
-            values = {}
-            n = len(batch)
-            for idx, part in parts:
-                for k, v in part.items():
-                    if k not in measures:
-                        continue
-                    if k not in values:
-                        values[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float64)
-                    values[k][idx] = v
+            for idx, part, part_bounds in parts:
+                for target, source in ((values, part), (bounds, part_bounds)):
+                    for k, v in source.items():
+                        if k not in measures:
+                            continue
+                        if k not in target:
+                            target[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float64)
+                        target[k][idx] = v
+        for k, bad in learned_withheld.items():
+            mask = torch.zeros(n, dtype=torch.bool)
+            mask[idx_in[bad]] = True
+            withheld[k] = mask
         clamp_to_bounds(values, batch, process)
-        return Evaluation(values, inside)
+        return Evaluation(values, inside, bounds, withheld)

@@ -7,19 +7,23 @@ against the same model versions gives the same bytes.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import orjson
 import torch
 
+from spectralmc_server.engine.certify import RELATIVE_MEASURES, UNITS
 from spectralmc_server.engine.pricer import (
     MOMENT_MAX_SPREAD,
     SPREAD_MEASURES,
     OptionBatch,
     ServedModel,
     clamp_to_bounds,
+    reference_bounds,
     reference_pricer,
+    reference_with_error,
 )
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
@@ -103,10 +107,17 @@ class NonFiniteResultError(RuntimeError):
     """A pricer returned a non-finite number for valid input: a bug, never served."""
 
 
-def _check_finite(values: Mapping[str, torch.Tensor], measures: Sequence[str], contracts: list[Contract]) -> None:
+def _check_finite(
+    values: Mapping[str, torch.Tensor],
+    measures: Sequence[str],
+    contracts: list[Contract],
+    withheld: Mapping[str, torch.Tensor],
+) -> None:
     for m in measures:
         v = values[m]
         ok = torch.isfinite(v).reshape(v.shape[0], -1).all(1)
+        if m in withheld:
+            ok |= withheld[m]  # withheld on purpose: null with a warning
         if not bool(ok.all()):
             bad = contracts[int(torch.nonzero(~ok)[0, 0])]
             raise NonFiniteResultError(f"{m} of contract {bad.id!r} is not finite")
@@ -206,29 +217,61 @@ class Valuer:
                 contracts = [requests[i].contracts[j] for i, j in refs]
                 batch = _batch(contracts, process.param_names)
                 served = self.models.get(proc_name)
+                withheld: dict[str, torch.Tensor] = {}
                 if served is not None:
                     ev = served.pricer.evaluate(batch, measures, levels)
-                    values, learned = ev.values, ev.learned.tolist()
+                    values, learned, bounds, withheld = ev.values, ev.learned.tolist(), ev.bounds, ev.withheld
                     identity = {"version": served.version, "content_hash": served.content_hash}
+                    tolerance = served.pricer.tolerance
                 else:
-                    values = reference_pricer(process).evaluate(batch, measures, levels)
+                    reference = reference_pricer(process)
+                    values, stderr = reference_with_error(reference, batch, measures, levels)
+                    bounds = reference_bounds(reference, process, batch, values, stderr)
                     clamp_to_bounds(values, batch, process)
                     learned = [False] * len(refs)
-                _check_finite(values, measure_list, contracts)
+                    tolerance = {}
+                _check_finite(values, measure_list, contracts, withheld)
                 cols = {m: values[m].tolist() for m in measure_list}
+                bound_cols = {m: bounds[m].tolist() for m in measure_list}
+                held = {m: w.tolist() for m, w in withheld.items() if m in measures}
                 for k, (i, j) in enumerate(refs):
                     row: dict[str, Any] = {
                         "id": contracts[k].id,
                         "model": proc_name,
                         "method": "cvnn" if learned[k] else "reference",
                     }
+                    error_bound: dict[str, Any] = {}
                     for m in measure_list:
-                        v = cols[m][k]
-                        row[m] = dict(zip(level_keys, v, strict=True)) if m == "quantiles" else v
+                        v, b = cols[m][k], bound_cols[m][k]
+                        if m == "quantiles":
+                            row[m] = dict(zip(level_keys, v, strict=True))
+                            error_bound[m] = dict(zip(level_keys, b, strict=True))
+                        else:
+                            row[m], error_bound[m] = v, b
+                    row["error_bound"] = error_bound
+                    for m, mask in held.items():
+                        if mask[k]:
+                            row.setdefault("warnings", []).append(
+                                _withheld_warning(m, bound_cols[m][k], tolerance, proc_name)
+                            )
+                            row[m] = None
+                            error_bound[m] = None
                     answers[i]["results"][j] = row
                     if learned[k] and served is not None:
                         answers[i]["models"][served.name] = identity
         return answers
+
+
+def _withheld_warning(measure: str, bound: Any, tolerance: Mapping[str, float], process: str) -> str:
+    """The warning beside a learned measure withheld because its bound passed tolerance."""
+    worst = max(bound) if isinstance(bound, list) else bound  # quantiles: the widest level
+    tol = tolerance.get(measure, float("nan"))
+    limit = f"{tol:g} of the value" if measure in RELATIVE_MEASURES else f"{tol:g} x {UNITS[measure]}"
+    figure = "not certified" if math.isnan(worst) else f"{worst:.4g}"  # NaN: the certificate has no figure here
+    return (
+        f"{measure}: not answered: the model's certified error bound here is {figure}, past the tolerance "
+        f"({limit}); the {process} reference is a simulation the server does not run in its place"
+    )
 
 
 def dumps(response: dict[str, Any]) -> bytes:

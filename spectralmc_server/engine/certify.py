@@ -1,0 +1,575 @@
+"""Certificates: a learned model's measured error over its whole domain, and the error
+bound every answer it gives carries.
+
+A certificate is made once per model version (at commit, or on demand with
+``spectralmc store certify N``) from held-out points that no training or validation
+draw uses: ``points`` parameter points (at least 4,096) from a scrambled Sobol sequence
+with seed ``CERT_SEED`` over the model's domain, each with ``STRIKES_PER_POINT``
+strikes evenly spaced in K/F across the model's certified moneyness range, and every
+measure the server answers (price, Greeks, digital, the distribution moments and
+quantiles at ``CERT_LEVELS``). Each contract is compared with the process's truth:
+the closed forms (GBM), COS on the analytic characteristic function (Heston, Merton)
+or the process's Monte-Carlo reference (the arithmetic Asian), whose own standard
+error is added to the observed error (three standard errors: the figure covers the
+learned error whenever the reference is within 3 SE of the truth).
+
+Errors are normalised by the measure's scale (:func:`measure_units`): price, vega,
+theta and rho per unit of D F (the discounted forward, spot for a European without
+dividends), delta per D F / S, gamma per D F / S^2, the digital per D, the mean, stdev
+and quantiles per unit of F, skew and kurtosis as they are. With spot 1 and no rates
+(how the points are priced), the normalised error of a price is its error in units of
+spot: 1e-4 is one basis point.
+
+The error map splits the domain into cells: ``GRID`` x ``GRID`` over the model's two
+main dimensions (its vol parameter and expiry, in the domain's own sampling
+coordinates), times ``BANDS`` bands of log K/F for strike-dependent measures (or the
+certified quantile levels for quantiles). A cell's bound is the ``COVERAGE`` quantile
+of the normalised errors in it times ``MARGIN``: a contract's bound is its cell's
+figure times the contract's own unit. The 99.5% quantile plus a 25% margin leaves room
+for the sampling error of a quantile estimated from ~100-500 errors per cell; the
+coverage this gives on fresh points is measured by ``bench/certify.py`` and
+``tests/engine/test_certify.py`` (the target: the truth inside the bound for at least
+99% of contracts anywhere in the domain).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+import torch
+
+from spectralmc_server.engine.checkpoint import CERTIFICATE_FILE, canonical_json, sha256_hex
+from spectralmc_server.engine.normals import sobol_engine
+from spectralmc_server.engine.pricer import (
+    DIST_MEASURES,
+    MEASURES,
+    MOMENT_MAX_SPREAD,
+    PRICE_MEASURES,
+    SPREAD_MEASURES,
+    OptionBatch,
+    reference_with_error,
+)
+from spectralmc_server.engine.processes.base import ModelDomain, Process
+
+if TYPE_CHECKING:
+    from spectralmc_server.engine.pricer import Pricer, ServedModel
+
+CERT_FORMAT = "spectralmc-certificate/1"
+# A scramble no training seed (< 2^31) and no validation set (2^31 + 7) uses.
+CERT_SEED = 2**31 + 101
+# A second scramble, for checking a certificate's coverage on points it never saw.
+FRESH_SEED = 2**31 + 202
+MIN_POINTS = 4096
+STRIKES_PER_POINT = 13
+CERT_LEVELS = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
+GRID = 6
+BANDS = 3
+COVERAGE = 0.995
+MARGIN = 1.25
+MIN_CELL = 20  # errors a cell needs for its own quantile; thinner cells take their row's
+MC_SE_MULTIPLE = 3.0
+# The least bound a cell gets, per unit of the measure's scale: where the learned and
+# the true value agree to rounding (a deep out-of-the-money price of 0), a bound of
+# exactly 0 would fail on the next point's rounding. 1e-8 of spot is 1e-4 bp.
+FLOOR = 1e-8
+# Measures whose tolerance is relative to the value (their bound is still in the
+# measure's own units). Skew and (excess) kurtosis are near 0 for small spreads: their
+# tolerances are absolute.
+RELATIVE_MEASURES = frozenset({"stdev", "quantiles"})
+UNITS = {
+    "price": "D F",
+    "delta": "D F / S",
+    "gamma": "D F / S^2",
+    "vega": "D F per 1.00 of vol",
+    "theta": "D F per year",
+    "rho": "D F per 1.00 of rate",
+    "digital": "D",
+    "mean": "F",
+    "stdev": "F",
+    "skew": "1",
+    "kurtosis": "1",
+    "quantiles": "F",
+}
+STRIKE_MEASURES = frozenset(PRICE_MEASURES)
+# A learned measure whose bound passes its tolerance is not served as learned (the
+# reference answers, or it is withheld: engine/pricer.py ModelPricer). Absolute per unit
+# of the measure's scale (UNITS: 25e-4 of a price is 25 bp of D F, spot for a European
+# without dividends), relative to the value for RELATIVE_MEASURES. Settings
+# ``[certificate.tolerance]`` override them.
+DEFAULT_TOLERANCE: dict[str, float] = {
+    "price": 25e-4,
+    "delta": 50e-4,
+    "gamma": 100e-4,
+    "vega": 100e-4,
+    "theta": 100e-4,
+    "rho": 100e-4,
+    "digital": 50e-4,
+    "mean": 1e-6,
+    "stdev": 0.02,
+    "skew": 0.05,
+    "kurtosis": 0.05,
+    "quantiles": 0.01,
+}
+
+
+class CertificateError(ValueError):
+    """A certificate that does not parse, has the wrong format, or names another model."""
+
+
+def measure_units(batch: OptionBatch, process: Process) -> dict[str, torch.Tensor]:
+    """Each measure's scale per contract (n,): a bound is a cell figure times this."""
+    disc = torch.exp(-batch.rate * batch.expiry)
+    fwd = batch.spot * process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+    df = disc * fwd
+    one = torch.ones_like(df)
+    return {
+        "price": df,
+        "delta": df / batch.spot,
+        "gamma": df / (batch.spot * batch.spot),
+        "vega": df,
+        "theta": df,
+        "rho": df,
+        "digital": disc,
+        "mean": fwd,
+        "stdev": fwd,
+        "skew": one,
+        "kurtosis": one,
+        "quantiles": fwd,
+    }
+
+
+def main_dims(process: Process, domain: ModelDomain) -> tuple[int, int]:
+    """The two dimensions the error map is drawn over: the vol parameter and expiry."""
+    return process.vol_parameter()[0], domain.dims - 1
+
+
+def _band_edges(domain: ModelDomain) -> torch.Tensor:
+    low, high = domain.certified_moneyness
+    return torch.linspace(math.log(low), math.log(high), BANDS + 1, dtype=torch.float64)
+
+
+def cell_index(
+    process: Process, domain: ModelDomain, theta: torch.Tensor, expiry: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each contract's cell (i, j) over the main dimensions, each (n,) long in [0, GRID)."""
+    a, b = main_dims(process, domain)
+    ua = domain.ranges[a].to_unit(theta[:, a])
+    ub = domain.ranges[b].to_unit(expiry)
+    i = (ua * GRID).floor().clamp(0, GRID - 1).long()
+    j = (ub * GRID).floor().clamp(0, GRID - 1).long()
+    return i, j
+
+
+def band_index(domain: ModelDomain, log_kappa: torch.Tensor) -> torch.Tensor:
+    edges = _band_edges(domain)
+    width = float(edges[1] - edges[0])
+    return ((log_kappa - float(edges[0])) / width).floor().clamp(0, BANDS - 1).long()
+
+
+def sample(
+    process: Process, domain: ModelDomain, points: int, seed: int, *, carry_rates: bool = False
+) -> tuple[OptionBatch, torch.Tensor, torch.Tensor]:
+    """The held-out book: ``points`` Sobol points x ``STRIKES_PER_POINT`` strikes.
+    Returns the batch, the quantile levels, and each contract's point index.
+
+    ``carry_rates``: give each point a rate and dividend in [-2%, 8%] (a fresh book for
+    checking that bounds scale with the market inputs as :func:`measure_units` says);
+    otherwise spot 1 and no rates, so errors are in units of spot."""
+    u = sobol_engine(domain.dims, seed).draw(points, dtype=torch.float64)
+    theta, expiry = domain.from_unit(u)
+    theta = process.canonical_params(theta)
+    low, high = domain.certified_moneyness
+    kappa = torch.exp(torch.linspace(math.log(low), math.log(high), STRIKES_PER_POINT, dtype=torch.float64))
+    n = points * STRIKES_PER_POINT
+    point = torch.arange(points).repeat_interleave(STRIKES_PER_POINT)
+    theta_c, expiry_c = theta[point], expiry[point]
+    if carry_rates:
+        gen = torch.Generator().manual_seed(seed)
+        rate = (-0.02 + 0.10 * torch.rand(points, generator=gen, dtype=torch.float64))[point]
+        dividend = (-0.02 + 0.10 * torch.rand(points, generator=gen, dtype=torch.float64))[point]
+        spot = torch.exp(torch.randn(points, generator=gen, dtype=torch.float64))[point] * 100.0
+    else:
+        rate = torch.zeros(n, dtype=torch.float64)
+        dividend = torch.zeros(n, dtype=torch.float64)
+        spot = torch.ones(n, dtype=torch.float64)
+    rate_index = process.rate_parameter()
+    if rate_index is not None:  # an Asian's carry is r - q: the market inputs follow it
+        carry = theta_c[:, rate_index]
+        dividend = rate - carry
+    fwd = spot * process.forward_ratio(theta_c, expiry_c, rate, dividend)
+    k = kappa.repeat(points)
+    batch = OptionBatch(
+        spot=spot,
+        strike=k * fwd,
+        expiry=expiry_c,
+        rate=rate,
+        dividend=dividend,
+        is_call=k >= 1.0,  # out of the money: parity makes the call and put errors equal
+        theta=theta_c,
+    )
+    return batch, torch.tensor(CERT_LEVELS, dtype=torch.float64), point
+
+
+def errors(
+    learned: Pricer,
+    reference: Pricer,
+    process: Process,
+    batch: OptionBatch,
+    levels: torch.Tensor,
+    measures: frozenset[str] = frozenset(MEASURES),
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Normalised errors |learned - truth| / unit (+ 3 SE of a Monte-Carlo truth), per
+    measure ((n,), quantiles (n, Q); NaN where the measure is not served as learned),
+    and the learned values themselves."""
+    got = learned.evaluate(batch, measures, levels)
+    truth, stderr = reference_with_error(reference, batch, measures, levels)
+    units = measure_units(batch, process)
+    spread_ok = process.scale(batch.theta, batch.expiry) <= MOMENT_MAX_SPREAD
+    out: dict[str, torch.Tensor] = {}
+    for m in measures:
+        unit = units[m] if m != "quantiles" else units[m][:, None]
+        err = (got[m] - truth[m]).abs()
+        if m in stderr:
+            err = err + MC_SE_MULTIPLE * stderr[m]
+        e = err / unit
+        if m in SPREAD_MEASURES:
+            e = torch.where(spread_ok, e, torch.full_like(e, float("nan")))
+        out[m] = e
+    return out, got
+
+
+def _cell_bounds(e: torch.Tensor, cell: torch.Tensor, n_cells: int) -> list[float | None]:
+    """The COVERAGE quantile times MARGIN in each cell (None: no errors there)."""
+    out: list[float | None] = []
+    finite = torch.isfinite(e)
+    for c in range(n_cells):
+        sel = e[(cell == c) & finite]
+        if len(sel) == 0:
+            out.append(None)
+            continue
+        out.append(_rule(sel) if len(sel) >= MIN_CELL else None)
+    return out
+
+
+def _rule(errors: torch.Tensor) -> float:
+    """A cell's bound from its errors: the COVERAGE quantile times MARGIN, at least FLOOR."""
+    return max(float(torch.quantile(errors, COVERAGE)) * MARGIN, FLOOR)
+
+
+def _fill_thin(bounds: list[float | None], have: list[int], shape: tuple[int, ...]) -> list[float | None]:
+    """Thin cells (fewer than MIN_CELL errors, but some) take the largest bound of the
+    cells around them: never a bound from too few errors."""
+    out = list(bounds)
+    t = torch.tensor([math.nan if b is None else b for b in bounds], dtype=torch.float64).reshape(shape)
+    counts = torch.tensor(have).reshape(shape)
+    for flat, b in enumerate(bounds):
+        if b is not None or have[flat] == 0:
+            continue
+        idx = list(torch.unravel_index(torch.tensor(flat), shape))
+        i, j = int(idx[0]), int(idx[1])
+        block = t[max(0, i - 1) : i + 2, max(0, j - 1) : j + 2]
+        vals = block[torch.isfinite(block)]
+        if counts.numel() and len(vals):
+            out[flat] = float(vals.max())
+        else:
+            finite = t[torch.isfinite(t)]
+            out[flat] = float(finite.max()) if len(finite) else None
+    return out
+
+
+def _nested(values: list[float | None], shape: tuple[int, ...]) -> Any:
+    if len(shape) == 1:
+        return values
+    step = math.prod(shape[1:])
+    return [_nested(values[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def _summary(e: torch.Tensor) -> dict[str, float | None]:
+    v = e[torch.isfinite(e)]
+    if len(v) == 0:
+        return {"p50": None, "p95": None, "max": None, "count": 0}
+    q = torch.quantile(v, torch.tensor([0.5, 0.95], dtype=torch.float64))
+    return {"p50": float(q[0]), "p95": float(q[1]), "max": float(v.max()), "count": len(v)}
+
+
+def error_map(
+    process: Process,
+    domain: ModelDomain,
+    batch: OptionBatch,
+    errs: Mapping[str, torch.Tensor],
+) -> dict[str, Any]:
+    """Per measure: summary figures and the cell bounds (see the module docstring)."""
+    i, j = cell_index(process, domain, batch.theta, batch.expiry)
+    cell2 = i * GRID + j
+    fwd = batch.spot * process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+    log_kappa = torch.log(batch.strike / fwd)
+    band = band_index(domain, log_kappa)
+    out: dict[str, Any] = {}
+    for m, e in errs.items():
+        entry: dict[str, Any] = {"unit": UNITS[m], **_summary(e)}
+        if m == "quantiles":
+            q = e.shape[1]
+            bounds: list[float | None] = []
+            have: list[int] = []
+            for c in range(GRID * GRID):
+                for lv in range(q):
+                    sel = e[:, lv][(cell2 == c) & torch.isfinite(e[:, lv])]
+                    have.append(len(sel))
+                    bounds.append(_rule(sel) if len(sel) >= MIN_CELL else None)
+            shape: tuple[int, ...] = (GRID, GRID, q)
+        elif m in STRIKE_MEASURES:
+            cell = cell2 * BANDS + band
+            bounds = _cell_bounds(e, cell, GRID * GRID * BANDS)
+            have = [int(((cell == c) & torch.isfinite(e)).sum()) for c in range(GRID * GRID * BANDS)]
+            shape = (GRID, GRID, BANDS)
+        else:
+            bounds = _cell_bounds(e, cell2, GRID * GRID)
+            have = [int(((cell2 == c) & torch.isfinite(e)).sum()) for c in range(GRID * GRID)]
+            shape = (GRID, GRID)
+        entry["cells"] = _nested(_fill_thin(bounds, have, shape), shape)
+        out[m] = entry
+    return out
+
+
+def heatmap(process: Process, domain: ModelDomain, batch: OptionBatch, e: torch.Tensor) -> dict[str, Any]:
+    """The price error (normalised; x 1e4 is bp of spot) by cell of the main dimensions:
+    p95 and max per cell, for people (``/ui``, ``store inspect``)."""
+    i, j = cell_index(process, domain, batch.theta, batch.expiry)
+    cell = i * GRID + j
+    p95: list[float | None] = []
+    worst: list[float | None] = []
+    for c in range(GRID * GRID):
+        sel = e[(cell == c) & torch.isfinite(e)]
+        p95.append(float(torch.quantile(sel, 0.95)) if len(sel) else None)
+        worst.append(float(sel.max()) if len(sel) else None)
+    return {"measure": "price", "p95": _nested(p95, (GRID, GRID)), "max": _nested(worst, (GRID, GRID))}
+
+
+def certify(served: ServedModel, *, points: int = MIN_POINTS, seed: int = CERT_SEED) -> dict[str, Any]:
+    """The certificate of a served model (see the module docstring)."""
+    if points < MIN_POINTS:
+        raise ValueError(f"a certificate needs at least {MIN_POINTS} points, got {points}")
+    start = time.perf_counter()
+    process, domain = served.process, served.domain
+    batch, levels, _ = sample(process, domain, points, seed)
+    errs, _ = errors(served.pricer.learned, served.pricer.reference, process, batch, levels)
+    a, b = main_dims(process, domain)
+    ra, rb = domain.ranges[a], domain.ranges[b]
+    edges_a = [float(x) for x in ra.from_unit(torch.linspace(0, 1, GRID + 1, dtype=torch.float64))]
+    edges_b = [float(x) for x in rb.from_unit(torch.linspace(0, 1, GRID + 1, dtype=torch.float64))]
+    return {
+        "format": CERT_FORMAT,
+        "model_hash": served.content_hash,
+        "process": process.name,
+        "sample": {
+            "generator": "scrambled Sobol (LMS + digital shift)",
+            "seed": seed,
+            "points": points,
+            "strikes_per_point": STRIKES_PER_POINT,
+            "moneyness": list(domain.certified_moneyness),
+            "levels": list(CERT_LEVELS),
+            "truth": truth_name(process),
+        },
+        "rule": {
+            "coverage": COVERAGE,
+            "margin": MARGIN,
+            "min_cell": MIN_CELL,
+            "mc_se_multiple": MC_SE_MULTIPLE,
+            "floor": FLOOR,
+            "grid": GRID,
+            "bands": BANDS,
+        },
+        "cells": {
+            "dims": [ra.name, rb.name],
+            "edges": [edges_a, edges_b],
+            "band_edges": [float(x) for x in torch.exp(_band_edges(domain))],
+        },
+        "measures": error_map(process, domain, batch, errs),
+        "heatmap": heatmap(process, domain, batch, errs["price"]),
+        "elapsed_seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def truth_name(process: Process) -> str:
+    if process.name == "gbm":
+        return "Black-Scholes closed forms"
+    if process.has_analytic_cf:
+        return "COS on the analytic characteristic function (2,048 terms)"
+    return "Monte Carlo reference (COS on a simulated CF, 8 groups: value and standard error)"
+
+
+def encode(cert: Mapping[str, Any]) -> bytes:
+    return canonical_json(dict(cert))
+
+
+def decode(data: bytes, model_hash: str | None = None) -> dict[str, Any]:
+    """Parse a certificate; with ``model_hash``, check it certifies that model."""
+    try:
+        cert = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise CertificateError(f"certificate is not valid JSON: {exc}") from None
+    if not isinstance(cert, dict) or cert.get("format") != CERT_FORMAT:
+        raise CertificateError(f"certificate: unsupported format (expected {CERT_FORMAT!r})")
+    if not isinstance(cert.get("measures"), dict):
+        raise CertificateError("certificate has no measures")
+    if model_hash is not None and cert.get("model_hash") != model_hash:
+        raise CertificateError(f"certificate is for model {cert.get('model_hash')!r}, not {model_hash!r}")
+    return cert
+
+
+def certificate_hash(cert: Mapping[str, Any]) -> str:
+    return sha256_hex(encode(cert))
+
+
+def summary(cert: Mapping[str, Any]) -> dict[str, Any]:
+    """Per measure: unit, p50, p95 and max of the normalised error (a price's x 1e4 is
+    bp of spot); plus the sample's size and seed. What /v1/models and store inspect show."""
+    return {
+        "model_hash": cert.get("model_hash"),
+        "points": cert.get("sample", {}).get("points"),
+        "seed": cert.get("sample", {}).get("seed"),
+        "truth": cert.get("sample", {}).get("truth"),
+        "measures": {
+            m: {k: v.get(k) for k in ("unit", "p50", "p95", "max")} for m, v in cert.get("measures", {}).items()
+        },
+    }
+
+
+# -- the quality gate ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class GateLimit:
+    """Thresholds on a measure's normalised error over the certificate's sample."""
+
+    p95: float | None = None
+    max: float | None = None
+
+
+def gate_failures(cert: Mapping[str, Any] | None, limits: Mapping[str, GateLimit]) -> list[str]:
+    """Why a certificate fails its gate (empty: it passes). No certificate fails."""
+    if cert is None:
+        return ["no certificate"]
+    out = []
+    measures = cert.get("measures", {})
+    for m, limit in limits.items():
+        figures = measures.get(m)
+        if figures is None:
+            out.append(f"{m}: not certified")
+            continue
+        for stat in ("p95", "max"):
+            threshold = getattr(limit, stat)
+            value = figures.get(stat)
+            if threshold is None:
+                continue
+            if value is None or not value <= threshold:
+                out.append(f"{m} {stat} {_fmt(value)} > {threshold:g}")
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4g}"
+
+
+# -- bounds per contract ------------------------------------------------------------------
+class BoundMap:
+    """Looks up each contract's bound from a certificate's cells."""
+
+    def __init__(self, cert: Mapping[str, Any], process: Process, domain: ModelDomain) -> None:
+        self.process = process
+        self.domain = domain
+        self.levels = torch.tensor(cert.get("sample", {}).get("levels", CERT_LEVELS), dtype=torch.float64)
+        self.tables: dict[str, torch.Tensor] = {}
+        for m, entry in cert.get("measures", {}).items():
+            cells = entry.get("cells")
+            if cells is None:
+                continue
+            self.tables[m] = torch.tensor(_none_to_nan(cells), dtype=torch.float64)
+
+    def bounds(
+        self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Per measure, each contract's bound in the measure's units ((n,), quantiles
+        (n, Q)); NaN where the certificate has no figure (not certified there)."""
+        n = len(batch)
+        i, j = cell_index(self.process, self.domain, batch.theta, batch.expiry)
+        units = measure_units(batch, self.process)
+        fwd = batch.spot * self.process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+        band = band_index(self.domain, torch.log(batch.strike / fwd))
+        out: dict[str, torch.Tensor] = {}
+        for m in measures:
+            table = self.tables.get(m)
+            if table is None:
+                shape = (n, len(levels)) if m == "quantiles" and levels is not None else (n,)
+                out[m] = torch.full(shape, float("nan"), dtype=torch.float64)
+                continue
+            if m == "quantiles":
+                if levels is None:
+                    continue
+                per_level = table[i, j]  # (n, L)
+                out[m] = self._level_bounds(per_level, levels) * units[m][:, None]
+            elif table.dim() == 3:
+                out[m] = table[i, j, band] * units[m]
+            else:
+                out[m] = table[i, j] * units[m]
+        # theta moves with the carry through the forward: with rates, the price and the
+        # log-strike error add (see docs/method.md, "Certified error bounds")
+        if "theta" in out:
+            extra = torch.zeros(n, dtype=torch.float64)
+            if "price" in self.tables:
+                extra = extra + batch.dividend.abs() * self.tables["price"][i, j, band]
+            if "digital" in self.tables:
+                kappa = batch.strike / fwd
+                extra = extra + (batch.rate - batch.dividend).abs() * kappa * self.tables["digital"][i, j, band]
+            out["theta"] = out["theta"] + extra * units["theta"]
+        return out
+
+    def _level_bounds(self, per_level: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:
+        """(n, L) certified-level bounds -> (n, Q) for the asked levels: the larger of
+        the two certified levels around each; NaN outside the certified levels."""
+        cert = self.levels
+        lv = levels.to(torch.float64)
+        hi = torch.searchsorted(cert, lv).clamp(max=len(cert) - 1)
+        lo = (hi - 1).clamp(min=0)
+        exact = cert[hi] == lv
+        lo = torch.where(exact, hi, lo)
+        b = torch.maximum(per_level[:, lo], per_level[:, hi])
+        outside = (lv < cert[0]) | (lv > cert[-1])
+        b[:, outside] = float("nan")
+        return b
+
+
+def _none_to_nan(x: Any) -> Any:
+    if isinstance(x, list):
+        return [_none_to_nan(v) for v in x]
+    return float("nan") if x is None else float(x)
+
+
+__all__ = [
+    "BANDS",
+    "CERTIFICATE_FILE",
+    "CERT_FORMAT",
+    "CERT_LEVELS",
+    "CERT_SEED",
+    "COVERAGE",
+    "DIST_MEASURES",
+    "FRESH_SEED",
+    "GRID",
+    "MARGIN",
+    "MIN_POINTS",
+    "BoundMap",
+    "CertificateError",
+    "GateLimit",
+    "certificate_hash",
+    "certify",
+    "decode",
+    "encode",
+    "errors",
+    "gate_failures",
+    "measure_units",
+    "sample",
+    "summary",
+]

@@ -35,7 +35,6 @@ coverage this gives on fresh points is measured by ``bench/certify.py`` and
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -351,10 +350,11 @@ def heatmap(process: Process, domain: ModelDomain, batch: OptionBatch, e: torch.
 
 
 def certify(served: ServedModel, *, points: int = MIN_POINTS, seed: int = CERT_SEED) -> dict[str, Any]:
-    """The certificate of a served model (see the module docstring)."""
+    """The certificate of a served model (see the module docstring). Deterministic: the
+    same model and seed give the same bytes (``encode``), so a certificate can be
+    re-made and compared; callers time it themselves."""
     if points < MIN_POINTS:
         raise ValueError(f"a certificate needs at least {MIN_POINTS} points, got {points}")
-    start = time.perf_counter()
     process, domain = served.process, served.domain
     batch, levels, _ = sample(process, domain, points, seed)
     errs, _ = errors(served.pricer.learned, served.pricer.reference, process, batch, levels)
@@ -391,7 +391,6 @@ def certify(served: ServedModel, *, points: int = MIN_POINTS, seed: int = CERT_S
         },
         "measures": error_map(process, domain, batch, errs),
         "heatmap": heatmap(process, domain, batch, errs["price"]),
-        "elapsed_seconds": round(time.perf_counter() - start, 3),
     }
 
 

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         args.points, args.paths, args.reference_points, args.ql_points, args.speed_points = 8, 1 << 12, 1, 1, 64
     model_dir = args.model or bundled_models()["asian"]
     ckpt = read_dir(model_dir, need_training=False)
-    served = load_served_model(ckpt)
+    served = load_served_model(ckpt, require_certificate=False)
     batch = held_out(served, args.points)
     n_opt = len(batch)
     t0 = time.perf_counter()

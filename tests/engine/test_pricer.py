@@ -210,7 +210,7 @@ def test_inference_budget_sets_the_chunk_and_refuses_too_little() -> None:
 def test_outside_the_domain_the_reference_answers() -> None:
     model = _perturbed_model()
     domain = GBM.default_domain()
-    pricer = ModelPricer(SpectralPricer(GBM, SPEC, model), domain, reference_pricer(GBM))
+    pricer = ModelPricer(SpectralPricer(GBM, SPEC, model), domain, reference_pricer(GBM), require_certificate=False)
     b = _batch(6, seed=11)
     # vol 2.0 and 0.01 outside; vol 0.5 at T 3 is inside with a spread under MOMENT_MAX_SPREAD
     theta = torch.tensor([[0.2], [2.0], [0.2], [0.01], [0.3], [0.5]], dtype=F64)
@@ -227,7 +227,9 @@ def test_outside_the_domain_the_reference_answers() -> None:
 
 def test_limits_near_expiry_and_zero_vol_through_the_reference() -> None:
     domain = GBM.default_domain()
-    pricer = ModelPricer(SpectralPricer(GBM, SPEC, _perturbed_model()), domain, reference_pricer(GBM))
+    pricer = ModelPricer(
+        SpectralPricer(GBM, SPEC, _perturbed_model()), domain, reference_pricer(GBM), require_certificate=False
+    )
     n = 4
     b = OptionBatch(
         spot=torch.full((n,), 100.0, dtype=F64),
@@ -301,7 +303,12 @@ def test_chunk_size_follows_the_levels_asked_for() -> None:
 def test_higher_moments_past_the_quadrature_spread_come_from_the_closed_form() -> None:
     """vol 1, T 3 is inside the domain, but its spread 1.73 exceeds MOMENT_MAX_SPREAD:
     stdev, skew and kurtosis (and with them the contract) come from Black-Scholes."""
-    pricer = ModelPricer(SpectralPricer(GBM, SPEC, _perturbed_model()), GBM.default_domain(), reference_pricer(GBM))
+    pricer = ModelPricer(
+        SpectralPricer(GBM, SPEC, _perturbed_model()),
+        GBM.default_domain(),
+        reference_pricer(GBM),
+        require_certificate=False,
+    )
     b = _replace(
         _batch(2, seed=3), theta=torch.tensor([[1.0], [1.0]], dtype=F64), expiry=torch.tensor([3.0, 3.0], dtype=F64)
     )

@@ -17,6 +17,7 @@ from spectralmc_server.service.schemas import (
     CommitBody,
     ErrorResponse,
     GCBody,
+    ModelsResponse,
     PinBody,
     PriceRequest,
     PriceResponse,
@@ -132,6 +133,10 @@ def _marketdata_paths(plain: dict[str, Any]) -> dict[str, Any]:
         "/v1/stream": {
             "get": {
                 "summary": "Streaming quotes over a WebSocket (protocol in docs/api.md)",
+                "description": (
+                    "Each quote message carries results as /v1/price does: ContractResult objects, each with "
+                    "its error_bound per measure (and warnings where a learned measure is withheld)."
+                ),
                 "tags": ["pricing"],
                 "responses": {
                     "101": {"description": "Switching to the WebSocket protocol"},
@@ -155,6 +160,7 @@ def build_openapi() -> dict[str, Any]:
         [
             (PriceRequest, "validation"),
             (PriceResponse, "serialization"),
+            (ModelsResponse, "serialization"),
             (ErrorResponse, "serialization"),
             (CommitBody, "validation"),
             (PinBody, "validation"),
@@ -201,7 +207,19 @@ def build_openapi() -> dict[str, Any]:
                 "responses": {**plain, **_errors(400, 401, 403, 413, 415, 422, 503)},
             }
         },
-        "/v1/models": {"get": {"summary": "Served models", "tags": ["models"], "responses": plain}},
+        "/v1/models": {
+            "get": {
+                "summary": "Served models, each version's certificate summary and price-error heat map",
+                "description": (
+                    "Per served model: the served version's certificate (per measure, the p50, p95 and max of "
+                    "the normalised error over the held-out sample) and its price-error heat map over the "
+                    "model's two main dimensions, and the same for the version before it (previous; null "
+                    "figures with a reason when it has no certificate or the store cannot give it)."
+                ),
+                "tags": ["models"],
+                "responses": {"200": _json(_ref(ModelsResponse), "Served models")},
+            }
+        },
         "/healthz": {"get": {"summary": "Process alive", "tags": ["ops"], "responses": {**plain, **_errors(503)}}},
         "/readyz": {"get": {"summary": "Ready to price", "tags": ["ops"], "responses": {**plain, **_errors(503)}}},
         "/metrics": {

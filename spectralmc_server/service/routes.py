@@ -7,7 +7,9 @@ Handlers only parse, submit to the queue and await; errors are raised as typed
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
+from spectralmc_server.engine.certify import summary as certificate_summary
 from spectralmc_server.service import keys
 from spectralmc_server.service.body import read_body
 from spectralmc_server.service.errors import (
@@ -29,7 +32,9 @@ from spectralmc_server.service.schemas import MAX_CONTRACTS, PriceRequest, forma
 from spectralmc_server.service.stream import serve_connection
 from spectralmc_server.service.valuation import RequestError, check_inputs, check_request, dumps
 from spectralmc_server.settings import Settings
+from spectralmc_server.store.versions import VersionStore
 
+log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 UI_PAGE = (Path(__file__).parent / "static" / "ui.html").read_text()
 TIMEOUT_HEADER = "X-Request-Timeout"  # seconds; the client's own deadline for this request
@@ -159,10 +164,68 @@ async def jobs(request: web.Request) -> web.Response:
     return json_response({"jobs": [s.describe() for s in request.app[keys.JOBS].values()]})
 
 
+# How long /v1/models waits for the store to give the previous version's certificate:
+# past it the row says why (the page must not hang on a slow store).
+PREVIOUS_CERTIFICATE_TIMEOUT = 5.0
+
+
+def certificate_view(cert: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A version's certificate as /v1/models shows it: the summary per measure
+    (engine/certify.py ``summary``) and the price-error heat map over the model's two
+    main dimensions, with the cells' dims and edges (null without a certificate)."""
+    if cert is None:
+        return {"certificate": None, "heatmap": None}
+    heat = cert.get("heatmap")
+    cells = cert.get("cells") or {}
+    heatmap = None
+    if isinstance(heat, dict):
+        heatmap = {
+            "measure": heat.get("measure", "price"),
+            "unit": "normalised error (x 1e4: bp of D F, spot for a European without rates)",
+            "dims": cells.get("dims"),
+            "edges": cells.get("edges"),
+            "p95": heat.get("p95"),
+            "max": heat.get("max"),
+        }
+    return {"certificate": certificate_summary(cert), "heatmap": heatmap}
+
+
+async def previous_certificate(store: VersionStore, version: int | None) -> dict[str, Any] | None:
+    """The version before the served one and its certificate (null: nothing before it).
+    A certificate that cannot be read gives nulls and ``reason``, never an error: the
+    served version's figures must show whatever the store does."""
+    if version is None or version <= 1:
+        return None
+    prev = version - 1
+    row: dict[str, Any] = {"version": prev, "reason": None}
+    cert: dict[str, Any] | None = None
+    try:
+        async with asyncio.timeout(PREVIOUS_CERTIFICATE_TIMEOUT):
+            cert = await store.certificate(prev)
+    except TimeoutError:
+        row["reason"] = f"the store did not answer within {PREVIOUS_CERTIFICATE_TIMEOUT:g} s"
+    except Exception as exc:  # any store or parse failure: shown, not raised
+        log.warning("model %s: version %d's certificate could not be read: %s", store.name, prev, exc)
+        row["reason"] = f"{type(exc).__name__}: {exc}"
+    else:
+        if cert is None:
+            row["reason"] = f"version {prev} has no certificate"
+    return {**row, **certificate_view(cert)}
+
+
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
-    """Served models: name, version, content hash, mode and domain."""
-    return json_response({"models": request.app[keys.HOST].describe()})
+    """Served models: name, version, content hash, mode, domain, and each served
+    version's certificate (summary and heat map) beside the previous version's."""
+    host = request.app[keys.HOST]
+    rows = host.describe()  # read with the served models, before any await: one consistent view
+    served = {name: t.current for name, t in host.trackers.items()}
+    previous = await asyncio.gather(*(previous_certificate(host.stores[r["name"]], r["version"]) for r in rows))
+    for row, prev in zip(rows, previous, strict=True):
+        cur = served.get(row["name"])
+        row.update(certificate_view(None if cur is None else cur.model.certificate))
+        row["previous"] = prev
+    return json_response({"models": rows})
 
 
 @routes.get("/healthz")

@@ -295,14 +295,46 @@ class ModelIdentity(BaseModel):
     content_hash: str
 
 
+# A measure's bound: a number in the measure's own units, a map level -> number for
+# quantiles, or null where the value is withheld (see ContractResult.warnings).
+ErrorBound = float | None | dict[str, float | None]
+
+ERROR_BOUND_DESCRIPTION = (
+    "Per requested measure, a bound on the error of the value given, in the measure's own units (a price in "
+    "the currency of spot, delta per unit of spot, vega per 1.00 of vol, quantiles as levels of S_T, ...); for "
+    "quantiles an object level -> bound like the values. A learned answer (method cvnn) takes its bound from "
+    "the model version's certificate: the 99.5% quantile of the held-out errors in the contract's cell of the "
+    "error map, times a 1.25 margin, times the measure's unit for this contract (D F for a price, D F / S for "
+    "delta, D for the digital, F for the mean, stdev and quantiles, 1 for skew and kurtosis). A reference "
+    "answer's bound is the method's own accuracy, about 0: 1e-12 of the unit for the Black-Scholes closed "
+    "forms, 1e-7 for COS on an analytic characteristic function (Heston, Merton); three standard errors for "
+    "the Monte-Carlo reference (asian). Null where the value is withheld (then warnings says why); a null "
+    "inside the quantiles object: no certified figure for that level. Units and the method: docs/api.md, "
+    "docs/method.md."
+)
+WARNINGS_DESCRIPTION = (
+    "Present only when a learned measure of this contract is withheld: its certified error bound passes the "
+    "server's tolerance for that measure and no reference can answer in its place. The measure's value and "
+    "its error_bound are then null; each warning names the measure, its bound and the tolerance."
+)
+
+
 class ContractResult(BaseModel):
-    """One contract's answer: the measures asked for, in the request's order."""
+    """One contract's answer: the measures asked for, in the request's order, each with
+    its error bound (``error_bound``)."""
 
     model_config = ConfigDict(extra="allow")
 
     id: str
-    model: str
-    method: Literal["cvnn", "reference"]
+    model: str = Field(description="The process that priced it (the model's name)")
+    method: Literal["cvnn", "reference"] = Field(
+        description="cvnn: the learned model answered; reference: the process's reference pricer did"
+    )
+    error_bound: dict[str, ErrorBound] = Field(
+        description=ERROR_BOUND_DESCRIPTION,
+        examples=[{"price": 0.0021, "delta": 0.00013, "quantiles": {"0.05": 0.04, "0.95": 0.06}}],
+    )
+    warnings: list[str] | None = Field(None, description=WARNINGS_DESCRIPTION)
 
 
 class PriceResponse(BaseModel):
@@ -312,6 +344,71 @@ class PriceResponse(BaseModel):
     results: list[ContractResult]
     models: dict[str, ModelIdentity]
     market_data: dict[str, Any] | None
+
+
+class MeasureFigures(BaseModel):
+    """One measure's normalised error over a certificate's held-out sample (x 1e4: bp
+    of the unit)."""
+
+    unit: str = Field(description="What the errors are normalised by (D F, D F / S, D, F, 1, ...)")
+    p50: float | None
+    p95: float | None
+    max: float | None
+
+
+class CertificateSummary(BaseModel):
+    """A version's certificate in brief (engine/certify.py ``summary``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model_hash: str | None = Field(description="The content hash of the model the certificate measures")
+    points: int | None = Field(description="Held-out parameter points (each with 13 strikes)")
+    seed: int | None = Field(description="The scrambled Sobol sequence's seed (no training draw uses it)")
+    truth: str | None = Field(description="What the learned answers were compared with")
+    measures: dict[str, MeasureFigures]
+
+
+class Heatmap(BaseModel):
+    """The price error by cell of the model's two main dimensions (its vol parameter and
+    expiry): ``p95[i][j]`` and ``max[i][j]`` for the cell between ``edges[0][i..i+1]``
+    and ``edges[1][j..j+1]``; null for a cell with no sample."""
+
+    measure: str
+    unit: str
+    dims: list[str]
+    edges: list[list[float]]
+    p95: list[list[float | None]]
+    max: list[list[float | None]]
+
+
+class PreviousVersion(BaseModel):
+    """The version before the served one, with its certificate when it can be read."""
+
+    version: int
+    certificate: CertificateSummary | None
+    heatmap: Heatmap | None
+    reason: str | None = Field(description="Why certificate is null (no certificate, or the store failed)")
+
+
+class ModelInfo(BaseModel):
+    """One served model (GET /v1/models)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    process: str | None
+    version: int | None
+    content_hash: str | None
+    mode: str
+    certificate: CertificateSummary | None = Field(
+        description="The served version's certificate; null: none, and every answer is method reference"
+    )
+    heatmap: Heatmap | None
+    previous: PreviousVersion | None = Field(description="The version before the served one; null for version 1")
+
+
+class ModelsResponse(BaseModel):
+    models: list[ModelInfo]
 
 
 class ErrorDetail(BaseModel):

@@ -7,12 +7,14 @@ until interrupted and prints the endpoint and credentials to use.
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,17 @@ READY_TIMEOUT_SECONDS = 60.0
 STOP_GRACE_SECONDS = 10.0
 PROBE_BUCKET = "seaweedfs-ready-probe"
 EXISTING_BUCKET = ("BucketAlreadyOwnedByYou", "BucketAlreadyExists")
+# Volume slots of the volume server, given explicitly. Every bucket is a SeaweedFS
+# collection, and a collection's first write grows a volume of its own, so each bucket
+# written to takes a slot for good. Left unset, `weed mini` makes the count free disk /
+# volume size (1 GiB on a large disk): 68 on a machine with 68 GiB free, about what one
+# session of tests/store uses (a bucket per test store). Once they are taken, every write
+# to a new bucket fails with InternalError, weed.log saying "No writable volumes and no
+# free volumes left for {"collection":...}": permanent, so no client retry can cure it,
+# and whether a run hits it depended on the machine's free disk. Slots cost nothing until
+# used: volumes are sparse append-only files (no -master.volumePreallocate), so the disk
+# holds only what is written.
+VOLUME_SLOTS = 1000
 
 # Every listener of `weed mini`, given explicitly: the defaults are fixed well-known
 # ports, and the gRPC ones default to port + 10000, which can collide or overflow.
@@ -125,6 +138,7 @@ class SeaweedFS:
             "-s3.port.iceberg=0",
             "-s3.port.lance=0",
             "-master.telemetry=false",
+            f"-volume.max={VOLUME_SLOTS}",
             *(f"-{flag}={port}" for flag, port in self.ports.items()),
         ]
 
@@ -177,6 +191,13 @@ class SeaweedFS:
             f"SeaweedFS S3 at {self.endpoint_url} not ready after {timeout_seconds:.0f} s "
             f"(last error: {last!r}); log tail:\n{self.log_tail()}"
         )
+
+    def volume_slots(self) -> tuple[int, int]:
+        """(total, free) volume slots, from the master: each new bucket written to takes one."""
+        url = f"http://127.0.0.1:{self.ports['master.port']}/dir/status"
+        with urllib.request.urlopen(url, timeout=5.0) as resp:
+            topology = json.loads(resp.read())["Topology"]
+        return int(topology["Max"]), int(topology["Free"])
 
     def log_tail(self, lines: int = 40) -> str:
         try:

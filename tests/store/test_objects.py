@@ -7,6 +7,7 @@ server comes last."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import time
@@ -30,7 +31,7 @@ from spectralmc_server.store.objects import (
     list_all,
 )
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
-from spectralmc_server.store.seaweed import free_ports
+from spectralmc_server.store.seaweed import VOLUME_SLOTS, free_ports
 from spectralmc_server.store.uri import InvalidStoreURI, open_store, parse_store_uri
 
 WRITERS = 16
@@ -348,6 +349,26 @@ def test_racing_compare_and_swap_loses_no_update(backend: Backend) -> None:
     asyncio.run(run())
 
 
+def test_clients_racing_one_content_addressed_key_all_succeed(backend: Backend) -> None:
+    """Several clients (own connections each, as servers sharing a bucket have) put the
+    same bytes under one key at once, key after key: one creates it, the rest are refused,
+    none is left StoreUnavailable, and every client reads the bytes back."""
+    clients, rounds = 4, 3
+
+    async def run() -> None:
+        async with contextlib.AsyncExitStack() as stack:
+            stores = [await stack.enter_async_context(backend.open("shared")) for _ in range(clients)]
+            for r in range(rounds):
+                key, data = f"content/{r:02d}", f"blob {r} ".encode() * 512
+                won = await asyncio.gather(*(try_create(s, key, data) for s in stores))
+                assert sum(won) == 1, (r, won)
+                for s in stores:
+                    blob = await s.get(key)
+                    assert blob is not None and blob.data == data, r
+
+    asyncio.run(run())
+
+
 # --- the local store across processes ------------------------------------------------
 
 
@@ -519,6 +540,15 @@ def test_open_store_s3_uri_keeps_keys_under_the_prefix(
 
 
 # --- S3: bounded retries, unavailability (stops the server: keep it last) -------------
+
+
+def test_s3_server_has_a_volume_slot_for_every_bucket_the_suite_makes(seaweedfs: SeaweedFS) -> None:
+    """Each bucket written to takes a SeaweedFS volume slot for good; with the slot count
+    left to `weed mini` (free disk / 1 GiB) a machine with less free disk ran out late in
+    the session, and every write to a new bucket failed with InternalError."""
+    total, free = seaweedfs.volume_slots()
+    assert total == VOLUME_SLOTS, "the slot count must not depend on the machine's free disk"
+    assert free >= VOLUME_SLOTS // 2, f"{free} of {total} slots left: the suite makes more buckets than it can hold"
 
 
 def test_s3_counts_retries_and_gives_up_on_a_dead_endpoint() -> None:

@@ -35,8 +35,10 @@ coverage this gives on fresh points is measured by ``bench/certify.py`` and
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -547,6 +549,41 @@ def _none_to_nan(x: Any) -> Any:
     return float("nan") if x is None else float(x)
 
 
+def certify_dir(path: Path, *, points: int = MIN_POINTS) -> tuple[dict[str, Any], float]:
+    """Certify the checkpoint directory ``path`` in place (writes certificate.json through
+    an atomic rewrite of the directory); returns the certificate and the seconds taken."""
+    from dataclasses import replace
+
+    from spectralmc_server.engine.checkpoint import read_dir, write_dir
+    from spectralmc_server.engine.pricer import load_served_model
+
+    ckpt = read_dir(path)
+    served = load_served_model(ckpt, require_certificate=False)
+    start = time.perf_counter()
+    cert = certify(served, points=points)
+    elapsed = time.perf_counter() - start
+    write_dir(replace(ckpt, certificate=cert), path)
+    return cert, elapsed
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m spectralmc_server.engine.certify DIR...``: certify checkpoint
+    directories in place (how the bundled models' certificates are made)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m spectralmc_server.engine.certify", description=main.__doc__)
+    ap.add_argument("dirs", nargs="+", type=Path, help="checkpoint directories")
+    ap.add_argument("--points", type=int, default=MIN_POINTS, help=f"parameter points (at least {MIN_POINTS})")
+    args = ap.parse_args(argv)
+    for d in args.dirs:
+        cert, elapsed = certify_dir(d, points=args.points)
+        print(f"{d}: certified in {elapsed:.1f} s ({certificate_hash(cert)})")
+        for m, v in cert["measures"].items():
+            figures = " ".join(f"{k} {_fmt(v.get(k))}" for k in ("p50", "p95", "max"))
+            print(f"  {m:10s} {figures}  ({v['unit']})")
+    return 0
+
+
 __all__ = [
     "BANDS",
     "CERTIFICATE_FILE",
@@ -572,3 +609,7 @@ __all__ = [
     "sample",
     "summary",
 ]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -7,23 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import math
-import random
-from dataclasses import replace
 from typing import Any
 
 import orjson
 import pytest
-import torch
 from aiohttp.test_utils import TestClient
+from certificate_util import bundled_checkpoint, commit_certified, fake_certificate, serving
 from marketdata_util import by_reference, snapshot
 from server_util import CONTRACT, MakeClient, app_of
 
 from spectralmc_server.engine import certify
-from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
-from spectralmc_server.engine.pricer import CLOSED_FORM_BOUND, ServedModel
-from spectralmc_server.engine.processes import get_process
-from spectralmc_server.engine.processes.base import ModelDomain
-from spectralmc_server.models import bundled_models
+from spectralmc_server.engine.pricer import CLOSED_FORM_BOUND
 from spectralmc_server.service import keys, routes
 from spectralmc_server.service.schemas import ModelsResponse, PriceResponse
 from spectralmc_server.store.versions import CorruptObject, VersionStore
@@ -124,7 +118,9 @@ async def test_price_results_validate_and_every_measure_has_a_bound(make_client:
     # measure: D F for a price (spot for no rates).
     far = out["results"][2]
     assert far["method"] == "reference", far
-    assert far["error_bound"]["price"] == pytest.approx(CLOSED_FORM_BOUND * CONTRACT["spot"], rel=1e-9)
+    spot = BOOK[2]["spot"]
+    assert isinstance(spot, float)
+    assert far["error_bound"]["price"] == pytest.approx(CLOSED_FORM_BOUND * spot, rel=1e-9)
 
 
 async def test_streamed_quotes_carry_the_same_bounds_as_price(make_client: MakeClient) -> None:
@@ -132,7 +128,8 @@ async def test_streamed_quotes_carry_the_same_bounds_as_price(make_client: MakeC
     r = await client.put(f"/v1/marketdata/default/{VDT}/{ASOF}", json=snapshot())
     assert r.status == 201, await r.text()
     contracts = [by_reference("r1"), *BOOK]
-    request = {"measures": ["price", "delta", "quantiles"], "quantile_levels": LEVELS}
+    measures = ["price", "delta", "quantiles"]
+    request = {"measures": measures, "quantile_levels": LEVELS}
     priced = await ok_json(
         client, "POST", "/v1/price", json={**request, "val_datetime": VDT, "data_asof": ASOF, "contracts": contracts}
     )
@@ -150,68 +147,12 @@ async def test_streamed_quotes_carry_the_same_bounds_as_price(make_client: MakeC
         await ws.close()
     assert [q["id"] for q in got] == ["r1", "c1", "c2", "c3"]
     for quote, row in zip(got, priced["results"], strict=True):
-        check_bounds(quote, request["measures"])
+        check_bounds(quote, measures)
         assert quote["error_bound"] == row["error_bound"], (quote, row)
         assert quote.get("warnings") == row.get("warnings")
 
 
 # -- /v1/models ----------------------------------------------------------------------------
-
-
-def fake_certificate(ckpt: Checkpoint, seed: int) -> dict[str, Any]:
-    """A certificate of ``ckpt``'s model in engine/certify.py's format, with random
-    figures (well inside the default gate) and one cell of the heat map empty: what
-    /v1/models and /ui show must come from it, whatever its numbers."""
-    gen = random.Random(seed)
-    process = get_process(ckpt.manifest["model"]["process"])
-    domain = ModelDomain.model_validate(ckpt.manifest["model"]["domain"])
-    a, b = certify.main_dims(process, domain)
-    grid = torch.linspace(0, 1, certify.GRID + 1, dtype=torch.float64)
-
-    def figure() -> float:
-        return 10 ** gen.uniform(-8, -5)
-
-    def cells(*shape: int) -> Any:
-        if not shape:
-            return figure()
-        return [cells(*shape[1:]) for _ in range(shape[0])]
-
-    measures = {}
-    for m in ("price", "delta", "digital", "mean"):
-        p50, p95, worst = sorted(figure() for _ in range(3))
-        shape = (certify.GRID, certify.GRID, certify.BANDS) if m != "mean" else (certify.GRID, certify.GRID)
-        measures[m] = {"unit": certify.UNITS[m], "p50": p50, "p95": p95, "max": worst, "count": 53248}
-        measures[m]["cells"] = cells(*shape)
-    p95 = cells(certify.GRID, certify.GRID)
-    worst = [[3 * v for v in row] for row in p95]
-    empty = (gen.randrange(certify.GRID), gen.randrange(certify.GRID))
-    p95[empty[0]][empty[1]] = worst[empty[0]][empty[1]] = None
-    return {
-        "format": certify.CERT_FORMAT,
-        "model_hash": ckpt.content_hash,
-        "process": process.name,
-        "sample": {"points": certify.MIN_POINTS, "seed": seed, "levels": list(certify.CERT_LEVELS), "truth": "test"},
-        "cells": {
-            "dims": [domain.ranges[a].name, domain.ranges[b].name],
-            "edges": [[float(x) for x in domain.ranges[d].from_unit(grid)] for d in (a, b)],
-            "band_edges": [0.5, 1.0, 1.5, 2.0],
-        },
-        "measures": measures,
-        "heatmap": {"measure": "price", "p95": p95, "max": worst},
-    }
-
-
-def bundled_checkpoint(name: str) -> Checkpoint:
-    return read_dir(bundled_models()[name])
-
-
-async def serving(client: Client, name: str, version: int) -> ServedModel:
-    """The served model once the tracker serves ``version`` (it polls every 50 ms)."""
-    tracker = app_of(client)[keys.HOST].trackers[name]
-    async with asyncio.timeout(30):
-        while (cur := tracker.current) is None or cur.version != version:
-            await asyncio.sleep(0.05)
-    return cur.model
 
 
 def model_row(body: dict[str, Any], name: str) -> dict[str, Any]:
@@ -238,16 +179,6 @@ def shown_view(row: dict[str, Any]) -> dict[str, Any]:
         "dims": heat["dims"],
         "edges": heat["edges"],
     }
-
-
-async def commit_certified(client: Client, name: str, certs: list[dict[str, Any] | None]) -> VersionStore:
-    """Commit the bundled model again once per entry of ``certs``, each with that
-    certificate (None: without one); returns the model's store."""
-    store = app_of(client)[keys.HOST].stores[name]
-    ckpt = bundled_checkpoint(name)
-    for cert in certs:
-        await store.commit(replace(ckpt, certificate=cert), "a test version")
-    return store
 
 
 async def test_models_shows_the_served_and_the_previous_certificate(make_client: MakeClient) -> None:

@@ -1,6 +1,7 @@
 """The live page at /ui in a real headless Chromium (Debian's ``chromium``, driven by
-Playwright without a browser download): it shows the served models and a quote table
-that updates when a new snapshot is PUT."""
+Playwright without a browser download): it shows the served models, a quote table
+that updates when a new snapshot is PUT, and each model's certified error (a heat map
+of the price error and the figures per measure, served and previous version)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from certificate_util import bundled_checkpoint, commit_certified, fake_certificate, serving
 from marketdata_util import ASOF, VDT, snapshot
 from playwright.async_api import async_playwright
-from server_util import ServerProcess
+from server_util import MakeClient, ServerProcess
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
@@ -63,3 +65,63 @@ async def test_page_shows_models_and_a_quote_that_updates(serve: Callable[..., S
                 assert errors == []
             finally:
                 await browser.close()
+
+
+async def test_page_shows_the_certified_error_of_the_served_and_previous_version(make_client: MakeClient) -> None:
+    """A heat map of the price error per cell of the model's two main dimensions, for
+    the served version and the one before it, and the p95 and max per measure: the
+    figures /v1/models gives, in bp, on axes named by the certificate's dims."""
+    assert CHROMIUM is not None
+    client = await make_client()
+    ckpt = bundled_checkpoint("gbm")
+    await commit_certified(client, "gbm", [fake_certificate(ckpt, 5), fake_certificate(ckpt, 6)])  # v2, v3
+    await serving(client, "gbm", 3)
+    r = await client.get("/v1/models")
+    assert r.status == 200, await r.text()
+    gbm = next(m for m in (await r.json())["models"] if m["name"] == "gbm")
+    assert gbm["version"] == 3 and gbm["previous"]["version"] == 2, gbm
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = await browser.new_page()
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+            await page.goto(str(client.make_url("/ui")))
+            await page.wait_for_selector("#cert-gbm table.heatmap.previous td.hm-cell", timeout=20_000)
+            for which, view in (("served", gbm), ("previous", gbm["previous"])):
+                heat = view["heatmap"]
+                table = f"#cert-gbm table.heatmap.{which}"
+                cells = await page.query_selector_all(f"{table} td.hm-cell")
+                assert len(cells) == sum(len(row) for row in heat["p95"]), which
+                head = await page.inner_text(f"{table} thead")
+                assert heat["dims"][0] in head and heat["dims"][1] in head, head
+                rows = await page.query_selector_all(f"{table} tbody th.row")
+                cols = await page.query_selector_all(f"{table} thead th.col")
+                assert (len(rows), len(cols)) == (len(heat["edges"][0]) - 1, len(heat["edges"][1]) - 1)
+                for i, row in enumerate(heat["p95"]):
+                    for j, p95 in enumerate(row):
+                        cell = f"{table} td[data-i='{i}'][data-j='{j}']"
+                        text = await page.text_content(cell) or ""
+                        if p95 is None:  # a cell with no held-out points
+                            assert "hm-empty" in (await page.get_attribute(cell, "class") or ""), (which, i, j)
+                            continue
+                        assert float(text) == pytest.approx(p95 * 1e4, rel=5e-3), (which, i, j, text)
+                        title = await page.get_attribute(cell, "title") or ""
+                        worst = float(title.rpartition("max ")[2].split()[0])
+                        assert worst == pytest.approx(heat["max"][i][j] * 1e4, rel=5e-3), (which, title)
+            # p95 and max per measure, served beside previous
+            for m, figures in gbm["certificate"]["measures"].items():
+                row = f"#cert-gbm table.measures tr[data-measure='{m}']"
+                before = gbm["previous"]["certificate"]["measures"][m]
+                for cls, value in (
+                    ("served-p95", figures["p95"]),
+                    ("served-max", figures["max"]),
+                    ("previous-p95", before["p95"]),
+                    ("previous-max", before["max"]),
+                ):
+                    shown = float(await page.text_content(f"{row} td.{cls}") or "nan")
+                    assert shown == pytest.approx(value * 1e4, rel=5e-3), (m, cls)
+            assert errors == []
+        finally:
+            await browser.close()

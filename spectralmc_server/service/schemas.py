@@ -308,9 +308,8 @@ ERROR_BOUND_DESCRIPTION = (
     "delta, D for the digital, F for the mean, stdev and quantiles, 1 for skew and kurtosis). A reference "
     "answer's bound is the method's own accuracy, about 0: 1e-12 of the unit for the Black-Scholes closed "
     "forms, 1e-7 for COS on an analytic characteristic function (Heston, Merton); three standard errors for "
-    "the Monte-Carlo reference (asian). Null where the value is withheld (then warnings says why); a null "
-    "inside the quantiles object: no certified figure for that level. Units and the method: docs/api.md, "
-    "docs/method.md."
+    "the Monte-Carlo reference (asian). Null only where the value is withheld (then warnings says why). "
+    "Units and the method: docs/api.md, docs/method.md."
 )
 WARNINGS_DESCRIPTION = (
     "Present only when a learned measure of this contract is withheld: its certified error bound passes the "

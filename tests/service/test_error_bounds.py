@@ -59,7 +59,7 @@ def check_bounds(row: dict[str, Any], measures: list[str]) -> None:
         if m == "quantiles":
             assert set(bound) == set(value), row
             for level, b in bound.items():
-                assert b is None or (math.isfinite(b) and b >= 0), (m, level, row)
+                assert isinstance(b, float) and math.isfinite(b) and b >= 0, (m, level, row)
         else:
             assert isinstance(bound, float) and math.isfinite(bound) and bound >= 0, (m, row)
 

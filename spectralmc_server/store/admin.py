@@ -9,7 +9,9 @@ from typing import Any
 from spectralmc_server.store.versions import StoredVersion, VersionStore
 
 
-def _row(v: StoredVersion, head: int | None, pinned: int | None, collected: set[int]) -> dict[str, Any]:
+def _row(
+    v: StoredVersion, head: int | None, pinned: int | None, collected: set[int], certified: set[int]
+) -> dict[str, Any]:
     r = v.record
     return {
         "version": v.version,
@@ -21,6 +23,9 @@ def _row(v: StoredVersion, head: int | None, pinned: int | None, collected: set[
         "head": v.version == head,
         "pinned": v.version == pinned,
         "collected": v.version in collected,
+        # a link exists (store verify checks it); a collected version's is gone with it
+        "certified": v.version in certified and v.version not in collected,
+        "unqualified": bool(r.get("unqualified", False)),  # committed past a failing quality gate
     }
 
 
@@ -29,15 +34,30 @@ async def list_versions(store: VersionStore) -> list[dict[str, Any]]:
     head = await store.head()
     pinned = await store.pinned()
     collected = await store.collected()
-    return [_row(v, head.version if head else None, pinned, collected) for v in versions]
+    certified = await store.certified()
+    return [_row(v, head.version if head else None, pinned, collected, certified) for v in versions]
 
 
 async def inspect_version(store: VersionStore, version: int) -> dict[str, Any]:
-    """The record and the manifest's description of one version (weights not loaded)."""
+    """The record, the manifest's description and the certificate's summary of one
+    version (weights not loaded; the certificate's link and blob are checked)."""
     v = await store.version(version)
     head = await store.head()
-    row = _row(v, head.version if head else None, await store.pinned(), await store.collected())
+    collected = await store.collected()
+    certified = await store.certified()
+    row = _row(v, head.version if head else None, await store.pinned(), collected, certified)
     row["record"] = v.record
+    row["certificate"] = None
+    if version not in collected:
+        found = await store.certificate_with_hash(version, v)
+        if found is not None:
+            from spectralmc_server.engine.certify import summary  # imports torch: only when there is one
+
+            row["certificate"] = {
+                "hash": found[0],
+                **summary(found[1]),
+                "elapsed_seconds": found[1].get("elapsed_seconds"),
+            }
     manifest = await store.manifest(version)
     if manifest is not None:
         metrics = dict(manifest.get("metrics", {}))

@@ -2,12 +2,14 @@
 
 Layout of model ``NAME`` in an object store::
 
-    models/NAME/content/<sha256>           immutable blobs: manifest, weights (safetensors)
+    models/NAME/content/<sha256>           immutable blobs: manifest, weights (safetensors),
+                                           certificates (engine/certify.py)
     models/NAME/records/<version>.json     version records, each created once (put-if-absent)
     models/NAME/refs/head                  {"index": n, "hash": record hash}, moved by CAS
     models/NAME/pinlog/<seq>.json          append-only log of pin / unpin, hash-chained
     models/NAME/refs/pin                   pointer to the last pin-log entry, moved by CAS
     models/NAME/gc/<version>.json          marker: this version's content was collected
+    models/NAME/certs/<version>.json       link: version -> its certificate blob, created once
 
 A record names its parent's record hash, so editing any byte of history breaks the
 chain. Claiming record n with put-if-absent means two writers can never both own
@@ -15,6 +17,12 @@ version n; the loser gets :class:`CommitConflict` naming the winner, or rebases 
 it. The head pointer is a cache of the chain's tip: a committer that dies after
 claiming version n but before moving the head leaves the pointer one behind, and
 every reader rolls it forward (and moves it, helping) by probing the next record.
+
+A certificate is linked to its version, not written into the record: records are
+immutable and hash-chained, and a version committed before certificates existed (or
+whose certification failed or was interrupted) must be certifiable later in place,
+without renumbering anything. The link names the record's hash and the model's content
+hash, so it cannot be moved to another version unnoticed, and is created once.
 """
 
 from __future__ import annotations
@@ -24,8 +32,8 @@ import contextlib
 import datetime as dt
 import re
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -54,6 +62,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 RECORD_FORMAT = "spectralmc-version/1"
 PIN_FORMAT = "spectralmc-pin/1"
 GC_FORMAT = "spectralmc-gc/1"
+LINK_FORMAT = "spectralmc-certificate-link/1"
+LINK_FIELDS = frozenset({"format", "model", "version", "record", "model_hash", "certificate"})
 CONTENT_ROLES = {"manifest": MANIFEST, "model": MODEL_FILE, "training": TRAINING_FILE}
 CONCURRENCY = 32  # object reads in flight when walking history
 
@@ -74,6 +84,19 @@ class ContentCollected(VersionError):  # noqa: N818
 
 class CorruptObject(VersionError):  # noqa: N818
     """An object fails its hash or does not parse: history has been damaged or edited."""
+
+
+class CertificateExists(VersionError):  # noqa: N818
+    """The version already has a different certificate: links are created once."""
+
+    def __init__(self, model: str, version: int, existing: str, offered: str) -> None:
+        super().__init__(
+            f"model {model!r} version {version} already has certificate {existing}; "
+            f"refusing to replace it with {offered}"
+        )
+        self.version = version
+        self.existing = existing
+        self.offered = offered
 
 
 class CommitConflict(VersionError):  # noqa: N818
@@ -104,6 +127,34 @@ def _parse(data: bytes, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise CorruptObject(f"{what} is not a JSON object")
     return value
+
+
+def _certificate_bytes(cert: Mapping[str, Any], model_hash: str, what: str) -> bytes:
+    """The bytes a certificate is stored as (``certify.encode``: canonical JSON), once it
+    is known to be a certificate of ``model_hash``; VersionError otherwise (the caller's
+    mistake, caught before anything is written)."""
+    from spectralmc_server.engine import certify  # imports torch: only where a certificate is handled
+
+    if cert.get("model_hash") != model_hash:
+        raise VersionError(f"{what}: the certificate is for model {cert.get('model_hash')!r}, not {model_hash!r}")
+    data = certify.encode(cert)
+    try:
+        certify.decode(data, model_hash)
+    except certify.CertificateError as exc:
+        raise VersionError(f"{what}: {exc}") from None
+    return data
+
+
+def _decode_certificate(data: bytes, h: str, model_hash: str, what: str) -> dict[str, Any]:
+    """A stored certificate blob, checked against its hash and the model it must certify."""
+    from spectralmc_server.engine import certify
+
+    if sha256_hex(data) != h:
+        raise CorruptObject(f"{what}: certificate {h} fails its SHA-256 (bytes changed)")
+    try:
+        return certify.decode(data, model_hash)
+    except certify.CertificateError as exc:
+        raise CorruptObject(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -311,6 +362,9 @@ class VersionStore:
     def gc_key(self, version: int) -> str:
         return f"{self.base}/gc/{version:012d}.json"
 
+    def cert_key(self, version: int) -> str:
+        return f"{self.base}/certs/{version:012d}.json"
+
     # -- commit --------------------------------------------------------------------------
     async def commit(
         self,
@@ -320,12 +374,27 @@ class VersionStore:
         rebase: bool = False,
         metrics: dict[str, Any] | None = None,
         only_version: int | None = None,
+        unqualified: bool = False,
+        gate: list[str] | None = None,
     ) -> StoredVersion:
-        """Store the checkpoint's content, then claim the next version for it. Encoding
-        and hashing run in a thread: a server's event loop never serialises tensors.
-        ``only_version``: commit as exactly that version or raise CommitConflict."""
+        """Store the checkpoint's content, then claim the next version for it, then link
+        its certificate (``ckpt.certificate``) when it has one. Encoding and hashing run
+        in a thread: a server's event loop never serialises tensors.
+        ``only_version``: commit as exactly that version or raise CommitConflict.
+        ``unqualified``: the version is committed past a failing quality gate (recorded
+        in the record, so no one mistakes it for a qualified one); ``gate``: the gate's
+        failures at commit (recorded in the record's metrics as ``gate_failures``)."""
         files = await asyncio.to_thread(ckpt.encode)
-        return await self.commit_files(files, message, rebase=rebase, metrics=metrics, only_version=only_version)
+        return await self.commit_files(
+            files,
+            message,
+            rebase=rebase,
+            metrics=metrics,
+            only_version=only_version,
+            certificate=ckpt.certificate,
+            unqualified=unqualified,
+            gate=gate,
+        )
 
     async def commit_files(
         self,
@@ -335,8 +404,13 @@ class VersionStore:
         rebase: bool = False,
         metrics: dict[str, Any] | None = None,
         only_version: int | None = None,
+        certificate: Mapping[str, Any] | None = None,
+        unqualified: bool = False,
+        gate: list[str] | None = None,
     ) -> StoredVersion:
-        """:meth:`commit` for an already encoded checkpoint (``Checkpoint.encode()``)."""
+        """:meth:`commit` for an already encoded checkpoint (``Checkpoint.encode()``),
+        with its ``certificate`` if any (checked to certify this content before anything
+        is written, linked after the record is claimed)."""
         missing = [name for name in CONTENT_ROLES.values() if name not in files]
         if missing:
             raise VersionError(f"checkpoint files missing: {', '.join(missing)}")
@@ -344,6 +418,7 @@ class VersionStore:
         hashes = await asyncio.to_thread(lambda: {role: sha256_hex(files[n]) for role, n in CONTENT_ROLES.items()})
         if manifest.get("files", {}) != {MODEL_FILE: hashes["model"], TRAINING_FILE: hashes["training"]}:
             raise VersionError("the manifest does not list the hashes of the weight files given with it")
+        cert_data = None if certificate is None else _certificate_bytes(certificate, hashes["manifest"], "commit")
 
         async def upload(role: str) -> None:
             with contextlib.suppress(PreconditionFailed):  # content-addressed: same bytes already there
@@ -357,20 +432,30 @@ class VersionStore:
             **{k: validation[k] for k in ("p50_bp", "p95_bp", "max_bp") if k in validation},
         }
 
+        extra: dict[str, Any] = {} if gate is None else {"gate_failures": list(gate)}
+
         def make(version: int, parent: str | None) -> dict[str, Any]:
-            return {
+            body: dict[str, Any] = {
                 "format": RECORD_FORMAT,
                 "model": self.name,
                 "content_hash": hashes["manifest"],
                 "content": hashes,
                 "time": _now(),
                 "message": message,
-                "metrics": {**summary, **(metrics or {})},
+                "metrics": {**summary, **(metrics or {}), **extra},
                 "library": LIBRARY,
             }
+            if unqualified:  # only when set: a qualified version's record is as it always was
+                body["unqualified"] = True
+            return body
 
         entry = await self.records.append(make, retry=rebase, only_index=only_version)
-        return StoredVersion(entry.index, entry.body, entry.hash)
+        stored = StoredVersion(entry.index, entry.body, entry.hash)
+        if cert_data is not None:
+            # A crash here leaves the version uncertified (never served as learned);
+            # ``spectralmc store certify N`` certifies it in place.
+            await self._link_certificate(stored, cert_data)
+        return stored
 
     # -- reading -------------------------------------------------------------------------
     async def head(self) -> StoredVersion | None:
@@ -387,8 +472,9 @@ class VersionStore:
         return [StoredVersion(e.index, e.body, e.hash) for e in await self.records.all()]
 
     async def load(self, version: int, *, need_training: bool = False) -> Checkpoint:
-        """The checkpoint of ``version``; every blob's hash is checked before it is
-        deserialised (and the manifest against the record)."""
+        """The checkpoint of ``version``, with its certificate when it has one; every
+        blob's hash is checked before it is deserialised (and the manifest and the
+        certificate's link against the record)."""
         stored = await self.version(version)
         content = stored.record.get("content", {})
         roles = ["manifest", "model"] + (["training"] if need_training else [])
@@ -413,26 +499,142 @@ class VersionStore:
         ckpt = await asyncio.to_thread(check_and_decode)
         if ckpt.content_hash != stored.content_hash:
             raise CorruptObject(f"model {self.name!r} version {version}: manifest does not match the record")
-        return ckpt
+        found = await self.certificate_with_hash(version, stored)
+        return ckpt if found is None else replace(ckpt, certificate=found[1])
+
+    # -- certificates --------------------------------------------------------------------
+    async def certificate(self, version: int) -> dict[str, Any] | None:
+        """The certificate of ``version`` (link and blob checked), or None if it has none."""
+        found = await self.certificate_with_hash(version)
+        return None if found is None else found[1]
+
+    async def certificate_with_hash(
+        self, version: int, stored: StoredVersion | None = None
+    ) -> tuple[str, dict[str, Any]] | None:
+        """(hash, certificate) of ``version``, or None if it has no link. A damaged link
+        or blob raises CorruptObject; a blob gone with the version's content,
+        ContentCollected."""
+        stored = stored or await self.version(version)
+        key = self.cert_key(version)
+        link = await self.objects.get(key)
+        if link is None:
+            return None
+        h = self._check_link(link.data, stored)
+        blob = await self.objects.get(self.content_key(h))
+        what = f"model {self.name!r} version {version}"
+        if blob is None:
+            if await self.objects.get(self.gc_key(version)) is not None:
+                raise ContentCollected(f"{what}: content was garbage-collected")
+            raise CorruptObject(f"{what}: certificate {h} named by {key} is missing")
+        cert = await asyncio.to_thread(_decode_certificate, blob.data, h, stored.content_hash, what)
+        return h, cert
+
+    async def certified(self) -> set[int]:
+        """Versions with a certificate link (a listing: links are not read or checked)."""
+        out = set()
+        for key, _ in await list_all(self.objects, f"{self.base}/certs/"):
+            m = re.fullmatch(re.escape(self.base) + r"/certs/(\d{12})\.json", key)
+            if m:
+                out.add(int(m.group(1)))
+        return out
+
+    async def attach_certificate(self, version: int, cert: Mapping[str, Any]) -> str:
+        """Certify ``version`` in place and return the certificate's hash: the blob is
+        stored, then the link created once. Attaching the same certificate again is a
+        no-op (and restores a lost blob); a different one raises CertificateExists."""
+        stored = await self.version(version)
+        data = _certificate_bytes(cert, stored.content_hash, f"model {self.name!r} version {version}")
+        if await self.objects.get(self.gc_key(version)) is not None:
+            raise ContentCollected(f"model {self.name!r} version {version}: content was garbage-collected")
+        return await self._link_certificate(stored, data)
+
+    def _link_problem(self, body: dict[str, Any], stored: StoredVersion) -> str | None:
+        """Why a parsed link does not belong to ``stored`` (None: it does)."""
+        if set(body) != LINK_FIELDS or body.get("format") != LINK_FORMAT:
+            return f"not a certificate link (expected the fields of {LINK_FORMAT!r})"
+        if body.get("model") != self.name or body.get("version") != stored.version:
+            return "link names another model or version than its key"
+        if body.get("record") != stored.record_hash:
+            return "link names another record hash than the version's record"
+        if body.get("model_hash") != stored.content_hash:
+            return "link names another model hash than the version's record"
+        h = body.get("certificate")
+        if not isinstance(h, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", h):
+            return "link does not name a certificate blob"
+        return None
+
+    def _check_link(self, data: bytes, stored: StoredVersion) -> str:
+        """The certificate hash a link names, once it is checked against the record."""
+        key = self.cert_key(stored.version)
+        body = _parse(data, key)
+        problem = self._link_problem(body, stored)
+        if problem is not None:
+            raise CorruptObject(f"{key}: {problem}")
+        return str(body["certificate"])
+
+    async def _link_certificate(self, stored: StoredVersion, data: bytes) -> str:
+        h = sha256_hex(data)
+        key = self.cert_key(stored.version)
+        existing = await self.objects.get(key)
+        if existing is None:
+            with contextlib.suppress(PreconditionFailed):  # content-addressed: same bytes already there
+                await self.objects.put_if_absent(self.content_key(h), data)
+            link = {
+                "format": LINK_FORMAT,
+                "model": self.name,
+                "version": stored.version,
+                "record": stored.record_hash,
+                "model_hash": stored.content_hash,
+                "certificate": h,
+            }
+            try:
+                await self.objects.put_if_absent(key, canonical_json(link))
+                return h
+            except PreconditionFailed:  # another writer linked one first: compare with it
+                existing = await self.objects.get(key)
+                if existing is None:
+                    raise VersionError(f"{key} changed while it was being created; attach again") from None
+        have = self._check_link(existing.data, stored)
+        if have != h:
+            raise CertificateExists(self.name, stored.version, have, h)
+        with contextlib.suppress(PreconditionFailed):  # the same certificate: restore its blob if lost
+            await self.objects.put_if_absent(self.content_key(h), data)
+        return h
 
     # -- pins ----------------------------------------------------------------------------
-    async def pinned(self) -> int | None:
-        """The version servers are told to serve, or None when they track the head."""
+    async def pin_entry(self) -> Entry | None:
+        """The pin log's last entry (None: never pinned). Its body says which version
+        servers are told to serve (``version``, None after an unpin) and whether the pin
+        was forced past the version's quality gate (``force``, with the ``gate`` failures)."""
         index, _ = await self.pins.tip()
         if index == 0:
             return None
         entry = await self.pins.read(index)
         if entry is None:
             raise CorruptObject(f"{self.pins.key(index)} is missing")
-        v = entry.body.get("version")
+        return entry
+
+    async def pinned(self) -> int | None:
+        """The version servers are told to serve, or None when they track the head."""
+        entry = await self.pin_entry()
+        v = None if entry is None else entry.body.get("version")
         return int(v) if isinstance(v, int) else None
 
-    async def pin(self, version: int, by: str = "") -> Entry:
-        """Serve ``version`` (rollback): a new pin-log entry, then the pin ref moves."""
+    async def pin(self, version: int, by: str = "", *, force: bool = False, gate: list[str] | None = None) -> Entry:
+        """Serve ``version`` (rollback): a new pin-log entry, then the pin ref moves.
+
+        ``force``: the version fails its quality gate (``gate``: why) and is pinned
+        anyway. The entry records it, so servers serve it (they serve no failing version
+        otherwise) and anyone reading the log sees that it was an exception. Deciding
+        whether a version passes is the caller's (the gate's limits are server settings)."""
         stored = await self.version(version)
         if await self.objects.get(self.gc_key(version)) is not None:
             raise ContentCollected(f"model {self.name!r} version {version}: content was garbage-collected")
-        return await self._log_pin({"action": "pin", "version": version, "record_hash": stored.record_hash}, by)
+        what: dict[str, Any] = {"action": "pin", "version": version, "record_hash": stored.record_hash}
+        if force:  # only when set: an ordinary pin's entry is as it always was
+            what["force"] = True
+            what["gate"] = list(gate or [])
+        return await self._log_pin(what, by)
 
     async def unpin(self, by: str = "") -> Entry:
         """Track the head again."""
@@ -449,7 +651,8 @@ class VersionStore:
 
     # -- verification --------------------------------------------------------------------
     async def verify(self) -> VerifyReport:
-        """Walk every record, content blob, ref, pin-log entry and GC marker."""
+        """Walk every record, content blob, certificate link and blob, ref, pin-log
+        entry and GC marker."""
         report = VerifyReport(self.name)
         try:
             entries = await self.records.all()
@@ -493,6 +696,7 @@ class VersionStore:
                 else:
                     report.problem(v, key, "parent hash does not match the previous record (history edited)")
         await self._verify_content(entries, collected, report)
+        await self._verify_certificates(by_version, collected, report)
         await self._verify_head(by_version, report)
         await self._verify_pins(by_version, collected, report)
         for v in collected:
@@ -562,6 +766,58 @@ class VersionStore:
             if files.get(MODEL_FILE) != content["model"] or files.get(TRAINING_FILE) != content["training"]:
                 report.problem(e.index, self.records.key(e.index), "record and manifest disagree on the weight files")
 
+    async def _verify_certificates(
+        self, by_version: dict[int, Entry], collected: set[int], report: VerifyReport
+    ) -> None:
+        """Each link names its version's record and model hash and an intact blob that
+        parses as a certificate of that model. GC deletes the links and blobs of the
+        versions it collects; a link of a collected version (a GC interrupted after its
+        markers) is a note, and the next GC removes it."""
+        keys = [k for k, _ in await list_all(self.objects, f"{self.base}/certs/")]
+        links = await _gather_limited([partial(self.objects.get, k) for k in keys])
+        named: list[tuple[int, str, str, str]] = []  # version, link key, certificate hash, model hash
+        for key, link in zip(keys, links, strict=True):
+            if link is None:
+                continue  # deleted between listing and reading (a GC)
+            m = re.fullmatch(re.escape(self.base) + r"/certs/(\d{12})\.json", key)
+            if m is None:
+                report.problem(None, key, "unexpected object among the certificate links")
+                continue
+            v = int(m.group(1))
+            if v in collected:
+                report.notes.append(
+                    f"version {v} was collected but its certificate link remains; the next gc removes it"
+                )
+                continue
+            e = by_version.get(v)
+            if e is None:
+                report.problem(v, key, "certificate link for a version that has no record")
+                continue
+            stored = StoredVersion(v, e.body, e.hash)
+            try:
+                h = self._check_link(link.data, stored)
+            except CorruptObject as exc:
+                report.problem(v, key, str(exc).removeprefix(f"{key}: "))
+                continue
+            named.append((v, key, h, stored.content_hash))
+        hashes = sorted({h for _, _, h, _ in named})
+        blobs = dict(
+            zip(
+                hashes,
+                await _gather_limited([partial(self.objects.get, self.content_key(h)) for h in hashes]),
+                strict=True,
+            )
+        )
+        for v, key, h, model_hash in named:
+            blob = blobs[h]
+            if blob is None:
+                report.problem(v, key, f"names certificate {h}, which is missing")
+                continue
+            try:
+                await asyncio.to_thread(_decode_certificate, blob.data, h, model_hash, f"version {v}")
+            except CorruptObject as exc:
+                report.problem(v, self.content_key(h), str(exc).removeprefix(f"version {v}: "))
+
     async def _verify_head(self, by_version: dict[int, Entry], report: VerifyReport) -> None:
         try:
             index, h = await self.records.read_ref()
@@ -606,6 +862,10 @@ class VersionStore:
                 rec = by_version.get(v) if isinstance(v, int) else None
                 if rec is None or rec.hash != e.body.get("record_hash"):
                     report.problem(v if isinstance(v, int) else None, key, "pin names a record that does not match")
+            force, gate = e.body.get("force"), e.body.get("gate")
+            if "force" in e.body and (force is not True or v is None or not isinstance(gate, list)):
+                # a forced pin names its version and why it failed; nothing else carries the flag
+                report.problem(v if isinstance(v, int) else None, key, "pin log entry's force flag is malformed")
             prev = e.hash
         if index:
             entry = next((e for e in log if e.index == index), None)
@@ -617,6 +877,24 @@ class VersionStore:
             report.pinned = v if isinstance(v, int) else None
             if report.pinned is not None and report.pinned in collected:
                 report.problem(report.pinned, self.gc_key(report.pinned), "the pinned version's content was collected")
+
+    async def _read_links(self, by_version: dict[int, Entry]) -> list[tuple[str, int, str | None]]:
+        """(key, version, certificate hash or None when the link is damaged) of every
+        certificate link of a version with a record."""
+        keys = [k for k, _ in await list_all(self.objects, f"{self.base}/certs/")]
+        out: list[tuple[str, int, str | None]] = []
+        for key, blob in zip(keys, await _gather_limited([partial(self.objects.get, k) for k in keys]), strict=True):
+            m = re.fullmatch(re.escape(self.base) + r"/certs/(\d{12})\.json", key)
+            if blob is None or m is None or int(m.group(1)) not in by_version:
+                continue
+            v = int(m.group(1))
+            e = by_version[v]
+            try:
+                h: str | None = self._check_link(blob.data, StoredVersion(v, e.body, e.hash))
+            except CorruptObject:
+                h = None
+            out.append((key, v, h))
+        return out
 
     # -- garbage collection --------------------------------------------------------------
     async def gc(
@@ -651,8 +929,21 @@ class VersionStore:
             if e.index in retained:
                 keep_blobs.update(_hex(str(h)) for h in e.body.get("content", {}).values())
         referenced = {_hex(str(h)) for e in entries for h in e.body.get("content", {}).values()}
-        now = time.time()
+        # Certificates go with their version's content: the links of versions not
+        # retained are deleted (before their blobs, so a GC stopped in between leaves
+        # only unlinked blobs, collected after the grace period like any leftover).
+        by_version = {e.index: e for e in entries}
         delete: list[str] = []
+        for key, v, h in await self._read_links(by_version):
+            if v in retained:
+                if h is None:
+                    raise CorruptObject(f"{key} is damaged: gc cannot tell which certificate to keep (run verify)")
+                keep_blobs.add(_hex(h))
+            elif v in by_version:
+                delete.append(key)
+                if h is not None:
+                    referenced.add(_hex(h))
+        now = time.time()
         for key, modified in await list_all(self.objects, f"{self.base}/content/"):
             h = key.rsplit("/", 1)[1]
             if h in keep_blobs:

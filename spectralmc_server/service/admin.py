@@ -2,6 +2,12 @@
 
 Every route needs ``Authorization: Bearer <admin_token>``, compared in constant time.
 With no token configured they answer 403: an admin API nobody configured is off.
+
+The quality gate (``[certificate.gate]``) holds here too: a commit certifies the
+trainer's state first and is refused (409, naming the failures) unless it passes or
+``"allow_unqualified": true`` records it as unqualified; a pin of a version that fails
+its gate or has no certificate is refused (409) unless ``"force": true``, which the pin
+log records and the answer repeats (``"forced": true`` and the failures).
 """
 
 from __future__ import annotations
@@ -11,16 +17,41 @@ from typing import Any
 
 from aiohttp import web
 
+from spectralmc_server.engine.certify import gate_failures
 from spectralmc_server.service import keys
 from spectralmc_server.service.auth import ADMIN_REALM, require_token
 from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import CommitBody, GCBody, PinBody, UnpinBody
 from spectralmc_server.store import admin as store_admin
-from spectralmc_server.store.versions import ContentCollected, VersionError, VersionNotFound, VersionStore
+from spectralmc_server.store.versions import (
+    ContentCollected,
+    CorruptObject,
+    VersionError,
+    VersionNotFound,
+    VersionStore,
+)
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
+
+
+class GatedCommitBody(CommitBody):
+    """The commit body, and whether to commit a state that fails its gate anyway."""
+
+    allow_unqualified: bool = False  # commit past a failing gate; the version records it
+
+
+class ForcePinBody(PinBody):
+    """The pin body, and whether to pin a version that fails its gate anyway."""
+
+    force: bool = False  # serve it although its certificate fails the gate (or it has none)
+
+
+def gate_conflict(message: str, failures: list[str], flag: str) -> Conflict:
+    """409 naming each gate failure (details), and the flag that would override it."""
+    details = [{"field": flag, "reason": f"quality gate: {f}"} for f in failures]
+    return Conflict(f'{message}: {"; ".join(failures)}; send "{flag}": true to do it anyway', details=details)
 
 
 def authorize(request: web.Request) -> None:
@@ -57,19 +88,38 @@ async def refresh(request: web.Request, name: str) -> dict[str, Any]:
 async def commit(request: web.Request) -> web.Response:
     """Commit the online trainer's current state as a new version."""
     store = model_store(request)
-    body: CommitBody = validate(CommitBody, await optional_body(request))
+    body: GatedCommitBody = validate(GatedCommitBody, await optional_body(request))
     training = request.app.get(keys.TRAINING)
     if training is None or training.model != store.name:
         note = request.app[keys.LIFECYCLE].training_note
         raise Conflict(f"this server does not train model {store.name!r}" + (f" ({note})" if note else ""))
     ckpt = await request.app[keys.WORKER].submit(training.checkpoint)
-    stored = await store.commit(ckpt, body.message, rebase=True)
+    result = await request.app[keys.HOST].certify(store.name, ckpt)  # ~30 s, in a thread
+    step = ckpt.manifest["state"]["step"]
+    if not result.passed:
+        request.app[keys.METRICS].training_rejected.labels(store.name).inc()
+        log.warning("admin commit of %s at step %s: it %s", store.name, step, result.describe())
+        if not body.allow_unqualified:
+            raise gate_conflict(
+                f"the training state of {store.name!r} at step {step} fails its quality gate and was not committed",
+                result.failures,
+                "allow_unqualified",
+            )
+    stored = await store.commit(
+        result.checkpoint,
+        body.message,
+        rebase=True,
+        unqualified=not result.passed,
+        gate=result.failures if not result.passed else None,
+    )
     serving = await refresh(request, store.name)
     return json_response(
         {
             "version": stored.version,
             "content_hash": stored.content_hash,
-            "step": ckpt.manifest["state"]["step"],
+            "step": step,
+            "unqualified": not result.passed,
+            "gate": result.failures,
             "serving": serving,
         },
         status=201,
@@ -85,17 +135,28 @@ async def versions(request: web.Request) -> web.Response:
 
 @routes.post("/v1/admin/models/{name}/pin")
 async def pin(request: web.Request) -> web.Response:
-    """Serve version n everywhere (rollback)."""
+    """Serve version n everywhere (rollback); past its quality gate only with force."""
     store = model_store(request)
-    body: PinBody = validate(PinBody, await read_json(request))
+    body: ForcePinBody = validate(ForcePinBody, await read_json(request))
+    what = f"version {body.version} of {store.name!r}"
     try:
-        entry = await store.pin(body.version, body.by)
+        cert = await store.certificate(body.version)
+        failures = gate_failures(cert, request.app[keys.HOST].certificate.limits(store.name))
+        if failures and not body.force:
+            raise gate_conflict(f"{what} fails its quality gate and was not pinned", failures, "force")
+        entry = await store.pin(body.version, body.by, force=bool(failures), gate=failures)
     except VersionNotFound:
         raise NotFound(f"model {store.name!r} has no version {body.version}") from None
     except ContentCollected:
-        raise Conflict(f"version {body.version} of {store.name!r} was garbage-collected and cannot be served") from None
+        raise Conflict(f"{what} was garbage-collected and cannot be served") from None
+    except CorruptObject as exc:  # a damaged certificate link: nothing to judge the version by
+        raise Conflict(f"{what} cannot be pinned: {exc}") from None
+    if failures:
+        log.warning("model %s: version %d pinned with force past its gate: %s", store.name, body.version, failures)
     serving = await refresh(request, store.name)
-    return json_response({"pinned": body.version, "seq": entry.index, "serving": serving})
+    return json_response(
+        {"pinned": body.version, "seq": entry.index, "forced": bool(failures), "gate": failures, "serving": serving}
+    )
 
 
 @routes.post("/v1/admin/models/{name}/unpin")

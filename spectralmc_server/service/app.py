@@ -47,7 +47,7 @@ from spectralmc_server.service.schemas import PriceRequest
 from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import PriceJob, Settings
-from spectralmc_server.store.commits import CommitPolicy
+from spectralmc_server.store.commits import CommitPolicy, GateResult
 from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailable
 from spectralmc_server.store.s3 import S3Settings
 from spectralmc_server.store.uri import open_store
@@ -177,6 +177,7 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         poll_seconds=s.poll_seconds,
         max_backoff_seconds=s.poll_max_backoff_seconds,
         seed_bundled=s.seed_bundled,
+        certificate=s.certificate,
     )
     app[keys.HOST] = host
     try:
@@ -227,8 +228,19 @@ async def _training(app: web.Application) -> OnlineTraining | None:
     loop = asyncio.get_running_loop()
 
     async def commit(ck: Checkpoint, message: str) -> None:
+        val = (ck.manifest.get("metrics", {}).get("validation") or {}).get("p95_bp")
+        if app[keys.HOST].certify_lock.locked():
+            # The previous state is still being certified (~30 s): this one is skipped, not
+            # queued behind it (the next is due an interval later).
+            policy.withdraw(val)  # the worker counted it as committed when it handed it over
+            log.info("online training of %s: a certification is under way; %r skipped", store.name, message)
+            return
         try:
-            stored = await store.commit(ck, message, rebase=True)
+            result = await gated(app, store.name, ck)
+            if not result.passed:
+                policy.withdraw(val)
+                return
+            stored = await store.commit(result.checkpoint, message, rebase=True)
             log.info("online training committed %s version %d: %s", store.name, stored.version, message)
             await app[keys.HOST].trackers[store.name].poll_once()
         except Exception:
@@ -246,6 +258,24 @@ async def _training(app: web.Application) -> OnlineTraining | None:
     return OnlineTraining(s.train.model, trainer, policy, publish)
 
 
+async def gated(app: web.Application, model: str, ckpt: Checkpoint) -> GateResult:
+    """Certify a checkpoint of online training in a thread (about 30 s: never on the
+    event loop; one at a time, so commits due close together do not pile up on the
+    CPU), and check it against the model's gate. A failing one is logged with its
+    reasons and counted in ``spectralmc_training_rejected_total``; committing it is the
+    caller's to refuse."""
+    result = await app[keys.HOST].certify(model, ckpt)
+    if not result.passed:
+        app[keys.METRICS].training_rejected.labels(model).inc()
+        log.warning(
+            "online training of %s: step %s not committed: it %s",
+            model,
+            ckpt.manifest.get("state", {}).get("step"),
+            result.describe(),
+        )
+    return result
+
+
 async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[keys.SETTINGS]
     training = await _training(app)
@@ -259,8 +289,11 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
     if training is not None and s.train.commit_on_shutdown and worker.alive:
         try:
             ckpt = await worker.submit(training.checkpoint)
-            stored = await app[keys.HOST].stores[training.model].commit(ckpt, "training state at shutdown", rebase=True)
-            log.info("committed %s version %d at shutdown", training.model, stored.version)
+            result = await gated(app, training.model, ckpt)  # certifying takes ~30 s: in the grace period
+            if result.passed:
+                store = app[keys.HOST].stores[training.model]
+                stored = await store.commit(result.checkpoint, "training state at shutdown", rebase=True)
+                log.info("committed %s version %d at shutdown", training.model, stored.version)
         except Exception:
             log.exception("commit at shutdown failed")
     for task in list(life.background):

@@ -31,6 +31,8 @@ DROP_REASONS = (
     "shutting_down",
 )
 
+REJECT_REASONS = ("gate", "no_certificate")
+
 
 @dataclass
 class ModelState:
@@ -44,6 +46,8 @@ class ModelState:
     poll_failures: int
     consecutive_poll_failures: int = 0
     last_good_poll: float | None = None  # Unix time
+    rejected: dict[str, int] = field(default_factory=dict)  # versions refused by the gate, by kind
+    forced: bool = False  # the served version was pinned with force past its gate
 
 
 @dataclass
@@ -112,6 +116,22 @@ class StateCollector(Collector):
             streak.add_metric([m.name], m.consecutive_poll_failures)
             good.add_metric([m.name], float("nan") if m.last_good_poll is None else m.last_good_poll)
         yield from (info, version, swaps, polls, streak, good)
+        rejected = CounterMetricFamily(
+            "spectralmc_model_rejected",
+            "Versions the tracker refused to serve: reason gate (the certificate fails the quality gate) "
+            "or no_certificate",
+            labels=["model", "reason"],
+        )
+        forced = GaugeMetricFamily(
+            "spectralmc_model_forced",
+            "1 while the served version is one an admin pinned with force past its quality gate",
+            labels=["model"],
+        )
+        for m in models:
+            for reason in REJECT_REASONS:  # both series exist from the start (rate() needs a zero)
+                rejected.add_metric([m.name, reason], m.rejected.get(reason, 0))
+            forced.add_metric([m.name], 1.0 if m.forced else 0.0)
+        yield from (rejected, forced)
 
         used = GaugeMetricFamily(
             "spectralmc_budget_used_bytes", "Bytes reserved against each capped component", labels=["component"]
@@ -303,6 +323,12 @@ class Metrics:
             "How late a run started after its scheduled tick",
             ["job"],
             buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.training_rejected = Counter(
+            "spectralmc_training_rejected",
+            "Versions online training did not commit: their certificate fails the quality gate",
+            ["model"],
             registry=r,
         )
         for reason in ("coalesced", "control_overflow", "closed"):

@@ -1,7 +1,16 @@
 """ModelHost: the served models, each a VersionStore plus a ModelTracker.
 
 At start an empty store is seeded with the bundled model of the same name (version 1),
-so a fresh machine serves at once. Loads are budgeted: each loaded version reserves
+so a fresh machine serves at once (the bundled models ship their certificates).
+
+No version is served unless its certificate passes the quality gate of
+``[certificate.gate]`` (or an admin pinned it with force): each tracker is given the
+gate as its check, so a failing or uncertified version is never swapped in, the
+current one keeps answering, and the refusal is logged, counted
+(``spectralmc_model_rejected_total``) and reported by /readyz. Served versions bound
+their answers with ``[certificate.tolerance]``.
+
+Loads are budgeted: each loaded version reserves
 its weights in ``model_cache`` (at most the current and the incoming one), and one
 inference working set, sized from the ``inference`` cap, bounds the rows the worker
 prices at a time.
@@ -14,6 +23,7 @@ import contextlib
 import logging
 from typing import Any
 
+from spectralmc_server.engine.certify import gate_failures
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
 from spectralmc_server.engine.device import BudgetExceededError, Budgets, live_tensor_bytes, module_tensors
 from spectralmc_server.engine.pricer import ServedModel, bytes_per_row, load_served_model
@@ -21,8 +31,10 @@ from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.models import bundled_models
 from spectralmc_server.service.metrics import ModelState
 from spectralmc_server.service.schemas import MAX_QUANTILE_LEVELS
+from spectralmc_server.settings import CertificateSettings
+from spectralmc_server.store.commits import GateResult, certify_checkpoint
 from spectralmc_server.store.objects import ObjectStore
-from spectralmc_server.store.tracker import ModelTracker
+from spectralmc_server.store.tracker import Check, ModelTracker, Rejection
 from spectralmc_server.store.versions import CommitConflict, VersionStore
 
 log = logging.getLogger(__name__)
@@ -44,17 +56,50 @@ class ModelHost:
         poll_seconds: float,
         seed_bundled: bool,
         max_backoff_seconds: float = 60.0,
+        certificate: CertificateSettings | None = None,
     ) -> None:
         self.objects = objects
         self.budgets = budgets
         self.seed_bundled = seed_bundled
+        self.certificate = certificate or CertificateSettings()
+        # One certification at a time (training commits, admin commits): each takes the
+        # CPU for ~30 s, and commits due close together must not pile up beside serving.
+        self.certify_lock = asyncio.Lock()
         self.stores = {n: VersionStore(objects, n) for n in names}
         self.trackers: dict[str, ModelTracker[ServedModel]] = {
             n: ModelTracker(
-                self.stores[n], self._loader(n), poll_seconds=poll_seconds, max_backoff_seconds=max_backoff_seconds
+                self.stores[n],
+                self._loader(n),
+                poll_seconds=poll_seconds,
+                max_backoff_seconds=max_backoff_seconds,
+                check=self.gate(n),
             )
             for n in names
         }
+
+    def gate(self, name: str) -> Check:
+        """The tracker's check for model ``name``: its certificate against its gate."""
+        limits = self.certificate.limits(name)
+
+        def check(version: int, cert: dict[str, Any] | None) -> Rejection | None:
+            failures = gate_failures(cert, limits)
+            if not failures:
+                return None
+            return Rejection("no_certificate" if cert is None else "gate", tuple(failures))
+
+        return check
+
+    async def certify(self, name: str, ckpt: Checkpoint) -> GateResult:
+        """Certify a checkpoint of model ``name`` in a thread (about 30 s: never on the
+        event loop), one at a time, and check it against the model's gate."""
+        async with self.certify_lock:
+            return await asyncio.to_thread(
+                certify_checkpoint,
+                ckpt,
+                model=name,
+                points=self.certificate.points,
+                limits=self.certificate.limits(name),
+            )
 
     def _loader(self, name: str) -> Any:
         def load(ckpt: Checkpoint, version: int) -> ServedModel:
@@ -77,7 +122,13 @@ class ModelHost:
                     self.budgets.model_cache.release(holder)
             holder = f"{name} v{version}"
             self.budgets.model_cache.reserve(holder, nbytes)
-            served = load_served_model(ckpt, name=name, version=version, working_bytes=max_rows * per_row)
+            served = load_served_model(
+                ckpt,
+                name=name,
+                version=version,
+                working_bytes=max_rows * per_row,
+                tolerance={str(m): v for m, v in self.certificate.tolerance.items()},
+            )
             network = served.network
             if network is not None:
                 self.budgets.model_cache.track(holder, lambda: live_tensor_bytes(module_tensors(network)))
@@ -123,8 +174,35 @@ class ModelHost:
         missing = [n for n, t in self.trackers.items() if t.current is None]
         if not missing:
             return None
-        reasons = [f"{n} ({self.trackers[n].last_error or 'no version in the store yet'})" for n in missing]
+        reasons = [f"{n} ({self._why_none(self.trackers[n])})" for n in missing]
         return f"no version loaded for {', '.join(reasons)}"
+
+    @staticmethod
+    def _why_none(t: ModelTracker[ServedModel]) -> str:
+        if t.last_error:
+            return t.last_error
+        r = t.rejected
+        if r is not None:
+            return (
+                f"version {r.version} fails its quality gate: {'; '.join(r.reasons)}; "
+                "serve it anyway only by pinning it with force"
+            )
+        return "no version in the store yet"
+
+    def forced(self) -> dict[str, dict[str, Any]]:
+        """Models served by a version an admin pinned with force past its gate, and why
+        it fails (/readyz names them: answers come from a model that did not qualify)."""
+        out = {}
+        for name, t in self.trackers.items():
+            cur = t.current
+            if cur is not None and cur.forced:
+                out[name] = {"version": cur.version, "gate": list(cur.gate)}
+        return out
+
+    def rejected(self) -> dict[str, dict[str, Any]]:
+        """Models whose wanted version (head or pin) is refused by the gate while another
+        (or none) is served: the version, the kind and the reasons."""
+        return {n: r for n, t in self.trackers.items() if (r := t.describe_rejection()) is not None}
 
     def degraded(self) -> list[str]:
         """Trackers that serve a loaded version but whose last poll of the store failed:
@@ -153,6 +231,8 @@ class ModelHost:
                     "domain": None if cur is None else cur.model.domain.model_dump(mode="json"),
                     "swaps": t.swaps,
                     "last_error": t.last_error,
+                    "forced": None if cur is None or not cur.forced else list(cur.gate),
+                    "rejected": t.describe_rejection(),
                 }
             )
         return rows
@@ -168,6 +248,8 @@ class ModelHost:
                 poll_failures=t.total_failures,
                 consecutive_poll_failures=t.consecutive_failures,
                 last_good_poll=t.last_good_poll,
+                rejected=dict(t.rejections),
+                forced=t.current is not None and t.current.forced,
             )
             for n, t in self.trackers.items()
         ]

@@ -268,6 +268,10 @@ async def readyz(request: web.Request) -> web.Response:
             "degraded": degraded,
             "role": s.role,
             "models": {m["name"]: m["version"] for m in app[keys.HOST].describe()},
+            # served versions an admin pinned with force past their quality gate, and why they fail
+            "forced": app[keys.HOST].forced(),
+            # versions wanted (head or pin) and refused by the gate while another is served
+            "rejected": app[keys.HOST].rejected(),
             "training": None if training is None else training.model,
             "training_note": app[keys.LIFECYCLE].training_note,
         }

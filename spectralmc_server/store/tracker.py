@@ -7,6 +7,14 @@ before anything is deserialised), then one reference is replaced: work that star
 the old version finishes on it, and every answer comes from exactly one complete
 version. Store outages are retried with exponential backoff forever; the tracker keeps
 serving what it has and reports the failures.
+
+A ``check`` hook decides which versions may be served at all (the server's quality
+gate on a version's certificate, service/models.py): the tracker never swaps to a
+version the hook refuses. It keeps serving what it has (nothing, at start), records
+the refusal (:attr:`ModelTracker.rejected`, counted by kind in
+:attr:`ModelTracker.rejections`), logs it once, and looks again on every poll, since a
+version can be certified in place later. A store pin recorded with ``force`` is the
+admin's explicit choice and is served without the check; :class:`Served` says so.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Generic, TypeVar
 
 from spectralmc_server.engine.checkpoint import Checkpoint
@@ -34,6 +42,23 @@ class Served(Generic[T]):
     version: int
     content_hash: str
     model: T
+    forced: bool = False  # served by a store pin with force, past the check
+    gate: tuple[str, ...] = ()  # why the check refuses it (forced versions only)
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """Why ``check`` refuses a version: ``kind`` is a short label (metrics), ``reasons``
+    say what an operator must know (logs, /readyz, the admin answers)."""
+
+    kind: str
+    reasons: tuple[str, ...]
+    version: int = 0  # set by the tracker
+    certificate: str | None = None  # the certificate's hash, if any
+
+
+# (version, its certificate or None) -> None to serve it, or why not
+Check = Callable[[int, dict[str, Any] | None], Rejection | None]
 
 
 class ModelTracker(Generic[T]):
@@ -47,9 +72,11 @@ class ModelTracker(Generic[T]):
         version: int | None = None,
         poll_seconds: float = 5.0,
         max_backoff_seconds: float = 60.0,
+        check: Check | None = None,
     ) -> None:
         self.store = store
         self.loader = loader
+        self.check = check  # None: every version may be served
         self.pinned_version = version
         self.poll_seconds = poll_seconds
         self.max_backoff_seconds = max_backoff_seconds
@@ -61,6 +88,9 @@ class ModelTracker(Generic[T]):
         self.swaps = 0
         self.listeners: list[Callable[[int], None]] = []  # called with the new version after each swap
         self.store_pinned: int | None = None  # the store's pin as last seen (admin rollback)
+        self.store_pin_forced = False  # ... and whether it was forced past the check
+        self.rejected: Rejection | None = None  # the version wanted now and refused, if any
+        self.rejections: dict[str, int] = {}  # distinct refusals by kind, since start
         self._task: asyncio.Task[None] | None = None
 
     @property
@@ -83,27 +113,93 @@ class ModelTracker(Generic[T]):
     async def target(self) -> int | None:
         if self.pinned_version is not None:
             return self.pinned_version
-        pinned = self.store_pinned = await self.store.pinned()
+        entry = await self.store.pin_entry()
+        v = None if entry is None else entry.body.get("version")
+        pinned = self.store_pinned = v if isinstance(v, int) else None
+        self.store_pin_forced = pinned is not None and entry is not None and entry.body.get("force") is True
         if pinned is not None:
             return pinned
         head = await self.store.head()
         return None if head is None else head.version
 
+    async def _refusal(self, want: int) -> Rejection | None:
+        """Why ``want`` may not be served (None: it may). Reads the certificate only."""
+        if self.check is None:
+            return None
+        found = await self.store.certificate_with_hash(want)
+        cert_hash, cert = (None, None) if found is None else found
+        verdict = self.check(want, cert)
+        return None if verdict is None else replace(verdict, version=want, certificate=cert_hash)
+
+    def _reject(self, rejection: Rejection) -> None:
+        """Record a refusal; log and count it once (every poll looks again)."""
+        if self.rejected == rejection:  # the same version, certificate and reasons: seen
+            return
+        self.rejected = rejection
+        self.rejections[rejection.kind] = self.rejections.get(rejection.kind, 0) + 1
+        cur = self._current
+        log.warning(
+            "model %s: not serving version %d (%s: %s); serving %s",
+            self.store.name,
+            rejection.version,
+            rejection.kind,
+            "; ".join(rejection.reasons),
+            "nothing" if cur is None else f"version {cur.version}",
+        )
+
     async def poll_once(self) -> bool:
         """Look for a different version and swap to it; True when a swap happened."""
         try:
             want = await self.target()
+            forced = want is not None and self.pinned_version is None and self.store_pin_forced
             changed = False
-            if want is not None and (self._current is None or self._current.version != want):
-                ckpt = await self.store.load(want)
-                model = await asyncio.to_thread(self.loader, ckpt, want)
-                previous = None if self._current is None else self._current.version
-                self._current = Served(want, ckpt.content_hash, model)  # the one swap
-                self.swaps += 1
-                log.info("model %s: now serving version %d (was %s)", self.store.name, want, previous)
-                changed = True
-                for listener in list(self.listeners):
-                    listener(want)
+            cur = self._current
+            if cur is not None and cur.forced and not (forced and cur.version == want):
+                # The force that serves it was withdrawn: it is served only if it passes now.
+                if await self._refusal(cur.version) is None:
+                    cur = self._current = replace(cur, forced=False, gate=())
+                else:
+                    log.warning(
+                        "model %s: version %d is no longer pinned with force and fails its check: not serving it",
+                        self.store.name,
+                        cur.version,
+                    )
+                    cur = self._current = None
+                    changed = True
+            if want is None:
+                self.rejected = None
+            elif cur is not None and cur.version == want:
+                if forced and not cur.forced:
+                    rejection = await self._refusal(want)
+                    if rejection is not None:  # served now because of the force: say so
+                        self._current = replace(cur, forced=True, gate=rejection.reasons)
+                self.rejected = None
+            else:
+                rejection = await self._refusal(want)
+                if rejection is not None and not forced:
+                    self._reject(rejection)
+                else:
+                    ckpt = await self.store.load(want)
+                    model = await asyncio.to_thread(self.loader, ckpt, want)
+                    previous = None if cur is None else cur.version
+                    gate = () if rejection is None else rejection.reasons
+                    served = Served(want, ckpt.content_hash, model, forced=rejection is not None, gate=gate)
+                    self._current = served  # the one swap
+                    self.rejected = None
+                    self.swaps += 1
+                    if rejection is None:
+                        log.info("model %s: now serving version %d (was %s)", self.store.name, want, previous)
+                    else:
+                        log.warning(
+                            "model %s: now serving version %d (was %s), pinned with force past its check: %s",
+                            self.store.name,
+                            want,
+                            previous,
+                            "; ".join(gate),
+                        )
+                    changed = True
+                    for listener in list(self.listeners):
+                        listener(want)
         except Exception as exc:
             self.consecutive_failures += 1
             self.total_failures += 1
@@ -158,4 +254,14 @@ class ModelTracker(Generic[T]):
             "consecutive_failures": self.consecutive_failures,
             "last_error": self.last_error,
             "swaps": self.swaps,
+            "forced": None if cur is None or not cur.forced else list(cur.gate),
+            "rejected": None if self.rejected is None else self.describe_rejection(),
+            "rejections": dict(self.rejections),
         }
+
+    def describe_rejection(self) -> dict[str, Any] | None:
+        """The version wanted now and refused (JSON), or None."""
+        r = self.rejected
+        if r is None:
+            return None
+        return {"version": r.version, "kind": r.kind, "reasons": list(r.reasons), "certificate": r.certificate}

@@ -20,7 +20,7 @@ from spectralmc_server.engine import certify
 from spectralmc_server.engine.pricer import CLOSED_FORM_BOUND
 from spectralmc_server.service import keys, routes
 from spectralmc_server.service.schemas import ModelsResponse, PriceResponse
-from spectralmc_server.store.versions import CorruptObject, VersionStore
+from spectralmc_server.store.versions import CorruptObject
 
 Client = TestClient[Any, Any]
 ALL_MEASURES = [
@@ -114,6 +114,14 @@ async def test_price_results_validate_and_every_measure_has_a_bound(make_client:
     assert [r["id"] for r in out["results"]] == ["c1", "c2", "c3", "h1"]
     for row in out["results"]:
         check_bounds(row, ALL_MEASURES)
+    # A learned answer's bound comes from the certificate, and it is served only within
+    # the price tolerance (per unit of D F: spot here, no rates).
+    near = out["results"][0]
+    gbm = app_of(client)[keys.HOST].trackers["gbm"].current
+    if gbm is not None and gbm.model.certificate is not None:  # the bundled model is certified
+        tolerance = app_of(client)[keys.SETTINGS].certificate.tolerance["price"]
+        assert near["method"] == "cvnn", near
+        assert CLOSED_FORM_BOUND * 100.0 < near["error_bound"]["price"] <= tolerance * 100.0, near
     # A GBM reference answer's bound is the closed form's accuracy per unit of the
     # measure: D F for a price (spot for no rates).
     far = out["results"][2]
@@ -182,8 +190,6 @@ def shown_view(row: dict[str, Any]) -> dict[str, Any]:
 
 
 async def test_models_shows_the_served_and_the_previous_certificate(make_client: MakeClient) -> None:
-    if not hasattr(VersionStore, "certificate"):
-        pytest.skip("VersionStore.certificate (store/versions.py) is not there yet")
     client = await make_client()
     ckpt = bundled_checkpoint("gbm")
     first, second = fake_certificate(ckpt, 11), fake_certificate(ckpt, 22)
@@ -214,8 +220,6 @@ async def test_models_shows_the_served_and_the_previous_certificate(make_client:
 async def test_models_says_why_the_previous_version_has_no_figures(
     make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if not hasattr(VersionStore, "certificate"):
-        pytest.skip("VersionStore.certificate (store/versions.py) is not there yet")
     client = await make_client()
     cert = fake_certificate(bundled_checkpoint("gbm"), 33)
     store = await commit_certified(client, "gbm", [None, cert])  # version 2 uncertified, 3 certified

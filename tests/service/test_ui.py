@@ -16,8 +16,6 @@ from marketdata_util import ASOF, VDT, snapshot
 from playwright.async_api import async_playwright
 from server_util import MakeClient, ServerProcess
 
-from spectralmc_server.store.versions import VersionStore
-
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
 PRICE_CELL = "#q-demo-call-1y td[data-measure='price']"
@@ -74,8 +72,6 @@ async def test_page_shows_the_certified_error_of_the_served_and_previous_version
     the served version and the one before it, and the p95 and max per measure: the
     figures /v1/models gives, in bp, on axes named by the certificate's dims."""
     assert CHROMIUM is not None
-    if not hasattr(VersionStore, "certificate"):
-        pytest.skip("VersionStore.certificate (store/versions.py) is not there yet")
     client = await make_client()
     ckpt = bundled_checkpoint("gbm")
     await commit_certified(client, "gbm", [fake_certificate(ckpt, 5), fake_certificate(ckpt, 6)])  # v2, v3

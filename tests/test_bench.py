@@ -41,6 +41,7 @@ def _load(name: str) -> ModuleType:
         "calibration",
         "variance_reduction",
         "abuse",
+        "certify",
     ],
 )
 def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

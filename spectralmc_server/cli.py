@@ -29,6 +29,8 @@ from pydantic import ValidationError
 from spectralmc_server import __version__
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# engine/certify.py's MIN_POINTS and settings.py's cap, here so `--help` needs no torch
+CERT_MIN_POINTS, CERT_MAX_POINTS = 4096, 1 << 16
 
 
 class UsageError(Exception):
@@ -115,8 +117,20 @@ def build_parser() -> argparse.ArgumentParser:
     json_flag = _Parser(add_help=False)
     json_flag.add_argument("--json", action="store_true", dest="json_op", help="machine-readable output")
     ops.add_parser("list", help="every version, oldest first", parents=[json_flag])
-    inspect = ops.add_parser("inspect", help="one version's record and manifest", parents=[json_flag])
+    inspect = ops.add_parser("inspect", help="one version's record, manifest and certificate", parents=[json_flag])
     inspect.add_argument("version", type=int)
+    certify = ops.add_parser(
+        "certify",
+        help="certify version N in place (attach its certificate, or check that it reproduces)",
+        parents=[json_flag],
+    )
+    certify.add_argument("version", type=int)
+    certify.add_argument(
+        "--points",
+        type=int,
+        help=f"held-out parameter points, {CERT_MIN_POINTS} to {CERT_MAX_POINTS} "
+        "(default: [certificate] points of the settings, 4096)",
+    )
     ops.add_parser("verify", help="check the whole history (exit 1 if damaged)", parents=[json_flag])
     pin = ops.add_parser("pin", help="serve version N (rollback)", parents=[json_flag])
     pin.add_argument("version", type=int)
@@ -202,6 +216,7 @@ def _store_session(uri: str, model: str) -> Iterator[tuple[asyncio.Runner, Any]]
 def _store(args: argparse.Namespace) -> int:
     from spectralmc_server.store import admin
 
+    points = _certify_points(args.points) if args.op == "certify" else 0  # before the store is opened
     with _store_session(args.store, args.model) as (run, vs):
         op = args.op
         result: Any
@@ -210,14 +225,17 @@ def _store(args: argparse.Namespace) -> int:
             text = (
                 "\n".join(
                     f"{r['version']:>6}  {r['time']}  {'H' if r['head'] else ' '}{'P' if r['pinned'] else ' '}"
-                    f"{'c' if r['collected'] else ' '}  {r['message']}"
+                    f"{'c' if r['collected'] else ' '}{'C' if r['certified'] else ' '}"
+                    f"{'U' if r['unqualified'] else ' '}  {r['message']}"
                     for r in result
                 )
                 or f"model {args.model!r} has no versions"
             )
         elif op == "inspect":
             result = run.run(admin.inspect_version(vs, args.version))
-            text = orjson.dumps(result, option=orjson.OPT_INDENT_2).decode()
+            text = _inspect_text(result)
+        elif op == "certify":
+            result, text = _certify_version(run, vs, args.version, points, quiet=args.json or args.json_op)
         elif op == "verify":
             report = run.run(vs.verify())
             result = report.as_dict()
@@ -262,7 +280,123 @@ def _store(args: argparse.Namespace) -> int:
     sys.stdout.write((orjson.dumps(result).decode() if args.json or args.json_op else text) + "\n")
     if op == "verify" and not result["ok"]:
         return EXIT_FAILURE
+    if op == "certify" and result["outcome"] == "differs":
+        return EXIT_FAILURE
     return EXIT_OK
+
+
+def _certify_points(points: int | None) -> int:
+    """--points, else the settings' ``[certificate] points`` (SPECTRALMC_CERTIFICATE__POINTS)."""
+    if points is None:
+        from spectralmc_server.settings import Settings
+
+        try:
+            return Settings().certificate.points
+        except ValidationError as exc:
+            raise UsageError(_validation_message("SPECTRALMC_ settings", exc)) from None
+    if not CERT_MIN_POINTS <= points <= CERT_MAX_POINTS:
+        raise UsageError(f"--points must be from {CERT_MIN_POINTS} to {CERT_MAX_POINTS}, got {points}")
+    return points
+
+
+# Measures whose normalised error is a price in units of the discounted forward (or,
+# for the digital, of the discounted payout): x 1e4 is basis points (of spot, as the
+# certificate's points are priced with spot 1 and no rates).
+_BP_UNITS = frozenset({"D F", "D"})
+
+
+def _certificate_table(cert: dict[str, Any]) -> str:
+    """A certificate's summary (certify.summary, with "hash") as a table."""
+    head = (
+        f"certificate {cert.get('hash')}\n"
+        f"  sample: {cert.get('points')} held-out points, seed {cert.get('seed')}, truth: {cert.get('truth')}\n"
+        f"  {'measure':<10} {'unit':<20} {'p50':>10} {'p95':>10} {'max':>10}   "
+        f"{'p50 bp':>8} {'p95 bp':>8} {'max bp':>8}"
+    )
+    from spectralmc_server.engine.pricer import MEASURES  # the API's order
+
+    measures = cert.get("measures", {})
+    rows = []
+    for measure in sorted(measures, key=lambda m: (MEASURES.index(m) if m in MEASURES else len(MEASURES), m)):
+        f = measures[measure]
+        stats = [f.get(k) for k in ("p50", "p95", "max")]
+        figures = " ".join(f"{'n/a' if v is None else f'{v:.3e}':>10}" for v in stats)
+        bp = (
+            " ".join(f"{'n/a' if v is None else f'{v * 1e4:.3f}':>8}" for v in stats)
+            if f.get("unit") in _BP_UNITS
+            else ""
+        )
+        rows.append(f"  {measure:<10} {f.get('unit')!s:<20} {figures}   {bp}".rstrip())
+    foot = "  (errors per unit of the measure's scale; bp: x 1e4, basis points of spot for a price)"
+    return "\n".join([head, *rows, foot])
+
+
+def _inspect_text(row: dict[str, Any]) -> str:
+    """store inspect for people: the record and manifest as JSON, then the certificate."""
+    body = {k: v for k, v in row.items() if k != "certificate"}
+    text = orjson.dumps(body, option=orjson.OPT_INDENT_2).decode()
+    if row.get("unqualified"):
+        failures = row.get("metrics", {}).get("gate_failures") or []
+        text += "\nunqualified: committed past a failing quality gate" + (
+            f" ({'; '.join(map(str, failures))})" if failures else ""
+        )
+    cert = row.get("certificate")
+    if cert is not None:
+        return text + "\n" + _certificate_table(cert)
+    why = "content collected" if row.get("collected") else f"spectralmc store certify {row['version']} makes one"
+    return text + f"\ncertificate: none ({why})"
+
+
+def _certify_version(run: asyncio.Runner, vs: Any, version: int, points: int, *, quiet: bool) -> tuple[Any, str]:
+    """Certify ``version`` and attach the certificate, or, when it has one, check that
+    certifying again reproduces it: certification is deterministic (the same model, the
+    same held-out points), so every figure must come out the same."""
+    from spectralmc_server.engine.certify import certificate_hash, certify, summary
+    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.store.versions import CertificateExists
+
+    ckpt = run.run(vs.load(version))
+    served = load_served_model(ckpt, name=vs.name, version=version, require_certificate=False)
+    if not quiet:
+        print(f"certifying {vs.name!r} version {version} on {points} held-out points ...", file=sys.stderr)
+    start = time.perf_counter()
+    cert = certify(served, points=points)
+    elapsed = time.perf_counter() - start
+    computed = certificate_hash(cert)
+    existing = None if ckpt.certificate is None else certificate_hash(ckpt.certificate)
+
+    if existing is None:
+        try:
+            stored = run.run(vs.attach_certificate(version, cert))
+            outcome = "attached"
+        except CertificateExists as exc:  # another certify attached one meanwhile
+            existing, stored, outcome = exc.existing, exc.existing, "differs"
+    else:
+        stored, outcome = existing, "reproduced" if computed == existing else "differs"
+    result = {
+        "model": vs.name,
+        "version": version,
+        "outcome": outcome,
+        "certificate": stored,
+        "computed": computed,
+        "points": points,
+        "seconds": round(elapsed, 3),
+        "summary": summary(cert),
+    }
+    lines = [
+        _certificate_table({"hash": computed, **summary(cert)}),
+        f"certified version {version} in {elapsed:.1f} s",
+    ]
+    if outcome == "attached":
+        lines.append(f"attached: version {version} is now certified by {stored}")
+    elif outcome == "reproduced":
+        lines.append(f"reproduced exactly: the stored certificate {existing}, byte for byte")
+    else:
+        lines.append(
+            f"DIFFERS: version {version} is certified by {existing}; this run computed {computed}. "
+            "The store is unchanged (a certificate is never replaced)"
+        )
+    return result, "\n".join(lines)
 
 
 # -- train ------------------------------------------------------------------------------

@@ -53,11 +53,7 @@ async def inspect_version(store: VersionStore, version: int) -> dict[str, Any]:
         if found is not None:
             from spectralmc_server.engine.certify import summary  # imports torch: only when there is one
 
-            row["certificate"] = {
-                "hash": found[0],
-                **summary(found[1]),
-                "elapsed_seconds": found[1].get("elapsed_seconds"),
-            }
+            row["certificate"] = {"hash": found[0], **summary(found[1])}
     manifest = await store.manifest(version)
     if manifest is not None:
         metrics = dict(manifest.get("metrics", {}))

@@ -49,7 +49,6 @@ def cert_for(model_hash: str, p95: float = 2e-5) -> dict[str, Any]:
             "price": {"unit": "D F", "p50": 1e-5, "p95": p95, "max": 9e-5, "count": 53248, "cells": [[1e-4]]},
             "delta": {"unit": "D F / S", "p50": 2e-4, "p95": 4e-4, "max": 1e-3, "count": 53248, "cells": [[1e-3]]},
         },
-        "elapsed_seconds": 1.5,
     }
 
 

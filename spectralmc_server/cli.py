@@ -1,7 +1,9 @@
 """The ``spectralmc`` command line.
 
 Exit codes: 0 success, 2 bad input (one line on stderr naming what is wrong),
-1 an unexpected failure, 130 interrupted (training writes its checkpoint first).
+1 an unexpected failure, 3 ``train --store`` whose last due commit the quality gate
+refused (nothing unqualified is committed without ``--allow-unqualified``),
+130 interrupted (training writes its checkpoint first).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pydantic import ValidationError
 
 from spectralmc_server import __version__
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # engine/certify.py's MIN_POINTS and settings.py's cap, here so `--help` needs no torch
 CERT_MIN_POINTS, CERT_MAX_POINTS = 4096, 1 << 16
 
@@ -75,6 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--commit-seconds", type=float, help="commit every T seconds")
     train.add_argument("--commit-if-improved", action="store_true", help="skip due commits that do not improve")
     train.add_argument("--message", help="commit message template with {step}, {loss}, {val_bp}")
+    train.add_argument(
+        "--allow-unqualified",
+        action="store_true",
+        help="with --store: commit versions that fail the quality gate anyway (the version records it)",
+    )
+    train.add_argument(
+        "--no-certify",
+        action="store_true",
+        help="do not certify --out (quick experiments: a checkpoint without certificate.json answers every "
+        "measure by the reference, never by the learned model); with --store it needs --allow-unqualified",
+    )
+    train.add_argument(
+        "--settings",
+        type=Path,
+        help="server settings TOML whose [certificate] table sets the gate, points and tolerances "
+        "(default: the built-in ones, or SPECTRALMC_CERTIFICATE__* variables)",
+    )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
     serve = sub.add_parser("serve", help="run the pricing server (HTTP API, metrics, online training)")
@@ -92,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     price.add_argument("--checkpoint", type=Path, help="price with this checkpoint directory instead")
     price.add_argument(
         "--marketdata", help="store URI whose snapshots contracts by reference are priced from (often = --store)"
+    )
+    price.add_argument(
+        "--settings",
+        type=Path,
+        help="server settings TOML whose [certificate] table sets the gate (--store) and the tolerances",
     )
 
     cal = sub.add_parser("calibrate", help="fit a process to an underlying's vol surface in a market-data snapshot")
@@ -135,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     pin = ops.add_parser("pin", help="serve version N (rollback)", parents=[json_flag])
     pin.add_argument("version", type=int)
     pin.add_argument("--by", default=os.environ.get("USER", ""), help="who pins (recorded in the pin log)")
+    pin.add_argument(
+        "--force", action="store_true", help="pin a version that fails its quality gate (the pin log records it)"
+    )
+    pin.add_argument("--settings", type=Path, help="server settings TOML whose [certificate] table sets the gate")
     unpin = ops.add_parser("unpin", help="track the head again", parents=[json_flag])
     unpin.add_argument("--by", default=os.environ.get("USER", ""))
     gc = ops.add_parser("gc", help="delete the content of old versions (records stay)", parents=[json_flag])
@@ -247,11 +275,26 @@ def _store(args: argparse.Namespace) -> int:
                 + "\n".join(f"  version {p['version']}: {p['object']}: {p['reason']}" for p in report.problems)
             )
             text += "".join(f"\n  note: {n}" for n in report.notes)
-        elif op in ("pin", "unpin"):
-            entry = run.run(vs.pin(args.version, args.by) if op == "pin" else vs.unpin(args.by))
+        elif op == "pin":
+            # the server's rule: a version that fails its gate is pinned only with --force
+            from spectralmc_server.engine.certify import gate_failures
+
+            limits = _certificate_settings(args.settings).limits(args.model)
+            failures = gate_failures(run.run(vs.certificate(args.version)), limits)
+            if failures and not args.force:
+                raise UsageError(
+                    f"version {args.version} of {args.model!r} fails its quality gate ({'; '.join(failures)}): "
+                    "not pinned; add --force to pin it anyway"
+                )
+            entry = run.run(vs.pin(args.version, args.by, force=bool(failures), gate=failures))
+            result = {"seq": entry.index, **entry.body, "forced": bool(failures)}
+            text = f"pinned: serving version {args.version} (pin log entry {entry.index})"
+            if failures:
+                text += f"; forced past its quality gate: {'; '.join(failures)}"
+        elif op == "unpin":
+            entry = run.run(vs.unpin(args.by))
             result = {"seq": entry.index, **entry.body}
-            serving = f"version {args.version}" if op == "pin" else "the head"
-            text = f"{op}ned: serving {serving} (pin log entry {entry.index})"
+            text = f"unpinned: serving the head (pin log entry {entry.index})"
         elif op == "gc":
             try:
                 protect = [int(x) for x in args.protect.split(",") if x.strip()]
@@ -415,6 +458,21 @@ def _load_toml(path: Path) -> dict[str, Any]:
     return table
 
 
+def _certificate_settings(path: Path | None) -> Any:
+    """``[certificate]`` of a server settings file (and SPECTRALMC_ variables): the gate
+    ``train --store`` and ``price --store`` apply, as a server does."""
+    from spectralmc_server.settings import Settings
+
+    if path is not None and not path.is_file():
+        raise UsageError(f"--settings: no such file {path}")
+    try:
+        return Settings.load(path).certificate
+    except ValidationError as exc:
+        raise UsageError(_validation_message("--settings: invalid settings", exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--settings {path}: not valid TOML: {exc}") from None
+
+
 def _validation_message(prefix: str, exc: ValidationError) -> str:
     from spectralmc_server.service.schemas import format_validation_error, one_line
 
@@ -422,11 +480,12 @@ def _validation_message(prefix: str, exc: ValidationError) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from spectralmc_server.engine.certify import gate_failures
     from spectralmc_server.engine.checkpoint import CheckpointError, write_dir
     from spectralmc_server.engine.device import DeviceUnavailableError
     from spectralmc_server.engine.kernels import FusedKernelsUnavailableError
     from spectralmc_server.engine.trainer import TrainConfig, Trainer
-    from spectralmc_server.store.commits import DEFAULT_MESSAGE, CommitPolicy
+    from spectralmc_server.store.commits import DEFAULT_MESSAGE, CommitPolicy, GateResult, certify_checkpoint
 
     if args.steps is not None and args.steps <= 0:
         raise UsageError(f"--steps must be a positive integer, got {args.steps}")
@@ -437,8 +496,16 @@ def _train(args: argparse.Namespace) -> int:
     store_flags = [f for f in ("model", "commit_every", "commit_seconds", "message") if getattr(args, f) is not None]
     if args.commit_if_improved:
         store_flags.append("commit_if_improved")
+    if args.allow_unqualified:
+        store_flags.append("allow_unqualified")
     if args.store is None and store_flags:
         raise UsageError(f"--{store_flags[0].replace('_', '-')} needs --store")
+    if args.store is not None and args.no_certify and not args.allow_unqualified:
+        raise UsageError(
+            "--no-certify with --store: a version without a certificate fails the quality gate; "
+            "add --allow-unqualified to commit it as unqualified"
+        )
+    cert_settings = _certificate_settings(args.settings)
     try:
         policy = CommitPolicy(
             every_steps=args.commit_every,
@@ -494,6 +561,22 @@ def _train(args: argparse.Namespace) -> int:
 
         committed: list[int] = []
         committed_at = {"step": -1}
+        refused: list[dict[str, Any]] = []  # due commits the gate refused: step and failures
+        unqualified: list[int] = []  # versions committed past the gate (--allow-unqualified)
+        limits = cert_settings.limits(model_name)
+        gates: dict[str, GateResult] = {}  # content hash -> the certified checkpoint (reused by --out)
+
+        def gate(ckpt: Any, step: int) -> GateResult:
+            """Certify (about 30 s for GBM on two cores) and check the gate, once per content."""
+            if args.no_certify:
+                return GateResult(ckpt, gate_failures(None, limits))
+            if ckpt.content_hash not in gates:
+                if not args.quiet:
+                    print(f"certifying step {step} ({cert_settings.points} held-out points)", file=sys.stderr)
+                gates[ckpt.content_hash] = certify_checkpoint(
+                    ckpt, model=model_name, points=cert_settings.points, limits=limits
+                )
+            return gates[ckpt.content_hash]
 
         def commit(t: Any) -> None:
             assert session is not None
@@ -501,13 +584,29 @@ def _train(args: argparse.Namespace) -> int:
                 t.validate()
             val = t.history[-1].p95_bp
             message = policy.render(step=t.step, loss=t.loss_ema, val_bp=val)
+            result = gate(t.checkpoint({"command": args.cmdline}), t.step)
+            committed_at["step"] = t.step
+            if not result.passed:
+                verdict = "committing it as unqualified" if args.allow_unqualified else "not committed"
+                print(f"quality gate: step {t.step} {result.describe()}: {verdict}", file=sys.stderr)
+                if not args.allow_unqualified:
+                    refused.append({"step": t.step, "gate": result.failures})
+                    policy.refused()
+                    return
             with _store_errors():
                 stored = session[0].run(
-                    session[1].commit(t.checkpoint({"command": args.cmdline}), message, rebase=True)
+                    session[1].commit(
+                        result.checkpoint,
+                        message,
+                        rebase=True,
+                        unqualified=not result.passed,
+                        gate=None if result.passed else result.failures,
+                    )
                 )
             policy.committed(val)
             committed.append(stored.version)
-            committed_at["step"] = t.step
+            if not result.passed:
+                unqualified.append(stored.version)
 
         def after_step(t: Any) -> None:
             if args.out is not None and args.checkpoint_every and t.step % args.checkpoint_every == 0:
@@ -537,12 +636,29 @@ def _train(args: argparse.Namespace) -> int:
         "validation": trainer.history[-1].as_dict() if trainer.history else None,
     }
     if args.store is not None:
-        summary.update(store=args.store, model=model_name, committed=committed)
+        summary.update(store=args.store, model=model_name, committed=committed, refused=refused)
+        summary["unqualified"] = unqualified
     if args.out is not None:
+        final = trainer.checkpoint({"command": args.cmdline})
+        result = gates.get(final.content_hash)
+        if result is None and not args.no_certify and not stop["requested"]:
+            result = gate(final, trainer.step)
+        elif result is None and stop["requested"] and not args.no_certify:
+            print(
+                f"interrupted: {args.out} is written without a certificate (its answers come from the reference); "
+                "train on with --resume to certify it",
+                file=sys.stderr,
+            )
         summary["out"] = str(args.out)
-        summary["content_hash"] = write_dir(trainer.checkpoint({"command": args.cmdline}), args.out)
+        summary["content_hash"] = write_dir(final if result is None else result.checkpoint, args.out)
+        summary["certified"] = result is not None
+        summary["gate"] = None if result is None else result.failures
     sys.stdout.write(orjson.dumps(summary).decode() + "\n")
-    return EXIT_INTERRUPTED if stop["requested"] else EXIT_OK
+    if stop["requested"]:
+        return EXIT_INTERRUPTED
+    if refused and refused[-1]["step"] == committed_at["step"]:
+        return EXIT_GATE  # the last due commit was refused: the store does not hold this run's result
+    return EXIT_OK
 
 
 def _resume_checkpoint(resume: str, session: tuple[asyncio.Runner, Any] | None) -> Any:
@@ -683,18 +799,45 @@ def _malformed_http_one_line(record: Any) -> bool:
     return True
 
 
-def _served_from_store(uri: str, model: str) -> Any:
-    """The version a server would serve now: the store's pin, else its head."""
-    from spectralmc_server.engine.pricer import load_served_model
+def _served_from_store(uri: str, model: str, certificate: Any = None) -> Any:
+    """The version a server would serve now: the store's pin, else its head; answered by
+    the learned model only when its certificate passes the quality gate of
+    ``certificate`` (CertificateSettings; default: the built-in gate) or an admin
+    pinned it with force. A failing version is answered by the reference (a note on
+    stderr says why), as a server that has no other version serves no learned answer."""
+    from dataclasses import replace
 
+    from spectralmc_server.engine.certify import gate_failures
+    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.settings import CertificateSettings
+
+    certificate = certificate or CertificateSettings()
     with _store_session(uri, model) as (run, vs):
-        version = run.run(vs.pinned())
+        pin = run.run(vs.pin_entry())
+        version = None if pin is None else pin.body.get("version")
+        forced = version is not None and pin is not None and pin.body.get("force") is True
         if version is None:
             head = run.run(vs.head())
             if head is None:
                 raise UsageError(f"--store: model {model!r} has no versions in {uri}")
             version = head.version
-        return load_served_model(run.run(vs.load(version)), name=model, version=version)
+        ckpt = run.run(vs.load(version))
+    failures = gate_failures(ckpt.certificate, certificate.limits(model))
+    if failures and forced:
+        print(
+            f"note: model {model!r} version {version} fails its quality gate ({'; '.join(failures)}) "
+            "and is pinned with force: its learned answers are served",
+            file=sys.stderr,
+        )
+    elif failures:
+        print(
+            f"note: model {model!r} version {version} fails its quality gate ({'; '.join(failures)}): "
+            "every measure is answered by the reference, not the learned model",
+            file=sys.stderr,
+        )
+        ckpt = replace(ckpt, certificate=None)  # no certificate: nothing learned is served
+    tolerance = {str(m): v for m, v in certificate.tolerance.items()}
+    return load_served_model(ckpt, name=model, version=version, tolerance=tolerance)
 
 
 def _resolve_market_data(uri: str, request: Any) -> tuple[Any, dict[str, Any]]:
@@ -743,11 +886,13 @@ def _price(args: argparse.Namespace) -> int:
 
     if args.store is not None and args.checkpoint is not None:
         raise UsageError("give --store or --checkpoint, not both")
+    cert_settings = _certificate_settings(args.settings)
+    tolerance = {str(m): v for m, v in cert_settings.tolerance.items()}
     try:
         if args.checkpoint is not None:
-            served = [load_served_model(read_dir(args.checkpoint, need_training=False))]
+            served = [load_served_model(read_dir(args.checkpoint, need_training=False), tolerance=tolerance)]
         elif args.store is not None:
-            served = [_served_from_store(args.store, args.model or "gbm")]
+            served = [_served_from_store(args.store, args.model or "gbm", cert_settings)]
         else:
             available = bundled_models()
             if not available:
@@ -755,7 +900,10 @@ def _price(args: argparse.Namespace) -> int:
             if args.model is not None and args.model not in available:
                 raise UsageError(f"--model: no bundled model {args.model!r}; bundled: {', '.join(available)}")
             names = [args.model] if args.model is not None else list(available)
-            served = [load_served_model(read_dir(available[n], need_training=False), name=n) for n in names]
+            served = [
+                load_served_model(read_dir(available[n], need_training=False), name=n, tolerance=tolerance)
+                for n in names
+            ]
     except CheckpointError as exc:
         raise UsageError(str(exc)) from None
     valuer = Valuer({m.process.name: m for m in served})

@@ -18,6 +18,8 @@ from typing import Any
 import orjson
 import pytest
 
+from spectralmc_server.engine.certify import DEFAULT_TOLERANCE
+
 SCRIPT = Path(sys.executable).parent / "spectralmc"
 TINY_TOML = """\
 [train]
@@ -122,16 +124,21 @@ def test_train_writes_a_checkpoint(trained: Trained) -> None:
     proc = trained.proc
     assert proc.returncode == 0, proc.stderr
     assert sorted(p.name for p in trained.dir.iterdir()) == [
+        "certificate.json",  # certified at the end: the directory is servable as learned
         "manifest.json",
         "model.safetensors",
         "training.safetensors",
     ]
     summary = _json_line(proc.stdout)
+    assert summary["certified"] is True
+    assert summary["gate"]  # a 20-step model is far outside the default gate (reported, not refused)
+    cert = orjson.loads((trained.dir / "certificate.json").read_bytes())
     assert summary["step"] == 20
     assert summary["paths_simulated"] == 20 * 16 * 64
     assert summary["out"] == str(trained.dir)
     manifest_bytes = (trained.dir / "manifest.json").read_bytes()
     assert summary["content_hash"] == "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
+    assert cert["model_hash"] == summary["content_hash"]
     manifest = orjson.loads(manifest_bytes)
     assert manifest["state"]["step"] == 20
     assert manifest["training"]["batch_points"] == 16
@@ -146,7 +153,14 @@ def test_price_round_trip(trained: Trained) -> None:
         {**IN_DOMAIN, "id": "far", "expiry_years": 10.0},
     ]
     body = _price_body(*contracts, measures=["price", "delta", "quantiles"], quantile_levels=[0.05, 0.5])
-    proc = _run("price", "--checkpoint", trained.dir, stdin=body)
+    # A 20-step model's certified bounds are far past the default tolerances (its answers
+    # would all come from the reference): tolerances this loose let the learned ones through.
+    loose = trained.dir.parent / "loose.toml"
+    loose.write_text("[certificate.tolerance]\n" + "".join(f"{m} = 10.0\n" for m in DEFAULT_TOLERANCE))
+    strict = _run("price", "--checkpoint", trained.dir, stdin=body)
+    assert strict.returncode == 0, strict.stderr
+    assert {r["method"] for r in _json_line(strict.stdout)["results"]} == {"reference"}
+    proc = _run("price", "--checkpoint", trained.dir, "--settings", loose, stdin=body)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.endswith("\n")
     response = _json_line(proc.stdout)
@@ -160,17 +174,19 @@ def test_price_round_trip(trained: Trained) -> None:
     summary = _json_line(trained.proc.stdout)
     assert response["models"]["gbm"]["content_hash"] == summary["content_hash"]
     assert response["market_data"] is None
-    again = _run("price", "--checkpoint", trained.dir, stdin=body)
+    again = _run("price", "--checkpoint", trained.dir, "--settings", loose, stdin=body)
     assert again.stdout == proc.stdout  # same request, same model: same bytes
 
 
 def test_resume(tmp_path: Path, trained: Trained) -> None:
     a, b = tmp_path / "A", tmp_path / "B"
-    first = _run("train", "--process", "gbm", "--steps", "10", "--config", trained.config, "--out", a, "--quiet")
+    first = _run(
+        "train", "--process", "gbm", "--steps", "10", "--config", trained.config, "--out", a, "--quiet", "--no-certify"
+    )
     assert first.returncode == 0, first.stderr
     assert _json_line(first.stdout)["step"] == 10
     # Without --quiet: the progress bar goes to stderr, stdout stays one JSON line.
-    second = _run("train", "--process", "gbm", "--resume", a, "--steps", "10", "--out", b)
+    second = _run("train", "--process", "gbm", "--resume", a, "--steps", "10", "--out", b, "--no-certify")
     assert second.returncode == 0, second.stderr
     summary = _json_line(second.stdout)
     assert summary["step"] == 20
@@ -340,7 +356,19 @@ def test_no_command() -> None:
 
 def test_train_minutes_turns_a_budget_into_steps(tmp_path: Path, trained: Trained) -> None:
     out = tmp_path / "M"
-    proc = _run("train", "--process", "gbm", "--minutes", "0.02", "--config", trained.config, "--out", out, "--quiet")
+    proc = _run(
+        "train",
+        "--process",
+        "gbm",
+        "--minutes",
+        "0.02",
+        "--config",
+        trained.config,
+        "--out",
+        out,
+        "--quiet",
+        "--no-certify",
+    )
     assert proc.returncode == 0, proc.stderr
     line = next(x for x in proc.stderr.splitlines() if x.startswith("--minutes 0.02:"))
     steps = int(line.rsplit("->", 1)[1].split()[0])

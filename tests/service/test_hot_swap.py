@@ -9,6 +9,7 @@ a mix); a client never sees versions go backwards.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Any
 
 from server_util import MakeClient
@@ -31,14 +32,20 @@ BODY: dict[str, Any] = {
 
 
 def _variant(ckpt: Checkpoint, i: int) -> Checkpoint:
-    """Version i: every weight scaled by (1 + i * 1e-3), and the manifest says so."""
+    """Version i: every weight scaled by (1 + i * 1e-3), and the manifest says so.
+
+    Each carries the base model's certificate named for its own content: the variants
+    differ from it by at most 1% of each weight, and this test is about swapping, not
+    accuracy (a tracker serves only certified versions that pass their gate)."""
+    assert ckpt.certificate is not None  # the bundled model's, seeded with it
     model = {k: v * (1.0 + i * 1e-3) if v.is_floating_point() else v for k, v in ckpt.model.items()}
     manifest = {**ckpt.manifest, "metrics": {**ckpt.manifest["metrics"], "variant": i}}
-    return Checkpoint(manifest, model, ckpt.training)
+    variant = Checkpoint(manifest, model, ckpt.training)
+    return replace(variant, certificate={**ckpt.certificate, "model_hash": variant.content_hash})
 
 
 async def test_hot_swap_under_load(make_client: MakeClient) -> None:
-    client = await make_client(poll_seconds=0.02)
+    client = await make_client(poll_seconds=0.02, models=["gbm"])
     app = client.app
     assert app is not None
     host = app[keys.HOST]

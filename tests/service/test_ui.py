@@ -27,7 +27,7 @@ async def put(session: aiohttp.ClientSession, url: str, asof: str, body: dict[st
 
 
 async def test_page_shows_models_and_a_quote_that_updates(serve: Callable[..., ServerProcess]) -> None:
-    server = serve()
+    server = serve(env={"SPECTRALMC_MODELS": '["gbm"]'})  # the certified bundled model
     assert CHROMIUM is not None
     async with aiohttp.ClientSession() as session:
         await put(session, server.url, ASOF, snapshot(spot=100.0, underlying="DEMO"))

@@ -31,6 +31,10 @@ validation_grid = 3
 width = 8
 depth = 1
 """
+# These tiny models (tens of steps) fail any quality gate: they are committed as
+# unqualified, uncertified versions (certifying each would take ~30 s), which is what
+# these tests of the store commands need. tests/test_cli_gate.py tests the gate itself.
+UNQUALIFIED = ("--no-certify", "--allow-unqualified")
 CONTRACT = {"id": "a", "right": "call", "strike": 100.0, "spot": 100.0, "expiry_years": 1.0, "vol": 0.2}
 
 
@@ -84,6 +88,7 @@ def test_train_commits_and_store_commands(tmp_path: Path, config: Path) -> None:
             "--message",
             "s{step} p95 {val_bp:.1f}",
             "--quiet",
+            *UNQUALIFIED,
         )
     )
     assert summary["committed"] == [1, 2, 3, 4] and summary["model"] == "gbm"  # steps 5, 10, 15, 20: no duplicate
@@ -97,13 +102,15 @@ def test_train_commits_and_store_commands(tmp_path: Path, config: Path) -> None:
         one["version"] == 2 and one["manifest"]["state"]["step"] == 10 and "history" not in one["manifest"]["metrics"]
     )
     assert one_json(cli("store", "--store", uri, "--model", "gbm", "verify", "--json"))["ok"] is True
-    pinned = one_json(cli("store", "--store", uri, "--model", "gbm", "pin", "2", "--by", "tester", "--json"))
+    pinned = one_json(cli("store", "--store", uri, "--model", "gbm", "pin", "2", "--by", "tester", "--force", "--json"))
     assert pinned["version"] == 2 and pinned["by"] == "tester"
-    # Pricing from the store serves the pinned version and names it.
+    # Pricing from the store takes the pinned version (pinned with force: it fails the
+    # gate); with no certificate nothing learned is served, and the note names it.
     body = orjson.dumps({"contracts": [CONTRACT]})
-    priced = one_json(cli("price", "--store", uri, "--model", "gbm", stdin=body))
-    assert priced["models"]["gbm"]["version"] == 2
-    assert priced["models"]["gbm"]["content_hash"] == one["content_hash"]
+    proc = cli("price", "--store", uri, "--model", "gbm", stdin=body)
+    priced = one_json(proc)
+    assert "version 2 fails its quality gate (no certificate)" in proc.stderr and "pinned with force" in proc.stderr
+    assert priced["results"][0]["method"] == "reference" and priced["models"] == {}
     preview = one_json(cli("store", "--store", uri, "--model", "gbm", "gc", "--keep", "1", "--dry-run", "--json"))
     assert preview["collected_versions"] == [1, 3] and preview["retained"] == [2, 4]
     done = one_json(cli("store", "--store", uri, "--model", "gbm", "gc", "--keep", "1", "--yes", "--json"))
@@ -114,7 +121,7 @@ def test_train_commits_and_store_commands(tmp_path: Path, config: Path) -> None:
     assert report["ok"] and report["collected"] == [1, 3] and report["pinned"] == 2
     unpinned = cli("store", "--store", uri, "--model", "gbm", "unpin")
     assert unpinned.returncode == 0 and "the head" in unpinned.stdout
-    assert one_json(cli("price", "--store", uri, "--model", "gbm", stdin=body))["models"]["gbm"]["version"] == 4
+    assert "version 4 fails its quality gate" in cli("price", "--store", uri, "--model", "gbm", stdin=body).stderr
 
 
 def test_verify_exits_1_on_damage_and_names_the_version(tmp_path: Path, config: Path) -> None:
@@ -133,6 +140,7 @@ def test_verify_exits_1_on_damage_and_names_the_version(tmp_path: Path, config: 
             "--commit-every",
             "5",
             "--quiet",
+            *UNQUALIFIED,
         )
     )
     record = tmp_path / "s" / "models" / "gbm" / "records" / "000000000001.json"
@@ -177,7 +185,21 @@ def test_resume_from_a_stored_version_is_bit_exact(tmp_path: Path) -> None:
     out = tmp_path / "resumed"
     uri = f"file://{tmp_path / 'store'}"
     summary = one_json(
-        cli("train", "--process", "gbm", "--store", uri, "--resume", "1", "--steps", "10", "--out", out, "--quiet")
+        cli(
+            "train",
+            "--process",
+            "gbm",
+            "--store",
+            uri,
+            "--resume",
+            "1",
+            "--steps",
+            "10",
+            "--out",
+            out,
+            "--quiet",
+            *UNQUALIFIED,
+        )
     )
     assert summary["step"] == 20 and summary["committed"] == [2]
     resumed = read_dir(out)
@@ -235,6 +257,7 @@ def test_s3_store_through_the_cli(seaweedfs: SeaweedFS, tmp_path: Path, config: 
             "--commit-every",
             "5",
             "--quiet",
+            *UNQUALIFIED,
             env=env,
         )
     )
@@ -262,6 +285,7 @@ def test_tensorboard_writes_event_files(tmp_path: Path, config: Path) -> None:
             "--commit-every",
             "5",
             "--quiet",
+            *UNQUALIFIED,
         )
     )
     logdir = tmp_path / "tb"

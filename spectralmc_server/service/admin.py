@@ -36,18 +36,6 @@ log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
 
 
-class GatedCommitBody(CommitBody):
-    """The commit body, and whether to commit a state that fails its gate anyway."""
-
-    allow_unqualified: bool = False  # commit past a failing gate; the version records it
-
-
-class ForcePinBody(PinBody):
-    """The pin body, and whether to pin a version that fails its gate anyway."""
-
-    force: bool = False  # serve it although its certificate fails the gate (or it has none)
-
-
 def gate_conflict(message: str, failures: list[str], flag: str) -> Conflict:
     """409 naming each gate failure (details), and the flag that would override it."""
     details = [{"field": flag, "reason": f"quality gate: {f}"} for f in failures]
@@ -88,7 +76,7 @@ async def refresh(request: web.Request, name: str) -> dict[str, Any]:
 async def commit(request: web.Request) -> web.Response:
     """Commit the online trainer's current state as a new version."""
     store = model_store(request)
-    body: GatedCommitBody = validate(GatedCommitBody, await optional_body(request))
+    body: CommitBody = validate(CommitBody, await optional_body(request))
     training = request.app.get(keys.TRAINING)
     if training is None or training.model != store.name:
         note = request.app[keys.LIFECYCLE].training_note
@@ -137,7 +125,7 @@ async def versions(request: web.Request) -> web.Response:
 async def pin(request: web.Request) -> web.Response:
     """Serve version n everywhere (rollback); past its quality gate only with force."""
     store = model_store(request)
-    body: ForcePinBody = validate(ForcePinBody, await read_json(request))
+    body: PinBody = validate(PinBody, await read_json(request))
     what = f"version {body.version} of {store.name!r}"
     try:
         cert = await store.certificate(body.version)

@@ -433,6 +433,8 @@ class CommitBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     message: str = Field("committed through the admin API", max_length=1000)
+    # commit a state whose certificate fails its quality gate anyway; the version records it
+    allow_unqualified: bool = False
 
 
 class PinBody(BaseModel):
@@ -442,6 +444,9 @@ class PinBody(BaseModel):
 
     version: int = Field(ge=1)
     by: str = Field("admin api", max_length=200)
+    # pin (and serve) a version whose certificate fails its quality gate, or that has none;
+    # the pin log records it and /readyz names the version as forced
+    force: bool = False
 
 
 class UnpinBody(BaseModel):

@@ -140,6 +140,7 @@ class MeasureResult:
     count: int
     coverage: float
     missing: int  # contracts with no bound (NaN)
+    nonfinite: int  # contracts whose learned or true value is not finite (NaN error)
     worst_cell: float
     worst_cell_n: int
     bad_cells: int  # cells whose misses reject 99% coverage (binomial, CELL_P_VALUE)
@@ -193,6 +194,7 @@ def measure_result(
     covered = err <= bound + slack  # NaN bound or error: a miss
     e, b = err / unit, bound / unit
     finite_b = b[torch.isfinite(b)]
+    e = e[torch.isfinite(e)]  # a non-finite learned or true value: a miss, counted apart
     q_err = torch.quantile(e, torch.tensor([0.5, 0.95], dtype=F64)) if len(e) else torch.full((2,), math.nan)
     worst, worst_n, bad, n_cells = 1.0, 0, 0, 0
     for c in torch.unique(cell).tolist():
@@ -212,6 +214,7 @@ def measure_result(
         count=len(err),
         coverage=float(covered.double().mean()) if len(err) else math.nan,
         missing=int((~torch.isfinite(bound)).sum()),
+        nonfinite=int((~torch.isfinite(err)).sum()),
         worst_cell=worst,
         worst_cell_n=worst_n,
         bad_cells=bad,
@@ -336,6 +339,7 @@ def measure_table(res: ModelResult) -> str:
                 UNITS[m],
                 r.count,
                 pct(r.coverage),
+                f"{r.missing} / {r.nonfinite}",
                 "n/a" if off is None else f"{pct(off.coverage)} of {off.count}",
                 f"{pct(r.worst_cell)} of {r.worst_cell_n}" if r.cells else f"n/a (no cell of {MIN_FRESH_CELL})",
                 f"{r.bad_cells} / {r.cells}",
@@ -353,6 +357,7 @@ def measure_table(res: ModelResult) -> str:
             "unit",
             "contracts",
             "coverage",
+            "no bound / NaN error",
             "off-grid strikes",
             "worst cell",
             "cells < 99%",
@@ -549,8 +554,9 @@ fresh book it never saw (`sample(..., FRESH_SEED, carry_rates=True)`: other Sobo
 points, rates and dividends in [-2%, 8%], spots 100 e^N(0,1)). Coverage = the fraction
 of contracts the learned model would answer with |learned - truth| <= bound (the
 Asian's truth is Monte Carlo: covered when {rule}); a contract with no bound is a
-miss. Bounds and errors are per unit of the measure (`UNITS`; a price per D F, so
-x 1e4 is bp of the discounted forward). Worst cell: the certificate cell (vol x expiry
+miss, and so is one whose learned or true value is not finite ("NaN error"; the error
+quantiles are over the finite ones). Bounds and errors are per unit of the measure
+(`UNITS`; a price per D F, so x 1e4 is bp of the discounted forward). Worst cell: the certificate cell (vol x expiry
 grid x strike band, or x quantile level) with the lowest coverage among those with at
 least {MIN_FRESH_CELL} fresh contracts; cells < 99%: cells whose misses reject 99%
 coverage (binomial test at {CELL_P_VALUE:g}). Max error / bound > 1 is how far the worst

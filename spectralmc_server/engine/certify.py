@@ -5,13 +5,14 @@ A certificate is made once per model version (at commit, or on demand with
 ``spectralmc store certify N``) from held-out points that no training or validation
 draw uses: ``points`` parameter points (at least 4,096) from a scrambled Sobol sequence
 with seed ``CERT_SEED`` over the model's domain, each with ``STRIKES_PER_POINT``
-strikes evenly spaced in K/F across the model's certified moneyness range, and every
-measure the server answers (price, Greeks, digital, the distribution moments and
-quantiles at ``CERT_LEVELS``). Each contract is compared with the process's truth:
-the closed forms (GBM), COS on the analytic characteristic function (Heston, Merton)
-or the process's Monte-Carlo reference (the arithmetic Asian), whose own standard
-error is added to the observed error (three standard errors: the figure covers the
-learned error whenever the reference is within 3 SE of the truth).
+strikes across the model's certified moneyness range (one in each equal slice of
+log K/F, at a random place in its slice), and every measure the server answers
+(price, Greeks, digital, the distribution moments and quantiles at ``CERT_LEVELS``).
+Each contract is compared with the process's truth: the closed forms (GBM), COS on the
+analytic characteristic function (Heston, Merton) or the process's Monte-Carlo
+reference (the arithmetic Asian), whose own standard error is added to the observed
+error (three standard errors: the figure covers the learned error whenever the
+reference is within 3 SE of the truth).
 
 Errors are normalised by the measure's scale (:func:`measure_units`): price, vega,
 theta and rho per unit of D F (the discounted forward, spot for a European without
@@ -20,20 +21,29 @@ and quantiles per unit of F, skew and kurtosis as they are. With spot 1 and no r
 (how the points are priced), the normalised error of a price is its error in units of
 spot: 1e-4 is one basis point.
 
-The error map splits the domain into cells: ``GRID`` x ``GRID`` over the model's two
-main dimensions (its vol parameter and expiry, in the domain's own sampling
-coordinates), times ``BANDS`` bands of log K/F for strike-dependent measures (or the
-certified quantile levels for quantiles). A cell's bound is the ``COVERAGE`` quantile
-of the normalised errors in it times ``MARGIN``: a contract's bound is its cell's
-figure times the contract's own unit. The 99.5% quantile plus a 25% margin leaves room
-for the sampling error of a quantile estimated from ~100-500 errors per cell; the
-coverage this gives on fresh points is measured by ``bench/certify.py`` and
-``tests/engine/test_certify.py`` (the target: the truth inside the bound for at least
-99% of contracts anywhere in the domain).
+A contract's bound is (error scale) x (cell figure) x (its unit), at least FLOOR x unit:
+
+- The error scale: a least-squares fit of log(error) on a cubic in every domain
+  coordinate and, for strike-dependent measures, log K/F (:func:`fit_scale`). It
+  follows how the error grows and shrinks along all the dimensions, including those
+  the cells do not split on (Heston's kappa, theta, xi, rho; Merton's jumps).
+- The cells: ``GRID`` x ``GRID`` over the model's two main dimensions (its vol
+  parameter and expiry, in the domain's sampling coordinates), times ``BANDS`` bands of
+  log K/F for strike-dependent measures (or the certified quantile levels). A cell's
+  figure is the ``COVERAGE`` (99.5%) quantile of the errors in it divided by their
+  fitted scale, times ``MARGIN`` (1.1).
+
+The cells make the bound hold where the scale model is off; the scale model keeps the
+bound close to the error (a constant bound per cell would sit 10-30x above the median
+error of a model with six parameters). The coverage this gives on fresh points and
+market inputs is measured by ``bench/certify.py`` and ``tests/engine/test_certify.py``
+(the target: the truth inside the bound for at least 99% of contracts anywhere in the
+domain).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Mapping
@@ -71,13 +81,16 @@ CERT_LEVELS = (0.001, 0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99, 0.999)
 GRID = 6
 BANDS = 3
 COVERAGE = 0.995
-MARGIN = 1.25
-MIN_CELL = 20  # errors a cell needs for its own quantile; thinner cells take their row's
+MARGIN = 1.1
+MIN_CELL = 20  # errors a cell needs for its own quantile; thinner cells take their neighbours'
+SCALE_DEGREE = 3  # the error-scale model: a cubic in the domain coordinates (and log K/F)
+MAX_LOG_SCALE = math.log(1e6)
+FIT_EPSILON = 1e-9  # keeps log(error) finite where an error is exactly 0
 MC_SE_MULTIPLE = 3.0
 # The least bound a cell gets, per unit of the measure's scale: where the learned and
 # the true value agree to rounding (a deep out-of-the-money price of 0), a bound of
-# exactly 0 would fail on the next point's rounding. 1e-8 of spot is 1e-4 bp.
-FLOOR = 1e-8
+# exactly 0 would fail on the next point's rounding. 1e-6 of spot is 0.01 bp.
+FLOOR = 1e-6
 # Measures whose tolerance is relative to the value (their bound is still in the
 # measure's own units). Skew and (excess) kurtosis are near 0 for small spreads: their
 # tolerances are absolute.
@@ -185,12 +198,16 @@ def sample(
     theta, expiry = domain.from_unit(u)
     theta = process.canonical_params(theta)
     low, high = domain.certified_moneyness
-    kappa = torch.exp(torch.linspace(math.log(low), math.log(high), STRIKES_PER_POINT, dtype=torch.float64))
+    # One strike in each of STRIKES_PER_POINT equal slices of log K/F across the range, at
+    # a random place in its slice: every strike of the range is certified, not a grid.
+    jitter = torch.rand(points, STRIKES_PER_POINT, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    pos = (torch.arange(STRIKES_PER_POINT, dtype=torch.float64) + jitter) / STRIKES_PER_POINT
+    kappa = torch.exp(math.log(low) + (math.log(high) - math.log(low)) * pos).flatten()  # (points * J,)
     n = points * STRIKES_PER_POINT
     point = torch.arange(points).repeat_interleave(STRIKES_PER_POINT)
     theta_c, expiry_c = theta[point], expiry[point]
     if carry_rates:
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed + 1)
         rate = (-0.02 + 0.10 * torch.rand(points, generator=gen, dtype=torch.float64))[point]
         dividend = (-0.02 + 0.10 * torch.rand(points, generator=gen, dtype=torch.float64))[point]
         spot = torch.exp(torch.randn(points, generator=gen, dtype=torch.float64))[point] * 100.0
@@ -203,7 +220,7 @@ def sample(
         carry = theta_c[:, rate_index]
         dividend = rate - carry
     fwd = spot * process.forward_ratio(theta_c, expiry_c, rate, dividend)
-    k = kappa.repeat(points)
+    k = kappa
     batch = OptionBatch(
         spot=spot,
         strike=k * fwd,
@@ -245,21 +262,58 @@ def errors(
 
 
 def _cell_bounds(e: torch.Tensor, cell: torch.Tensor, n_cells: int) -> list[float | None]:
-    """The COVERAGE quantile times MARGIN in each cell (None: no errors there)."""
+    """The COVERAGE quantile times MARGIN in each cell (None: too few errors there)."""
     out: list[float | None] = []
     finite = torch.isfinite(e)
     for c in range(n_cells):
         sel = e[(cell == c) & finite]
-        if len(sel) == 0:
-            out.append(None)
-            continue
         out.append(_rule(sel) if len(sel) >= MIN_CELL else None)
     return out
 
 
 def _rule(errors: torch.Tensor) -> float:
-    """A cell's bound from its errors: the COVERAGE quantile times MARGIN, at least FLOOR."""
-    return max(float(torch.quantile(errors, COVERAGE)) * MARGIN, FLOOR)
+    """A cell's figure from its (scaled) errors: the COVERAGE quantile times MARGIN."""
+    return float(torch.quantile(errors, COVERAGE)) * MARGIN
+
+
+def features(process: Process, domain: ModelDomain, batch: OptionBatch, *, strike: bool) -> torch.Tensor:
+    """(n, F): the monomials up to degree SCALE_DEGREE of every domain coordinate (in
+    [-1, 1], as the network sees it) and, for strike-dependent measures, the log K/F
+    position in the certified range: the inputs of the error-scale model."""
+    x = domain.network_input(batch.theta, batch.expiry)
+    if strike:
+        low, high = domain.certified_moneyness
+        fwd = batch.spot * process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+        pos = (torch.log(batch.strike / fwd) - math.log(low)) / (math.log(high) - math.log(low))
+        x = torch.cat([x, (2.0 * pos - 1.0)[:, None]], 1)
+    cols = [torch.ones(x.shape[0], dtype=torch.float64)]
+    for combo in itertools.chain.from_iterable(
+        itertools.combinations_with_replacement(range(x.shape[1]), k) for k in range(1, SCALE_DEGREE + 1)
+    ):
+        cols.append(torch.prod(x[:, list(combo)], 1))
+    return torch.stack(cols, 1)
+
+
+def fit_scale(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """Least-squares fit of log(error + FIT_EPSILON) on the features: the error's scale across
+    the whole domain, (F,). What the cells do not split on (Heston's kappa, theta, xi and
+    rho; Merton's jumps; the strike within a band) it follows; the cells then take a
+    quantile of the errors divided by this scale."""
+    ok = torch.isfinite(e)
+    y = torch.log(e[ok] + FIT_EPSILON)
+    coef = torch.linalg.lstsq(x[ok], y[:, None]).solution[:, 0]
+    # LAPACK's threaded solve differs from run to run in the last bits (measured: 1e-15
+    # relative, or 1e-14 absolute where a coefficient is 0). Kept to 7 significant digits
+    # and 9 decimals (of a log), the coefficients, so the cells and the certificate's
+    # bytes, are the same every time (a flip needs a coefficient within 1e-14 of a
+    # rounding boundary: about 1e-5 per coefficient at worst).
+    return torch.tensor([float(f"{round(v, 9):.7g}") + 0.0 for v in coef.tolist()], dtype=torch.float64)
+
+
+def scale_of(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    """exp(features . coef), the fitted error scale (exponent capped: a bound is never
+    infinite)."""
+    return torch.exp((x @ coef).clamp(max=MAX_LOG_SCALE))
 
 
 def _fill_thin(bounds: list[float | None], have: list[int], shape: tuple[int, ...]) -> list[float | None]:
@@ -304,34 +358,45 @@ def error_map(
     batch: OptionBatch,
     errs: Mapping[str, torch.Tensor],
 ) -> dict[str, Any]:
-    """Per measure: summary figures and the cell bounds (see the module docstring)."""
+    """Per measure: summary figures, the error-scale model's coefficients and the cell
+    figures (see the module docstring)."""
     i, j = cell_index(process, domain, batch.theta, batch.expiry)
     cell2 = i * GRID + j
     fwd = batch.spot * process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
-    log_kappa = torch.log(batch.strike / fwd)
-    band = band_index(domain, log_kappa)
+    band = band_index(domain, torch.log(batch.strike / fwd))
+    x_strike = features(process, domain, batch, strike=True)
+    x_plain = features(process, domain, batch, strike=False)
     out: dict[str, Any] = {}
     for m, e in errs.items():
         entry: dict[str, Any] = {"unit": UNITS[m], **_summary(e)}
         if m == "quantiles":
             q = e.shape[1]
+            coefs = [fit_scale(x_plain, e[:, lv]) for lv in range(q)]
+            r = torch.stack([e[:, lv] / scale_of(x_plain, coefs[lv]) for lv in range(q)], 1)
             bounds: list[float | None] = []
             have: list[int] = []
             for c in range(GRID * GRID):
                 for lv in range(q):
-                    sel = e[:, lv][(cell2 == c) & torch.isfinite(e[:, lv])]
+                    sel = r[:, lv][(cell2 == c) & torch.isfinite(r[:, lv])]
                     have.append(len(sel))
                     bounds.append(_rule(sel) if len(sel) >= MIN_CELL else None)
             shape: tuple[int, ...] = (GRID, GRID, q)
+            entry["scale"] = [[float(v) for v in c] for c in coefs]
         elif m in STRIKE_MEASURES:
+            coef = fit_scale(x_strike, e)
+            r = e / scale_of(x_strike, coef)
             cell = cell2 * BANDS + band
-            bounds = _cell_bounds(e, cell, GRID * GRID * BANDS)
-            have = [int(((cell == c) & torch.isfinite(e)).sum()) for c in range(GRID * GRID * BANDS)]
+            bounds = _cell_bounds(r, cell, GRID * GRID * BANDS)
+            have = [int(((cell == c) & torch.isfinite(r)).sum()) for c in range(GRID * GRID * BANDS)]
             shape = (GRID, GRID, BANDS)
+            entry["scale"] = [float(v) for v in coef]
         else:
-            bounds = _cell_bounds(e, cell2, GRID * GRID)
-            have = [int(((cell2 == c) & torch.isfinite(e)).sum()) for c in range(GRID * GRID)]
+            coef = fit_scale(x_plain, e)
+            r = e / scale_of(x_plain, coef)
+            bounds = _cell_bounds(r, cell2, GRID * GRID)
+            have = [int(((cell2 == c) & torch.isfinite(r)).sum()) for c in range(GRID * GRID)]
             shape = (GRID, GRID)
+            entry["scale"] = [float(v) for v in coef]
         entry["cells"] = _nested(_fill_thin(bounds, have, shape), shape)
         out[m] = entry
     return out
@@ -477,55 +542,74 @@ def _fmt(v: float | None) -> str:
 
 # -- bounds per contract ------------------------------------------------------------------
 class BoundMap:
-    """Looks up each contract's bound from a certificate's cells."""
+    """Looks up each contract's bound from a certificate: the fitted error scale at the
+    contract times its cell's figure times the contract's unit, at least FLOOR times the
+    unit. (A certificate without a scale model, as older or hand-made ones, has scale 1.)"""
 
     def __init__(self, cert: Mapping[str, Any], process: Process, domain: ModelDomain) -> None:
         self.process = process
         self.domain = domain
         self.levels = torch.tensor(cert.get("sample", {}).get("levels", CERT_LEVELS), dtype=torch.float64)
         self.tables: dict[str, torch.Tensor] = {}
+        self.coefs: dict[str, torch.Tensor] = {}
         for m, entry in cert.get("measures", {}).items():
             cells = entry.get("cells")
             if cells is None:
                 continue
             self.tables[m] = torch.tensor(_none_to_nan(cells), dtype=torch.float64)
+            if entry.get("scale") is not None:
+                self.coefs[m] = torch.tensor(entry["scale"], dtype=torch.float64)
+
+    def normalised(self, m: str, batch: OptionBatch, levels: torch.Tensor | None = None) -> torch.Tensor:
+        """Measure m's bound per unit of its scale ((n,), quantiles (n, Q)); NaN where the
+        certificate has no figure."""
+        n = len(batch)
+        table = self.tables.get(m)
+        if table is None:
+            shape = (n, len(levels)) if m == "quantiles" and levels is not None else (n,)
+            return torch.full(shape, float("nan"), dtype=torch.float64)
+        i, j = cell_index(self.process, self.domain, batch.theta, batch.expiry)
+        coef = self.coefs.get(m)
+        if m == "quantiles":
+            if levels is None:
+                raise ValueError("quantile bounds need the quantile levels")
+            per_level = table[i, j]  # (n, L)
+            if coef is not None:
+                x = features(self.process, self.domain, batch, strike=False)
+                per_level = per_level * scale_of(x, coef.T)  # (n, F) @ (F, L)
+                per_level = per_level.clamp(min=FLOOR)
+            return self._level_bounds(per_level, levels)
+        if table.dim() == 3:
+            fwd = batch.spot * self.process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+            figure = table[i, j, band_index(self.domain, torch.log(batch.strike / fwd))]
+        else:
+            figure = table[i, j]
+        if coef is None:
+            return figure
+        x = features(self.process, self.domain, batch, strike=table.dim() == 3)
+        return (figure * scale_of(x, coef)).clamp(min=FLOOR)
 
     def bounds(
         self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
     ) -> dict[str, torch.Tensor]:
         """Per measure, each contract's bound in the measure's units ((n,), quantiles
         (n, Q)); NaN where the certificate has no figure (not certified there)."""
-        n = len(batch)
-        i, j = cell_index(self.process, self.domain, batch.theta, batch.expiry)
         units = measure_units(batch, self.process)
-        fwd = batch.spot * self.process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
-        band = band_index(self.domain, torch.log(batch.strike / fwd))
         out: dict[str, torch.Tensor] = {}
         for m in measures:
-            table = self.tables.get(m)
-            if table is None:
-                shape = (n, len(levels)) if m == "quantiles" and levels is not None else (n,)
-                out[m] = torch.full(shape, float("nan"), dtype=torch.float64)
+            if m == "quantiles" and levels is None:
                 continue
-            if m == "quantiles":
-                if levels is None:
-                    continue
-                per_level = table[i, j]  # (n, L)
-                out[m] = self._level_bounds(per_level, levels) * units[m][:, None]
-            elif table.dim() == 3:
-                out[m] = table[i, j, band] * units[m]
-            else:
-                out[m] = table[i, j] * units[m]
+            b = self.normalised(m, batch, levels)
+            out[m] = b * (units[m][:, None] if b.dim() == 2 else units[m])
         # theta moves with the carry through the forward: with rates, the price and the
-        # log-strike error add (see docs/method.md, "Certified error bounds")
+        # log-strike error add (docs/method.md, "Certified error bounds")
         if "theta" in out:
-            extra = torch.zeros(n, dtype=torch.float64)
-            if "price" in self.tables:
-                extra = extra + batch.dividend.abs() * self.tables["price"][i, j, band]
-            if "digital" in self.tables:
-                kappa = batch.strike / fwd
-                extra = extra + (batch.rate - batch.dividend).abs() * kappa * self.tables["digital"][i, j, band]
-            out["theta"] = out["theta"] + extra * units["theta"]
+            fwd = batch.spot * self.process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+            extra = batch.dividend.abs() * self.normalised("price", batch)
+            extra = extra + (batch.rate - batch.dividend).abs() * (batch.strike / fwd) * self.normalised(
+                "digital", batch
+            )
+            out["theta"] = out["theta"] + torch.nan_to_num(extra, nan=0.0) * units["theta"]
         return out
 
     def _level_bounds(self, per_level: torch.Tensor, levels: torch.Tensor) -> torch.Tensor:

@@ -5,7 +5,8 @@ Per model (``--models``, default all four bundled ones):
 
 1. Certify the model from scratch, as the server ships it: ``certify(served,
    points=--points)`` (engine/certify.py: ``points`` scrambled Sobol points x 13 strikes,
-   every measure against the truth, the 99.5% quantile x 1.25 per cell). Timed.
+   every measure against the truth; per cell the 99.5% quantile of error / fitted error
+   scale, x 1.1). Timed.
 2. Draw a fresh book the certificate never saw: ``sample(..., --fresh-points,
    FRESH_SEED, carry_rates=True)``, other Sobol points, with rates and dividends in
    [-2%, 8%] and spots 100 e^{N(0,1)}, so the scaling of a cell's figure by the

@@ -30,6 +30,8 @@ ALERTS = {
     "SpectralMCTrainingStalled",
     "SpectralMCValidationErrorHigh",
     "SpectralMCMemoryNearCap",
+    "SpectralMCModelRejected",
+    "SpectralMCModelForced",
 }
 SCRAPE_JOBS = ("spectralmc-api", "spectralmc-trainer")
 # Series Prometheus itself makes for each target, not the server.

@@ -58,6 +58,7 @@ from common import IMG, ROOT, record, table
 
 from spectralmc_server.engine.certify import (
     BANDS,
+    CERT_MC_SEED,
     CERT_SEED,
     FRESH_SEED,
     GRID,
@@ -71,6 +72,7 @@ from spectralmc_server.engine.certify import (
     certify,
     measure_units,
     sample,
+    truth_pricer,
 )
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.pricer import (
@@ -96,6 +98,7 @@ CELL_P_VALUE = 0.01
 # The off-grid book: a quarter of the fresh points, another scramble, strikes anywhere.
 OFF_GRID_SHARE = 4
 OFF_GRID_SEED = FRESH_SEED + 1
+FRESH_MC_SEED = CERT_MC_SEED + 100  # a simulated truth's seeds on the fresh books
 BASELINE_SIZE = 1024
 BASELINE_PRODUCTS = 16
 
@@ -257,7 +260,9 @@ def score(
     learned = served.pricer.learned.evaluate(batch, asked, levels)
     learned_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
-    truth, stderr = reference_with_error(served.pricer.reference, batch, asked, levels)
+    # the certificate's truth method, with seeds of its own (a simulated truth's noise on
+    # the fresh book is independent of the one the certificate saw)
+    truth, stderr = reference_with_error(truth_pricer(served, seed=FRESH_MC_SEED), batch, asked, levels)
     reference_seconds = time.perf_counter() - t0
     bounds = BoundMap(cert, process, domain).bounds(batch, asked, levels)
     units = measure_units(batch, process)

@@ -315,7 +315,11 @@ def fit_scale(x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
 def scale_of(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
     """exp(features . coef), the fitted error scale (exponent capped: a bound is never
     infinite)."""
-    return torch.exp((x @ coef).clamp(max=MAX_LOG_SCALE))
+    # Elementwise products summed per row, not a matrix product: BLAS rounds a product by
+    # its shapes, and a contract's bound must not depend on the batch it is priced in.
+    # coef (F,), or (F, L) with one scale per quantile level
+    log_scale = (x * coef).sum(-1) if coef.dim() == 1 else (x[:, :, None] * coef[None, :, :]).sum(1)
+    return torch.exp(log_scale.clamp(max=MAX_LOG_SCALE))
 
 
 def _fill_thin(bounds: list[float | None], have: list[int], shape: tuple[int, ...]) -> list[float | None]:

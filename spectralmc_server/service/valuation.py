@@ -243,11 +243,13 @@ class Valuer:
                     error_bound: dict[str, Any] = {}
                     for m in measure_list:
                         v, b = cols[m][k], bound_cols[m][k]
+                        # a NaN bound (no certified figure: an uncertified network served
+                        # by an engine test, a level outside the certified ones) is null
                         if m == "quantiles":
                             row[m] = dict(zip(level_keys, v, strict=True))
-                            error_bound[m] = dict(zip(level_keys, b, strict=True))
+                            error_bound[m] = {q: _bound(x) for q, x in zip(level_keys, b, strict=True)}
                         else:
-                            row[m], error_bound[m] = v, b
+                            row[m], error_bound[m] = v, _bound(b)
                     row["error_bound"] = error_bound
                     for m, mask in held.items():
                         if mask[k]:
@@ -260,6 +262,10 @@ class Valuer:
                     if learned[k] and served is not None:
                         answers[i]["models"][served.name] = identity
         return answers
+
+
+def _bound(x: float) -> float | None:
+    return None if math.isnan(x) else x
 
 
 def _withheld_warning(measure: str, bound: Any, tolerance: Mapping[str, float], process: str) -> str:

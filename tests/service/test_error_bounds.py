@@ -78,7 +78,8 @@ async def test_openapi_describes_error_bounds_and_certificates(make_client: Make
     assert bound["type"] == "object"
     kinds = {s.get("type") for s in bound["additionalProperties"]["anyOf"]}
     assert kinds == {"number", "object", "null"}, bound  # a number, per level for quantiles, or withheld
-    for words in ("units", "certificate", "99.5%", "1.25", "standard errors", "closed forms", "COS"):
+    words_needed = ("units", "certificate", "error scale", "99.5%", "1.1 margin", "standard errors", "closed forms")
+    for words in (*words_needed, "COS"):
         assert words in bound["description"], words
     warnings = props["warnings"]
     assert "warnings" not in result.get("required", [])  # only where a measure is withheld

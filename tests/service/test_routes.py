@@ -119,7 +119,8 @@ async def test_price_defaults(make_client: MakeClient) -> None:
     assert out["namespace"] == "default"
     assert out["val_datetime"] is None and out["data_asof"] is None
     (row,) = out["results"]
-    assert set(row) == {"id", "model", "method", "price"}  # measures default to ["price"]
+    assert set(row) == {"id", "model", "method", "price", "error_bound"}  # measures default to ["price"]
+    assert set(row["error_bound"]) == {"price"} and 0 < row["error_bound"]["price"] < 0.25  # 25 bp of a spot of 100: within tolerance
     assert row["id"] == CONTRACT["id"] and row["method"] == "cvnn"
 
 
@@ -142,10 +143,9 @@ async def test_each_measure_alone(make_client: MakeClient, measure: str) -> None
     for row in out["results"]:
         assert set(row) == {"id", "model", "method", measure, "error_bound"}, row
         assert set(row["error_bound"]) == {measure}
-    # In the domain the network answers, except where its certified bound passes the
-    # measure's tolerance: the bundled gbm's excess-kurtosis bound at this point does.
-    inside = "reference" if measure == "kurtosis" else "cvnn"
-    assert [row["method"] for row in out["results"]] == [inside, "reference"]
+    # In the domain the network answers (its certified bound at this point is within every
+    # measure's tolerance); outside it, the reference.
+    assert [row["method"] for row in out["results"]] == ["cvnn", "reference"]
     await ok_json(await client.get("/healthz"))
 
 
@@ -402,12 +402,12 @@ async def test_readyz_degraded_while_store_polls_fail(make_client: MakeClient, m
     degraded with the reason, /metrics counts the streak, and all clears on a good poll."""
     client = await make_client()
     tracker = app_of(client)[keys.HOST].trackers["gbm"]
-    real_pinned = tracker.store.pinned
+    real_pinned = tracker.store.pin_entry
 
     async def unreachable() -> Any:
         raise OSError("simulated: connection refused")
 
-    monkeypatch.setattr(tracker.store, "pinned", unreachable)
+    monkeypatch.setattr(tracker.store, "pin_entry", unreachable)  # the tracker's first read of a poll
     for _ in range(200):
         if tracker.consecutive_failures >= 1:
             break
@@ -423,7 +423,7 @@ async def test_readyz_degraded_while_store_polls_fail(make_client: MakeClient, m
         ln for ln in text.splitlines() if ln.startswith('spectralmc_store_consecutive_poll_failures{model="gbm"}')
     ]
     assert streak and float(streak[0].split()[-1]) >= 1
-    monkeypatch.setattr(tracker.store, "pinned", real_pinned)
+    monkeypatch.setattr(tracker.store, "pin_entry", real_pinned)
     await tracker.poll_once()
     ready = await ok_json(await client.get("/readyz"))
     assert ready["status"] == "ready" and ready["degraded"] == []

@@ -138,9 +138,15 @@ def test_response_shape(valuer: Valuer, served: ServedModel) -> None:
     assert response["market_data"] is None
     assert [r["id"] for r in response["results"]] == [c["id"] for c in contracts]
     for row in response["results"]:
-        assert list(row) == ["id", "model", "method", *ALL_MEASURES]
+        assert list(row) == ["id", "model", "method", *ALL_MEASURES, "error_bound"]
         assert row["model"] == "gbm"
         assert row["method"] in ("cvnn", "reference")
+        # every measure has a bound: a reference answer's method's own; this fixture's
+        # network has no certificate, so its learned answers' bounds are null
+        assert list(row["error_bound"]) == ALL_MEASURES
+        learned = row["method"] == "cvnn"
+        for m in ALL_MEASURES[:-1]:
+            assert (row["error_bound"][m] is None) if learned else isinstance(row["error_bound"][m], float), m
         for m in ALL_MEASURES[:-1]:
             assert isinstance(row[m], float), (row["id"], m)
         assert list(row["quantiles"]) == ["0.01", "0.05", "0.5", "0.95", "0.99"]
@@ -158,13 +164,14 @@ def test_every_measure_is_a_finite_number(valuer: Valuer) -> None:
         values = list(row["quantiles"].values())
         assert all(math.isfinite(v) and v > 0 for v in values), (row["id"], values)
         assert values == sorted(values), row["id"]
-    assert b"null" not in dumps({"results": response["results"]})  # market_data is null by contract
+    values = [{k: v for k, v in row.items() if k != "error_bound"} for row in response["results"]]
+    assert b"null" not in dumps({"results": values})  # market_data is null by contract
     assert orjson.loads(dumps(response)) == response
 
 
 def test_default_measures_and_levels(valuer: Valuer) -> None:
     response = valuer.value(_request([INSIDE[0]]))
-    assert list(response["results"][0]) == ["id", "model", "method", "price"]
+    assert list(response["results"][0]) == ["id", "model", "method", "price", "error_bound"]
     response = valuer.value(PriceRequest.model_validate({"contracts": [INSIDE[0]], "measures": ["quantiles"]}))
     assert list(response["results"][0]["quantiles"]) == ["0.01", "0.05", "0.5", "0.95", "0.99"]
 

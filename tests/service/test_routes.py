@@ -120,7 +120,8 @@ async def test_price_defaults(make_client: MakeClient) -> None:
     assert out["val_datetime"] is None and out["data_asof"] is None
     (row,) = out["results"]
     assert set(row) == {"id", "model", "method", "price", "error_bound"}  # measures default to ["price"]
-    assert set(row["error_bound"]) == {"price"} and 0 < row["error_bound"]["price"] < 0.25  # 25 bp of a spot of 100: within tolerance
+    # a learned price's bound: positive, and within its tolerance (25 bp of a spot of 100)
+    assert set(row["error_bound"]) == {"price"} and 0 < row["error_bound"]["price"] < 0.25
     assert row["id"] == CONTRACT["id"] and row["method"] == "cvnn"
 
 

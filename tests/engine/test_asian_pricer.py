@@ -67,6 +67,14 @@ def served() -> ServedModel:
     return load_served_model(read_dir(bundled_models()["asian"], need_training=False))
 
 
+@pytest.fixture(scope="module")
+def raw() -> ServedModel:
+    """The same network without certification: these tests are about the network's accuracy
+    and the pricer's mechanics; tolerance routing and withholding are tested in
+    tests/engine/test_certify.py."""
+    return load_served_model(read_dir(bundled_models()["asian"], need_training=False), require_certificate=False)
+
+
 def _average_forward(carry: float, n: int, expiry: float) -> float:
     """F_A = S (1/n) sum_i e^{b i T / n}, summed without rounding drift (math.fsum)."""
     return SPOT * math.fsum(math.exp(carry * i * expiry / n) for i in range(1, n + 1)) / n
@@ -254,7 +262,7 @@ QL_CASES = [
 ]
 
 
-def test_learned_model_matches_quantlib_mc_engine(served: ServedModel) -> None:
+def test_learned_model_matches_quantlib_mc_engine(raw: ServedModel) -> None:
     def col(i: int) -> torch.Tensor:
         return torch.tensor([float(c[i]) for c in QL_CASES], dtype=F64)
 
@@ -268,7 +276,7 @@ def test_learned_model_matches_quantlib_mc_engine(served: ServedModel) -> None:
         is_call=torch.tensor([c[6] for c in QL_CASES]),
         theta=torch.stack([vol, rate - dividend, fixings], 1),
     )
-    ev = served.pricer.evaluate(batch, PRICE)
+    ev = raw.pricer.evaluate(batch, PRICE)
     assert bool(ev.learned.all())
     for case, ours in zip(QL_CASES, ev.values["price"].tolist(), strict=True):
         want, want_err = _quantlib_mc_asian(*case)
@@ -371,12 +379,12 @@ def test_reference_greeks_match_finite_differences(served: ServedModel) -> None:
 
 
 # -- 5. identities ----------------------------------------------------------------------------
-def test_put_call_parity_and_the_average_forward(served: ServedModel) -> None:
+def test_put_call_parity_and_the_average_forward(raw: ServedModel) -> None:
     """call - put = D (F_A - K), delta_call - delta_put = D F_A / S, equal gammas, and the
     mean of the average is F_A, for learned contracts and one the reference answers."""
     g = torch.Generator().manual_seed(8)
     n = 40
-    theta, expiry = served.domain.from_unit(torch.rand(n, served.domain.dims, generator=g, dtype=F64))
+    theta, expiry = raw.domain.from_unit(torch.rand(n, raw.domain.dims, generator=g, dtype=F64))
     theta[:, 2] = torch.round(theta[:, 2])
     theta[0], expiry[0] = torch.tensor([1.5, 0.02, 10.0], dtype=F64), 1.0  # outside: the reference
     rate = 0.01 + 0.07 * torch.rand(n, generator=g, dtype=F64)
@@ -384,7 +392,7 @@ def test_put_call_parity_and_the_average_forward(served: ServedModel) -> None:
     puts = _contracts(theta, expiry, rate, ratio, torch.zeros(n, 1, dtype=torch.bool))
     calls = dataclasses.replace(puts, is_call=torch.ones(n, dtype=torch.bool))
     measures = frozenset({"price", "delta", "gamma", "mean"})
-    p, c = served.pricer.evaluate(puts, measures), served.pricer.evaluate(calls, measures)
+    p, c = raw.pricer.evaluate(puts, measures), raw.pricer.evaluate(calls, measures)
     # a put below 0 is a call below D (F_A - K): the pair goes to the reference together
     assert p.learned.tolist() == c.learned.tolist()
     assert not bool(p.learned[0])
@@ -402,7 +410,7 @@ def test_put_call_parity_and_the_average_forward(served: ServedModel) -> None:
     assert torch.equal(c.values["gamma"], p.values["gamma"])
 
 
-def test_stdev_is_the_average_s(served: ServedModel) -> None:
+def test_stdev_is_the_average_s(raw: ServedModel) -> None:
     """The distribution measures describe A, not S_T: stdev against A's closed form."""
     # (vol, carry, fixings, T); geometric scale s from 0.05 to 0.45
     points = [
@@ -416,7 +424,7 @@ def test_stdev_is_the_average_s(served: ServedModel) -> None:
     expiry = torch.tensor([p[3] for p in points], dtype=F64)
     rate = torch.full((len(points),), 0.03, dtype=F64)
     b = _contracts(theta, expiry, rate, torch.ones(len(points), 1, dtype=F64), torch.zeros(len(points), 1).bool())
-    ev = served.pricer.evaluate(b, frozenset({"stdev"}))
+    ev = raw.pricer.evaluate(b, frozenset({"stdev"}))
     assert bool(ev.learned.all())
     for (vol, carry, n, t), got in zip(points, ev.values["stdev"].tolist(), strict=True):
         want = _average_stdev(vol, carry, n, t)
@@ -425,20 +433,20 @@ def test_stdev_is_the_average_s(served: ServedModel) -> None:
         assert terminal > 1.3 * want  # the bound tells A from S_T
 
 
-def test_a_contract_priced_alone_or_in_a_batch_of_300_is_bitwise_the_same(served: ServedModel) -> None:
+def test_a_contract_priced_alone_or_in_a_batch_of_300_is_bitwise_the_same(raw: ServedModel) -> None:
     g = torch.Generator().manual_seed(13)
     n = 300
-    theta, expiry = served.domain.from_unit(torch.rand(n, served.domain.dims, generator=g, dtype=F64))
+    theta, expiry = raw.domain.from_unit(torch.rand(n, raw.domain.dims, generator=g, dtype=F64))
     theta[:, 2] = torch.round(theta[:, 2])
     rate = 0.01 + 0.07 * torch.rand(n, generator=g, dtype=F64)
     ratio = 0.8 + 0.45 * torch.rand(n, 1, generator=g, dtype=F64)
     batch = _contracts(theta, expiry, rate, ratio, torch.rand(n, 1, generator=g) < 0.5)
     measures = frozenset(MEASURES)
     levels = torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=F64)
-    whole = served.pricer.evaluate(batch, measures, levels)
+    whole = raw.pricer.evaluate(batch, measures, levels)
     assert int(whole.learned.sum()) > 0.8 * n
     for i in (0, 150, 299):
-        alone = served.pricer.evaluate(batch.select(torch.tensor([i])), measures, levels)
+        alone = raw.pricer.evaluate(batch.select(torch.tensor([i])), measures, levels)
         assert bool(alone.learned[0]) == bool(whole.learned[i])
         for m in measures:
             assert torch.equal(alone.values[m][0], whole.values[m][i]), (i, m)

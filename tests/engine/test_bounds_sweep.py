@@ -392,6 +392,14 @@ def served_model(name: str) -> ServedModel:
 
 
 @functools.cache
+def raw_model(name: str) -> ServedModel:
+    """The served network without certification: the far-strike sweep tests routing by
+    domain and certified K/F range; tolerance routing and withholding are tested in
+    tests/engine/test_certify.py."""
+    return load_served_model(read_dir(bundled_models()[name], need_training=False), require_certificate=False)
+
+
+@functools.cache
 def reference(name: str) -> Pricer:
     return reference_pricer(get_process(name))
 
@@ -479,7 +487,7 @@ class Sweep:
 @functools.cache
 def far_sweep(name: str) -> Sweep:
     batch = concat([batch_of(validated(c.contracts())) for c in far_cases(name)])
-    ev = served_model(name).pricer.evaluate(batch, PRICE)
+    ev = raw_model(name).pricer.evaluate(batch, PRICE)
     return Sweep(batch, ev.values, ev.learned, reference_values(name, batch, PRICE))
 
 
@@ -502,7 +510,7 @@ def test_far_strikes_stay_inside_the_model_free_bounds(name: str) -> None:
 def test_far_strikes_are_answered_by_the_reference(name: str) -> None:
     """The learned model answers only inside its domain and certified K/F range; every
     other contract gets exactly what the reference gives it."""
-    sweep, model = far_sweep(name), served_model(name)
+    sweep, model = far_sweep(name), raw_model(name)
     low, high = model.domain.certified_moneyness
     assert (low, high) == (0.7, 1.3)
     kappa = _kappa(sweep.batch, name)
@@ -511,7 +519,11 @@ def test_far_strikes_are_answered_by_the_reference(name: str) -> None:
     assert not bool((sweep.learned & ~certified).any())
     assert bool(sweep.learned.any()) and bool((~sweep.learned).any())  # both paths are exercised
     off = ~sweep.learned
-    assert torch.equal(sweep.values["price"][off], sweep.reference["price"][off])
+    # the reference on exactly those rows, as the pricer calls it: the Asian's Monte-Carlo
+    # reference (a mean of 8 groups) is batch-dependent in the last bit (measured: 2.3e-13 on a
+    # price of ~1e3, one row of 56, against the reference on the whole sweep)
+    want = reference_values(name, sweep.batch.select(torch.nonzero(off).flatten()), PRICE)["price"]
+    assert torch.equal(sweep.values["price"][off], want)
 
 
 @pytest.mark.parametrize("name", ["gbm", "heston", "merton"])

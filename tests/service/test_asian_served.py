@@ -176,15 +176,29 @@ async def test_learned_greeks_are_derivatives_of_the_served_price(make_client: M
         for _, field, h, _ in bumps:
             rows += [{**c, "id": f"{c['id']}-{field}+", field: c[field] + h}]
             rows += [{**c, "id": f"{c['id']}-{field}-", field: c[field] - h}]
-    got = (await price(client, rows, "price", "delta", "vega", "theta", "rho"))["results"]
+    asked = ("price", "delta", "vega", "theta", "rho")
+    got = (await price(client, rows, *asked))["results"]
     assert {r["method"] for r in got} == {"cvnn"}, got
+    # A learned measure whose certified bound passes the tolerance is withheld (the Asian's
+    # reference is a simulation the server does not run in its place): null, with its
+    # error_bound null and a warning naming it. Only served values are compared.
+    for r in got:
+        warned = {w.split(":", 1)[0] for w in r.get("warnings", [])}
+        withheld = {m for m in asked if r[m] is None}
+        assert warned == withheld, (r["id"], warned, withheld)
+        assert all(r["error_bound"][m] is None for m in withheld), r
     per_case = 1 + 2 * len(bumps)
+    compared = 0
     for k, c in enumerate(cases):
         base = got[k * per_case]
         for b, (greek, _, h, sign) in enumerate(bumps):
             up, down = got[k * per_case + 1 + 2 * b], got[k * per_case + 2 + 2 * b]
+            if None in (base[greek], up["price"], down["price"]):
+                continue  # withheld: checked above
             fd = sign * (up["price"] - down["price"]) / (2 * h)
             assert fd == pytest.approx(base[greek], rel=GREEK_RTOL), (c["id"], greek, base[greek], fd)
+            compared += 1
+    assert compared > 0  # the put's delta is withheld at this point; the rest are served
 
 
 # -- validation --------------------------------------------------------------------------

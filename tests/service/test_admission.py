@@ -306,6 +306,22 @@ MIXED: list[dict[str, Any]] = [
 ]
 
 
+def first_difference(want: Any, got: Any, path: str = "") -> str:
+    """Where two JSON answers first differ (a contract's row, then its key), for a failure's message."""
+    if isinstance(want, dict) and isinstance(got, dict):
+        for k in [*want, *(k for k in got if k not in want)]:
+            if k not in want or k not in got:
+                return f"{path}.{k}: only in {'got' if k in got else 'want'}"
+            if want[k] != got[k]:
+                label = f"{path}[{want['id']}]" if "id" in want else path
+                return first_difference(want[k], got[k], f"{label}.{k}")
+    elif isinstance(want, list) and isinstance(got, list) and len(want) == len(got):
+        for i, (a, b) in enumerate(zip(want, got, strict=True)):
+            if a != b:
+                return first_difference(a, b, f"{path}[{i}]")
+    return f"{path}: {want!r} != {got!r}"
+
+
 async def test_split_answers_are_the_unsplit_bytes(make_client: MakeClient) -> None:
     """A request of several processes, methods and contracts by reference priced in one
     job and in jobs of at most 23 contracts among concurrent requests: the same bytes,
@@ -332,13 +348,14 @@ async def test_split_answers_are_the_unsplit_bytes(make_client: MakeClient) -> N
     before = metric(await metrics_text(split), "spectralmc_batch_contracts_count") or 0.0
     others = [price(split, {"contracts": book(3)}) for _ in range(6)]
     got, *rest = await asyncio.gather(price(split, body), *others)
-    assert await ok(got) == expected
+    raw = await ok(got)
+    assert raw == expected, first_difference(orjson.loads(expected), orjson.loads(raw))
     for r in rest:
         await ok(r)
     jobs = (metric(await metrics_text(split), "spectralmc_batch_contracts_count") or 0.0) - before
     assert jobs >= math.ceil(len(MIXED) / 23), jobs
     alone = await ok(await price(split, body))
-    assert alone == expected
+    assert alone == expected, first_difference(orjson.loads(expected), orjson.loads(alone))
     # one model snapshot per request (the 7 requests above, then the request alone),
     # however many jobs each took
     assert len(on_worker) <= 8, len(on_worker)

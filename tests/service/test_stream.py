@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -24,6 +25,7 @@ import orjson
 import pytest
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
+from certificate_util import fake_certificate
 from marketdata_util import ASOF, VDT, by_reference, snapshot
 from server_util import CONTRACT, TOKEN, MakeClient, ServerProcess, app_of, assert_error
 
@@ -282,7 +284,10 @@ async def test_model_change_pushes_a_quote_naming_the_new_version(make_client: M
     base = await store.load(1, need_training=True)
     model = {k: v * 1.01 if v.is_floating_point() else v for k, v in base.model.items()}
     manifest = {**base.manifest, "metrics": {**base.manifest["metrics"], "variant": "stream"}}
-    v2 = await store.commit(Checkpoint(manifest, model, base.training), "a variant for the stream test")
+    variant = Checkpoint(manifest, model, base.training)
+    # certified (a made-up certificate for its own content): only certified versions are served
+    variant = replace(variant, certificate=fake_certificate(variant, seed=2))
+    v2 = await store.commit(variant, "a variant for the stream test")
     assert v2.version == 2
 
     ws = await client.ws_connect("/v1/stream")

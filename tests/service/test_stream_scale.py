@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
 import orjson
 from aiohttp import WSMsgType
 from aiohttp.test_utils import TestClient
+from certificate_util import fake_certificate
 from marketdata_util import ASOF, VDT, by_reference, snapshot
 from server_util import TOKEN, MakeClient, app_of, block_worker
 
@@ -241,7 +243,10 @@ async def test_5000_subscriptions_first_quotes_and_requotes_are_merged(make_clie
     base = await store.load(1, need_training=True)
     model = {k: v * 1.01 if v.is_floating_point() else v for k, v in base.model.items()}
     manifest = {**base.manifest, "metrics": {**base.manifest["metrics"], "variant": "scale"}}
-    v2 = await store.commit(Checkpoint(manifest, model, base.training), "a variant for the stream scale test")
+    variant = Checkpoint(manifest, model, base.training)
+    # certified (a made-up certificate for its own content): only certified versions are served
+    variant = replace(variant, certificate=fake_certificate(variant, seed=5))
+    v2 = await store.commit(variant, "a variant for the stream scale test")
 
     n = CONNECTIONS * PER_CONNECTION
     specs = [[subscription(c * PER_CONNECTION + j) for j in range(PER_CONNECTION)] for c in range(CONNECTIONS)]

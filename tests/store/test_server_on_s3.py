@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import orjson
 from aiohttp.test_utils import TestClient
+from certificate_util import fake_certificate
 from marketdata_util import ASOF, VDT, by_reference, snapshot
 from server_util import CONTRACT, TOKEN, settings_for
 
@@ -54,7 +56,10 @@ async def test_server_seeds_prices_and_swaps_on_s3(
         other = VersionStore(objects, "gbm")
         ckpt = await other.load(1, need_training=True)
         scaled = {k: v * 1.001 if v.is_floating_point() else v for k, v in ckpt.model.items()}
-        stored = await other.commit(Checkpoint(ckpt.manifest, scaled, ckpt.training), "from elsewhere")
+        variant = Checkpoint(ckpt.manifest, scaled, ckpt.training)
+        # certified (a made-up certificate for its own content): only certified versions are served
+        variant = replace(variant, certificate=fake_certificate(variant, seed=3))
+        stored = await other.commit(variant, "from elsewhere")
     assert stored.version == 2
 
     for _ in range(100):  # the tracker polls every 0.05 s

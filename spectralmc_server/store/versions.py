@@ -531,9 +531,13 @@ class VersionStore:
 
     async def certified(self) -> set[int]:
         """Versions with a certificate link (a listing: links are not read or checked)."""
+        return await self._versions_under("certs")
+
+    async def _versions_under(self, folder: str) -> set[int]:
+        """The versions named by ``<base>/<folder>/<version:012d>.json`` keys (a listing)."""
         out = set()
-        for key, _ in await list_all(self.objects, f"{self.base}/certs/"):
-            m = re.fullmatch(re.escape(self.base) + r"/certs/(\d{12})\.json", key)
+        for key, _ in await list_all(self.objects, f"{self.base}/{folder}/"):
+            m = re.fullmatch(re.escape(f"{self.base}/{folder}/") + r"(\d{12})\.json", key)
             if m:
                 out.add(int(m.group(1)))
         return out
@@ -717,12 +721,7 @@ class VersionStore:
 
     async def collected(self) -> set[int]:
         """Versions whose content garbage collection has removed."""
-        out = set()
-        for key, _ in await list_all(self.objects, f"{self.base}/gc/"):
-            m = re.fullmatch(re.escape(self.base) + r"/gc/(\d{12})\.json", key)
-            if m:
-                out.add(int(m.group(1)))
-        return out
+        return await self._versions_under("gc")
 
     async def _verify_content(self, entries: list[Entry], collected: set[int], report: VerifyReport) -> None:
         wanted: dict[str, list[tuple[int, str]]] = {}

@@ -474,7 +474,7 @@ def _certificate_settings(path: Path | None) -> Any:
 
 
 def _validation_message(prefix: str, exc: ValidationError) -> str:
-    from spectralmc_server.service.schemas import format_validation_error, one_line
+    from spectralmc_server.pricing.schemas import format_validation_error, one_line
 
     return f"{prefix}: {one_line(format_validation_error(exc))}"
 
@@ -840,12 +840,11 @@ def _served_from_store(uri: str, model: str, certificate: Any = None) -> Any:
     return load_served_model(ckpt, name=model, version=version, tolerance=tolerance)
 
 
-def _resolve_market_data(uri: str, request: Any) -> tuple[Any, dict[str, Any]]:
-    """``request`` with its contracts by reference made explicit from the snapshot it
-    names in the store at ``uri``, and that snapshot's key and hash."""
+def _snapshot_of(uri: str, request: Any) -> tuple[Any, Any]:
+    """The snapshot ``request`` names in the store at ``uri``, as (record, snapshot);
+    a RequestRefusedError naming val_datetime when there is none."""
     from spectralmc_server.marketdata.store import SnapshotStore, iso
-    from spectralmc_server.service.marketdata import explicit_request
-    from spectralmc_server.service.valuation import RequestError
+    from spectralmc_server.pricing.door import RequestRefusedError
     from spectralmc_server.store.uri import open_store
 
     with _store_errors(), asyncio.Runner() as runner:
@@ -855,69 +854,71 @@ def _resolve_market_data(uri: str, request: Any) -> tuple[Any, dict[str, Any]]:
             record = runner.run(snapshots.resolve(request.namespace, request.val_datetime, request.data_asof))
             if record is None:
                 when = "latest" if request.data_asof is None else iso(request.data_asof)
-                raise RequestError(
-                    "val_datetime",
-                    f"no market-data snapshot for {request.namespace}/{iso(request.val_datetime)} "
-                    f"as of {when} in {uri}",
+                reason = (
+                    f"no market-data snapshot for {request.namespace}/{iso(request.val_datetime)} as of {when} in {uri}"
                 )
+                raise RequestRefusedError(reason, [{"field": "val_datetime", "reason": reason}], market=True)
             snapshot = runner.run(snapshots.load(record))
         finally:
             runner.run(objects.close())
-    return explicit_request(request, record, snapshot), record.key()
+    return record, snapshot
 
 
 def _price(args: argparse.Namespace) -> int:
     from spectralmc_server.engine.checkpoint import CheckpointError, read_dir
     from spectralmc_server.engine.pricer import load_served_model
     from spectralmc_server.models import bundled_models
-    from spectralmc_server.service.marketdata import needs_market_data
-    from spectralmc_server.service.schemas import PriceRequest
-    from spectralmc_server.service.valuation import RequestError, Valuer, check_inputs, check_request, dumps
+    from spectralmc_server.pricing.door import Entry, RequestRefusedError, admit, value_batch
+    from spectralmc_server.pricing.resolve import needs_market_data
+    from spectralmc_server.pricing.schemas import one_line
+    from spectralmc_server.pricing.valuation import dumps
 
     raw = sys.stdin.buffer.read()
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise UsageError(f"stdin is not valid JSON: {exc}") from None
-    try:
-        request = PriceRequest.model_validate(body)
-    except ValidationError as exc:
-        raise UsageError(_validation_message("invalid request", exc)) from None
-
     if args.store is not None and args.checkpoint is not None:
         raise UsageError("give --store or --checkpoint, not both")
     cert_settings = _certificate_settings(args.settings)
     tolerance = {str(m): v for m, v in cert_settings.tolerance.items()}
+    loaded: dict[str, Any] = {}
+
+    def models() -> dict[str, Any]:  # loaded once the request's schema is valid
+        if not loaded:
+            try:
+                if args.checkpoint is not None:
+                    served = [load_served_model(read_dir(args.checkpoint, need_training=False), tolerance=tolerance)]
+                elif args.store is not None:
+                    served = [_served_from_store(args.store, args.model or "gbm", cert_settings)]
+                else:
+                    available = bundled_models()
+                    if not available:
+                        raise RuntimeError(
+                            "no bundled models found: the package data is missing, reinstall spectralmc-server"
+                        )
+                    if args.model is not None and args.model not in available:
+                        raise UsageError(f"--model: no bundled model {args.model!r}; bundled: {', '.join(available)}")
+                    names = [args.model] if args.model is not None else list(available)
+                    served = [
+                        load_served_model(read_dir(available[n], need_training=False), name=n, tolerance=tolerance)
+                        for n in names
+                    ]
+            except CheckpointError as exc:
+                raise UsageError(str(exc)) from None
+            loaded.update({m.process.name: m for m in served})
+        return loaded
+
     try:
-        if args.checkpoint is not None:
-            served = [load_served_model(read_dir(args.checkpoint, need_training=False), tolerance=tolerance)]
-        elif args.store is not None:
-            served = [_served_from_store(args.store, args.model or "gbm", cert_settings)]
-        else:
-            available = bundled_models()
-            if not available:
-                raise RuntimeError("no bundled models found: the package data is missing, reinstall spectralmc-server")
-            if args.model is not None and args.model not in available:
-                raise UsageError(f"--model: no bundled model {args.model!r}; bundled: {', '.join(available)}")
-            names = [args.model] if args.model is not None else list(available)
-            served = [
-                load_served_model(read_dir(available[n], need_training=False), name=n, tolerance=tolerance)
-                for n in names
-            ]
-    except CheckpointError as exc:
-        raise UsageError(str(exc)) from None
-    valuer = Valuer({m.process.name: m for m in served})
-    market: dict[str, Any] | None = None
-    try:
-        check_inputs(request)
+        request = admit(body, models)
+        market = None
         if args.marketdata is not None and needs_market_data(request):
-            request, market = _resolve_market_data(args.marketdata, request)
-        check_request(request, valuer.models)
-        response = valuer.value(request)
-    except RequestError as exc:
-        raise UsageError(f"invalid request: {exc}") from None
-    if market is not None:
-        response["market_data"] = market
+            market = _snapshot_of(args.marketdata, request)
+        (response,) = value_batch([Entry(request, models(), market)])
+    except RequestRefusedError as exc:
+        raise UsageError(f"invalid request: {one_line(exc.details)}") from None
+    if isinstance(response, RequestRefusedError):
+        raise UsageError(f"invalid request: {one_line(response.details)}")
     sys.stdout.buffer.write(dumps(response) + b"\n")
     return EXIT_OK
 
@@ -941,8 +942,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from spectralmc_server.marketdata.calibration import SurfaceError, calibrate_snapshot
     from spectralmc_server.marketdata.store import SnapshotStore, iso
     from spectralmc_server.models import bundled_models
+    from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN
     from spectralmc_server.service.calibration import store_fit
-    from spectralmc_server.service.schemas import NAMESPACE_PATTERN
     from spectralmc_server.store.uri import open_store
 
     if not re.fullmatch(NAMESPACE_PATTERN, args.namespace):

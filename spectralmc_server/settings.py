@@ -22,7 +22,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from spectralmc_server.engine.certify import DEFAULT_TOLERANCE, MIN_POINTS, GateLimit
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
 from spectralmc_server.engine.kernels import KernelPolicy
-from spectralmc_server.service.schemas import MAX_CONTRACTS, Contract, Measure
+from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Contract, Measure
 
 _TOML: ContextVar[dict[str, Any] | None] = ContextVar("spectralmc_settings_toml", default=None)
 

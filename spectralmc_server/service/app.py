@@ -25,11 +25,12 @@ from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine.trainer import Trainer
 from spectralmc_server.marketdata.store import SnapshotStore, iso
+from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service import admin, calibration, edge, keys, routes, snapshot_routes
+from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.calibration import calibrate_action
 from spectralmc_server.service.errors import (
     APIError,
-    DeadlineExceeded,
     MethodNotAllowed,
     NotFound,
     TooLarge,
@@ -42,8 +43,6 @@ from spectralmc_server.service.memory import bounded_send, memory_ctx
 from spectralmc_server.service.metrics import Metrics, StateSource, TrainingState
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.openapi import build_openapi, docs_page
-from spectralmc_server.service.queue import ValuationQueue
-from spectralmc_server.service.schemas import PriceRequest
 from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import PriceJob, Settings
@@ -306,10 +305,8 @@ async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
-    queue = ValuationQueue(
-        app[keys.SETTINGS].queue, app[keys.WORKER], app[keys.HOST], app[keys.METRICS], app[keys.MARKETDATA]
-    )
-    app[keys.QUEUE] = queue
+    queue = Batcher(app[keys.SETTINGS].queue, app[keys.WORKER], app[keys.HOST], app[keys.METRICS], app[keys.MARKETDATA])
+    app[keys.BATCHER] = queue
     task = asyncio.create_task(queue.run(), name="valuation-queue")
     app[keys.LIFECYCLE].started = True
     yield
@@ -321,18 +318,12 @@ async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def _pricer(app: web.Application) -> Callable[[PriceRequest], Awaitable[dict[str, Any]]]:
-    """Pricing for streams and jobs: through the queue, like /v1/price."""
+    """Pricing for streams and jobs: through the batcher's one entry, like /v1/price."""
     timeout = app[keys.SETTINGS].request_timeout_seconds
 
     async def price(request: PriceRequest) -> dict[str, Any]:
-        future = app[keys.QUEUE].submit(request, timeout=timeout, connected=lambda: True)
-        try:
-            async with asyncio.timeout(timeout):
-                return await future
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no answer within the {timeout:g} s deadline", headers=app[keys.QUEUE].retry_after()
-            ) from None
+        deadline = asyncio.get_running_loop().time() + timeout
+        return await app[keys.BATCHER].price(request, deadline, lambda: True)
 
     return price
 
@@ -404,8 +395,8 @@ async def on_shutdown(app: web.Application) -> None:
     app[keys.LIFECYCLE].shutting_down = True
     if keys.STREAMS in app:
         await app[keys.STREAMS].close_all()
-    if keys.QUEUE in app:
-        await app[keys.QUEUE].drain(app[keys.SETTINGS].shutdown_timeout_seconds)
+    if keys.BATCHER in app:
+        await app[keys.BATCHER].drain(app[keys.SETTINGS].shutdown_timeout_seconds)
 
 
 def _state_source(app: web.Application) -> StateSource:
@@ -414,7 +405,7 @@ def _state_source(app: web.Application) -> StateSource:
         return None if t is None else t.state()
 
     def queue_state() -> tuple[int, int, int, int]:
-        q = app.get(keys.QUEUE)
+        q = app.get(keys.BATCHER)
         qs = app[keys.SETTINGS].queue
         n, c = q.depth if q is not None else (0, 0)
         return n, c, qs.max_pending_requests, qs.max_pending_contracts

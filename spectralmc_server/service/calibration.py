@@ -74,7 +74,7 @@ async def fit(
             on_iteration=on_iteration,
         )
 
-    future = app[keys.QUEUE].submit_fit(
+    future = app[keys.BATCHER].submit_fit(
         run,
         process=process,
         method="reference" if served is None else "cvnn",

@@ -28,10 +28,10 @@ from typing import Any, Literal
 from spectralmc_server.marketdata.black import NoImpliedVol, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, OptionQuote, VolSurface
 from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
+from spectralmc_server.pricing.schemas import Contract, PriceRequest
 from spectralmc_server.service.errors import APIError, NoMarketData
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.schemas import Contract, PriceRequest
 from spectralmc_server.settings import DeriveJob, PriceJob
 
 log = logging.getLogger(__name__)

@@ -7,11 +7,11 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from spectralmc_server.engine.device import Budgets
+from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.jobs import Schedule
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.models import ModelHost
-from spectralmc_server.service.queue import ValuationQueue
 from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import Settings
@@ -36,7 +36,7 @@ OBJECTS: web.AppKey[ObjectStore] = web.AppKey("objects")
 HOST = web.AppKey("host", ModelHost)
 WORKER = web.AppKey("worker", ComputeWorker)
 TRAINING = web.AppKey("training", OnlineTraining)
-QUEUE = web.AppKey("queue", ValuationQueue)
+BATCHER = web.AppKey("batcher", Batcher)
 OPENAPI = web.AppKey("openapi", bytes)
 MARKETDATA = web.AppKey("marketdata", MarketData)
 STREAMS = web.AppKey("streams", StreamHub)

@@ -1,5 +1,7 @@
-"""Market data in the service: resolution for pricing (one per key per batch, loaded
-snapshots cached by hash) and turning contracts by reference into explicit ones."""
+"""Market data in the service: snapshot puts (listeners notified) and resolution for
+pricing (one per key per batch, loaded snapshots cached by hash, counted). Turning
+contracts by reference into explicit ones is the pricing use case's
+(:mod:`spectralmc_server.pricing.resolve`)."""
 
 from __future__ import annotations
 
@@ -7,16 +9,10 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from pydantic import ValidationError
-
-from spectralmc_server.engine.processes import get_process
-from spectralmc_server.marketdata.inputs import MissingMarketData, contract_inputs
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotConflict, SnapshotRecord, SnapshotStore, iso
 from spectralmc_server.service.errors import NoMarketData
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.schemas import Contract, PriceRequest, format_validation_error
-from spectralmc_server.service.valuation import RequestError
 
 Listener = Callable[[SnapshotRecord], None]
 
@@ -69,53 +65,3 @@ class MarketData:
             )
         self.metrics.snapshot_resolutions.labels("found").inc()
         return record, await self.load(record)
-
-
-def needs_market_data(request: PriceRequest) -> bool:
-    return any(not c.is_explicit for c in request.contracts)
-
-
-def explicit_request(request: PriceRequest, record: SnapshotRecord, snapshot: MarketSnapshot) -> PriceRequest:
-    """``request`` with every contract by reference given its explicit inputs from the
-    snapshot; a missing object raises RequestError naming it and the contract."""
-    where = f"{record.namespace}/{iso(record.val_datetime)} as of {iso(record.data_asof)}"
-    contracts: list[Contract] = []
-    for i, c in enumerate(request.contracts):
-        if c.is_explicit:
-            contracts.append(c)
-            continue
-        assert c.underlying is not None and c.expiry is not None  # the schema guarantees both
-        names = get_process(c.process).market_param_names
-        try:
-            got = contract_inputs(
-                snapshot,
-                where,
-                underlying=c.underlying,
-                expiry=c.expiry,
-                strike=c.strike,
-                process=c.process,
-                param_names=names,
-                val_datetime=record.val_datetime,
-            )
-            explicit = Contract(
-                id=c.id,
-                right=c.right,
-                strike=c.strike,
-                spot=got.spot,
-                expiry_years=got.expiry_years,
-                rate=got.rate,
-                dividend=got.dividend,
-                process=c.process,
-                vol=got.params["vol"] if names == ("vol",) else None,
-                params=None if names == ("vol",) else got.params,
-                fixings=c.fixings,
-            )
-        except MissingMarketData as exc:
-            raise RequestError(f"contracts[{i}]", str(exc)) from None
-        except ValidationError as exc:
-            reason = "; ".join(f"{d['field']}: {d['reason']}" for d in format_validation_error(exc))
-            raise RequestError(
-                f"contracts[{i}]", f"the inputs resolved from {where} are out of range: {reason}"
-            ) from None
-        contracts.append(explicit)
-    return request.model_copy(update={"contracts": contracts})

@@ -29,8 +29,8 @@ from spectralmc_server.engine.device import BudgetExceededError, Budgets, live_t
 from spectralmc_server.engine.pricer import ServedModel, bytes_per_row, load_served_model
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.models import bundled_models
+from spectralmc_server.pricing.schemas import MAX_QUANTILE_LEVELS
 from spectralmc_server.service.metrics import ModelState
-from spectralmc_server.service.schemas import MAX_QUANTILE_LEVELS
 from spectralmc_server.settings import CertificateSettings
 from spectralmc_server.store.commits import GateResult, certify_checkpoint
 from spectralmc_server.store.objects import ObjectStore

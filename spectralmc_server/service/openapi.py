@@ -11,16 +11,14 @@ from pydantic.json_schema import models_json_schema
 
 from spectralmc_server import __version__
 from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN, PriceRequest, PriceResponse
 from spectralmc_server.service.schemas import (
-    NAMESPACE_PATTERN,
     CalibrateRequest,
     CommitBody,
     ErrorResponse,
     GCBody,
     ModelsResponse,
     PinBody,
-    PriceRequest,
-    PriceResponse,
     UnpinBody,
 )
 

@@ -19,18 +19,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from spectralmc_server.engine.certify import summary as certificate_summary
+from spectralmc_server.pricing.door import RequestRefusedError, admit
+from spectralmc_server.pricing.schemas import MAX_CONTRACTS, format_validation_error
+from spectralmc_server.pricing.valuation import dumps
 from spectralmc_server.service import keys
 from spectralmc_server.service.body import read_body
 from spectralmc_server.service.errors import (
-    DeadlineExceeded,
     Invalid,
     MalformedRequest,
     TooLarge,
     Unavailable,
 )
-from spectralmc_server.service.schemas import MAX_CONTRACTS, PriceRequest, format_validation_error
 from spectralmc_server.service.stream import serve_connection
-from spectralmc_server.service.valuation import RequestError, check_inputs, check_request, dumps
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.versions import VersionStore
 
@@ -99,31 +99,24 @@ async def price(request: web.Request) -> web.Response:
             f"{len(body['contracts'])} contracts in one request; at most {MAX_CONTRACTS} (split the book)",
             details=[{"field": "contracts", "reason": f"at most {MAX_CONTRACTS} contracts"}],
         )
-    req: PriceRequest = validate(PriceRequest, body)
-    try:
-        check_inputs(req)
-    except RequestError as exc:
-        raise Invalid(str(exc), details=[{"field": exc.field, "reason": exc.reason}]) from None
-    reason = app[keys.HOST].not_ready()
-    if reason is not None:
-        raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
-    try:  # on the whole request: the queue may split it into jobs (and checks each again)
-        check_request(req, app[keys.HOST].snapshot())
-    except RequestError as exc:
-        raise Invalid(str(exc), details=[{"field": exc.field, "reason": exc.reason}]) from None
+
+    def models() -> Mapping[str, Any]:
+        reason = app[keys.HOST].not_ready()
+        if reason is not None:
+            raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
+        return app[keys.HOST].snapshot()
+
+    try:  # the whole request: the batcher may split it into jobs (and checks each again)
+        req = admit(body, models)
+    except RequestRefusedError as exc:
+        raise Invalid(exc.message, details=exc.details) from None
     transport = request.transport
 
     def connected() -> bool:
         return transport is not None and not transport.is_closing()
 
-    future = app[keys.QUEUE].submit(req, timeout=timeout, connected=connected)
-    try:
-        async with asyncio.timeout(timeout):  # cancels the future: the queue then skips it
-            answer = await future
-    except TimeoutError:
-        raise DeadlineExceeded(
-            f"no answer within the {timeout:g} s deadline", headers=app[keys.QUEUE].retry_after()
-        ) from None
+    deadline = asyncio.get_running_loop().time() + timeout
+    answer = await app[keys.BATCHER].price(req, deadline, connected)
     return web.Response(body=dumps(answer), content_type="application/json")
 
 

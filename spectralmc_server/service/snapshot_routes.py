@@ -18,12 +18,12 @@ from aiohttp import web
 
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotConflict, SnapshotRecord, iso, utc
+from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN
 from spectralmc_server.rfc3339 import DATETIME_FORMAT, parse_datetime
 from spectralmc_server.service import keys
 from spectralmc_server.service.auth import MARKETDATA_REALM, require_token
 from spectralmc_server.service.errors import Conflict, Invalid, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
-from spectralmc_server.service.schemas import NAMESPACE_PATTERN
 
 routes = web.RouteTableDef()
 MAX_LIST = 1000

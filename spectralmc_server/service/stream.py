@@ -57,11 +57,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from spectralmc_server.marketdata.store import SnapshotRecord
-from spectralmc_server.rfc3339 import DateTime
-from spectralmc_server.service.errors import APIError, DeadlineExceeded, Invalid, NoMarketData, Unavailable
-from spectralmc_server.service.marketdata import MarketData
-from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.schemas import (
+from spectralmc_server.pricing.schemas import (
     MAX_QUANTILE_LEVELS,
     NAMESPACE_PATTERN,
     Contract,
@@ -69,6 +65,10 @@ from spectralmc_server.service.schemas import (
     PriceRequest,
     format_validation_error,
 )
+from spectralmc_server.rfc3339 import DateTime
+from spectralmc_server.service.errors import APIError, DeadlineExceeded, Invalid, NoMarketData, Unavailable
+from spectralmc_server.service.marketdata import MarketData
+from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.settings import StreamSettings
 
 log = logging.getLogger(__name__)

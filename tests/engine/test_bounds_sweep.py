@@ -105,7 +105,7 @@ from spectralmc_server.engine.processes.base import (
     VOL_BOUNDS,
 )
 from spectralmc_server.models import bundled_models
-from spectralmc_server.service.schemas import Contract, PriceRequest, format_validation_error
+from spectralmc_server.pricing.schemas import Contract, PriceRequest, format_validation_error
 
 F64 = torch.float64
 SPOT = 100.0

@@ -62,8 +62,8 @@ from spectralmc_server.engine.pricer import (
 from spectralmc_server.engine.processes import GBMProcess
 from spectralmc_server.engine.processes.base import ModelDomain, ParameterRange
 from spectralmc_server.models import bundled_models
-from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import Valuer
+from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.pricing.valuation import Valuer
 
 F64 = torch.float64
 GBM = GBMProcess()

@@ -24,14 +24,14 @@ from server_util import CONTRACT, Client, MakeClient, app_of, assert_error
 
 from spectralmc_server.marketdata.calibration import synthetic_surface
 from spectralmc_server.service import keys
-from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.queue import (
+from spectralmc_server.service.batcher import (
     MAX_RETRY_AFTER,
     PRIOR_UNIT_SECONDS,
     ClassKey,
     CostModel,
     merge_answers,
 )
+from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.worker import ComputeWorker, SliceCancelled, SlicedTask
 
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)")
@@ -241,7 +241,7 @@ async def test_a_small_request_is_not_held_behind_a_large_one(make_client: MakeC
     still needs: it runs between two of the large one's jobs. So one whose deadline is
     shorter than what the large one still needs is admitted, not refused."""
     client = await make_client(torch_threads=1)
-    queue = app_of(client)[keys.QUEUE]
+    queue = app_of(client)[keys.BATCHER]
     measures = ["price", "delta", "vega", "theta", "stdev"]
     for _ in range(2):  # learn the costs
         await ok(await price(client, {"measures": measures, "contracts": book(2000)}))

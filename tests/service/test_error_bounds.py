@@ -18,8 +18,9 @@ from server_util import CONTRACT, MakeClient, app_of
 
 from spectralmc_server.engine import certify
 from spectralmc_server.engine.pricer import CLOSED_FORM_BOUND
+from spectralmc_server.pricing.schemas import PriceResponse
 from spectralmc_server.service import keys, routes
-from spectralmc_server.service.schemas import ModelsResponse, PriceResponse
+from spectralmc_server.service.schemas import ModelsResponse
 from spectralmc_server.store.versions import CorruptObject
 
 Client = TestClient[Any, Any]

@@ -16,9 +16,9 @@ from server_util import MakeClient
 
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.pricer import load_served_model
+from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.pricing.valuation import Valuer
 from spectralmc_server.service import keys
-from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import Valuer
 
 N_VERSIONS = 10
 CLIENTS = 6

@@ -22,8 +22,8 @@ from aiohttp import ClientResponse
 from server_util import Client, MakeClient, assert_error
 
 from spectralmc_server.engine.processes import get_process
-from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import Valuer
+from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.pricing.valuation import Valuer
 
 SERVED = ["gbm", "heston", "merton", "asian"]
 SPOT = 100.0

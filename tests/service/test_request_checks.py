@@ -12,7 +12,7 @@ from typing import Any
 import orjson
 from server_util import MakeClient, assert_error
 
-from spectralmc_server.service.valuation import MAX_SIMULATED_REFERENCE_POINTS
+from spectralmc_server.pricing.valuation import MAX_SIMULATED_REFERENCE_POINTS
 
 SPOT = 100.0
 HESTON = {"v0": 0.04, "kappa": 1.5, "theta": 0.05, "xi": 0.5, "rho": -0.7}

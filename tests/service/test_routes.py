@@ -16,8 +16,8 @@ from aiohttp.test_utils import TestClient
 from server_util import CONTRACT, MakeClient, app_of, assert_error, block_worker
 
 from spectralmc_server.engine.pricer import ModelPricer
+from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Measure
 from spectralmc_server.service import keys
-from spectralmc_server.service.schemas import MAX_CONTRACTS, Measure
 
 Client = TestClient[Any, Any]
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)")
@@ -330,7 +330,7 @@ async def test_disconnected_while_queued_counts_as_disconnected(make_client: Mak
     """Work still in the queue (both compute slots busy) when its client leaves is dropped
     and counted under reason="disconnected"."""
     client = await make_client()
-    queue = app_of(client)[keys.QUEUE]
+    queue = app_of(client)[keys.BATCHER]
     blocker = block_worker(client, 1.0)
     fillers = []
     for _ in range(2):  # two batches in flight: the next request stays queued

@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from spectralmc_server.engine.processes import PROCESSES
-from spectralmc_server.service.schemas import (
+from spectralmc_server.pricing.schemas import (
     DEFAULT_QUANTILE_LEVELS,
     MAX_CONTRACTS,
     Contract,

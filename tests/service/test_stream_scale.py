@@ -25,9 +25,9 @@ from marketdata_util import ASOF, VDT, by_reference, snapshot
 from server_util import TOKEN, MakeClient, app_of, block_worker
 
 from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import APIError, DeadlineExceeded
-from spectralmc_server.service.schemas import PriceRequest
 from spectralmc_server.service.stream import StreamHub
 
 Client = TestClient[Any, Any]
@@ -466,7 +466,7 @@ def queue_filler(k: int) -> PriceRequest:
 async def test_a_refused_merged_request_is_retried_until_it_fits(make_client: MakeClient) -> None:
     client = await make_client(queue={"max_pending_requests": 2}, request_timeout_seconds=30.0)
     app = app_of(client)
-    hub, queue = app[keys.STREAMS], app[keys.QUEUE]
+    hub, queue = app[keys.STREAMS], app[keys.BATCHER]
     calls = record_requests(hub)
     blocked = block_worker(client, 3.0)
     # two batches wait on the blocked worker, two more requests fill the queue

@@ -16,8 +16,8 @@ from spectralmc_server.engine.cvnn import NetworkConfig
 from spectralmc_server.engine.pricer import ServedModel, load_served_model
 from spectralmc_server.engine.reference import black_scholes
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
-from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import RequestError, Valuer, dumps
+from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.pricing.valuation import RequestError, Valuer, dumps
 
 ALL_MEASURES = [
     "price",

@@ -14,8 +14,8 @@ from store_util import tiny_files
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
 from spectralmc_server.engine.pricer import ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
-from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import Valuer
+from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.pricing.valuation import Valuer
 from spectralmc_server.store.objects import StoreUnavailable
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
 from spectralmc_server.store.tracker import ModelTracker

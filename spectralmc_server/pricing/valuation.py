@@ -27,7 +27,7 @@ from spectralmc_server.engine.pricer import (
 )
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
-from spectralmc_server.service.schemas import Contract, PriceRequest
+from spectralmc_server.pricing.schemas import Contract, PriceRequest
 
 
 class RequestError(ValueError):

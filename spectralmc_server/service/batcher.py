@@ -1,4 +1,4 @@
-"""ValuationQueue: admission by estimated cost, dynamic batching and bounded jobs in
+"""Batcher: admission by estimated cost, dynamic batching and bounded jobs in
 front of the compute worker.
 
 Cost. The queue learns what the worker's time goes to: a pricing job costs a fixed
@@ -41,7 +41,6 @@ import asyncio
 import contextlib
 import logging
 import math
-import re
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
@@ -52,6 +51,9 @@ from typing import Any, TypeVar
 from spectralmc_server.engine.pricer import PRICE_MEASURES, ServedModel
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.pricing.door import Entry, RequestRefusedError, value_batch
+from spectralmc_server.pricing.resolve import needs_market_data
+from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service.errors import (
     APIError,
     DeadlineExceeded,
@@ -60,11 +62,9 @@ from spectralmc_server.service.errors import (
     NoMarketData,
     Unavailable,
 )
-from spectralmc_server.service.marketdata import MarketData, explicit_request, needs_market_data
+from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.models import ModelHost
-from spectralmc_server.service.schemas import PriceRequest
-from spectralmc_server.service.valuation import NonFiniteResultError, RequestError, Valuer, check_request
 from spectralmc_server.service.worker import ComputeWorker, EngineDead, SlicedTask
 from spectralmc_server.settings import QueueSettings
 
@@ -102,7 +102,6 @@ RAMPED = 3  # jobs after which a class's estimate is trusted (no more slow start
 # The learned pricer evaluates blocks of 64 rows: a smaller chunk costs as much as 64.
 MIN_CHUNK = {"cvnn": 64, "reference": 1}
 EFFICIENCY = 4  # a chunk holds at least this many times its job's fixed cost in contracts
-_CONTRACT_FIELD = re.compile(r"^contracts\[(\d+)\]")
 
 
 def group_key(request: PriceRequest) -> GroupKey:
@@ -445,15 +444,7 @@ def merge_answers(parts: list[dict[str, Any]], models: Mapping[str, ServedModel]
     return answer
 
 
-def _shifted(err: RequestError, offset: int) -> RequestError:
-    """A chunk's error naming ``contracts[i]`` as the request's index."""
-    m = _CONTRACT_FIELD.match(err.field)
-    if m is None or offset == 0:
-        return err
-    return RequestError(f"contracts[{int(m.group(1)) + offset}]{err.field[m.end() :]}", err.reason, market=err.market)
-
-
-class ValuationQueue:
+class Batcher:
     """Admits, batches and splits work for the :class:`ComputeWorker` (run :meth:`run`
     as a task)."""
 
@@ -650,6 +641,26 @@ class ValuationQueue:
         if self._pump() is not None:  # at once where it can start (the event loop may be busy)
             self._wake.set()
         return item.future
+
+    async def price(self, request: PriceRequest, deadline: float, connected: Callable[[], bool]) -> dict[str, Any]:
+        """The one way to price (REST, stream requotes, jobs): queue ``request`` under the
+        batcher's bounds and admission, and await its answer until ``deadline`` (the event
+        loop's clock). Raises 503 ``overloaded`` / ``shutting_down`` at once, 504 with
+        Retry-After past the deadline (the queued work is then dropped, never computed),
+        503 ``engine_unavailable`` when the engine is down, 422 for what only the engine
+        could find (a snapshot that lacks an input)."""
+        timeout = deadline - asyncio.get_running_loop().time()
+        if timeout <= 0:
+            self.metrics.dropped.labels("deadline").inc()
+            raise DeadlineExceeded("the deadline passed before the request was queued", headers=self._retry_after())
+        future = self.submit(request, timeout=timeout, connected=connected)
+        try:
+            async with asyncio.timeout_at(deadline):  # cancels the future: the batcher then skips it
+                return await future
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no answer within the {timeout:g} s deadline", headers=self._retry_after()
+            ) from None
 
     def submit_fit(
         self,
@@ -943,7 +954,7 @@ class ValuationQueue:
         )
         job = _Job(estimate)
         self._jobs.add(job)
-        failed: dict[int, RequestError] = {}
+        failed: dict[int, RequestRefusedError] = {}
         submitted = None  # to the worker at once, unless market data must be resolved first
         if not any(sl.item.needs_market and sl.item.resolved is None for sl in plan):
             submitted = self._submit(plan, job, failed)
@@ -983,7 +994,7 @@ class ValuationQueue:
 
     # -- computing ----------------------------------------------------------------------
 
-    def _submit(self, plan: list[_Slice], job: _Job, failed: dict[int, RequestError]) -> asyncio.Future[_Result]:
+    def _submit(self, plan: list[_Slice], job: _Job, failed: dict[int, RequestRefusedError]) -> asyncio.Future[_Result]:
         """Send the job to the worker (a failed future when the worker is dead)."""
         host = self.host
 
@@ -995,7 +1006,7 @@ class ValuationQueue:
             c0 = time.thread_time()
             live = [sl for sl in plan if not sl.item.closed and sl.item.connected() and not sl.item.future.done()]
             fresh: dict[str, ServedModel] | None = None
-            groups: dict[int, tuple[dict[str, ServedModel], list[tuple[_Slice, PriceRequest, Any]]]] = {}
+            entries: list[Entry] = []
             for sl in live:
                 item = sl.item
                 if item.models is None:  # one version per model for the whole request
@@ -1005,38 +1016,14 @@ class ValuationQueue:
                 request = item.request
                 if sl.start or sl.end < item.contracts:
                     request = request.model_copy(update={"contracts": request.contracts[sl.start : sl.end]})
-                market: Any = None
-                if item.needs_market and item.resolved is not None:
-                    try:
-                        request = explicit_request(request, *item.resolved)
-                    except RequestError as exc:
-                        failed[id(item)] = _shifted(exc, sl.start)
-                        continue
-                    market = item.resolved[0].key()
-                try:
-                    check_request(request, item.models)
-                except RequestError as exc:
-                    failed[id(item)] = _shifted(exc, sl.start)
-                    continue
-                groups.setdefault(id(item.models), (item.models, []))[1].append((sl, request, market))
+                market = item.resolved if item.needs_market else None
+                entries.append(Entry(request, item.models, market, sl.start))
             priced: list[_Slice] = []
             answers: list[dict[str, Any]] = []
-            for models, members in groups.values():
-                try:
-                    got: list[dict[str, Any] | None] = list(Valuer(models).value_many([r for _, r, _ in members]))
-                except NonFiniteResultError:  # a bug: answer the others, fail only the culprit(s)
-                    log.exception("a non-finite result in a batch; pricing its requests one by one")
-                    got = []
-                    for sl, r, _ in members:
-                        try:
-                            got.append(Valuer(models).value(r))
-                        except NonFiniteResultError as exc:
-                            failed[id(sl.item)] = RequestError("contracts", f"not priced: {exc}", market=False)
-                            got.append(None)
-                for (sl, _, market), answer in zip(members, got, strict=True):
-                    if answer is None:
-                        continue
-                    answer["market_data"] = market
+            for sl, answer in zip(live, value_batch(entries), strict=True):
+                if isinstance(answer, RequestRefusedError):
+                    failed[id(sl.item)] = answer
+                else:
                     priced.append(sl)
                     answers.append(answer)
             job.ended = time.perf_counter()
@@ -1055,7 +1042,7 @@ class ValuationQueue:
         plan: list[_Slice],
         job: _Job,
         submitted: asyncio.Future[_Result] | None,
-        failed: dict[int, RequestError],
+        failed: dict[int, RequestRefusedError],
     ) -> None:
         try:
             await self._settle(plan, job, submitted, failed)
@@ -1067,7 +1054,7 @@ class ValuationQueue:
         plan: list[_Slice],
         job: _Job,
         submitted: asyncio.Future[_Result] | None,
-        failed: dict[int, RequestError],
+        failed: dict[int, RequestRefusedError],
     ) -> None:
         if submitted is None:
             await self._resolve([sl.item for sl in plan])
@@ -1095,9 +1082,8 @@ class ValuationQueue:
             err = failed.get(id(sl.item))
             if err is not None:
                 if not sl.item.future.done():
-                    detail = {"field": err.field, "reason": err.reason}
                     kind = NoMarketData if err.market else Invalid
-                    sl.item.future.set_exception(kind(str(err), details=[detail]))
+                    sl.item.future.set_exception(kind(err.message, details=err.details))
                 self._close(sl.item)
         done = {id(sl) for sl in computed}
         for sl in plan:

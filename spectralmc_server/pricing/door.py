@@ -1,0 +1,141 @@
+"""The pricing front door, the same for ``spectralmc price`` and the server.
+
+A request enters the pricing code here, twice at most and never more:
+
+- :func:`admit` takes a decoded body and gives a checked :class:`PriceRequest`: its
+  schema, the inputs a snapshot cannot fix (``val_datetime`` for contracts by
+  reference), and the checks against the served models (moments' spread, bounded
+  simulated-reference cost) on its explicit contracts. Every refusal is a
+  :class:`RequestRefusedError` naming the field and the reason.
+- :func:`value_batch` takes the requests of one batch (or parts of them: a large
+  request is priced in slices), makes the ones by reference explicit against their
+  snapshot, checks what the snapshot filled in, and values them all in one
+  :class:`~spectralmc_server.pricing.valuation.Valuer` call per model set. A request that
+  fails there fails alone; the others are answered.
+
+The server's batcher calls :func:`value_batch` on the engine; the CLI calls it in
+process. Neither rewrites requests or maps errors itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from spectralmc_server.engine.pricer import ServedModel
+from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.pricing.resolve import explicit_request
+from spectralmc_server.pricing.schemas import PriceRequest, format_validation_error
+from spectralmc_server.pricing.valuation import (
+    NonFiniteResultError,
+    RequestError,
+    Valuer,
+    check_explicit,
+    check_inputs,
+    check_request,
+)
+
+log = logging.getLogger(__name__)
+
+Models = Mapping[str, ServedModel]
+
+
+class RequestRefusedError(ValueError):
+    """A request the pricing code will not answer: ``details`` name each field and
+    reason; ``market`` is True when the market data is what is missing (the server's
+    ``no_market_data``), else the input is invalid (``invalid_request``)."""
+
+    def __init__(self, message: str, details: list[dict[str, Any]], *, market: bool = False) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        self.market = market
+
+    @classmethod
+    def of(cls, exc: RequestError, offset: int = 0) -> RequestRefusedError:
+        """A :class:`RequestError` as a refusal; ``offset`` shifts a ``contracts[i]``
+        field by the start of the slice it was found in."""
+        field = exc.field
+        if offset and field.startswith("contracts["):
+            index = int(field[len("contracts[") : field.index("]")])
+            field = f"contracts[{index + offset}]{field[field.index(']') + 1 :]}"
+        return cls(f"{field}: {exc.reason}", [{"field": field, "reason": exc.reason}], market=exc.market)
+
+
+def admit(body: Any, models: Callable[[], Models]) -> PriceRequest:
+    """``body`` (decoded JSON) as a checked request, or :class:`RequestRefusedError`.
+
+    ``models`` is called only once the body is valid (the server raises its own
+    not-ready answer there): the explicit contracts are checked against those models.
+    Contracts by reference are checked again by :func:`value_batch` once resolved.
+    """
+    try:
+        request = PriceRequest.model_validate(body)
+    except ValidationError as exc:
+        details = format_validation_error(exc)
+        raise RequestRefusedError(f"{len(details)} invalid field(s)", details) from None
+    try:
+        check_inputs(request)
+    except RequestError as exc:
+        raise RequestRefusedError.of(exc) from None
+    served = models()
+    try:
+        check_request(request, served)
+    except RequestError as exc:
+        raise RequestRefusedError.of(exc) from None
+    return request
+
+
+@dataclass
+class Entry:
+    """One request (or one slice of it) in a batch: ``offset`` is the slice's first
+    contract in the whole request; ``market`` the snapshot its contracts by reference
+    take their inputs from (None: it has none)."""
+
+    request: PriceRequest
+    models: Models
+    market: tuple[SnapshotRecord, MarketSnapshot] | None = None
+    offset: int = 0
+
+
+def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefusedError]:
+    """An answer (the response dict, ``market_data`` set) or a :class:`RequestRefusedError` per
+    entry, in order. Entries sharing a model set are valued in one Valuer call."""
+    out: list[dict[str, Any] | RequestRefusedError | None] = [None] * len(entries)
+    groups: dict[int, tuple[Models, list[tuple[int, PriceRequest, dict[str, str] | None]]]] = {}
+    for k, entry in enumerate(entries):
+        request, key = entry.request, None
+        try:
+            if entry.market is not None:
+                request = explicit_request(request, *entry.market)
+                key = entry.market[0].key()
+            check_explicit(request)  # by reference with no snapshot to take inputs from
+            check_request(request, entry.models)
+        except RequestError as exc:
+            out[k] = RequestRefusedError.of(exc, entry.offset)
+            continue
+        groups.setdefault(id(entry.models), (entry.models, []))[1].append((k, request, key))
+    for models, members in groups.values():
+        valuer = Valuer(models)
+        try:
+            got: list[dict[str, Any] | RequestRefusedError] = list(valuer.value_many([r for _, r, _ in members]))
+        except NonFiniteResultError:  # a bug: answer the others, fail only the culprit(s)
+            log.exception("a non-finite result in a batch; pricing its requests one by one")
+            got = []
+            for _, r, _ in members:
+                try:
+                    got.append(valuer.value(r))
+                except NonFiniteResultError as exc:
+                    reason = f"not priced: {exc}"
+                    got.append(RequestRefusedError(f"contracts: {reason}", [{"field": "contracts", "reason": reason}]))
+        for (k, _, key), answer in zip(members, got, strict=True):
+            if isinstance(answer, dict):
+                answer["market_data"] = key
+            out[k] = answer
+    assert all(a is not None for a in out)
+    return [a for a in out if a is not None]

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import orjson
 import torch
 
@@ -27,6 +28,7 @@ from spectralmc_server.engine.pricer import (
 )
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
+from spectralmc_server.pricing.book import Book
 from spectralmc_server.pricing.schemas import Contract, PriceRequest
 
 
@@ -74,6 +76,17 @@ def _batch(contracts: list[Contract], names: tuple[str, ...]) -> OptionBatch:
     )
 
 
+def _concat(batches: list[OptionBatch]) -> OptionBatch:
+    if len(batches) == 1:
+        return batches[0]
+    return OptionBatch(
+        *(
+            torch.cat([getattr(b, f) for b in batches])
+            for f in ("spot", "strike", "expiry", "rate", "dividend", "is_call", "theta")
+        )
+    )
+
+
 def check_inputs(request: PriceRequest) -> None:
     """What can be refused before any pricing: contracts by reference need the
     val_datetime that names their snapshot."""
@@ -110,7 +123,7 @@ class NonFiniteResultError(RuntimeError):
 def _check_finite(
     values: Mapping[str, torch.Tensor],
     measures: Sequence[str],
-    contracts: list[Contract],
+    ids: Sequence[str],
     withheld: Mapping[str, torch.Tensor],
 ) -> None:
     for m in measures:
@@ -119,8 +132,8 @@ def _check_finite(
         if m in withheld:
             ok |= withheld[m]  # withheld on purpose: null with a warning
         if not bool(ok.all()):
-            bad = contracts[int(torch.nonzero(~ok)[0, 0])]
-            raise NonFiniteResultError(f"{m} of contract {bad.id!r} is not finite")
+            bad = ids[int(torch.nonzero(~ok)[0, 0])]
+            raise NonFiniteResultError(f"{m} of contract {bad!r} is not finite")
 
 
 def check_request(request: PriceRequest, models: Mapping[str, ServedModel]) -> None:
@@ -190,6 +203,7 @@ class Valuer:
     def value_many(self, requests: Sequence[PriceRequest]) -> list[dict[str, Any]]:
         for r in requests:
             check_explicit(r)
+        books = [Book.of(r.contracts) for r in requests]
         answers: list[dict[str, Any]] = [
             {
                 "namespace": r.namespace,
@@ -208,14 +222,17 @@ class Valuer:
             measures = frozenset(measure_list)
             levels = torch.tensor(level_values, dtype=torch.float64)
             level_keys = [repr(q) for q in level_values]
-            by_process: dict[str, list[tuple[int, int]]] = {}
+            pieces: dict[str, list[tuple[int, np.ndarray[Any, np.dtype[np.intp]], Book]]] = {}
             for i in members:
-                for j, c in enumerate(requests[i].contracts):
-                    by_process.setdefault(c.process, []).append((i, j))
-            for proc_name, refs in sorted(by_process.items()):
+                book = books[i]
+                for proc_name, index in book.by_process().items():
+                    part = book if len(index) == len(book) else book.take(index)
+                    pieces.setdefault(proc_name, []).append((i, index, part))
+            for proc_name, parts in sorted(pieces.items()):
                 process = get_process(proc_name)
-                contracts = [requests[i].contracts[j] for i, j in refs]
-                batch = _batch(contracts, process.param_names)
+                refs = [(i, j) for i, index, _ in parts for j in index.tolist()]
+                ids = [x for _, _, part in parts for x in part.id]
+                batch = _concat([part.option_batch(proc_name) for _, _, part in parts])
                 served = self.models.get(proc_name)
                 withheld: dict[str, torch.Tensor] = {}
                 if served is not None:
@@ -230,13 +247,13 @@ class Valuer:
                     clamp_to_bounds(values, batch, process)
                     learned = [False] * len(refs)
                     tolerance = {}
-                _check_finite(values, measure_list, contracts, withheld)
+                _check_finite(values, measure_list, ids, withheld)
                 cols = {m: values[m].tolist() for m in measure_list}
                 bound_cols = {m: bounds[m].tolist() for m in measure_list}
                 held = {m: w.tolist() for m, w in withheld.items() if m in measures}
                 for k, (i, j) in enumerate(refs):
                     row: dict[str, Any] = {
-                        "id": contracts[k].id,
+                        "id": ids[k],
                         "model": proc_name,
                         "method": "cvnn" if learned[k] else "reference",
                     }

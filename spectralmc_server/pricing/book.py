@@ -1,0 +1,153 @@
+"""A book of contracts as columns: what the pricing code computes with.
+
+A request arrives as rows (JSON objects), columns (JSON arrays) or Arrow; whatever its
+form, the Valuer reads the contracts as one :class:`Book`: a numpy array per numeric
+field (NaN where the field is absent), a list per text field. Building the engine's
+:class:`~spectralmc_server.engine.pricer.OptionBatch` for a process is then a handful of
+array operations instead of a pass over contract objects, and a slice of a book is a
+view.
+
+A Book holds validated contracts only: it is made from validated
+:class:`~spectralmc_server.pricing.schemas.Contract` objects (:meth:`Book.of`) or by the
+columnar validator, which checks every rule the schema checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import date
+from typing import Any
+
+import numpy as np
+import torch
+
+from spectralmc_server.engine.pricer import OptionBatch
+from spectralmc_server.engine.processes import PROCESSES
+from spectralmc_server.pricing.schemas import Contract
+
+FloatColumn = np.ndarray[Any, np.dtype[np.float64]]
+NUMERIC = ("strike", "spot", "expiry_years", "rate", "dividend", "vol", "fixings")
+
+
+def _floats(values: Sequence[float | int | None]) -> FloatColumn:
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+
+
+@dataclass(frozen=True, eq=False)
+class Book:
+    """n contracts as columns. ``params`` holds one column per parameter name any
+    contract of the book gives (NaN for the contracts that do not)."""
+
+    id: list[str]
+    call: np.ndarray[Any, np.dtype[np.bool_]]
+    strike: FloatColumn
+    spot: FloatColumn
+    expiry_years: FloatColumn
+    rate: FloatColumn
+    dividend: FloatColumn
+    vol: FloatColumn
+    fixings: FloatColumn
+    process: list[str]
+    params: dict[str, FloatColumn] = field(default_factory=dict)
+    underlying: list[str | None] | None = None  # None: every contract is explicit
+    expiry: list[date | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.id)
+
+    @classmethod
+    def of(cls, contracts: Sequence[Contract]) -> Book:
+        """The book of validated contracts, in one pass."""
+        names = sorted({k for c in contracts if c.params for k in c.params})
+        by_ref = any(c.underlying is not None for c in contracts)
+        return cls(
+            id=[c.id for c in contracts],
+            call=np.array([c.right == "call" for c in contracts], dtype=np.bool_),
+            strike=_floats([c.strike for c in contracts]),
+            spot=_floats([c.spot for c in contracts]),
+            expiry_years=_floats([c.expiry_years for c in contracts]),
+            rate=_floats([c.rate for c in contracts]),
+            dividend=_floats([c.dividend for c in contracts]),
+            vol=_floats([c.vol for c in contracts]),
+            fixings=_floats([c.fixings for c in contracts]),
+            process=[c.process for c in contracts],
+            params={n: _floats([(c.params or {}).get(n) for c in contracts]) for n in names},
+            underlying=[c.underlying for c in contracts] if by_ref else None,
+            expiry=[c.expiry for c in contracts] if by_ref else None,
+        )
+
+    def take(self, index: np.ndarray[Any, np.dtype[np.intp]]) -> Book:
+        """The contracts at ``index`` (an integer array), in that order."""
+        idx = index.tolist()
+        return Book(
+            id=[self.id[i] for i in idx],
+            call=self.call[index],
+            strike=self.strike[index],
+            spot=self.spot[index],
+            expiry_years=self.expiry_years[index],
+            rate=self.rate[index],
+            dividend=self.dividend[index],
+            vol=self.vol[index],
+            fixings=self.fixings[index],
+            process=[self.process[i] for i in idx],
+            params={n: v[index] for n, v in self.params.items()},
+            underlying=None if self.underlying is None else [self.underlying[i] for i in idx],
+            expiry=None if self.expiry is None else [self.expiry[i] for i in idx],
+        )
+
+    @property
+    def all_explicit(self) -> bool:
+        return self.underlying is None or all(u is None for u in self.underlying)
+
+    def by_process(self) -> dict[str, np.ndarray[Any, np.dtype[np.intp]]]:
+        """The contracts' indices per process name, in book order."""
+        if len(set(self.process)) == 1:
+            return {self.process[0]: np.arange(len(self), dtype=np.intp)} if len(self) else {}
+        out: dict[str, list[int]] = {}
+        for i, p in enumerate(self.process):
+            out.setdefault(p, []).append(i)
+        return {p: np.array(ix, dtype=np.intp) for p, ix in out.items()}
+
+    def theta(self, process: str) -> FloatColumn:
+        """(n, P) parameters of ``process`` for every contract (all of that process and
+        explicit), in the engine's parameter order; as Contract.process_params gives them."""
+        proc = PROCESSES[process]
+        n = len(self)
+        columns: list[FloatColumn] = []
+        for name in proc.param_names:
+            if name == "vol":
+                given = self.params.get("vol")
+                col = self.vol if given is None else np.where(np.isnan(self.vol), given, self.vol)
+            elif name == "carry" and proc.averages:
+                col = np.nan_to_num(self.rate, nan=0.0) - np.nan_to_num(self.dividend, nan=0.0)
+            elif name == "fixings" and proc.averages:
+                col = self.fixings
+            else:
+                col = self.params.get(name, np.full(n, np.nan))
+            columns.append(col)
+        return np.stack(columns, axis=1) if columns else np.zeros((n, 0))
+
+    def option_batch(self, process: str) -> OptionBatch:
+        """The engine's batch for a book whose contracts are all of ``process`` and
+        explicit (rate and dividend default to 0)."""
+        table = np.column_stack(
+            [
+                self.spot,
+                self.strike,
+                self.expiry_years,
+                np.nan_to_num(self.rate, nan=0.0),
+                np.nan_to_num(self.dividend, nan=0.0),
+                self.theta(process),
+            ]
+        )
+        t = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float64))
+        return OptionBatch(
+            spot=t[:, 0],
+            strike=t[:, 1],
+            expiry=t[:, 2],
+            rate=t[:, 3],
+            dividend=t[:, 4],
+            is_call=torch.from_numpy(self.call.copy()),
+            theta=t[:, 5:],
+        )

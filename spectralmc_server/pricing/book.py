@@ -14,17 +14,17 @@ columnar validator, which checks every rule the schema checks.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import date
-from typing import Any
+from typing import Any, cast, overload
 
 import numpy as np
 import torch
 
 from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import PROCESSES
-from spectralmc_server.pricing.schemas import Contract
+from spectralmc_server.pricing.schemas import Contract, PriceRequest
 
 FloatColumn = np.ndarray[Any, np.dtype[np.float64]]
 NUMERIC = ("strike", "spot", "expiry_years", "rate", "dividend", "vol", "fixings")
@@ -151,3 +151,87 @@ class Book:
             is_call=torch.from_numpy(self.call.copy()),
             theta=t[:, 5:],
         )
+
+    def contract(self, i: int) -> Contract:
+        """Contract ``i`` as the schema's object (built, not validated again: a Book
+        holds validated contracts only)."""
+        fields: dict[str, Any] = {"id": self.id[i], "right": "call" if self.call[i] else "put"}
+        for name in NUMERIC:
+            v = float(getattr(self, name)[i])
+            if not np.isnan(v):
+                fields[name] = int(v) if name == "fixings" else v
+        fields["process"] = self.process[i]
+        params = {n: float(col[i]) for n, col in self.params.items() if not np.isnan(col[i])}
+        if params:
+            fields["params"] = params
+        if self.underlying is not None and self.underlying[i] is not None:
+            fields["underlying"] = self.underlying[i]
+        if self.expiry is not None and self.expiry[i] is not None:
+            fields["expiry"] = self.expiry[i]
+        return Contract.model_construct(**fields)
+
+
+class LazyContracts(Sequence[Contract]):
+    """A request's contracts, built from its Book only where something reads them one
+    by one (contracts by reference being resolved, an error message): the pricing path
+    reads the Book."""
+
+    def __init__(self, book: Book) -> None:
+        self.book = book
+        self._built: dict[int, Contract] = {}
+
+    def __len__(self) -> int:
+        return len(self.book)
+
+    @overload
+    def __getitem__(self, i: int) -> Contract: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> LazyContracts: ...
+
+    def __getitem__(self, i: int | slice) -> Contract | LazyContracts:
+        if isinstance(i, slice):
+            return LazyContracts(self.book.take(np.arange(len(self.book), dtype=np.intp)[i]))
+        if i < 0:
+            i += len(self.book)
+        if not 0 <= i < len(self.book):
+            raise IndexError(i)
+        got = self._built.get(i)
+        if got is None:
+            got = self._built[i] = self.book.contract(i)
+        return got
+
+    def __iter__(self) -> Iterator[Contract]:
+        return (self[i] for i in range(len(self.book)))
+
+
+def request_of_book(head: PriceRequest, book: Book) -> PriceRequest:
+    """A request with ``head``'s request-level fields and ``book`` as its contracts
+    (validated elsewhere: nothing is checked again)."""
+    contracts = LazyContracts(book)
+    fields = {k: getattr(head, k) for k in ("namespace", "val_datetime", "data_asof", "measures", "quantile_levels")}
+    # a Sequence where the schema says list: every reader indexes, slices or iterates it
+    request = PriceRequest.model_construct(**fields, contracts=cast(list[Contract], contracts))
+    request._book = (contracts, book)
+    return request
+
+
+def book_of(request: PriceRequest) -> Book:
+    """The request's contracts as a Book, built once per contracts list."""
+    cached = request._book
+    if cached is not None and cached[0] is request.contracts:
+        book: Book = cached[1]
+        return book
+    book = Book.of(request.contracts)
+    request._book = (request.contracts, book)
+    return book
+
+
+def sliced(request: PriceRequest, start: int, end: int) -> PriceRequest:
+    """Contracts ``start:end`` of ``request`` as a request of their own (its Book is a
+    slice of the request's)."""
+    book = book_of(request).take(np.arange(start, end, dtype=np.intp))
+    contracts = request.contracts[start:end]
+    part = request.model_copy(update={"contracts": contracts})
+    part._book = (contracts, book)
+    return part

@@ -20,6 +20,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -230,6 +231,8 @@ class PriceRequest(BaseModel):
         None, min_length=1, max_length=MAX_QUANTILE_LEVELS
     )
     contracts: list[Contract] = Field(min_length=1, max_length=MAX_CONTRACTS)
+    # (the contracts list, its Book): see pricing/book.py book_of; not part of the schema
+    _book: Any = PrivateAttr(default=None)
 
     _in_utc = field_validator("val_datetime", "data_asof")(in_utc)
 

@@ -28,7 +28,7 @@ from spectralmc_server.engine.pricer import (
 )
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
-from spectralmc_server.pricing.book import Book
+from spectralmc_server.pricing.book import Book, book_of
 from spectralmc_server.pricing.schemas import Contract, PriceRequest
 
 
@@ -99,7 +99,9 @@ def check_inputs(request: PriceRequest) -> None:
 
 def check_explicit(request: PriceRequest) -> None:
     """The Valuer prices explicit inputs only; contracts by reference must have been
-    resolved against a snapshot first (the server's queue does this)."""
+    resolved against a snapshot first (the server's batcher does this)."""
+    if book_of(request).all_explicit:
+        return
     for i, c in enumerate(request.contracts):
         if not c.is_explicit:
             raise RequestError(
@@ -203,7 +205,7 @@ class Valuer:
     def value_many(self, requests: Sequence[PriceRequest]) -> list[dict[str, Any]]:
         for r in requests:
             check_explicit(r)
-        books = [Book.of(r.contracts) for r in requests]
+        books = [book_of(r) for r in requests]
         answers: list[dict[str, Any]] = [
             {
                 "namespace": r.namespace,

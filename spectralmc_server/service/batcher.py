@@ -48,9 +48,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+import numpy as np
+
 from spectralmc_server.engine.pricer import PRICE_MEASURES, ServedModel
+from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.pricing.book import Book, book_of, sliced
 from spectralmc_server.pricing.door import Entry, RequestRefusedError, value_batch
 from spectralmc_server.pricing.resolve import needs_market_data
 from spectralmc_server.pricing.schemas import PriceRequest
@@ -105,7 +109,7 @@ EFFICIENCY = 4  # a chunk holds at least this many times its job's fixed cost in
 
 
 def group_key(request: PriceRequest) -> GroupKey:
-    models = tuple(sorted({c.process for c in request.contracts}))
+    models = tuple(sorted(set(book_of(request).process)))
     return models, request.namespace, request.val_datetime, request.data_asof
 
 
@@ -277,6 +281,38 @@ def _moneyness_range(served: ServedModel) -> tuple[float, float] | None:
     return None
 
 
+Mask = np.ndarray[Any, np.dtype[np.bool_]]
+
+
+def _inside(book: Book, served: ServedModel, boxes: _Boxes, strike_measures: bool) -> Mask:
+    """Which contracts of ``book`` (all of the served model's process) the learned model
+    is expected to answer: inside the domain's box and, for strike measures, its
+    certified K/F. Contracts by reference count as inside (resolved later)."""
+    lo, hi, ranges = boxes.box(served)
+    t = book.expiry_years
+    by_ref = np.isnan(t) | np.isnan(book.spot)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        inside = (lo <= t) & (t <= hi)
+        theta = book.theta(book.process[0])
+        names = PROCESSES[book.process[0]].param_names
+        for name, low, high in ranges:
+            col = theta[:, names.index(name)] if name in names else np.full(len(book), np.nan)
+            inside &= (low <= col) & (col <= high)
+        kf = _moneyness_range(served)
+        if strike_measures and kf is not None:
+            carry = np.nan_to_num(book.rate, nan=0.0) - np.nan_to_num(book.dividend, nan=0.0)
+            ratio = np.exp(carry * t)
+            averaged = ~np.isnan(book.fixings)
+            if averaged.any():  # the average's forward over n equally spaced fixings
+                n = book.fixings
+                step = carry * t / n
+                mean = np.exp(step) * np.expm1(carry * t) / (n * np.expm1(step))
+                ratio = np.where(averaged, np.where(np.abs(step) < 1e-12, 1.0, mean), ratio)
+            kappa = book.strike / (book.spot * ratio)
+            inside &= (kf[0] <= kappa) & (kappa <= kf[1])
+    return inside | by_ref
+
+
 def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _Boxes) -> list[tuple[int, ClassKey]]:
     """The request's contracts as runs ``(end, class)`` in order: the method each is
     expected to get (inside the domain's box and certified strikes: cvnn). An estimate:
@@ -284,50 +320,21 @@ def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _B
     reference (a learned price outside its bounds); measured jobs correct the rest."""
     tier = tier_of(request)
     strike_measures = bool(set(request.measures) & set(PRICE_MEASURES))
-    runs: list[tuple[int, ClassKey]] = []
-    current: ClassKey | None = None
-    for i, c in enumerate(request.contracts):
-        served = models.get(c.process)
+    book = book_of(request)
+    n = len(book)
+    keys: list[ClassKey] = []
+    codes = np.zeros(n, dtype=np.intp)
+    for name, index in book.by_process().items():
+        served = models.get(name)
         if served is None:
-            method = "reference"
-        elif c.expiry_years is None or c.spot is None:
-            method = "cvnn"  # by reference: resolved later, assumed inside
+            cvnn = np.zeros(len(index), dtype=np.bool_)
         else:
-            lo, hi, ranges = boxes.box(served)
-            t = c.expiry_years
-            inside = lo <= t <= hi
-            params: dict[str, float] | None = None
-            if inside:
-                if len(ranges) == 1 and c.vol is not None:
-                    inside = ranges[0][1] <= c.vol <= ranges[0][2]
-                else:
-                    params = c.process_params()
-                    inside = all(low <= params.get(name, math.nan) <= high for name, low, high in ranges)
-            if inside and strike_measures:
-                kf = _moneyness_range(served)
-                if kf is not None:
-                    carry = (c.rate or 0.0) - (c.dividend or 0.0)
-                    fixings = c.fixings
-                    if fixings is None:
-                        ratio = math.exp(carry * t)
-                    else:  # the average's forward over n equally spaced fixings
-                        step = carry * t / fixings
-                        ratio = (
-                            1.0
-                            if abs(step) < 1e-12
-                            else math.exp(step) * math.expm1(carry * t) / (fixings * math.expm1(step))
-                        )
-                    kappa = c.strike / (c.spot * ratio)
-                    inside = kf[0] <= kappa <= kf[1]
-            method = "cvnn" if inside else "reference"
-        key = (c.process, method, tier)
-        if key != current:
-            if current is not None:
-                runs.append((i, current))
-            current = key
-    assert current is not None  # a request has at least one contract
-    runs.append((len(request.contracts), current))
-    return runs
+            cvnn = _inside(book if len(index) == n else book.take(index), served, boxes, strike_measures)
+        base = len(keys)
+        keys += [(name, "reference", tier), (name, "cvnn", tier)]
+        codes[index] = base + cvnn.astype(np.intp)
+    ends = [*(np.flatnonzero(np.diff(codes)) + 1).tolist(), n]
+    return [(end, keys[int(codes[end - 1])]) for end in ends]
 
 
 def _counts(runs: list[tuple[int, ClassKey]], start: int, end: int) -> Counter[ClassKey]:
@@ -1015,7 +1022,7 @@ class Batcher:
                     item.models = fresh
                 request = item.request
                 if sl.start or sl.end < item.contracts:
-                    request = request.model_copy(update={"contracts": request.contracts[sl.start : sl.end]})
+                    request = sliced(request, sl.start, sl.end)
                 market = item.resolved if item.needs_market else None
                 entries.append(Entry(request, item.models, market, sl.start))
             priced: list[_Slice] = []

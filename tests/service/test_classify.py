@@ -113,7 +113,7 @@ def contract(rng: random.Random, i: int) -> dict[str, Any]:
 
 
 def valid_request(rng: random.Random, n: int, measures: list[str]) -> PriceRequest:
-    bodies = []
+    bodies: list[dict[str, Any]] = []
     while len(bodies) < n:
         body = contract(rng, len(bodies))
         try:

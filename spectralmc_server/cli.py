@@ -105,7 +105,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", help="model store URI (file:///path or s3://bucket/prefix)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
-    price = sub.add_parser("price", help="price one request read as JSON on stdin")
+    price = sub.add_parser("price", help="price one request read on stdin (JSON, or an Arrow IPC stream)")
+    price.add_argument(
+        "--format",
+        choices=["json", "columns", "arrow"],
+        default="json",
+        help="stdin and stdout: json (a row or columnar request, answered in kind; the default), columns "
+        "(a columnar JSON request, answered as columns) or arrow (an Arrow IPC stream, answered as one)",
+    )
     price.add_argument("--store", help="price with the served version of --model in this store")
     price.add_argument("--model", help="model to use (bundled name, or the model's name in --store)")
     price.add_argument("--checkpoint", type=Path, help="price with this checkpoint directory instead")
@@ -844,7 +851,7 @@ def _snapshot_of(uri: str, request: Any) -> tuple[Any, Any]:
     """The snapshot ``request`` names in the store at ``uri``, as (record, snapshot);
     a RequestRefusedError naming val_datetime when there is none."""
     from spectralmc_server.marketdata.store import SnapshotStore, iso
-    from spectralmc_server.pricing.door import RequestRefusedError
+    from spectralmc_server.pricing.errors import RequestRefusedError
     from spectralmc_server.store.uri import open_store
 
     with _store_errors(), asyncio.Runner() as runner:
@@ -868,16 +875,13 @@ def _price(args: argparse.Namespace) -> int:
     from spectralmc_server.engine.checkpoint import CheckpointError, read_dir
     from spectralmc_server.engine.pricer import load_served_model
     from spectralmc_server.models import bundled_models
-    from spectralmc_server.pricing.door import Entry, RequestRefusedError, admit, value_batch
+    from spectralmc_server.pricing.door import Entry, admit, value_batch
+    from spectralmc_server.pricing.errors import RequestRefusedError
     from spectralmc_server.pricing.resolve import needs_market_data
     from spectralmc_server.pricing.schemas import one_line
     from spectralmc_server.pricing.valuation import dumps
 
-    raw = sys.stdin.buffer.read()
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise UsageError(f"stdin is not valid JSON: {exc}") from None
+    form, body, head, columns = _price_input(args.format, sys.stdin.buffer.read())
     if args.store is not None and args.checkpoint is not None:
         raise UsageError("give --store or --checkpoint, not both")
     cert_settings = _certificate_settings(args.settings)
@@ -910,7 +914,7 @@ def _price(args: argparse.Namespace) -> int:
         return loaded
 
     try:
-        request = admit(body, models)
+        request = admit(body if form == "rows" else _columns_request(head, columns), models)
         market = None
         if args.marketdata is not None and needs_market_data(request):
             market = _snapshot_of(args.marketdata, request)
@@ -919,8 +923,58 @@ def _price(args: argparse.Namespace) -> int:
         raise UsageError(f"invalid request: {one_line(exc.details)}") from None
     if isinstance(response, RequestRefusedError):
         raise UsageError(f"invalid request: {one_line(response.details)}")
-    sys.stdout.buffer.write(dumps(response) + b"\n")
+    if form == "arrow":
+        from spectralmc_server.pricing.arrow import answer_ipc
+
+        sys.stdout.buffer.write(answer_ipc(response, request))
+    elif form == "columns":
+        from spectralmc_server.pricing.columns import answer_columns
+
+        sys.stdout.buffer.write(dumps(answer_columns(response, request)) + b"\n")
+    else:
+        sys.stdout.buffer.write(dumps(response) + b"\n")
     return EXIT_OK
+
+
+def _price_input(fmt: str, raw: bytes) -> tuple[str, Any, dict[str, Any], dict[str, Any]]:
+    """stdin of ``spectralmc price --format fmt`` as (form, row body, request-level
+    fields, columns): form ``rows`` (the row body set), ``columns`` or ``arrow`` (the
+    fields and columns set). UsageError for input that is not of the format."""
+    from spectralmc_server.pricing.errors import RequestRefusedError
+    from spectralmc_server.pricing.schemas import one_line
+
+    if fmt == "arrow":
+        from spectralmc_server.pricing.arrow import BookFormatError, read_book
+
+        try:
+            head, columns = read_book(raw)
+        except BookFormatError as exc:
+            raise UsageError(f"stdin is not an Arrow book (--format arrow): {one_line(exc.details)}") from None
+        except RequestRefusedError as exc:
+            raise UsageError(f"invalid request: {one_line(exc.details)}") from None
+        return "arrow", None, head, dict(columns)
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        hint = " (an Arrow stream needs --format arrow)" if raw[:4] == b"\xff\xff\xff\xff" else ""
+        raise UsageError(f"stdin is not valid JSON: {exc}{hint}") from None
+    if isinstance(body, dict) and "columns" in body:
+        from spectralmc_server.pricing.columns import columns_of_body
+
+        try:
+            head, cols = columns_of_body(body)
+        except RequestRefusedError as exc:
+            raise UsageError(f"invalid request: {one_line(exc.details)}") from None
+        return "columns", None, head, dict(cols)
+    if fmt == "columns":
+        raise UsageError('--format columns reads a columnar request, {"columns": {"id": [...], ...}, ...}')
+    return "rows", body, {}, {}
+
+
+def _columns_request(head: dict[str, Any], columns: dict[str, Any]) -> Any:
+    from spectralmc_server.pricing.columns import request_from_columns
+
+    return request_from_columns(head, columns)
 
 
 def _option_time(option: str, raw: str) -> datetime:

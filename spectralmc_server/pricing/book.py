@@ -30,6 +30,13 @@ FloatColumn = np.ndarray[Any, np.dtype[np.float64]]
 NUMERIC = ("strike", "spot", "expiry_years", "rate", "dividend", "vol", "fixings")
 
 
+def _zero_absent(column: FloatColumn) -> FloatColumn:
+    """An optional input with 0 where absent, as ``c.rate or 0.0`` gives it (a -0.0 given
+    becomes 0.0 too: the batch is the same bits whichever way the zero was written)."""
+    out: FloatColumn = np.nan_to_num(column, nan=0.0) + 0.0
+    return out
+
+
 def _floats(values: Sequence[float | int | None]) -> FloatColumn:
     return np.array([np.nan if v is None else v for v in values], dtype=np.float64)
 
@@ -120,7 +127,7 @@ class Book:
                 given = self.params.get("vol")
                 col = self.vol if given is None else np.where(np.isnan(self.vol), given, self.vol)
             elif name == "carry" and proc.averages:
-                col = np.nan_to_num(self.rate, nan=0.0) - np.nan_to_num(self.dividend, nan=0.0)
+                col = _zero_absent(self.rate) - _zero_absent(self.dividend)
             elif name == "fixings" and proc.averages:
                 col = self.fixings
             else:
@@ -136,8 +143,8 @@ class Book:
                 self.spot,
                 self.strike,
                 self.expiry_years,
-                np.nan_to_num(self.rate, nan=0.0),
-                np.nan_to_num(self.dividend, nan=0.0),
+                _zero_absent(self.rate),
+                _zero_absent(self.dividend),
                 self.theta(process),
             ]
         )
@@ -231,7 +238,8 @@ def sliced(request: PriceRequest, start: int, end: int) -> PriceRequest:
     """Contracts ``start:end`` of ``request`` as a request of their own (its Book is a
     slice of the request's)."""
     book = book_of(request).take(np.arange(start, end, dtype=np.intp))
-    contracts = request.contracts[start:end]
+    lazy = isinstance(request.contracts, LazyContracts)
+    contracts = cast(list[Contract], LazyContracts(book)) if lazy else request.contracts[start:end]
     part = request.model_copy(update={"contracts": contracts})
     part._book = (contracts, book)
     return part

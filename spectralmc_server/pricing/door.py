@@ -19,6 +19,7 @@ process. Neither rewrites requests or maps errors itself.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from pydantic import ValidationError
 from spectralmc_server.engine.pricer import ServedModel
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.pricing.columns import request_from_columns, rows_as_columns
+from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.resolve import explicit_request
 from spectralmc_server.pricing.schemas import PriceRequest, format_validation_error
 from spectralmc_server.pricing.valuation import (
@@ -45,26 +48,29 @@ log = logging.getLogger(__name__)
 Models = Mapping[str, ServedModel]
 
 
-class RequestRefusedError(ValueError):
-    """A request the pricing code will not answer: ``details`` name each field and
-    reason; ``market`` is True when the market data is what is missing (the server's
-    ``no_market_data``), else the input is invalid (``invalid_request``)."""
+def parse(body: Any) -> PriceRequest:
+    """``body`` (decoded JSON rows, or a request already validated) as a request, or
+    RequestRefusedError with the row schema's details.
 
-    def __init__(self, message: str, details: list[dict[str, Any]], *, market: bool = False) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-        self.market = market
-
-    @classmethod
-    def of(cls, exc: RequestError, offset: int = 0) -> RequestRefusedError:
-        """A :class:`RequestError` as a refusal; ``offset`` shifts a ``contracts[i]``
-        field by the start of the slice it was found in."""
-        field = exc.field
-        if offset and field.startswith("contracts["):
-            index = int(field[len("contracts[") : field.index("]")])
-            field = f"contracts[{index + offset}]{field[field.index(']') + 1 :]}"
-        return cls(f"{field}: {exc.reason}", [{"field": field, "reason": exc.reason}], market=exc.market)
+    Rows take the columnar checks first (pricing/columns.py: numpy over the book, no
+    object per contract), which accept exactly what the row schema accepts
+    (tests/service/test_columns.py, tests/service/test_rows_fast_path.py). Whatever they
+    refuse, or cannot read as columns, goes through ``PriceRequest.model_validate``, so
+    an invalid request's errors are always the row schema's own."""
+    if isinstance(body, PriceRequest):
+        return body
+    as_columns = rows_as_columns(body)
+    if as_columns is not None:
+        with contextlib.suppress(RequestRefusedError):
+            return request_from_columns(*as_columns)
+    try:
+        request = PriceRequest.model_validate(body)
+    except ValidationError as exc:
+        details = format_validation_error(exc)
+        raise RequestRefusedError(f"{len(details)} invalid field(s)", details) from None
+    if as_columns is not None:  # the two paths disagree: the row schema's answer stands
+        log.warning("the columnar checks refused a request the row schema accepts; priced as rows")
+    return request
 
 
 def admit(body: Any, models: Callable[[], Models]) -> PriceRequest:
@@ -74,11 +80,7 @@ def admit(body: Any, models: Callable[[], Models]) -> PriceRequest:
     not-ready answer there): the explicit contracts are checked against those models.
     Contracts by reference are checked again by :func:`value_batch` once resolved.
     """
-    try:
-        request = PriceRequest.model_validate(body)
-    except ValidationError as exc:
-        details = format_validation_error(exc)
-        raise RequestRefusedError(f"{len(details)} invalid field(s)", details) from None
+    request = parse(body)
     try:
         check_inputs(request)
     except RequestError as exc:

@@ -260,6 +260,20 @@ class PriceRequest(BaseModel):
             raise ValueError(f"duplicate contract id(s): {', '.join(dupes[:5])}")
         return v
 
+    def __eq__(self, other: object) -> bool:
+        """Equal fields; the contracts compared one by one, whatever sequence holds them
+        (a list, or a book's LazyContracts); the cached Book is not part of a request."""
+        if not isinstance(other, PriceRequest):
+            return NotImplemented
+        head = ("namespace", "val_datetime", "data_asof", "measures", "quantile_levels")
+        return all(getattr(self, k) == getattr(other, k) for k in head) and list(self.contracts) == list(
+            other.contracts
+        )
+
+    # a request holds lists (contracts, measures): not hashable, as pydantic's hash of a
+    # frozen model's fields would fail on them anyway
+    __hash__ = None  # type: ignore[assignment]
+
     @property
     def levels(self) -> tuple[float, ...]:
         return tuple(self.quantile_levels) if self.quantile_levels is not None else DEFAULT_QUANTILE_LEVELS

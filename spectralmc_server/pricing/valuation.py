@@ -90,7 +90,7 @@ def _concat(batches: list[OptionBatch]) -> OptionBatch:
 def check_inputs(request: PriceRequest) -> None:
     """What can be refused before any pricing: contracts by reference need the
     val_datetime that names their snapshot."""
-    if request.val_datetime is None and any(not c.is_explicit for c in request.contracts):
+    if request.val_datetime is None and not book_of(request).all_explicit:
         raise RequestError(
             "val_datetime",
             "contracts by reference (underlying/expiry) need val_datetime to name their market-data snapshot",
@@ -143,8 +143,13 @@ def check_request(request: PriceRequest, models: Mapping[str, ServedModel]) -> N
     bounded simulated-reference cost (:func:`check_cost`) and higher moments only where
     the quadrature is accurate. Raises RequestError (a 422 naming the contract)."""
     if SPREAD_MEASURES & set(request.measures):
-        for i, c in enumerate(request.contracts):
-            if c.is_explicit and c.process != "gbm":
+        for name, index in book_of(request).by_process().items():
+            if name == "gbm":  # the lognormal moments are closed forms at any spread
+                continue
+            for i in index.tolist():
+                c = request.contracts[i]
+                if not c.is_explicit:
+                    continue
                 s = c.spread()
                 if s > MOMENT_MAX_SPREAD:
                     raise RequestError(
@@ -160,14 +165,18 @@ def check_cost(request: PriceRequest, models: Mapping[str, ServedModel]) -> None
     """Refuse (RequestError) a request whose reference work is unbounded: more than
     ``MAX_SIMULATED_REFERENCE_POINTS`` distinct (parameters, expiry) points that only a
     simulated reference can answer."""
-    by_process: dict[str, list[Contract]] = {}
-    for c in request.contracts:
-        if c.is_explicit and not get_process(c.process).has_analytic_cf:
-            by_process.setdefault(c.process, []).append(c)
+    book = book_of(request)
     measures = frozenset(request.measures)
-    for name, contracts in by_process.items():
-        process = get_process(name)
-        batch = _batch(contracts, process.param_names)
+    for name, index in book.by_process().items():
+        if get_process(name).has_analytic_cf:
+            continue
+        part = book.take(index)
+        explicit = ~(np.isnan(part.spot) | np.isnan(part.expiry_years))
+        if not explicit.all():
+            part = part.take(np.flatnonzero(explicit))
+        if not len(part):
+            continue
+        batch = part.option_batch(name)
         served = models.get(name)
         outside = torch.ones(len(batch), dtype=torch.bool)
         if served is not None:
@@ -252,7 +261,8 @@ class Valuer:
                 _check_finite(values, measure_list, ids, withheld)
                 cols = {m: values[m].tolist() for m in measure_list}
                 bound_cols = {m: bounds[m].tolist() for m in measure_list}
-                held = {m: w.tolist() for m, w in withheld.items() if m in measures}
+                # in the request's order of measures: a row's warnings are the same bytes every run
+                held = {m: withheld[m].tolist() for m in measure_list if m in withheld}
                 for k, (i, j) in enumerate(refs):
                     row: dict[str, Any] = {
                         "id": ids[k],

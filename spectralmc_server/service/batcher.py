@@ -55,7 +55,8 @@ from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.pricing.book import Book, book_of, sliced
-from spectralmc_server.pricing.door import Entry, RequestRefusedError, value_batch
+from spectralmc_server.pricing.door import Entry, value_batch
+from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.resolve import needs_market_data
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service.errors import (

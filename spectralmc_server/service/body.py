@@ -2,6 +2,8 @@
 
 - ``Content-Type`` must say JSON: ``application/json`` or ``application/<x>+json``, with
   no charset or ``charset=utf-8``; anything else, a missing header included, is 415.
+  ``POST /v1/price`` also takes an Apache Arrow IPC stream,
+  ``application/vnd.apache.arrow.stream`` (:func:`read_price_body`).
 - ``Content-Encoding`` may be absent, ``identity``, ``gzip`` (``x-gzip``) or ``deflate``;
   anything else is 415. The server never inflates on the parser (its ``auto_decompress``
   is off, service/edge.py): a compressed body is read as sent (at most
@@ -15,38 +17,56 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from typing import Literal
 
 from aiohttp import hdrs, web
 
+from spectralmc_server.pricing.arrow import ARROW_STREAM
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import MalformedRequest, TooLarge, UnsupportedMediaType
 
 INFLATE_CHUNK = 1 << 20  # bytes of output per inflate step
 CODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate"}  # Content-Encoding -> format
 SEND_JSON = "send 'Content-Type: application/json' with a JSON body"
+SEND_ARROW = f"or 'Content-Type: {ARROW_STREAM}' with an Arrow IPC stream"
+BodyKind = Literal["json", "arrow"]
 
 
-def _unsupported_type(reason: str) -> UnsupportedMediaType:
+def _unsupported_type(reason: str, *, arrow: bool = False) -> UnsupportedMediaType:
+    what = f"JSON or an Arrow IPC stream: {SEND_JSON} {SEND_ARROW}" if arrow else f"JSON: {SEND_JSON}"
     return UnsupportedMediaType(
-        f"the body must be JSON: {SEND_JSON}",
+        f"the body must be {what}",
         details=[{"field": "header:Content-Type", "reason": reason}],
     )
+
+
+def body_kind(request: web.Request, *, arrow: bool = False) -> BodyKind:
+    """``json`` when ``Content-Type`` is ``application/json`` or ``application/<x>+json``
+    (parameters: only ``charset=utf-8``); with ``arrow``, ``arrow`` when it is
+    ``application/vnd.apache.arrow.stream`` (parameters ignored); else 415."""
+    raw = request.headers.get(hdrs.CONTENT_TYPE)
+    if raw is None or not raw.strip():
+        raise _unsupported_type("missing", arrow=arrow)
+    mime, *params = raw.split(";")
+    kind, _, subtype = mime.strip().lower().partition("/")
+    if arrow and f"{kind}/{subtype}" == ARROW_STREAM:
+        return "arrow"
+    if kind != "application" or not (subtype == "json" or (subtype.endswith("+json") and len(subtype) > 5)):
+        expected = f"application/json or application/<x>+json{f' or {ARROW_STREAM}' if arrow else ''}"
+        if arrow and subtype.startswith("vnd.apache.arrow"):
+            expected = f"{ARROW_STREAM}: the IPC stream format (not the file format)"
+        raise _unsupported_type(f"got {raw!r}: {expected}", arrow=arrow)
+    for param in params:
+        name, _, value = param.strip().partition("=")
+        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+            raise _unsupported_type(f"got {raw!r}: JSON is UTF-8 (charset=utf-8 or none)", arrow=arrow)
+    return "json"
 
 
 def check_json_type(request: web.Request) -> None:
     """415 unless ``Content-Type`` is ``application/json`` or ``application/<x>+json``
     (parameters: only ``charset=utf-8``)."""
-    raw = request.headers.get(hdrs.CONTENT_TYPE)
-    if raw is None or not raw.strip():
-        raise _unsupported_type("missing")
-    mime, *params = raw.split(";")
-    kind, _, subtype = mime.strip().lower().partition("/")
-    if kind != "application" or not (subtype == "json" or (subtype.endswith("+json") and len(subtype) > 5)):
-        raise _unsupported_type(f"got {raw!r}: application/json or application/<x>+json")
-    for param in params:
-        name, _, value = param.strip().partition("=")
-        if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
-            raise _unsupported_type(f"got {raw!r}: JSON is UTF-8 (charset=utf-8 or none)")
+    body_kind(request)
 
 
 def content_coding(request: web.Request) -> str | None:
@@ -107,6 +127,17 @@ async def read_body(request: web.Request) -> bytes:
     another type or coding, 413 past ``max_body_bytes`` (as sent or inflated), 400 for a
     compressed body that does not inflate or a body cut short."""
     check_json_type(request)
+    return await _read(request)
+
+
+async def read_price_body(request: web.Request) -> tuple[BodyKind, bytes]:
+    """:func:`read_body` for a body that may also be an Arrow IPC stream: its kind by
+    ``Content-Type`` and its bytes (inflated as a JSON body would be)."""
+    kind = body_kind(request, arrow=True)
+    return kind, await _read(request)
+
+
+async def _read(request: web.Request) -> bytes:
     fmt = content_coding(request)
     try:
         raw = await request.read()  # 413 past client_max_size (max_body_bytes), as sent

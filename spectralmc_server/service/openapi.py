@@ -11,6 +11,8 @@ from pydantic.json_schema import models_json_schema
 
 from spectralmc_server import __version__
 from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.pricing.arrow import ARROW_STREAM, REQUEST_METADATA, RESPONSE_METADATA
+from spectralmc_server.pricing.columns import CONTRACT_COLUMNS
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN, PriceRequest, PriceResponse
 from spectralmc_server.service.schemas import (
     CalibrateRequest,
@@ -153,6 +155,81 @@ def _marketdata_paths(plain: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+BINARY = {"type": "string", "format": "binary"}
+COLUMNAR_REQUEST = {"$ref": REF.format(model="ColumnarPriceRequest")}
+COLUMNAR_RESPONSE = {"$ref": REF.format(model="ColumnarPriceResponse")}
+PRICE_BODY_DESCRIPTION = (
+    "A book of contracts in one of three forms, answered in the same form (docs/api.md, 'Columnar books and "
+    "Arrow'): JSON rows (PriceRequest, contracts: a list of Contract objects); JSON columns "
+    "(ColumnarPriceRequest: columns, an object column name -> list of values, one per contract; the columns are "
+    "the Contract fields, process parameters as params.<name>, a null cell is an absent field); or an Apache "
+    f"Arrow IPC stream ({ARROW_STREAM}) with the same columns (numbers float64 or int64, fixings int64, strings "
+    "utf8, expiry utf8 or date32) and the request-level fields as a JSON object in the schema metadata under "
+    f"'{REQUEST_METADATA}'. The Arrow answer has the columnar answer's columns (numbers float64, id, model and "
+    f"method utf8, warnings list<utf8>) and '{RESPONSE_METADATA}' in its schema metadata: the JSON of namespace, "
+    "val_datetime, data_asof, models and market_data. Errors are JSON in every form."
+)
+
+
+def _cell(spec: dict[str, Any]) -> dict[str, Any]:
+    """A Contract property's schema as one cell of its column: the value or null."""
+    spec = {k: v for k, v in spec.items() if k not in ("title", "default", "description")}
+    options = spec.pop("anyOf", None) or [spec]
+    return {"anyOf": [*[o for o in options if o.get("type") != "null"], {"type": "null"}]}
+
+
+def columnar_schemas(schemas: dict[str, Any]) -> dict[str, Any]:
+    """ColumnarPriceRequest and ColumnarPriceResponse: the columnar forms of /v1/price's
+    body and answer, built from the row schemas (pricing/columns.py reads them)."""
+    contract = schemas["Contract"]["properties"]
+    column = {
+        name: {"type": "array", "items": _cell(contract[name]), "description": f"Contract.{name}, one per contract"}
+        for name in CONTRACT_COLUMNS
+    }
+    columns = {
+        "type": "object",
+        "description": (
+            "The book as columns, all of one length (one value per contract): the Contract fields, process "
+            "parameters as params.<name> (params.kappa, ...). A null is an absent field; unused columns may be "
+            "left out. Validated as the rows they stand for; errors name contracts[i].<field>."
+        ),
+        "properties": column,
+        "patternProperties": {
+            r"^params\..+$": {"type": "array", "items": {"anyOf": [{"type": "number"}, {"type": "null"}]}}
+        },
+        "additionalProperties": False,
+    }
+    request = dict(schemas["PriceRequest"])
+    props = {k: v for k, v in request["properties"].items() if k != "contracts"}
+    request = {
+        **request,
+        "title": "ColumnarPriceRequest",
+        "description": "PriceRequest with the book as columns in place of contracts.",
+        "properties": {**props, "columns": columns},
+        "required": ["columns"],
+    }
+    answer_columns = {
+        "type": "object",
+        "description": (
+            "id, model, method; one column per scalar measure asked for (price, delta, ...); quantiles.<level> per "
+            "quantile level (the level as the row answer's key); error_bound.<measure> and "
+            "error_bound.quantiles.<level>; warnings (a list of strings or null per contract). The values are the "
+            "row answer's, null where it has null."
+        ),
+        "additionalProperties": {"type": "array"},
+    }
+    response = dict(schemas["PriceResponse"])
+    props = {k: v for k, v in response["properties"].items() if k != "results"}
+    response = {
+        **response,
+        "title": "ColumnarPriceResponse",
+        "description": "PriceResponse with the results as columns.",
+        "properties": {**props, "columns": answer_columns},
+        "required": [*(k for k in response.get("required", []) if k != "results"), "columns"],
+    }
+    return {"ColumnarPriceRequest": request, "ColumnarPriceResponse": response}
+
+
 def build_openapi() -> dict[str, Any]:
     _, defs = models_json_schema(
         [
@@ -169,6 +246,8 @@ def build_openapi() -> dict[str, Any]:
         ],
         ref_template=REF,
     )
+    schemas = defs.get("$defs", {})
+    schemas.update(columnar_schemas(schemas))
     plain = {"200": _json(ANY_OBJECT, "OK")}
     paths: dict[str, Any] = {
         "/v1/price": {
@@ -184,9 +263,22 @@ def build_openapi() -> dict[str, Any]:
                         "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": 60},
                     }
                 ],
-                "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(PriceRequest)}}},
+                "requestBody": {
+                    "required": True,
+                    "description": PRICE_BODY_DESCRIPTION,
+                    "content": {
+                        "application/json": {"schema": {"oneOf": [_ref(PriceRequest), COLUMNAR_REQUEST]}},
+                        ARROW_STREAM: {"schema": BINARY},
+                    },
+                },
                 "responses": {
-                    "200": _json(_ref(PriceResponse), "Priced"),
+                    "200": {
+                        "description": "Priced, in the form of the request: rows, columns or an Arrow IPC stream",
+                        "content": {
+                            "application/json": {"schema": {"oneOf": [_ref(PriceResponse), COLUMNAR_RESPONSE]}},
+                            ARROW_STREAM: {"schema": BINARY},
+                        },
+                    },
                     **_errors(400, 413, 415, 422, 503, 504),
                 },
             }
@@ -248,7 +340,7 @@ def build_openapi() -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "paths": paths,
         "components": {
-            "schemas": defs.get("$defs", {}),
+            "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }

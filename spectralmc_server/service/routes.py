@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -19,16 +19,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from spectralmc_server.engine.certify import summary as certificate_summary
-from spectralmc_server.pricing.door import RequestRefusedError, admit
+from spectralmc_server.pricing.arrow import ARROW_STREAM, BookFormatError, answer_ipc, read_book
+from spectralmc_server.pricing.columns import answer_columns, columns_of_body, request_from_columns, too_many
+from spectralmc_server.pricing.door import admit
+from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, format_validation_error
 from spectralmc_server.pricing.valuation import dumps
 from spectralmc_server.service import keys
-from spectralmc_server.service.body import read_body
+from spectralmc_server.service.body import BodyKind, read_body, read_price_body
 from spectralmc_server.service.errors import (
+    APIError,
     Invalid,
     MalformedRequest,
     TooLarge,
     Unavailable,
+    UnsupportedMediaType,
 )
 from spectralmc_server.service.stream import serve_connection
 from spectralmc_server.settings import Settings
@@ -48,7 +53,10 @@ async def read_json(request: web.Request) -> Any:
     """The body as JSON: 415 unless its Content-Type is JSON and its Content-Encoding
     one the server inflates, 413 past the size limit (as sent or inflated), 400 when it
     is not JSON (service/body.py)."""
-    raw = await read_body(request)
+    return _json_of(await read_body(request))
+
+
+def _json_of(raw: bytes) -> Any:
     if not raw:
         raise MalformedRequest("the request body is empty; send a JSON object")
     try:
@@ -87,18 +95,63 @@ def require_serving(settings: Settings) -> None:
         raise Unavailable(f"this server's role is {settings.role!r}: it does not price", 60, code="not_serving")
 
 
+BookForm = Literal["rows", "columns", "arrow"]
+
+
+def _too_many(count: int) -> TooLarge:
+    return TooLarge(
+        f"{count} contracts in one request; at most {MAX_CONTRACTS} (split the book)",
+        details=[{"field": "contracts", "reason": f"at most {MAX_CONTRACTS} contracts"}],
+    )
+
+
+def _book_format_error(exc: BookFormatError) -> APIError:
+    kinds: dict[str, type[APIError]] = {
+        "malformed": MalformedRequest,
+        "too_large": TooLarge,
+        "unsupported": UnsupportedMediaType,
+    }
+    return kinds[exc.kind](exc.message, details=exc.details)
+
+
+def _price_body(kind: BodyKind, raw: bytes) -> tuple[BookForm, Any, dict[str, Any], dict[str, Any]]:
+    """The form a /v1/price body comes in (rows, columns or arrow), with the decoded row
+    body (rows) or the request-level fields and columns (columns, arrow). 413 for more
+    than MAX_CONTRACTS contracts before anything is validated."""
+    if kind == "arrow":
+        try:
+            head, columns = read_book(raw)
+        except BookFormatError as exc:
+            raise _book_format_error(exc) from None
+        except RequestRefusedError as exc:
+            raise Invalid(exc.message, details=exc.details) from None
+        return "arrow", None, head, dict(columns)
+    body = _json_of(raw)
+    if isinstance(body, dict) and "columns" in body:
+        if isinstance(body["columns"], dict):
+            longest = too_many(body["columns"])
+            if longest is not None:
+                raise _too_many(longest)
+        try:
+            head, cols = columns_of_body(body)
+        except RequestRefusedError as exc:
+            raise Invalid(exc.message, details=exc.details) from None
+        return "columns", None, head, dict(cols)
+    if isinstance(body, dict) and isinstance(body.get("contracts"), list) and len(body["contracts"]) > MAX_CONTRACTS:
+        raise _too_many(len(body["contracts"]))
+    return "rows", body, {}, {}
+
+
 @routes.post("/v1/price")
 async def price(request: web.Request) -> web.Response:
-    """Price contracts (explicit or by reference) through the batching queue."""
+    """Price contracts (explicit or by reference) through the batching queue. The book
+    comes as rows (``contracts``), as columns (``columns``) or as an Arrow IPC stream,
+    and is answered in the same form (docs/api.md)."""
     app = request.app
     require_serving(app[keys.SETTINGS])
     timeout = _timeout(request)
-    body = await read_json(request)
-    if isinstance(body, dict) and isinstance(body.get("contracts"), list) and len(body["contracts"]) > MAX_CONTRACTS:
-        raise TooLarge(
-            f"{len(body['contracts'])} contracts in one request; at most {MAX_CONTRACTS} (split the book)",
-            details=[{"field": "contracts", "reason": f"at most {MAX_CONTRACTS} contracts"}],
-        )
+    kind, raw = await read_price_body(request)
+    form, body, head, columns = _price_body(kind, raw)
 
     def models() -> Mapping[str, Any]:
         reason = app[keys.HOST].not_ready()
@@ -107,7 +160,8 @@ async def price(request: web.Request) -> web.Response:
         return app[keys.HOST].snapshot()
 
     try:  # the whole request: the batcher may split it into jobs (and checks each again)
-        req = admit(body, models)
+        # a columnar book is validated here; admit takes the PriceRequest as it is
+        req = admit(body if form == "rows" else request_from_columns(head, columns), models)
     except RequestRefusedError as exc:
         raise Invalid(exc.message, details=exc.details) from None
     transport = request.transport
@@ -117,6 +171,10 @@ async def price(request: web.Request) -> web.Response:
 
     deadline = asyncio.get_running_loop().time() + timeout
     answer = await app[keys.BATCHER].price(req, deadline, connected)
+    if form == "arrow":
+        return web.Response(body=answer_ipc(answer, req), content_type=ARROW_STREAM)
+    if form == "columns":
+        return web.Response(body=dumps(answer_columns(answer, req)), content_type="application/json")
     return web.Response(body=dumps(answer), content_type="application/json")
 
 

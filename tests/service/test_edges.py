@@ -321,7 +321,11 @@ async def test_openapi_describes_the_edges(make_client: MakeClient) -> None:
     assert len(with_body) == len(BODY_ROUTES), with_body
     for method, path in with_body:
         op = spec["paths"][path][method]
-        assert op["requestBody"]["content"].keys() == {"application/json"}, path
+        # /v1/price also takes a book as an Arrow IPC stream (docs/api.md); every other body is JSON
+        kinds = (
+            {"application/json", "application/vnd.apache.arrow.stream"} if path == "/v1/price" else {"application/json"}
+        )
+        assert op["requestBody"]["content"].keys() == kinds, path
         assert {"400", "413", "415"} <= op["responses"].keys(), (method, path)
     calibrate = spec["paths"]["/v1/calibrate"]["post"]
     assert {"401", "403"} <= calibrate["responses"].keys()

@@ -84,6 +84,37 @@ class Book:
             expiry=[c.expiry for c in contracts] if by_ref else None,
         )
 
+    @classmethod
+    def concat(cls, books: Sequence[Book]) -> Book:
+        """The books one after the other (a batch of requests as one book)."""
+        if len(books) == 1:
+            return books[0]
+        names = sorted({n for b in books for n in b.params})
+        by_ref = any(b.underlying is not None for b in books)
+
+        def cat(name: str) -> FloatColumn:
+            return np.concatenate([getattr(b, name) for b in books])
+
+        def listed(b: Book, name: str) -> list[Any]:
+            got: list[Any] | None = getattr(b, name)
+            return [None] * len(b) if got is None else got
+
+        return cls(
+            id=[x for b in books for x in b.id],
+            call=np.concatenate([b.call for b in books]),
+            strike=cat("strike"),
+            spot=cat("spot"),
+            expiry_years=cat("expiry_years"),
+            rate=cat("rate"),
+            dividend=cat("dividend"),
+            vol=cat("vol"),
+            fixings=cat("fixings"),
+            process=[x for b in books for x in b.process],
+            params={n: np.concatenate([b.params.get(n, np.full(len(b), np.nan)) for b in books]) for n in names},
+            underlying=[x for b in books for x in listed(b, "underlying")] if by_ref else None,
+            expiry=[x for b in books for x in listed(b, "expiry")] if by_ref else None,
+        )
+
     def take(self, index: np.ndarray[Any, np.dtype[np.intp]]) -> Book:
         """The contracts at ``index`` (an integer array), in that order."""
         idx = index.tolist()
@@ -223,11 +254,55 @@ def request_of_book(head: PriceRequest, book: Book) -> PriceRequest:
     return request
 
 
-def book_of(request: PriceRequest) -> Book:
-    """The request's contracts as a Book, built once per contracts list."""
-    cached = request._book
+def cached_book(request: PriceRequest) -> Book | None:
+    """The request's Book where one is already built (or given), else None."""
+    private = request.__pydantic_private__  # the dict itself: pydantic's __getattr__ costs ~2 us
+    cached = private.get("_book") if private else None
     if cached is not None and cached[0] is request.contracts:
         book: Book = cached[1]
+        return book
+    return None
+
+
+def book_of_requests(requests: Sequence[PriceRequest]) -> Book:
+    """The contracts of ``requests`` one after the other as one Book: the Books already
+    built are joined, the other requests' contracts read in one pass (many small
+    requests cost one Book, not one each)."""
+    parts: list[Book] = []
+    loose: list[Contract] = []
+    for r in requests:
+        book = cached_book(r)
+        if book is None:
+            loose.extend(r.contracts)
+            continue
+        if loose:
+            parts.append(Book.of(loose))
+            loose = []
+        parts.append(book)
+    if loose:
+        parts.append(Book.of(loose))
+    return Book.concat(parts)
+
+
+def all_explicit(request: PriceRequest) -> bool:
+    """No contract of the request is by reference (read from its Book where it has one,
+    else from its contract objects: no Book is built for this)."""
+    book = cached_book(request)
+    if book is not None:
+        return book.all_explicit
+    return all(c.underlying is None for c in request.contracts)
+
+
+def processes(request: PriceRequest) -> set[str]:
+    """The process names of the request's contracts (no Book is built for this)."""
+    book = cached_book(request)
+    return set(book.process if book is not None else (c.process for c in request.contracts))
+
+
+def book_of(request: PriceRequest) -> Book:
+    """The request's contracts as a Book, built once per contracts list."""
+    book = cached_book(request)
+    if book is not None:
         return book
     book = Book.of(request.contracts)
     request._book = (request.contracts, book)

@@ -10,13 +10,13 @@ from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.inputs import MissingMarketData, contract_inputs
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord, iso
-from spectralmc_server.pricing.book import book_of
+from spectralmc_server.pricing.book import all_explicit
 from spectralmc_server.pricing.schemas import Contract, PriceRequest, format_validation_error
 from spectralmc_server.pricing.valuation import RequestError
 
 
 def needs_market_data(request: PriceRequest) -> bool:
-    return not book_of(request).all_explicit
+    return not all_explicit(request)
 
 
 def explicit_request(request: PriceRequest, record: SnapshotRecord, snapshot: MarketSnapshot) -> PriceRequest:

@@ -28,7 +28,7 @@ from spectralmc_server.engine.pricer import (
 )
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
-from spectralmc_server.pricing.book import Book, book_of
+from spectralmc_server.pricing.book import all_explicit, book_of, book_of_requests, processes
 from spectralmc_server.pricing.schemas import Contract, PriceRequest
 
 
@@ -90,7 +90,7 @@ def _concat(batches: list[OptionBatch]) -> OptionBatch:
 def check_inputs(request: PriceRequest) -> None:
     """What can be refused before any pricing: contracts by reference need the
     val_datetime that names their snapshot."""
-    if request.val_datetime is None and not book_of(request).all_explicit:
+    if request.val_datetime is None and not all_explicit(request):
         raise RequestError(
             "val_datetime",
             "contracts by reference (underlying/expiry) need val_datetime to name their market-data snapshot",
@@ -100,7 +100,7 @@ def check_inputs(request: PriceRequest) -> None:
 def check_explicit(request: PriceRequest) -> None:
     """The Valuer prices explicit inputs only; contracts by reference must have been
     resolved against a snapshot first (the server's batcher does this)."""
-    if book_of(request).all_explicit:
+    if all_explicit(request):
         return
     for i, c in enumerate(request.contracts):
         if not c.is_explicit:
@@ -165,6 +165,8 @@ def check_cost(request: PriceRequest, models: Mapping[str, ServedModel]) -> None
     """Refuse (RequestError) a request whose reference work is unbounded: more than
     ``MAX_SIMULATED_REFERENCE_POINTS`` distinct (parameters, expiry) points that only a
     simulated reference can answer."""
+    if all(get_process(name).has_analytic_cf for name in processes(request)):
+        return
     book = book_of(request)
     measures = frozenset(request.measures)
     for name, index in book.by_process().items():
@@ -214,7 +216,6 @@ class Valuer:
     def value_many(self, requests: Sequence[PriceRequest]) -> list[dict[str, Any]]:
         for r in requests:
             check_explicit(r)
-        books = [book_of(r) for r in requests]
         answers: list[dict[str, Any]] = [
             {
                 "namespace": r.namespace,
@@ -233,17 +234,17 @@ class Valuer:
             measures = frozenset(measure_list)
             levels = torch.tensor(level_values, dtype=torch.float64)
             level_keys = [repr(q) for q in level_values]
-            pieces: dict[str, list[tuple[int, np.ndarray[Any, np.dtype[np.intp]], Book]]] = {}
-            for i in members:
-                book = books[i]
-                for proc_name, index in book.by_process().items():
-                    part = book if len(index) == len(book) else book.take(index)
-                    pieces.setdefault(proc_name, []).append((i, index, part))
-            for proc_name, parts in sorted(pieces.items()):
+            # the group's requests as one book: row r belongs to request owner[r], at its row at[r]
+            group = book_of_requests([requests[i] for i in members])
+            sizes = [len(requests[i].contracts) for i in members]
+            owner = np.repeat(np.array(members, dtype=np.intp), sizes)
+            at = np.concatenate([np.arange(k, dtype=np.intp) for k in sizes])
+            for proc_name, index in sorted(group.by_process().items()):
                 process = get_process(proc_name)
-                refs = [(i, j) for i, index, _ in parts for j in index.tolist()]
-                ids = [x for _, _, part in parts for x in part.id]
-                batch = _concat([part.option_batch(proc_name) for _, _, part in parts])
+                part = group if len(index) == len(group) else group.take(index)
+                refs = list(zip(owner[index].tolist(), at[index].tolist(), strict=True))
+                ids = part.id
+                batch = part.option_batch(proc_name)
                 served = self.models.get(proc_name)
                 withheld: dict[str, torch.Tensor] = {}
                 if served is not None:

@@ -54,7 +54,7 @@ from spectralmc_server.engine.pricer import PRICE_MEASURES, ServedModel
 from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
-from spectralmc_server.pricing.book import Book, book_of, sliced
+from spectralmc_server.pricing.book import Book, LazyContracts, book_of, processes, sliced
 from spectralmc_server.pricing.door import Entry, value_batch
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.resolve import needs_market_data
@@ -110,7 +110,7 @@ EFFICIENCY = 4  # a chunk holds at least this many times its job's fixed cost in
 
 
 def group_key(request: PriceRequest) -> GroupKey:
-    models = tuple(sorted(set(book_of(request).process)))
+    models = tuple(sorted(processes(request)))
     return models, request.namespace, request.val_datetime, request.data_asof
 
 
@@ -314,6 +314,59 @@ def _inside(book: Book, served: ServedModel, boxes: _Boxes, strike_measures: boo
     return inside | by_ref
 
 
+# Below this many contracts classification reads the contract objects one by one (numpy's
+# per-call cost is ~30 us; a contract ~2 us); tests/service/test_classify.py checks the
+# two readings agree.
+VECTOR_MIN_CONTRACTS = 32
+
+
+def _classify_each(
+    request: PriceRequest, models: Mapping[str, ServedModel], boxes: _Boxes, tier: str, strike_measures: bool
+) -> list[tuple[int, ClassKey]]:
+    runs: list[tuple[int, ClassKey]] = []
+    current: ClassKey | None = None
+    for i, c in enumerate(request.contracts):
+        served = models.get(c.process)
+        if served is None:
+            method = "reference"
+        elif c.expiry_years is None or c.spot is None:
+            method = "cvnn"  # by reference: resolved later, assumed inside
+        else:
+            lo, hi, ranges = boxes.box(served)
+            t = c.expiry_years
+            inside = lo <= t <= hi
+            if inside:
+                if len(ranges) == 1 and c.vol is not None:
+                    inside = ranges[0][1] <= c.vol <= ranges[0][2]
+                else:
+                    params = c.process_params()
+                    inside = all(low <= params.get(name, math.nan) <= high for name, low, high in ranges)
+            if inside and strike_measures:
+                kf = _moneyness_range(served)
+                if kf is not None:
+                    carry = (c.rate or 0.0) - (c.dividend or 0.0)
+                    fixings = c.fixings
+                    if fixings is None:
+                        ratio = math.exp(carry * t)
+                    else:  # the average's forward over n equally spaced fixings
+                        step = carry * t / fixings
+                        ratio = (
+                            1.0
+                            if abs(step) < 1e-12
+                            else math.exp(step) * math.expm1(carry * t) / (fixings * math.expm1(step))
+                        )
+                    inside = kf[0] <= c.strike / (c.spot * ratio) <= kf[1]
+            method = "cvnn" if inside else "reference"
+        key = (c.process, method, tier)
+        if key != current:
+            if current is not None:
+                runs.append((i, current))
+            current = key
+    assert current is not None  # a request has at least one contract
+    runs.append((len(request.contracts), current))
+    return runs
+
+
 def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _Boxes) -> list[tuple[int, ClassKey]]:
     """The request's contracts as runs ``(end, class)`` in order: the method each is
     expected to get (inside the domain's box and certified strikes: cvnn). An estimate:
@@ -321,6 +374,8 @@ def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _B
     reference (a learned price outside its bounds); measured jobs correct the rest."""
     tier = tier_of(request)
     strike_measures = bool(set(request.measures) & set(PRICE_MEASURES))
+    if len(request.contracts) < VECTOR_MIN_CONTRACTS and not isinstance(request.contracts, LazyContracts):
+        return _classify_each(request, models, boxes, tier, strike_measures)
     book = book_of(request)
     n = len(book)
     keys: list[ClassKey] = []

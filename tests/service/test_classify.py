@@ -17,7 +17,15 @@ from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.pricer import PRICE_MEASURES, ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import PriceRequest
-from spectralmc_server.service.batcher import ClassKey, _Boxes, _moneyness_range, classify, tier_of
+from spectralmc_server.service.batcher import (
+    VECTOR_MIN_CONTRACTS,
+    ClassKey,
+    _Boxes,
+    _classify_each,
+    _moneyness_range,
+    classify,
+    tier_of,
+)
 
 
 def oracle(request: PriceRequest, models: Mapping[str, ServedModel]) -> list[tuple[int, ClassKey]]:
@@ -131,7 +139,12 @@ def test_classify_reads_the_book_as_the_contracts_read(seed: int, served: dict[s
     rng = random.Random(seed)
     measures = [["price"], ["stdev"], ["price", "vega"], ["quantiles"]][seed % 4]
     request = valid_request(rng, 150, measures)
+    assert len(request.contracts) >= VECTOR_MIN_CONTRACTS  # classify reads the Book
+    tier = tier_of(request)
+    strike = bool(set(measures) & set(PRICE_MEASURES))
     for models in (served, {k: v for k, v in served.items() if k != "heston"}, {}):
-        assert classify(request, models, _Boxes()) == oracle(request, models)
+        want = oracle(request, models)
+        assert classify(request, models, _Boxes()) == want
+        assert _classify_each(request, models, _Boxes(), tier, strike) == want  # the small-request reading
     methods = {key[1] for _, key in classify(request, served, _Boxes())}
     assert methods == {"cvnn", "reference"}, "the random books must cross the domains' bounds"

@@ -15,6 +15,7 @@ import torch
 from pydantic import ValidationError
 from test_columns import random_book
 
+from spectralmc_server.pricing import door
 from spectralmc_server.pricing.book import Book, LazyContracts, book_of
 from spectralmc_server.pricing.columns import rows_as_columns
 from spectralmc_server.pricing.door import parse
@@ -51,7 +52,8 @@ def same_books(got: Book, want: Book) -> None:
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_parse_gives_the_row_schema_outcome(seed: int) -> None:
+def test_parse_gives_the_row_schema_outcome(seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(door, "COLUMNAR_MIN_CONTRACTS", 1)  # the random books are small
     rng = random.Random(1000 + seed)
     outcomes = {"fast": 0, "accepted": 0, "refused": 0}
     for _ in range(300):
@@ -82,16 +84,23 @@ def test_parse_gives_the_row_schema_outcome(seed: int) -> None:
     ],
 )
 def test_rows_the_columns_could_read_differently_take_the_row_schema(row: dict[str, Any]) -> None:
-    body = {"contracts": [GOOD | {"id": "first"}, row]}
+    body = {"contracts": [GOOD | {"id": f"c{i}"} for i in range(door.COLUMNAR_MIN_CONTRACTS)] + [row]}
     assert rows_as_columns(body) is None
     assert parse_outcome(body) == schema_outcome(body)
 
 
+def test_small_books_take_the_row_schema() -> None:
+    """Under COLUMNAR_MIN_CONTRACTS the row schema is faster: no columnar checks."""
+    rows = [GOOD | {"id": f"c{i}"} for i in range(door.COLUMNAR_MIN_CONTRACTS - 1)]
+    assert isinstance(parse({"contracts": rows}).contracts, list)
+    assert isinstance(parse({"contracts": [*rows, GOOD | {"id": "last"}]}).contracts, LazyContracts)
+
+
 def test_a_valid_book_of_rows_builds_no_contract_objects() -> None:
-    rows = [GOOD | {"id": f"c{i}", "strike": 90.0 + i} for i in range(50)]
+    rows = [GOOD | {"id": f"c{i}", "strike": 90.0 + i / 4} for i in range(80)]
     request = parse({"measures": ["price", "delta"], "contracts": rows})
     assert isinstance(request.contracts, LazyContracts)
     assert request.contracts._built == {}
     book = book_of(request)
-    assert book.strike.tolist() == [90.0 + i for i in range(50)]
+    assert book.strike.tolist() == [90.0 + i / 4 for i in range(80)]
     assert request == PriceRequest.model_validate({"measures": ["price", "delta"], "contracts": rows})

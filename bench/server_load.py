@@ -2,9 +2,11 @@
 from another process on loopback.
 
 Scenarios, each with online training off and on: single-contract requests at
-concurrency 64, and 1,000-contract requests at concurrency 8; next to an aiohttp
-hello-world handler (it reads the same body and answers a constant) measured in the
-same run. Reports requests/s, options/s, p50 / p99 latency (wrk's own histogram), non-2xx
+concurrency 64, 1,000-contract requests at concurrency 8 as row JSON and as columnar
+JSON, and 10,000-contract Arrow IPC books at concurrency 4; next to an aiohttp
+hello-world handler (it reads the same body and answers a constant) and the engine
+alone (the served GBM model's pricer on the same 10,000 contracts, in this process, best
+of 5), both measured in the same run. Reports requests/s, options/s, p50 / p99 latency (wrk's own histogram), non-2xx
 answers, and the server's resident memory idle and under load. ``--soak-minutes M``
 adds a run of M minutes of single-contract load sampling RSS every 5 s, to show memory
 stays flat after warm-up.
@@ -66,6 +68,55 @@ def contract(i: int) -> dict[str, object]:
 
 def body(n: int) -> bytes:
     return json.dumps({"contracts": [contract(i) for i in range(n)]}).encode()
+
+
+def columns_body(n: int) -> bytes:
+    rows = [contract(i) for i in range(n)]
+    return json.dumps({"columns": {k: [r[k] for r in rows] for k in rows[0]}}).encode()
+
+
+def arrow_body(n: int) -> bytes:
+    import pyarrow as pa
+
+    rows = [contract(i) for i in range(n)]
+    table = pa.table({k: [r[k] for r in rows] for k in rows[0]})
+    table = table.replace_schema_metadata({"spectralmc.request": json.dumps({"measures": ["price"]})})
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+ARROW = "application/vnd.apache.arrow.stream"
+# name, contracts, connections, body, content type
+SCENARIOS = [
+    ("single", 1, 64, body, "application/json"),
+    ("batch 1,000", 1000, 8, body, "application/json"),
+    ("columns 1,000", 1000, 8, columns_body, "application/json"),
+    ("arrow 10,000", 10_000, 4, arrow_body, ARROW),
+]
+
+
+def engine_alone(n: int, repeats: int = 5) -> float:
+    """Options/s of the bundled GBM model's pricer on the Arrow scenario's contracts, in
+    this process: the batch built from the columns, then evaluated (best of ``repeats``)."""
+    import torch
+
+    from spectralmc_server.engine.checkpoint import read_dir
+    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.models import bundled_models
+    from spectralmc_server.pricing.book import Book
+    from spectralmc_server.pricing.schemas import Contract
+
+    served = load_served_model(read_dir(bundled_models()["gbm"], need_training=False), name="gbm")
+    book = Book.of([Contract.model_validate(contract(i)) for i in range(n)])
+    levels = torch.tensor([0.5], dtype=torch.float64)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        served.pricer.evaluate(book.option_batch("gbm"), frozenset({"price"}), levels)
+        best = min(best, time.perf_counter() - t0)
+    return n / best
 
 
 def free_port() -> int:
@@ -136,13 +187,21 @@ def _ms(text: str) -> float:
     return float(m.group(1)) * scale
 
 
-def wrk(url: str, payload: bytes, connections: int, seconds: float, workdir: Path, pid: int) -> Load:
-    path = workdir / f"body-{len(payload)}.json"
+def wrk(
+    url: str,
+    payload: bytes,
+    connections: int,
+    seconds: float,
+    workdir: Path,
+    pid: int,
+    content_type: str = "application/json",
+) -> Load:
+    path = workdir / f"body-{len(payload)}.bin"
     path.write_bytes(payload)
     script = workdir / f"post-{len(payload)}.lua"
     script.write_text(
         f'local f = io.open("{path}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*a")\nf:close()\n'
-        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Content-Type"] = "{content_type}"\n'
     )
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(int(seconds), 1)}s", "--latency", "-s", str(script)]
     proc = subprocess.Popen([*cmd, url + "/v1/price"], stdout=subprocess.PIPE, text=True)
@@ -198,13 +257,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     seconds = 1.0 if args.quick else args.seconds
     rows: list[list[object]] = []
-    scenarios = [("single", 1, 64), ("batch 1,000", 1000, 8)]
+    payloads = {name: (n, conns, make(n), ctype) for name, n, conns, make, ctype in SCENARIOS}
+    engine_rate = engine_alone(10_000)
+    rows.append(["engine alone (in process)", "arrow 10,000", "-", "-", "-", engine_rate, "-", "-", "-", "-"])
     soak_samples: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         with server("hello", work, False) as (url, pid):
-            for name, n, conns in scenarios:
-                load = wrk(url, body(n), conns, seconds, work, pid)
+            for name, (_n, conns, payload, ctype) in payloads.items():
+                if ctype != "application/json" or name.startswith("columns"):
+                    continue  # the hello world reads any body: rows stand for the rest
+                load = wrk(url, payload, conns, seconds, work, pid)
                 rows.append(
                     [
                         "aiohttp hello world",
@@ -223,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
             with server("spectralmc", work, training) as (url, pid):
                 time.sleep(1.0)
                 idle = rss_bytes(pid)
-                for name, n, conns in scenarios:
-                    wrk(url, body(n), conns, min(seconds, 2.0), work, pid)  # warm-up
-                    load = wrk(url, body(n), conns, seconds, work, pid)
+                for name, (n, conns, payload, ctype) in payloads.items():
+                    wrk(url, payload, conns, min(seconds, 2.0), work, pid, ctype)  # warm-up
+                    load = wrk(url, payload, conns, seconds, work, pid, ctype)
                     label = f"spectralmc {'training' if training else 'serving only'}"
                     rows.append(
                         [
@@ -257,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = table(headers, rows)
     print(text)
+    ratios = _ratios(rows)
+    print(ratios)
+    text = f"{text}\n\n{ratios}"
     soak_text = ""
     if soak_samples:
         warm = [r for t, r in soak_samples if t >= 60.0] or [r for _, r in soak_samples]
@@ -274,6 +340,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _ratios(rows: list[list[object]]) -> str:
+    """The targets' ratios from the table: req/s against the hello world's (single), and
+    the Arrow book's options/s against the engine alone's."""
+    hello = {r[1]: float(str(r[4])) for r in rows if r[0] == "aiohttp hello world"}
+    engine = next(float(str(r[5])) for r in rows if str(r[0]).startswith("engine alone"))
+    lines = []
+    for r in rows:
+        if not str(r[0]).startswith("spectralmc"):
+            continue
+        if r[1] == "single" and hello.get("single"):
+            lines.append(f"- {r[0]}, single: {float(str(r[4])) / hello['single']:.2f}x hello world req/s")
+        if r[1] == "arrow 10,000":
+            lines.append(f"- {r[0]}, arrow 10,000: {float(str(r[5])) / engine:.2f}x the engine alone's options/s")
+    return "\n".join(lines)
+
+
 def _plot(rows: list[list[object]], soak: list[tuple[float, int]], path: Path) -> None:
     import matplotlib
 
@@ -281,10 +363,11 @@ def _plot(rows: list[list[object]], soak: list[tuple[float, int]], path: Path) -
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3 if soak else 2, figsize=(15 if soak else 10, 4))
-    labels = [f"{r[0]}\n{r[1]}" for r in rows]
-    axes[0].barh(labels, [float(str(r[4])) for r in rows])
+    served = [r for r in rows if r[4] != "-"]
+    labels = [f"{r[0]}\n{r[1]}" for r in served]
+    axes[0].barh(labels, [float(str(r[4])) for r in served])
     axes[0].set_xlabel("requests/s")
-    axes[1].barh(labels, [float(str(r[7])) for r in rows])
+    axes[1].barh(labels, [float(str(r[7])) for r in served])
     axes[1].set_xlabel("p99 latency (ms)")
     axes[1].set_yticks([])
     if soak:

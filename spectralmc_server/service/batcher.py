@@ -1127,7 +1127,9 @@ class Batcher:
         except EngineDead as exc:
             for sl in plan:
                 if not sl.item.future.done():
-                    sl.item.future.set_exception(Unavailable(f"the compute engine is down: {exc}", 5))
+                    sl.item.future.set_exception(
+                        Unavailable(f"the compute engine is down: {exc}", 5, code="engine_unavailable")
+                    )
                 self._close(sl.item)
             return
         except Exception as exc:  # valid requests that the engine could not price: a bug
@@ -1208,7 +1210,9 @@ class Batcher:
             finished, seconds, cpu, evaluations = await self.worker.submit(work)
         except EngineDead as exc:
             if not fit.future.done():
-                fit.future.set_exception(Unavailable(f"the compute engine is down: {exc}", 5))
+                fit.future.set_exception(
+                    Unavailable(f"the compute engine is down: {exc}", 5, code="engine_unavailable")
+                )
             self._close(fit)
             return
         finally:

@@ -381,6 +381,11 @@ async def test_engine_failure_500_then_unhealthy(make_client: MakeClient, monkey
     r = await client.get("/readyz")
     await assert_error(r, 503, "not_ready")
     assert "Retry-After" in r.headers
+    # the dead engine takes no more work: a request is answered at once, never hangs
+    t0 = time.monotonic()
+    r = await price(client, {"contracts": [CONTRACT]})
+    await assert_error(r, 503, "engine_unavailable")
+    assert "Retry-After" in r.headers and time.monotonic() - t0 < 1.0
 
 
 # -- health, readiness, models, metrics, description -------------------------------------

@@ -263,23 +263,22 @@ class Valuer:
                 cols = {m: values[m].tolist() for m in measure_list}
                 bound_cols = {m: bounds[m].tolist() for m in measure_list}
                 # in the request's order of measures: a row's warnings are the same bytes every run
-                held = {m: withheld[m].tolist() for m in measure_list if m in withheld}
+                held = {m: withheld[m].tolist() for m in measure_list if m in withheld and bool(withheld[m].any())}
+                methods = ["cvnn" if x else "reference" for x in learned]
+                columns = [(m, cols[m], bound_cols[m], m == "quantiles") for m in measure_list]
                 for k, (i, j) in enumerate(refs):
-                    row: dict[str, Any] = {
-                        "id": ids[k],
-                        "model": proc_name,
-                        "method": "cvnn" if learned[k] else "reference",
-                    }
+                    row: dict[str, Any] = {"id": ids[k], "model": proc_name, "method": methods[k]}
                     error_bound: dict[str, Any] = {}
-                    for m in measure_list:
-                        v, b = cols[m][k], bound_cols[m][k]
+                    for m, vc, bc, many in columns:
                         # a NaN bound (no certified figure: an uncertified network served
                         # by an engine test, a level outside the certified ones) is null
-                        if m == "quantiles":
-                            row[m] = dict(zip(level_keys, v, strict=True))
-                            error_bound[m] = {q: _bound(x) for q, x in zip(level_keys, b, strict=True)}
+                        if many:
+                            row[m] = dict(zip(level_keys, vc[k], strict=True))
+                            error_bound[m] = {q: _bound(x) for q, x in zip(level_keys, bc[k], strict=True)}
                         else:
-                            row[m], error_bound[m] = v, _bound(b)
+                            b = bc[k]
+                            row[m] = vc[k]
+                            error_bound[m] = None if math.isnan(b) else b
                     row["error_bound"] = error_bound
                     for m, mask in held.items():
                         if mask[k]:
@@ -289,7 +288,8 @@ class Valuer:
                             row[m] = None
                             error_bound[m] = None
                     answers[i]["results"][j] = row
-                    if learned[k] and served is not None:
+                if served is not None and any(learned):  # the version that answered, per request
+                    for i in {refs[k][0] for k, x in enumerate(learned) if x}:
                         answers[i]["models"][served.name] = identity
         return answers
 

@@ -918,7 +918,7 @@ def _price(args: argparse.Namespace) -> int:
         market = None
         if args.marketdata is not None and needs_market_data(request):
             market = _snapshot_of(args.marketdata, request)
-        (response,) = value_batch([Entry(request, models(), market)])
+        (response,) = value_batch([Entry(request, models(), market, columnar=form != "rows")])
     except RequestRefusedError as exc:
         raise UsageError(f"invalid request: {one_line(exc.details)}") from None
     if isinstance(response, RequestRefusedError):
@@ -927,11 +927,7 @@ def _price(args: argparse.Namespace) -> int:
         from spectralmc_server.pricing.arrow import answer_ipc
 
         sys.stdout.buffer.write(answer_ipc(response, request))
-    elif form == "columns":
-        from spectralmc_server.pricing.columns import answer_columns
-
-        sys.stdout.buffer.write(dumps(answer_columns(response, request)) + b"\n")
-    else:
+    else:  # rows, or the columnar answer (the Valuer gave it columns)
         sys.stdout.buffer.write(dumps(response) + b"\n")
     return EXIT_OK
 

@@ -31,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from datetime import date, timedelta
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 import pyarrow as pa
 
@@ -330,10 +331,22 @@ def book_ipc(columns: Mapping[str, Sequence[Any]], head: Mapping[str, Any] | Non
     return _ipc(pa.Table.from_arrays(arrays, schema=schema))
 
 
+def _arrow_array(values: Any, t: pa.DataType) -> pa.Array:
+    """A column of an answer: a list, or a float64 array (the Valuer's columnar answer)
+    with NaN where the row answer has null, written as the list would be (null slots
+    zeroed, no validity bitmap when nothing is null): the same bytes either way."""
+    if not isinstance(values, np.ndarray):
+        return pa.array(values, type=t)
+    null = np.isnan(values)
+    if not null.any():
+        return pa.array(values, type=t)
+    return pa.array(np.where(null, 0.0, values), type=t, mask=null)
+
+
 def answer_ipc(answer: Mapping[str, Any], request: PriceRequest) -> bytes:
-    """An answer (the Valuer's dict) as an IPC stream: the columnar answer's columns,
+    """An answer (the Valuer's dict, with rows or with columns) as an IPC stream: the columnar answer's columns,
     and the request-level echo, models and market data in ``spectralmc.response``."""
-    cols = answer_columns(answer, request)["columns"]
+    cols = answer["columns"] if "columns" in answer else answer_columns(answer, request)["columns"]
     fields, arrays = [], []
     for name, values in cols.items():
         if name in ANSWER_STRINGS:
@@ -342,7 +355,7 @@ def answer_ipc(answer: Mapping[str, Any], request: PriceRequest) -> bytes:
             t = pa.list_(pa.string())
         else:
             t = pa.float64()
-        arrays.append(pa.array(values, type=t))
+        arrays.append(_arrow_array(values, t))
         fields.append(pa.field(name, t))
     meta = orjson.dumps({k: answer[k] for k in ANSWER_KEYS})
     schema = pa.schema(fields, metadata={RESPONSE_METADATA: meta})

@@ -108,13 +108,14 @@ class Entry:
     models: Models
     market: tuple[SnapshotRecord, MarketSnapshot] | None = None
     offset: int = 0
+    columnar: bool = False  # answer with ``columns`` (Valuer.value_many), not ``results``
 
 
 def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefusedError]:
     """An answer (the response dict, ``market_data`` set) or a :class:`RequestRefusedError` per
     entry, in order. Entries sharing a model set are valued in one Valuer call."""
     out: list[dict[str, Any] | RequestRefusedError | None] = [None] * len(entries)
-    groups: dict[int, tuple[Models, list[tuple[int, PriceRequest, dict[str, str] | None]]]] = {}
+    groups: dict[int, tuple[Models, list[tuple[int, PriceRequest, dict[str, str] | None, bool]]]] = {}
     for k, entry in enumerate(entries):
         request, key = entry.request, None
         try:
@@ -126,21 +127,23 @@ def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefuse
         except RequestError as exc:
             out[k] = RequestRefusedError.of(exc, entry.offset)
             continue
-        groups.setdefault(id(entry.models), (entry.models, []))[1].append((k, request, key))
+        groups.setdefault(id(entry.models), (entry.models, []))[1].append((k, request, key, entry.columnar))
     for models, members in groups.values():
         valuer = Valuer(models)
         try:
-            got: list[dict[str, Any] | RequestRefusedError] = list(valuer.value_many([r for _, r, _ in members]))
+            got: list[dict[str, Any] | RequestRefusedError] = list(
+                valuer.value_many([r for _, r, _, _ in members], [c for _, _, _, c in members])
+            )
         except NonFiniteResultError:  # a bug: answer the others, fail only the culprit(s)
             log.exception("a non-finite result in a batch; pricing its requests one by one")
             got = []
-            for _, r, _ in members:
+            for _, r, _, c in members:
                 try:
-                    got.append(valuer.value(r))
+                    got.append(valuer.value_many([r], [c])[0])
                 except NonFiniteResultError as exc:
                     reason = f"not priced: {exc}"
                     got.append(RequestRefusedError(f"contracts: {reason}", [{"field": "contracts", "reason": reason}]))
-        for (k, _, key), answer in zip(members, got, strict=True):
+        for (k, _, key, _), answer in zip(members, got, strict=True):
             if isinstance(answer, dict):
                 answer["market_data"] = key
             out[k] = answer

@@ -213,9 +213,16 @@ class Valuer:
     def value(self, request: PriceRequest) -> dict[str, Any]:
         return self.value_many([request])[0]
 
-    def value_many(self, requests: Sequence[PriceRequest]) -> list[dict[str, Any]]:
+    def value_many(self, requests: Sequence[PriceRequest], columnar: Sequence[bool] = ()) -> list[dict[str, Any]]:
+        """One answer per request. Where ``columnar[i]`` is true, request i's answer has
+        ``columns`` (the columnar answer: pricing/columns.py ``answer_column_names``,
+        numbers as float64 arrays with NaN where the row answer has null) in place of
+        ``results``, built from the engine's arrays without a dict per contract; its
+        numbers are the row answer's, bit for bit (tests/service/test_columnar_answers.py)."""
         for r in requests:
             check_explicit(r)
+        flat = {i for i, c in enumerate(columnar) if c}
+        tables = {i: _AnswerTable(requests[i]) for i in flat}
         answers: list[dict[str, Any]] = [
             {
                 "namespace": r.namespace,
@@ -267,6 +274,8 @@ class Valuer:
                 methods = ["cvnn" if x else "reference" for x in learned]
                 columns = [(m, cols[m], bound_cols[m], m == "quantiles") for m in measure_list]
                 for k, (i, j) in enumerate(refs):
+                    if i in flat:
+                        continue
                     row: dict[str, Any] = {"id": ids[k], "model": proc_name, "method": methods[k]}
                     error_bound: dict[str, Any] = {}
                     for m, vc, bc, many in columns:
@@ -288,10 +297,90 @@ class Valuer:
                             row[m] = None
                             error_bound[m] = None
                     answers[i]["results"][j] = row
+                for i, table in tables.items():
+                    table.fill(owner[index] == i, at[index], proc_name, learned, values, bounds)
+                    for m, mask in held.items():  # withheld: null with a warning, as in a row
+                        for k in np.flatnonzero((owner[index] == i) & np.array(mask, dtype=np.bool_)).tolist():
+                            warning = _withheld_warning(m, bound_cols[m][k], tolerance, proc_name)
+                            table.withhold(int(at[index][k]), m, warning)
                 if served is not None and any(learned):  # the version that answered, per request
                     for i in {refs[k][0] for k, x in enumerate(learned) if x}:
                         answers[i]["models"][served.name] = identity
+        for i, table in tables.items():
+            answer = answers[i]
+            del answer["results"]
+            answer["columns"] = table.columns()
+            answer["models"] = answer.pop("models")  # the row answer's key order: columns, models, market_data
+            answer["market_data"] = answer.pop("market_data")
         return answers
+
+
+FloatArray = np.ndarray[Any, np.dtype[np.float64]]
+
+
+class _AnswerTable:
+    """A columnar answer being filled, one process group at a time."""
+
+    def __init__(self, request: PriceRequest) -> None:
+        n = len(request.contracts)
+        self.ids = book_of(request).id
+        self.model: list[str | None] = [None] * n
+        self.method: list[str | None] = [None] * n
+        self.warnings: list[list[str] | None] = [None] * n
+        self.keys = [repr(q) for q in request.levels]
+        self.measures = list(request.measures)
+        self.values: dict[str, FloatArray] = {}
+        self.bounds: dict[str, FloatArray] = {}
+        for m in self.measures:
+            shape = (n, len(self.keys)) if m == "quantiles" else (n,)
+            self.values[m] = np.full(shape, np.nan)
+            self.bounds[m] = np.full(shape, np.nan)
+
+    def fill(
+        self,
+        mine: np.ndarray[Any, np.dtype[np.bool_]],
+        at: np.ndarray[Any, np.dtype[np.intp]],
+        process: str,
+        learned: list[bool],
+        values: Mapping[str, torch.Tensor],
+        bounds: Mapping[str, torch.Tensor],
+    ) -> None:
+        """The rows of one process group that belong to this request (``mine``), at
+        their places ``at`` in the request."""
+        sel = np.flatnonzero(mine)
+        if not len(sel):
+            return
+        where = at[sel]
+        for k, j in zip(sel.tolist(), where.tolist(), strict=True):
+            self.model[j] = process
+            self.method[j] = "cvnn" if learned[k] else "reference"
+        for m in self.measures:
+            self.values[m][where] = values[m].cpu().numpy()[sel]
+            self.bounds[m][where] = bounds[m].cpu().numpy()[sel]
+
+    def withhold(self, j: int, measure: str, warning: str) -> None:
+        self.values[measure][j] = np.nan
+        self.bounds[measure][j] = np.nan
+        if self.warnings[j] is None:
+            self.warnings[j] = []
+        got = self.warnings[j]
+        assert got is not None
+        got.append(warning)
+
+    def columns(self) -> dict[str, Any]:
+        cols: dict[str, Any] = {"id": self.ids, "model": self.model, "method": self.method}
+        bound_cols: dict[str, Any] = {}
+        for m in self.measures:
+            if m == "quantiles":
+                for c, key in enumerate(self.keys):
+                    cols[f"quantiles.{key}"] = self.values[m][:, c].copy()
+                    bound_cols[f"error_bound.quantiles.{key}"] = self.bounds[m][:, c].copy()
+            else:
+                cols[m] = self.values[m]
+                bound_cols[f"error_bound.{m}"] = self.bounds[m]
+        cols.update(bound_cols)
+        cols["warnings"] = self.warnings
+        return cols
 
 
 def _bound(x: float) -> float | None:

@@ -429,6 +429,7 @@ class Pending:
     parts: list[dict[str, Any]] = field(default_factory=list)
     models: dict[str, ServedModel] | None = None  # its one snapshot of model versions
     resolved: Resolved | None = None  # its one market-data snapshot
+    columnar: bool = False  # answered with columns (a columnar or Arrow book), not rows
 
     def remaining(self) -> Counter[ClassKey]:
         return _counts(self.runs, self.next, self.contracts)
@@ -495,15 +496,22 @@ def merge_answers(parts: list[dict[str, Any]], models: Mapping[str, ServedModel]
     if len(parts) == 1:
         return parts[0]
     answer = dict(parts[0])
-    results: list[Any] = []
     identities: dict[str, Any] = {}
     for part in parts:
-        results.extend(part["results"])
         for name, identity in part["models"].items():
             identities.setdefault(name, identity)
+    if "columns" in answer:  # a columnar answer: each column joined (lists, or float64 arrays)
+        answer["columns"] = {
+            name: np.concatenate([p["columns"][name] for p in parts])
+            if isinstance(first, np.ndarray)
+            else [x for p in parts for x in p["columns"][name]]
+            for name, first in parts[0]["columns"].items()
+        }
+    else:
+        answer["results"] = [row for p in parts for row in p["results"]]
     process_of = {served.name: process for process, served in (models or {}).items()}
-    answer["results"] = results
     answer["models"] = {k: identities[k] for k in sorted(identities, key=lambda k: (process_of.get(k, k), k))}
+    answer["market_data"] = answer.pop("market_data")  # keys in the unsplit answer's order
     return answer
 
 
@@ -661,9 +669,10 @@ class Batcher:
     # -- submitting ---------------------------------------------------------------------
 
     def submit(
-        self, request: PriceRequest, *, timeout: float, connected: Callable[[], bool]
+        self, request: PriceRequest, *, timeout: float, connected: Callable[[], bool], columnar: bool = False
     ) -> asyncio.Future[dict[str, Any]]:
-        """Queue a validated request; the future resolves to its response dict."""
+        """Queue a validated request; the future resolves to its response dict (with
+        ``columns`` in place of ``results`` when ``columnar``)."""
         s = self.settings
         n = len(request.contracts)
         self._check_open()
@@ -694,6 +703,7 @@ class Batcher:
             runs=runs,
             tier=runs[0][1][2],
             margin=(1.0 - s.admission_fraction) * timeout,
+            columnar=columnar,
         )
         self._items.append(item)
         if large:
@@ -705,18 +715,21 @@ class Batcher:
             self._wake.set()
         return item.future
 
-    async def price(self, request: PriceRequest, deadline: float, connected: Callable[[], bool]) -> dict[str, Any]:
+    async def price(
+        self, request: PriceRequest, deadline: float, connected: Callable[[], bool], *, columnar: bool = False
+    ) -> dict[str, Any]:
         """The one way to price (REST, stream requotes, jobs): queue ``request`` under the
         batcher's bounds and admission, and await its answer until ``deadline`` (the event
         loop's clock). Raises 503 ``overloaded`` / ``shutting_down`` at once, 504 with
         Retry-After past the deadline (the queued work is then dropped, never computed),
         503 ``engine_unavailable`` when the engine is down, 422 for what only the engine
-        could find (a snapshot that lacks an input)."""
+        could find (a snapshot that lacks an input). With ``columnar`` the answer has
+        ``columns`` (the columnar answer, docs/api.md) in place of ``results``."""
         timeout = deadline - asyncio.get_running_loop().time()
         if timeout <= 0:
             self.metrics.dropped.labels("deadline").inc()
             raise DeadlineExceeded("the deadline passed before the request was queued", headers=self._retry_after())
-        future = self.submit(request, timeout=timeout, connected=connected)
+        future = self.submit(request, timeout=timeout, connected=connected, columnar=columnar)
         try:
             async with asyncio.timeout_at(deadline):  # cancels the future: the batcher then skips it
                 return await future
@@ -1080,7 +1093,7 @@ class Batcher:
                 if sl.start or sl.end < item.contracts:
                     request = sliced(request, sl.start, sl.end)
                 market = item.resolved if item.needs_market else None
-                entries.append(Entry(request, item.models, market, sl.start))
+                entries.append(Entry(request, item.models, market, sl.start, item.columnar))
             priced: list[_Slice] = []
             answers: list[dict[str, Any]] = []
             for sl, answer in zip(live, value_batch(entries), strict=True):
@@ -1180,7 +1193,10 @@ class Batcher:
         priced: Counter[tuple[str, str]] = Counter()
         classes: Counter[ClassKey] = Counter()
         for sl, answer in zip(computed, answers, strict=True):
-            priced.update((row["model"], row["method"]) for row in answer["results"])
+            if "columns" in answer:
+                priced.update(zip(answer["columns"]["model"], answer["columns"]["method"], strict=True))
+            else:
+                priced.update((row["model"], row["method"]) for row in answer["results"])
             classes.update(sl.counts)
         for (model, method), count in priced.items():
             self.metrics.contracts_priced.labels(model, method).inc(count)

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from spectralmc_server.engine.certify import summary as certificate_summary
 from spectralmc_server.pricing.arrow import ARROW_STREAM, BookFormatError, answer_ipc, read_book
-from spectralmc_server.pricing.columns import answer_columns, columns_of_body, request_from_columns, too_many
+from spectralmc_server.pricing.columns import columns_of_body, request_from_columns, too_many
 from spectralmc_server.pricing.door import admit
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, format_validation_error
@@ -170,11 +170,9 @@ async def price(request: web.Request) -> web.Response:
         return transport is not None and not transport.is_closing()
 
     deadline = asyncio.get_running_loop().time() + timeout
-    answer = await app[keys.BATCHER].price(req, deadline, connected)
+    answer = await app[keys.BATCHER].price(req, deadline, connected, columnar=form != "rows")
     if form == "arrow":
         return web.Response(body=answer_ipc(answer, req), content_type=ARROW_STREAM)
-    if form == "columns":
-        return web.Response(body=dumps(answer_columns(answer, req)), content_type="application/json")
     return web.Response(body=dumps(answer), content_type="application/json")
 
 

@@ -12,7 +12,8 @@ nulls, finiteness, bounds, known processes, vol against params, fixings, contrac
 reference, each process's parameter bounds and spread, K/F, unique ids), then keeps the
 columns as a :class:`~.book.Book` (no contract object is built), so a valid book
 costs no pydantic work per contract. Where the vectorised checks refuse a row, or find a
-value within rounding of a bound (a spread or K/F that the engine computes in torch),
+value within rounding of a bound (a spread or K/F: numpy twins of the engine's formulas
+here, ``math`` twins in the row schema, engine/processes/spec.py),
 that row is validated by ``Contract.model_validate`` itself: its errors are then the
 row path's own, ``contracts[17].strike`` and the reason, and rounding can never make the
 two paths disagree. tests/service/test_columns.py checks the equivalence on random books.
@@ -32,7 +33,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import torch
 from pydantic import ValidationError
 
 from spectralmc_server.engine.processes import PROCESSES
@@ -56,8 +56,9 @@ CONTRACT_COLUMNS: tuple[str, ...] = tuple(n for n in Contract.model_fields if n 
 # At most this many invalid contracts are named in one refusal (the first ones, in order).
 MAX_DETAILS = 100
 # A spread or K/F within this relative distance of its bound is checked by the row
-# validator itself: the vectorised torch and numpy functions may round differently from
-# the scalar ones (by an ulp or so), the row validator is the reference.
+# validator itself: the numpy twins of the engine's formulas (engine/processes/spec.py) may
+# round differently from the scalar ones (by a few ulp; a heston spread, whose terms
+# cancel, by up to ~2e-13 relative), the row validator is the reference.
 BORDER = 1e-9
 # The answer's columns besides the measures.
 ANSWER_KEYS = ("namespace", "val_datetime", "data_asof", "models", "market_data")
@@ -481,10 +482,9 @@ class _Book:
             idx = np.flatnonzero(live)
             t = f["expiry_years"].values[idx]
             theta = np.stack([given[pn][idx] for pn in names], axis=1)
-            if vol_driven:
-                spread = given["vol"][idx] * np.sqrt(t)  # correctly rounded, as math's
-            else:
-                spread = process.scale(torch.from_numpy(theta), torch.from_numpy(t)).numpy()
+            # vol sqrt(T) where the process takes a vol (correctly rounded, as math's), else the
+            # process's numpy twin of its scale (engine/processes/spec.py)
+            spread = given["vol"][idx] * np.sqrt(t) if vol_driven else process.scale_np(theta, t)
             with np.errstate(invalid="ignore"):
                 wide = ~(spread <= MAX_SCALE)
             b[idx[wide]] = True
@@ -501,13 +501,7 @@ class _Book:
             spot, strike = f["spot"].values[idx], f["strike"].values[idx]
             rate, dividend = f["rate"].values[idx], f["dividend"].values[idx]
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                if process.averages:
-                    one = torch.from_numpy(t)
-                    ratio = process.forward_ratio(
-                        torch.from_numpy(theta), one, one * torch.from_numpy(rate), one * torch.from_numpy(dividend)
-                    ).numpy()
-                else:
-                    ratio = np.exp((rate - dividend) * t)
+                ratio = process.forward_ratio_np(theta, t, rate, dividend)
                 kappa = strike / (spot * ratio)
                 low, high = MONEYNESS_BOUNDS
                 b[idx[~((kappa >= low) & (kappa <= high))]] = True

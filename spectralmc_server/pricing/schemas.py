@@ -15,7 +15,6 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, get_args
 
-import torch
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -29,7 +28,6 @@ from pydantic import (
 
 from spectralmc_server.engine.pricer import MEASURES as ENGINE_MEASURES
 from spectralmc_server.engine.processes import PROCESSES
-from spectralmc_server.engine.processes.asian import MAX_FIXINGS
 from spectralmc_server.engine.processes.base import (
     EXPIRY_BOUNDS,
     MAX_SCALE,
@@ -37,6 +35,7 @@ from spectralmc_server.engine.processes.base import (
     PRICE_BOUNDS,
     VOL_BOUNDS,
 )
+from spectralmc_server.engine.processes.spec import MAX_FIXINGS
 from spectralmc_server.rfc3339 import Date, DateTime
 
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_\-][A-Za-z0-9_.\-]{0,127}$"
@@ -158,7 +157,8 @@ class Contract(BaseModel):
     def _check_spread_and_moneyness(self) -> None:
         """Bounds that tie inputs together: the spread s(theta, T) of log(S_T / F), what
         the process needs of it, and the strike over the forward of what the payoff is
-        written on (the average's for an asian)."""
+        written on (the average's for an asian). No torch: the processes' ``math`` twins
+        of the engine's formulas (engine/processes/spec.py)."""
         spot, t, rate, dividend = self.market_inputs()
         s = self.spread()
         if not s <= MAX_SCALE:
@@ -167,16 +167,12 @@ class Contract(BaseModel):
                 f"must be at most {MAX_SCALE:g}"
             )
         process = PROCESSES[self.process]
+        given = self.process_params()
         try:
-            process.check_spread(self.process_params(), t, s)
+            process.check_spread(given, t, s)
         except ValueError as exc:
             raise ValueError(("" if self.vol_driven else "params.") + str(exc)) from None
-        if process.averages:
-            theta = torch.tensor([[self.process_params()[n] for n in process.param_names]], dtype=torch.float64)
-            one = torch.tensor([t], dtype=torch.float64)
-            ratio = float(process.forward_ratio(theta, one, one * rate, one * dividend)[0])
-        else:
-            ratio = math.exp((rate - dividend) * t)
+        ratio = process.forward_ratio_math([given[n] for n in process.param_names], t, rate, dividend)
         kappa = self.strike / (spot * ratio)
         low, high = MONEYNESS_BOUNDS
         if not low <= kappa <= high:
@@ -190,11 +186,10 @@ class Contract(BaseModel):
         _, t, _, _ = self.market_inputs()
         process = PROCESSES[self.process]
         given = self.process_params()
-        if self.vol_driven:
+        if self.vol_driven:  # vol sqrt(T), an asian's too (not its geometric average's scale)
             return given["vol"] * math.sqrt(t)
-        # the engine's own formula; contracts by parameter set are not the hot path
-        theta = torch.tensor([[given[n] for n in process.param_names]], dtype=torch.float64)
-        return float(process.scale(theta, torch.tensor([t], dtype=torch.float64))[0])
+        # the engine's formula, as its torch-free twin (engine/processes/spec.py)
+        return process.scale_math([given[n] for n in process.param_names], t)
 
     @property
     def is_explicit(self) -> bool:

@@ -19,15 +19,15 @@ order (increments of W over each fixing interval).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 
 from spectralmc_server.engine import kernels
+from spectralmc_server.engine.processes import spec
 from spectralmc_server.engine.processes.base import EXPIRY, VOL_BOUNDS, ModelDomain, ParameterRange, Process
-
-MAX_FIXINGS = 64
+from spectralmc_server.engine.processes.spec import MAX_FIXINGS, Floats
 
 
 def fixing_count(theta: torch.Tensor) -> torch.Tensor:
@@ -100,6 +100,12 @@ class AsianProcess(Process):
         """F_A / S: the average's forward, through the carry parameter (= rate - dividend)."""
         return average_forward_ratio(theta, expiry)
 
+    def forward_ratio_math(self, theta: Sequence[float], expiry: float, rate: float, dividend: float) -> float:
+        return spec.average_forward_ratio(theta, expiry)
+
+    def forward_ratio_np(self, theta: Floats, expiry: Floats, rate: Floats, dividend: Floats) -> Floats:
+        return spec.average_forward_ratio_np(theta, expiry)
+
     def rate_parameter(self) -> int | None:
         return 1  # the carry
 
@@ -114,6 +120,12 @@ class AsianProcess(Process):
 
     def scale(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         return geometric_scale(theta, expiry)
+
+    def scale_math(self, theta: Sequence[float], expiry: float) -> float:
+        return spec.geometric_scale(theta, expiry)
+
+    def scale_np(self, theta: Floats, expiry: Floats) -> Floats:
+        return spec.geometric_scale_np(theta, expiry)
 
     def canonical_params(self, theta: torch.Tensor) -> torch.Tensor:
         """Fixing counts are integers: sampled points are rounded before use."""

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from spectralmc_server.engine.processes import spec
+from spectralmc_server.engine.processes.spec import Floats
 
 EXPIRY = "expiry_years"
 
@@ -152,6 +155,15 @@ class Process(ABC):
         Europeans: e^{(r - q) T}. Differentiable in every argument."""
         return torch.exp((rate - dividend) * expiry)
 
+    def forward_ratio_math(self, theta: Sequence[float], expiry: float, rate: float, dividend: float) -> float:
+        """:meth:`forward_ratio` of one contract without torch (engine/processes/spec.py):
+        ``theta`` its parameters in :attr:`param_names` order."""
+        return spec.forward_ratio(rate, dividend, expiry)
+
+    def forward_ratio_np(self, theta: Floats, expiry: Floats, rate: Floats, dividend: Floats) -> Floats:
+        """:meth:`forward_ratio` of a book without torch: theta (B, P), the rest (B,)."""
+        return spec.forward_ratio_np(rate, dividend, expiry)
+
     def rate_parameter(self) -> int | None:
         """The index of a parameter that moves one-for-one with the rate (an Asian's
         carry r - q), or None. Where there is one, rho is taken by autograd through the
@@ -165,6 +177,15 @@ class Process(ABC):
     @abstractmethod
     def scale(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         """Closed-form scale s(theta, T) (B,): roughly the standard deviation of X."""
+
+    @abstractmethod
+    def scale_math(self, theta: Sequence[float], expiry: float) -> float:
+        """:meth:`scale` of one point without torch (engine/processes/spec.py): ``theta``
+        the parameters in :attr:`param_names` order."""
+
+    @abstractmethod
+    def scale_np(self, theta: Floats, expiry: Floats) -> Floats:
+        """:meth:`scale` without torch: theta (B, P), T (B,) -> (B,) float64."""
 
     @abstractmethod
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,14 @@ phi_X(u) = exp(-i u s^2 / 2 - u^2 s^2 / 2).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 import torch
 
+from spectralmc_server.engine.processes import spec
 from spectralmc_server.engine.processes.base import EXPIRY, VOL_BOUNDS, ModelDomain, ParameterRange, Process
+from spectralmc_server.engine.processes.spec import Floats
 
 
 class GBMProcess(Process):
@@ -35,6 +37,12 @@ class GBMProcess(Process):
 
     def scale(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         return theta[:, 0] * torch.sqrt(expiry)
+
+    def scale_math(self, theta: Sequence[float], expiry: float) -> float:
+        return spec.gbm_scale(theta, expiry)
+
+    def scale_np(self, theta: Floats, expiry: Floats) -> Floats:
+        return spec.gbm_scale_np(theta, expiry)
 
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         s = self.scale(theta, expiry).to(z.dtype)[:, None]  # (B, 1)

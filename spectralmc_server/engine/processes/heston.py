@@ -26,14 +26,16 @@ which has no branch-cut discontinuity for any maturity:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 
 from spectralmc_server.engine import kernels
+from spectralmc_server.engine.processes import spec
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
 from spectralmc_server.engine.processes.bridge import brownian_bridge
+from spectralmc_server.engine.processes.spec import Floats
 
 PSI_C = 1.5  # Andersen's switching level between the quadratic and exponential steps
 
@@ -85,6 +87,12 @@ class HestonProcess(Process):
         v0, kappa, mean_v = theta[:, 0], theta[:, 1], theta[:, 2]
         integral = mean_v * expiry + (v0 - mean_v) * (-torch.expm1(-kappa * expiry)) / kappa
         return torch.sqrt(integral)
+
+    def scale_math(self, theta: Sequence[float], expiry: float) -> float:
+        return spec.heston_scale(theta, expiry)
+
+    def scale_np(self, theta: Floats, expiry: Floats) -> Floats:
+        return spec.heston_scale_np(theta, expiry)
 
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.steps <= kernels.MAX_FUSED_STEPS and kernels.use_fused(z, theta, expiry):

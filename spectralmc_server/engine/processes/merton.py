@@ -15,12 +15,14 @@ path takes three normals from the shared pool and no other randomness.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import torch
 
+from spectralmc_server.engine.processes import spec
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
+from spectralmc_server.engine.processes.spec import Floats
 
 MAX_JUMPS = 40  # counts above this are cut (P(n > 40) < 1e-30 for lambda T <= 3)
 
@@ -84,6 +86,12 @@ class MertonProcess(Process):
         diffusion plus the second moment of the jumps."""
         sigma, lam, mu_j, sigma_j = theta[:, 0], theta[:, 1], theta[:, 2], theta[:, 3]
         return torch.sqrt((sigma * sigma + lam * (mu_j * mu_j + sigma_j * sigma_j)) * expiry)
+
+    def scale_math(self, theta: Sequence[float], expiry: float) -> float:
+        return spec.merton_scale(theta, expiry)
+
+    def scale_np(self, theta: Floats, expiry: Floats) -> Floats:
+        return spec.merton_scale_np(theta, expiry)
 
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         dtype = z.dtype

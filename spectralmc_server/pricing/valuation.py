@@ -19,7 +19,6 @@ from spectralmc_server.engine.certify import RELATIVE_MEASURES, UNITS
 from spectralmc_server.engine.pricer import (
     MOMENT_MAX_SPREAD,
     SPREAD_MEASURES,
-    OptionBatch,
     ServedModel,
     clamp_to_bounds,
     reference_bounds,
@@ -29,7 +28,7 @@ from spectralmc_server.engine.pricer import (
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.marketdata.store import iso
 from spectralmc_server.pricing.book import all_explicit, book_of, book_of_requests, processes
-from spectralmc_server.pricing.schemas import Contract, PriceRequest
+from spectralmc_server.pricing.schemas import PriceRequest
 
 
 class RequestError(ValueError):
@@ -40,51 +39,6 @@ class RequestError(ValueError):
         self.field = field
         self.reason = reason
         self.market = market  # True: the market data is missing or unusable (no_market_data)
-
-
-def _params(c: Contract, names: tuple[str, ...]) -> tuple[float, ...]:
-    if names == ("vol",):  # GBM, the hot path: vol as a field or in params
-        return (c.vol if c.vol is not None else (c.params or {})["vol"],)
-    given = c.process_params()
-    return tuple(given[n] for n in names)
-
-
-def _batch(contracts: list[Contract], names: tuple[str, ...]) -> OptionBatch:
-    """Explicit contracts as one batch, in one pass (this runs per contract on the
-    serving path, so it avoids per-field method calls)."""
-    rows = [
-        (
-            c.spot,
-            c.strike,
-            c.expiry_years,
-            c.rate or 0.0,
-            c.dividend or 0.0,
-            c.right == "call",
-            *_params(c, names),
-        )
-        for c in contracts
-    ]
-    table = torch.tensor(rows, dtype=torch.float64).reshape(len(contracts), 6 + len(names))  # (n, 6 + P)
-    return OptionBatch(
-        spot=table[:, 0],
-        strike=table[:, 1],
-        expiry=table[:, 2],
-        rate=table[:, 3],
-        dividend=table[:, 4],
-        is_call=table[:, 5] > 0.5,
-        theta=table[:, 6:],
-    )
-
-
-def _concat(batches: list[OptionBatch]) -> OptionBatch:
-    if len(batches) == 1:
-        return batches[0]
-    return OptionBatch(
-        *(
-            torch.cat([getattr(b, f) for b in batches])
-            for f in ("spot", "strike", "expiry", "rate", "dividend", "is_call", "theta")
-        )
-    )
 
 
 def check_inputs(request: PriceRequest) -> None:

@@ -1,5 +1,6 @@
 """pricing/book.py: a book of contracts as columns gives the engine exactly the batch
-the contract objects give (pricing/valuation.py ``_batch``, one pass over the objects),
+the contract objects give (``_batch`` below: the Valuer's one pass over the objects
+before books, kept as the oracle),
 for every process and every way of giving its inputs, and the Valuer built on it answers
 the same bytes whatever the mix and order of processes in a request."""
 
@@ -12,13 +13,32 @@ import numpy as np
 import pytest
 import torch
 
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.pricing.book import Book
 from spectralmc_server.pricing.schemas import Contract, PriceRequest
-from spectralmc_server.pricing.valuation import Valuer, _batch, dumps
+from spectralmc_server.pricing.valuation import Valuer, dumps
 
 HESTON = {"v0": 0.04, "kappa": 2.0, "theta": 0.05, "xi": 0.5, "rho": -0.6}
 MERTON = {"sigma": 0.2, "lambda": 0.3, "mu_j": -0.1, "sigma_j": 0.15}
+
+
+def _params(c: Contract, names: tuple[str, ...]) -> tuple[float, ...]:
+    if names == ("vol",):
+        return (c.vol if c.vol is not None else (c.params or {})["vol"],)
+    given = c.process_params()
+    return tuple(given[n] for n in names)
+
+
+def _batch(contracts: list[Contract], names: tuple[str, ...]) -> OptionBatch:
+    """The oracle: the batch as the Valuer built it before books, one contract object at
+    a time (rate and dividend default to 0)."""
+    rows = [
+        (c.spot, c.strike, c.expiry_years, c.rate or 0.0, c.dividend or 0.0, c.right == "call", *_params(c, names))
+        for c in contracts
+    ]
+    table = torch.tensor(rows, dtype=torch.float64).reshape(len(contracts), 6 + len(names))
+    return OptionBatch(table[:, 0], table[:, 1], table[:, 2], table[:, 3], table[:, 4], table[:, 5] > 0.5, table[:, 6:])
 
 
 def random_contract(rng: random.Random, i: int) -> dict[str, Any]:

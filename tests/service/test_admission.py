@@ -1,4 +1,4 @@
-"""Admission by estimated cost, bounded jobs and bounded calibrations (service/queue.py,
+"""Admission by estimated cost, bounded jobs and bounded calibrations (service/batcher.py,
 service/worker.py, service/calibration.py).
 
 Timing assertions are ratios or generous bounds: the VM running the tests is shared and

@@ -42,6 +42,7 @@ def _load(name: str) -> ModuleType:
         "variance_reduction",
         "abuse",
         "certify",
+        "ipc",
     ],
 )
 def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

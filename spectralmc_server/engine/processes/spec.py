@@ -24,6 +24,15 @@ so the numpy and ``math`` twins never give a book and its rows different verdict
 
 The twins take parameters within the process's param_bounds (the validators check those
 first); outside them the ``math`` twins may raise where torch would answer inf or nan.
+
+On them stands :func:`servable_np` (and :func:`servable_one` for one contract): which
+contracts a served learned model may answer (``ModelPricer.servable``, engine/pricer.py),
+so that admission can tell without torch. The domain's box is compared as the engine
+compares it, bit for bit; the spread bound MOMENT_MAX_SPREAD and the certified K/F bounds
+on the twins' values, so a contract within a few ulp of one of those (1.8e-13 relative
+at most, Heston's spread) may get a different verdict from the engine's
+(tests/engine/test_servable_twin.py: none did, on books straddling every bound).
+
 This module imports neither torch nor anything of the engine (the package's __init__
 still imports the torch processes: a process without torch imports this file alone).
 """
@@ -31,7 +40,7 @@ still imports the torch processes: a process without torch imports this file alo
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -39,6 +48,13 @@ import numpy.typing as npt
 Floats = npt.NDArray[np.float64]
 
 MAX_FIXINGS = 64  # an Asian's fixings: at most this many (a path takes this many normals)
+# stdev, skew and kurtosis come from quadrature against a COS density, whose tails it
+# under-weights as the spread s grows (docs/method.md): a learned model answers them up
+# to this s; beyond, GBM's closed forms do and other processes refuse (422).
+MOMENT_MAX_SPREAD = 1.0
+# K/F from a strike and a forward carries rounding (0.7 + 12 * 0.05 > 1.3): the certified
+# K/F bounds are widened by this much, relative (ModelPricer.servable, engine/pricer.py).
+MONEYNESS_SLACK = 1e-12
 
 # ATen's CPU sum of a contiguous float64 row of MAX_FIXINGS terms: four accumulators of
 # four lanes, accumulator k lane l adding terms 16 i + 4 k + l for i = 0..3 in turn; then
@@ -204,8 +220,171 @@ def average_forward_ratio_np(theta: Floats, expiry: Floats) -> Floats:
     return out
 
 
+# -- what a learned model may answer ----------------------------------------------------------
+
+ScaleNp = Callable[[Floats, Floats], Floats]
+ForwardRatioNp = Callable[[Floats, Floats, Floats, Floats], Floats]
+Scale = Callable[[Sequence[float], float], float]
+ForwardRatio = Callable[[Sequence[float], float, float, float], float]
+
+
+def _european_ratio_np(theta: Floats, expiry: Floats, rate: Floats, dividend: Floats) -> Floats:
+    return forward_ratio_np(rate, dividend, expiry)
+
+
+def _average_ratio_np(theta: Floats, expiry: Floats, rate: Floats, dividend: Floats) -> Floats:
+    return average_forward_ratio_np(theta, expiry)
+
+
+def _european_ratio(theta: Sequence[float], expiry: float, rate: float, dividend: float) -> float:
+    return forward_ratio(rate, dividend, expiry)
+
+
+def _average_ratio(theta: Sequence[float], expiry: float, rate: float, dividend: float) -> float:
+    return average_forward_ratio(theta, expiry)
+
+
+# Each process's Process.scale and Process.forward_ratio, by its name (engine/processes/):
+# an Asian's strike is on the average, whose forward is F_A (carry and fixings in theta).
+SCALE_NP: Mapping[str, ScaleNp] = {
+    "gbm": gbm_scale_np,
+    "heston": heston_scale_np,
+    "merton": merton_scale_np,
+    "asian": geometric_scale_np,
+}
+FORWARD_RATIO_NP: Mapping[str, ForwardRatioNp] = {
+    "gbm": _european_ratio_np,
+    "heston": _european_ratio_np,
+    "merton": _european_ratio_np,
+    "asian": _average_ratio_np,
+}
+SCALE: Mapping[str, Scale] = {
+    "gbm": gbm_scale,
+    "heston": heston_scale,
+    "merton": merton_scale,
+    "asian": geometric_scale,
+}
+FORWARD_RATIO: Mapping[str, ForwardRatio] = {
+    "gbm": _european_ratio,
+    "heston": _european_ratio,
+    "merton": _european_ratio,
+    "asian": _average_ratio,
+}
+
+
+def _known(process: str) -> None:
+    if process not in SCALE_NP:
+        raise ValueError(f"unknown process {process!r}: known processes are {', '.join(sorted(SCALE_NP))}")
+
+
+def servable_np(
+    process: str,
+    theta: Floats,
+    expiry: Floats,
+    spot: Floats,
+    strike: Floats,
+    rate: Floats,
+    dividend: Floats,
+    *,
+    lows: Floats,
+    highs: Floats,
+    certified_moneyness: tuple[float, float],
+    qualified: bool,
+    spread_measures: bool,
+    price_measures: bool,
+) -> npt.NDArray[np.bool_]:
+    """ModelPricer.servable of a book without torch: (n,) bool, where the served learned
+    model of ``process`` may answer.
+
+    - ``theta`` (n, P): the parameters in the process's ``param_names`` order; ``expiry``,
+      ``spot``, ``strike``, ``rate`` and ``dividend`` (n,).
+    - ``lows``, ``highs`` (P + 1,): the domain's closed box, ``[r.low for r in
+      domain.ranges]`` and the like (``ModelView.box()``, engine/view.py): the parameters
+      then expiry last. The engine compares theta's column i with the domain's range i
+      (``ModelDomain.contains``), so does this; a domain's ranges are named and ordered as
+      its process's parameters (the trainer checks).
+    - ``certified_moneyness``: ``domain.certified_moneyness``, the K/F bounds;
+      ``qualified``: ``ModelPricer.qualified`` (False: nothing is servable).
+    - ``spread_measures``: the request asks for one of SPREAD_MEASURES (stdev, skew,
+      kurtosis), which the learned model answers up to a spread of MOMENT_MAX_SPREAD;
+      ``price_measures``: for one of PRICE_MEASURES, answered inside the K/F bounds
+      (engine/pricer.py).
+
+    NaN anywhere a verdict needs fails it (as in torch). The spread and K/F are the numpy
+    twins above, a few ulp from torch's: within that of a bound the verdict may differ.
+    """
+    _known(process)
+    theta = np.asarray(theta, dtype=np.float64)
+    expiry = np.asarray(expiry, dtype=np.float64)
+    lows = np.asarray(lows, dtype=np.float64)
+    highs = np.asarray(highs, dtype=np.float64)
+    n = len(expiry)
+    if theta.ndim != 2 or theta.shape[0] != n or lows.shape != (theta.shape[1] + 1,) or highs.shape != lows.shape:
+        raise ValueError(
+            f"need theta (n, P), expiry (n,) and lows, highs (P + 1,): got theta {theta.shape}, "
+            f"expiry {expiry.shape}, lows {lows.shape}, highs {highs.shape}"
+        )
+    if not qualified:
+        return np.zeros(n, dtype=np.bool_)
+    inside: npt.NDArray[np.bool_] = (expiry >= lows[-1]) & (expiry <= highs[-1])
+    for i in range(theta.shape[1]):
+        inside &= (theta[:, i] >= lows[i]) & (theta[:, i] <= highs[i])
+    if spread_measures:
+        inside &= SCALE_NP[process](theta, expiry) <= MOMENT_MAX_SPREAD
+    if price_measures:
+        low, high = certified_moneyness
+        spot, strike = np.asarray(spot, dtype=np.float64), np.asarray(strike, dtype=np.float64)
+        rate, dividend = np.asarray(rate, dtype=np.float64), np.asarray(dividend, dtype=np.float64)
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            kappa = strike / (spot * FORWARD_RATIO_NP[process](theta, expiry, rate, dividend))
+        inside &= (kappa >= low * (1 - MONEYNESS_SLACK)) & (kappa <= high * (1 + MONEYNESS_SLACK))
+    return inside
+
+
+def servable_one(
+    process: str,
+    theta: Sequence[float],
+    expiry: float,
+    spot: float,
+    strike: float,
+    rate: float,
+    dividend: float,
+    *,
+    lows: Sequence[float],
+    highs: Sequence[float],
+    certified_moneyness: tuple[float, float],
+    qualified: bool,
+    spread_measures: bool,
+    price_measures: bool,
+) -> bool:
+    """:func:`servable_np` of one contract, on the ``math`` twins (same arguments, each
+    array a row of it). The twins see only parameters inside the box; the market inputs
+    must be as the validators admit them (spot > 0, a finite forward), or this may raise
+    where torch would answer inf or nan."""
+    _known(process)
+    if len(lows) != len(theta) + 1 or len(highs) != len(lows):
+        raise ValueError(f"need lows and highs of len(theta) + 1 = {len(theta) + 1}, got {len(lows)}, {len(highs)}")
+    if not qualified or not lows[-1] <= expiry <= highs[-1]:
+        return False
+    if not all(lo <= x <= hi for x, lo, hi in zip(theta, lows[:-1], highs[:-1], strict=True)):
+        return False
+    if spread_measures and not SCALE[process](theta, expiry) <= MOMENT_MAX_SPREAD:
+        return False
+    if price_measures:
+        low, high = certified_moneyness
+        kappa = strike / (spot * FORWARD_RATIO[process](theta, expiry, rate, dividend))
+        return low * (1 - MONEYNESS_SLACK) <= kappa <= high * (1 + MONEYNESS_SLACK)
+    return True
+
+
 __all__ = [
+    "FORWARD_RATIO",
+    "FORWARD_RATIO_NP",
     "MAX_FIXINGS",
+    "MOMENT_MAX_SPREAD",
+    "MONEYNESS_SLACK",
+    "SCALE",
+    "SCALE_NP",
     "average_forward_ratio",
     "average_forward_ratio_np",
     "fixing_count",
@@ -220,6 +399,8 @@ __all__ = [
     "heston_scale_np",
     "merton_scale",
     "merton_scale_np",
+    "servable_np",
+    "servable_one",
     "sum_fixings",
     "sum_fixings_np",
 ]

@@ -754,8 +754,10 @@ def _run_with_progress(trainer: Any, steps: int, args: argparse.Namespace, shoul
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
+    from spectralmc_server.service import keys
     from spectralmc_server.service.app import create_app
     from spectralmc_server.service.edge import run_app
+    from spectralmc_server.service.engine_process import EngineStartError
     from spectralmc_server.settings import Settings
     from spectralmc_server.store.objects import StoreError
     from spectralmc_server.store.uri import InvalidStoreURI, parse_store_uri
@@ -778,9 +780,10 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("aiohttp.server").addFilter(_malformed_http_one_line)
     log = logging.getLogger("spectralmc_server")
     log.info("role %s, store %s, models %s", settings.role, settings.store_uri, ", ".join(settings.models))
+    app = create_app(settings)
     try:
         run_app(  # web.run_app with JSON parser errors and the header-read timeout (service/edge.py)
-            create_app(settings),
+            app,
             host=settings.host,
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout_seconds,
@@ -791,7 +794,10 @@ def _serve(args: argparse.Namespace) -> int:
     except StoreError as exc:  # the store is unreachable or refuses us: the environment, not a bug
         print(f"error: cannot start: model store {settings.store_uri}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    return EXIT_OK
+    except EngineStartError as exc:
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return app[keys.LIFECYCLE].exit_code or EXIT_OK
 
 
 def _malformed_http_one_line(record: Any) -> bool:
@@ -914,7 +920,10 @@ def _price(args: argparse.Namespace) -> int:
         return loaded
 
     try:
-        request = admit(body if form == "rows" else _columns_request(head, columns), models)
+        request = admit(
+            body if form == "rows" else _columns_request(head, columns),
+            lambda: {p: served.view for p, served in models().items()},
+        )
         market = None
         if args.marketdata is not None and needs_market_data(request):
             market = _snapshot_of(args.marketdata, request)

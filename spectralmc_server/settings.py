@@ -117,6 +117,28 @@ class MemorySettings(BaseModel):
     malloc_trim: bool = True  # reclaims give freed heap back to the OS (glibc only)
 
 
+class EngineSettings(BaseModel):
+    """Where torch runs (docs/architecture.md, "The engine process").
+
+    ``process``: in an engine process of its own, which the server starts, watches and
+    restarts (``spectralmc serve``); the HTTP process then runs no torch computation.
+    ``thread``: on a thread of the server's own process (tests, ``create_app`` callers)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: Literal["thread", "process"] = "process"
+    # an engine that dies is started again after 0.5, 1, 2, ... s (at most max_backoff);
+    # the server exits (status 1, for the orchestrator to restart it) once the engine has
+    # died more than max_restarts times within restart_window_seconds
+    max_restarts: int = Field(5, ge=0)
+    restart_window_seconds: float = Field(300.0, gt=0)
+    max_backoff_seconds: float = Field(30.0, gt=0)
+    status_seconds: float = Field(1.0, gt=0)  # how often the engine reports its status
+    # an engine that answers nothing (not even its status) this long is taken for hung: killed
+    heartbeat_timeout_seconds: float = Field(10.0, gt=0)
+    start_timeout_seconds: float = Field(300.0, gt=0)  # imports, seeding and model loads
+
+
 class UISettings(BaseModel):
     """What the live page at /ui subscribes to."""
 
@@ -293,6 +315,7 @@ class Settings(BaseSettings):
     marketdata: MarketDataSettings = MarketDataSettings()
     stream: StreamSettings = StreamSettings()
     memory: MemorySettings = MemorySettings()
+    engine: EngineSettings = EngineSettings()
     ui: UISettings = UISettings()
     certificate: CertificateSettings = CertificateSettings()
     portfolios: dict[str, list[Contract]] = Field(default_factory=_demo_portfolio)  # named books (jobs, /ui)

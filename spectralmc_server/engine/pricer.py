@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Protocol
 
 import torch
@@ -22,6 +23,7 @@ from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
 from spectralmc_server.engine.device import MemoryBudget
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
+from spectralmc_server.engine.processes.spec import MOMENT_MAX_SPREAD as MOMENT_MAX_SPREAD  # noqa: PLC0414
 from spectralmc_server.engine.reference import (
     MonteCarloCF,
     analytic_cf_y,
@@ -30,15 +32,16 @@ from spectralmc_server.engine.reference import (
     lognormal_quantiles,
 )
 from spectralmc_server.engine.spectrum import SpectrumConfig
+from spectralmc_server.engine.view import ModelView
 
 PRICE_MEASURES = ("price", "delta", "gamma", "vega", "theta", "rho", "digital")
 DIST_MEASURES = ("mean", "stdev", "skew", "kurtosis")
 MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")
 # stdev, skew and kurtosis come from quadrature against a COS density, whose tails it
 # under-weights as the spread s grows (docs/method.md): a learned model answers them up
-# to this s; beyond, GBM's closed forms do and other processes refuse (422).
+# to MOMENT_MAX_SPREAD (engine/processes/spec.py, torch-free for admission); beyond,
+# GBM's closed forms do and other processes refuse (422).
 SPREAD_MEASURES = frozenset({"stdev", "skew", "kurtosis"})
-MOMENT_MAX_SPREAD = 1.0
 
 CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 CF_CHUNK = 64  # CF evaluations take a multiple of this many rows: answers are batch-invariant
@@ -432,6 +435,21 @@ class ServedModel:
     pricer: ModelPricer
     network: torch.nn.Module | None = None  # the learned network (for measuring its memory)
     certificate: dict[str, Any] | None = None  # engine/certify.py's measured error map of this version
+
+    @cached_property
+    def view(self) -> ModelView:
+        """This version as plain data (engine/view.py): what the serving side reads."""
+        return ModelView(
+            name=self.name,
+            process=self.process.name,
+            version=self.version,
+            content_hash=self.content_hash,
+            ranges=tuple((r.name, float(r.low), float(r.high)) for r in self.domain.ranges),
+            moneyness=self.domain.certified_moneyness,
+            qualified=self.pricer.qualified,
+            domain=self.domain.model_dump(mode="json"),
+            certificate=self.certificate,
+        )
 
 
 def load_served_model(

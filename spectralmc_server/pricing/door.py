@@ -28,6 +28,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from spectralmc_server.engine.pricer import ServedModel
+from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.pricing.columns import request_from_columns, rows_as_columns
@@ -46,6 +47,7 @@ from spectralmc_server.pricing.valuation import (
 log = logging.getLogger(__name__)
 
 Models = Mapping[str, ServedModel]
+Views = Mapping[str, ModelView]
 # Below this many contracts the row schema is faster than the columnar checks (their
 # numpy calls cost ~0.2 ms whatever the size; the schema ~5-8 us a contract; measured).
 COLUMNAR_MIN_CONTRACTS = 64
@@ -78,7 +80,7 @@ def parse(body: Any) -> PriceRequest:
     return request
 
 
-def admit(body: Any, models: Callable[[], Models]) -> PriceRequest:
+def admit(body: Any, models: Callable[[], Views]) -> PriceRequest:
     """``body`` (decoded JSON) as a checked request, or :class:`RequestRefusedError`.
 
     ``models`` is called only once the body is valid (the server raises its own
@@ -123,7 +125,7 @@ def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefuse
                 request = explicit_request(request, *entry.market)
                 key = entry.market[0].key()
             check_explicit(request)  # by reference with no snapshot to take inputs from
-            check_request(request, entry.models)
+            check_request(request, {p: served.view for p, served in entry.models.items()})
         except RequestError as exc:
             out[k] = RequestRefusedError.of(exc, entry.offset)
             continue

@@ -18,6 +18,9 @@ class RequestRefusedError(ValueError):
         self.details = details
         self.market = market
 
+    def __reduce__(self) -> tuple[Any, ...]:  # crosses to the HTTP process whole (engine_service)
+        return (type(self), (self.message, self.details), {"market": self.market})
+
     @classmethod
     def of(cls, exc: RequestError, offset: int = 0) -> RequestRefusedError:
         """A :class:`RequestError` as a refusal; ``offset`` shifts a ``contracts[i]``

@@ -18,6 +18,7 @@ import torch
 from spectralmc_server.engine.certify import RELATIVE_MEASURES, UNITS
 from spectralmc_server.engine.pricer import (
     MOMENT_MAX_SPREAD,
+    PRICE_MEASURES,
     SPREAD_MEASURES,
     ServedModel,
     clamp_to_bounds,
@@ -26,6 +27,8 @@ from spectralmc_server.engine.pricer import (
     reference_with_error,
 )
 from spectralmc_server.engine.processes import get_process
+from spectralmc_server.engine.processes.spec import servable_np
+from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.store import iso
 from spectralmc_server.pricing.book import all_explicit, book_of, book_of_requests, processes
 from spectralmc_server.pricing.schemas import PriceRequest
@@ -92,7 +95,7 @@ def _check_finite(
             raise NonFiniteResultError(f"{m} of contract {bad!r} is not finite")
 
 
-def check_request(request: PriceRequest, models: Mapping[str, ServedModel]) -> None:
+def check_request(request: PriceRequest, models: Mapping[str, ModelView]) -> None:
     """What an explicit request must satisfy before pricing, beyond its schema: a
     bounded simulated-reference cost (:func:`check_cost`) and higher moments only where
     the quadrature is accurate. Raises RequestError (a 422 naming the contract)."""
@@ -115,7 +118,7 @@ def check_request(request: PriceRequest, models: Mapping[str, ServedModel]) -> N
     check_cost(request, models)
 
 
-def check_cost(request: PriceRequest, models: Mapping[str, ServedModel]) -> None:
+def check_cost(request: PriceRequest, models: Mapping[str, ModelView]) -> None:
     """Refuse (RequestError) a request whose reference work is unbounded: more than
     ``MAX_SIMULATED_REFERENCE_POINTS`` distinct (parameters, expiry) points that only a
     simulated reference can answer."""
@@ -132,16 +135,27 @@ def check_cost(request: PriceRequest, models: Mapping[str, ServedModel]) -> None
             part = part.take(np.flatnonzero(explicit))
         if not len(part):
             continue
-        batch = part.option_batch(name)
+        theta, expiry = part.theta(name), part.expiry_years
         served = models.get(name)
-        outside = torch.ones(len(batch), dtype=torch.bool)
-        if served is not None:
-            outside = ~served.pricer.servable(batch, measures)
-        points = {
-            (*row, t)
-            for row, t, out in zip(batch.theta.tolist(), batch.expiry.tolist(), outside.tolist(), strict=True)
-            if out
-        }
+        outside = np.ones(len(part), dtype=np.bool_)
+        if served is not None:  # the engine's servable, without torch (engine/processes/spec.py)
+            lows, highs = served.box()
+            outside = ~servable_np(
+                name,
+                theta,
+                expiry,
+                part.spot,
+                part.strike,
+                np.nan_to_num(part.rate, nan=0.0),  # absent: 0, as the engine's batch has it
+                np.nan_to_num(part.dividend, nan=0.0),
+                lows=lows,
+                highs=highs,
+                certified_moneyness=served.moneyness,
+                qualified=served.qualified,
+                spread_measures=bool(measures & SPREAD_MEASURES),
+                price_measures=bool(measures & set(PRICE_MEASURES)),
+            )
+        points = {(*row, t) for row, t in zip(theta[outside].tolist(), expiry[outside].tolist(), strict=True)}
         if len(points) > MAX_SIMULATED_REFERENCE_POINTS:
             raise RequestError(
                 "contracts",

@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 
 from spectralmc_server.engine.certify import gate_failures
+from spectralmc_server.engine_service.messages import CommitRefused, EngineDead
 from spectralmc_server.service import keys
 from spectralmc_server.service.auth import ADMIN_REALM, require_token
 from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
@@ -52,7 +53,7 @@ def authorize(request: web.Request) -> None:
 def model_store(request: web.Request) -> VersionStore:
     authorize(request)
     name = request.match_info["name"]
-    stores = request.app[keys.HOST].stores
+    stores = request.app[keys.STORES]
     if name not in stores:
         raise NotFound(f"no served model {name!r}; served: {', '.join(stores)}")
     return stores[name]
@@ -63,13 +64,13 @@ async def optional_body(request: web.Request) -> Any:
 
 
 async def refresh(request: web.Request, name: str) -> dict[str, Any]:
-    """Make this server serve what the store now says, before answering."""
-    tracker = request.app[keys.HOST].trackers[name]
+    """Make this server serve what the store now says, before answering (an engine that
+    is down reads the store when it starts again)."""
     try:
-        await tracker.poll_once()
-    except Exception as exc:  # the store move happened; the swap is retried by polling
-        log.warning("model %s: refresh after an admin change failed: %s", name, exc)
-    return next(m for m in request.app[keys.HOST].describe() if m["name"] == name)
+        await request.app[keys.ENGINE].poll(name)
+    except EngineDead as exc:
+        log.warning("model %s: refresh after an admin change: the engine is down (%s)", name, exc)
+    return next(m for m in request.app[keys.MODELS].current.describe() if m["name"] == name)
 
 
 @routes.post("/v1/admin/models/{name}/commit")
@@ -77,37 +78,19 @@ async def commit(request: web.Request) -> web.Response:
     """Commit the online trainer's current state as a new version."""
     store = model_store(request)
     body: CommitBody = validate(CommitBody, await optional_body(request))
-    training = request.app.get(keys.TRAINING)
-    if training is None or training.model != store.name:
-        note = request.app[keys.LIFECYCLE].training_note
-        raise Conflict(f"this server does not train model {store.name!r}" + (f" ({note})" if note else ""))
-    ckpt = await request.app[keys.WORKER].submit(training.checkpoint)
-    result = await request.app[keys.HOST].certify(store.name, ckpt)  # ~30 s, in a thread
-    step = ckpt.manifest["state"]["step"]
-    if not result.passed:
-        request.app[keys.METRICS].training_rejected.labels(store.name).inc()
-        log.warning("admin commit of %s at step %s: it %s", store.name, step, result.describe())
-        if not body.allow_unqualified:
-            raise gate_conflict(
-                f"the training state of {store.name!r} at step {step} fails its quality gate and was not committed",
-                result.failures,
-                "allow_unqualified",
-            )
-    stored = await store.commit(
-        result.checkpoint,
-        body.message,
-        rebase=True,
-        unqualified=not result.passed,
-        gate=result.failures if not result.passed else None,
-    )
+    outcome = await request.app[keys.ENGINE].commit(store.name, body.message, body.allow_unqualified)
+    if isinstance(outcome, CommitRefused):
+        if outcome.kind == "gate":
+            raise gate_conflict(outcome.message, outcome.failures, "allow_unqualified")
+        raise Conflict(outcome.message)
     serving = await refresh(request, store.name)
     return json_response(
         {
-            "version": stored.version,
-            "content_hash": stored.content_hash,
-            "step": step,
-            "unqualified": not result.passed,
-            "gate": result.failures,
+            "version": outcome.version,
+            "content_hash": outcome.content_hash,
+            "step": outcome.step,
+            "unqualified": outcome.unqualified,
+            "gate": outcome.gate,
             "serving": serving,
         },
         status=201,
@@ -129,7 +112,7 @@ async def pin(request: web.Request) -> web.Response:
     what = f"version {body.version} of {store.name!r}"
     try:
         cert = await store.certificate(body.version)
-        failures = gate_failures(cert, request.app[keys.HOST].certificate.limits(store.name))
+        failures = gate_failures(cert, request.app[keys.SETTINGS].certificate.limits(store.name))
         if failures and not body.force:
             raise gate_conflict(f"{what} fails its quality gate and was not pinned", failures, "force")
         entry = await store.pin(body.version, body.by, force=bool(failures), gate=failures)

@@ -1,8 +1,9 @@
 """The aiohttp application: ``create_app(settings)`` builds it, nothing happens at import.
 
 Resources start in order and stop in reverse, each a ``cleanup_ctx``: object store ->
-market data -> models (seed, trackers) -> compute worker (and online training) ->
-valuation queue -> stream hub -> declared jobs -> GC tuning -> memory (memory.py).
+market data -> the engine (models, compute worker, online training: on a thread here or
+in its own process, engine_service/) -> valuation queue -> stream hub -> declared jobs
+-> GC tuning -> memory (memory.py).
 Graceful shutdown (SIGTERM/SIGINT): readiness fails at once, new work gets 503,
 queued and in-flight requests are answered, the worker finishes its jobs, and the
 training state is committed when ``train.commit_on_shutdown`` is set.
@@ -14,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -21,14 +23,16 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from spectralmc_server.engine.checkpoint import Checkpoint
-from spectralmc_server.engine.device import Budgets
-from spectralmc_server.engine.trainer import Trainer
+from spectralmc_server.engine.device import BudgetReport, Budgets
+from spectralmc_server.engine_service.core import EngineCore
+from spectralmc_server.engine_service.messages import EngineDead
 from spectralmc_server.marketdata.store import SnapshotStore, iso
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service import admin, calibration, edge, keys, routes, snapshot_routes
 from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.calibration import calibrate_action
+from spectralmc_server.service.engine import EngineClient, LocalEngine
+from spectralmc_server.service.engine_process import ProcessEngine
 from spectralmc_server.service.errors import (
     APIError,
     MethodNotAllowed,
@@ -40,16 +44,15 @@ from spectralmc_server.service.errors import (
 from spectralmc_server.service.jobs import Schedule, derive_action, price_action
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.memory import bounded_send, memory_ctx
-from spectralmc_server.service.metrics import Metrics, StateSource, TrainingState
-from spectralmc_server.service.models import ModelHost
+from spectralmc_server.service.metrics import Metrics, ModelState, StateSource, TrainingState
 from spectralmc_server.service.openapi import build_openapi, docs_page
 from spectralmc_server.service.stream import StreamHub
-from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
+from spectralmc_server.service.views import ModelDirectory
 from spectralmc_server.settings import PriceJob, Settings
-from spectralmc_server.store.commits import CommitPolicy, GateResult
 from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailable
 from spectralmc_server.store.s3 import S3Settings
 from spectralmc_server.store.uri import open_store
+from spectralmc_server.store.versions import VersionStore
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -94,6 +97,8 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
     except StoreUnavailable as exc:  # the object store is down: the client may retry, nothing is wrong with it
         log.warning("store unavailable on %s %s: %s", request.method, request.path, exc)
         response = _error_response(Unavailable(f"the store is unavailable: {exc}", 5, code="store_unavailable"))
+    except EngineDead as exc:  # the engine is down (restarting): the client may retry
+        response = _error_response(Unavailable(f"the compute engine is down: {exc}", 5, code="engine_unavailable"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)
         generic = APIError("internal error (logged on the server)")
@@ -167,145 +172,42 @@ async def _repair_latest_refs(store: SnapshotStore) -> None:
     log.info("market data: checked the latest ref of %d namespace(s), moved %d", report.checked, len(report.moved))
 
 
-async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+def _give_up(app: web.Application) -> None:
+    """The engine keeps dying: drain and exit with status 1 (the orchestrator restarts us)."""
+    app[keys.LIFECYCLE].exit_code = 1
+    signal.raise_signal(signal.SIGTERM)  # the runner's graceful shutdown (service/edge.py)
+
+
+async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The engine (engine_service/core.py): on a thread of this process (``engine.mode =
+    "thread"``; the engine's objects are then also under keys.HOST, keys.WORKER and
+    keys.TRAINING, for tests) or in a process of its own (``"process"``)."""
     s = app[keys.SETTINGS]
-    host = ModelHost(
-        app[keys.OBJECTS],
-        list(s.models),
-        app[keys.BUDGETS],
-        poll_seconds=s.poll_seconds,
-        max_backoff_seconds=s.poll_max_backoff_seconds,
-        seed_bundled=s.seed_bundled,
-        certificate=s.certificate,
-    )
-    app[keys.HOST] = host
+    app[keys.STORES] = {n: VersionStore(app[keys.OBJECTS], n) for n in s.models}
+    engine: EngineClient
+    if s.engine.mode == "process":
+        engine = ProcessEngine(s, app[keys.MODELS], app[keys.METRICS])
+        engine.on_give_up = lambda: _give_up(app)
+    else:
+        core = EngineCore(s, app[keys.OBJECTS], app[keys.METRICS], app[keys.BUDGETS])
+        engine = LocalEngine(core, app[keys.MODELS])
+        app[keys.HOST] = core.host
     try:
-        await host.start()
+        await engine.start()
     except BaseException:  # aiohttp cleans up no context when start-up fails: close the store here
-        await host.stop()
         await app[keys.OBJECTS].close()
         raise
+    if isinstance(engine, LocalEngine) and engine.core.worker is not None:
+        app[keys.WORKER] = engine.core.worker
+        if engine.core.training is not None:
+            app[keys.TRAINING] = engine.core.training
+    app[keys.ENGINE] = engine
     yield
-    await host.stop()
-
-
-async def _training(app: web.Application) -> OnlineTraining | None:
-    """Resume online training from the trained model's head version, if it has state."""
-    s = app[keys.SETTINGS]
-    life = app[keys.LIFECYCLE]
-    if not s.trains:
-        life.training_note = f"role {s.role!r} with train.enabled={s.train.enabled}: not training"
-        return None
-    store = app[keys.HOST].stores.get(s.train.model)
-    if store is None:
-        life.training_note = f"train.model {s.train.model!r} is not among the served models"
-        return None
-    head = await store.head()
-    if head is None:
-        life.training_note = f"model {s.train.model!r} has no version to resume training from"
-        return None
-    try:
-        ckpt = await store.load(head.version, need_training=True)
-    except Exception as exc:
-        life.training_note = f"version {head.version} of {s.train.model!r} has no usable training state ({exc})"
-        return None
-    trainer = await asyncio.to_thread(
-        Trainer.from_checkpoint,
-        ckpt,
-        app[keys.BUDGETS],
-        validate_every=s.train.validate_every,
-        device=s.train.device,
-        kernels=s.train.kernels,
-    )
-    policy = CommitPolicy(
-        every_seconds=s.train.commit_every_seconds,
-        only_if_improved=s.train.commit_if_improved,
-        final=False,
-    )
-    base = (ckpt.manifest.get("metrics", {}).get("validation") or {}).get("p95_bp")
-    policy.committed(base)  # publish only what beats the version training resumed from
-    loop = asyncio.get_running_loop()
-
-    async def commit(ck: Checkpoint, message: str) -> None:
-        val = (ck.manifest.get("metrics", {}).get("validation") or {}).get("p95_bp")
-        if app[keys.HOST].certify_lock.locked():
-            # The previous state is still being certified (~30 s): this one is skipped, not
-            # queued behind it (the next is due an interval later).
-            policy.withdraw(val)  # the worker counted it as committed when it handed it over
-            log.info("online training of %s: a certification is under way; %r skipped", store.name, message)
-            return
-        try:
-            result = await gated(app, store.name, ck)
-            if not result.passed:
-                policy.withdraw(val)
-                return
-            stored = await store.commit(result.checkpoint, message, rebase=True)
-            log.info("online training committed %s version %d: %s", store.name, stored.version, message)
-            await app[keys.HOST].trackers[store.name].poll_once()
-        except Exception:
-            log.exception("auto-commit of %s failed", store.name)
-
-    def publish(ck: Checkpoint, message: str) -> None:  # called on the worker thread
-        def schedule() -> None:
-            task = asyncio.create_task(commit(ck, message))
-            life.background.add(task)
-            task.add_done_callback(life.background.discard)
-
-        loop.call_soon_threadsafe(schedule)
-
-    life.training_note = None
-    return OnlineTraining(s.train.model, trainer, policy, publish)
-
-
-async def gated(app: web.Application, model: str, ckpt: Checkpoint) -> GateResult:
-    """Certify a checkpoint of online training in a thread (about 30 s: never on the
-    event loop; one at a time, so commits due close together do not pile up on the
-    CPU), and check it against the model's gate. A failing one is logged with its
-    reasons and counted in ``spectralmc_training_rejected_total``; committing it is the
-    caller's to refuse."""
-    result = await app[keys.HOST].certify(model, ckpt)
-    if not result.passed:
-        app[keys.METRICS].training_rejected.labels(model).inc()
-        log.warning(
-            "online training of %s: step %s not committed: it %s",
-            model,
-            ckpt.manifest.get("state", {}).get("step"),
-            result.describe(),
-        )
-    return result
-
-
-async def worker_ctx(app: web.Application) -> AsyncIterator[None]:
-    s = app[keys.SETTINGS]
-    training = await _training(app)
-    if training is not None:
-        app[keys.TRAINING] = training
-    worker = ComputeWorker(app[keys.METRICS], training, s.torch_threads, s.train.idle_gap_seconds)
-    app[keys.WORKER] = worker
-    worker.start()
-    yield
-    life = app[keys.LIFECYCLE]
-    if training is not None and s.train.commit_on_shutdown and worker.alive:
-        try:
-            ckpt = await worker.submit(training.checkpoint)
-            result = await gated(app, training.model, ckpt)  # certifying takes ~30 s: in the grace period
-            if result.passed:
-                store = app[keys.HOST].stores[training.model]
-                stored = await store.commit(result.checkpoint, "training state at shutdown", rebase=True)
-                log.info("committed %s version %d at shutdown", training.model, stored.version)
-        except Exception:
-            log.exception("commit at shutdown failed")
-    for task in list(life.background):
-        assert isinstance(task, asyncio.Task)
-        with contextlib.suppress(Exception):
-            await task
-    await asyncio.to_thread(worker.stop, s.shutdown_timeout_seconds)
-    if training is not None:
-        training.trainer.close()
+    await engine.stop()
 
 
 async def queue_ctx(app: web.Application) -> AsyncIterator[None]:
-    queue = Batcher(app[keys.SETTINGS].queue, app[keys.WORKER], app[keys.HOST], app[keys.METRICS], app[keys.MARKETDATA])
+    queue = Batcher(app[keys.SETTINGS].queue, app[keys.ENGINE], app[keys.METRICS], app[keys.MARKETDATA])
     app[keys.BATCHER] = queue
     task = asyncio.create_task(queue.run(), name="valuation-queue")
     app[keys.LIFECYCLE].started = True
@@ -336,8 +238,7 @@ async def stream_ctx(app: web.Application) -> AsyncIterator[None]:
     hub = StreamHub(s.stream, app[keys.METRICS], _pricer(app), market, s.marketdata.poll_seconds)
     app[keys.STREAMS] = hub
     market.listeners.append(hub.snapshot_stored)
-    for tracker in app[keys.HOST].trackers.values():
-        tracker.listeners.append(hub.models_changed)
+    app[keys.MODELS].swap_listeners.append(hub.models_changed)
     tasks = [asyncio.create_task(hub.run(), name="stream-hub"), asyncio.create_task(hub.watch(), name="stream-watch")]
     yield
     await hub.close_all()
@@ -346,8 +247,7 @@ async def stream_ctx(app: web.Application) -> AsyncIterator[None]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     market.listeners.remove(hub.snapshot_stored)
-    for tracker in app[keys.HOST].trackers.values():
-        tracker.listeners.remove(hub.models_changed)
+    app[keys.MODELS].swap_listeners.remove(hub.models_changed)
 
 
 async def jobs_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -401,8 +301,12 @@ async def on_shutdown(app: web.Application) -> None:
 
 def _state_source(app: web.Application) -> StateSource:
     def training_state() -> TrainingState | None:
-        t = app.get(keys.TRAINING)
-        return None if t is None else t.state()
+        engine = app.get(keys.ENGINE)
+        return None if engine is None else engine.status.training
+
+    def budgets() -> list[BudgetReport]:
+        engine = app.get(keys.ENGINE)
+        return [] if engine is None else list(engine.status.budgets)
 
     def queue_state() -> tuple[int, int, int, int]:
         q = app.get(keys.BATCHER)
@@ -410,9 +314,12 @@ def _state_source(app: web.Application) -> StateSource:
         n, c = q.depth if q is not None else (0, 0)
         return n, c, qs.max_pending_requests, qs.max_pending_contracts
 
+    def model_states() -> list[ModelState]:  # the latest picture, not the first one
+        return app[keys.MODELS].current.states()
+
     return StateSource(
-        models=lambda: app[keys.HOST].states() if keys.HOST in app else [],
-        budgets=app[keys.BUDGETS].reports,
+        models=model_states,
+        budgets=budgets,
         training=training_state,
         queue=queue_state,
         ready=lambda: routes.not_ready_reason(app) is None,
@@ -420,6 +327,7 @@ def _state_source(app: web.Application) -> StateSource:
             (len(app[keys.STREAMS].connections), app[keys.STREAMS].subscriptions) if keys.STREAMS in app else (0, 0)
         ),
         jobs=lambda: [(name, sch.last_success) for name, sch in app.get(keys.JOBS, {}).items()],
+        device=app[keys.SETTINGS].engine.mode == "thread",
     )
 
 
@@ -436,9 +344,10 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
         handler_args=edge.handler_args(settings),  # no inflation on the loop, keep-alive, line limits
     )
     app[keys.SETTINGS] = settings
-    app[keys.METRICS] = metrics or Metrics()
+    app[keys.METRICS] = metrics or Metrics(engine_families=settings.engine.mode == "thread")
     app[keys.BUDGETS] = Budgets(settings.budgets)
     app[keys.LIFECYCLE] = keys.Lifecycle()
+    app[keys.MODELS] = ModelDirectory()
     app[keys.OPENAPI] = orjson.dumps(build_openapi())
     app[keys.METRICS].add_state(_state_source(app))
     app.add_routes(routes.routes)
@@ -446,7 +355,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.add_routes(snapshot_routes.routes)
     app.add_routes(calibration.routes)
     app.router.add_get("/docs", docs)
-    app.cleanup_ctx.extend([store_ctx, marketdata_ctx, models_ctx, worker_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
+    app.cleanup_ctx.extend([store_ctx, marketdata_ctx, engine_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
     app.cleanup_ctx.append(memory_ctx)  # send tracking and the reclaimer (memory.py)
     app.on_shutdown.append(on_shutdown)
     return app

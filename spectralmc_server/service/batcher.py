@@ -23,7 +23,12 @@ split into chunks priced one after another (at most one in flight per request) a
 other batches run between them. Each request is priced with one snapshot of model versions and one
 resolved market-data snapshot, taken at its first chunk; the chunks' answers are joined
 into the bytes an unsplit answer has (the engine is batch-invariant). A calibration runs
-as a :class:`~spectralmc_server.service.worker.SlicedTask`, one slice per job.
+in the engine in slices, one slice per job.
+
+The engine is reached through an :class:`~spectralmc_server.service.engine.EngineClient`
+(in this process or in its own): jobs go as Books, answers come back per request. When
+the engine is lost, everything queued or in flight is answered 503 ``engine_unavailable``
+at once, and new work is refused the same way until an engine is back.
 
 Order. Jobs go in arrival order, except that work behind a request that is being split
 (or a calibration) may go first while that request's slack (its deadline, less the work
@@ -39,26 +44,42 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import math
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
-from spectralmc_server.engine.pricer import PRICE_MEASURES, ServedModel
+from spectralmc_server.engine.pricer import PRICE_MEASURES
 from spectralmc_server.engine.processes import PROCESSES
+from spectralmc_server.engine.view import ModelView
+from spectralmc_server.engine_service.messages import (
+    EngineDead,
+    FitFailed,
+    FitReport,
+    FitSpec,
+    Head,
+    ModelId,
+    PriceJob,
+    PriceResult,
+    Skipped,
+    SliceDone,
+    WireEntry,
+)
+from spectralmc_server.marketdata.calibration import SurfaceError
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.pricing.book import Book, LazyContracts, book_of, processes, sliced
-from spectralmc_server.pricing.door import Entry, value_batch
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.resolve import needs_market_data
 from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.errors import (
     APIError,
     DeadlineExceeded,
@@ -69,16 +90,12 @@ from spectralmc_server.service.errors import (
 )
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.models import ModelHost
-from spectralmc_server.service.worker import ComputeWorker, EngineDead, SlicedTask
 from spectralmc_server.settings import QueueSettings
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 GroupKey = tuple[tuple[str, ...], str, datetime | None, datetime | None]
 ClassKey = tuple[str, str, str]  # (process, method, tier)
 Resolved = tuple[SnapshotRecord, MarketSnapshot]
-IterationHook = Callable[[int, int], None]  # (iterations, evaluations) so far
 
 SLOTS = 2  # jobs in flight (the worker runs them in order, so it never waits for the next)
 MAX_SLOTS = 8  # ... up to this many while the event loop is slow to hear that one has ended
@@ -256,40 +273,15 @@ class CostModel:
 # -- what is queued ---------------------------------------------------------------------
 
 
-class _Boxes:
-    """Each served model's domain as plain floats (classification runs on the event
-    loop, without torch): which contracts the learned model answers."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple[str, int | None, str], tuple[float, float, tuple[tuple[str, float, float], ...]]] = {}
-
-    def box(self, served: ServedModel) -> tuple[float, float, tuple[tuple[str, float, float], ...]]:
-        key = (served.name, served.version, served.content_hash)
-        got = self._cache.get(key)
-        if got is None:
-            ranges = served.domain.ranges
-            got = (ranges[-1].low, ranges[-1].high, tuple((r.name, r.low, r.high) for r in ranges[:-1]))
-            if len(self._cache) > 64:
-                self._cache.clear()
-            self._cache[key] = got
-        return got
-
-
-def _moneyness_range(served: ServedModel) -> tuple[float, float] | None:
-    bounds = getattr(served.domain, "certified_moneyness", None)
-    if isinstance(bounds, tuple) and len(bounds) == 2:
-        return float(bounds[0]), float(bounds[1])
-    return None
-
-
 Mask = np.ndarray[Any, np.dtype[np.bool_]]
 
 
-def _inside(book: Book, served: ServedModel, boxes: _Boxes, strike_measures: bool) -> Mask:
+def _inside(book: Book, served: ModelView, strike_measures: bool) -> Mask:
     """Which contracts of ``book`` (all of the served model's process) the learned model
     is expected to answer: inside the domain's box and, for strike measures, its
     certified K/F. Contracts by reference count as inside (resolved later)."""
-    lo, hi, ranges = boxes.box(served)
+    lo, hi = served.expiry_range
+    ranges = served.param_ranges
     t = book.expiry_years
     by_ref = np.isnan(t) | np.isnan(book.spot)
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
@@ -299,8 +291,8 @@ def _inside(book: Book, served: ServedModel, boxes: _Boxes, strike_measures: boo
         for name, low, high in ranges:
             col = theta[:, names.index(name)] if name in names else np.full(len(book), np.nan)
             inside &= (low <= col) & (col <= high)
-        kf = _moneyness_range(served)
-        if strike_measures and kf is not None:
+        kf = served.moneyness
+        if strike_measures:
             carry = np.nan_to_num(book.rate, nan=0.0) - np.nan_to_num(book.dividend, nan=0.0)
             ratio = np.exp(carry * t)
             averaged = ~np.isnan(book.fixings)
@@ -321,7 +313,7 @@ VECTOR_MIN_CONTRACTS = 32
 
 
 def _classify_each(
-    request: PriceRequest, models: Mapping[str, ServedModel], boxes: _Boxes, tier: str, strike_measures: bool
+    request: PriceRequest, models: Mapping[str, ModelView], tier: str, strike_measures: bool
 ) -> list[tuple[int, ClassKey]]:
     runs: list[tuple[int, ClassKey]] = []
     current: ClassKey | None = None
@@ -332,7 +324,8 @@ def _classify_each(
         elif c.expiry_years is None or c.spot is None:
             method = "cvnn"  # by reference: resolved later, assumed inside
         else:
-            lo, hi, ranges = boxes.box(served)
+            lo, hi = served.expiry_range
+            ranges = served.param_ranges
             t = c.expiry_years
             inside = lo <= t <= hi
             if inside:
@@ -342,20 +335,19 @@ def _classify_each(
                     params = c.process_params()
                     inside = all(low <= params.get(name, math.nan) <= high for name, low, high in ranges)
             if inside and strike_measures:
-                kf = _moneyness_range(served)
-                if kf is not None:
-                    carry = (c.rate or 0.0) - (c.dividend or 0.0)
-                    fixings = c.fixings
-                    if fixings is None:
-                        ratio = math.exp(carry * t)
-                    else:  # the average's forward over n equally spaced fixings
-                        step = carry * t / fixings
-                        ratio = (
-                            1.0
-                            if abs(step) < 1e-12
-                            else math.exp(step) * math.expm1(carry * t) / (fixings * math.expm1(step))
-                        )
-                    inside = kf[0] <= c.strike / (c.spot * ratio) <= kf[1]
+                kf = served.moneyness
+                carry = (c.rate or 0.0) - (c.dividend or 0.0)
+                fixings = c.fixings
+                if fixings is None:
+                    ratio = math.exp(carry * t)
+                else:  # the average's forward over n equally spaced fixings
+                    step = carry * t / fixings
+                    ratio = (
+                        1.0
+                        if abs(step) < 1e-12
+                        else math.exp(step) * math.expm1(carry * t) / (fixings * math.expm1(step))
+                    )
+                inside = kf[0] <= c.strike / (c.spot * ratio) <= kf[1]
             method = "cvnn" if inside else "reference"
         key = (c.process, method, tier)
         if key != current:
@@ -367,7 +359,7 @@ def _classify_each(
     return runs
 
 
-def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _Boxes) -> list[tuple[int, ClassKey]]:
+def classify(request: PriceRequest, models: Mapping[str, ModelView]) -> list[tuple[int, ClassKey]]:
     """The request's contracts as runs ``(end, class)`` in order: the method each is
     expected to get (inside the domain's box and certified strikes: cvnn). An estimate:
     contracts by reference count as cvnn, and the engine may still send a contract to the
@@ -375,7 +367,7 @@ def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _B
     tier = tier_of(request)
     strike_measures = bool(set(request.measures) & set(PRICE_MEASURES))
     if len(request.contracts) < VECTOR_MIN_CONTRACTS and not isinstance(request.contracts, LazyContracts):
-        return _classify_each(request, models, boxes, tier, strike_measures)
+        return _classify_each(request, models, tier, strike_measures)
     book = book_of(request)
     n = len(book)
     keys: list[ClassKey] = []
@@ -385,7 +377,7 @@ def classify(request: PriceRequest, models: Mapping[str, ServedModel], boxes: _B
         if served is None:
             cvnn = np.zeros(len(index), dtype=np.bool_)
         else:
-            cvnn = _inside(book if len(index) == n else book.take(index), served, boxes, strike_measures)
+            cvnn = _inside(book if len(index) == n else book.take(index), served, strike_measures)
         base = len(keys)
         keys += [(name, "reference", tier), (name, "cvnn", tier)]
         codes[index] = base + cvnn.astype(np.intp)
@@ -427,7 +419,9 @@ class Pending:
     closed: bool = False  # answered, failed or dropped
     slowdown: float = 1.0  # measured / estimated time of its last chunk computed alone (>= 1)
     parts: list[dict[str, Any]] = field(default_factory=list)
-    models: dict[str, ServedModel] | None = None  # its one snapshot of model versions
+    models: dict[str, ModelId] | None = None  # its one snapshot of model versions (its lease)
+    req: int = 0  # its id at the engine (for all its chunks)
+    dispatched: bool = False  # a chunk was sent to the engine: it must be forgotten there
     resolved: Resolved | None = None  # its one market-data snapshot
     columnar: bool = False  # answered with columns (a columnar or Arrow book), not rows
 
@@ -439,8 +433,8 @@ class Pending:
 class FitItem:
     """One queued or running calibration, computed in slices."""
 
-    task: SlicedTask[Any]
-    future: asyncio.Future[Any]
+    fit_id: int
+    future: asyncio.Future[FitReport]
     cls: ClassKey  # (process, method, "fit")
     quotes: int
     max_evaluations: int
@@ -451,19 +445,12 @@ class FitItem:
     busy: bool = False
     queued: bool = True
     closed: bool = False
-    iterations: int = 0  # written by the fit's thread
+    iterations: int = 0  # as of its last slice
     evaluations: int = 0
+    finished: bool = False  # the engine is done with it
 
 
 Item = Pending | FitItem
-
-
-class FitDeadline(Exception):  # noqa: N818
-    """Raised by the iteration hook once a fit's deadline has passed."""
-
-    def __init__(self, iterations: int) -> None:
-        super().__init__(f"deadline passed after {iterations} iterations")
-        self.iterations = iterations
 
 
 @dataclass(eq=False)
@@ -474,9 +461,6 @@ class _Slice:
     counts: Counter[ClassKey]
 
 
-_Result = tuple[list[_Slice], list[dict[str, Any]], float, float]  # priced, answers, wall and CPU seconds
-
-
 @dataclass(eq=False)
 class _Job:
     estimate: float  # seconds
@@ -485,12 +469,16 @@ class _Job:
     ended: float | None = None
 
 
+def _engine_down(reason: str) -> Unavailable:
+    return Unavailable(f"the compute engine is down: {reason}", 5, code="engine_unavailable")
+
+
 def _ceil_seconds(seconds: float) -> int:
     """A Retry-After: whole seconds, at least 1, at most MAX_RETRY_AFTER."""
     return min(max(1, math.ceil(seconds - 1e-9)), MAX_RETRY_AFTER) if math.isfinite(seconds) else MAX_RETRY_AFTER
 
 
-def merge_answers(parts: list[dict[str, Any]], models: Mapping[str, ServedModel] | None) -> dict[str, Any]:
+def merge_answers(parts: list[dict[str, Any]], models: Mapping[str, Any] | None) -> dict[str, Any]:
     """A request's chunk answers as the one answer it would have had unsplit: results
     in order, and the model identities in the order the Valuer writes them (by process)."""
     if len(parts) == 1:
@@ -522,18 +510,18 @@ class Batcher:
     def __init__(
         self,
         settings: QueueSettings,
-        worker: ComputeWorker,
-        host: ModelHost,
+        engine: EngineClient,
         metrics: Metrics,
         market: MarketData | None = None,
     ) -> None:
         self.settings = settings
         self.market = market
-        self.worker = worker
-        self.host = host
+        self.engine = engine
+        self.models = engine.models
+        engine.lost_listeners.append(self.engine_lost)
+        self._ids = itertools.count(1)  # requests' and calibrations' ids at the engine
         self.metrics = metrics
         self.cost = CostModel(metrics)
-        self._boxes = _Boxes()
         self._items: deque[Item] = deque()
         self._contracts = 0  # contracts queued, not yet sent to the worker
         self._queued: Counter[ClassKey] = Counter()  # the same, by cost class
@@ -543,6 +531,7 @@ class Batcher:
         self._wake = asyncio.Event()
         self._jobs: set[_Job] = set()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._plans: dict[int, list[_Slice]] = {}  # in flight, by id of their job
         self.closed = False
         self._stopped = False
         self._slots = SLOTS  # jobs kept on the worker (more while the event loop lags)
@@ -625,7 +614,7 @@ class Batcher:
                     rest = self._item_seconds(item)
                     counted = rest + math.ceil(rest / self.settings.max_job_seconds) * self.cost.overhead([item.tier])
                 queued -= max(counted - own - self._first_job_seconds(item), 0.0)
-        return inflight + max(queued, 0.0) * self.pressure() + self.worker.training_delay
+        return inflight + max(queued, 0.0) * self.pressure() + self.engine.training_delay
 
     def _item_seconds(self, item: Pending) -> float:
         return self.cost.seconds(item.remaining()) * item.slowdown
@@ -665,6 +654,18 @@ class Batcher:
         if self.closed:
             self.metrics.dropped.labels("shutting_down").inc()
             raise Unavailable("the server is shutting down", self.settings.retry_after_seconds, code="shutting_down")
+        if not self.engine.alive:
+            self.metrics.dropped.labels("engine_unavailable").inc()
+            raise _engine_down(self.engine.status.failure or "not running")
+
+    def engine_lost(self, reason: str) -> None:
+        """The engine is gone: everything queued or in flight is answered 503
+        ``engine_unavailable`` now (nothing waits for a deadline)."""
+        for item in list(self._items) + list(self._fits) + [sl.item for plan in self._plans.values() for sl in plan]:
+            if not item.future.done():
+                item.future.set_exception(_engine_down(reason))
+                self.metrics.dropped.labels("engine_unavailable").inc()
+            self._close(item)
 
     # -- submitting ---------------------------------------------------------------------
 
@@ -684,7 +685,7 @@ class Batcher:
                 s.retry_after_seconds,
                 code="overloaded",
             )
-        runs = classify(request, self.host.snapshot(), self._boxes)
+        runs = classify(request, self.models.current.snapshot())
         counts = _counts(runs, 0, n)
 
         work = self.cost.seconds(counts)
@@ -704,7 +705,9 @@ class Batcher:
             tier=runs[0][1][2],
             margin=(1.0 - s.admission_fraction) * timeout,
             columnar=columnar,
+            req=next(self._ids),
         )
+        item.future.add_done_callback(lambda f: self._given_up(item, f))
         self._items.append(item)
         if large:
             self._large.add(item)
@@ -740,19 +743,17 @@ class Batcher:
 
     def submit_fit(
         self,
-        fn: Callable[[IterationHook], T],
+        spec: FitSpec,
         *,
-        process: str,
         method: str,
         quotes: int,
-        max_iterations: int,
         timeout: float,
         connected: Callable[[], bool],
-    ) -> asyncio.Future[T]:
-        """Queue a calibration: ``fn(on_iteration)`` runs on the worker in slices of about
-        ``max_job_seconds`` (``on_iteration`` is the optimiser's hook: the pause point and
-        the deadline check). At most ``max_calibrations`` at once; the deadline stops it
-        between iterations (504)."""
+    ) -> asyncio.Future[FitReport]:
+        """Queue a calibration: the engine fits ``spec`` in slices of about
+        ``max_job_seconds`` (between which other jobs run). At most ``max_calibrations``
+        at once; the deadline stops it between iterations (504); a surface it cannot fit
+        fails the future with :class:`~spectralmc_server.marketdata.calibration.SurfaceError`."""
         s = self.settings
         self._check_open()
         running = [f for f in self._fits if not f.closed]
@@ -772,31 +773,24 @@ class Batcher:
                 code="overloaded",
             )
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        cls: ClassKey = (process, method, "fit")
-        item: FitItem
-
-        def run(checkpoint: Callable[[], None]) -> T:  # on the fit's own thread
-            def hook(iterations: int, evaluations: int) -> None:
-                item.iterations, item.evaluations = iterations, evaluations
-                if time.monotonic() >= deadline:  # the loop's clock (asyncio uses time.monotonic)
-                    raise FitDeadline(iterations)
-                checkpoint()
-
-            return fn(hook)
-
-        future: asyncio.Future[T] = loop.create_future()
+        deadline = loop.time() + timeout  # the loop's clock is time.monotonic, the engine's too
+        cls: ClassKey = (spec.process, method, "fit")
+        future: asyncio.Future[FitReport] = loop.create_future()
         item = FitItem(
-            SlicedTask(run, name=f"calibration-{process}"),
+            next(self._ids),
             future,
             cls,
             quotes,
-            2 * max_iterations + 1,
+            2 * spec.max_iterations + 1,
             deadline,
             connected,
             margin=(1.0 - s.admission_fraction) * timeout,
         )
         self._admit(self._fit_remaining(item), timeout, f"this calibration ({quotes} quotes)")
+        try:
+            self.engine.fit_start(item.fit_id, replace(spec, deadline=deadline))
+        except EngineDead as exc:
+            raise _engine_down(str(exc)) from None
         self._items.append(item)
         self._fits.add(item)
         self._large.add(item)
@@ -832,6 +826,12 @@ class Batcher:
             if self._keys[item.key] <= 0:
                 del self._keys[item.key]
 
+    def _given_up(self, item: Pending, future: asyncio.Future[dict[str, Any]]) -> None:
+        """Its handler gave up (the client went, or its deadline passed): a chunk already
+        sent to the engine but not begun is skipped there."""
+        if future.cancelled() and item.dispatched and not item.closed:
+            self.engine.forget([item.req])
+
     def _close(self, item: Item) -> None:
         """``item`` is done with: answered, failed or dropped."""
         if item.closed:
@@ -840,10 +840,11 @@ class Batcher:
         self._unqueue(item)
         if isinstance(item, FitItem):
             self._fits.discard(item)
-            if not item.task.done:  # let its thread unwind (it raises at its next checkpoint)
-                item.task.cancel()
-                with contextlib.suppress(EngineDead):
-                    self.worker.submit(lambda: item.task.run_slice(0.0))
+            if not item.finished:  # its thread in the engine unwinds
+                item.finished = True
+                self.engine.fit_cancel(item.fit_id)
+        elif item.dispatched:  # its lease (and any chunk not begun) goes
+            self.engine.forget([item.req])
 
     def _alive(self, item: Item, now: float) -> bool:
         """False (and the item settled and counted) when its client has gone, it has
@@ -1030,10 +1031,11 @@ class Batcher:
         )
         job = _Job(estimate)
         self._jobs.add(job)
+        self._plans[id(job)] = plan
         failed: dict[int, RequestRefusedError] = {}
-        submitted = None  # to the worker at once, unless market data must be resolved first
+        submitted = None  # to the engine at once, unless market data must be resolved first
         if not any(sl.item.needs_market and sl.item.resolved is None for sl in plan):
-            submitted = self._submit(plan, job, failed)
+            submitted = self._submit(plan)
         self._track(job, self._compute(plan, job, submitted, failed))
 
     def _start_slice(self, fit: FitItem) -> None:
@@ -1064,60 +1066,61 @@ class Batcher:
             extra = math.ceil(self._lag / max(self._job_time, 1e-3))
             self._slots = min(SLOTS + extra, MAX_SLOTS)
         self._jobs.discard(job)
+        self._plans.pop(id(job), None)
         if not self._stopped:
             self._pump()
         self._wake.set()
 
     # -- computing ----------------------------------------------------------------------
 
-    def _submit(self, plan: list[_Slice], job: _Job, failed: dict[int, RequestRefusedError]) -> asyncio.Future[_Result]:
-        """Send the job to the worker (a failed future when the worker is dead)."""
-        host = self.host
-
-        def work() -> _Result:
-            # On the worker, just before computing: the job may have waited behind a
-            # training step or another job, and its clients may have gone meanwhile
-            # (reading transport and future state from this thread is a plain read).
-            job.started = t0 = time.perf_counter()
-            c0 = time.thread_time()
-            live = [sl for sl in plan if not sl.item.closed and sl.item.connected() and not sl.item.future.done()]
-            fresh: dict[str, ServedModel] | None = None
-            entries: list[Entry] = []
-            for sl in live:
-                item = sl.item
-                if item.models is None:  # one version per model for the whole request
-                    if fresh is None:
-                        fresh = host.snapshot()
-                    item.models = fresh
-                request = item.request
-                if sl.start or sl.end < item.contracts:
-                    request = sliced(request, sl.start, sl.end)
-                market = item.resolved if item.needs_market else None
-                entries.append(Entry(request, item.models, market, sl.start, item.columnar))
-            priced: list[_Slice] = []
-            answers: list[dict[str, Any]] = []
-            for sl, answer in zip(live, value_batch(entries), strict=True):
-                if isinstance(answer, RequestRefusedError):
-                    failed[id(sl.item)] = answer
-                else:
-                    priced.append(sl)
-                    answers.append(answer)
-            job.ended = time.perf_counter()
-            return priced, answers, job.ended - t0, time.thread_time() - c0
-
+    def _submit(self, plan: list[_Slice]) -> tuple[asyncio.Future[PriceResult], list[_Slice]]:
+        """Send the job to the engine (a failed future when the engine is down), and the
+        slices sent: those whose client has gone by now are left out (and the engine
+        skips those forgotten before the job begins)."""
+        entries: list[WireEntry] = []
+        sent: list[_Slice] = []
+        for sl in plan:
+            item = sl.item
+            if item.closed or item.future.done() or not item.connected():
+                continue
+            r = item.request
+            request = sliced(r, sl.start, sl.end) if sl.start or sl.end < item.contracts else r
+            entries.append(
+                WireEntry(
+                    req=item.req,
+                    head=Head(
+                        r.namespace,
+                        r.val_datetime,
+                        r.data_asof,
+                        tuple(r.measures),
+                        None if r.quantile_levels is None else tuple(r.quantile_levels),
+                    ),
+                    book=book_of(request),
+                    offset=sl.start,
+                    columnar=item.columnar,
+                    market=item.resolved if item.needs_market else None,
+                )
+            )
+            item.dispatched = True
+            sent.append(sl)
+        if not entries:  # nothing left to compute
+            empty: asyncio.Future[PriceResult] = asyncio.get_running_loop().create_future()
+            now = time.perf_counter()
+            empty.set_result(PriceResult((), {}, now, now, 0.0))
+            return empty, sent
         try:
-            return self.worker.submit(work)
+            return self.engine.price(PriceJob(tuple(entries))), sent
         except EngineDead as exc:
-            dead: asyncio.Future[_Result]
+            dead: asyncio.Future[PriceResult]
             dead = asyncio.get_running_loop().create_future()
             dead.set_exception(exc)
-            return dead
+            return dead, sent
 
     async def _compute(
         self,
         plan: list[_Slice],
         job: _Job,
-        submitted: asyncio.Future[_Result] | None,
+        submitted: tuple[asyncio.Future[PriceResult], list[_Slice]] | None,
         failed: dict[int, RequestRefusedError],
     ) -> None:
         try:
@@ -1129,33 +1132,47 @@ class Batcher:
         self,
         plan: list[_Slice],
         job: _Job,
-        submitted: asyncio.Future[_Result] | None,
+        submitted: tuple[asyncio.Future[PriceResult], list[_Slice]] | None,
         failed: dict[int, RequestRefusedError],
     ) -> None:
         if submitted is None:
             await self._resolve([sl.item for sl in plan])
-            submitted = self._submit(plan, job, failed)
+            submitted = self._submit(plan)
+        pending, sent = submitted
         try:
-            computed, answers, seconds, cpu = await submitted
+            result = await pending
         except EngineDead as exc:
             for sl in plan:
                 if not sl.item.future.done():
-                    sl.item.future.set_exception(
-                        Unavailable(f"the compute engine is down: {exc}", 5, code="engine_unavailable")
-                    )
+                    sl.item.future.set_exception(_engine_down(str(exc)))
                 self._close(sl.item)
             return
         except Exception as exc:  # valid requests that the engine could not price: a bug
-            self.worker.mark_failed(f"batch failed: {type(exc).__name__}: {exc}")
-            log.exception("batch of %d requests failed", len(plan))
+            # (the engine has marked itself failed: health fails, an orchestrator restarts it)
+            log.error("batch of %d requests failed: %s: %s", len(plan), type(exc).__name__, exc)
             for sl in plan:
                 if not sl.item.future.done():
-                    sl.item.future.set_exception(EngineFailure(f"the pricing engine failed: {type(exc).__name__}"))
+                    sl.item.future.set_exception(EngineFailure("the pricing engine failed: JobFailedError"))
                 self._close(sl.item)
             return
         finally:
             for sl in plan:
                 sl.item.busy = False
+        job.started, job.ended = result.started, result.ended
+        computed: list[_Slice] = []
+        answers: list[dict[str, Any]] = []
+        for sl, outcome in zip(sent, result.outcomes, strict=True):
+            if isinstance(outcome, Skipped):
+                continue
+            lease = result.models.get(sl.item.req)
+            if lease is not None and sl.item.models is None:
+                sl.item.models = lease
+            if isinstance(outcome, RequestRefusedError):
+                failed[id(sl.item)] = outcome
+            else:
+                computed.append(sl)
+                answers.append(outcome)
+        seconds, cpu = result.ended - result.started, result.cpu
         for sl in plan:
             err = failed.get(id(sl.item))
             if err is not None:
@@ -1213,51 +1230,49 @@ class Batcher:
             self._finished(job)
 
     async def _fit_slice(self, fit: FitItem, job: _Job) -> None:
-        slice_seconds = self.settings.max_job_seconds
-
-        def work() -> tuple[bool, float, float, int]:
-            job.started = t0 = time.perf_counter()
-            before, cpu = fit.evaluations, fit.task.cpu_seconds
-            finished = fit.task.run_slice(slice_seconds)
-            job.ended = time.perf_counter()
-            return finished, job.ended - t0, fit.task.cpu_seconds - cpu, fit.evaluations - before
-
         try:
-            finished, seconds, cpu, evaluations = await self.worker.submit(work)
+            done: SliceDone = await self.engine.fit_slice(fit.fit_id, self.settings.max_job_seconds)
         except EngineDead as exc:
+            fit.finished = True
             if not fit.future.done():
-                fit.future.set_exception(
-                    Unavailable(f"the compute engine is down: {exc}", 5, code="engine_unavailable")
-                )
+                fit.future.set_exception(_engine_down(str(exc)))
             self._close(fit)
             return
         finally:
             fit.busy = False
-        if evaluations > 0:
-            self.cost.observe_slice(fit.cls, evaluations, fit.quotes, seconds, cpu)
-        if not finished:
+        job.started, job.ended = done.started, done.ended
+        fit.iterations = done.iterations
+        fit.evaluations += done.evaluations
+        if done.evaluations > 0:
+            self.cost.observe_slice(fit.cls, done.evaluations, fit.quotes, done.ended - done.started, done.cpu)
+        if not done.finished:
             if fit.future.done() and not fit.closed:  # given up on while computing
                 self._close(fit)
             return
-        try:
-            result = fit.task.result()
-        except FitDeadline as exc:
+        fit.finished = True
+        outcome = done.outcome
+        if isinstance(outcome, FitReport):
+            self.cost.observe_fit(fit.evaluations)
+            if not fit.future.done():
+                fit.future.set_result(outcome)
+        elif isinstance(outcome, FitFailed) and outcome.kind == "deadline":
             if not fit.future.done():
                 fit.future.set_exception(
                     DeadlineExceeded(
-                        f"the calibration was stopped after {exc.iterations} iterations: its deadline passed "
+                        f"the calibration was stopped after {outcome.iterations} iterations: its deadline passed "
                         "(send a longer X-Request-Timeout, a lower max_iterations or a smaller surface)",
                         headers=self._retry_after(),
                     )
                 )
             self.metrics.dropped.labels("deadline").inc()
-        except BaseException as exc:  # the fit's own errors (a surface it cannot fit) go to the caller
-            if not fit.future.done():
-                fit.future.set_exception(exc)
-        else:
-            self.cost.observe_fit(fit.evaluations)
-            if not fit.future.done():
-                fit.future.set_result(result)
+        elif not fit.future.done():  # the fit's own errors (a surface it cannot fit) go to the caller
+            message = "no outcome" if outcome is None else outcome.message
+            error: Exception = (
+                SurfaceError(message)
+                if outcome is not None and outcome.kind == "surface"
+                else (EngineFailure(f"the calibration failed: {message}"))
+            )
+            fit.future.set_exception(error)
         self._close(fit)
 
     async def _resolve(self, items: list[Pending]) -> None:

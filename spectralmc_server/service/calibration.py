@@ -15,14 +15,15 @@ surface of more than ``queue.max_calibration_quotes`` nodes is refused (422).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from spectralmc_server.marketdata.calibration import CalibrationReport, SurfaceError, calibrate_snapshot
-from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.engine_service.messages import FitReport, FitSpec
+from spectralmc_server.marketdata.calibration import SurfaceError
+from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
 from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid
@@ -46,13 +47,13 @@ async def fit(
     max_iterations: int = 100,
     timeout: float | None = None,
     connected: Callable[[], bool] = lambda: True,
-) -> CalibrationReport:
-    """Calibrate on the compute worker through the queue (see the module docstring); a
-    bad or too large surface is a 422 naming the reason, a fit past its deadline (default
+) -> FitReport:
+    """Calibrate in the engine through the queue (see the module docstring); a bad or too
+    large surface is a 422 naming the reason, a fit past its deadline (default
     ``request_timeout_seconds``) a 504."""
     settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
-    served = app[keys.HOST].snapshot().get(process)
+    served = app[keys.MODELS].current.snapshot().get(process)
     surface = snapshot.vol_surfaces.get(underlying)
     limit = settings.queue.max_calibration_quotes
     quotes = 0 if surface is None else len(surface.expiries_years) * len(surface.strikes)
@@ -63,23 +64,11 @@ async def fit(
         )
         raise Invalid(reason, details=[{"field": "underlying", "reason": reason}])
 
-    def run(on_iteration: Callable[[int, int], None]) -> CalibrationReport:
-        return calibrate_snapshot(
-            snapshot,
-            underlying,
-            process,
-            served,
-            allow_arbitrage=allow_arbitrage,
-            max_iterations=max_iterations,
-            on_iteration=on_iteration,
-        )
-
+    spec = FitSpec(snapshot, underlying, process, allow_arbitrage, max_iterations, deadline=0.0)  # set when queued
     future = app[keys.BATCHER].submit_fit(
-        run,
-        process=process,
+        spec,
         method="reference" if served is None else "cvnn",
         quotes=max(quotes, 1),
-        max_iterations=max_iterations,
         timeout=settings.request_timeout_seconds if timeout is None else timeout,
         connected=connected,
     )
@@ -89,11 +78,26 @@ async def fit(
         metrics.calibrations.labels(process, "rejected").inc()
         raise Invalid(str(exc), details=[{"field": "underlying", "reason": str(exc)}]) from None
     metrics.calibrations.labels(process, "ok").inc()
-    metrics.calibration_seconds.labels(process).observe(report.result.seconds)
+    metrics.calibration_seconds.labels(process).observe(report.seconds)
     return report
 
 
-def derived_snapshot(snapshot: MarketSnapshot, report: CalibrationReport) -> MarketSnapshot:
+class Fitted(Protocol):
+    """A finished fit: the engine's FitReport, or the CLI's CalibrationReport."""
+
+    @property
+    def underlying(self) -> str: ...
+
+    @property
+    def process(self) -> str: ...
+
+    @property
+    def model(self) -> dict[str, Any] | None: ...
+
+    def model_params(self) -> ModelParams: ...
+
+
+def derived_snapshot(snapshot: MarketSnapshot, report: Fitted) -> MarketSnapshot:
     """``snapshot`` with the fitted set in ``model_params[underlying][process]``."""
     params = {**snapshot.model_params}
     params[report.underlying] = {**params.get(report.underlying, {}), report.process: report.model_params()}
@@ -108,7 +112,7 @@ async def store_fit(
     put: Put,
     record: SnapshotRecord,
     snapshot: MarketSnapshot,
-    reports: list[CalibrationReport],
+    reports: Sequence[Fitted],
     job: str | None,
 ) -> tuple[SnapshotRecord, bool] | None:
     """Store the snapshot with every report's fitted set; None when ``snapshot``
@@ -144,7 +148,7 @@ def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Await
         stored = await store_fit(market.put, latest, snapshot, reports, job.name)
         if stored is None:
             raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) already holds these fits")
-        fits = ", ".join(f"{r.underlying} rmse {r.result.rmse_vol * 1e4:.1f} bp vol" for r in reports)
+        fits = ", ".join(f"{r.underlying} rmse {r.rmse_vol * 1e4:.1f} bp vol" for r in reports)
         return f"stored {iso(stored[0].data_asof)} ({stored[0].hash}): {fits}"
 
     return action

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from aiohttp import web
 
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.service.batcher import Batcher
+from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.jobs import Schedule
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.stream import StreamHub
+from spectralmc_server.service.views import ModelDirectory
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import ObjectStore
+from spectralmc_server.store.versions import VersionStore
 
 
 @dataclass
@@ -24,8 +27,7 @@ class Lifecycle:
 
     started: bool = False
     shutting_down: bool = False
-    training_note: str | None = None  # why online training is off, when it is
-    background: set[object] = field(default_factory=set)  # commit tasks kept alive
+    exit_code: int = 0  # what ``spectralmc serve`` exits with once the server has stopped
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -33,6 +35,11 @@ METRICS = web.AppKey("metrics", Metrics)
 BUDGETS = web.AppKey("budgets", Budgets)
 LIFECYCLE = web.AppKey("lifecycle", Lifecycle)
 OBJECTS: web.AppKey[ObjectStore] = web.AppKey("objects")
+ENGINE = web.AppKey("engine", EngineClient)  # the engine, as the HTTP side reaches it
+MODELS = web.AppKey("models", ModelDirectory)  # the served models as plain data, pushed by the engine
+STORES: web.AppKey[dict[str, VersionStore]] = web.AppKey("stores")  # each served model's store (admin, /v1/models)
+# The engine's own objects, set only when it runs on a thread of this process (engine.mode
+# "thread"): for tests that look inside it. The HTTP side's code never reads them.
 HOST = web.AppKey("host", ModelHost)
 WORKER = web.AppKey("worker", ComputeWorker)
 TRAINING = web.AppKey("training", OnlineTraining)

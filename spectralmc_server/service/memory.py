@@ -274,14 +274,20 @@ class Reclaimer:
 class MemoryGuard:
     """The app's send tracking, activity clock and reclaimer (``app[MEMORY]``)."""
 
-    def __init__(self, settings: MemorySettings, registry_add: Callable[[Collector], None], counters: _Counters):
+    def __init__(
+        self,
+        settings: MemorySettings,
+        registry_add: Callable[[Collector], None],
+        counters: _Counters,
+        others: Callable[[], list[tuple[str, int | None]]] = list,
+    ):
         self.settings = settings
         self.in_flight = 0
         self.last_activity = time.monotonic()
         self.sends = Sends(settings, counters.cut)
         self.client_gone = counters.client_gone
         self.reclaimer = Reclaimer(settings, self, counters.reclaims, counters.returned)
-        registry_add(MemoryCollector(self))
+        registry_add(MemoryCollector(self, others))
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
@@ -305,15 +311,21 @@ class _Counters:
 class MemoryCollector(Collector):
     """RSS and the send tracking, read at scrape time."""
 
-    def __init__(self, guard: MemoryGuard) -> None:
+    def __init__(self, guard: MemoryGuard, others: Callable[[], list[tuple[str, int | None]]] = list) -> None:
         self.guard = guard
+        self.others = others  # (process, RSS) of this server's other processes (an engine process)
 
     def collect(self) -> Iterator[Metric]:
-        rss = rss_bytes()
-        if rss is not None:
-            g = GaugeMetricFamily("spectralmc_process_resident_bytes", "Resident set size of the server process")
-            g.add_metric([], rss)
-            yield g
+        g = GaugeMetricFamily(
+            "spectralmc_process_resident_bytes",
+            "Resident set size of each of the server's processes: http (the event loop; also the engine when it "
+            "runs on a thread there), engine (an engine process)",
+            labels=["process"],
+        )
+        for process, rss in [("http", rss_bytes()), *self.others()]:
+            if rss is not None:
+                g.add_metric([process], rss)
+        yield g
         held = GaugeMetricFamily(
             "spectralmc_send_held_bytes", "Bytes of large answers whose send to the client has not finished"
         )
@@ -355,7 +367,13 @@ async def memory_ctx(app: web.Application) -> AsyncIterator[None]:
         counters.cut.labels(reason)
     for trigger in ("idle", "growth"):
         counters.reclaims.labels(trigger)
-    guard = MemoryGuard(s, r.register, counters)
+    engine = app.get(keys.ENGINE)
+
+    def others() -> list[tuple[str, int | None]]:
+        rss = None if engine is None else engine.process_rss()
+        return [] if rss is None else [("engine", rss)]
+
+    guard = MemoryGuard(s, r.register, counters, others)
     app[MEMORY] = guard
     task = asyncio.create_task(guard.reclaimer.run(), name="memory-reclaimer")
     yield

@@ -29,6 +29,7 @@ DROP_REASONS = (
     "deadline",
     "disconnected",
     "shutting_down",
+    "engine_unavailable",
 )
 
 REJECT_REASONS = ("gate", "no_certificate")
@@ -72,6 +73,7 @@ class StateSource:
     ready: Callable[[], bool]
     streams: Callable[[], tuple[int, int]] = lambda: (0, 0)  # connections, subscriptions
     jobs: Callable[[], list[tuple[str, float | None]]] = list  # (job, unix time of its last success)
+    device: bool = True  # the device's memory is this process's to report (the engine runs here)
 
 
 class StateCollector(Collector):
@@ -147,7 +149,8 @@ class StateCollector(Collector):
             cap.add_metric([b.name], b.cap_bytes)
             live.add_metric([b.name], b.live_bytes)
         yield from (used, cap, live)
-        yield from device_memory_metrics()
+        if self.source.device:  # the engine computes in this process
+            yield from device_memory_metrics()
 
         requests, contracts, cap_requests, cap_contracts = self.source.queue()
         depth = GaugeMetricFamily("spectralmc_queue_depth", "Requests waiting for the compute worker")
@@ -197,11 +200,16 @@ class StateCollector(Collector):
 
 
 class Metrics:
-    """Every metric of one app, on its own registry."""
+    """Every metric of one app, on its own registry.
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    With ``engine_families=False`` (an HTTP process whose engine runs in its own process)
+    the families the engine counts (engine failures, training steps, training rejections)
+    are left out of this registry: the engine renders them (engine_service/server.py)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, engine_families: bool = True) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        e = r if engine_families else None
         self.requests = Counter(
             "spectralmc_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
         )
@@ -230,7 +238,8 @@ class Metrics:
         self.dropped = Counter(
             "spectralmc_requests_dropped",
             "Requests not computed: overloaded (queue bounds), estimated_wait (would miss its deadline), "
-            "too_costly (own compute over its deadline), calibration_limit, deadline, disconnected, shutting_down",
+            "too_costly (own compute over its deadline), calibration_limit, deadline, disconnected, shutting_down, "
+            "engine_unavailable (the engine was down or lost)",
             ["reason"],
             registry=r,
         )
@@ -246,13 +255,13 @@ class Metrics:
             registry=r,
         )
         self.engine_failures = Counter(
-            "spectralmc_engine_failures", "Unexpected errors in the compute worker", registry=r
+            "spectralmc_engine_failures", "Unexpected errors in the compute worker", registry=e
         )
         self.training_step_seconds = Histogram(
             "spectralmc_training_step_duration_seconds",
             "Wall time of one training step (a queued request waits at most one)",
             buckets=STEP_BUCKETS,
-            registry=r,
+            registry=e,
         )
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
@@ -329,13 +338,21 @@ class Metrics:
             "spectralmc_training_rejected",
             "Versions online training did not commit: their certificate fails the quality gate",
             ["model"],
-            registry=r,
+            registry=e,
         )
         for reason in ("coalesced", "control_overflow", "closed"):
             self.stream_dropped.labels(reason)
 
     def add_state(self, source: StateSource) -> None:
         self.registry.register(StateCollector(source))
+
+
+DEVICE_FAMILIES = (
+    "spectralmc_device_allocated_bytes",
+    "spectralmc_device_peak_allocated_bytes",
+    "spectralmc_device_reserved_bytes",
+    "spectralmc_device_total_bytes",
+)
 
 
 def device_memory_metrics() -> list[GaugeMetricFamily]:

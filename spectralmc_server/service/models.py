@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from spectralmc_server.engine.certify import gate_failures
@@ -30,7 +31,7 @@ from spectralmc_server.engine.pricer import ServedModel, bytes_per_row, load_ser
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import MAX_QUANTILE_LEVELS
-from spectralmc_server.service.metrics import ModelState
+from spectralmc_server.service.views import Directory, TrackerView
 from spectralmc_server.settings import CertificateSettings
 from spectralmc_server.store.commits import GateResult, certify_checkpoint
 from spectralmc_server.store.objects import ObjectStore
@@ -45,7 +46,8 @@ SERVED_BYTES_PER_WEIGHT_BYTE = 3  # weights + the block matrices serving caches 
 
 
 class ModelHost:
-    """Every served model by name; :meth:`snapshot` is what one batch prices with."""
+    """Every served model by name; :meth:`snapshot` is what one batch prices with, and
+    :meth:`directory` what the serving side reads (pushed to ``on_change`` after each poll)."""
 
     def __init__(
         self,
@@ -76,6 +78,10 @@ class ModelHost:
             )
             for n in names
         }
+        # called with a new Directory after every poll of any tracker (service/views.py)
+        self.on_change: list[Callable[[Directory], None]] = []
+        for tracker in self.trackers.values():
+            tracker.polled.append(self._publish)
 
     def gate(self, name: str) -> Check:
         """The tracker's check for model ``name``: its certificate against its gate."""
@@ -169,13 +175,34 @@ class ModelHost:
                 out.setdefault(cur.model.process.name, cur.model)
         return out
 
-    def not_ready(self) -> str | None:
-        """Why the host cannot answer yet, or None."""
-        missing = [n for n, t in self.trackers.items() if t.current is None]
-        if not missing:
-            return None
-        reasons = [f"{n} ({self._why_none(self.trackers[n])})" for n in missing]
-        return f"no version loaded for {', '.join(reasons)}"
+    def directory(self) -> Directory:
+        """Every served model and its tracker's state, as plain data (service/views.py)."""
+        return Directory(tuple(self._view(name, t) for name, t in self.trackers.items()))
+
+    @staticmethod
+    def _view(name: str, t: ModelTracker[ServedModel]) -> TrackerView:
+        cur = t.current
+        return TrackerView(
+            name=name,
+            mode=t.mode,
+            served=None if cur is None else cur.model.view,
+            forced=tuple(cur.gate) if cur is not None and cur.forced else None,
+            swaps=t.swaps,
+            last_error=t.last_error,
+            consecutive_failures=t.consecutive_failures,
+            total_failures=t.total_failures,
+            backoff_seconds=t.backoff_seconds(),
+            last_good_poll=t.last_good_poll,
+            rejected=t.describe_rejection(),
+            rejections=dict(t.rejections),
+            why_none=None if cur is not None else ModelHost._why_none(t),
+        )
+
+    def _publish(self) -> None:
+        """A tracker polled: push the new picture to whoever reads it."""
+        directory = self.directory()
+        for listener in list(self.on_change):
+            listener(directory)
 
     @staticmethod
     def _why_none(t: ModelTracker[ServedModel]) -> str:
@@ -188,68 +215,3 @@ class ModelHost:
                 "serve it anyway only by pinning it with force"
             )
         return "no version in the store yet"
-
-    def forced(self) -> dict[str, dict[str, Any]]:
-        """Models served by a version an admin pinned with force past its gate, and why
-        it fails (/readyz names them: answers come from a model that did not qualify)."""
-        out = {}
-        for name, t in self.trackers.items():
-            cur = t.current
-            if cur is not None and cur.forced:
-                out[name] = {"version": cur.version, "gate": list(cur.gate)}
-        return out
-
-    def rejected(self) -> dict[str, dict[str, Any]]:
-        """Models whose wanted version (head or pin) is refused by the gate while another
-        (or none) is served: the version, the kind and the reasons."""
-        return {n: r for n, t in self.trackers.items() if (r := t.describe_rejection()) is not None}
-
-    def degraded(self) -> list[str]:
-        """Trackers that serve a loaded version but whose last poll of the store failed:
-        answers go on from that version (still ready), and new versions wait for the store."""
-        out = []
-        for name, t in self.trackers.items():
-            cur = t.current
-            if cur is not None and t.consecutive_failures > 0:
-                out.append(
-                    f"{name}: serving version {cur.version}; {t.consecutive_failures} failed store poll(s) in a row, "
-                    f"next try in {t.backoff_seconds():g} s; last error: {t.last_error}"
-                )
-        return out
-
-    def describe(self) -> list[dict[str, Any]]:
-        rows = []
-        for name, t in self.trackers.items():
-            cur = t.current
-            rows.append(
-                {
-                    "name": name,
-                    "process": None if cur is None else cur.model.process.name,
-                    "version": None if cur is None else cur.version,
-                    "content_hash": None if cur is None else cur.content_hash,
-                    "mode": t.mode,
-                    "domain": None if cur is None else cur.model.domain.model_dump(mode="json"),
-                    "swaps": t.swaps,
-                    "last_error": t.last_error,
-                    "forced": None if cur is None or not cur.forced else list(cur.gate),
-                    "rejected": t.describe_rejection(),
-                }
-            )
-        return rows
-
-    def states(self) -> list[ModelState]:
-        return [
-            ModelState(
-                name=n,
-                mode=t.mode,
-                version=None if t.current is None else t.current.version,
-                content_hash=None if t.current is None else t.current.content_hash,
-                swaps=t.swaps,
-                poll_failures=t.total_failures,
-                consecutive_poll_failures=t.consecutive_failures,
-                last_good_poll=t.last_good_poll,
-                rejected=dict(t.rejections),
-                forced=t.current is not None and t.current.forced,
-            )
-            for n, t in self.trackers.items()
-        ]

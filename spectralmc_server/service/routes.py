@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
 from spectralmc_server.engine.certify import summary as certificate_summary
+from spectralmc_server.engine.view import ModelView
 from spectralmc_server.pricing.arrow import ARROW_STREAM, BookFormatError, answer_ipc, read_book
 from spectralmc_server.pricing.columns import columns_of_body, request_from_columns, too_many
 from spectralmc_server.pricing.door import admit
@@ -153,11 +154,12 @@ async def price(request: web.Request) -> web.Response:
     kind, raw = await read_price_body(request)
     form, body, head, columns = _price_body(kind, raw)
 
-    def models() -> Mapping[str, Any]:
-        reason = app[keys.HOST].not_ready()
+    def models() -> Mapping[str, ModelView]:
+        served = app[keys.MODELS].current
+        reason = served.not_ready()
         if reason is not None:
             raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
-        return app[keys.HOST].snapshot()
+        return served.snapshot()
 
     try:  # the whole request: the batcher may split it into jobs (and checks each again)
         # a columnar book is validated here; admit takes the PriceRequest as it is
@@ -266,23 +268,22 @@ async def previous_certificate(store: VersionStore, version: int | None) -> dict
 async def models(request: web.Request) -> web.Response:
     """Served models: name, version, content hash, mode, domain, and each served
     version's certificate (summary and heat map) beside the previous version's."""
-    host = request.app[keys.HOST]
-    rows = host.describe()  # read with the served models, before any await: one consistent view
-    served = {name: t.current for name, t in host.trackers.items()}
-    previous = await asyncio.gather(*(previous_certificate(host.stores[r["name"]], r["version"]) for r in rows))
-    for row, prev in zip(rows, previous, strict=True):
-        cur = served.get(row["name"])
-        row.update(certificate_view(None if cur is None else cur.model.certificate))
+    directory = request.app[keys.MODELS].current  # one picture, read before any await
+    rows = directory.describe()
+    stores = request.app[keys.STORES]
+    previous = await asyncio.gather(*(previous_certificate(stores[r["name"]], r["version"]) for r in rows))
+    for row, model, prev in zip(rows, directory.models, previous, strict=True):
+        row.update(certificate_view(None if model.served is None else model.served.certificate))
         row["previous"] = prev
     return json_response({"models": rows})
 
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
-    """Alive: the compute worker runs and has not failed."""
-    worker = request.app[keys.WORKER]
-    if not worker.alive:
-        raise Unavailable(f"compute engine down: {worker.failure or 'the worker thread stopped'}", 5, code="unhealthy")
+    """Alive: the engine runs and has not failed."""
+    engine = request.app[keys.ENGINE]
+    if not engine.alive:
+        raise Unavailable(f"compute engine down: {engine.status.failure or 'not running'}", 5, code="unhealthy")
     return json_response({"status": "ok"})
 
 
@@ -292,11 +293,11 @@ def not_ready_reason(app: web.Application) -> str | None:
         return "shutting down"
     if not life.started:
         return "starting"
-    worker = app[keys.WORKER]
-    if not worker.alive:
-        return f"compute engine down: {worker.failure or 'the worker thread stopped'}"
+    engine = app[keys.ENGINE]
+    if not engine.alive:
+        return f"compute engine down: {engine.status.failure or 'not running'}"
     if app[keys.SETTINGS].serves:
-        return app[keys.HOST].not_ready()
+        return app[keys.MODELS].current.not_ready()
     return None
 
 
@@ -309,20 +310,21 @@ async def readyz(request: web.Request) -> web.Response:
     if reason is not None:
         raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
     s = app[keys.SETTINGS]
-    training = app.get(keys.TRAINING)
-    degraded = app[keys.HOST].degraded()
+    status = app[keys.ENGINE].status
+    directory = app[keys.MODELS].current
+    degraded = directory.degraded()
     return json_response(
         {
             "status": "degraded" if degraded else "ready",
             "degraded": degraded,
             "role": s.role,
-            "models": {m["name"]: m["version"] for m in app[keys.HOST].describe()},
+            "models": {m.name: None if m.served is None else m.served.version for m in directory.models},
             # served versions an admin pinned with force past their quality gate, and why they fail
-            "forced": app[keys.HOST].forced(),
+            "forced": directory.forced(),
             # versions wanted (head or pin) and refused by the gate while another is served
-            "rejected": app[keys.HOST].rejected(),
-            "training": None if training is None else training.model,
-            "training_note": app[keys.LIFECYCLE].training_note,
+            "rejected": directory.rejected(),
+            "training": status.training_model,
+            "training_note": status.training_note,
         }
     )
 
@@ -331,6 +333,7 @@ async def readyz(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition of this app's registry."""
     body = generate_latest(request.app[keys.METRICS].registry)
+    body += await request.app[keys.ENGINE].metrics_text()  # the engine's own families, where it has them
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -362,7 +362,7 @@ class StreamHub:
         self._namespaces[record.namespace] = "snapshot"
         self._trigger()
 
-    def models_changed(self, _version: int) -> None:
+    def models_changed(self, _model: str, _version: int) -> None:
         self._all = "model"
         self._trigger()
 

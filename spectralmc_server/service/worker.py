@@ -31,16 +31,13 @@ import torch
 
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.trainer import Trainer
+from spectralmc_server.engine_service.messages import EngineDead
 from spectralmc_server.service.metrics import Metrics, TrainingState
 from spectralmc_server.store.commits import CommitPolicy
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 _Job = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
-
-
-class EngineDead(RuntimeError):  # noqa: N818
-    """The worker has failed or stopped and takes no more work."""
 
 
 class SliceCancelled(Exception):  # noqa: N818

@@ -87,6 +87,7 @@ class ModelTracker(Generic[T]):
         self.last_error: str | None = None
         self.swaps = 0
         self.listeners: list[Callable[[int], None]] = []  # called with the new version after each swap
+        self.polled: list[Callable[[], None]] = []  # called after every poll, whatever its outcome
         self.store_pinned: int | None = None  # the store's pin as last seen (admin rollback)
         self.store_pin_forced = False  # ... and whether it was forced past the check
         self.rejected: Rejection | None = None  # the version wanted now and refused, if any
@@ -149,6 +150,13 @@ class ModelTracker(Generic[T]):
 
     async def poll_once(self) -> bool:
         """Look for a different version and swap to it; True when a swap happened."""
+        try:
+            return await self._poll()
+        finally:
+            for hook in list(self.polled):
+                hook()
+
+    async def _poll(self) -> bool:
         try:
             want = await self.target()
             forced = want is not None and self.pinned_version is None and self.store_pin_forced

@@ -83,7 +83,7 @@ async def serving(client: Client, name: str, version: int) -> ServedModel:
 async def commit_certified(client: Client, name: str, certs: list[dict[str, Any] | None]) -> VersionStore:
     """Commit the bundled model again once per entry of ``certs``, each with that
     certificate (None: without one); returns the model's store."""
-    store = app_of(client)[keys.HOST].stores[name]
+    store = app_of(client)[keys.STORES][name]
     ckpt = bundled_checkpoint(name)
     for cert in certs:
         await store.commit(replace(ckpt, certificate=cert), "a test version")

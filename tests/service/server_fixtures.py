@@ -23,7 +23,8 @@ async def make_client(
     """``await make_client(**settings)`` -> a test client of a started app."""
 
     async def make(**overrides: Any) -> TestClient[Any, Any]:
-        app = create_app(settings_for(tmp_path, **overrides), Metrics())
+        settings = settings_for(tmp_path, **overrides)
+        app = create_app(settings, Metrics(engine_families=settings.engine.mode == "thread"))
         return await aiohttp_client(AppServer(app))
 
     yield make

@@ -32,8 +32,10 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
-    """Test settings: a fresh data dir, no training unless asked, quick polling."""
+    """Test settings: a fresh data dir, no training unless asked, quick polling, the
+    engine on a thread of the test's process (engine_process tests ask for a process)."""
     fields: dict[str, Any] = {
+        "engine": {"mode": "thread"},
         "data_dir": tmp_path / "data",
         "port": 0,
         "poll_seconds": 0.05,
@@ -102,9 +104,8 @@ def start_server(tmp_path: Path, *args: str, env: dict[str, str] | None = None, 
 
 
 def block_worker(client: Client, seconds: float) -> asyncio.Future[None]:
-    """Occupy the compute worker for ``seconds`` (await the result afterwards)."""
-    fut: asyncio.Future[None] = app_of(client)[keys.WORKER].submit(lambda: time.sleep(seconds))
-    return fut
+    """Occupy the engine's compute for ``seconds`` (await the result afterwards)."""
+    return app_of(client)[keys.ENGINE].hold(seconds)
 
 
 def app_of(client: Client) -> web.Application:

@@ -74,7 +74,7 @@ async def served(client: Client) -> dict[str, Any]:
 async def commit_versions(client: Client, n: int) -> dict[int, str]:
     """Commit ``n`` distinct versions straight to the store; return version -> content hash
     (version 1 included), once the server serves the new head."""
-    store = app_of(client)[keys.HOST].stores["gbm"]
+    store = app_of(client)[keys.STORES]["gbm"]
     ckpt = await store.load(1, need_training=True)
     assert ckpt.certificate is not None  # the bundled model's, seeded with it
     hashes = {1: ckpt.content_hash}
@@ -258,7 +258,7 @@ async def test_gc_dry_run_then_collect(make_client: MakeClient) -> None:
 async def test_commit_without_training_409(make_client: MakeClient) -> None:
     client = await make_client()
     await assert_error(await call(client, "POST", "commit", {"message": "x"}), 409, "conflict")
-    head = await app_of(client)[keys.HOST].stores["gbm"].head()
+    head = await app_of(client)[keys.STORES]["gbm"].head()
     assert head is not None and head.version == 1
 
 
@@ -271,7 +271,7 @@ async def test_commit_with_training(make_client: MakeClient) -> None:
     assert out["content_hash"].startswith("sha256:")
     assert out["serving"]["version"] == 2
     assert await price_identity(client) == {"version": 2, "content_hash": out["content_hash"]}
-    store = app_of(client)[keys.HOST].stores["gbm"]
+    store = app_of(client)[keys.STORES]["gbm"]
     head = await store.head()
     assert head is not None and (head.version, head.content_hash) == (2, out["content_hash"])
     assert head.record.get("message") == "x"

@@ -20,9 +20,7 @@ from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service.batcher import (
     VECTOR_MIN_CONTRACTS,
     ClassKey,
-    _Boxes,
     _classify_each,
-    _moneyness_range,
     classify,
     tier_of,
 )
@@ -45,8 +43,8 @@ def oracle(request: PriceRequest, models: Mapping[str, ServedModel]) -> list[tup
             t = c.expiry_years
             params = c.process_params()
             inside = lo <= t <= hi and all(r.low <= params.get(r.name, math.nan) <= r.high for r in ranges[:-1])
-            kf = _moneyness_range(served)
-            if inside and strike_measures and kf is not None:
+            kf = served.domain.certified_moneyness
+            if inside and strike_measures:
                 carry = (c.rate or 0.0) - (c.dividend or 0.0)
                 if c.fixings is None:
                     ratio = math.exp(carry * t)
@@ -144,7 +142,8 @@ def test_classify_reads_the_book_as_the_contracts_read(seed: int, served: dict[s
     strike = bool(set(measures) & set(PRICE_MEASURES))
     for models in (served, {k: v for k, v in served.items() if k != "heston"}, {}):
         want = oracle(request, models)
-        assert classify(request, models, _Boxes()) == want
-        assert _classify_each(request, models, _Boxes(), tier, strike) == want  # the small-request reading
-    methods = {key[1] for _, key in classify(request, served, _Boxes())}
+        views = {k: v.view for k, v in models.items()}  # classify reads the models' views (engine/view.py)
+        assert classify(request, views) == want
+        assert _classify_each(request, views, tier, strike) == want  # the small-request reading
+    methods = {key[1] for _, key in classify(request, {k: v.view for k, v in served.items()})}
     assert methods == {"cvnn", "reference"}, "the random books must cross the domains' bounds"

@@ -103,7 +103,7 @@ async def test_price_ok_order_methods_models_and_echo(make_client: MakeClient) -
 
     models = await ok_json(await client.get("/v1/models"))
     served = {m["name"]: m for m in models["models"]}
-    head = await app_of(client)[keys.HOST].stores["gbm"].head()
+    head = await app_of(client)[keys.STORES]["gbm"].head()
     assert head is not None and head.version == 1
     assert out["models"] == {"gbm": {"version": 1, "content_hash": served["gbm"]["content_hash"]}}
     assert out["models"]["gbm"]["content_hash"] == head.content_hash
@@ -443,7 +443,7 @@ async def test_models(make_client: MakeClient) -> None:
     assert m["name"] == "gbm"
     assert m["version"] == 1
     assert m["mode"] == "tracking"
-    head = await app_of(client)[keys.HOST].stores["gbm"].head()
+    head = await app_of(client)[keys.STORES]["gbm"].head()
     assert head is not None
     assert m["content_hash"] == head.content_hash and m["content_hash"].startswith("sha256:")
     names = {r["name"] for r in m["domain"]["ranges"]}

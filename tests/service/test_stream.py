@@ -280,7 +280,7 @@ async def test_new_snapshot_requotes_every_subscription(make_client: MakeClient)
 async def test_model_change_pushes_a_quote_naming_the_new_version(make_client: MakeClient) -> None:
     client = await make_client(poll_seconds=60.0)  # only the admin route makes the tracker swap
     app = app_of(client)
-    store = app[keys.HOST].stores["gbm"]
+    store = app[keys.STORES]["gbm"]
     base = await store.load(1, need_training=True)
     model = {k: v * 1.01 if v.is_floating_point() else v for k, v in base.model.items()}
     manifest = {**base.manifest, "metrics": {**base.manifest["metrics"], "variant": "stream"}}

@@ -239,7 +239,7 @@ async def test_5000_subscriptions_first_quotes_and_requotes_are_merged(make_clie
     app = app_of(client)
     hub = app[keys.STREAMS]
     await put_snapshot(client)
-    store = app[keys.HOST].stores["gbm"]
+    store = app[keys.STORES]["gbm"]
     base = await store.load(1, need_training=True)
     model = {k: v * 1.01 if v.is_floating_point() else v for k, v in base.model.items()}
     manifest = {**base.manifest, "metrics": {**base.manifest["metrics"], "variant": "scale"}}

@@ -11,8 +11,9 @@ import time
 import pytest
 import torch
 
+from spectralmc_server.engine_service.messages import EngineDead
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.worker import ComputeWorker, EngineDead, OnlineTraining
+from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 
 
 class CountingTraining(OnlineTraining):

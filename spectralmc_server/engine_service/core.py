@@ -1,0 +1,445 @@
+"""EngineCore: everything that runs torch, behind the messages of engine_service/messages.py.
+
+It owns the model host (stores, trackers, loaded versions, the hot swap), the compute
+worker (the one thread that computes: pricing jobs, calibration slices, training
+steps), online training and its commits. The HTTP side reaches it only through an
+:class:`~spectralmc_server.service.engine.EngineClient`: in the server's own process
+(``engine.mode = "thread"``, the tests' default) or in a process of its own
+(``"process"``, what ``spectralmc serve`` runs: engine_service/process.py).
+
+One version per request: a request's first computed slice takes the job's snapshot of
+the served versions (its lease, by the request's id), which its later slices price
+with; the HTTP side forgets the request when it is answered, failed or dropped, and a
+forgotten request's slices not yet begun are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any, cast
+
+from spectralmc_server.engine.checkpoint import Checkpoint
+from spectralmc_server.engine.device import Budgets
+from spectralmc_server.engine.pricer import ServedModel
+from spectralmc_server.engine.trainer import Trainer
+from spectralmc_server.engine_service.messages import (
+    CommitRefused,
+    Committed,
+    EngineDead,
+    EngineStatus,
+    FitFailed,
+    FitReport,
+    FitSpec,
+    Head,
+    JobFailedError,
+    ModelId,
+    PriceJob,
+    PriceResult,
+    Skipped,
+    SliceDone,
+)
+from spectralmc_server.marketdata.calibration import CalibrationReport, SurfaceError, calibrate_snapshot
+from spectralmc_server.pricing.book import LazyContracts
+from spectralmc_server.pricing.door import Entry, value_batch
+from spectralmc_server.pricing.schemas import Contract, Measure, PriceRequest
+from spectralmc_server.service.memory import rss_bytes
+from spectralmc_server.service.metrics import Metrics
+from spectralmc_server.service.models import ModelHost
+from spectralmc_server.service.views import Directory
+from spectralmc_server.service.worker import ComputeWorker, OnlineTraining, SliceCancelled, SlicedTask
+from spectralmc_server.settings import Settings
+from spectralmc_server.store.commits import CommitPolicy, GateResult
+from spectralmc_server.store.objects import ObjectStore
+
+log = logging.getLogger(__name__)
+
+
+class FitDeadline(Exception):  # noqa: N818
+    """Raised by a fit's iteration hook once its deadline has passed."""
+
+    def __init__(self, iterations: int) -> None:
+        super().__init__(f"deadline passed after {iterations} iterations")
+        self.iterations = iterations
+
+
+class _Fit:
+    def __init__(self, spec: FitSpec, served: ServedModel | None) -> None:
+        self.spec = spec
+        self.iterations = 0
+        self.evaluations = 0
+
+        def run(checkpoint: Callable[[], None]) -> CalibrationReport:  # on the fit's own thread
+            def hook(iterations: int, evaluations: int) -> None:
+                self.iterations, self.evaluations = iterations, evaluations
+                if time.monotonic() >= spec.deadline:
+                    raise FitDeadline(iterations)
+                checkpoint()
+
+            return calibrate_snapshot(
+                spec.snapshot,
+                spec.underlying,
+                spec.process,
+                served,
+                allow_arbitrage=spec.allow_arbitrage,
+                max_iterations=spec.max_iterations,
+                on_iteration=hook,
+            )
+
+        self.task: SlicedTask[CalibrationReport] = SlicedTask(run, name=f"calibration-{spec.process}")
+
+    def outcome(self) -> FitReport | FitFailed:
+        try:
+            report = self.task.result()
+        except FitDeadline as exc:
+            return FitFailed("deadline", str(exc), exc.iterations)
+        except SurfaceError as exc:
+            return FitFailed("surface", str(exc), self.iterations)
+        except SliceCancelled:
+            return FitFailed("error", "cancelled", self.iterations)
+        except Exception as exc:
+            log.exception("calibration failed")
+            return FitFailed("error", f"{type(exc).__name__}: {exc}", self.iterations)
+        return FitReport(
+            underlying=report.underlying,
+            process=report.process,
+            model=report.model,
+            description=report.describe(),
+            params=report.model_params(),
+            seconds=report.result.seconds,
+            rmse_vol=report.result.rmse_vol,
+        )
+
+
+class EngineCore:
+    """The engine: models, the compute worker, online training (see the module docstring).
+
+    Runs on an asyncio loop (the trackers poll on it; commits certify in a thread from
+    it); every torch computation runs on the worker's thread."""
+
+    def __init__(self, settings: Settings, objects: ObjectStore, metrics: Metrics, budgets: Budgets) -> None:
+        s = settings
+        self.settings = settings
+        self.objects = objects
+        self.metrics = metrics
+        self.budgets = budgets
+        self.host = ModelHost(
+            objects,
+            list(s.models),
+            budgets,
+            poll_seconds=s.poll_seconds,
+            max_backoff_seconds=s.poll_max_backoff_seconds,
+            seed_bundled=s.seed_bundled,
+            certificate=s.certificate,
+        )
+        self.training: OnlineTraining | None = None
+        self.training_note: str | None = None
+        self.worker: ComputeWorker | None = None
+        self.background: set[asyncio.Task[None]] = set()  # commit tasks kept alive
+        self.leases: dict[int, dict[str, ServedModel]] = {}
+        self.forgotten: set[int] = set()
+        self.fits: dict[int, _Fit] = {}
+        self.status_listeners: list[Callable[[EngineStatus], None]] = []
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Seed and load the models, resume online training, start the worker."""
+        try:
+            await self.host.start()
+        except BaseException:
+            await self.host.stop()
+            raise
+        self.training = await self._training()
+        s = self.settings
+        self.worker = ComputeWorker(self.metrics, self.training, s.torch_threads, s.train.idle_gap_seconds)
+        self.worker.start()
+
+    async def stop(self) -> None:
+        """Commit the training state when ``train.commit_on_shutdown`` (certified: ~30 s),
+        finish the worker's jobs, stop the trackers."""
+        s = self.settings
+        worker, training = self.worker, self.training
+        if worker is not None:
+            if training is not None and s.train.commit_on_shutdown and worker.alive:
+                try:
+                    ckpt = await worker.submit(training.checkpoint)
+                    result = await self.gated(training.model, ckpt)
+                    if result.passed:
+                        store = self.host.stores[training.model]
+                        stored = await store.commit(result.checkpoint, "training state at shutdown", rebase=True)
+                        log.info("committed %s version %d at shutdown", training.model, stored.version)
+                except Exception:
+                    log.exception("commit at shutdown failed")
+            for task in list(self.background):
+                with contextlib.suppress(Exception):
+                    await task
+            await asyncio.to_thread(worker.stop, s.shutdown_timeout_seconds)
+        if training is not None:
+            training.trainer.close()
+        await self.host.stop()
+
+    async def _training(self) -> OnlineTraining | None:
+        """Resume online training from the trained model's head version, if it has state."""
+        s = self.settings
+        if not s.trains:
+            self.training_note = f"role {s.role!r} with train.enabled={s.train.enabled}: not training"
+            return None
+        store = self.host.stores.get(s.train.model)
+        if store is None:
+            self.training_note = f"train.model {s.train.model!r} is not among the served models"
+            return None
+        head = await store.head()
+        if head is None:
+            self.training_note = f"model {s.train.model!r} has no version to resume training from"
+            return None
+        try:
+            ckpt = await store.load(head.version, need_training=True)
+        except Exception as exc:
+            self.training_note = f"version {head.version} of {s.train.model!r} has no usable training state ({exc})"
+            return None
+        trainer = await asyncio.to_thread(
+            Trainer.from_checkpoint,
+            ckpt,
+            self.budgets,
+            validate_every=s.train.validate_every,
+            device=s.train.device,
+            kernels=s.train.kernels,
+        )
+        policy = CommitPolicy(
+            every_seconds=s.train.commit_every_seconds,
+            only_if_improved=s.train.commit_if_improved,
+            final=False,
+        )
+        base = (ckpt.manifest.get("metrics", {}).get("validation") or {}).get("p95_bp")
+        policy.committed(base)  # publish only what beats the version training resumed from
+        loop = asyncio.get_running_loop()
+
+        async def commit(ck: Checkpoint, message: str) -> None:
+            val = (ck.manifest.get("metrics", {}).get("validation") or {}).get("p95_bp")
+            if self.host.certify_lock.locked():
+                # The previous state is still being certified (~30 s): this one is skipped,
+                # not queued behind it (the next is due an interval later).
+                policy.withdraw(val)  # the worker counted it as committed when it handed it over
+                log.info("online training of %s: a certification is under way; %r skipped", store.name, message)
+                return
+            try:
+                result = await self.gated(store.name, ck)
+                if not result.passed:
+                    policy.withdraw(val)
+                    return
+                stored = await store.commit(result.checkpoint, message, rebase=True)
+                log.info("online training committed %s version %d: %s", store.name, stored.version, message)
+                await self.host.trackers[store.name].poll_once()
+            except Exception:
+                log.exception("auto-commit of %s failed", store.name)
+
+        def publish(ck: Checkpoint, message: str) -> None:  # called on the worker thread
+            def schedule() -> None:
+                task = asyncio.create_task(commit(ck, message))
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+
+            loop.call_soon_threadsafe(schedule)
+
+        self.training_note = None
+        return OnlineTraining(s.train.model, trainer, policy, publish)
+
+    async def gated(self, model: str, ckpt: Checkpoint) -> GateResult:
+        """Certify a checkpoint in a thread (about 30 s; one at a time) and check it
+        against the model's gate; a failing one is logged and counted in
+        ``spectralmc_training_rejected_total`` (committing it is the caller's to refuse)."""
+        result = await self.host.certify(model, ckpt)
+        if not result.passed:
+            self.metrics.training_rejected.labels(model).inc()
+            log.warning(
+                "online training of %s: step %s not committed: it %s",
+                model,
+                ckpt.manifest.get("state", {}).get("step"),
+                result.describe(),
+            )
+        return result
+
+    # -- state ----------------------------------------------------------------------------
+
+    def directory(self) -> Directory:
+        return self.host.directory()
+
+    def status(self) -> EngineStatus:
+        worker, training = self.worker, self.training
+        return EngineStatus(
+            alive=worker is not None and worker.alive,
+            failure=(
+                "the engine has not started"
+                if worker is None
+                else worker.failure or (None if worker.alive else "the worker thread stopped")
+            ),
+            training_model=None if training is None else training.model,
+            training_note=self.training_note,
+            training=None if training is None else training.state(),
+            training_delay=0.0 if worker is None else worker.training_delay,
+            budgets=tuple(self.budgets.reports()),
+            pid=os.getpid(),
+            rss_bytes=rss_bytes(),
+        )
+
+    def _worker(self) -> ComputeWorker:
+        if self.worker is None:
+            raise EngineDead("the engine has not started")
+        return self.worker
+
+    # -- pricing --------------------------------------------------------------------------
+
+    def price(self, job: PriceJob) -> asyncio.Future[PriceResult]:
+        """Price a job on the worker (EngineDead at once when the worker is down)."""
+        return self._worker().submit(lambda: self._price(job))
+
+    def _price(self, job: PriceJob) -> PriceResult:  # on the worker
+        t0 = time.perf_counter()
+        c0 = time.thread_time()
+        fresh: dict[str, ServedModel] | None = None
+        entries: list[Entry] = []
+        live: list[int] = []
+        models: dict[int, dict[str, ModelId]] = {}
+        for k, e in enumerate(job.entries):
+            if e.req in self.forgotten:
+                continue
+            lease = self.leases.get(e.req)
+            if lease is None:  # one version per model for the whole request
+                if fresh is None:
+                    fresh = self.host.snapshot()
+                lease = self.leases[e.req] = fresh
+            models[e.req] = {p: ModelId(s.name, s.version, s.content_hash) for p, s in lease.items()}
+            market = None
+            if e.market is not None:
+                record, snapshot = e.market
+                assert snapshot is not None, "the snapshot is filled in before the job reaches the core"
+                market = (record, snapshot)
+            entries.append(Entry(_request(e.head, e.book), lease, market, e.offset, e.columnar))
+            live.append(k)
+        outcomes: list[Any] = [Skipped()] * len(job.entries)
+        try:
+            for k, answer in zip(live, value_batch(entries), strict=True):
+                outcomes[k] = answer
+        except Exception as exc:  # valid requests the engine could not price: a bug
+            log.exception("batch of %d requests failed", len(entries))
+            self._worker().mark_failed(f"batch failed: {type(exc).__name__}: {exc}")
+            raise JobFailedError(f"{type(exc).__name__}: {exc}") from None
+        finally:
+            for req in models:  # forgotten while this job computed: no lease may outlive it
+                if req in self.forgotten:
+                    self.leases.pop(req, None)
+        return PriceResult(tuple(outcomes), models, t0, time.perf_counter(), time.thread_time() - c0)
+
+    def forget(self, reqs: Iterable[int]) -> None:
+        """These requests are done with: their leases go, their slices not begun are skipped.
+        (From the event loop; the worker reads the sets between jobs.)"""
+        for req in reqs:
+            self.forgotten.add(req)  # first: a job starting now then leases nothing that stays
+            self.leases.pop(req, None)
+        if len(self.forgotten) > 100_000:  # ids only grow: old ones never come back
+            floor = max(self.forgotten) - 50_000
+            self.forgotten = {r for r in self.forgotten if r >= floor}
+
+    # -- calibration ----------------------------------------------------------------------
+
+    def fit_start(self, fit_id: int, spec: FitSpec) -> None:
+        """A calibration, run in slices by :meth:`fit_slice` (with the served version of
+        its process now, or the analytic reference without one)."""
+        self._worker()
+        self.fits[fit_id] = _Fit(spec, self.host.snapshot().get(spec.process))
+
+    def fit_slice(self, fit_id: int, seconds: float) -> asyncio.Future[SliceDone]:
+        fit = self.fits.get(fit_id)
+        if fit is None:
+            raise EngineDead(f"calibration {fit_id} is not known to this engine")
+
+        def work() -> SliceDone:
+            t0 = time.perf_counter()
+            before, cpu = fit.evaluations, fit.task.cpu_seconds
+            finished = fit.task.run_slice(seconds)
+            done = SliceDone(
+                finished=finished,
+                started=t0,
+                ended=time.perf_counter(),
+                cpu=fit.task.cpu_seconds - cpu,
+                evaluations=fit.evaluations - before,
+                iterations=fit.iterations,
+                outcome=fit.outcome() if finished else None,
+            )
+            if finished:
+                self.fits.pop(fit_id, None)
+            return done
+
+        return self._worker().submit(work)
+
+    def fit_cancel(self, fit_id: int) -> None:
+        """Stop a calibration: its thread unwinds in one more (empty) slice."""
+        fit = self.fits.pop(fit_id, None)
+        if fit is None or fit.task.done:
+            return
+        fit.task.cancel()
+        with contextlib.suppress(EngineDead):
+            self._worker().submit(lambda: fit.task.run_slice(0.0))
+
+    # -- admin ----------------------------------------------------------------------------
+
+    async def commit(self, model: str, message: str, allow_unqualified: bool) -> Committed | CommitRefused:
+        """Commit online training's state of ``model`` as a new version (certified first)."""
+        training = self.training
+        if training is None or training.model != model:
+            note = self.training_note
+            return CommitRefused(
+                "not_training", f"this server does not train model {model!r}" + (f" ({note})" if note else "")
+            )
+        ckpt = await self._worker().submit(training.checkpoint)
+        result = await self.host.certify(model, ckpt)  # ~30 s, in a thread
+        step = int(ckpt.manifest["state"]["step"])
+        if not result.passed:
+            self.metrics.training_rejected.labels(model).inc()
+            log.warning("admin commit of %s at step %s: it %s", model, step, result.describe())
+            if not allow_unqualified:
+                return CommitRefused(
+                    "gate",
+                    f"the training state of {model!r} at step {step} fails its quality gate and was not committed",
+                    list(result.failures),
+                    step,
+                )
+        stored = await self.host.stores[model].commit(
+            result.checkpoint,
+            message,
+            rebase=True,
+            unqualified=not result.passed,
+            gate=result.failures if not result.passed else None,
+        )
+        return Committed(stored.version, stored.content_hash, step, not result.passed, list(result.failures))
+
+    async def poll(self, model: str) -> None:
+        """Serve what the store now says for ``model`` (after an admin change)."""
+        try:
+            await self.host.trackers[model].poll_once()
+        except Exception as exc:  # the store move happened; the swap is retried by polling
+            log.warning("model %s: refresh after an admin change failed: %s", model, exc)
+
+    def hold(self, seconds: float) -> asyncio.Future[None]:
+        """Keep the worker busy for ``seconds`` (tests: a worker that is computing)."""
+        return self._worker().submit(lambda: time.sleep(seconds))
+
+
+def _request(head: Head, book: Any) -> PriceRequest:
+    """A request with ``head``'s fields and ``book`` as its contracts (checked already)."""
+    contracts = LazyContracts(book)
+    request = PriceRequest.model_construct(
+        namespace=head.namespace,
+        val_datetime=head.val_datetime,
+        data_asof=head.data_asof,
+        measures=cast(list[Measure], list(head.measures)),
+        quantile_levels=None if head.quantile_levels is None else list(head.quantile_levels),
+        contracts=cast(list[Contract], contracts),  # a Sequence where the schema says list (pricing/book.py)
+    )
+    request._book = (contracts, book)
+    return request

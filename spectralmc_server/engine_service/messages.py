@@ -1,0 +1,197 @@
+"""What the HTTP side and the engine say to each other: plain, picklable data.
+
+The HTTP side (service/) holds no engine object. It sends a job of checked requests as
+Books (numpy columns, pricing/book.py) and gets back one outcome per entry; it starts,
+slices and cancels calibrations by id; it asks for commits and store polls; it hears
+the served models (service/views.py ``Directory``) and the engine's :class:`EngineStatus`
+whenever they change. The same messages go through a function call (the engine in the
+server's own process) or a Unix socket (the engine in its own process,
+engine_service/process.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from spectralmc_server.engine.device import BudgetReport
+from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
+from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.pricing.book import Book
+from spectralmc_server.pricing.errors import RequestRefusedError
+from spectralmc_server.service.metrics import TrainingState
+
+SNAPSHOTS_KEPT = 128  # market snapshots an engine keeps per connection (first in, first out)
+
+
+class EngineDead(RuntimeError):  # noqa: N818
+    """The engine has failed, stopped or gone, and takes no more work."""
+
+
+class JobFailedError(RuntimeError):
+    """Valid requests the engine could not price (a bug): the engine marks itself failed."""
+
+
+# -- pricing ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """A request's fields other than its contracts."""
+
+    namespace: str
+    val_datetime: datetime | None
+    data_asof: datetime | None
+    measures: tuple[str, ...]
+    quantile_levels: tuple[float, ...] | None
+
+
+@dataclass(frozen=True, slots=True)
+class ModelId:
+    """Which version of a served model an answer comes from."""
+
+    name: str
+    version: int | None
+    content_hash: str
+
+
+@dataclass(frozen=True, slots=True)
+class WireEntry:
+    """One request, or one slice of it, in a job. ``req`` names the request for all its
+    slices: its first computed slice takes one snapshot of the served versions (the
+    lease), which its later slices use, until the HTTP side forgets ``req``."""
+
+    req: int
+    head: Head
+    book: Book
+    offset: int  # the slice's first contract in the whole request
+    columnar: bool  # answer with ``columns`` in place of ``results``
+    # the inputs of contracts by reference: the snapshot travels once per connection
+    # (engine_service/server.py keeps the last SNAPSHOTS_KEPT by hash; None: sent before)
+    market: tuple[SnapshotRecord, MarketSnapshot | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PriceJob:
+    entries: tuple[WireEntry, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """Not computed: its request was forgotten (the client went) before the job began."""
+
+
+Outcome = dict[str, Any] | RequestRefusedError | Skipped
+
+
+@dataclass(frozen=True, slots=True)
+class PriceResult:
+    outcomes: tuple[Outcome, ...]  # one per entry, in order
+    models: dict[int, dict[str, ModelId]]  # req -> process -> the version its answers come from (its lease)
+    started: float  # time.perf_counter() (CLOCK_MONOTONIC: one clock for every process of the host)
+    ended: float
+    cpu: float  # CPU seconds of the compute thread
+
+
+# -- calibration --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FitSpec:
+    snapshot: MarketSnapshot
+    underlying: str
+    process: str
+    allow_arbitrage: bool
+    max_iterations: int
+    deadline: float  # time.monotonic(): the fit stops between iterations past it
+
+
+@dataclass(frozen=True, slots=True)
+class FitReport:
+    """A finished fit as plain data (marketdata/calibration.py CalibrationReport)."""
+
+    underlying: str
+    process: str
+    model: dict[str, Any] | None
+    description: dict[str, Any]  # CalibrationReport.describe()
+    params: ModelParams  # CalibrationReport.model_params()
+    seconds: float
+    rmse_vol: float
+
+    def describe(self) -> dict[str, Any]:
+        return self.description
+
+    def model_params(self) -> ModelParams:
+        return self.params
+
+
+@dataclass(frozen=True, slots=True)
+class FitFailed:
+    """``kind``: ``surface`` (a surface it cannot fit: 422), ``deadline`` (504) or
+    ``error`` (anything else)."""
+
+    kind: str
+    message: str
+    iterations: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class SliceDone:
+    finished: bool
+    started: float  # perf_counter
+    ended: float
+    cpu: float
+    evaluations: int  # evaluations in this slice
+    iterations: int  # so far
+    outcome: FitReport | FitFailed | None = None  # once finished
+
+
+# -- admin --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    version: int
+    content_hash: str
+    step: int
+    unqualified: bool
+    gate: list[str]
+
+
+@dataclass(frozen=True, slots=True)
+class CommitRefused:
+    """``kind``: ``not_training`` (this engine does not train the model) or ``gate``."""
+
+    kind: str
+    message: str
+    failures: list[str] = field(default_factory=list)
+    step: int | None = None
+
+
+# -- state --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStatus:
+    """The engine as health, readiness, admission and /metrics see it."""
+
+    alive: bool
+    failure: str | None
+    training_model: str | None  # the model online training runs on, if any
+    training_note: str | None  # why online training is off, when it is
+    training: TrainingState | None
+    training_delay: float  # seconds a job may wait behind a training step
+    budgets: tuple[BudgetReport, ...] = ()
+    pid: int = 0
+    rss_bytes: int | None = None
+
+
+DOWN = EngineStatus(
+    alive=False,
+    failure="the engine has not started",
+    training_model=None,
+    training_note=None,
+    training=None,
+    training_delay=0.0,
+)

@@ -126,10 +126,16 @@ def free_port() -> int:
 
 
 def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """RSS of ``pid`` and its children (the server's engine process)."""
+    total = 0
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1]) * 1024
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    except OSError:
+        return total
+    return total + sum(rss_bytes(int(c)) for c in children)
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
@@ -147,14 +153,18 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -
 
 
 @contextmanager
-def server(kind: str, workdir: Path, training: bool) -> Iterator[tuple[str, int]]:
+def server(kind: str, workdir: Path, training: bool, mode: str = "process") -> Iterator[tuple[str, int]]:
     port = free_port()
     if kind == "hello":
         cmd = [sys.executable, "-c", HELLO, str(port)]
     else:
         cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--port", str(port)]
         cmd += ["--data-dir", str(workdir / "data"), "--log-level", "warning"]
-    env = {**os.environ, "SPECTRALMC_TRAIN__ENABLED": "true" if training else "false"}
+    env = {
+        **os.environ,
+        "SPECTRALMC_TRAIN__ENABLED": "true" if training else "false",
+        "SPECTRALMC_ENGINE__MODE": mode,
+    }
     log = (workdir / f"{kind}-{port}.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -251,6 +261,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
     ap.add_argument("--plot", type=Path, default=IMG / "server_load.png")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1 s per scenario, no training)")
+    ap.add_argument(
+        "--modes",
+        default="process",
+        help="engine modes to load, comma-separated: process (the engine in its own process, the default "
+        "of spectralmc serve) and/or thread (the engine on a thread of the server's process)",
+    )
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
         print("error: wrk is not installed (apt-get install -y wrk)", file=sys.stderr)
@@ -282,14 +298,18 @@ def main(argv: list[str] | None = None) -> int:
                         "-",
                     ]
                 )
-        for training in (False,) if args.quick else (False, True):
-            with server("spectralmc", work, training) as (url, pid):
+        modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+        runs = [(m, t) for m in modes for t in ((False,) if args.quick else (False, True))]
+        for mode, training in runs:
+            with server("spectralmc", work, training, mode) as (url, pid):
                 time.sleep(1.0)
                 idle = rss_bytes(pid)
                 for name, (n, conns, payload, ctype) in payloads.items():
                     wrk(url, payload, conns, min(seconds, 2.0), work, pid, ctype)  # warm-up
                     load = wrk(url, payload, conns, seconds, work, pid, ctype)
                     label = f"spectralmc {'training' if training else 'serving only'}"
+                    if len(modes) > 1 or mode != "process":
+                        label += f" ({mode})"
                     rows.append(
                         [
                             label,
@@ -304,13 +324,13 @@ def main(argv: list[str] | None = None) -> int:
                             f"{load.rss_peak / 2**20:.0f}",
                         ]
                     )
-                if args.soak_minutes and not training and not args.quick:
+                if args.soak_minutes and not training and not args.quick and mode == modes[0]:
                     soak_samples = soak(url, pid, args.soak_minutes, work)
     headers = [
         "server",
         "requests",
         "conns",
-        "RSS idle MiB",
+        "RSS idle MiB",  # of the server's processes together (HTTP and engine)
         "req/s",
         "options/s",
         "p50 ms",

@@ -153,7 +153,9 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -
 
 
 @contextmanager
-def server(kind: str, workdir: Path, training: bool, mode: str = "process") -> Iterator[tuple[str, int]]:
+def server(
+    kind: str, workdir: Path, training: bool, mode: str = "process", engines: int = 1
+) -> Iterator[tuple[str, int]]:
     port = free_port()
     if kind == "hello":
         cmd = [sys.executable, "-c", HELLO, str(port)]
@@ -164,6 +166,7 @@ def server(kind: str, workdir: Path, training: bool, mode: str = "process") -> I
         **os.environ,
         "SPECTRALMC_TRAIN__ENABLED": "true" if training else "false",
         "SPECTRALMC_ENGINE__MODE": mode,
+        "SPECTRALMC_ENGINE__PROCESSES": str(engines),
     }
     log = (workdir / f"{kind}-{port}.log").open("wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -262,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", type=Path, default=IMG / "server_load.png")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1 s per scenario, no training)")
     ap.add_argument(
+        "--engines",
+        default="1",
+        help="engine processes to load with (mode process), comma-separated: 1,2 measures the scaling",
+    )
+    ap.add_argument(
         "--modes",
         default="process",
         help="engine modes to load, comma-separated: process (the engine in its own process, the default "
@@ -299,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
                     ]
                 )
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-        runs = [(m, t) for m in modes for t in ((False,) if args.quick else (False, True))]
-        for mode, training in runs:
-            with server("spectralmc", work, training, mode) as (url, pid):
+        counts = [int(e) for e in args.engines.split(",") if e.strip()]
+        setups = [(m, e) for m in modes for e in (counts if m == "process" else [1])]
+        runs = [(m, e, t) for m, e in setups for t in ((False,) if args.quick else (False, True))]
+        for mode, engines, training in runs:
+            with server("spectralmc", work, training, mode, engines) as (url, pid):
                 time.sleep(1.0)
                 idle = rss_bytes(pid)
                 for name, (n, conns, payload, ctype) in payloads.items():
@@ -310,6 +320,8 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"spectralmc {'training' if training else 'serving only'}"
                     if len(modes) > 1 or mode != "process":
                         label += f" ({mode})"
+                    if engines > 1 or len(counts) > 1:
+                        label += f" ({engines} engine{'s' if engines > 1 else ''})"
                     rows.append(
                         [
                             label,
@@ -324,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{load.rss_peak / 2**20:.0f}",
                         ]
                     )
-                if args.soak_minutes and not training and not args.quick and mode == modes[0]:
+                if args.soak_minutes and not training and not args.quick and (mode, engines) == setups[0]:
                     soak_samples = soak(url, pid, args.soak_minutes, work)
     headers = [
         "server",

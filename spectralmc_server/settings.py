@@ -127,6 +127,9 @@ class EngineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Literal["thread", "process"] = "process"
+    # engine processes behind the server (mode "process"): each loads every served model
+    # (memory x processes) and takes jobs as they come; the first alone trains
+    processes: int = Field(1, ge=1, le=64)
     # an engine that dies is started again after 0.5, 1, 2, ... s (at most max_backoff);
     # the server exits (status 1, for the orchestrator to restart it) once the engine has
     # died more than max_restarts times within restart_window_seconds

@@ -26,6 +26,7 @@ PROTOCOL = 1
 class Start:
     settings: Settings
     protocol: int = PROTOCOL
+    index: int | None = None  # this engine's place among several (engine.processes > 1): its metrics' label
 
 
 @dataclass(frozen=True, slots=True)

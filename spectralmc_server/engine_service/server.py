@@ -76,17 +76,28 @@ class _DeviceMemory(Collector):
 class _EngineFamilies(Collector):
     """The :data:`ENGINE_FAMILIES` of an engine's registry, as they are."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, index: int | None) -> None:
         self.metrics = metrics
+        self.index = index
 
     def collect(self) -> Iterator[Metric]:
-        return (family for family in self.metrics.registry.collect() if family.name in ENGINE_FAMILIES)
+        for family in self.metrics.registry.collect():
+            if family.name not in ENGINE_FAMILIES:
+                continue
+            if self.index is None:
+                yield family
+                continue
+            labelled = Metric(family.name, family.documentation, family.type, family.unit)
+            for sample in family.samples:
+                labelled.add_sample(sample.name, {**sample.labels, "engine": str(self.index)}, sample.value)
+            yield labelled
 
 
-def engine_metrics_text(metrics: Metrics) -> bytes:
-    """The engine's own families in the exposition format."""
+def engine_metrics_text(metrics: Metrics, index: int | None = None) -> bytes:
+    """The engine's own families in the exposition format; with ``index`` (one engine
+    among several) each sample is labelled ``engine="index"``."""
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_EngineFamilies(metrics))
+    registry.register(_EngineFamilies(metrics, index))
     return generate_latest(registry)
 
 
@@ -104,8 +115,9 @@ def s3_settings(s: Settings) -> S3Settings:
 class EngineServer:
     """Serves one HTTP process's calls on ``sock`` with an :class:`EngineCore`."""
 
-    def __init__(self, settings: Settings, sock: socket.socket) -> None:
+    def __init__(self, settings: Settings, sock: socket.socket, index: int | None = None) -> None:
         self.settings = settings
+        self.index = index
         self.sock = sock
         self.metrics = Metrics()
         self.core: EngineCore | None = None
@@ -213,7 +225,7 @@ class EngineServer:
             if call.op not in CALLS:
                 raise ValueError(f"no such call {call.op!r}")
             if call.op == "metrics":
-                value: Any = engine_metrics_text(self.metrics)
+                value: Any = engine_metrics_text(self.metrics, self.index)
             else:
                 args = (self.filled(call.args[0]),) if call.op == "price" else call.args
                 got = getattr(core, call.op)(*args)
@@ -290,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     async def run() -> int:
-        server = EngineServer(start.settings, sock)
+        server = EngineServer(start.settings, sock, start.index)
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, server.done.set)
         return await server.run()
 

@@ -32,6 +32,7 @@ from spectralmc_server.service import admin, calibration, edge, keys, routes, sn
 from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.calibration import calibrate_action
 from spectralmc_server.service.engine import EngineClient, LocalEngine
+from spectralmc_server.service.engine_pool import EnginePool
 from spectralmc_server.service.engine_process import ProcessEngine
 from spectralmc_server.service.errors import (
     APIError,
@@ -185,7 +186,12 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[keys.SETTINGS]
     app[keys.STORES] = {n: VersionStore(app[keys.OBJECTS], n) for n in s.models}
     engine: EngineClient
-    if s.engine.mode == "process":
+    if s.engine.mode == "process" and s.engine.processes > 1:
+        pool = EnginePool(s, app[keys.MODELS], app[keys.METRICS])
+        for member in pool.engines:
+            member.on_give_up = lambda: _give_up(app)
+        engine = pool
+    elif s.engine.mode == "process":
         engine = ProcessEngine(s, app[keys.MODELS], app[keys.METRICS])
         engine.on_give_up = lambda: _give_up(app)
     else:

@@ -93,9 +93,9 @@ class EngineClient(ABC):
     def hold(self, seconds: float) -> asyncio.Future[None]:
         """Keep the engine's compute busy for ``seconds`` (tests)."""
 
-    def process_rss(self) -> int | None:
-        """The engine process's resident set size, where it runs in a process of its own."""
-        return None
+    def processes_rss(self) -> list[tuple[str, int | None]]:
+        """(name, resident set size) of each engine process (none when on a thread here)."""
+        return []
 
     async def metrics_text(self) -> bytes:
         """The engine's own metric families (Prometheus text), where it keeps its own."""

@@ -85,9 +85,12 @@ class _Link:
 class ProcessEngine(EngineClient):
     """See the module docstring."""
 
-    def __init__(self, settings: Settings, models: ModelDirectory, metrics: Metrics) -> None:
+    def __init__(
+        self, settings: Settings, models: ModelDirectory, metrics: Metrics, *, index: int | None = None
+    ) -> None:
         super().__init__(models)
         self.settings = settings
+        self.index = index  # its place in an EnginePool (service/engine_pool.py), if in one
         self.metrics = metrics
         self._status: EngineStatus = DOWN
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -150,7 +153,8 @@ class ProcessEngine(EngineClient):
             theirs.close()
             link = self._link = _Link(proc)
             self._ready = asyncio.get_running_loop().create_future()
-            await asyncio.to_thread(send_frame, ours, Start(s))  # the settings first, on the blocking socket
+            start = Start(s, index=self.index)  # the settings first, on the blocking socket
+            await asyncio.to_thread(send_frame, ours, start)
             bound = link
             link.conn = await connect(
                 ours,
@@ -376,8 +380,9 @@ class ProcessEngine(EngineClient):
     def hold(self, seconds: float) -> asyncio.Future[None]:
         return self._call("hold", seconds)
 
-    def process_rss(self) -> int | None:
-        return self._status.rss_bytes if self.alive else None
+    def processes_rss(self) -> list[tuple[str, int | None]]:
+        name = "engine" if self.index is None else f"engine-{self.index}"
+        return [(name, self._status.rss_bytes if self.alive else None)]
 
     async def metrics_text(self) -> bytes:
         try:

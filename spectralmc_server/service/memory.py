@@ -370,8 +370,7 @@ async def memory_ctx(app: web.Application) -> AsyncIterator[None]:
     engine = app.get(keys.ENGINE)
 
     def others() -> list[tuple[str, int | None]]:
-        rss = None if engine is None else engine.process_rss()
-        return [] if rss is None else [("engine", rss)]
+        return [] if engine is None else engine.processes_rss()
 
     guard = MemoryGuard(s, r.register, counters, others)
     app[MEMORY] = guard

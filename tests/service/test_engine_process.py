@@ -31,6 +31,7 @@ from spectralmc_server.engine_service.protocol import http_allow
 from spectralmc_server.ipc.framing import encode, loads
 from spectralmc_server.pricing.arrow import ARROW_STREAM
 from spectralmc_server.service import keys
+from spectralmc_server.service.engine_pool import EnginePool
 from spectralmc_server.service.engine_process import ProcessEngine
 
 PROCESS = {"engine": {"mode": "process", "status_seconds": 0.2}}
@@ -253,3 +254,45 @@ def test_the_http_side_refuses_torch_objects() -> None:
     meta, *buffers = encode({"oops": torch.zeros(3)})[1:]
     with pytest.raises(pickle.UnpicklingError, match="torch"):
         loads(meta, buffers, allow=http_allow)
+
+
+async def test_two_engine_processes_share_the_work_and_survive_one_death(
+    make_client: MakeClient,  # noqa: F811
+) -> None:
+    """engine.processes = 2: jobs go to both, the answers are the thread's bytes; one
+    engine killed fails only what it computed, the other serves on (health stays 200)
+    and the dead one comes back."""
+    thread = await make_client()
+    client = await make_client(engine={"mode": "process", "processes": 2, "status_seconds": 0.2})
+    pool = app_of(client)[keys.ENGINE]
+    assert isinstance(pool, EnginePool)
+    pids = pool.pids
+    assert len(set(pids)) == 2 and None not in pids
+    headers = {"Content-Type": "application/json"}
+    bodies = [{"contracts": book(400)[k::4], "measures": ["price", "vega"]} for k in range(4)]
+
+    async def price(c: Any, body: dict[str, Any]) -> bytes:
+        r = await c.post("/v1/price", data=orjson.dumps(body), headers=headers)
+        assert r.status == 200, await r.text()
+        return await r.read()
+
+    want = [await price(thread, b) for b in bodies]
+    got = await asyncio.gather(*(price(client, b) for _ in range(3) for b in bodies))
+    assert list(got) == want * 3
+    assert all(n > 0 for n in pool.jobs), pool.jobs
+    text = await (await client.get("/metrics")).text()
+    assert 'spectralmc_process_resident_bytes{process="engine-1"}' in text
+    assert text.count("# TYPE spectralmc_engine_failures_total counter") == 1
+    assert 'spectralmc_engine_failures_total{engine="1"}' in text
+
+    os.kill(pids[1], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while pool.engines[1].alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not pool.engines[1].alive
+    assert (await client.get("/healthz")).status == 200  # one engine is enough to serve
+    assert await price(client, bodies[0]) == want[0]  # by the survivor
+    deadline = time.monotonic() + 60
+    while not pool.engines[1].alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert pool.engines[1].alive and pool.pids[1] != pids[1]

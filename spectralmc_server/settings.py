@@ -306,7 +306,10 @@ class Settings(BaseSettings):
     request_timeout_seconds: float = Field(10.0, gt=0)  # default per-request deadline (504)
     max_request_timeout_seconds: float = Field(60.0, gt=0)  # cap on a client's X-Request-Timeout
     shutdown_timeout_seconds: float = Field(30.0, gt=0)  # drain limit at graceful shutdown
-    torch_threads: int | None = Field(None, ge=1)  # intra-op threads of the worker (None: torch's)
+    # intra-op threads of the engine's worker. None: with engine.mode "process", the cores
+    # less one (for the HTTP process) shared by the engine processes, at least 1 each (1 on
+    # 2 cores: service/engine_process.py); with "thread", torch's own default
+    torch_threads: int | None = Field(None, ge=1)
     # Python's cyclic GC: after start-up, freeze what is loaded (models, modules) so full
     # collections stop rescanning it, and collect the young generation less often.
     # Measured: p99 latency 167 ms -> 47 ms under single-contract load (docs/benchmarks.md).

@@ -43,9 +43,11 @@ PROVIDER = GRAFANA / "provisioning" / "dashboards" / "spectralmc.yml"
 DASHBOARD = GRAFANA / "dashboards" / "spectralmc.json"
 
 MiB = 1 << 20
-# Process overhead each SpectralMC container's memory limit allows on top of its caps
-# (docker-compose.yml: ~380 MiB RSS measured for roles serve and train on the CPU).
-OVERHEAD = 512 * MiB
+# Process overhead each SpectralMC container's memory limit allows on top of its caps:
+# two processes, the HTTP process and the engine, each with Python and torch
+# (docker-compose.yml: ~560 MiB RSS measured for both together at ready, ~680 MiB under
+# bench/server_load.py, CPU torch 2.13).
+OVERHEAD = 768 * MiB
 ROLE_CAPS = {  # the budgets each role reserves (deploy/k8s and docker-compose.yml explain)
     "serve": ("inference", "model_cache"),
     "train": ("normals", "simulator", "training", "inference", "model_cache"),
@@ -297,6 +299,16 @@ def test_server_environments_are_valid_settings(
         limit = memory_bytes(service["deploy"]["resources"]["limits"]["memory"])
         caps = sum(getattr(settings.budgets, f"{c}_bytes") for c in ROLE_CAPS[settings.role])
         assert limit >= caps + OVERHEAD, f"{name}: limit {limit / MiB:.0f} MiB < caps {caps / MiB:.0f} + overhead"
+        # A cpus limit is a quota: it leaves sched_getaffinity, from which an engine would
+        # size its threads, at the host's cores. So a limited service sets torch_threads,
+        # leaving one core for the HTTP process: engines x threads + 1 = cpus.
+        cpus = service["deploy"]["resources"]["limits"].get("cpus")
+        if cpus is not None:
+            assert settings.engine.mode == "process", name
+            assert settings.torch_threads is not None, f"{name}: cpus {cpus} but SPECTRALMC_TORCH_THREADS unset"
+            assert settings.torch_threads * settings.engine.processes + 1 == float(cpus), (
+                f"{name}: {settings.engine.processes} engine(s) x {settings.torch_threads} threads + 1 != cpus {cpus}"
+            )
 
 
 @pytest.mark.parametrize("variant", ["base", "cpu"])
@@ -329,7 +341,11 @@ def test_budget_defaults_behind_the_limits() -> None:
         "model_cache_bytes": 256 * MiB,
     }
     text = COMPOSE.read_text()
-    for figure in ("256 + 256 + 512 = 1024 MiB", "256 + 512 + 256 + 256 + 256 + 2048 = 3584 MiB"):
+    for figure in (
+        "256 + 256 + 768 = 1280 MiB",
+        "256 + 512 + 256 + 256 + 256 + 2048 = 3584 MiB",
+        "1536 + 768 = 2304 MiB",
+    ):
         assert figure in text
 
 

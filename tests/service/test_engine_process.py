@@ -296,3 +296,19 @@ async def test_two_engine_processes_share_the_work_and_survive_one_death(
     while not pool.engines[1].alive and time.monotonic() < deadline:
         await asyncio.sleep(0.1)
     assert pool.engines[1].alive and pool.pids[1] != pids[1]
+
+
+def test_engine_threads_default_to_the_cores_left_by_the_http_process(tmp_path: Path) -> None:
+    from server_util import settings_for
+
+    from spectralmc_server.service.engine_process import default_torch_threads
+    from spectralmc_server.service.metrics import Metrics
+    from spectralmc_server.service.views import ModelDirectory
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_torch_threads(1) == max(1, cores - 1)
+    assert default_torch_threads(64) == 1
+    engine = ProcessEngine(settings_for(tmp_path, engine={"mode": "process"}), ModelDirectory(), Metrics())
+    assert engine.settings.torch_threads == max(1, cores - 1)
+    fixed = ProcessEngine(settings_for(tmp_path, torch_threads=3), ModelDirectory(), Metrics())
+    assert fixed.settings.torch_threads == 3

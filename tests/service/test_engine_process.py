@@ -274,7 +274,8 @@ async def test_two_engine_processes_share_the_work_and_survive_one_death(
     async def price(c: Any, body: dict[str, Any]) -> bytes:
         r = await c.post("/v1/price", data=orjson.dumps(body), headers=headers)
         assert r.status == 200, await r.text()
-        return await r.read()
+        raw: bytes = await r.read()
+        return raw
 
     want = [await price(thread, b) for b in bodies]
     got = await asyncio.gather(*(price(client, b) for _ in range(3) for b in bodies))
@@ -285,7 +286,9 @@ async def test_two_engine_processes_share_the_work_and_survive_one_death(
     assert text.count("# TYPE spectralmc_engine_failures_total counter") == 1
     assert 'spectralmc_engine_failures_total{engine="1"}' in text
 
-    os.kill(pids[1], signal.SIGKILL)
+    second = pids[1]
+    assert second is not None
+    os.kill(second, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while pool.engines[1].alive and time.monotonic() < deadline:
         await asyncio.sleep(0.02)

@@ -13,7 +13,7 @@ import tomllib
 from contextvars import ContextVar
 from datetime import date
 from pathlib import Path
-from typing import Annotated, Any, Literal, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
@@ -23,6 +23,9 @@ from spectralmc_server.engine.certify import DEFAULT_TOLERANCE, MIN_POINTS, Gate
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
 from spectralmc_server.engine.kernels import KernelPolicy
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Contract, Measure
+
+if TYPE_CHECKING:  # imported where used: the settings load without the S3 client
+    from spectralmc_server.store.s3 import S3Settings
 
 _TOML: ContextVar[dict[str, Any] | None] = ContextVar("spectralmc_settings_toml", default=None)
 
@@ -267,6 +270,19 @@ class S3Config(BaseModel):
     secret_access_key: SecretStr | None = None
     max_attempts: int = Field(5, ge=1)  # per S3 operation, the first try included (retried with backoff)
     timeout_seconds: float = Field(30.0, gt=0)  # connect and read timeout of one attempt
+
+    def client_settings(self) -> S3Settings:
+        """What the S3 object store is opened with (the server's and the engine's)."""
+        from spectralmc_server.store.s3 import S3Settings
+
+        return S3Settings(
+            endpoint_url=self.endpoint_url,
+            region=self.region,
+            access_key_id=self.access_key_id,
+            secret_access_key=None if self.secret_access_key is None else self.secret_access_key.get_secret_value(),
+            max_attempts=self.max_attempts,
+            timeout_seconds=self.timeout_seconds,
+        )
 
 
 class _TomlSource(PydanticBaseSettingsSource):

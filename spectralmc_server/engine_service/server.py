@@ -51,7 +51,6 @@ from spectralmc_server.service.metrics import DEVICE_FAMILIES, Metrics, device_m
 from spectralmc_server.service.views import Directory
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import StoreError
-from spectralmc_server.store.s3 import S3Settings
 from spectralmc_server.store.uri import open_store
 
 log = logging.getLogger("spectralmc_server.engine")
@@ -101,17 +100,6 @@ def engine_metrics_text(metrics: Metrics, index: int | None = None) -> bytes:
     return generate_latest(registry)
 
 
-def s3_settings(s: Settings) -> S3Settings:
-    return S3Settings(
-        endpoint_url=s.s3.endpoint_url,
-        region=s.s3.region,
-        access_key_id=s.s3.access_key_id,
-        secret_access_key=None if s.s3.secret_access_key is None else s.s3.secret_access_key.get_secret_value(),
-        max_attempts=s.s3.max_attempts,
-        timeout_seconds=s.s3.timeout_seconds,
-    )
-
-
 class EngineServer:
     """Serves one HTTP process's calls on ``sock`` with an :class:`EngineCore`."""
 
@@ -133,7 +121,7 @@ class EngineServer:
         if s.store is None:
             (s.data_dir / "store").mkdir(parents=True, exist_ok=True)
         try:
-            objects = await open_store(s.store_uri, s3_settings(s))
+            objects = await open_store(s.store_uri, s.s3.client_settings())
         except StoreError as exc:
             self.send(StartFailed(str(exc), store=True))
             await asyncio.sleep(0.1)  # let the frame go out

@@ -51,7 +51,6 @@ from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.service.views import ModelDirectory
 from spectralmc_server.settings import PriceJob, Settings
 from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailable
-from spectralmc_server.store.s3 import S3Settings
 from spectralmc_server.store.uri import open_store
 from spectralmc_server.store.versions import VersionStore
 
@@ -115,14 +114,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
 
 async def store_ctx(app: web.Application) -> AsyncIterator[None]:
     s = app[keys.SETTINGS]
-    s3 = S3Settings(
-        endpoint_url=s.s3.endpoint_url,
-        region=s.s3.region,
-        access_key_id=s.s3.access_key_id,
-        secret_access_key=None if s.s3.secret_access_key is None else s.s3.secret_access_key.get_secret_value(),
-        max_attempts=s.s3.max_attempts,
-        timeout_seconds=s.s3.timeout_seconds,
-    )
+    s3 = s.s3.client_settings()
     if s.store is None:
         (s.data_dir / "store").mkdir(parents=True, exist_ok=True)
     objects = await open_store(s.store_uri, s3)

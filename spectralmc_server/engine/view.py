@@ -38,11 +38,6 @@ class ModelView:
     certificate: dict[str, Any] | None = None  # the version's certificate (JSON), as stored
 
     @property
-    def identity(self) -> dict[str, Any]:
-        """What an answer's ``models`` says of this version."""
-        return {"version": self.version, "content_hash": self.content_hash}
-
-    @property
     def param_ranges(self) -> tuple[tuple[str, float, float], ...]:
         return self.ranges[:-1]
 

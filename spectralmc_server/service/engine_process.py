@@ -115,7 +115,6 @@ class ProcessEngine(EngineClient):
         self._watch: asyncio.Task[None] | None = None
         self._restart: asyncio.Task[None] | None = None
         self.restarts = 0
-        self.gave_up = False  # too many deaths: the server exits with status 1
         self.on_give_up: Callable[[], None] = lambda: None
 
     # -- state
@@ -298,7 +297,6 @@ class ProcessEngine(EngineClient):
             self._deaths.popleft()
         if len(self._deaths) <= e.max_restarts:
             return False
-        self.gave_up = True
         log.error(
             "the engine died %d times within %g s (engine.max_restarts = %d): giving up, the server exits",
             len(self._deaths),

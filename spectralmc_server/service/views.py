@@ -120,9 +120,6 @@ class Directory:
             for m in self.models
         ]
 
-    def get(self, name: str) -> TrackerView | None:
-        return next((m for m in self.models if m.name == name), None)
-
 
 EMPTY = Directory(())
 

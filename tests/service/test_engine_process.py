@@ -25,7 +25,7 @@ import orjson
 import pyarrow as pa
 import pytest
 from server_fixtures import make_client, serve  # noqa: F401
-from server_util import CONTRACT, MakeClient, ServerProcess, app_of
+from server_util import CONTRACT, TOKEN, MakeClient, ServerProcess, app_of
 
 from spectralmc_server.engine_service.protocol import http_allow
 from spectralmc_server.ipc.framing import encode, loads
@@ -315,3 +315,28 @@ def test_engine_threads_default_to_the_cores_left_by_the_http_process(tmp_path: 
     assert engine.settings.torch_threads == max(1, cores - 1)
     fixed = ProcessEngine(settings_for(tmp_path, torch_threads=3), ModelDirectory(), Metrics())
     assert fixed.settings.torch_threads == 3
+
+
+async def test_admin_routes_while_the_engine_is_down(make_client: MakeClient) -> None:  # noqa: F811
+    """A pin is a store change: it succeeds while the engine is down (a new engine reads
+    the store); a commit needs the engine: 503 engine_unavailable, never a 500."""
+    client = await make_client(engine={"mode": "process", "status_seconds": 0.2, "max_backoff_seconds": 5.0})
+    engine = engine_of(client)
+    pid = engine.pid
+    assert pid is not None
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while engine.alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert not engine.alive
+    r = await client.post("/v1/admin/models/gbm/commit", json={}, headers=auth)
+    assert r.status == 503 and (await r.json())["error"]["code"] == "engine_unavailable", await r.text()
+    r = await client.post("/v1/admin/models/gbm/pin", json={"version": 1}, headers=auth)
+    assert r.status == 200, await r.text()
+    assert (await r.json())["pinned"] == 1
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (await client.get("/readyz")).status != 200:
+        await asyncio.sleep(0.1)
+    models = await (await client.get("/v1/models")).json()
+    assert next(m for m in models["models"] if m["name"] == "gbm")["mode"] == "pinned"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import pickle
 import pickletools
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -62,7 +63,7 @@ def test_a_view_is_the_served_versions_plain_data(served: dict[str, ServedModel]
         assert highs.tolist() == [r.high for r in model.domain.ranges]
 
 
-def tracker(name: str, served: ModelView | None, **kw: object) -> TrackerView:
+def tracker(name: str, served: ModelView | None, **kw: Any) -> TrackerView:
     base = TrackerView(
         name=name,
         mode="tracking",
@@ -78,7 +79,7 @@ def tracker(name: str, served: ModelView | None, **kw: object) -> TrackerView:
         rejections={},
         why_none=None if served is not None else "no version in the store yet",
     )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def test_the_directory_reads_as_the_routes_answer(served: dict[str, ServedModel]) -> None:

@@ -589,9 +589,11 @@ class ModelPricer:
     - A learned measure whose bound passes its tolerance (``tolerance``: per measure,
       absolute per unit of the measure's scale, or relative to the value for
       ``RELATIVE_MEASURES``) is answered by the reference for the whole contract where
-      the reference is analytic; where the reference is a simulation (whose cost a
-      request cannot be made to wait for) the measure is withheld: NaN here, null with a
-      warning in a response.
+      the reference is analytic. Where the reference is a simulation, a price past its
+      tolerance also sends the contract to it (a price is never withheld; the
+      simulation's cost is bounded per request by :meth:`simulated_rows`, checked before
+      pricing), and any other such measure is withheld: NaN here, null with a warning in
+      a response.
     - Without a certificate nothing learned is served (``require_certificate=False``,
       for engine tests and benchmarks of raw networks only, serves it with NaN bounds).
     """
@@ -636,6 +638,24 @@ class ModelPricer:
             slack = 1e-12  # K/F from a strike and a forward carries rounding: 0.7 + 12 * 0.05 > 1.3
             inside &= (kappa >= low * (1 - slack)) & (kappa <= high * (1 + slack))
         return inside
+
+    def simulated_rows(self, batch: OptionBatch, measures: frozenset[str]) -> torch.Tensor:
+        """(n,) bool: the rows :meth:`evaluate` would send to a simulated reference, known
+        before pricing (a price's bound depends on the inputs only): outside
+        :meth:`servable`, or a price past its tolerance. All False for an analytic
+        reference."""
+        if not self.simulated_reference:
+            return torch.zeros(len(batch), dtype=torch.bool)
+        inside = self.servable(batch, measures)
+        if self.require_certificate and self.bound_map is not None and measures & set(PRICE_MEASURES):
+            idx = torch.nonzero(inside).flatten()
+            if len(idx):
+                sub = batch.select(idx)
+                bounds = self.bound_map.bounds(sub, frozenset({"price"}), None)
+                zero = torch.zeros(len(sub), dtype=torch.float64)
+                wide = self.too_wide(sub, {"price": zero}, {"price": bounds["price"]})["price"]
+                inside[idx[wide]] = False
+        return ~inside
 
     def too_wide(
         self, batch: OptionBatch, values: Mapping[str, torch.Tensor], bounds: Mapping[str, torch.Tensor]
@@ -687,6 +707,8 @@ class ModelPricer:
             if self.require_certificate:
                 wide = self.too_wide(sub, learned_values, learned_bounds)
                 if self.simulated_reference:
+                    if "price" in wide:  # a price is never withheld: the reference answers it
+                        ok &= ~wide.pop("price")
                     for m, wide_m in wide.items():
                         bad = wide_m & ok
                         if bool(bad.any()):

@@ -25,17 +25,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from pydantic import ValidationError
 
 from spectralmc_server.engine.pricer import ServedModel
+from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
+from spectralmc_server.pricing.book import book_of, processes
 from spectralmc_server.pricing.columns import request_from_columns, rows_as_columns
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.resolve import explicit_request
 from spectralmc_server.pricing.schemas import PriceRequest, format_validation_error
 from spectralmc_server.pricing.valuation import (
+    MAX_SIMULATED_REFERENCE_POINTS,
     NonFiniteResultError,
     RequestError,
     Valuer,
@@ -113,6 +117,38 @@ class Entry:
     columnar: bool = False  # answer with ``columns`` (Valuer.value_many), not ``results``
 
 
+def check_simulated(request: PriceRequest, models: Models) -> None:
+    """Refuse (RequestError) a request that would send more than
+    ``MAX_SIMULATED_REFERENCE_POINTS`` distinct (parameters, expiry) points to a simulated
+    reference, counting what only the served model knows: learned prices past their
+    tolerance go there too (:meth:`ModelPricer.simulated_rows`). ``check_cost`` refuses
+    most such requests earlier, from the model's view, without torch."""
+    if all(get_process(name).has_analytic_cf for name in processes(request)):
+        return
+    measures = frozenset(request.measures)
+    book = book_of(request)
+    for name, index in book.by_process().items():
+        served = models.get(name)
+        if get_process(name).has_analytic_cf or served is None:
+            continue
+        part = book.take(index)
+        batch = part.option_batch(name)
+        rows = served.pricer.simulated_rows(batch, measures)
+        if not bool(rows.any()):
+            continue
+        keys = torch.cat([batch.theta, batch.expiry[:, None]], 1)[rows]
+        points = len({tuple(k) for k in keys.tolist()})
+        if points > MAX_SIMULATED_REFERENCE_POINTS:
+            raise RequestError(
+                "contracts",
+                f"{points} distinct {name} points (parameters and expiry) must be priced by simulation (outside "
+                f"the served model's domain or certified strike range, or where its certified price bound passes "
+                f"the tolerance; ~0.4 s each); at most {MAX_SIMULATED_REFERENCE_POINTS} per request: split the "
+                "request",
+                market=False,
+            )
+
+
 def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefusedError]:
     """An answer (the response dict, ``market_data`` set) or a :class:`RequestRefusedError` per
     entry, in order. Entries sharing a model set are valued in one Valuer call."""
@@ -126,6 +162,7 @@ def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefuse
                 key = entry.market[0].key()
             check_explicit(request)  # by reference with no snapshot to take inputs from
             check_request(request, {p: served.view for p, served in entry.models.items()})
+            check_simulated(request, entry.models)
         except RequestError as exc:
             out[k] = RequestRefusedError.of(exc, entry.offset)
             continue

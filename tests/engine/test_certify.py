@@ -62,8 +62,9 @@ from spectralmc_server.engine.pricer import (
 from spectralmc_server.engine.processes import GBMProcess
 from spectralmc_server.engine.processes.base import ModelDomain, ParameterRange
 from spectralmc_server.models import bundled_models
+from spectralmc_server.pricing.door import check_simulated
 from spectralmc_server.pricing.schemas import PriceRequest
-from spectralmc_server.pricing.valuation import Valuer
+from spectralmc_server.pricing.valuation import MAX_SIMULATED_REFERENCE_POINTS, RequestError, Valuer
 
 F64 = torch.float64
 GBM = GBMProcess()
@@ -395,32 +396,14 @@ ASIAN_CONTRACT = {
 }
 
 
-def test_asian_measure_past_tolerance_is_withheld_never_served() -> None:
-    """The Asian's reference is a simulation: a measure past its tolerance comes back NaN
-    and flagged (null with a warning in a response), the others as learned numbers."""
-    ckpt = read_dir(bundled_models()["asian"], need_training=False)
-
-    def fill(m: str, i: int, j: int, k: int) -> float:
-        return 1.0 if m == "price" else 1e-4  # the price's bound: 100% of D F
-
-    served = served_with(ckpt, {**handmade(fill, model_hash=ckpt.content_hash), "process": "asian"})
-    request = PriceRequest.model_validate({"measures": ["price", "delta"], "contracts": [ASIAN_CONTRACT]})
-    row = Valuer({"asian": served}).value(request)["results"][0]
-    assert row["method"] == "cvnn"
-    assert row["price"] is None and row["error_bound"]["price"] is None
-    assert isinstance(row["delta"], float) and math.isfinite(row["delta"])
-    assert isinstance(row["error_bound"]["delta"], float) and row["error_bound"]["delta"] > 0
-    warnings = row["warnings"]
-    assert len(warnings) == 1 and warnings[0].startswith("price: not answered") and "tolerance" in warnings[0]
-
-    # the engine's view: NaN, flagged withheld, while the network answered the contract
+def _asian_batch(served: ServedModel) -> OptionBatch:
     theta = torch.tensor([[0.25, 0.02, 12.0]], dtype=F64)  # vol, carry r - q, fixings
     fwd_ratio = float(
         served.process.forward_ratio(
             theta, torch.tensor([1.0], dtype=F64), torch.tensor([0.03], dtype=F64), torch.tensor([0.01], dtype=F64)
         )[0]
     )
-    batch = OptionBatch(
+    return OptionBatch(
         spot=torch.tensor([100.0], dtype=F64),
         strike=torch.tensor([100.0 * fwd_ratio], dtype=F64),
         expiry=torch.tensor([1.0], dtype=F64),
@@ -429,7 +412,65 @@ def test_asian_measure_past_tolerance_is_withheld_never_served() -> None:
         is_call=torch.tensor([True]),
         theta=theta,
     )
-    ev = served.pricer.evaluate(batch, frozenset({"price", "delta"}))
+
+
+def test_asian_measure_past_tolerance_is_withheld_never_served() -> None:
+    """The Asian's reference is a simulation: a measure other than the price past its
+    tolerance comes back NaN and flagged (null with a warning in a response), the others
+    as learned numbers."""
+    ckpt = read_dir(bundled_models()["asian"], need_training=False)
+
+    def fill(m: str, i: int, j: int, k: int) -> float:
+        return 1.0 if m == "delta" else 1e-4  # the delta's bound: 100% of D F / S
+
+    served = served_with(ckpt, {**handmade(fill, model_hash=ckpt.content_hash), "process": "asian"})
+    request = PriceRequest.model_validate({"measures": ["price", "delta"], "contracts": [ASIAN_CONTRACT]})
+    row = Valuer({"asian": served}).value(request)["results"][0]
+    assert row["method"] == "cvnn"
+    assert row["delta"] is None and row["error_bound"]["delta"] is None
+    assert isinstance(row["price"], float) and math.isfinite(row["price"])
+    assert isinstance(row["error_bound"]["price"], float) and row["error_bound"]["price"] > 0
+    warnings = row["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("delta: not answered") and "tolerance" in warnings[0]
+
+    # the engine's view: NaN, flagged withheld, while the network answered the contract
+    ev = served.pricer.evaluate(_asian_batch(served), frozenset({"price", "delta"}))
     assert bool(ev.learned.all())
-    assert math.isnan(float(ev.values["price"][0])) and bool(ev.withheld["price"].all())
-    assert "delta" not in ev.withheld and math.isfinite(float(ev.values["delta"][0]))
+    assert math.isnan(float(ev.values["delta"][0])) and bool(ev.withheld["delta"].all())
+    assert "price" not in ev.withheld and math.isfinite(float(ev.values["price"][0]))
+
+
+def test_asian_price_past_tolerance_is_answered_by_the_simulation_never_null() -> None:
+    """A 200 never holds a null price: an Asian price past its tolerance sends the
+    contract to the Monte-Carlo reference (its value, its 3-SE bound), counted against the
+    request's simulated-reference budget before any pricing."""
+    ckpt = read_dir(bundled_models()["asian"], need_training=False)
+
+    def fill(m: str, i: int, j: int, k: int) -> float:
+        return 1.0 if m == "price" else 1e-4  # the price's bound: 100% of D F
+
+    served = served_with(ckpt, {**handmade(fill, model_hash=ckpt.content_hash), "process": "asian"})
+    batch = _asian_batch(served)
+    assert bool(served.pricer.servable(batch, frozenset({"price"})).all())  # the network could answer it
+    assert bool(served.pricer.simulated_rows(batch, frozenset({"price", "delta"})).all())
+    assert not bool(served.pricer.simulated_rows(batch, frozenset({"mean"})).any())  # no price asked
+    ev = served.pricer.evaluate(batch, frozenset({"price", "delta"}))
+    assert not bool(ev.learned.any()) and not ev.withheld
+    truth, _ = reference_with_error(served.pricer.reference, batch, frozenset({"price", "delta"}), None)
+    assert float(ev.values["price"][0]) == float(truth["price"][0])
+    assert float(ev.bounds["price"][0]) > 0 and math.isfinite(float(ev.bounds["price"][0]))
+
+    request = PriceRequest.model_validate({"measures": ["price", "delta"], "contracts": [ASIAN_CONTRACT]})
+    row = Valuer({"asian": served}).value(request)["results"][0]
+    assert row["method"] == "reference" and "warnings" not in row
+    assert isinstance(row["price"], float) and math.isfinite(row["price"])
+
+    # more such points than a request may simulate: refused before pricing, naming why
+    many = [
+        {**ASIAN_CONTRACT, "id": f"a{i}", "vol": 0.25 + 0.001 * i} for i in range(MAX_SIMULATED_REFERENCE_POINTS + 1)
+    ]
+    refused = PriceRequest.model_validate({"measures": ["price"], "contracts": many})
+    with pytest.raises(RequestError, match="priced by simulation"):
+        check_simulated(refused, {"asian": served})
+    fine = PriceRequest.model_validate({"measures": ["price"], "contracts": many[:MAX_SIMULATED_REFERENCE_POINTS]})
+    check_simulated(fine, {"asian": served})

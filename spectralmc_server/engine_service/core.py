@@ -319,7 +319,7 @@ class EngineCore:
                 record, snapshot = e.market
                 assert snapshot is not None, "the snapshot is filled in before the job reaches the core"
                 market = (record, snapshot)
-            entries.append(Entry(_request(e.head, e.book), lease, market, e.offset, e.columnar))
+            entries.append(Entry(_request(e.head, e.contracts(job)), lease, market, e.offset, e.columnar))
             live.append(k)
         outcomes: list[Any] = [Skipped()] * len(job.entries)
         try:

@@ -64,17 +64,31 @@ class WireEntry:
 
     req: int
     head: Head
-    book: Book
+    book: Book | None  # None: rows ``rows`` of the job's book
     offset: int  # the slice's first contract in the whole request
     columnar: bool  # answer with ``columns`` in place of ``results``
     # the inputs of contracts by reference: the snapshot travels once per connection
     # (engine_service/server.py keeps the last SNAPSHOTS_KEPT by hash; None: sent before)
     market: tuple[SnapshotRecord, MarketSnapshot | None] | None = None
+    rows: tuple[int, int] = (0, 0)  # [start, stop) in PriceJob.book, where ``book`` is None
+
+    def contracts(self, job: PriceJob) -> Book:
+        """This entry's contracts: its own book, or its rows of the job's."""
+        if self.book is not None:
+            return self.book
+        if job.book is None:
+            raise ValueError("an entry without a book in a job without one")
+        return job.book.rows(*self.rows)
 
 
 @dataclass(frozen=True, slots=True)
 class PriceJob:
+    """Entries to price. ``book`` holds the contracts of every entry whose own ``book``
+    is None, one after the other: one set of columns crosses to the engine for a job
+    of many small requests, not one per request."""
+
     entries: tuple[WireEntry, ...]
+    book: Book | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,7 +256,7 @@ class EngineServer:
                         del self.snapshots[next(iter(self.snapshots))]
                 entry = replace(entry, market=(record, snapshot))  # noqa: PLW2901
             entries.append(entry)
-        return PriceJob(tuple(entries))
+        return replace(job, entries=tuple(entries))
 
 
 def _start_allow(module: str, name: str) -> bool:

@@ -115,6 +115,24 @@ class Book:
             expiry=[x for b in books for x in listed(b, "expiry")] if by_ref else None,
         )
 
+    def rows(self, start: int, stop: int) -> Book:
+        """Contracts ``start:stop`` (views of the columns, no copy)."""
+        return Book(
+            id=self.id[start:stop],
+            call=self.call[start:stop],
+            strike=self.strike[start:stop],
+            spot=self.spot[start:stop],
+            expiry_years=self.expiry_years[start:stop],
+            rate=self.rate[start:stop],
+            dividend=self.dividend[start:stop],
+            vol=self.vol[start:stop],
+            fixings=self.fixings[start:stop],
+            process=self.process[start:stop],
+            params={n: v[start:stop] for n, v in self.params.items()},
+            underlying=None if self.underlying is None else self.underlying[start:stop],
+            expiry=None if self.expiry is None else self.expiry[start:stop],
+        )
+
     def take(self, index: np.ndarray[Any, np.dtype[np.intp]]) -> Book:
         """The contracts at ``index`` (an integer array), in that order."""
         idx = index.tolist()

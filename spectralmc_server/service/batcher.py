@@ -75,7 +75,7 @@ from spectralmc_server.engine_service.messages import (
 from spectralmc_server.marketdata.calibration import SurfaceError
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
-from spectralmc_server.pricing.book import Book, LazyContracts, book_of, processes, sliced
+from spectralmc_server.pricing.book import Book, LazyContracts, book_of, book_of_requests, processes, sliced
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.resolve import needs_market_data
 from spectralmc_server.pricing.schemas import PriceRequest
@@ -99,6 +99,7 @@ Resolved = tuple[SnapshotRecord, MarketSnapshot]
 
 SLOTS = 2  # jobs in flight (the worker runs them in order, so it never waits for the next)
 MAX_SLOTS = 8  # ... up to this many while the event loop is slow to hear that one has ended
+SHARED_BOOK_MAX = 256  # requests smaller than this share their job's one book (PriceJob.book)
 MAX_PRESSURE = 50.0  # the most a job overrunning its estimate scales the queue's by
 HICCUP_SECONDS = 0.02  # an overrun shorter than this says nothing
 FILL_WORTH = 10  # a batch waits max_wait_seconds to fill only when its job is shorter than this many times that
@@ -1079,12 +1080,13 @@ class Batcher:
         skips those forgotten before the job begins)."""
         entries: list[WireEntry] = []
         sent: list[_Slice] = []
+        requests: list[PriceRequest] = []
         for sl in plan:
             item = sl.item
             if item.closed or item.future.done() or not item.connected():
                 continue
             r = item.request
-            request = sliced(r, sl.start, sl.end) if sl.start or sl.end < item.contracts else r
+            requests.append(sliced(r, sl.start, sl.end) if sl.start or sl.end < item.contracts else r)
             entries.append(
                 WireEntry(
                     req=item.req,
@@ -1095,7 +1097,7 @@ class Batcher:
                         tuple(r.measures),
                         None if r.quantile_levels is None else tuple(r.quantile_levels),
                     ),
-                    book=book_of(request),
+                    book=None,
                     offset=sl.start,
                     columnar=item.columnar,
                     market=item.resolved if item.needs_market else None,
@@ -1103,13 +1105,29 @@ class Batcher:
             )
             item.dispatched = True
             sent.append(sl)
+        # Small requests share one book (one set of columns to pickle and send, built in
+        # one pass over their contracts); a large one keeps its own (no copy into a join).
+        small = [k for k, r in enumerate(requests) if len(r.contracts) < SHARED_BOOK_MAX]
+        if len(small) < 2:
+            small = []
+        shared = {k: (0, 0) for k in small}
+        at = 0
+        for k in small:
+            n = len(requests[k].contracts)
+            shared[k] = (at, at + n)
+            at += n
+        job_book = book_of_requests([requests[k] for k in small]) if small else None
+        entries = [
+            replace(e, rows=shared[k]) if k in shared else replace(e, book=book_of(requests[k]))
+            for k, e in enumerate(entries)
+        ]
         if not entries:  # nothing left to compute
             empty: asyncio.Future[PriceResult] = asyncio.get_running_loop().create_future()
             now = time.perf_counter()
             empty.set_result(PriceResult((), {}, now, now, 0.0))
             return empty, sent
         try:
-            return self.engine.price(PriceJob(tuple(entries))), sent
+            return self.engine.price(PriceJob(tuple(entries), job_book)), sent
         except EngineDead as exc:
             dead: asyncio.Future[PriceResult]
             dead = asyncio.get_running_loop().create_future()

@@ -114,6 +114,7 @@ class ProcessEngine(EngineClient):
         self._stopping = False
         self._watch: asyncio.Task[None] | None = None
         self._restart: asyncio.Task[None] | None = None
+        self._forgotten: list[int] = []  # sent as one Tell at the end of the loop's turn
         self.restarts = 0
         self.on_give_up: Callable[[], None] = lambda: None
 
@@ -363,12 +364,21 @@ class ProcessEngine(EngineClient):
                         if len(link.sent) > SNAPSHOTS_KEPT:
                             del link.sent[next(iter(link.sent))]
                 entries.append(entry)
-            job = PriceJob(tuple(entries))
+            job = replace(job, entries=tuple(entries))
         return self._call("price", job)
 
     def forget(self, reqs: Iterable[int]) -> None:
-        with contextlib.suppress(EngineDead):
-            self._send(Tell("forget", (list(reqs),)))
+        """Tell the engine these requests are done, with the others forgotten in the same
+        turn of the event loop (one frame for a job's many small requests)."""
+        if not self._forgotten:
+            asyncio.get_running_loop().call_soon(self._send_forgotten)
+        self._forgotten.extend(reqs)
+
+    def _send_forgotten(self) -> None:
+        reqs, self._forgotten = self._forgotten, []
+        if reqs:
+            with contextlib.suppress(EngineDead):
+                self._send(Tell("forget", (reqs,)))
 
     def fit_start(self, fit_id: int, spec: FitSpec) -> None:
         self._send(Tell("fit_start", (fit_id, spec)))  # before its first slice: frames keep their order

@@ -103,6 +103,54 @@ async def test_the_engine_process_answers_what_the_thread_answers(make_client: M
     assert 'spectralmc_process_resident_bytes{process="http"}' in text
 
 
+async def test_concurrent_small_requests_share_a_job_book_and_answer_as_alone(
+    make_client: MakeClient,  # noqa: F811
+) -> None:
+    """Small requests batched into one job cross to the engine as one book (their rows of
+    PriceJob.book), a large one with its own; each answer is the bytes the same request
+    gets alone from the engine on a thread."""
+    thread = await make_client()
+    process = await make_client(**PROCESS)
+    contracts = book(400)
+    bodies: list[dict[str, Any]] = []
+    for k in range(40):
+        size = 1 + k % 4
+        body: dict[str, Any] = {"contracts": contracts[k * 4 : k * 4 + size]}
+        if k % 3 == 1:
+            body["measures"] = ["price", "delta"]
+        if k % 5 == 2:
+            body["measures"] = ["price", "quantiles"]
+            body["quantile_levels"] = [0.1, 0.9]
+        bodies.append(body)
+    bodies.insert(17, {"contracts": contracts[:300], "measures": ["price", "gamma"]})  # its own book
+    headers = {"Content-Type": "application/json"}
+    alone = []
+    for body in bodies:
+        r = await thread.post("/v1/price", data=orjson.dumps(body), headers=headers)
+        assert r.status == 200, await r.text()
+        alone.append(await r.read())
+
+    async def post(body: dict[str, Any]) -> bytes:
+        r = await process.post("/v1/price", data=orjson.dumps(body), headers=headers)
+        assert r.status == 200, await r.text()
+        return await r.read()
+
+    before = await (await process.get("/metrics")).text()
+    together = await asyncio.gather(*(post(b) for b in bodies))
+    after = await (await process.get("/metrics")).text()
+    assert list(together) == alone
+
+    def batches(text: str) -> tuple[float, float]:
+        values = dict(
+            line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("spectralmc_batch_requests_")
+        )
+        return float(values["spectralmc_batch_requests_sum"]), float(values["spectralmc_batch_requests_count"])
+
+    (s0, c0), (s1, c1) = batches(before), batches(after)
+    # every request was computed (the large one maybe in slices), some jobs carried several
+    assert s1 - s0 >= len(bodies) and c1 - c0 < len(bodies)
+
+
 async def test_sigkill_while_serving_answers_503_at_once_and_the_engine_comes_back(
     make_client: MakeClient,  # noqa: F811
 ) -> None:

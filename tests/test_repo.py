@@ -50,3 +50,58 @@ def test_wheel_contains_the_bundled_models(tmp_path: Path) -> None:
         assert f"spectralmc_server/models/gbm/{f}" in names
     assert "spectralmc_server/py.typed" in names
     assert "spectralmc_server/service/static/ui.html" in names  # the /ui page ships
+
+
+# -- apt: the package lists are refreshed before anything is installed ----------------------
+
+_APT_INSTALL = re.compile(r"\bapt(?:-get)?\s+install\b")
+_APT_UPDATE = re.compile(r"\bapt(?:-get)?\s+update\b")
+
+
+def _shell_lines(text: str) -> list[str]:
+    """Commands one per line: continuations joined, comments and blank lines dropped."""
+    joined = re.sub(r"\\\n", " ", text)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _apt_sources() -> dict[str, list[str]]:
+    """The shell the README tells a reader to run (its bash/sh code blocks) and CI's script."""
+    blocks = re.findall(r"```(?:bash|sh|shell|console)\n(.*?)\n```", (ROOT / "README.md").read_text(), re.S)
+    return {
+        "README.md": [line for block in blocks for line in _shell_lines(block)],
+        ".ci/run": _shell_lines((ROOT / ".ci" / "run").read_text()),
+    }
+
+
+def _apt_packages(lines: list[str]) -> set[str]:
+    """The packages every ``apt-get install`` in ``lines`` names (options left out)."""
+    packages: set[str] = set()
+    for line in lines:
+        for m in _APT_INSTALL.finditer(line):
+            args = re.split(r"&&|\|\||[;|&)]", line[m.end() :], maxsplit=1)[0].split()
+            packages.update(a for a in args if not a.startswith("-"))
+    return packages
+
+
+def test_apt_get_update_comes_before_every_install() -> None:
+    """A fresh machine's apt lists are empty or stale: every ``apt-get install`` in the
+    README and in CI runs after an ``apt-get update``, earlier in its own command chain or
+    on an earlier line."""
+    for name, lines in _apt_sources().items():
+        installs = 0
+        updated = False  # an earlier line ran apt-get update
+        for line in lines:
+            for m in _APT_INSTALL.finditer(line):
+                installs += 1
+                before = line[: m.start()]
+                assert updated or _APT_UPDATE.search(before), f"{name}: apt-get install without an update first: {line}"
+            if _APT_UPDATE.search(line):
+                updated = True
+        assert installs, f"{name} installs no apt packages: is this test still parsing the right lines?"
+
+
+def test_readme_and_ci_install_the_same_apt_packages() -> None:
+    sources = _apt_sources()
+    readme, ci = _apt_packages(sources["README.md"]), _apt_packages(sources[".ci/run"])
+    assert readme, "the README names no apt packages"
+    assert readme == ci, f"only in the README: {sorted(readme - ci)}; only in .ci/run: {sorted(ci - readme)}"

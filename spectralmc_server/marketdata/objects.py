@@ -11,6 +11,9 @@ Conventions, stated once and used everywhere:
   strike: linear in vol between grid strikes, flat beyond the ends. Across time: linear
   in total variance w = sigma^2 t at the same strike coordinate, flat vol before the
   first and after the last expiry.
+- Types are not coerced (as in pricing/schemas.py): a boolean or a string is never a
+  number (``true`` and ``"105"`` are refused, naming the field), and dates are RFC 3339
+  strings (spectralmc_server/rfc3339.py).
 - Arbitrage is reported, not refused: calendar (total variance falling with expiry at
   equal moneyness) and butterfly (undiscounted call prices not convex, or not
   decreasing, in strike), both on the grid.
@@ -32,10 +35,13 @@ from spectralmc_server.rfc3339 import Date
 
 NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.\-]{0,63}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
-Rate = Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False)]
-Years = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
-Vol = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+# Every number is strict: a JSON number (an integer is taken as a float), never a
+# boolean or a string.
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
+Rate = Annotated[float, Field(ge=-1, le=1, allow_inf_nan=False, strict=True)]
+Years = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False, strict=True)]
+Vol = Annotated[float, Field(gt=0, le=10, allow_inf_nan=False, strict=True)]
+Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 
 MAX_PILLARS = 500
 MAX_GRID = 500
@@ -57,7 +63,7 @@ def _increasing(values: list[float], what: str) -> None:
 
 
 class Pillar(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     years: Years
     zero_rate: Rate  # continuously compounded
@@ -66,7 +72,7 @@ class Pillar(BaseModel):
 class ZeroCurve(BaseModel):
     """A yield curve (discounting) or a continuous dividend-yield curve."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     day_count: Literal["ACT/365F"] = "ACT/365F"
     compounding: Literal["continuous"] = "continuous"
@@ -99,7 +105,7 @@ class ZeroCurve(BaseModel):
 class VolSurface(BaseModel):
     """Black implied vols on an expiry x strike grid (see the module docstring)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     strike_kind: Literal["strike", "moneyness"] = "strike"
     time_interpolation: Literal["linear_total_variance"] = "linear_total_variance"
@@ -204,7 +210,7 @@ class VolSurface(BaseModel):
 
 
 class Fixing(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     date: Date
     value: Positive
@@ -213,7 +219,7 @@ class Fixing(BaseModel):
 class OptionQuote(BaseModel):
     """A quoted European option price (the input of an implied-vol ``derive`` job)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     expiry_years: Years
     strike: Positive
@@ -224,9 +230,9 @@ class OptionQuote(BaseModel):
 class ModelParams(BaseModel):
     """A calibrated parameter set of one process, with how it was fitted if known."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
-    params: dict[str, Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1)
+    params: dict[str, Finite] = Field(min_length=1)
     fit: dict[str, Any] | None = None
 
 
@@ -234,7 +240,7 @@ class MarketSnapshot(BaseModel):
     """Everything one (namespace, val_datetime, data_asof) key names. Immutable once
     stored; its SHA-256 is over :meth:`canonical` bytes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     spots: dict[Name, Positive] = Field(default_factory=dict)
     fixings: dict[Name, list[Fixing]] = Field(default_factory=dict)

@@ -85,7 +85,8 @@ def _default_measures() -> list[Measure]:
 
 
 class Subscribe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict like PriceRequest: a boolean or a string is never a number, times are RFC 3339
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     op: Literal["subscribe"]
     id: str = Field(min_length=1, max_length=128)
@@ -122,7 +123,7 @@ class Subscribe(BaseModel):
 
 
 class Unsubscribe(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     op: Literal["unsubscribe"]
     id: str = Field(min_length=1, max_length=128)

@@ -191,8 +191,8 @@ def held_out_errors(served: ServedModel) -> tuple[torch.Tensor, torch.Tensor]:
     batch = _contracts(theta, expiry, rate, ratio, is_call)
 
     # the network's own accuracy: every point is in its domain and K/F range, and rows
-    # whose learned price breaks a model-free bound (test_served_pricer_never_serves_an_
-    # arbitrage) are measured here too
+    # whose learned price breaks a model-free bound (served by the reference instead:
+    # tests/engine/test_learned_fallback.py) are measured here too
     assert bool(served.pricer.servable(batch, PRICE).all())
     ev = Evaluation(served.pricer.learned.evaluate(batch, PRICE), torch.ones(len(batch), dtype=torch.bool))
 

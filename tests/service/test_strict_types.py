@@ -266,7 +266,7 @@ _VALIDATED = re.compile(r"\bvalidate\(\s*([A-Z]\w*)\s*,|\b([A-Z]\w*)\.model_vali
 def test_every_request_body_model_has_an_example() -> None:
     names = {m.__name__ for m in MODELS} | {"ClientMessage"}  # ClientMessage wraps Subscribe | Unsubscribe
     unknown = []
-    for source in sorted((ROOT / "spectralmc_server" / "service").glob("*.py")):
+    for source in sorted((ROOT / "spectralmc_server" / "service").rglob("*.py")):
         for m in _VALIDATED.finditer(source.read_text()):
             name = m[1] or m[2]
             if name not in names and f"{name}.model_validate" not in NOT_BODIES:

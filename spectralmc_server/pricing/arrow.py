@@ -35,15 +35,8 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from spectralmc_server.pricing.columns import (
-    ANSWER_KEYS,
-    CONTRACT_COLUMNS,
-    PARAMS_PREFIX,
-    RULES,
-    answer_columns,
-    capped,
-    column_name_error,
-)
+from spectralmc_server.pricing.cells import CONTRACT_COLUMNS, PARAMS_PREFIX, RULES
+from spectralmc_server.pricing.columns import ANSWER_KEYS, answer_columns, capped, column_name_error
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, PriceRequest
 

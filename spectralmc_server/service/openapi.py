@@ -12,7 +12,7 @@ from pydantic.json_schema import models_json_schema
 from spectralmc_server import __version__
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.pricing.arrow import ARROW_STREAM, REQUEST_METADATA, RESPONSE_METADATA
-from spectralmc_server.pricing.columns import CONTRACT_COLUMNS
+from spectralmc_server.pricing.cells import CONTRACT_COLUMNS
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN, PriceRequest, PriceResponse
 from spectralmc_server.service.schemas import (
     CalibrateRequest,

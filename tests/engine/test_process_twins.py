@@ -31,7 +31,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from spectralmc_server.engine.processes import PROCESSES, Process, spec
 from spectralmc_server.engine.processes.base import EXPIRY_BOUNDS, MAX_SCALE, MONEYNESS_BOUNDS
-from spectralmc_server.pricing.columns import BORDER, PARAMS_PREFIX, request_from_columns
+from spectralmc_server.pricing.cells import BORDER, PARAMS_PREFIX
+from spectralmc_server.pricing.columns import request_from_columns
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import Contract, PriceRequest, format_validation_error
 

@@ -19,13 +19,9 @@ from server_util import CONTRACT, MakeClient, assert_error
 
 from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.engine.processes.base import EXPIRY_BOUNDS, MONEYNESS_BOUNDS, PRICE_BOUNDS, VOL_BOUNDS
-from spectralmc_server.pricing.columns import (
-    PARAMS_PREFIX,
-    answer_column_names,
-    answer_columns,
-    request_from_columns,
-    row_verdicts,
-)
+from spectralmc_server.pricing.cells import PARAMS_PREFIX
+from spectralmc_server.pricing.columns import answer_column_names, answer_columns, request_from_columns
+from spectralmc_server.pricing.contract_rules import row_verdicts
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Contract, PriceRequest, format_validation_error
 

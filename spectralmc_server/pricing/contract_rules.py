@@ -1,0 +1,268 @@
+"""Columnar books, contract by contract: every rule of the row schema across fields
+(processes, vol against params, fixings, contracts by reference, parameter bounds, spread,
+K/F, unique ids) vectorised over a book, the borderline and refused rows decided by the
+row schema itself."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from spectralmc_server.engine.processes import PROCESSES
+from spectralmc_server.engine.processes.base import MAX_SCALE, MONEYNESS_BOUNDS, Process
+from spectralmc_server.pricing.book import Book
+from spectralmc_server.pricing.cells import (
+    BORDER,
+    CONTRACT_COLUMNS,
+    PARAMS_PREFIX,
+    PROCESS_DEFAULT,
+    RULES,
+    Column,
+    Floats,
+    Mask,
+    _column,
+    _numbers,
+)
+from spectralmc_server.pricing.schemas import (
+    format_validation_error,
+)
+
+# -- the contract rules, vectorised ------------------------------------------------------
+
+
+def _near(x: Floats, bound: float) -> Mask:
+    with np.errstate(invalid="ignore"):
+        return np.abs(x - bound) <= BORDER * abs(bound)
+
+
+def _overrides(process: Process, method: str) -> bool:
+    return getattr(type(process), method) is not getattr(Process, method)
+
+
+class _Book:
+    """The parsed columns of a book of ``n`` contracts."""
+
+    def __init__(self, columns: Mapping[str, Sequence[Any]], n: int) -> None:
+        self.n = n
+        self.cells = columns
+        none: list[Any] = [None] * n
+        self.fields = {name: _column(columns.get(name, none), RULES[name]) for name in CONTRACT_COLUMNS}
+        self.params: dict[str, Column] = {}
+        for name, cells in columns.items():
+            if name.startswith(PARAMS_PREFIX):
+                values, present, bad = _numbers(cells)
+                objects = [v if p else None for v, p in zip(values.tolist(), present.tolist(), strict=True)]
+                self.params[name[len(PARAMS_PREFIX) :]] = Column(present, bad, values, objects)
+
+    def field_bad(self) -> Mask:
+        """Rows with a field its own rule refuses (a required one absent included)."""
+        bad = np.zeros(self.n, dtype=np.bool_)
+        for name, col in self.fields.items():
+            bad |= col.bad
+            if RULES[name].required:
+                bad |= ~col.present
+        for col in self.params.values():
+            bad |= col.bad
+        return bad
+
+    def has_param(self, name: str) -> Mask:
+        col = self.params.get(name)
+        return np.zeros(self.n, dtype=np.bool_) if col is None else col.present
+
+    def param(self, name: str) -> Floats:
+        col = self.params.get(name)
+        return np.zeros(self.n, dtype=np.float64) if col is None else col.values
+
+    def processes(self) -> list[str]:
+        col = self.fields["process"]
+        return [PROCESS_DEFAULT if c is None else c for c in col.objects]
+
+    def row(self, i: int) -> dict[str, Any]:
+        """Contract ``i`` as the row the book stands for (absent fields left out)."""
+        row: dict[str, Any] = {}
+        params: dict[str, Any] = {}
+        for name, cells in self.cells.items():
+            value = cells[i]
+            if value is None:
+                continue
+            if name.startswith(PARAMS_PREFIX):
+                params[name[len(PARAMS_PREFIX) :]] = value
+            else:
+                row[name] = value
+        if params:
+            row["params"] = params
+        return row
+
+    def contract_rules(self, rows: Mask) -> tuple[Mask, Mask]:
+        """Contract's model validator over ``rows`` (those whose fields are valid): the
+        rows it refuses, and the rows within rounding of a bound computed in floating
+        point (to check again one by one)."""
+        n = self.n
+        bad = np.zeros(n, dtype=np.bool_)
+        border = np.zeros(n, dtype=np.bool_)
+        f = self.fields
+        procs = np.array(self.processes(), dtype=object)
+        ref = f["underlying"].present | f["expiry"].present
+        any_param = np.zeros(n, dtype=np.bool_)
+        for col in self.params.values():
+            any_param |= col.present
+        explicit_given = any_param.copy()
+        for name in ("spot", "expiry_years", "rate", "dividend", "vol"):
+            explicit_given |= f[name].present
+        for pname, process in PROCESSES.items():
+            sel = rows & (procs == pname)
+            if not sel.any():
+                continue
+            b = np.zeros(n, dtype=np.bool_)
+            b |= sel & (~f["fixings"].present if process.averages else f["fixings"].present)
+            both = f["underlying"].present & f["expiry"].present
+            b |= sel & ref & (~both | explicit_given)
+            e = sel & ~ref  # explicit contracts
+            b |= e & ~(f["spot"].present & f["expiry_years"].present)
+            vol_driven = process.market_param_names == ("vol",)
+            names = process.param_names
+            if vol_driven:
+                pvol = self.has_param("vol")
+                b |= e & ~f["vol"].present & ~pvol
+                for other in self.params:
+                    if other != "vol":
+                        b |= e & self.has_param(other)
+                b |= e & f["vol"].present & pvol
+                vol = np.where(f["vol"].present, f["vol"].values, self.param("vol"))
+                given = {"vol": vol}
+                if process.averages:  # Contract.process_params: carry and fixings
+                    given["carry"] = f["rate"].values - f["dividend"].values
+                    given["fixings"] = f["fixings"].values
+            else:
+                b |= e & f["vol"].present
+                for pn in names:
+                    b |= e & ~self.has_param(pn)
+                for other in self.params:
+                    if other not in names:
+                        b |= e & self.has_param(other)
+                given = {pn: self.param(pn) for pn in names}
+            live = e & ~b
+            with np.errstate(invalid="ignore", over="ignore"):
+                for pn, (low, high) in process.param_bounds.items():
+                    b |= live & ~((given[pn] >= low) & (given[pn] <= high))
+            live &= ~b
+            if _overrides(process, "check_params"):  # a process's own rules (asian: whole fixings), row by row
+                for k in np.flatnonzero(live).tolist():
+                    b[k] = not _params_ok(process, {pn: float(given[pn][k]) for pn in names})
+                live &= ~b
+            if not live.any():
+                bad |= b
+                continue
+            idx = np.flatnonzero(live)
+            t = f["expiry_years"].values[idx]
+            theta = np.stack([given[pn][idx] for pn in names], axis=1)
+            # vol sqrt(T) where the process takes a vol (correctly rounded, as math's), else the
+            # process's numpy twin of its scale (engine/processes/spec.py)
+            spread = given["vol"][idx] * np.sqrt(t) if vol_driven else process.scale_np(theta, t)
+            with np.errstate(invalid="ignore"):
+                wide = ~(spread <= MAX_SCALE)
+            b[idx[wide]] = True
+            border[idx[_near(spread, MAX_SCALE)]] = True
+            if _overrides(process, "check_spread"):
+                for k in np.flatnonzero(~wide).tolist():
+                    verdicts = {
+                        _spread_ok(process, {pn: float(theta[k, j]) for j, pn in enumerate(names)}, t[k], s)
+                        for s in (float(spread[k]), float(spread[k]) * (1 - BORDER), float(spread[k]) * (1 + BORDER))
+                    }
+                    if len(verdicts) > 1:
+                        border[idx[k]] = True
+                    b[idx[k]] |= False in verdicts
+            spot, strike = f["spot"].values[idx], f["strike"].values[idx]
+            rate, dividend = f["rate"].values[idx], f["dividend"].values[idx]
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                ratio = process.forward_ratio_np(theta, t, rate, dividend)
+                kappa = strike / (spot * ratio)
+                low, high = MONEYNESS_BOUNDS
+                b[idx[~((kappa >= low) & (kappa <= high))]] = True
+            border[idx[_near(kappa, low) | _near(kappa, high)]] = True
+            bad |= b
+        return bad, border & rows
+
+    def book(self) -> Book:
+        """The book's contracts as a :class:`~.book.Book`, read from the parsed columns
+        (every row has passed the checks, or ``Contract.model_validate`` where they were
+        not conclusive: the values are the cells' own either way)."""
+        f = self.fields
+
+        def floats(col: Column) -> Floats:
+            return np.where(col.present, col.values, np.nan)
+
+        underlying = f["underlying"]
+        by_ref = bool(underlying.present.any())
+        return Book(
+            id=list(f["id"].objects),
+            call=np.array([r == "call" for r in f["right"].objects], dtype=np.bool_),
+            strike=floats(f["strike"]),
+            spot=floats(f["spot"]),
+            expiry_years=floats(f["expiry_years"]),
+            rate=floats(f["rate"]),
+            dividend=floats(f["dividend"]),
+            vol=floats(f["vol"]),
+            fixings=floats(f["fixings"]),
+            process=self.processes(),
+            params={name: floats(col) for name, col in sorted(self.params.items())},
+            underlying=list(underlying.objects) if by_ref else None,
+            expiry=list(f["expiry"].objects) if by_ref else None,
+        )
+
+
+def _params_ok(process: Process, params: dict[str, float]) -> bool:
+    try:
+        process.check_params(params)
+    except ValueError:
+        return False
+    return True
+
+
+def _spread_ok(process: Process, params: dict[str, float], expiry: float, spread: float) -> bool:
+    try:
+        process.check_spread(params, expiry, spread)
+    except ValueError:
+        return False
+    return True
+
+
+def _duplicates(ids: Sequence[str], limit: int = 5) -> list[dict[str, Any]]:
+    """The first ``limit`` contracts whose id an earlier one has."""
+    seen: dict[str, int] = {}
+    dupes: list[dict[str, Any]] = []
+    for i, cid in enumerate(ids):
+        first = seen.setdefault(cid, i)
+        if first != i:
+            dupes.append(
+                {"field": f"contracts[{i}].id", "reason": f"duplicate contract id {cid!r} (also contracts[{first}])"}
+            )
+            if len(dupes) == limit:
+                break
+    return dupes
+
+
+def _row_details(i: int, exc: ValidationError, absent: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Row ``i``'s errors, named ``contracts[i].<field>``; ``absent``: required columns
+    the book lacks altogether (their reason says so)."""
+    out = []
+    for d in format_validation_error(exc):
+        name, reason = str(d["field"]), str(d["reason"])
+        where = f"contracts[{i}]" + (name.removeprefix("(body)") if name.startswith("(body)") else f".{name}")
+        if name in absent:
+            reason += f" (the book has no {name} column)"
+        out.append({"field": where, "reason": reason})
+    return out
+
+
+def row_verdicts(columns: Mapping[str, Sequence[Any]], n: int) -> tuple[Mask, Mask]:
+    """The vectorised verdict on each contract of a structurally sound book: the rows it
+    refuses, and the rows it leaves to the row validator (within rounding of a bound).
+    Exposed for the equivalence tests; :func:`request_from_columns` uses it."""
+    book = _Book(columns, n)
+    field_bad = book.field_bad()
+    cross_bad, border = book.contract_rules(~field_bad)
+    return field_bad | cross_bad, border

@@ -27,7 +27,7 @@ pandas is optional: it is imported only when a DataFrame is priced.
 
 from __future__ import annotations
 
-from spectralmc_server.client.aio import AsyncClient, Stream
+from spectralmc_server.client.aio import AsyncClient
 from spectralmc_server.client.books import ARROW_STREAM, DEFAULT_CHUNK_SIZE
 from spectralmc_server.client.errors import (
     Conflict,
@@ -44,6 +44,7 @@ from spectralmc_server.client.errors import (
     Unauthorized,
     Unavailable,
 )
+from spectralmc_server.client.stream import Stream
 from spectralmc_server.client.sync import Client, SyncStream
 
 __all__ = [

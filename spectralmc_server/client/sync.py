@@ -22,7 +22,8 @@ from types import TracebackType
 from typing import Any, Self, TypeVar
 
 from spectralmc_server.client import books
-from spectralmc_server.client.aio import AsyncClient, Stream, Time
+from spectralmc_server.client.aio import AsyncClient
+from spectralmc_server.client.stream import Stream, Time
 
 T = TypeVar("T")
 _END: Any = object()

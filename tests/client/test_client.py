@@ -39,9 +39,9 @@ from spectralmc_server.client import (
     Overloaded,
     ServerError,
     SpectralMCError,
+    Stream,
     TooLarge,
     Unavailable,
-    aio,
 )
 from spectralmc_server.client.errors import MAX_RETRY_AFTER, error_from_answer, parse_retry_after
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS
@@ -126,7 +126,7 @@ def columns_of(result: dict[str, Any]) -> dict[str, Any]:
     return flat
 
 
-def dropped(stream: aio.Stream) -> aio.Stream:
+def dropped(stream: Stream) -> Stream:
     """``stream`` as if its connection had just dropped: the next iteration reconnects
     (against a port nobody listens on, every try is refused at once)."""
     stream._opened = True

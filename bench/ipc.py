@@ -43,7 +43,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import IMG, ROOT, record, table
 
-from spectralmc_server.ipc.framing import FrameProtocol, connect, encode, http_side_allow, recv_frame, send_frame
+from spectralmc_server.ipc.framing import FrameProtocol, connect, encode, recv_frame, send_frame
+from spectralmc_server.ipc.unpickling import http_side_allow
 
 ENGINE_OPTIONS_PER_S = 297_699.0  # docs/benchmarks.md, server_load: "engine alone (in process)", arrow 10,000
 ROUNDS = 4  # the blocking cells are measured in this many interleaved rounds
@@ -52,7 +53,8 @@ FLOAT_COLUMNS = ("spot", "strike", "expiry_years", "rate", "dividend", "vol")
 CHILD = """
 import socket, sys
 import numpy as np
-from spectralmc_server.ipc.framing import engine_side_allow, recv_frame, send_frame
+from spectralmc_server.ipc.framing import recv_frame, send_frame
+from spectralmc_server.ipc.unpickling import engine_side_allow
 
 sock = socket.socket(fileno=int(sys.argv[1]))
 answers = {}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spectralmc_server.engine_service.messages import EngineStatus
-from spectralmc_server.ipc.framing import http_side_allow
+from spectralmc_server.ipc.unpickling import http_side_allow
 from spectralmc_server.service.views import Directory
 from spectralmc_server.settings import Settings
 

@@ -45,7 +45,8 @@ from spectralmc_server.engine_service.protocol import (
     StartFailed,
     Tell,
 )
-from spectralmc_server.ipc.framing import FrameProtocol, connect, engine_side_allow, recv_frame, write_frame
+from spectralmc_server.ipc.framing import FrameProtocol, connect, recv_frame, write_frame
+from spectralmc_server.ipc.unpickling import engine_side_allow
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.service.metrics import DEVICE_FAMILIES, Metrics, device_memory_metrics
 from spectralmc_server.service.views import Directory

@@ -30,12 +30,10 @@ from spectralmc_server.ipc.framing import (
     ProtocolError,
     connect,
     encode,
-    engine_side_allow,
-    http_side_allow,
-    loads,
     recv_frame,
     send_frame,
 )
+from spectralmc_server.ipc.unpickling import engine_side_allow, http_side_allow, loads
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 Array = npt.NDArray[Any]
@@ -361,7 +359,8 @@ def test_pydantic_model_round_trips_on_the_engine_side(pair: tuple[socket.socket
 def test_the_module_and_a_round_trip_load_no_torch() -> None:
     code = (
         "import socket, sys, numpy as np\n"
-        "from spectralmc_server.ipc.framing import recv_frame, send_frame, http_side_allow\n"
+        "from spectralmc_server.ipc.framing import recv_frame, send_frame\n"
+        "from spectralmc_server.ipc.unpickling import http_side_allow\n"
         "a, b = socket.socketpair(socket.AF_UNIX)\n"
         "send_frame(a, {'x': np.arange(5.0)})\n"
         "assert recv_frame(b, allow=http_side_allow)['x'].sum() == 10.0\n"

@@ -28,7 +28,8 @@ from server_fixtures import make_client, serve  # noqa: F401
 from server_util import CONTRACT, TOKEN, MakeClient, ServerProcess, app_of
 
 from spectralmc_server.engine_service.protocol import http_allow
-from spectralmc_server.ipc.framing import encode, loads
+from spectralmc_server.ipc.framing import encode
+from spectralmc_server.ipc.unpickling import loads
 from spectralmc_server.pricing.arrow import ARROW_STREAM
 from spectralmc_server.service import keys
 from spectralmc_server.service.engine_pool import EnginePool

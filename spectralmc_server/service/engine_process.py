@@ -228,17 +228,7 @@ class ProcessEngine(EngineClient):
             return
         self._heard = time.monotonic()
         if isinstance(msg, Reply):
-            future = self._calls.pop(msg.corr, None)
-            if future is None or future.done():
-                return
-            if msg.error is None:
-                future.set_result(msg.value)
-            elif msg.error == "job_failed":
-                future.set_exception(JobFailedError(msg.message))
-            elif msg.error == "dead":
-                future.set_exception(EngineDead(msg.message))
-            else:
-                future.set_exception(RuntimeError(f"the engine failed: {msg.message}"))
+            self._on_reply(msg)
         elif isinstance(msg, EngineStatus):
             self._status = msg
             if link.ready and not msg.alive and msg.failure:  # failed, still connected: start anew
@@ -248,14 +238,31 @@ class ProcessEngine(EngineClient):
                 self.models.update(msg)
             except Exception:  # a listener's bug is not the engine's death
                 log.exception("a listener of model changes failed")
-        elif isinstance(msg, Ready):
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_result(msg)
-        elif isinstance(msg, StartFailed):
-            if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(StoreError(msg.message) if msg.store else EngineStartError(msg.message))
+        elif isinstance(msg, Ready | StartFailed):
+            self._on_start(msg)
         else:
             log.error("engine: unexpected message %s", type(msg).__name__)
+
+    def _on_reply(self, msg: Reply) -> None:
+        future = self._calls.pop(msg.corr, None)
+        if future is None or future.done():
+            return
+        if msg.error is None:
+            future.set_result(msg.value)
+        elif msg.error == "job_failed":
+            future.set_exception(JobFailedError(msg.message))
+        elif msg.error == "dead":
+            future.set_exception(EngineDead(msg.message))
+        else:
+            future.set_exception(RuntimeError(f"the engine failed: {msg.message}"))
+
+    def _on_start(self, msg: Ready | StartFailed) -> None:
+        if self._ready is None or self._ready.done():
+            return
+        if isinstance(msg, Ready):
+            self._ready.set_result(msg)
+        else:
+            self._ready.set_exception(StoreError(msg.message) if msg.store else EngineStartError(msg.message))
 
     def _on_lost(self, link: _Link, exc: Exception | None) -> None:
         self._lose(link, f"engine process {link.proc.pid} lost" + (f": {exc}" if exc else ""))

@@ -137,23 +137,45 @@ class Computing(Choosing):
         try:
             result = await pending
         except EngineDead as exc:
-            for sl in plan:
-                if not sl.item.future.done():
-                    sl.item.future.set_exception(_engine_down(str(exc)))
-                self._close(sl.item)
+            self._fail_all(plan, _engine_down(str(exc)))
             return
         except Exception as exc:  # valid requests that the engine could not price: a bug
             # (the engine has marked itself failed: health fails, an orchestrator restarts it)
             log.error("batch of %d requests failed: %s: %s", len(plan), type(exc).__name__, exc)
-            for sl in plan:
-                if not sl.item.future.done():
-                    sl.item.future.set_exception(EngineFailure("the pricing engine failed: JobFailedError"))
-                self._close(sl.item)
+            self._fail_all(plan, EngineFailure("the pricing engine failed: JobFailedError"))
             return
         finally:
             for sl in plan:
                 sl.item.busy = False
         job.started, job.ended = result.started, result.ended
+        computed, answers = self._outcomes(sent, result, failed)
+        self._settle_failed(plan, computed, failed)
+        if not computed:
+            return
+        self._learn(computed, answers, result.ended - result.started, result.cpu)
+        for sl, answer in zip(computed, answers, strict=True):
+            item = sl.item
+            if item.closed or item.future.done():
+                self._close(item)
+                continue
+            item.parts.append(answer)
+            if sl.end >= item.contracts:
+                item.future.set_result(merge_answers(item.parts, item.models))
+                item.parts = []
+                self._close(item)
+
+    def _fail_all(self, plan: list[_Slice], error: Exception) -> None:
+        for sl in plan:
+            if not sl.item.future.done():
+                sl.item.future.set_exception(error)
+            self._close(sl.item)
+
+    @staticmethod
+    def _outcomes(
+        sent: list[_Slice], result: PriceResult, failed: dict[int, RequestRefusedError]
+    ) -> tuple[list[_Slice], list[dict[str, Any]]]:
+        """The slices computed and their answers; refusals into ``failed``; each request's
+        lease (the versions its first computed slice used) kept for its later slices."""
         computed: list[_Slice] = []
         answers: list[dict[str, Any]] = []
         for sl, outcome in zip(sent, result.outcomes, strict=True):
@@ -167,7 +189,13 @@ class Computing(Choosing):
             else:
                 computed.append(sl)
                 answers.append(outcome)
-        seconds, cpu = result.ended - result.started, result.cpu
+        return computed, answers
+
+    def _settle_failed(
+        self, plan: list[_Slice], computed: list[_Slice], failed: dict[int, RequestRefusedError]
+    ) -> None:
+        """Refused requests answered (422: invalid, or no market data); slices skipped by
+        the engine (their client went, or their deadline passed) counted and closed."""
         for sl in plan:
             err = failed.get(id(sl.item))
             if err is not None:
@@ -181,19 +209,6 @@ class Computing(Choosing):
                 self._alive(sl.item, asyncio.get_running_loop().time())  # counts and settles it
                 if not sl.item.closed and sl.item.future.done():
                     self._close(sl.item)
-        if not computed:
-            return
-        self._learn(computed, answers, seconds, cpu)
-        for sl, answer in zip(computed, answers, strict=True):
-            item = sl.item
-            if item.closed or item.future.done():
-                self._close(item)
-                continue
-            item.parts.append(answer)
-            if sl.end >= item.contracts:
-                item.future.set_result(merge_answers(item.parts, item.models))
-                item.parts = []
-                self._close(item)
 
     def _learn(self, computed: list[_Slice], answers: list[dict[str, Any]], seconds: float, cpu: float) -> None:
         """Metrics of a computed job, and its time into the cost model (by the classes

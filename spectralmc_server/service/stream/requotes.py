@@ -200,20 +200,29 @@ class Requoting(HubState):
         except DeadlineExceeded as exc:
             if len(index) > 1:  # smaller requests, sized by the time this one took (_learn)
                 await self._group(key, chunk, below=len(index))
-                return
-            for members in chunk:
-                for conn, sub, _ in members:
-                    conn.error(sub.id, exc.code, exc.message, exc.details)
+            else:
+                self._fail(chunk, exc)
             return
         except APIError as exc:
             culprit = self._culprit(exc, list(index))
             if culprit is not False:  # it names a contract: only its holders may fail
                 await self._split(key, chunk, culprit)
-                return
-            for members in chunk:
-                for conn, sub, _ in members:
-                    conn.error(sub.id, exc.code, exc.message, exc.details)
+            else:
+                self._fail(chunk, exc)
             return
+        await self._hand_back(key, chunk, index, answer)
+
+    @staticmethod
+    def _fail(chunk: list[list[Item]], exc: APIError) -> None:
+        for members in chunk:
+            for conn, sub, _ in members:
+                conn.error(sub.id, exc.code, exc.message, exc.details)
+
+    async def _hand_back(
+        self, key: GroupKey, chunk: list[list[Item]], index: dict[Interned, int], answer: dict[str, Any]
+    ) -> None:
+        """A merged answer's rows to each subscription under its own ids, with the models
+        of its own rows."""
         rows: list[dict[str, Any]] = answer["results"]
         # A response names the model of each process that answered a row with the network
         # (rows name the process), in process-name order; a subscription's quote names

@@ -83,6 +83,12 @@ class StateCollector(Collector):
         self.source = source
 
     def collect(self) -> Iterator[Metric]:
+        yield from self._models()
+        yield from self._budgets()
+        yield from self._queue_and_streams()
+        yield from self._training()
+
+    def _models(self) -> Iterator[Metric]:
         models = self.source.models()
         info = InfoMetricFamily(
             "spectralmc_model", "The model version each served model answers with", labels=["model"]
@@ -135,6 +141,7 @@ class StateCollector(Collector):
             forced.add_metric([m.name], 1.0 if m.forced else 0.0)
         yield from (rejected, forced)
 
+    def _budgets(self) -> Iterator[Metric]:
         used = GaugeMetricFamily(
             "spectralmc_budget_used_bytes", "Bytes reserved against each capped component", labels=["component"]
         )
@@ -152,6 +159,7 @@ class StateCollector(Collector):
         if self.source.device:  # the engine computes in this process
             yield from device_memory_metrics()
 
+    def _queue_and_streams(self) -> Iterator[Metric]:
         requests, contracts, cap_requests, cap_contracts = self.source.queue()
         depth = GaugeMetricFamily("spectralmc_queue_depth", "Requests waiting for the compute worker")
         depth.add_metric([], requests)
@@ -181,6 +189,7 @@ class StateCollector(Collector):
             last.add_metric([job], float("nan") if when is None else when)
         yield last
 
+    def _training(self) -> Iterator[Metric]:
         training = self.source.training()
         if training is not None:
             steps = CounterMetricFamily("spectralmc_training_steps", "Online training steps", labels=["model"])
@@ -210,6 +219,12 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         e = r if engine_families else None
+        self._http_and_queue(r, e)
+        self._market_data(r)
+        self._streams(r)
+        self._jobs(r, e)
+
+    def _http_and_queue(self, r: CollectorRegistry, e: CollectorRegistry | None) -> None:
         self.requests = Counter(
             "spectralmc_http_requests", "HTTP requests by route and status", ["route", "method", "status"], registry=r
         )
@@ -265,7 +280,9 @@ class Metrics:
         )
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
-        # market data
+
+    def _market_data(self, r: CollectorRegistry) -> None:
+        """Snapshots and calibrations."""
         self.snapshots_put = Counter(
             "spectralmc_snapshots_put",
             "Snapshot PUTs by outcome: created, idempotent, conflict",
@@ -295,7 +312,8 @@ class Metrics:
             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
             registry=r,
         )
-        # streaming
+
+    def _streams(self, r: CollectorRegistry) -> None:
         self.stream_messages = Counter(
             "spectralmc_stream_messages", "WebSocket messages sent, by type", ["type"], registry=r
         )
@@ -314,7 +332,11 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        # jobs
+        for reason in ("coalesced", "control_overflow", "closed"):
+            self.stream_dropped.labels(reason)
+
+    def _jobs(self, r: CollectorRegistry, e: CollectorRegistry | None) -> None:
+        """Declared jobs, and online training's rejections (an engine family)."""
         self.job_runs = Counter(
             "spectralmc_job_runs", "Job runs by outcome: success, unchanged, error", ["job", "outcome"], registry=r
         )
@@ -340,8 +362,6 @@ class Metrics:
             ["model"],
             registry=e,
         )
-        for reason in ("coalesced", "control_overflow", "closed"):
-            self.stream_dropped.labels(reason)
 
     def add_state(self, source: StateSource) -> None:
         self.registry.register(StateCollector(source))

@@ -163,6 +163,149 @@ def _to_x(value: float, bound: ParameterRange) -> float:
     return math.log(u / (1.0 - u))
 
 
+def _check_quotes(quotes: Quotes, names: tuple[str, ...], bounds: tuple[ParameterRange, ...]) -> None:
+    if tuple(b.name for b in bounds) != names:
+        raise CalibrationError(f"bounds must name {', '.join(names)} in order")
+    n, p = len(quotes), len(names)
+    if n < p:
+        raise CalibrationError(f"{n} quotes cannot determine {p} parameters: need at least {p}")
+    for what, t in (("expiry", quotes.expiry), ("price", quotes.price), ("vega", quotes.vega)):
+        if not bool(torch.isfinite(t).all()):
+            raise CalibrationError(f"quote {what}s must be finite")
+    if bool((quotes.vega <= 1e-8).any()):
+        bad = int(torch.nonzero(quotes.vega <= 1e-8)[0, 0])
+        raise CalibrationError(f"quote {bad} has no vega (too far from the money): its vol is not identifiable")
+
+
+class _Fit:
+    """One calibration's residuals and Jacobian in the unconstrained coordinates x (each
+    parameter mapped from its bounds through the logistic): the CF and the scale are
+    evaluated once per distinct expiry, the quotes index them."""
+
+    def __init__(
+        self,
+        cf: CFFunction,
+        process: Process,
+        spectrum: SpectrumConfig,
+        quotes: Quotes,
+        bounds: tuple[ParameterRange, ...],
+        tangents: TangentCF | None,
+    ) -> None:
+        self.cf, self.process, self.spectrum, self.quotes = cf, process, spectrum, quotes
+        self.bounds, self.tangents = bounds, tangents
+        self.p = len(bounds)
+        self.expiries, self.rows = torch.unique(quotes.expiry, return_inverse=True)
+        self.evaluations = 0
+
+    def theta_of(self, x: torch.Tensor) -> torch.Tensor:
+        u = _unit(x)
+        return torch.stack([b.from_unit(u[i]) for i, b in enumerate(self.bounds)])
+
+    def prices(self, theta: torch.Tensor) -> torch.Tensor:
+        q = self.quotes
+        return model_prices(self.cf, self.process, self.spectrum, theta, self.expiries, self.rows, q.log_moneyness)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.prices(self.theta_of(x)) - self.quotes.price) / self.quotes.vega
+
+    def _per_expiry(
+        self, x: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        th = self.theta_of(x)[None, :].expand(self.expiries.shape[0], -1)  # (E, P)
+        out = cos_coefficients(self.cf(th, self.expiries), self.spectrum), self.process.scale(th, self.expiries)
+        return out, out  # (E, K), (E,)
+
+    def _per_expiry_tangents(
+        self, x: torch.Tensor
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        assert self.tangents is not None
+        p, expiries, bounds = self.p, self.expiries, self.bounds
+        e = expiries.shape[0]
+        u = _unit(x)
+        th = torch.stack([b.from_unit(u[i]) for i, b in enumerate(bounds)])[None, :].expand(e, -1)  # (E, P)
+        dth = torch.stack([b.from_unit_derivative(u[i]) for i, b in enumerate(bounds)]) * u * (1.0 - u)  # (P,)
+        d_theta = torch.diag_embed(dth)[:, None, :].expand(p, e, p)  # (P dirs, E, P)
+        with torch.enable_grad():
+            leaf = th.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.process.scale(leaf, expiries).sum(), leaf)  # (E, P): rows independent
+        d_scale = (d_theta * g[None]).sum(-1)  # (P, E)
+        with torch.no_grad():
+            phi, d_phi = self.tangents(th, expiries, d_theta, d_scale)  # (E, K), (P, E, K)
+            coef = cos_coefficients(phi, self.spectrum)
+            k = coef.shape[1]
+            d_coef = cos_coefficients(d_phi.reshape(p * e, k), self.spectrum).reshape(p, e, k).permute(1, 2, 0)
+            s = self.process.scale(th, expiries)
+        return (d_coef, d_scale.T), (coef, s)
+
+    def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residuals and their Jacobian (n, P). Only the CF and the scale, one row per
+        expiry, go through forward-mode autograd (all P directions in one vectorised
+        pass); the put is linear in the COS coefficients, so their derivatives go
+        through the same put formula, and its derivative in s is one more jvp."""
+        q, spectrum, rows, lm = self.quotes, self.spectrum, self.rows, self.quotes.log_moneyness
+        if self.tangents is not None:
+            (d_coef, d_s), (coef, s) = self._per_expiry_tangents(x)  # (E, K, P), (E, P)
+        else:
+            (d_coef, d_s), (coef, s) = torch.func.jacfwd(self._per_expiry, has_aux=True)(x)
+        self.evaluations += 1
+        coef_q, s_q = coef[rows].detach(), s[rows][:, None].detach()  # (n, K), (n, 1)
+        put = _cos_put(coef_q, s_q, lm, spectrum)
+        dput_ds = _cos_put_ds(coef_q, s_q, lm, spectrum)
+        r = (_otm(put, lm) - q.price) / q.vega
+        lin = _cos_put(d_coef[rows].permute(2, 0, 1), s_q, lm, spectrum)  # (P, n): put along d coef_j
+        outside = (lm / s_q[:, 0]).abs() >= spectrum.half_width  # constant branches
+        lin = torch.where(outside, torch.zeros_like(lin), lin)
+        jac = (lin.T + dput_ds[:, None] * d_s[rows]) / q.vega[:, None]  # (n, P)
+        return r.detach(), jac.detach()
+
+
+def _levenberg_marquardt(
+    fit: _Fit,
+    x: torch.Tensor,
+    max_iterations: int,
+    tolerance: float,
+    on_iteration: Callable[[int, int], None] | None,
+) -> tuple[torch.Tensor, int, bool, list[float]]:
+    """The damped Gauss-Newton loop from ``x``: the solution, iterations, converged, and
+    the sum of squares after each accepted step."""
+    r, jac = fit.jacobian(x)
+    cost = float(r @ r)
+    history = [cost]
+    lam = 1e-3
+    iterations = 0
+    while iterations < max_iterations:
+        if on_iteration is not None:
+            on_iteration(iterations, fit.evaluations)
+        iterations += 1
+        a = jac.T @ jac
+        g = jac.T @ r
+        diag = torch.diag(a).clamp(min=1e-12)
+        try:
+            step = torch.linalg.solve(a + lam * torch.diag(diag), -g)
+        except RuntimeError:  # singular even with damping: damp harder
+            lam *= 10.0
+            continue
+        x_new = x + step
+        with torch.no_grad():
+            r_new = fit.residual(x_new)
+        fit.evaluations += 1
+        cost_new = float(r_new @ r_new)
+        if math.isfinite(cost_new) and cost_new < cost:
+            gain = (cost - cost_new) / max(cost, 1e-300)
+            x = x_new
+            r, jac = fit.jacobian(x)
+            cost = float(r @ r)
+            history.append(cost)
+            lam = max(lam / 3.0, 1e-12)
+            if gain < tolerance or float(step.abs().max()) < 1e-7 or cost < 1e-24:
+                return x, iterations, True, history
+        else:
+            lam *= 4.0
+            if lam > 1e12:  # no descent direction left: a (local) minimum
+                return x, iterations, True, history
+    return x, iterations, False, history
+
+
 def calibrate(
     cf: CFFunction,
     process: Process,
@@ -186,119 +329,13 @@ def calibrate(
     point for a caller that runs the fit in slices)."""
     t0 = time.perf_counter()
     names = process.param_names
-    if tuple(b.name for b in bounds) != names:
-        raise CalibrationError(f"bounds must name {', '.join(names)} in order")
-    n, p = len(quotes), len(names)
-    if n < p:
-        raise CalibrationError(f"{n} quotes cannot determine {p} parameters: need at least {p}")
-    for what, t in (("expiry", quotes.expiry), ("price", quotes.price), ("vega", quotes.vega)):
-        if not bool(torch.isfinite(t).all()):
-            raise CalibrationError(f"quote {what}s must be finite")
-    if bool((quotes.vega <= 1e-8).any()):
-        bad = int(torch.nonzero(quotes.vega <= 1e-8)[0, 0])
-        raise CalibrationError(f"quote {bad} has no vega (too far from the money): its vol is not identifiable")
-    expiries, rows = torch.unique(quotes.expiry, return_inverse=True)
-
-    def theta_of(x: torch.Tensor) -> torch.Tensor:
-        u = _unit(x)
-        return torch.stack([b.from_unit(u[i]) for i, b in enumerate(bounds)])
-
-    def residual(x: torch.Tensor) -> torch.Tensor:
-        price = model_prices(cf, process, spectrum, theta_of(x), expiries, rows, quotes.log_moneyness)
-        return (price - quotes.price) / quotes.vega
-
-    def per_expiry(x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        th = theta_of(x)[None, :].expand(expiries.shape[0], -1)  # (E, P)
-        out = cos_coefficients(cf(th, expiries), spectrum), process.scale(th, expiries)  # (E, K), (E,)
-        return out, out
-
-    def per_expiry_tangents(
-        x: torch.Tensor,
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        assert tangents is not None
-        e = expiries.shape[0]
-        u = _unit(x)
-        th = torch.stack([b.from_unit(u[i]) for i, b in enumerate(bounds)])[None, :].expand(e, -1)  # (E, P)
-        dth = torch.stack([b.from_unit_derivative(u[i]) for i, b in enumerate(bounds)]) * u * (1.0 - u)  # (P,)
-        d_theta = torch.diag_embed(dth)[:, None, :].expand(p, e, p)  # (P dirs, E, P)
-        with torch.enable_grad():
-            leaf = th.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(process.scale(leaf, expiries).sum(), leaf)  # (E, P): rows independent
-        d_scale = (d_theta * g[None]).sum(-1)  # (P, E)
-        with torch.no_grad():
-            phi, d_phi = tangents(th, expiries, d_theta, d_scale)  # (E, K), (P, E, K)
-            coef = cos_coefficients(phi, spectrum)
-            k = coef.shape[1]
-            d_coef = cos_coefficients(d_phi.reshape(p * e, k), spectrum).reshape(p, e, k).permute(1, 2, 0)
-            s = process.scale(th, expiries)
-        return (d_coef, d_scale.T), (coef, s)
-
+    _check_quotes(quotes, names, bounds)
+    fit = _Fit(cf, process, spectrum, quotes, bounds, tangents)
     x = torch.tensor([_to_x(start[nm], b) for nm, b in zip(names, bounds, strict=True)], dtype=torch.float64)
-    evaluations = 0
-    lm = quotes.log_moneyness
-
-    def jacobian(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residuals and their Jacobian (n, P). Only the CF and the scale, one row per
-        expiry, go through forward-mode autograd (all P directions in one vectorised
-        pass); the put is linear in the COS coefficients, so their derivatives go
-        through the same put formula, and its derivative in s is one more jvp."""
-        nonlocal evaluations
-        if tangents is not None:
-            (d_coef, d_s), (coef, s) = per_expiry_tangents(x)  # (E, K, P), (E, P)
-        else:
-            (d_coef, d_s), (coef, s) = torch.func.jacfwd(per_expiry, has_aux=True)(x)
-        evaluations += 1
-        coef_q, s_q = coef[rows].detach(), s[rows][:, None].detach()  # (n, K), (n, 1)
-        put = _cos_put(coef_q, s_q, lm, spectrum)
-        dput_ds = _cos_put_ds(coef_q, s_q, lm, spectrum)
-        r = (_otm(put, lm) - quotes.price) / quotes.vega
-        lin = _cos_put(d_coef[rows].permute(2, 0, 1), s_q, lm, spectrum)  # (P, n): put along d coef_j
-        outside = (lm / s_q[:, 0]).abs() >= spectrum.half_width  # constant branches
-        lin = torch.where(outside, torch.zeros_like(lin), lin)
-        jac = (lin.T + dput_ds[:, None] * d_s[rows]) / quotes.vega[:, None]  # (n, P)
-        return r.detach(), jac.detach()
-
-    r, jac = jacobian(x)
-    cost = float(r @ r)
-    history = [cost]
-    lam = 1e-3
-    iterations = 0
-    converged = False
-    while iterations < max_iterations:
-        if on_iteration is not None:
-            on_iteration(iterations, evaluations)
-        iterations += 1
-        a = jac.T @ jac
-        g = jac.T @ r
-        diag = torch.diag(a).clamp(min=1e-12)
-        try:
-            step = torch.linalg.solve(a + lam * torch.diag(diag), -g)
-        except RuntimeError:  # singular even with damping: damp harder
-            lam *= 10.0
-            continue
-        x_new = x + step
-        with torch.no_grad():
-            r_new = residual(x_new)
-        evaluations += 1
-        cost_new = float(r_new @ r_new)
-        if math.isfinite(cost_new) and cost_new < cost:
-            gain = (cost - cost_new) / max(cost, 1e-300)
-            x = x_new
-            r, jac = jacobian(x)
-            cost = float(r @ r)
-            history.append(cost)
-            lam = max(lam / 3.0, 1e-12)
-            if gain < tolerance or float(step.abs().max()) < 1e-7 or cost < 1e-24:
-                converged = True
-                break
-        else:
-            lam *= 4.0
-            if lam > 1e12:  # no descent direction left: a (local) minimum
-                converged = True
-                break
-    theta = theta_of(x).detach()
+    x, iterations, converged, history = _levenberg_marquardt(fit, x, max_iterations, tolerance, on_iteration)
+    theta = fit.theta_of(x).detach()
     with torch.no_grad():
-        price = model_prices(cf, process, spectrum, theta, expiries, rows, quotes.log_moneyness)
+        price = fit.prices(theta)
     res = (price - quotes.price) / quotes.vega
     return CalibrationResult(
         params={nm: float(theta[i]) for i, nm in enumerate(names)},
@@ -306,7 +343,7 @@ def calibrate(
         residual=res,
         rmse_vol=float(res.square().mean().sqrt()),
         iterations=iterations,
-        evaluations=evaluations,
+        evaluations=fit.evaluations,
         seconds=time.perf_counter() - t0,
         converged=converged,
         start=dict(start),

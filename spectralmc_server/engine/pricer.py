@@ -21,6 +21,7 @@ from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.cos import CosExpansion, cos_coefficients
 from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
 from spectralmc_server.engine.device import MemoryBudget
+from spectralmc_server.engine.moments import MomentFunction, exact_moments
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
 from spectralmc_server.engine.processes.spec import MOMENT_MAX_SPREAD as MOMENT_MAX_SPREAD  # noqa: PLC0414
@@ -37,10 +38,10 @@ from spectralmc_server.engine.view import ModelView
 PRICE_MEASURES = ("price", "delta", "gamma", "vega", "theta", "rho", "digital")
 DIST_MEASURES = ("mean", "stdev", "skew", "kurtosis")
 MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")
-# stdev, skew and kurtosis come from quadrature against a COS density, whose tails it
-# under-weights as the spread s grows (docs/method.md): a learned model answers them up
-# to MOMENT_MAX_SPREAD (engine/processes/spec.py, torch-free for admission); beyond,
-# GBM's closed forms do and other processes refuse (422).
+# A learned model's stdev, skew and kurtosis come from quadrature against its COS
+# density, whose tails it under-weights as the spread s grows (docs/method.md): it
+# answers them up to MOMENT_MAX_SPREAD (engine/processes/spec.py, torch-free for
+# admission); beyond, the reference does, from exact moments (engine/moments.py).
 SPREAD_MEASURES = frozenset({"stdev", "skew", "kurtosis"})
 
 CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -139,10 +140,14 @@ class SpectralPricer:
         holder: str = "spectral pricer",
         cf_chunk: int = CF_CHUNK,
         working_bytes: int | None = None,
+        moments: MomentFunction | None = None,
     ) -> None:
         self.process = process
         self.spectrum = spectrum
         self.raw_cf = cf
+        # The reference's exact stdev, skew and kurtosis of R (engine/moments.py), set only
+        # by reference_pricer; None (a learned CF): quadrature against the COS density.
+        self.moments = moments
         self.cf_chunk = cf_chunk
         self.row_cap = max_rows
         per_row = bytes_per_row(spectrum, max_levels)
@@ -319,7 +324,8 @@ class SpectralPricer:
             s_u = self.process.scale(th_u, t_u)
             f = fwd.detach()
             if measures & set(DIST_MEASURES):
-                mom = {k: v[inv] for k, v in exp_u.terminal_moments(s_u).items()}
+                exact = self.moments(th_u, t_u) if self.moments is not None else exp_u.terminal_moments(s_u)
+                mom = {k: v[inv] for k, v in exact.items()}
                 # Under the pricing measure E[S_T] = F for every model (E[e^X] = 1); the
                 # COS density's own mean differs from 1 by the model's martingale defect.
                 out["mean"] = f.clone()
@@ -363,10 +369,21 @@ class MonteCarloReference:
     error the groups' spread over sqrt(groups)."""
 
     def __init__(
-        self, process: Process, spectrum: SpectrumConfig, *, paths: int, groups: int = MC_REFERENCE_GROUPS, seed: int
+        self,
+        process: Process,
+        spectrum: SpectrumConfig,
+        *,
+        paths: int,
+        groups: int = MC_REFERENCE_GROUPS,
+        seed: int,
+        moments: MomentFunction | None = None,
     ) -> None:
         if groups < 2 or paths % groups:
             raise ValueError(f"need at least 2 groups dividing the paths, got {groups} for {paths}")
+        # Exact stdev, skew and kurtosis (engine/moments.py) and the mean F: answered
+        # directly, not by the groups; the moments with no standard error (their bound is
+        # the method's, reference_bounds), the mean with a zero one (as the groups gave it).
+        self.moments = moments
         self.groups = [
             # cf_chunk=1: every point shares its group's paths, so no padding is needed
             # for batch invariance (and padding would simulate the pad rows)
@@ -383,10 +400,24 @@ class MonteCarloReference:
     def evaluate_with_error(
         self, batch: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None = None
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        parts = [g.evaluate(batch, measures, levels) for g in self.groups]
+        # With exact moments the mean (F) and the moments need no simulation: a request for
+        # the distribution measures alone simulates nothing.
+        exact = measures & (SPREAD_MEASURES | {"mean"}) if self.moments is not None else frozenset()
+        rest = measures - exact
+        parts = [g.evaluate(batch, rest, levels) for g in self.groups] if rest else []
         values: dict[str, torch.Tensor] = {}
         stderr: dict[str, torch.Tensor] = {}
-        for k in parts[0]:
+        if exact and self.moments is not None:
+            process = self.groups[0].process
+            fwd = batch.spot * process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+            if "mean" in exact:  # E[S_T] = F under the pricing measure: no standard error
+                values["mean"], stderr["mean"] = fwd.clone(), torch.zeros_like(fwd)
+            if exact & SPREAD_MEASURES:
+                mom = self.moments(batch.theta, batch.expiry)
+                values["stdev"] = fwd * mom["stdev"]
+                values["skew"], values["kurtosis"] = mom["skew"], mom["kurtosis"]
+            values = {k: v for k, v in values.items() if k in exact}
+        for k in parts[0] if parts else ():
             stack = torch.stack([p[k] for p in parts])
             values[k] = stack.mean(0)
             stderr[k] = stack.std(0) / len(parts) ** 0.5
@@ -415,11 +446,24 @@ def reference_pricer(process: Process, spectrum: SpectrumConfig | None = None) -
         return ClosedFormGBMPricer()
     if not process.has_analytic_cf:
         spec = spectrum or MC_REFERENCE_SPECTRUM
-        return MonteCarloReference(process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED)
+        return MonteCarloReference(
+            process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED, moments=exact_moments(process.name)
+        )
     spec = spectrum or REFERENCE_SPECTRUM
-    return SpectralPricer(
-        process, spec, lambda th, t: analytic_cf_y(process, spec, th, t), working_bytes=REFERENCE_WORKING_BYTES
+    base = SpectralPricer(
+        process,
+        spec,
+        lambda th, t: analytic_cf_y(process, spec, th, t),
+        working_bytes=REFERENCE_WORKING_BYTES,
+        moments=exact_moments(process.name),
     )
+    if spectrum is not None:
+        return base
+    # Rows whose series has not converged at 2,048 terms get prices with 4, 16 or 64
+    # times the terms (engine/refined.py; docs/method.md).
+    from spectralmc_server.engine.refined import RefinedReference  # here: it imports this module
+
+    return RefinedReference(base)
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ import orjson
 import torch
 
 from spectralmc_server.engine.certify import RELATIVE_MEASURES, UNITS
+from spectralmc_server.engine.moments import moment_refusal
 from spectralmc_server.engine.pricer import (
     MOMENT_MAX_SPREAD,
     PRICE_MEASURES,
@@ -97,8 +98,9 @@ def _check_finite(
 
 def check_request(request: PriceRequest, models: Mapping[str, ModelView]) -> None:
     """What an explicit request must satisfy before pricing, beyond its schema: a
-    bounded simulated-reference cost (:func:`check_cost`) and higher moments only where
-    the quadrature is accurate. Raises RequestError (a 422 naming the contract)."""
+    bounded simulated-reference cost (:func:`check_cost`), higher moments only where
+    the spread allows them and where they are finite (:func:`check_moments`). Raises
+    RequestError (a 422 naming the contract)."""
     if SPREAD_MEASURES & set(request.measures):
         for name, index in book_of(request).by_process().items():
             if name == "gbm":  # the lognormal moments are closed forms at any spread
@@ -115,7 +117,34 @@ def check_request(request: PriceRequest, models: Mapping[str, ModelView]) -> Non
                         f"{MOMENT_MAX_SPREAD:g} (docs/method.md); this {c.process} contract's is {s:.4g}",
                         market=False,
                     )
+        check_moments(request)
     check_cost(request, models)
+
+
+def check_moments(request: PriceRequest) -> None:
+    """Refuse (RequestError, a 422 naming the contract) a request for stdev, skew or
+    kurtosis where that moment of S_T is infinite (Heston's moment explosion: E[S_T^n] is
+    infinite from a time T*(n) on) or finite but beyond float64: an infinite moment is
+    never served as a number or a null. The exact moments are the reference's
+    (engine/moments.py); a refused request reaches no model, learned or reference."""
+    asked = SPREAD_MEASURES & set(request.measures)
+    if not asked:
+        return
+    book = book_of(request)
+    for name, index in book.by_process().items():
+        if name == "gbm":  # the lognormal's moments are finite and fit float64 within the bounds
+            continue
+        part = book.take(index)
+        explicit = ~(np.isnan(part.spot) | np.isnan(part.expiry_years))
+        rows = np.flatnonzero(explicit)
+        if not len(rows):
+            continue
+        theta = torch.from_numpy(np.ascontiguousarray(part.theta(name)[rows], dtype=np.float64))
+        expiry = torch.from_numpy(np.ascontiguousarray(part.expiry_years[rows], dtype=np.float64))
+        refusal = moment_refusal(name, theta, expiry, asked)
+        if refusal is not None:
+            row, _, reason = refusal
+            raise RequestError(f"contracts[{int(index[rows[row]])}]", reason, market=False)
 
 
 def check_cost(request: PriceRequest, models: Mapping[str, ModelView]) -> None:

@@ -201,9 +201,51 @@ def geometric_put(theta: torch.Tensor, expiry: torch.Tensor, log_kappa: torch.Te
     return put
 
 
+def asian_log_moments(theta: torch.Tensor, expiry: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b3, b4) of R = A / F_A, each (B,), as engine/moments.py takes them: a = log E[R^2],
+    b3 = log E[R^3] - 3a, b4 = log E[R^4] - 6a, exactly (no simulation).
+
+    R = sum_i w_i L_i with L_i = M_1 ... M_i, the M_k = exp(vol dW_k - vol^2 dt / 2)
+    independent lognormal gross returns over the fixing intervals (the first from 0 to
+    t_1 = dt = T / n), so R = M_1 Y_1 with Y_k = w_k + M_{k+1} Y_{k+1}, Y_n = w_n. With
+    mu_k = E[Y_k] = sum_{i >= k} w_i, c_j = E[M^j] - 1 = expm1(j (j - 1) vol^2 dt / 2) and
+    e_k^m = E[Y_k^m] / mu_k^m - 1, the binomial expansion of E[Y_k^m] gives
+      e_k^m = sum_{j=2}^{m} C(m, j) p^{m-j} q^j (c_j + e_{k+1}^j + c_j e_{k+1}^j),
+    p = w_k / mu_k, q = mu_{k+1} / mu_k (p + q = 1; the j = 0, 1 terms vanish): a sum of
+    positive terms, so E[R^m] - 1 = c_m + e_1^m + c_m e_1^m (mu_1 = 1) has no cancellation.
+    O(MAX_FIXINGS m^2) elementwise operations; rows past their n fixings are no-ops."""
+    w = average_weights(theta, expiry)  # (B, M), 0 past n
+    mu = torch.flip(torch.cumsum(torch.flip(w, [1]), 1), [1])  # mu_k = sum_{i >= k} w_i
+    dt = expiry / fixing_count(theta)
+    v = theta[:, 0] * theta[:, 0] * dt
+    c = {j: torch.expm1(0.5 * j * (j - 1) * v) for j in (2, 3, 4)}
+    zero = torch.zeros_like(v)
+    e = {2: zero, 3: zero, 4: zero}  # e_{k+1}^m
+    binom = {(2, 2): 1.0, (3, 2): 3.0, (3, 3): 1.0, (4, 2): 6.0, (4, 3): 4.0, (4, 4): 1.0}
+    for k in range(MAX_FIXINGS - 1, -1, -1):
+        mk = mu[:, k]
+        nxt = mu[:, k + 1] if k + 1 < MAX_FIXINGS else zero
+        real = mk > 0
+        safe = torch.where(real, mk, torch.ones_like(mk))
+        p = torch.where(real, w[:, k] / safe, torch.ones_like(mk))
+        q = torch.where(real, nxt / safe, zero)
+        grow = {j: c[j] + e[j] + c[j] * e[j] for j in (2, 3, 4)}
+        new = {}
+        for m in (2, 3, 4):
+            total = zero
+            for j in range(2, m + 1):
+                total = total + binom[m, j] * p ** (m - j) * q**j * grow[j]
+            new[m] = total
+        e = new
+    raw = {m: torch.log1p(c[m] + e[m] + c[m] * e[m]) for m in (2, 3, 4)}  # log E[R^m]
+    a = raw[2]
+    return a, raw[3] - 3.0 * a, raw[4] - 6.0 * a
+
+
 __all__ = [
     "MAX_FIXINGS",
     "AsianProcess",
+    "asian_log_moments",
     "average_forward_ratio",
     "average_weights",
     "fixing_count",

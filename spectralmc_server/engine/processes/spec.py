@@ -48,9 +48,11 @@ import numpy.typing as npt
 Floats = npt.NDArray[np.float64]
 
 MAX_FIXINGS = 64  # an Asian's fixings: at most this many (a path takes this many normals)
-# stdev, skew and kurtosis come from quadrature against a COS density, whose tails it
-# under-weights as the spread s grows (docs/method.md): a learned model answers them up
-# to this s; beyond, GBM's closed forms do and other processes refuse (422).
+# A learned model's stdev, skew and kurtosis come from quadrature against its COS
+# density, whose tails it under-weights as the spread s grows (docs/method.md): it
+# answers them up to this s. The references' are exact (engine/moments.py), but a
+# request for them past this s is still refused for processes other than GBM (422,
+# pricing/valuation.py check_request).
 MOMENT_MAX_SPREAD = 1.0
 # K/F from a strike and a forward carries rounding (0.7 + 12 * 0.05 > 1.3): the certified
 # K/F bounds are widened by this much, relative (ModelPricer.servable, engine/pricer.py).

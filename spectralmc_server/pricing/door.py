@@ -28,8 +28,9 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from spectralmc_server.engine.pricer import ServedModel
+from spectralmc_server.engine.pricer import PRICE_MEASURES, REFERENCE_SPECTRUM, ServedModel
 from spectralmc_server.engine.processes import get_process
+from spectralmc_server.engine.refined import refine_level
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
@@ -39,6 +40,7 @@ from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.resolve import explicit_request
 from spectralmc_server.pricing.schemas import PriceRequest, format_validation_error
 from spectralmc_server.pricing.valuation import (
+    MAX_REFINED_REFERENCE_POINTS,
     MAX_SIMULATED_REFERENCE_POINTS,
     NonFiniteResultError,
     RequestError,
@@ -149,6 +151,40 @@ def check_simulated(request: PriceRequest, models: Models) -> None:
             )
 
 
+def check_refined(request: PriceRequest, models: Models) -> None:
+    """Refuse (RequestError) a request that would send more than
+    ``MAX_REFINED_REFERENCE_POINTS`` distinct points to the analytic reference at 32,768
+    terms or more (a series that has not converged at fewer: engine/refined.py), the
+    reference's costliest work (~70 ms a point at 131,072 terms)."""
+    if not set(request.measures) & set(PRICE_MEASURES):
+        return  # only price measures are refined
+    names = [n for n in processes(request) if n != "gbm" and get_process(n).has_analytic_cf]
+    if not names:
+        return
+    book = book_of(request)
+    for name, index in book.by_process().items():
+        if name not in names:
+            continue
+        batch = book.take(index).option_batch(name)
+        served = models.get(name)
+        rows = torch.ones(len(batch), dtype=torch.bool)
+        if served is not None:
+            rows = ~served.pricer.servable(batch, frozenset(request.measures))
+        if not bool(rows.any()):
+            continue
+        keys = torch.unique(torch.cat([batch.theta, batch.expiry[:, None]], 1)[rows], dim=0)
+        level = refine_level(get_process(name), REFERENCE_SPECTRUM, keys[:, :-1].contiguous(), keys[:, -1].contiguous())
+        points = int((level >= 2).sum())
+        if points > MAX_REFINED_REFERENCE_POINTS:
+            raise RequestError(
+                "contracts",
+                f"{points} distinct {name} points (parameters and expiry) are priced by the reference at 32,768 "
+                f"terms or more (heavy-tailed or spiked laws, ~70 ms each); at most {MAX_REFINED_REFERENCE_POINTS} "
+                "per request: split the request",
+                market=False,
+            )
+
+
 def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefusedError]:
     """An answer (the response dict, ``market_data`` set) or a :class:`RequestRefusedError` per
     entry, in order. Entries sharing a model set are valued in one Valuer call."""
@@ -163,6 +199,7 @@ def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefuse
             check_explicit(request)  # by reference with no snapshot to take inputs from
             check_request(request, {p: served.view for p, served in entry.models.items()})
             check_simulated(request, entry.models)
+            check_refined(request, entry.models)
         except RequestError as exc:
             out[k] = RequestRefusedError.of(exc, entry.offset)
             continue

@@ -41,7 +41,10 @@ from spectralmc_server.engine.processes.heston_limits import (
 from spectralmc_server.engine.reference import analytic_cf_y
 from spectralmc_server.engine.refined import REFINE_FACTORS, refine_level
 from spectralmc_server.engine.spectrum import SpectrumConfig
+from spectralmc_server.pricing.book import book_of
+from spectralmc_server.pricing.door import check_refined
 from spectralmc_server.pricing.schemas import PriceRequest, format_validation_error
+from spectralmc_server.pricing.valuation import MAX_REFINED_REFERENCE_POINTS, RequestError
 
 F64 = torch.float64
 HESTON = get_process("heston")
@@ -269,3 +272,36 @@ def test_log_mgf_matches_the_riccati_equations() -> None:
     assert math.isinf(log_mgf(2.0, 0.2, 0.1, 0.3, 1.0, 0.5, 1.01 * t_star))
     [[_, exploded, _]] = heston_log_mgf([((0.2, 0.1, 0.3, 1.0, 0.5), 1.01 * t_star)], steps=4000)
     assert not math.isfinite(exploded) or exploded > 1e3
+
+
+def test_a_request_with_too_many_refined_points_is_refused() -> None:
+    """The reference's costliest work is bounded per request: at most
+    MAX_REFINED_REFERENCE_POINTS distinct points at 32,768 terms or more (checked before
+    pricing, in the engine), more is a 422 naming ``contracts``."""
+    (v0, kappa, theta, xi, rho), expiry = VOL_OF_VOL_DOMINATED
+
+    def request(n: int) -> PriceRequest:
+        contracts = [
+            {
+                "id": f"h{i}-{right}",
+                "process": "heston",
+                "right": right,
+                "strike": 100.0,
+                "spot": 100.0,
+                "expiry_years": expiry + 1e-3 * i,
+                "params": {"v0": v0, "kappa": kappa, "theta": theta, "xi": xi, "rho": rho},
+            }
+            for i in range(n)
+            for right in ("call", "put")  # each point twice: counted once
+        ]
+        return PriceRequest.model_validate({"contracts": contracts})
+
+    many = request(MAX_REFINED_REFERENCE_POINTS + 1)
+    batch = book_of(many).option_batch("heston")
+    assert bool((refine_level(HESTON, REFERENCE_SPECTRUM, batch.theta, batch.expiry) >= 2).all())
+    with pytest.raises(RequestError, match="32,768 terms or more") as info:
+        check_refined(many, {})
+    assert info.value.field == "contracts"
+    check_refined(request(MAX_REFINED_REFERENCE_POINTS), {})
+    only_moments = request(MAX_REFINED_REFERENCE_POINTS + 1).model_copy(update={"measures": ["stdev"]})
+    check_refined(only_moments, {})  # moments are never refined

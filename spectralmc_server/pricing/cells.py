@@ -160,21 +160,30 @@ def _column(cells: Sequence[Any], rule: FieldRule) -> Column:
         bad = _bounded(values, present, present & ~ok, rule)
         return Column(present, bad, values.reshape(n), list(cells))
     if rule.kind == "date":
-        parsed: list[date | None] = []
-        bad = np.zeros(n, dtype=np.bool_)
-        for i, c in enumerate(cells):
-            if isinstance(c, date) and not isinstance(c, datetime):  # a datetime: the row validator decides
-                parsed.append(c)
-            elif isinstance(c, str):
-                try:
-                    parsed.append(parse_date(c))
-                except ValueError:
-                    bad[i] = True
-                    parsed.append(None)
-            else:
-                bad[i] = c is not None
+        return _date_column(cells, present, zeros)
+    return _string_column(cells, rule, present, zeros)
+
+
+def _date_column(cells: Sequence[Any], present: Mask, zeros: Floats) -> Column:
+    parsed: list[date | None] = []
+    bad = np.zeros(len(cells), dtype=np.bool_)
+    for i, c in enumerate(cells):
+        if isinstance(c, date) and not isinstance(c, datetime):  # a datetime: the row validator decides
+            parsed.append(c)
+        elif isinstance(c, str):
+            try:
+                parsed.append(parse_date(c))
+            except ValueError:
+                bad[i] = True
                 parsed.append(None)
-        return Column(present, bad, zeros, parsed)
+        else:
+            bad[i] = c is not None
+            parsed.append(None)
+    return Column(present, bad, zeros, parsed)
+
+
+def _string_column(cells: Sequence[Any], rule: FieldRule, present: Mask, zeros: Floats) -> Column:
+    n = len(cells)
     ok = np.fromiter((isinstance(c, str) for c in cells), dtype=np.bool_, count=n)
     bad = present & ~ok
     strings = [c if k else "" for c, k in zip(cells, ok.tolist(), strict=True)]

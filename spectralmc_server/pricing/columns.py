@@ -150,15 +150,8 @@ def rows_as_columns(body: Any) -> tuple[dict[str, Any], dict[str, list[Any]]] | 
             if value is None:
                 return None
             if key == "params":
-                if type(value) is not dict or not value:
+                if not _put_params(columns, value, i, n):
                     return None
-                for name, v in value.items():
-                    if v is None or type(name) is not str:
-                        return None
-                    column = columns.get(PARAMS_PREFIX + name)
-                    if column is None:
-                        column = columns[PARAMS_PREFIX + name] = [None] * n
-                    column[i] = v
                 continue
             if key not in _ROW_KEYS:
                 return None
@@ -167,6 +160,21 @@ def rows_as_columns(body: Any) -> tuple[dict[str, Any], dict[str, list[Any]]] | 
                 column = columns[key] = [None] * n
             column[i] = value
     return {k: v for k, v in body.items() if k != "contracts"}, columns
+
+
+def _put_params(columns: dict[str, list[Any]], params: Any, i: int, n: int) -> bool:
+    """Row ``i``'s ``params`` into its ``params.<name>`` columns; False where they are not
+    a non-empty object of named, non-null values."""
+    if type(params) is not dict or not params:
+        return False
+    for name, v in params.items():
+        if v is None or type(name) is not str:
+            return False
+        column = columns.get(PARAMS_PREFIX + name)
+        if column is None:
+            column = columns[PARAMS_PREFIX + name] = [None] * n
+        column[i] = v
+    return True
 
 
 def too_many(columns: Mapping[str, Any]) -> int | None:

@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from pydantic import ValidationError
 
 from spectralmc_server.engine.processes import PROCESSES
@@ -106,10 +107,9 @@ class _Book:
         f = self.fields
         procs = np.array(self.processes(), dtype=object)
         ref = f["underlying"].present | f["expiry"].present
-        any_param = np.zeros(n, dtype=np.bool_)
+        explicit_given = np.zeros(n, dtype=np.bool_)
         for col in self.params.values():
-            any_param |= col.present
-        explicit_given = any_param.copy()
+            explicit_given |= col.present
         for name in ("spot", "expiry_years", "rate", "dividend", "vol"):
             explicit_given |= f[name].present
         for pname, process in PROCESSES.items():
@@ -122,69 +122,87 @@ class _Book:
             b |= sel & ref & (~both | explicit_given)
             e = sel & ~ref  # explicit contracts
             b |= e & ~(f["spot"].present & f["expiry_years"].present)
-            vol_driven = process.market_param_names == ("vol",)
-            names = process.param_names
-            if vol_driven:
-                pvol = self.has_param("vol")
-                b |= e & ~f["vol"].present & ~pvol
-                for other in self.params:
-                    if other != "vol":
-                        b |= e & self.has_param(other)
-                b |= e & f["vol"].present & pvol
-                vol = np.where(f["vol"].present, f["vol"].values, self.param("vol"))
-                given = {"vol": vol}
-                if process.averages:  # Contract.process_params: carry and fixings
-                    given["carry"] = f["rate"].values - f["dividend"].values
-                    given["fixings"] = f["fixings"].values
-            else:
-                b |= e & f["vol"].present
-                for pn in names:
-                    b |= e & ~self.has_param(pn)
-                for other in self.params:
-                    if other not in names:
-                        b |= e & self.has_param(other)
-                given = {pn: self.param(pn) for pn in names}
-            live = e & ~b
-            with np.errstate(invalid="ignore", over="ignore"):
-                for pn, (low, high) in process.param_bounds.items():
-                    b |= live & ~((given[pn] >= low) & (given[pn] <= high))
-            live &= ~b
-            if _overrides(process, "check_params"):  # a process's own rules (asian: whole fixings), row by row
-                for k in np.flatnonzero(live).tolist():
-                    b[k] = not _params_ok(process, {pn: float(given[pn][k]) for pn in names})
-                live &= ~b
-            if not live.any():
-                bad |= b
-                continue
-            idx = np.flatnonzero(live)
-            t = f["expiry_years"].values[idx]
-            theta = np.stack([given[pn][idx] for pn in names], axis=1)
-            # vol sqrt(T) where the process takes a vol (correctly rounded, as math's), else the
-            # process's numpy twin of its scale (engine/processes/spec.py)
-            spread = given["vol"][idx] * np.sqrt(t) if vol_driven else process.scale_np(theta, t)
-            with np.errstate(invalid="ignore"):
-                wide = ~(spread <= MAX_SCALE)
-            b[idx[wide]] = True
-            border[idx[_near(spread, MAX_SCALE)]] = True
-            if _overrides(process, "check_spread"):
-                for k in np.flatnonzero(~wide).tolist():
-                    verdicts = {
-                        _spread_ok(process, {pn: float(theta[k, j]) for j, pn in enumerate(names)}, t[k], s)
-                        for s in (float(spread[k]), float(spread[k]) * (1 - BORDER), float(spread[k]) * (1 + BORDER))
-                    }
-                    if len(verdicts) > 1:
-                        border[idx[k]] = True
-                    b[idx[k]] |= False in verdicts
-            spot, strike = f["spot"].values[idx], f["strike"].values[idx]
-            rate, dividend = f["rate"].values[idx], f["dividend"].values[idx]
-            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                ratio = process.forward_ratio_np(theta, t, rate, dividend)
-                kappa = strike / (spot * ratio)
-                low, high = MONEYNESS_BOUNDS
-                b[idx[~((kappa >= low) & (kappa <= high))]] = True
-            border[idx[_near(kappa, low) | _near(kappa, high)]] = True
+            given = self._inputs_of(process, e, b)
+            live = self._parameter_rules(process, given, e & ~b, b)
+            if live.any():
+                self._spread_and_moneyness(process, given, np.flatnonzero(live), b, border)
             bad |= b
         return bad, border & rows
+
+    def _inputs_of(self, process: Process, e: Mask, b: Mask) -> dict[str, Floats]:
+        """The process's inputs of the explicit rows ``e`` as columns (Contract.process_params),
+        marking in ``b`` the rows that give them in the wrong form."""
+        f = self.fields
+        if process.market_param_names == ("vol",):
+            pvol = self.has_param("vol")
+            b |= e & ~f["vol"].present & ~pvol
+            for other in self.params:
+                if other != "vol":
+                    b |= e & self.has_param(other)
+            b |= e & f["vol"].present & pvol
+            given = {"vol": np.where(f["vol"].present, f["vol"].values, self.param("vol"))}
+            if process.averages:  # Contract.process_params: carry and fixings
+                given["carry"] = f["rate"].values - f["dividend"].values
+                given["fixings"] = f["fixings"].values
+            return given
+        names = process.param_names
+        b |= e & f["vol"].present
+        for pn in names:
+            b |= e & ~self.has_param(pn)
+        for other in self.params:
+            if other not in names:
+                b |= e & self.has_param(other)
+        return {pn: self.param(pn) for pn in names}
+
+    @staticmethod
+    def _parameter_rules(process: Process, given: dict[str, Floats], live: Mask, b: Mask) -> Mask:
+        """Each parameter's bounds, then the process's own rules row by row; the rows
+        still live."""
+        with np.errstate(invalid="ignore", over="ignore"):
+            for pn, (low, high) in process.param_bounds.items():
+                b |= live & ~((given[pn] >= low) & (given[pn] <= high))
+        live = live & ~b
+        if _overrides(process, "check_params"):  # a process's own rules (asian: whole fixings), row by row
+            names = process.param_names
+            for k in np.flatnonzero(live).tolist():
+                b[k] = not _params_ok(process, {pn: float(given[pn][k]) for pn in names})
+            live &= ~b
+        return live
+
+    def _spread_and_moneyness(
+        self, process: Process, given: dict[str, Floats], idx: npt.NDArray[np.intp], b: Mask, border: Mask
+    ) -> None:
+        """The rules tying inputs together at rows ``idx``: the spread and what the process
+        needs of it, and K/F; rows within rounding of a bound into ``border``."""
+        f = self.fields
+        names = process.param_names
+        t = f["expiry_years"].values[idx]
+        theta = np.stack([given[pn][idx] for pn in names], axis=1)
+        # vol sqrt(T) where the process takes a vol (correctly rounded, as math's), else the
+        # process's numpy twin of its scale (engine/processes/spec.py)
+        vol_driven = process.market_param_names == ("vol",)
+        spread = given["vol"][idx] * np.sqrt(t) if vol_driven else process.scale_np(theta, t)
+        with np.errstate(invalid="ignore"):
+            wide = ~(spread <= MAX_SCALE)
+        b[idx[wide]] = True
+        border[idx[_near(spread, MAX_SCALE)]] = True
+        if _overrides(process, "check_spread"):
+            for k in np.flatnonzero(~wide).tolist():
+                verdicts = {
+                    _spread_ok(process, {pn: float(theta[k, j]) for j, pn in enumerate(names)}, t[k], s)
+                    for s in (float(spread[k]), float(spread[k]) * (1 - BORDER), float(spread[k]) * (1 + BORDER))
+                }
+                if len(verdicts) > 1:
+                    border[idx[k]] = True
+                b[idx[k]] |= False in verdicts
+        spot, strike = f["spot"].values[idx], f["strike"].values[idx]
+        rate, dividend = f["rate"].values[idx], f["dividend"].values[idx]
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            ratio = process.forward_ratio_np(theta, t, rate, dividend)
+            kappa = strike / (spot * ratio)
+            low, high = MONEYNESS_BOUNDS
+            b[idx[~((kappa >= low) & (kappa <= high))]] = True
+        border[idx[_near(kappa, low) | _near(kappa, high)]] = True
 
     def book(self) -> Book:
         """The book's contracts as a :class:`~.book.Book`, read from the parsed columns

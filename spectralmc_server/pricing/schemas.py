@@ -106,6 +106,20 @@ class Contract(BaseModel):
 
     @model_validator(mode="after")
     def _inputs(self) -> Contract:
+        self._check_fixings()
+        if self.underlying is not None or self.expiry is not None:
+            self._check_by_reference()
+            return self
+        self._check_explicit_inputs()
+        try:
+            PROCESSES[self.process].check_params(self.process_params())
+        except ValueError as exc:
+            where = "params." if not self.vol_driven or self.vol is None else ""
+            raise ValueError(where + str(exc)) from None
+        self._check_spread_and_moneyness()
+        return self
+
+    def _check_fixings(self) -> None:
         averaged = PROCESSES[self.process].averages
         if averaged and self.fixings is None:
             raise ValueError(
@@ -113,18 +127,21 @@ class Contract(BaseModel):
             )
         if not averaged and self.fixings is not None:
             raise ValueError(f"'fixings' applies to averaging processes (asian) only, not {self.process}")
-        if self.underlying is not None or self.expiry is not None:
-            if self.underlying is None or self.expiry is None:
-                raise ValueError("a market-data contract needs both 'underlying' and 'expiry'")
-            explicit = [
-                f for f in ("spot", "expiry_years", "rate", "dividend", "vol", "params") if getattr(self, f) is not None
-            ]
-            if explicit:
-                raise ValueError(
-                    f"give either underlying/expiry or explicit inputs, not both ({', '.join(explicit)}): "
-                    "a contract by reference takes all its inputs from the market-data snapshot"
-                )
-            return self
+
+    def _check_by_reference(self) -> None:
+        if self.underlying is None or self.expiry is None:
+            raise ValueError("a market-data contract needs both 'underlying' and 'expiry'")
+        explicit = [
+            f for f in ("spot", "expiry_years", "rate", "dividend", "vol", "params") if getattr(self, f) is not None
+        ]
+        if explicit:
+            raise ValueError(
+                f"give either underlying/expiry or explicit inputs, not both ({', '.join(explicit)}): "
+                "a contract by reference takes all its inputs from the market-data snapshot"
+            )
+
+    def _check_explicit_inputs(self) -> None:
+        """Every input given, in the form the process takes (a vol, or its params)."""
         missing = [f for f in ("spot", "expiry_years") if getattr(self, f) is None]
         if self.vol_driven:
             if self.vol is None and not (self.params and "vol" in self.params):
@@ -146,13 +163,6 @@ class Contract(BaseModel):
                 raise ValueError(f"{self.process} takes only 'vol' in params, got {', '.join(extra)}")
             if self.vol is not None and "vol" in self.params:
                 raise ValueError("give vol either as 'vol' or in 'params', not both")
-        try:
-            PROCESSES[self.process].check_params(self.process_params())
-        except ValueError as exc:
-            where = "params." if not self.vol_driven or self.vol is None else ""
-            raise ValueError(where + str(exc)) from None
-        self._check_spread_and_moneyness()
-        return self
 
     def _check_spread_and_moneyness(self) -> None:
         """Bounds that tie inputs together: the spread s(theta, T) of log(S_T / F), what

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,7 +32,7 @@ from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.spec import servable_np
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.store import iso
-from spectralmc_server.pricing.book import all_explicit, book_of, book_of_requests, processes
+from spectralmc_server.pricing.book import Book, all_explicit, book_of, book_of_requests, processes
 from spectralmc_server.pricing.schemas import PriceRequest
 
 
@@ -223,89 +224,28 @@ class Valuer:
             check_explicit(r)
         flat = {i for i, c in enumerate(columnar) if c}
         tables = {i: _AnswerTable(requests[i]) for i in flat}
-        answers: list[dict[str, Any]] = [
-            {
-                "namespace": r.namespace,
-                "val_datetime": None if r.val_datetime is None else iso(r.val_datetime),
-                "data_asof": None if r.data_asof is None else iso(r.data_asof),
-                "results": [None] * len(r.contracts),
-                "models": {},
-                "market_data": None,
-            }
-            for r in requests
-        ]
+        answers = [_empty_answer(r) for r in requests]
         groups: dict[tuple[tuple[str, ...], tuple[float, ...]], list[int]] = {}
         for i, r in enumerate(requests):
             groups.setdefault((tuple(r.measures), r.levels), []).append(i)
         for (measure_list, level_values), members in groups.items():
-            measures = frozenset(measure_list)
-            levels = torch.tensor(level_values, dtype=torch.float64)
-            level_keys = [repr(q) for q in level_values]
             # the group's requests as one book: row r belongs to request owner[r], at its row at[r]
             group = book_of_requests([requests[i] for i in members])
             sizes = [len(requests[i].contracts) for i in members]
             owner = np.repeat(np.array(members, dtype=np.intp), sizes)
             at = np.concatenate([np.arange(k, dtype=np.intp) for k in sizes])
             for proc_name, index in sorted(group.by_process().items()):
-                process = get_process(proc_name)
                 part = group if len(index) == len(group) else group.take(index)
+                priced = self._price(proc_name, part, measure_list, level_values)
                 refs = list(zip(owner[index].tolist(), at[index].tolist(), strict=True))
-                ids = part.id
-                batch = part.option_batch(proc_name)
-                served = self.models.get(proc_name)
-                withheld: dict[str, torch.Tensor] = {}
-                if served is not None:
-                    ev = served.pricer.evaluate(batch, measures, levels)
-                    values, learned, bounds, withheld = ev.values, ev.learned.tolist(), ev.bounds, ev.withheld
-                    identity = {"version": served.version, "content_hash": served.content_hash}
-                    tolerance = served.pricer.tolerance
-                else:
-                    reference = reference_pricer(process)
-                    values, stderr = reference_with_error(reference, batch, measures, levels)
-                    bounds = reference_bounds(reference, process, batch, values, stderr)
-                    clamp_to_bounds(values, batch, process)
-                    learned = [False] * len(refs)
-                    tolerance = {}
-                _check_finite(values, measure_list, ids, withheld)
-                cols = {m: values[m].tolist() for m in measure_list}
-                bound_cols = {m: bounds[m].tolist() for m in measure_list}
-                # in the request's order of measures: a row's warnings are the same bytes every run
-                held = {m: withheld[m].tolist() for m in measure_list if m in withheld and bool(withheld[m].any())}
-                methods = ["cvnn" if x else "reference" for x in learned]
-                columns = [(m, cols[m], bound_cols[m], m == "quantiles") for m in measure_list]
                 for k, (i, j) in enumerate(refs):
-                    if i in flat:
-                        continue
-                    row: dict[str, Any] = {"id": ids[k], "model": proc_name, "method": methods[k]}
-                    error_bound: dict[str, Any] = {}
-                    for m, vc, bc, many in columns:
-                        # a NaN bound (no certified figure: an uncertified network served
-                        # by an engine test, a level outside the certified ones) is null
-                        if many:
-                            row[m] = dict(zip(level_keys, vc[k], strict=True))
-                            error_bound[m] = {q: _bound(x) for q, x in zip(level_keys, bc[k], strict=True)}
-                        else:
-                            b = bc[k]
-                            row[m] = vc[k]
-                            error_bound[m] = None if math.isnan(b) else b
-                    row["error_bound"] = error_bound
-                    for m, mask in held.items():
-                        if mask[k]:
-                            row.setdefault("warnings", []).append(
-                                _withheld_warning(m, bound_cols[m][k], tolerance, proc_name)
-                            )
-                            row[m] = None
-                            error_bound[m] = None
-                    answers[i]["results"][j] = row
+                    if i not in flat:
+                        answers[i]["results"][j] = priced.row(k)
                 for i, table in tables.items():
-                    table.fill(owner[index] == i, at[index], proc_name, learned, values, bounds)
-                    for m, mask in held.items():  # withheld: null with a warning, as in a row
-                        for k in np.flatnonzero((owner[index] == i) & np.array(mask, dtype=np.bool_)).tolist():
-                            warning = _withheld_warning(m, bound_cols[m][k], tolerance, proc_name)
-                            table.withhold(int(at[index][k]), m, warning)
-                if served is not None and any(learned):  # the version that answered, per request
-                    for i in {refs[k][0] for k, x in enumerate(learned) if x}:
-                        answers[i]["models"][served.name] = identity
+                    priced.fill(table, owner[index] == i, at[index])
+                if priced.identity is not None:  # the version that answered, per request
+                    for i in {refs[k][0] for k, x in enumerate(priced.learned) if x}:
+                        answers[i]["models"][priced.model] = priced.identity
         for i, table in tables.items():
             answer = answers[i]
             del answer["results"]
@@ -313,6 +253,108 @@ class Valuer:
             answer["models"] = answer.pop("models")  # the row answer's key order: columns, models, market_data
             answer["market_data"] = answer.pop("market_data")
         return answers
+
+    def _price(
+        self, proc_name: str, part: Book, measure_list: tuple[str, ...], level_values: tuple[float, ...]
+    ) -> _Priced:
+        """One process's contracts of a group priced: by its served model, or by the
+        reference where none is served."""
+        measures = frozenset(measure_list)
+        levels = torch.tensor(level_values, dtype=torch.float64)
+        process = get_process(proc_name)
+        batch = part.option_batch(proc_name)
+        served = self.models.get(proc_name)
+        priced = _Priced(proc_name, part.id, measure_list, [repr(q) for q in level_values])
+        if served is not None:
+            ev = served.pricer.evaluate(batch, measures, levels)
+            priced.values, priced.bounds, priced.withheld = ev.values, ev.bounds, ev.withheld
+            priced.learned = ev.learned.tolist()
+            priced.tolerance = served.pricer.tolerance
+            if any(priced.learned):
+                priced.model = served.name
+                priced.identity = {"version": served.version, "content_hash": served.content_hash}
+        else:
+            reference = reference_pricer(process)
+            values, stderr = reference_with_error(reference, batch, measures, levels)
+            priced.bounds = reference_bounds(reference, process, batch, values, stderr)
+            clamp_to_bounds(values, batch, process)
+            priced.values = values
+            priced.learned = [False] * len(batch)
+        _check_finite(priced.values, measure_list, priced.ids, priced.withheld)
+        priced.columns()
+        return priced
+
+
+def _empty_answer(r: PriceRequest) -> dict[str, Any]:
+    return {
+        "namespace": r.namespace,
+        "val_datetime": None if r.val_datetime is None else iso(r.val_datetime),
+        "data_asof": None if r.data_asof is None else iso(r.data_asof),
+        "results": [None] * len(r.contracts),
+        "models": {},
+        "market_data": None,
+    }
+
+
+@dataclass
+class _Priced:
+    """One process's part of a group, priced: its values, bounds and withheld measures
+    as tensors and as lists, turned into row answers or columns."""
+
+    process: str
+    ids: list[str]
+    measure_list: tuple[str, ...]
+    level_keys: list[str]
+    values: dict[str, torch.Tensor] = field(default_factory=dict)
+    bounds: dict[str, torch.Tensor] = field(default_factory=dict)
+    withheld: dict[str, torch.Tensor] = field(default_factory=dict)
+    learned: list[bool] = field(default_factory=list)
+    tolerance: Mapping[str, float] = field(default_factory=dict)
+    model: str = ""
+    identity: dict[str, Any] | None = None
+    cols: dict[str, list[Any]] = field(default_factory=dict)
+    bound_cols: dict[str, list[Any]] = field(default_factory=dict)
+    held: dict[str, list[bool]] = field(default_factory=dict)
+    methods: list[str] = field(default_factory=list)
+
+    def columns(self) -> None:
+        ml = self.measure_list
+        self.cols = {m: self.values[m].tolist() for m in ml}
+        self.bound_cols = {m: self.bounds[m].tolist() for m in ml}
+        # in the request's order of measures: a row's warnings are the same bytes every run
+        w = self.withheld
+        self.held = {m: w[m].tolist() for m in ml if m in w and bool(w[m].any())}
+        self.methods = ["cvnn" if x else "reference" for x in self.learned]
+
+    def warning(self, m: str, k: int) -> str:
+        return _withheld_warning(m, self.bound_cols[m][k], self.tolerance, self.process)
+
+    def row(self, k: int) -> dict[str, Any]:
+        row: dict[str, Any] = {"id": self.ids[k], "model": self.process, "method": self.methods[k]}
+        error_bound: dict[str, Any] = {}
+        for m in self.measure_list:
+            v, b = self.cols[m][k], self.bound_cols[m][k]
+            # a NaN bound (no certified figure: an uncertified network served by an engine
+            # test, a level outside the certified ones) is null
+            if m == "quantiles":
+                row[m] = dict(zip(self.level_keys, v, strict=True))
+                error_bound[m] = {q: _bound(x) for q, x in zip(self.level_keys, b, strict=True)}
+            else:
+                row[m] = v
+                error_bound[m] = None if math.isnan(b) else b
+        row["error_bound"] = error_bound
+        for m, mask in self.held.items():
+            if mask[k]:
+                row.setdefault("warnings", []).append(self.warning(m, k))
+                row[m] = None
+                error_bound[m] = None
+        return row
+
+    def fill(self, table: _AnswerTable, mine: np.ndarray[Any, np.dtype[np.bool_]], at: np.ndarray[Any, Any]) -> None:
+        table.fill(mine, at, self.process, self.learned, self.values, self.bounds)
+        for m, mask in self.held.items():  # withheld: null with a warning, as in a row
+            for k in np.flatnonzero(mine & np.array(mask, dtype=np.bool_)).tolist():
+                table.withhold(int(at[k]), m, self.warning(m, k))
 
 
 FloatArray = np.ndarray[Any, np.dtype[np.float64]]

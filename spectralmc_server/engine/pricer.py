@@ -246,7 +246,30 @@ class SpectralPricer:
         if want_rate and rate_index is not None:
             directions.add(rate_index)
         coef_u, d_th, d_t = self._coef_with_tangents(th_u, t_u, frozenset(directions), want_theta)
+        out: dict[str, torch.Tensor] = {}
+        if measures & set(PRICE_MEASURES):
+            out.update(self._price_measures(batch, measures, coef_u, d_th, d_t, th_u, t_u, inv))
+        if measures & {*DIST_MEASURES, "quantiles"}:
+            fwd = batch.spot * self.process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
+            out.update(self._distribution(measures, levels, coef_u, th_u, t_u, inv, fwd.detach()))
+        return {k: v for k, v in out.items() if k in measures}
 
+    def _price_measures(
+        self,
+        batch: OptionBatch,
+        measures: frozenset[str],
+        coef_u: torch.Tensor,
+        d_th: list[torch.Tensor | None],
+        d_t: torch.Tensor | None,
+        th_u: torch.Tensor,
+        t_u: torch.Tensor,
+        inv: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Price, the Greeks and the digital: COS puts, with vega, theta and (where a
+        parameter moves with the rate) rho by autograd through per-contract coefficients."""
+        want_vega, want_theta = "vega" in measures, "theta" in measures
+        rate_index = self.process.rate_parameter()
+        want_rate = "rho" in measures and rate_index is not None
         want_grad = want_vega or want_theta or want_rate
         params = batch.theta.clone().requires_grad_(want_vega) if want_grad else batch.theta
         theta = params
@@ -256,88 +279,119 @@ class SpectralPricer:
             moves = torch.zeros_like(batch.theta)
             moves[:, rate_index] = 1.0
             theta = theta + moves * (rate - rate.detach())[:, None]  # carry = r - q moves with r
-
-        out: dict[str, torch.Tensor] = {}
         disc = torch.exp(-rate * expiry)
         fwd = batch.spot * self.process.forward_ratio(theta, expiry, rate, batch.dividend)
-        call = batch.is_call
-        if measures & set(PRICE_MEASURES):
-            need = {"put"}
-            need |= {"share_below"} if "delta" in measures or ("rho" in measures and not want_rate) else set()
-            need |= {"prob_below"} if "digital" in measures else set()
-            need |= {"density"} if "gamma" in measures else set()
-            log_kappa = torch.log(batch.strike / fwd)[:, None]
-            if want_grad:
-                # Per-contract coefficients, exact to first order in each contract's own
-                # (theta, T): the gradient of a contract's price flows only to its inputs.
-                coef = coef_u[inv]  # (n, K)
-                for j, d in enumerate(d_th):
-                    if d is not None:
-                        coef = coef + d[inv] * (theta[:, j] - theta[:, j].detach())[:, None]
-                if d_t is not None:
-                    coef = coef + d_t[inv] * (expiry - expiry.detach())[:, None]
-                exp = CosExpansion.from_coefficients(coef, self.spectrum)
-                raw = exp.put_terms(self.process.scale(theta, expiry), log_kappa, frozenset(need))
-            else:  # strikes index their distinct point's coefficients
-                exp = CosExpansion.from_coefficients(coef_u, self.spectrum)
-                raw = exp.put_terms(self.process.scale(th_u, t_u), log_kappa, frozenset(need), rows=inv)
-            terms = {k: v[:, 0] for k, v in raw.items()}
-            put = disc * fwd * terms["put"]
-            price = torch.where(call, put + disc * (fwd - batch.strike), put)
-            if want_grad:
-                # Only the inputs that require gradients may be differentiated (vega alone
-                # leaves expiry a plain tensor, theta alone the parameters).
-                wrt = [x for x, want in ((params, want_vega), (expiry, want_theta), (rate, want_rate)) if want]
-                grads = iter(torch.autograd.grad(price.sum(), wrt, allow_unused=True))
-                if want_vega:
-                    g = next(grads)
-                    idx, kind = self.process.vol_parameter()
-                    d_param = (g if g is not None else torch.zeros_like(theta))[:, idx]
-                    # per 1.00 of vol: a variance parameter v has vol sqrt(v), dv/dvol = 2 sqrt(v)
-                    out["vega"] = d_param * 2.0 * torch.sqrt(batch.theta[:, idx]) if kind == "sqrt" else d_param
-                if want_theta:
-                    g = next(grads)
-                    out["theta"] = -(g if g is not None else torch.zeros_like(expiry))
-                if want_rate:
-                    g = next(grads)
-                    out["rho"] = g if g is not None else torch.zeros_like(batch.rate)
-            t = batch.expiry
-            d, f = disc.detach(), fwd.detach()
-            # D F / S: the forward's sensitivity to spot (e^{-qT} for a European)
-            q = d
-            if measures & {"delta", "gamma"}:
-                q = torch.exp(-batch.dividend * t) if rate_index is None else d * f / batch.spot
-            out["price"] = price.detach()
-            if "share_below" in terms:
-                share = terms["share_below"].detach()
-                out["delta"] = torch.where(call, q * (1.0 - share), -q * share)
-                if not want_rate:
-                    put_rho = -t * put.detach() - t * d * f * share
-                    out["rho"] = torch.where(call, put_rho + t * batch.strike * d, put_rho)
-            if "density" in terms:
-                out["gamma"] = q * (batch.strike / f) * terms["density"].detach() / batch.spot
-            if "prob_below" in terms:
-                prob = terms["prob_below"].detach()
-                out["digital"] = torch.where(call, d * (1.0 - prob), d * prob)
-        if measures & {*DIST_MEASURES, "quantiles"}:
-            exp_u = CosExpansion.from_coefficients(coef_u, self.spectrum)
-            s_u = self.process.scale(th_u, t_u)
-            f = fwd.detach()
-            if measures & set(DIST_MEASURES):
-                exact = self.moments(th_u, t_u) if self.moments is not None else exp_u.terminal_moments(s_u)
-                mom = {k: v[inv] for k, v in exact.items()}
-                # Under the pricing measure E[S_T] = F for every model (E[e^X] = 1); the
-                # COS density's own mean differs from 1 by the model's martingale defect.
-                out["mean"] = f.clone()
-                out["stdev"] = f * mom["stdev"]
-                out["skew"], out["kurtosis"] = mom["skew"], mom["kurtosis"]
-            if "quantiles" in measures:
-                if levels is None:
-                    raise ValueError("quantiles requested without quantile levels")
-                lv = levels.to(torch.float64)[None, :].expand(len(uniq), -1)
-                y = exp_u.quantile(lv)[inv]  # (n, Q)
-                out["quantiles"] = f[:, None] * torch.exp(s_u[inv][:, None] * y)
-        return {k: v for k, v in out.items() if k in measures}
+        need = {"put"}
+        need |= {"share_below"} if "delta" in measures or ("rho" in measures and not want_rate) else set()
+        need |= {"prob_below"} if "digital" in measures else set()
+        need |= {"density"} if "gamma" in measures else set()
+        log_kappa = torch.log(batch.strike / fwd)[:, None]
+        if want_grad:
+            # Per-contract coefficients, exact to first order in each contract's own
+            # (theta, T): the gradient of a contract's price flows only to its inputs.
+            coef = coef_u[inv]  # (n, K)
+            for j, d in enumerate(d_th):
+                if d is not None:
+                    coef = coef + d[inv] * (theta[:, j] - theta[:, j].detach())[:, None]
+            if d_t is not None:
+                coef = coef + d_t[inv] * (expiry - expiry.detach())[:, None]
+            exp = CosExpansion.from_coefficients(coef, self.spectrum)
+            raw = exp.put_terms(self.process.scale(theta, expiry), log_kappa, frozenset(need))
+        else:  # strikes index their distinct point's coefficients
+            exp = CosExpansion.from_coefficients(coef_u, self.spectrum)
+            raw = exp.put_terms(self.process.scale(th_u, t_u), log_kappa, frozenset(need), rows=inv)
+        terms = {k: v[:, 0] for k, v in raw.items()}
+        put = disc * fwd * terms["put"]
+        price = torch.where(batch.is_call, put + disc * (fwd - batch.strike), put)
+        out: dict[str, torch.Tensor] = {}
+        if want_grad:
+            # Only the inputs that require gradients may be differentiated (vega alone
+            # leaves expiry a plain tensor, theta alone the parameters).
+            wanted = (("vega", params, want_vega), ("theta", expiry, want_theta), ("rho", rate, want_rate))
+            out.update(self._sensitivities(price, {k: x for k, x, want in wanted if want}, batch))
+        out["price"] = price.detach()
+        out.update(self._from_terms(batch, measures, terms, put.detach(), disc.detach(), fwd.detach(), want_rate))
+        return out
+
+    def _sensitivities(
+        self, price: torch.Tensor, wrt: dict[str, torch.Tensor], batch: OptionBatch
+    ) -> dict[str, torch.Tensor]:
+        """vega, theta and rho by autograd, each with respect to its input in ``wrt`` (the
+        parameters, the expiry, the rate: only those asked for, which require gradients)."""
+        names = [k for k in ("vega", "theta", "rho") if k in wrt]
+        grads = torch.autograd.grad(price.sum(), [wrt[k] for k in names], allow_unused=True)
+        out: dict[str, torch.Tensor] = {}
+        for name, g in zip(names, grads, strict=True):
+            x = wrt[name]
+            g = g if g is not None else torch.zeros_like(x)  # noqa: PLW2901
+            if name == "vega":
+                idx, kind = self.process.vol_parameter()
+                # per 1.00 of vol: a variance parameter v has vol sqrt(v), dv/dvol = 2 sqrt(v)
+                out["vega"] = g[:, idx] * 2.0 * torch.sqrt(batch.theta[:, idx]) if kind == "sqrt" else g[:, idx]
+            else:
+                out[name] = -g if name == "theta" else g
+        return out
+
+    def _from_terms(
+        self,
+        batch: OptionBatch,
+        measures: frozenset[str],
+        terms: dict[str, torch.Tensor],
+        put: torch.Tensor,
+        d: torch.Tensor,
+        f: torch.Tensor,
+        want_rate: bool,
+    ) -> dict[str, torch.Tensor]:
+        """Delta, gamma, the digital and (without a rate-moved parameter) rho, from the
+        put's terms."""
+        out: dict[str, torch.Tensor] = {}
+        call, t = batch.is_call, batch.expiry
+        # D F / S: the forward's sensitivity to spot (e^{-qT} for a European)
+        q = d
+        if measures & {"delta", "gamma"}:
+            q = torch.exp(-batch.dividend * t) if self.process.rate_parameter() is None else d * f / batch.spot
+        if "share_below" in terms:
+            share = terms["share_below"].detach()
+            out["delta"] = torch.where(call, q * (1.0 - share), -q * share)
+            if not want_rate:
+                put_rho = -t * put - t * d * f * share
+                out["rho"] = torch.where(call, put_rho + t * batch.strike * d, put_rho)
+        if "density" in terms:
+            out["gamma"] = q * (batch.strike / f) * terms["density"].detach() / batch.spot
+        if "prob_below" in terms:
+            prob = terms["prob_below"].detach()
+            out["digital"] = torch.where(call, d * (1.0 - prob), d * prob)
+        return out
+
+    def _distribution(
+        self,
+        measures: frozenset[str],
+        levels: torch.Tensor | None,
+        coef_u: torch.Tensor,
+        th_u: torch.Tensor,
+        t_u: torch.Tensor,
+        inv: torch.Tensor,
+        f: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """Mean, stdev, skew, kurtosis and quantiles of S_T (``f`` its forward)."""
+        out: dict[str, torch.Tensor] = {}
+        exp_u = CosExpansion.from_coefficients(coef_u, self.spectrum)
+        s_u = self.process.scale(th_u, t_u)
+        if measures & set(DIST_MEASURES):
+            exact = self.moments(th_u, t_u) if self.moments is not None else exp_u.terminal_moments(s_u)
+            mom = {k: v[inv] for k, v in exact.items()}
+            # Under the pricing measure E[S_T] = F for every model (E[e^X] = 1); the
+            # COS density's own mean differs from 1 by the model's martingale defect.
+            out["mean"] = f.clone()
+            out["stdev"] = f * mom["stdev"]
+            out["skew"], out["kurtosis"] = mom["skew"], mom["kurtosis"]
+        if "quantiles" in measures:
+            if levels is None:
+                raise ValueError("quantiles requested without quantile levels")
+            lv = levels.to(torch.float64)[None, :].expand(len(th_u), -1)
+            y = exp_u.quantile(lv)[inv]  # (n, Q)
+            out["quantiles"] = f[:, None] * torch.exp(s_u[inv][:, None] * y)
+        return out
 
 
 class ClosedFormGBMPricer:
@@ -724,77 +778,99 @@ class ModelPricer:
         n = len(batch)
         inside = self.servable(batch, measures)
         idx_in = torch.nonzero(inside).flatten()
-        learned_values: dict[str, torch.Tensor] | None = None
-        learned_bounds: dict[str, torch.Tensor] = {}
-        learned_withheld: dict[str, torch.Tensor] = {}
+        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
+        withheld: dict[str, torch.Tensor] = {}
         if len(idx_in):
             sub = batch if len(idx_in) == n else batch.select(idx_in)
-            pricing = measures & set(PRICE_MEASURES)
-            asked = measures | {"price"} if pricing else measures  # the price is checked against its bounds
-            learned_values = self.learned.evaluate(sub, frozenset(asked), levels)
-            ok = torch.ones(len(idx_in), dtype=torch.bool)
-            for v in learned_values.values():  # a non-finite number is never served
-                ok &= torch.isfinite(v).reshape(len(idx_in), -1).all(1)
-            if pricing:
-                low, high, disc = price_bounds(sub, process)
-                price = learned_values["price"]
-                slack = 1e-12 * high  # rounding, not arbitrage
-                ok &= (price >= low - slack) & (price <= high + slack)
-                if "digital" in learned_values:
-                    digital = learned_values["digital"]
-                    ok &= (digital >= -slack) & (digital <= disc + slack)
-            learned_values = {k: v for k, v in learned_values.items() if k in measures}
-            if self.bound_map is not None:
-                learned_bounds = self.bound_map.bounds(sub, measures, levels)
-            else:  # an uncertified network, served only where no certificate is required
-                learned_bounds = {k: torch.full_like(v, float("nan")) for k, v in learned_values.items()}
-            if self.require_certificate:
-                wide = self.too_wide(sub, learned_values, learned_bounds)
-                if self.simulated_reference:
-                    if "price" in wide:  # a price is never withheld: the reference answers it
-                        ok &= ~wide.pop("price")
-                    for m, wide_m in wide.items():
-                        bad = wide_m & ok
-                        if bool(bad.any()):
-                            learned_withheld[m] = bad
-                            learned_values[m] = learned_values[m].clone()
-                            learned_values[m][bad] = float("nan")
-                else:
-                    for bad in wide.values():
-                        ok &= ~bad
+            ok, learned_values, learned_bounds, learned_withheld = self._learned(sub, measures, levels)
             if not bool(ok.all()):
                 inside[idx_in[~ok]] = False
                 learned_values = {k: v[ok] for k, v in learned_values.items()}
                 learned_bounds = {k: v[ok] for k, v in learned_bounds.items()}
                 learned_withheld = {k: v[ok] for k, v in learned_withheld.items()}
                 idx_in = idx_in[ok]
+            if len(idx_in):
+                parts.append((idx_in, learned_values, learned_bounds))
+            for k, bad in learned_withheld.items():
+                mask = torch.zeros(n, dtype=torch.bool)
+                mask[idx_in[bad]] = True
+                withheld[k] = mask
         idx_out = torch.nonzero(~inside).flatten()
-        parts: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]] = []
-        if learned_values is not None and len(idx_in):
-            parts.append((idx_in, learned_values, learned_bounds))
         if len(idx_out):
             out_batch = batch.select(idx_out)
             ref_values, stderr = reference_with_error(self.reference, out_batch, measures, levels)
             ref_bounds = reference_bounds(self.reference, process, out_batch, ref_values, stderr)
             parts.append((idx_out, ref_values, ref_bounds))
-        values: dict[str, torch.Tensor] = {}
-        bounds: dict[str, torch.Tensor] = {}
-        withheld: dict[str, torch.Tensor] = {}
-        if len(parts) == 1 and len(parts[0][0]) == n:
-            values = {k: v for k, v in parts[0][1].items() if k in measures}
-            bounds = {k: v for k, v in parts[0][2].items() if k in measures}
-        else:
-            for idx, part, part_bounds in parts:
-                for target, source in ((values, part), (bounds, part_bounds)):
-                    for k, v in source.items():
-                        if k not in measures:
-                            continue
-                        if k not in target:
-                            target[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float64)
-                        target[k][idx] = v
-        for k, bad in learned_withheld.items():
-            mask = torch.zeros(n, dtype=torch.bool)
-            mask[idx_in[bad]] = True
-            withheld[k] = mask
+        values, bounds = _assemble(parts, n, measures)
         clamp_to_bounds(values, batch, process)
         return Evaluation(values, inside, bounds, withheld)
+
+    def _learned(
+        self, sub: OptionBatch, measures: frozenset[str], levels: torch.Tensor | None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The network's answers on ``sub`` (all servable), with: which rows it may keep
+        (finite, inside the model-free bounds, within tolerance or withheld), their
+        bounds, and the measures withheld per row (NaN values)."""
+        pricing = measures & set(PRICE_MEASURES)
+        asked = measures | {"price"} if pricing else measures  # the price is checked against its bounds
+        values = self.learned.evaluate(sub, frozenset(asked), levels)
+        ok = torch.ones(len(sub), dtype=torch.bool)
+        for v in values.values():  # a non-finite number is never served
+            ok &= torch.isfinite(v).reshape(len(sub), -1).all(1)
+        if pricing:
+            ok &= self._within_price_bounds(sub, values)
+        values = {k: v for k, v in values.items() if k in measures}
+        if self.bound_map is not None:
+            bounds = self.bound_map.bounds(sub, measures, levels)
+        else:  # an uncertified network, served only where no certificate is required
+            bounds = {k: torch.full_like(v, float("nan")) for k, v in values.items()}
+        withheld: dict[str, torch.Tensor] = {}
+        if not self.require_certificate:
+            return ok, values, bounds, withheld
+        wide = self.too_wide(sub, values, bounds)
+        if not self.simulated_reference:
+            for bad in wide.values():
+                ok &= ~bad
+            return ok, values, bounds, withheld
+        if "price" in wide:  # a price is never withheld: the reference answers it
+            ok &= ~wide.pop("price")
+        for m, wide_m in wide.items():
+            bad = wide_m & ok
+            if bool(bad.any()):
+                withheld[m] = bad
+                values[m] = values[m].clone()
+                values[m][bad] = float("nan")
+        return ok, values, bounds, withheld
+
+    def _within_price_bounds(self, sub: OptionBatch, values: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(n,) bool: the learned price (and digital) inside the model-free bounds."""
+        low, high, disc = price_bounds(sub, self.learned.process)
+        price = values["price"]
+        slack = 1e-12 * high  # rounding, not arbitrage
+        ok = (price >= low - slack) & (price <= high + slack)
+        if "digital" in values:
+            digital = values["digital"]
+            ok &= (digital >= -slack) & (digital <= disc + slack)
+        return ok
+
+
+def _assemble(
+    parts: list[tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]], n: int, measures: frozenset[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Values and bounds of ``n`` rows from parts (rows, values, bounds)."""
+    if len(parts) == 1 and len(parts[0][0]) == n:
+        return (
+            {k: v for k, v in parts[0][1].items() if k in measures},
+            {k: v for k, v in parts[0][2].items() if k in measures},
+        )
+    values: dict[str, torch.Tensor] = {}
+    bounds: dict[str, torch.Tensor] = {}
+    for idx, part, part_bounds in parts:
+        for target, source in ((values, part), (bounds, part_bounds)):
+            for k, v in source.items():
+                if k not in measures:
+                    continue
+                if k not in target:
+                    target[k] = torch.empty((n, *v.shape[1:]), dtype=torch.float64)
+                target[k][idx] = v
+    return values, bounds

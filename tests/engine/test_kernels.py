@@ -21,7 +21,8 @@ import torch
 from spectralmc_server.engine import kernels
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine.processes import AsianProcess, HestonProcess
-from spectralmc_server.engine.processes.asian import MAX_FIXINGS
+from spectralmc_server.engine.processes.asian import MAX_FIXINGS, asian_arguments
+from spectralmc_server.engine.processes.heston import heston_arguments
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.engine.trainer import TrainConfig, Trainer, mc_targets
 
@@ -63,7 +64,7 @@ def test_host_heston_kernel_matches_torch_path_by_path(
     theta, expiry = _points(process, 12, seed=steps)
     z = _normals(2048, 12, process.normals_per_path, dtype, seed=steps + 1)
     expected = process.simulate_x(theta, expiry, z)
-    got = kernels.compile_host(dtype, host_build).heston_x(theta, expiry, z, steps, bridge)
+    got = kernels.compile_host(dtype, host_build).heston_x(z, *heston_arguments(theta, expiry, z, steps), steps, bridge)
     assert got.dtype == dtype and got.shape == expected.shape
     assert torch.isfinite(got).all()
     err = (got - expected).abs().max().item()
@@ -87,7 +88,7 @@ def test_host_heston_kernel_covers_both_qe_branches_and_extremes(host_build: Pat
     expiry = torch.tensor([3.0, 0.05, 3.0, 1.0], dtype=torch.float64)
     z = _normals(4096, 4, process.normals_per_path, torch.float64, seed=5)
     expected = process.simulate_x(theta, expiry, z)
-    got = kernels.compile_host(torch.float64, host_build).heston_x(theta, expiry, z, 16, True)
+    got = kernels.compile_host(torch.float64, host_build).heston_x(z, *heston_arguments(theta, expiry, z, 16), 16, True)
     assert (got - expected).abs().max().item() <= TOL[torch.float64] * max(1.0, expected.abs().max().item())
 
 
@@ -101,11 +102,11 @@ def test_host_asian_kernel_matches_torch_with_its_control_variate(dtype: torch.d
     x_expected = process.simulate_x(theta, expiry, z)
     xc_expected, _ = process.companion_x(theta, expiry, z)
     host = kernels.compile_host(dtype, host_build)
-    x, xc = host.asian_x(theta, expiry, z, companion=True)
+    x, xc = host.asian_x(z, *asian_arguments(theta, expiry, z), companion=True)
     assert xc is not None
     assert (x - x_expected).abs().max().item() <= TOL[dtype] * max(1.0, x_expected.abs().max().item())
     assert (xc - xc_expected).abs().max().item() <= TOL[dtype] * max(1.0, xc_expected.abs().max().item())
-    x_only, none = host.asian_x(theta, expiry, z, companion=False)
+    x_only, none = host.asian_x(z, *asian_arguments(theta, expiry, z), companion=False)
     assert none is None and torch.equal(x_only, x)
 
 
@@ -119,7 +120,8 @@ def test_host_kernel_targets_equal_torch_targets(host_build: Path) -> None:
     block = torch.randn(1024, 8 * process.normals_per_path, generator=torch.Generator().manual_seed(2))
     expected = mc_targets(process, spectrum, theta, expiry, block)
     z3 = block.view(1024, 8, -1).transpose(0, 1)
-    x = kernels.compile_host(torch.float32, host_build).heston_x(theta, expiry, z3, process.steps, True)
+    host = kernels.compile_host(torch.float32, host_build)
+    x = host.heston_x(z3, *heston_arguments(theta, expiry, z3, process.steps), process.steps, True)
     from spectralmc_server.engine.spectrum import estimate_cf
 
     got = estimate_cf(x / process.scale(theta, expiry).to(x.dtype)[:, None], spectrum)
@@ -132,10 +134,11 @@ def test_the_host_build_refuses_other_dtypes_and_devices(host_build: Path) -> No
     host = kernels.compile_host(torch.float32, host_build)
     process = HestonProcess()
     theta, expiry = _points(process, 2, seed=0)
+    z = _normals(8, 2, 32, torch.float64, 0)
     with pytest.raises(TypeError, match="float32"):
-        host.heston_x(theta, expiry, _normals(8, 2, 32, torch.float64, 0), 16, True)
+        host.heston_x(z, *heston_arguments(theta, expiry, z, 16), 16, True)
     with pytest.raises(ValueError, match="at most 64 steps"):
-        kernels.heston_arguments(theta, expiry, torch.zeros(2, 8, 130), 65)
+        heston_arguments(theta, expiry, torch.zeros(2, 8, 130), 65)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc (the CUDA toolkit) is not installed on this machine")

@@ -64,6 +64,16 @@ def geometric_scale(theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
     return theta[:, 0] * torch.sqrt(expiry * (n + 1.0) * (2.0 * n + 1.0) / (6.0 * n * n))
 
 
+def asian_arguments(theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's parameter table (B, 4) = vol, T, n, s_geo and forward weights
+    (B, MAX_FIXINGS), in the dtype of the normals ``z`` (kernels.asian_x_cuda)."""
+    n = fixing_count(theta)
+    cols = [theta[:, 0], expiry, n, geometric_scale(theta, expiry)]
+    params = torch.stack([c.to(z.dtype) for c in cols], dim=1).contiguous()
+    weights = average_weights(theta, expiry).to(z.dtype).contiguous()
+    return params, weights
+
+
 class AsianProcess(Process):
     """The arithmetic average of GBM over n equally spaced fixings up to the expiry."""
 
@@ -149,7 +159,7 @@ class AsianProcess(Process):
 
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if kernels.use_fused(z, theta, expiry):
-            return kernels.asian_x_cuda(theta, expiry, z, companion=False)[0]
+            return kernels.asian_x_cuda(z, *asian_arguments(theta, expiry, z), companion=False)[0]
         log_ratio, _ = self._paths(theta, expiry, z)
         weights = average_weights(theta, expiry).to(z.dtype)[:, None, :]  # (B, 1, M), 0 past n
         # log sum_i w_i exp(l_i), stabilised by the largest term
@@ -161,7 +171,7 @@ class AsianProcess(Process):
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """X and X_c from one fused pass over each path's normals on a CUDA device."""
         if kernels.use_fused(z, theta, expiry):
-            x, xc = kernels.asian_x_cuda(theta, expiry, z, companion=True)
+            x, xc = kernels.asian_x_cuda(z, *asian_arguments(theta, expiry, z), companion=True)
             assert xc is not None
             return x, (xc, geometric_scale(theta, expiry))
         return self.simulate_x(theta, expiry, z), self.companion_x(theta, expiry, z)

@@ -35,11 +35,24 @@ import torch
 from spectralmc_server.engine import kernels
 from spectralmc_server.engine.processes import spec
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
-from spectralmc_server.engine.processes.bridge import brownian_bridge
+from spectralmc_server.engine.processes.bridge import bridge_plan, brownian_bridge
 from spectralmc_server.engine.processes.heston_limits import check_reference_limits
 from spectralmc_server.engine.processes.spec import Floats
 
 PSI_C = 1.5  # Andersen's switching level between the quadratic and exponential steps
+
+
+def heston_arguments(
+    theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor, steps: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fused kernel's parameter table (B, 6) and bridge plan (steps, 3) int32 /
+    (steps, 3), in the dtype and on the device of the normals ``z`` (kernels.heston_x_cuda)."""
+    kernels.check_steps(steps)  # at most MAX_FUSED_STEPS
+    params = torch.cat([theta.to(z.dtype), expiry.to(z.dtype)[:, None]], dim=1).contiguous()
+    plan = bridge_plan(steps)
+    idx = torch.tensor([[p, lo, hi] for p, lo, hi, *_ in plan], dtype=torch.int32, device=z.device)
+    w = torch.tensor([[wl, wr, sd] for *_, wl, wr, sd in plan], dtype=z.dtype, device=z.device)
+    return params, idx, w
 
 
 class HestonProcess(Process):
@@ -104,7 +117,8 @@ class HestonProcess(Process):
 
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         if self.steps <= kernels.MAX_FUSED_STEPS and kernels.use_fused(z, theta, expiry):
-            return kernels.heston_x_cuda(theta, expiry, z, self.steps, self.bridge)  # one launch, all steps
+            params, idx, w = heston_arguments(theta, expiry, z, self.steps)
+            return kernels.heston_x_cuda(z, params, idx, w, self.steps, self.bridge)  # one launch, all steps
         n = self.steps
         dtype = z.dtype
         th = theta.to(dtype)

@@ -25,7 +25,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy_gbm import grid, options, quantiles
-from common import IMG, ROOT, record, table
+from common import ROOT, output_args, plot_file, record, save_figure, table
 
 from spectralmc_server.engine.pricer import load_served_model
 from spectralmc_server.engine.reference import black_scholes
@@ -47,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10_000)
     ap.add_argument("--config", type=Path, default=ROOT / "config" / "default.toml")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--record", action="store_true")
-    ap.add_argument("--plot", type=Path)
+    output_args(ap)
     args = ap.parse_args(argv)
     base = tomllib.loads(args.config.read_text())["train"]
     n_vol, n_t = (25, 24)
@@ -81,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = table(["variant", "held-out p50 bp", "p95 bp", "max bp", "train s"], rows)
     print(result)
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "ablation_gbm.png")
+    plot_path = plot_file(args, "ablation_gbm.png")
     plot(plot_path, curves)
     print(f"plot: {plot_path}")
     if args.record:
@@ -116,9 +115,7 @@ def plot(path: Path, curves: dict[str, list[tuple[float, float]]]) -> None:
     ax.set_ylabel("validation p95 error, bp of spot")
     ax.set_title("GBM: what limits accuracy")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

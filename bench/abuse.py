@@ -43,8 +43,6 @@ import json
 import math
 import os
 import secrets
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -59,9 +57,9 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, record, table
+from common import IMG, output_args, publish, save_figure, table
 from server_load import body as book_body
-from server_load import free_port, rss_bytes, wait_ready
+from server_load import rss_bytes, serve_only
 
 MIB = 2**20
 VDT = "2026-11-26T16:00:00Z"
@@ -368,23 +366,8 @@ async def seed_gbm_twice(data_dir: Path) -> None:
 def serve(workdir: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
     """``spectralmc serve --role serve`` (no training) on a free loopback port, its data
     directory ``workdir/data``: (url, pid); stopped with SIGTERM (then killed) on exit."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--role", "serve", "--port", str(port)]
-    cmd += ["--data-dir", str(workdir / "data"), "--log-level", "warning"]
-    full = {**os.environ, "SPECTRALMC_TRAIN__ENABLED": "false", **env}
-    with (workdir / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with serve_only(workdir, env, "warning", "serve.log") as answer:
+        yield answer
 
 
 class Probe:
@@ -1398,8 +1381,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated scenario numbers (default: all)")
     ap.add_argument("--fail-fast", action="store_true", help="stop after the first scenario with a failed check")
     ap.add_argument("--server-env", action="append", default=[], metavar="K=V", help="more server settings")
-    ap.add_argument("--record", action="store_true", help="write the table into docs/benchmarks.md")
-    ap.add_argument("--plot", type=Path, default=IMG / "abuse.png")
+    output_args(ap, IMG / "abuse.png")
     args = ap.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     only = [int(x) for x in args.only.split(",") if x.strip()] or list(SCENARIOS)
@@ -1438,10 +1420,12 @@ def main(argv: list[str] | None = None) -> int:
         summary += "\n\nDid not hold: " + "; ".join(f"{c.scenario}: {c.check}" for c in failed) + "."
     print(text)
     print(summary)
-    _plot(probe, timings, args.plot)
-    print(f"plot: {args.plot}")
-    if args.record and not args.quick:
-        record("abuse", f"### Abuse probe (`bench/abuse.py`)\n\n{text}\n\n{summary}")
+    publish(
+        args,
+        "abuse",
+        lambda path: _plot(probe, timings, path),
+        f"### Abuse probe (`bench/abuse.py`)\n\n{text}\n\n{summary}",
+    )
     return 1 if failed else 0
 
 
@@ -1474,10 +1458,7 @@ def _plot(probe: Probe, timings: list[tuple[str, float]], path: Path) -> None:
             "(before / peak / after non-readers)",
             fontsize=9,
         )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from accuracy_models import HELD_OUT_SEED, STRIKES, plot, quantiles
-from common import IMG, ROOT, record, table, timeit
+from common import ROOT, output_args, plot_file, record, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import sobol_engine
@@ -167,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ql-points", type=int, default=5, help="points priced by QuantLib side by side (put and call)")
     ap.add_argument("--speed-points", type=int, default=4096, help="distinct points for the inference timing")
     ap.add_argument("--quick", action="store_true", help="small sets: a smoke test")
-    ap.add_argument("--record", action="store_true", help="write docs/benchmarks.md and docs/img/")
-    ap.add_argument("--plot", type=Path)
+    output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.points, args.paths, args.reference_points, args.ql_points, args.speed_points = 8, 1 << 12, 1, 1, 64
@@ -251,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
 
     history = ckpt.manifest["metrics"].get("history", [])
     state = ckpt.manifest["state"]
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "accuracy_asian.png")
+    plot_path = plot_file(args, "accuracy_asian.png")
     plot(plot_path, "asian", err, batch.expiry, history)
     print(f"plot: {plot_path}")
     if args.record:

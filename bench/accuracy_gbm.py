@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import ROOT, output_args, plot_file, record, save_figure, table
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
@@ -90,8 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expiries", type=int, default=24)
     ap.add_argument("--mc", default="1e4,1e5,1e6", help="comma-separated MC path counts")
     ap.add_argument("--quick", action="store_true", help="small grid and MC: a smoke test")
-    ap.add_argument("--record", action="store_true", help="write docs/benchmarks.md and docs/img/")
-    ap.add_argument("--plot", type=Path, help="PNG path (default docs/img/accuracy_gbm.png or bench/out/)")
+    output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.vols, args.expiries, args.mc = 5, 4, "1e3,4e3"
@@ -203,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     history = ckpt.manifest["metrics"].get("history", [])
     state = ckpt.manifest["state"]
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "accuracy_gbm.png")
+    plot_path = plot_file(args, "accuracy_gbm.png")
     plot(plot_path, vol, t, per_point, history, {n: quantiles(errors[f"mc_{n:.0e}"])[1] for n in mc_paths}, args)
     print(f"plot: {plot_path}")
 
@@ -304,9 +303,7 @@ def plot(
     ax2.set_ylabel("error, bp of spot")
     ax2.set_title("Error vs training time")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table, timeit
+from common import ROOT, output_args, plot_file, record, save_figure, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import sobol_engine
@@ -159,8 +159,7 @@ def run(process_name: str, argv: list[str] | None = None) -> int:
     ap.add_argument("--ql-options", type=int, default=20, help="options priced by QuantLib side by side")
     ap.add_argument("--speed-points", type=int, default=4096, help="distinct points for the inference timing")
     ap.add_argument("--quick", action="store_true", help="small sets: a smoke test")
-    ap.add_argument("--record", action="store_true", help="write docs/benchmarks.md and docs/img/")
-    ap.add_argument("--plot", type=Path)
+    output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.points, args.ql_options, args.speed_points = 16, 2, 64
@@ -254,7 +253,7 @@ def run(process_name: str, argv: list[str] | None = None) -> int:
 
     history = ckpt.manifest["metrics"].get("history", [])
     state = ckpt.manifest["state"]
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / f"accuracy_{process_name}.png")
+    plot_path = plot_file(args, f"accuracy_{process_name}.png")
     plot(plot_path, process_name, err, batch.expiry, history)
     print(f"plot: {plot_path}")
     if args.record:
@@ -315,6 +314,4 @@ def plot(path: Path, name: str, err: torch.Tensor, expiry: torch.Tensor, history
         ax2.set_ylabel("error, bp of spot")
         ax2.legend(fontsize=8)
         ax2.set_title("error vs training time")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import output_args, plot_file, record, save_figure, table
 
 from spectralmc_server.engine.calibrate import CalibrationResult, Quotes, calibrate, heston_start
 from spectralmc_server.engine.checkpoint import read_dir
@@ -113,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", type=Path, help="heston checkpoint directory (default: the bundled model)")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--record", action="store_true")
-    ap.add_argument("--plot", type=Path)
+    output_args(ap)
     args = ap.parse_args(argv)
     truths = TRUTHS[:1] if args.quick else TRUTHS
     repeat = 1 if args.quick else args.repeat
@@ -166,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(cal_table)
     truth_table = table(["surface", *NAMES], [[k, *(t[n] for n in NAMES)] for k, t in enumerate(truths)])
     print(truth_table)
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "calibration.png")
+    plot_path = plot_file(args, "calibration.png")
     plot(plot_path, per_engine)
     print(f"plot: {plot_path}")
     if args.record:
@@ -206,9 +205,7 @@ def plot(path: Path, per_engine: dict[str, list[float]]) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("calibration time, ms (median over surfaces)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -54,7 +54,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import output_args, plot_file, record, save_figure, table
 
 from spectralmc_server.engine.certify import (
     BANDS,
@@ -497,9 +497,7 @@ def plot(path: Path, results: list[ModelResult]) -> None:
     ax2.set_ylabel("median bound / median error")
     ax2.set_xticks(x, names, rotation=30)
     ax2.legend(fontsize=8, ncol=5)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -508,8 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--points", type=int, default=MIN_POINTS, help="certification points (each x 13 strikes)")
     ap.add_argument("--fresh-points", type=int, default=4096, help="fresh held-out points (each x 13 strikes)")
     ap.add_argument("--quick", action="store_true", help="GBM, the least points, a small fresh book: a smoke test")
-    ap.add_argument("--record", action="store_true", help="write docs/benchmarks.md and docs/img/")
-    ap.add_argument("--plot", type=Path, help="PNG path (default docs/img/certify.png or bench/out/)")
+    output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.models, args.points, args.fresh_points = "gbm", MIN_POINTS, 256
@@ -537,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
     for line in targets:
         print("  " + line)
 
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "certify.png")
+    plot_path = plot_file(args, "certify.png")
     plot(plot_path, results)
     print(f"plot: {plot_path}")
 

@@ -7,6 +7,7 @@ with the table, the date, the machine and the exact command.
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import os
 import platform
@@ -16,6 +17,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -88,3 +90,40 @@ def timeit(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> flo
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def output_args(ap: argparse.ArgumentParser, plot_default: Path | None = None) -> None:
+    """The ``--record`` and ``--plot`` options every benchmark takes."""
+    ap.add_argument("--record", action="store_true", help="write docs/benchmarks.md (and the plot into docs/img/)")
+    where = f"default {plot_default}" if plot_default else "default docs/img/ with --record, else bench/out/"
+    ap.add_argument("--plot", type=Path, default=plot_default, help=f"PNG path ({where})")
+
+
+def plot_file(args: argparse.Namespace, filename: str) -> Path:
+    """``--plot``, else ``filename`` in docs/img/ with ``--record``, else in bench/out/."""
+    path: Path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / filename)
+    return path
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay out ``fig``, write it to ``path`` as a PNG (making its folder) and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def publish(
+    args: argparse.Namespace, name: str, draw: Callable[[Path], object], body: str, image: str | None = None
+) -> None:
+    """The end of a benchmark with a fixed ``--plot``: draw it there and say where; with
+    ``--record`` (not ``--quick``) write ``body`` (then the plot, as ``image``, when given)
+    as the section ``name`` of docs/benchmarks.md."""
+    draw(args.plot)
+    print(f"plot: {args.plot}")
+    if args.record and not args.quick:
+        if image is not None:
+            body = f"{body}\n\n![{image}]({args.plot.resolve().relative_to(DOCS)})"
+        record(name, body)

@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import IMG, ROOT, record, save_figure, table
 from gpu_probe import bandwidth, sync, timed
 
 from spectralmc_server.engine import kernels
@@ -448,9 +448,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     ax2.set_ylabel("paths/s")
     ax2.set_title("MC paths/s against the bandwidth bound")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(results: dict[str, Any]) -> str:

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import IMG, ROOT, record, save_figure, table
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
@@ -251,9 +251,7 @@ def plot(path: Path, results: dict[str, Any]) -> None:
     ax2.set_ylabel("paths/s")
     ax2.set_title("MC paths/s against the bandwidth bound")
     ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def record_section(results: dict[str, Any], source: Path) -> None:

@@ -41,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import IMG, ROOT, output_args, publish, save_figure, table
 
 from spectralmc_server.ipc.framing import FrameProtocol, connect, encode, recv_frame, send_frame
 from spectralmc_server.ipc.unpickling import http_side_allow
@@ -276,8 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--count", type=int, default=5000, help="most round trips per cell")
     ap.add_argument("--seconds", type=float, default=2.0, help="longest time per cell")
-    ap.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
-    ap.add_argument("--plot", type=Path, default=IMG / "ipc.png")
+    output_args(ap, IMG / "ipc.png")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1, 100 and 1,000 contracts)")
     args = ap.parse_args(argv)
     sizes = [1, 100, 1000] if args.quick else [1, 100, 1000, 4096, 10_000]
@@ -288,11 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print()
     print(caption(count, seconds))
-    _plot(series, args.plot)
-    print(f"plot: {args.plot}")
-    if args.record and not args.quick:
-        rel = args.plot.resolve().relative_to(ROOT / "docs")
-        record("ipc", f"{text}\n\n{caption(count, seconds)}\n\n![ipc]({rel})")
+    publish(args, "ipc", lambda path: _plot(series, path), f"{text}\n\n{caption(count, seconds)}", "ipc")
     return 0
 
 
@@ -328,10 +323,7 @@ def _plot(series: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("round trip, % of engine compute")
     ax.set_ylim(bottom=0)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

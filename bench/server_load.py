@@ -30,14 +30,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import IMG, output_args, publish, save_figure, table
 
 HELLO = """
 import sys
@@ -168,8 +168,16 @@ def server(
         "SPECTRALMC_ENGINE__MODE": mode,
         "SPECTRALMC_ENGINE__PROCESSES": str(engines),
     }
-    log = (workdir / f"{kind}-{port}.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    with running(cmd, env, workdir / f"{kind}-{port}.log", port) as answer:
+        yield answer
+
+
+@contextmanager
+def running(cmd: list[str], env: Mapping[str, str], log_path: Path, port: int) -> Iterator[tuple[str, int]]:
+    """Run a server command that listens on loopback ``port`` (its output to ``log_path``)
+    until it answers ``/readyz``: (url, pid); stopped with SIGTERM (then killed) on exit."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(env))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, proc)
@@ -180,7 +188,19 @@ def server(
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-        log.close()
+            proc.wait(10)
+
+
+@contextmanager
+def serve_only(workdir: Path, env: Mapping[str, str], log_level: str, log_name: str) -> Iterator[tuple[str, int]]:
+    """``spectralmc serve --role serve`` (no training) on a free loopback port, its data
+    directory ``workdir/data``, its output in ``workdir/<log_name>``: :func:`running`."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--role", "serve", "--port", str(port)]
+    cmd += ["--data-dir", str(workdir / "data"), "--log-level", log_level]
+    full = {**os.environ, "SPECTRALMC_TRAIN__ENABLED": "false", **env}
+    with running(cmd, full, workdir / log_name.format(port=port), port) as answer:
+        yield answer
 
 
 @dataclass
@@ -261,8 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each wrk run")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="memory soak run length (0: none)")
-    ap.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
-    ap.add_argument("--plot", type=Path, default=IMG / "server_load.png")
+    output_args(ap, IMG / "server_load.png")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1 s per scenario, no training)")
     ap.add_argument(
         "--engines",
@@ -364,11 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             f"(first sample after warm-up {warm[0] / 2**20:.1f} MiB, last {warm[-1] / 2**20:.1f} MiB)."
         )
         print(soak_text.strip())
-    _plot(rows, soak_samples, args.plot)
-    print(f"plot: {args.plot}")
-    if args.record and not args.quick:
-        rel = args.plot.resolve().relative_to(ROOT / "docs")
-        record("server_load", f"{text}{soak_text}\n\n![server load]({rel})")
+    publish(args, "server_load", lambda path: _plot(rows, soak_samples, path), f"{text}{soak_text}", "server load")
     return 0
 
 
@@ -406,10 +421,7 @@ def _plot(rows: list[list[object]], soak: list[tuple[float, int]], path: Path) -
         axes[2].plot([t / 60 for t, _ in soak], [r / 2**20 for _, r in soak])
         axes[2].set_xlabel("minutes of load")
         axes[2].set_ylabel("server RSS (MiB)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

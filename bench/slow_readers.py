@@ -21,9 +21,7 @@ import base64
 import json
 import os
 import re
-import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from server_load import free_port, rss_bytes, wait_ready
+from server_load import rss_bytes, serve_only
 
 MIB = 2**20
 LEVELS = [round(0.01 + i * 0.98 / 63, 6) for i in range(64)]  # the most quantile levels a request may ask
@@ -216,23 +214,8 @@ def rounds(
 @contextmanager
 def serve(workdir: Path, env: dict[str, str]) -> Iterator[tuple[str, int]]:
     """``spectralmc serve --role serve`` on a free loopback port: (url, pid)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--role", "serve", "--port", str(port)]
-    cmd += ["--data-dir", str(workdir / "data"), "--log-level", "info"]
-    full = {**os.environ, "SPECTRALMC_TRAIN__ENABLED": "false", **env}
-    with (workdir / f"serve-{port}.log").open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=full)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc)
-        yield url, proc.pid
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
+    with serve_only(workdir, env, "info", "serve-{port}.log") as answer:
+        yield answer
 
 
 def read_answer(port: int, request: bytes, timeout: float = 120.0) -> int:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table, timeit
+from common import output_args, plot_file, record, save_figure, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.pricer import OptionBatch, SpectralPricer, load_served_model
@@ -63,8 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mc-paths", type=int, default=100_000)
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--record", action="store_true")
-    ap.add_argument("--plot", type=Path)
+    output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.options, args.mc_paths, args.repeat = 500, 2_000, 2
@@ -122,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     through_table = table(["throughput", "value"], train_rows)
     print(through_table)
 
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "speed_gbm.png")
+    plot_path = plot_file(args, "speed_gbm.png")
     plot(plot_path, results, n)
     print(f"plot: {plot_path}")
     if args.record:
@@ -162,9 +161,7 @@ def plot(path: Path, results: dict[str, dict[str, float]], n: int) -> None:
     ax.set_ylabel("microseconds per option")
     ax.set_title(f"GBM pricing speed, {n} options")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

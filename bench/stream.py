@@ -36,7 +36,7 @@ import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import IMG, output_args, publish, save_figure, table
 from server_load import rss_bytes, server
 
 VDT = "2026-11-26T16:00:00Z"
@@ -186,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=10, help="snapshot PUTs timed per subscriber count")
     ap.add_argument("--seconds", type=float, default=5.0, help="length of the quotes/s run")
-    ap.add_argument("--record", action="store_true", help="write the results into docs/benchmarks.md")
-    ap.add_argument("--plot", type=Path, default=IMG / "stream.png")
+    output_args(ap, IMG / "stream.png")
     ap.add_argument("--quick", action="store_true", help="a short smoke run (1 and 10 subscribers)")
     args = ap.parse_args(argv)
     sizes = [1, 10] if args.quick else [1, 100, 1000]
@@ -207,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     text = table(headers, rows)
     print(text)
-    _plot(rows, args.plot)
-    print(f"plot: {args.plot}")
-    if args.record and not args.quick:
-        rel = args.plot.resolve().relative_to(ROOT / "docs")
-        record("stream", f"{text}\n\n![stream]({rel})")
+    publish(args, "stream", lambda path: _plot(rows, path), text, "stream")
     return 0
 
 
@@ -234,10 +229,7 @@ def _plot(rows: list[list[object]], path: Path) -> None:
     axes[1].set_xscale("log")
     axes[1].set_xlabel("subscribers")
     axes[1].set_ylabel("quotes/s delivered")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

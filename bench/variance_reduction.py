@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import IMG, ROOT, record, table
+from common import output_args, plot_file, record, save_figure, table
 
 from spectralmc_server.engine.cvnn import NetworkConfig
 from spectralmc_server.engine.normals import NormalsConfig, NormalsMode, generate_block, sobol_engine
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=8)
     ap.add_argument("--train-steps", type=int, default=1500, help="per Heston training run (0: skip part 2)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--record", action="store_true")
-    ap.add_argument("--plot", type=Path)
+    output_args(ap)
     args = ap.parse_args(argv)
     if args.quick:
         args.points, args.paths, args.reps, args.train_steps = 8, 64, 2, 20
@@ -149,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             curve_rows.append([label, last["step"], last["elapsed_seconds"] / 60, last["p95_bp"], last["max_bp"]])
         print(table(["Heston targets", "steps", "minutes", "val p95 bp", "val max bp"], curve_rows))
 
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "variance_reduction.png")
+    plot_path = plot_file(args, "variance_reduction.png")
     plot(plot_path, rows, curves)
     print(f"plot: {plot_path}")
     if args.record:
@@ -204,9 +203,7 @@ def plot(path: Path, rows: list[list[Any]], curves: dict[str, list[dict[str, Any
     ax2.set_ylabel("Heston validation p95, bp of spot")
     if curves:
         ax2.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

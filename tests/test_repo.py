@@ -105,3 +105,18 @@ def test_readme_and_ci_install_the_same_apt_packages() -> None:
     readme, ci = _apt_packages(sources["README.md"]), _apt_packages(sources[".ci/run"])
     assert readme, "the README names no apt packages"
     assert readme == ci, f"only in the README: {sorted(readme - ci)}; only in .ci/run: {sorted(ci - readme)}"
+
+
+def test_pre_commit_runs_the_lint_part_of_scripts_test() -> None:
+    """.pre-commit-config.yaml runs, as local hooks with the project's own tools, exactly
+    the checks scripts/test runs before pytest (ruff check, ruff format --check, mypy)."""
+    config = (ROOT / ".pre-commit-config.yaml").read_text()
+    assert re.search(r"^\s*- repo: local\s*$", config, re.M), "the hooks are not `repo: local`"
+    entries = re.findall(r"^\s*entry:\s*(.+?)\s*$", config, re.M)
+    languages = re.findall(r"^\s*language:\s*(\S+)\s*$", config, re.M)
+    assert languages == ["system"] * len(entries), "every hook runs the project's own tool (language: system)"
+    assert len(re.findall(r"^\s*pass_filenames:\s*false\s*$", config, re.M)) == len(entries)
+    script = (ROOT / "scripts" / "test").read_text().splitlines()
+    lint = [line.strip() for line in script if line.strip().split(" ")[0] in ("ruff", "mypy")]
+    assert lint, "scripts/test runs no ruff or mypy: is this test still parsing the right lines?"
+    assert entries == lint, f"pre-commit runs {entries}, scripts/test runs {lint}"

@@ -27,23 +27,10 @@ pandas is optional: it is imported only when a DataFrame is priced.
 
 from __future__ import annotations
 
+from spectralmc_server.client import errors
 from spectralmc_server.client.aio import AsyncClient
 from spectralmc_server.client.books import ARROW_STREAM, DEFAULT_CHUNK_SIZE
-from spectralmc_server.client.errors import (
-    Conflict,
-    ConnectionFailed,
-    DeadlineExceeded,
-    Forbidden,
-    InvalidRequest,
-    NoMarketData,
-    NotFound,
-    Overloaded,
-    ServerError,
-    SpectralMCError,
-    TooLarge,
-    Unauthorized,
-    Unavailable,
-)
+from spectralmc_server.client.errors import *  # noqa: F403  (the error classes: errors.__all__)
 from spectralmc_server.client.stream import Stream
 from spectralmc_server.client.sync import Client, SyncStream
 
@@ -52,19 +39,7 @@ __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "AsyncClient",
     "Client",
-    "Conflict",
-    "ConnectionFailed",
-    "DeadlineExceeded",
-    "Forbidden",
-    "InvalidRequest",
-    "NoMarketData",
-    "NotFound",
-    "Overloaded",
-    "ServerError",
-    "SpectralMCError",
     "Stream",
     "SyncStream",
-    "TooLarge",
-    "Unauthorized",
-    "Unavailable",
 ]
+__all__ += errors.__all__

@@ -45,7 +45,6 @@ MAX_STREAM_MESSAGE = 256 << 20  # the largest quote message the stream accepts (
 
 
 def request_fields(
-    *,
     measures: Sequence[str] | None,
     namespace: str | None,
     val_datetime: Time | None,
@@ -190,13 +189,7 @@ class AsyncClient:
         request's server-side deadline (``X-Request-Timeout``, seconds).
         """
         books.check_unique_ids(c.get("id") for c in contracts if isinstance(c, Mapping))
-        fields = request_fields(
-            measures=measures,
-            namespace=namespace,
-            val_datetime=val_datetime,
-            data_asof=data_asof,
-            quantile_levels=quantile_levels,
-        )
+        fields = request_fields(measures, namespace, val_datetime, data_asof, quantile_levels)
         size = self.chunk_size
 
         async def send(i: int, pins: Mapping[str, Any]) -> tuple[dict[str, Any], list[Any]]:
@@ -246,13 +239,7 @@ class AsyncClient:
         """
         table, index = books.as_table(book)
         books.check_unique_ids(books.ids_of(table))
-        fields = request_fields(
-            measures=measures,
-            namespace=namespace,
-            val_datetime=val_datetime,
-            data_asof=data_asof,
-            quantile_levels=quantile_levels,
-        )
+        fields = request_fields(measures, namespace, val_datetime, data_asof, quantile_levels)
         size = self.chunk_size
         rows = books.n_rows(table)
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import orjson
 
+# The error classes (the package re-exports them); error_from_answer, error_from_code and
+# parse_retry_after are for the client's own modules.
 __all__ = [
     "Conflict",
     "ConnectionFailed",
@@ -38,9 +40,6 @@ __all__ = [
     "TooLarge",
     "Unauthorized",
     "Unavailable",
-    "error_from_answer",
-    "error_from_code",
-    "parse_retry_after",
 ]
 
 MAX_RETRY_AFTER = 300.0  # the longest Retry-After the client takes (seconds); a longer one is cut to it

@@ -15,17 +15,21 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
+import inspect
 import threading
 import weakref
-from collections.abc import Coroutine, Iterator, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from types import TracebackType
-from typing import Any, Self, TypeVar
+from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from spectralmc_server.client import books
 from spectralmc_server.client.aio import AsyncClient
-from spectralmc_server.client.stream import Stream, Time
+from spectralmc_server.client.stream import Stream
 
 T = TypeVar("T")
+P = ParamSpec("P")
+F = TypeVar("F", bound=Callable[..., Any])
 _END: Any = object()
 CLOSE_WAIT = 10.0  # seconds close() waits for the loop to close its connections
 
@@ -42,6 +46,43 @@ def _shutdown(loop: asyncio.AbstractEventLoop, thread: threading.Thread, client:
         thread.join(CLOSE_WAIT)
     if not thread.is_alive():
         loop.close()
+
+
+def _blocking(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, T]], doc: str
+) -> Callable[Concatenate[Client, P], T]:
+    """``Client``'s blocking form of an ``AsyncClient`` method: the same arguments and
+    answer (one table of forwards instead of each signature written twice)."""
+
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._run(method(self._async, *args, **kwargs))
+
+    return _named(call, doc)
+
+
+def _blocking_stream(
+    method: Callable[Concatenate[AsyncClient, P], Stream], doc: str
+) -> Callable[Concatenate[Client, P], SyncStream]:
+    """``Client.stream``: the stream is made on the client's loop and read blocking."""
+
+    @functools.wraps(method)
+    def call(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> SyncStream:
+        async def make() -> Stream:
+            return method(self._async, *args, **kwargs)
+
+        return SyncStream(self, self._run(make()))
+
+    call.__annotations__ = {**call.__annotations__, "return": "SyncStream"}
+    call.__signature__ = inspect.signature(method).replace(return_annotation="SyncStream")  # type: ignore[attr-defined]
+    return _named(call, doc)
+
+
+def _named(call: F, doc: str) -> F:
+    call.__module__ = __name__
+    call.__qualname__ = f"Client.{call.__name__}"
+    call.__doc__ = doc
+    return call
 
 
 class Client:
@@ -110,85 +151,18 @@ class Client:
         """Close streams and connections and stop the client's thread (idempotent)."""
         self._finalizer()
 
-    def models(self) -> list[dict[str, Any]]:
-        """``GET /v1/models``: one row per served model."""
-        return self._run(self._async.models())
-
-    def ready(self) -> dict[str, Any]:
-        """``GET /readyz`` (raises :class:`Unavailable` when not ready)."""
-        return self._run(self._async.ready())
-
-    def price(
-        self,
-        contracts: Sequence[Mapping[str, Any]],
-        *,
-        measures: Sequence[str] | None = None,
-        namespace: str | None = None,
-        val_datetime: Time | None = None,
-        data_asof: Time | None = None,
-        quantile_levels: Sequence[float] | None = None,
-        request_timeout: float | None = None,
-    ) -> dict[str, Any]:
-        """Row JSON pricing; see :meth:`AsyncClient.price`."""
-        return self._run(
-            self._async.price(
-                contracts,
-                measures=measures,
-                namespace=namespace,
-                val_datetime=val_datetime,
-                data_asof=data_asof,
-                quantile_levels=quantile_levels,
-                request_timeout=request_timeout,
-            )
-        )
-
-    def price_table(
-        self,
-        book: Any,
-        *,
-        measures: Sequence[str] | None = None,
-        namespace: str | None = None,
-        val_datetime: Time | None = None,
-        data_asof: Time | None = None,
-        quantile_levels: Sequence[float] | None = None,
-        request_timeout: float | None = None,
-    ) -> Any:
-        """Arrow pricing of a pyarrow Table or pandas DataFrame; see :meth:`AsyncClient.price_table`."""
-        return self._run(
-            self._async.price_table(
-                book,
-                measures=measures,
-                namespace=namespace,
-                val_datetime=val_datetime,
-                data_asof=data_asof,
-                quantile_levels=quantile_levels,
-                request_timeout=request_timeout,
-            )
-        )
-
-    def stream(
-        self,
-        *subscriptions: Mapping[str, Any],
-        yield_errors: bool = False,
-        heartbeat: float = 30.0,
-        reconnect_initial: float = 0.1,
-        reconnect_max: float = 5.0,
-        reconnect_for: float | None = 300.0,
-    ) -> SyncStream:
+    models = _blocking(AsyncClient.models, """``GET /v1/models``: one row per served model.""")
+    ready = _blocking(AsyncClient.ready, """``GET /readyz`` (raises :class:`Unavailable` when not ready).""")
+    price = _blocking(AsyncClient.price, """Row JSON pricing; see :meth:`AsyncClient.price`.""")
+    price_table = _blocking(
+        AsyncClient.price_table,
+        """Arrow pricing of a pyarrow Table or pandas DataFrame; see :meth:`AsyncClient.price_table`.""",
+    )
+    stream = _blocking_stream(
+        AsyncClient.stream,
         """A blocking quote iterator over ``/v1/stream``; see :meth:`AsyncClient.stream`
-        and :class:`Stream` (reconnects, errors)."""
-
-        async def make() -> Stream:
-            return self._async.stream(
-                *subscriptions,
-                yield_errors=yield_errors,
-                heartbeat=heartbeat,
-                reconnect_initial=reconnect_initial,
-                reconnect_max=reconnect_max,
-                reconnect_for=reconnect_for,
-            )
-
-        return SyncStream(self, self._run(make()))
+        and :class:`Stream` (reconnects, errors).""",
+    )
 
 
 class SyncStream:

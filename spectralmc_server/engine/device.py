@@ -123,6 +123,16 @@ class MemoryBudget:
                 )
             self._holders[holder] = nbytes
 
+    def reserve_rows(self, holder: str, per_row: int, max_rows: int | None = None) -> int:
+        """Size a working set of ``per_row`` bytes a row to this budget: the most rows
+        the cap holds (at most ``max_rows``), reserved for ``holder``. Raises
+        :class:`BudgetExceededError` when not even one row fits."""
+        rows = self.cap_bytes // per_row if max_rows is None else min(max_rows, self.cap_bytes // per_row)
+        if rows < 1:
+            self.reserve(holder, per_row)  # raises with the budget's message
+        self.reserve(holder, rows * per_row)
+        return rows
+
     def track(self, holder: str, probe: Callable[[], int]) -> None:
         """Register how to measure what ``holder`` keeps alive now (bytes of its tensors);
         :meth:`report` sums the probes as ``live_bytes``. Released with the holder."""

@@ -152,10 +152,7 @@ class SpectralPricer:
         self.row_cap = max_rows
         per_row = bytes_per_row(spectrum, max_levels)
         if budget is not None:
-            max_rows = min(max_rows, budget.cap_bytes // per_row)
-            if max_rows < 1:
-                budget.reserve(holder, per_row)  # raises with the budget's message
-            budget.reserve(holder, max_rows * per_row)
+            max_rows = budget.reserve_rows(holder, per_row, max_rows)
             working_bytes = max_rows * per_row
         self.max_rows = max_rows
         self.max_levels = max_levels

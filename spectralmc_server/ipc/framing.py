@@ -89,16 +89,22 @@ def send_frame(sock: socket.socket, msg: object, *, out_of_band: bool = True) ->
     total = sum(v.nbytes for v in views)
     i = 0
     while i < len(views):
-        sent = sock.sendmsg(views[i : i + _IOV_MAX])
-        while sent:
-            size = views[i].nbytes
-            if sent >= size:
-                sent -= size
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
+        i = _advance(views, i, sock.sendmsg(views[i : i + _IOV_MAX]))
     return total
+
+
+def _advance(views: list[memoryview], i: int, n: int) -> int:
+    """After ``n`` bytes of ``views[i:]`` went through one gather/scatter call: the index
+    of the first part not done, that part re-sliced to what is left of it."""
+    while n:
+        size = views[i].nbytes
+        if n >= size:
+            n -= size
+            i += 1
+        else:
+            views[i] = views[i][n:]
+            n = 0
+    return i
 
 
 def _check_header(head: bytes | bytearray, max_frame_bytes: int) -> tuple[int, int]:
@@ -147,14 +153,7 @@ def _recv_all_into(sock: socket.socket, bufs: list[bytearray]) -> None:
         if not n:
             raise ProtocolError(f"the IPC connection was closed mid-frame ({got} of {want} bytes of its buffers)")
         got += n
-        while n:
-            size = views[i].nbytes
-            if n >= size:
-                n -= size
-                i += 1
-            else:
-                views[i] = views[i][n:]
-                n = 0
+        i = _advance(views, i, n)
 
 
 def recv_frame(

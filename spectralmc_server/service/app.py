@@ -41,6 +41,7 @@ from spectralmc_server.service.errors import (
     TooLarge,
     Unavailable,
     UnsupportedMediaType,
+    store_unavailable,
 )
 from spectralmc_server.service.jobs import Schedule, derive_action, price_action
 from spectralmc_server.service.marketdata import MarketData
@@ -96,7 +97,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = _error_response(_from_http(exc, request))
     except StoreUnavailable as exc:  # the object store is down: the client may retry, nothing is wrong with it
         log.warning("store unavailable on %s %s: %s", request.method, request.path, exc)
-        response = _error_response(Unavailable(f"the store is unavailable: {exc}", 5, code="store_unavailable"))
+        response = _error_response(store_unavailable(exc, retry_after=5, message=f"the store is unavailable: {exc}"))
     except EngineDead as exc:  # the engine is down (restarting): the client may retry
         response = _error_response(Unavailable(f"the compute engine is down: {exc}", 5, code="engine_unavailable"))
     except Exception:

@@ -47,16 +47,7 @@ from spectralmc_server.engine_service.messages import (
     PriceResult,
     SliceDone,
 )
-from spectralmc_server.engine_service.protocol import (
-    Call,
-    Ready,
-    Reply,
-    Shutdown,
-    Start,
-    StartFailed,
-    Tell,
-    http_allow,
-)
+from spectralmc_server.engine_service.protocol import Call, Ready, Reply, Shutdown, Start, StartFailed, Tell, http_allow
 from spectralmc_server.ipc.framing import FrameProtocol, connect, send_frame, write_frame
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.metrics import Metrics

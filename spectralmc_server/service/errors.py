@@ -81,6 +81,14 @@ class Unavailable(APIError):  # noqa: N818
         self.code = code
 
 
+def store_unavailable(exc: BaseException, *, retry_after: int = 1, message: str | None = None) -> Unavailable:
+    """The 503 ``store_unavailable`` for a failed read of the object store (the client may
+    retry; nothing is wrong with its request): ``message``, by default
+    ``market data unavailable: <type>: <error>``."""
+    text = message if message is not None else f"market data unavailable: {type(exc).__name__}: {exc}"
+    return Unavailable(text, retry_after, code="store_unavailable")
+
+
 class DeadlineExceeded(APIError):  # noqa: N818
     status, code = 504, "deadline_exceeded"
 

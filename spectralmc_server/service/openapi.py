@@ -35,6 +35,11 @@ def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _rows_columns_or_arrow(model: type[BaseModel], columnar: dict[str, Any]) -> dict[str, Any]:
+    """The content of a pricing body: JSON rows (``model``) or columns, or an Arrow IPC stream."""
+    return {"application/json": {"schema": {"oneOf": [_ref(model), columnar]}}, ARROW_STREAM: {"schema": BINARY}}
+
+
 def _errors(*codes: int) -> dict[str, Any]:
     text = {
         400: "Malformed JSON, or a compressed body that does not inflate",
@@ -178,6 +183,20 @@ def _cell(spec: dict[str, Any]) -> dict[str, Any]:
     return {"anyOf": [*[o for o in options if o.get("type") != "null"], {"type": "null"}]}
 
 
+def _columnar(
+    schema: dict[str, Any], rows: str, columns: dict[str, Any], title: str, description: str, *, required: list[str]
+) -> dict[str, Any]:
+    """``schema`` with ``columns`` in place of its ``rows`` property."""
+    props = {k: v for k, v in schema["properties"].items() if k != rows}
+    return {
+        **schema,
+        "title": title,
+        "description": description,
+        "properties": {**props, "columns": columns},
+        "required": required,
+    }
+
+
 def columnar_schemas(schemas: dict[str, Any]) -> dict[str, Any]:
     """ColumnarPriceRequest and ColumnarPriceResponse: the columnar forms of /v1/price's
     body and answer, built from the row schemas (pricing/columns.py reads them)."""
@@ -199,15 +218,14 @@ def columnar_schemas(schemas: dict[str, Any]) -> dict[str, Any]:
         },
         "additionalProperties": False,
     }
-    request = dict(schemas["PriceRequest"])
-    props = {k: v for k, v in request["properties"].items() if k != "contracts"}
-    request = {
-        **request,
-        "title": "ColumnarPriceRequest",
-        "description": "PriceRequest with the book as columns in place of contracts.",
-        "properties": {**props, "columns": columns},
-        "required": ["columns"],
-    }
+    request = _columnar(
+        schemas["PriceRequest"],
+        "contracts",
+        columns,
+        "ColumnarPriceRequest",
+        "PriceRequest with the book as columns in place of contracts.",
+        required=["columns"],
+    )
     answer_columns = {
         "type": "object",
         "description": (
@@ -218,15 +236,15 @@ def columnar_schemas(schemas: dict[str, Any]) -> dict[str, Any]:
         ),
         "additionalProperties": {"type": "array"},
     }
-    response = dict(schemas["PriceResponse"])
-    props = {k: v for k, v in response["properties"].items() if k != "results"}
-    response = {
-        **response,
-        "title": "ColumnarPriceResponse",
-        "description": "PriceResponse with the results as columns.",
-        "properties": {**props, "columns": answer_columns},
-        "required": [*(k for k in response.get("required", []) if k != "results"), "columns"],
-    }
+    rows_schema = schemas["PriceResponse"]
+    response = _columnar(
+        rows_schema,
+        "results",
+        answer_columns,
+        "ColumnarPriceResponse",
+        "PriceResponse with the results as columns.",
+        required=[*(k for k in rows_schema.get("required", []) if k != "results"), "columns"],
+    )
     return {"ColumnarPriceRequest": request, "ColumnarPriceResponse": response}
 
 
@@ -266,18 +284,12 @@ def build_openapi() -> dict[str, Any]:
                 "requestBody": {
                     "required": True,
                     "description": PRICE_BODY_DESCRIPTION,
-                    "content": {
-                        "application/json": {"schema": {"oneOf": [_ref(PriceRequest), COLUMNAR_REQUEST]}},
-                        ARROW_STREAM: {"schema": BINARY},
-                    },
+                    "content": _rows_columns_or_arrow(PriceRequest, COLUMNAR_REQUEST),
                 },
                 "responses": {
                     "200": {
                         "description": "Priced, in the form of the request: rows, columns or an Arrow IPC stream",
-                        "content": {
-                            "application/json": {"schema": {"oneOf": [_ref(PriceResponse), COLUMNAR_RESPONSE]}},
-                            ARROW_STREAM: {"schema": BINARY},
-                        },
+                        "content": _rows_columns_or_arrow(PriceResponse, COLUMNAR_RESPONSE),
                     },
                     **_errors(400, 413, 415, 422, 503, 504),
                 },

@@ -248,30 +248,16 @@ def _average_ratio(theta: Sequence[float], expiry: float, rate: float, dividend:
 
 # Each process's Process.scale and Process.forward_ratio, by its name (engine/processes/):
 # an Asian's strike is on the average, whose forward is F_A (carry and fixings in theta).
-SCALE_NP: Mapping[str, ScaleNp] = {
-    "gbm": gbm_scale_np,
-    "heston": heston_scale_np,
-    "merton": merton_scale_np,
-    "asian": geometric_scale_np,
+_BY_PROCESS: Mapping[str, tuple[ScaleNp, ForwardRatioNp, Scale, ForwardRatio]] = {
+    "gbm": (gbm_scale_np, _european_ratio_np, gbm_scale, _european_ratio),
+    "heston": (heston_scale_np, _european_ratio_np, heston_scale, _european_ratio),
+    "merton": (merton_scale_np, _european_ratio_np, merton_scale, _european_ratio),
+    "asian": (geometric_scale_np, _average_ratio_np, geometric_scale, _average_ratio),
 }
-FORWARD_RATIO_NP: Mapping[str, ForwardRatioNp] = {
-    "gbm": _european_ratio_np,
-    "heston": _european_ratio_np,
-    "merton": _european_ratio_np,
-    "asian": _average_ratio_np,
-}
-SCALE: Mapping[str, Scale] = {
-    "gbm": gbm_scale,
-    "heston": heston_scale,
-    "merton": merton_scale,
-    "asian": geometric_scale,
-}
-FORWARD_RATIO: Mapping[str, ForwardRatio] = {
-    "gbm": _european_ratio,
-    "heston": _european_ratio,
-    "merton": _european_ratio,
-    "asian": _average_ratio,
-}
+SCALE_NP: Mapping[str, ScaleNp] = {name: fs[0] for name, fs in _BY_PROCESS.items()}
+FORWARD_RATIO_NP: Mapping[str, ForwardRatioNp] = {name: fs[1] for name, fs in _BY_PROCESS.items()}
+SCALE: Mapping[str, Scale] = {name: fs[2] for name, fs in _BY_PROCESS.items()}
+FORWARD_RATIO: Mapping[str, ForwardRatio] = {name: fs[3] for name, fs in _BY_PROCESS.items()}
 
 
 def _known(process: str) -> None:

@@ -42,7 +42,7 @@ from spectralmc_server.service.errors import (
     EngineFailure,
     Invalid,
     NoMarketData,
-    Unavailable,
+    store_unavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -314,11 +314,7 @@ class Computing(Choosing):
             log.warning("snapshot resolution failed: %s: %s", type(exc).__name__, exc)
             for item in needing:
                 if not item.future.done():
-                    item.future.set_exception(
-                        Unavailable(
-                            f"market data unavailable: {type(exc).__name__}: {exc}", 1, code="store_unavailable"
-                        )
-                    )
+                    item.future.set_exception(store_unavailable(exc))
                 self._close(item)
             return
         for item in needing:

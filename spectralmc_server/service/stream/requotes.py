@@ -15,7 +15,14 @@ from spectralmc_server.pricing.schemas import (
     PriceRequest,
     format_validation_error,
 )
-from spectralmc_server.service.errors import APIError, DeadlineExceeded, Invalid, NoMarketData, Unavailable
+from spectralmc_server.service.errors import (
+    APIError,
+    DeadlineExceeded,
+    Invalid,
+    NoMarketData,
+    Unavailable,
+    store_unavailable,
+)
 from spectralmc_server.service.stream.connection import (
     CONTRACT_FIELD,
     NOTHING_SEEN,
@@ -99,9 +106,7 @@ class Requoting(HubState):
             try:
                 record = latest[ns] = await self.market.store.latest(ns)
             except Exception as exc:  # the store is down: these subscriptions get an error
-                failed[ns] = Unavailable(
-                    f"market data unavailable: {type(exc).__name__}: {exc}", 1, code="store_unavailable"
-                )
+                failed[ns] = store_unavailable(exc)
                 continue
             seen = self._seen.get(ns)
             if record is None:  # nothing yet: the first snapshot (even via a replica) is news

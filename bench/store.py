@@ -24,13 +24,14 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent.parent))  # devtools/ (the SeaweedFS launcher)
 
-from common import IMG, ROOT, record, table
+from common import output_args, plot_file, record, save_figure, table
 
+from devtools.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, boto3_client
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.store.objects import LocalObjectStore, ObjectStore
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
-from spectralmc_server.store.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, boto3_client
 from spectralmc_server.store.versions import VersionStore
 
 
@@ -93,8 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--versions", type=int, default=1000)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--record", action="store_true")
-    ap.add_argument("--plot", type=Path)
+    output_args(ap)
     args = ap.parse_args(argv)
     sizes = [1.0, 50.0]
     if args.quick:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[name, *(f"{results[b][name] * 1e3:.1f}" for b in results)] for name in names]
     result_table = table(["operation", *(f"{b}: ms" for b in results)], rows)
     print(result_table)
-    plot_path = args.plot or ((IMG if args.record else ROOT / "bench" / "out") / "store.png")
+    plot_path = plot_file(args, "store.png")
     plot(plot_path, results)
     print(f"plot: {plot_path}")
     if args.record:
@@ -158,9 +158,7 @@ def plot(path: Path, results: dict[str, dict[str, float]]) -> None:
     ax.set_ylabel("milliseconds")
     ax.set_title("Version store latency")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, cast
 
 from spectralmc_server.engine.checkpoint import Checkpoint
@@ -53,8 +53,9 @@ from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.views import Directory
 from spectralmc_server.service.worker import ComputeWorker, OnlineTraining, SliceCancelled, SlicedTask
 from spectralmc_server.settings import Settings
-from spectralmc_server.store.commits import CommitPolicy, GateResult
 from spectralmc_server.store.objects import ObjectStore
+from spectralmc_server.training.commit import CommitOutcome, GateResult, commit_certified
+from spectralmc_server.training.policy import CommitPolicy
 
 log = logging.getLogger(__name__)
 
@@ -168,11 +169,9 @@ class EngineCore:
             if training is not None and s.train.commit_on_shutdown and worker.alive:
                 try:
                     ckpt = await worker.submit(training.checkpoint)
-                    result = await self.gated(training.model, ckpt)
-                    if result.passed:
-                        store = self.host.stores[training.model]
-                        stored = await store.commit(result.checkpoint, "training state at shutdown", rebase=True)
-                        log.info("committed %s version %d at shutdown", training.model, stored.version)
+                    outcome = await self.gated_commit(training.model, ckpt, "training state at shutdown")
+                    if outcome.stored is not None:
+                        log.info("committed %s version %d at shutdown", training.model, outcome.stored.version)
                 except Exception:
                     log.exception("commit at shutdown failed")
             for task in list(self.background):
@@ -228,12 +227,11 @@ class EngineCore:
                 log.info("online training of %s: a certification is under way; %r skipped", store.name, message)
                 return
             try:
-                result = await self.gated(store.name, ck)
-                if not result.passed:
+                outcome = await self.gated_commit(store.name, ck, message)
+                if outcome.stored is None:
                     policy.withdraw(val)
                     return
-                stored = await store.commit(result.checkpoint, message, rebase=True)
-                log.info("online training committed %s version %d: %s", store.name, stored.version, message)
+                log.info("online training committed %s version %d: %s", store.name, outcome.stored.version, message)
                 await self.host.trackers[store.name].poll_once()
             except Exception:
                 log.exception("auto-commit of %s failed", store.name)
@@ -249,12 +247,13 @@ class EngineCore:
         self.training_note = None
         return OnlineTraining(s.train.model, trainer, policy, publish)
 
-    async def gated(self, model: str, ckpt: Checkpoint) -> GateResult:
-        """Certify a checkpoint in a thread (about 30 s; one at a time) and check it
-        against the model's gate; a failing one is logged and counted in
-        ``spectralmc_training_rejected_total`` (committing it is the caller's to refuse)."""
-        result = await self.host.certify(model, ckpt)
-        if not result.passed:
+    async def gated_commit(self, model: str, ckpt: Checkpoint, message: str) -> CommitOutcome:
+        """Online training's commit step: certify a checkpoint in a thread (about 30 s;
+        one at a time), check it against the model's gate and commit it when it passes;
+        a failing one is logged, counted in ``spectralmc_training_rejected_total`` and
+        not committed."""
+
+        def rejected(result: GateResult) -> None:
             self.metrics.training_rejected.labels(model).inc()
             log.warning(
                 "online training of %s: step %s not committed: it %s",
@@ -262,7 +261,14 @@ class EngineCore:
                 ckpt.manifest.get("state", {}).get("step"),
                 result.describe(),
             )
-        return result
+
+        return await commit_certified(
+            self.host.stores[model], ckpt, message, certify=self._certifier(model), on_failure=rejected
+        )
+
+    def _certifier(self, model: str) -> Callable[[Checkpoint], Awaitable[GateResult]]:
+        """The model's certification: in a thread, one at a time (ModelHost.certify)."""
+        return lambda ck: self.host.certify(model, ck)
 
     # -- state ----------------------------------------------------------------------------
 
@@ -397,25 +403,28 @@ class EngineCore:
                 "not_training", f"this server does not train model {model!r}" + (f" ({note})" if note else "")
             )
         ckpt = await self._worker().submit(training.checkpoint)
-        result = await self.host.certify(model, ckpt)  # ~30 s, in a thread
         step = int(ckpt.manifest["state"]["step"])
-        if not result.passed:
+
+        def rejected(result: GateResult) -> None:
             self.metrics.training_rejected.labels(model).inc()
             log.warning("admin commit of %s at step %s: it %s", model, step, result.describe())
-            if not allow_unqualified:
-                return CommitRefused(
-                    "gate",
-                    f"the training state of {model!r} at step {step} fails its quality gate and was not committed",
-                    list(result.failures),
-                    step,
-                )
-        stored = await self.host.stores[model].commit(
-            result.checkpoint,
+
+        outcome = await commit_certified(  # certifies for ~30 s, in a thread
+            self.host.stores[model],
+            ckpt,
             message,
-            rebase=True,
-            unqualified=not result.passed,
-            gate=result.failures if not result.passed else None,
+            certify=self._certifier(model),
+            allow_unqualified=allow_unqualified,
+            on_failure=rejected,
         )
+        result, stored = outcome.gate, outcome.stored
+        if stored is None:
+            return CommitRefused(
+                "gate",
+                f"the training state of {model!r} at step {step} fails its quality gate and was not committed",
+                list(result.failures),
+                step,
+            )
         return Committed(stored.version, stored.content_hash, step, not result.passed, list(result.failures))
 
     async def poll(self, model: str) -> None:

@@ -21,9 +21,6 @@ greatest stored record by the same CAS, never backwards.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import hashlib
-import random
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -34,12 +31,13 @@ import orjson
 from pydantic import ValidationError
 
 from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.store.cas import CAS_ATTEMPTS, advance_ref, content_key, create_once, put_content, sha256_hex
 from spectralmc_server.store.objects import ObjectStore, PreconditionFailed, list_all
 
 TOKEN_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 TOKEN_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
 RECORD_NAME_RE = re.compile(rf"{TOKEN_RE.pattern}/{TOKEN_RE.pattern}\.json")  # <VDT>/<ASOF>.json
-CAS_RETRIES = 20
+CAS_RETRIES = CAS_ATTEMPTS  # tries of a refs/latest move (store/cas.py's advance_ref)
 AFTER_EVERY_KEY = "~"  # sorts after every character a key may hold (letters, digits, _ . - /)
 
 
@@ -76,10 +74,6 @@ def iso(value: datetime) -> str:
 
 def canonical(snapshot: MarketSnapshot) -> bytes:
     return orjson.dumps(snapshot.model_dump(mode="json"), option=orjson.OPT_SORT_KEYS)
-
-
-def content_hash(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -158,7 +152,10 @@ class SnapshotStore:
         return f"{self._base(namespace)}/snapshots/{token(val_datetime)}/{token(data_asof)}.json"
 
     def content_key(self, namespace: str, h: str) -> str:
-        return f"{self._base(namespace)}/content/{h.removeprefix('sha256:')}"
+        return content_key(self._content_prefix(namespace), h)
+
+    def _content_prefix(self, namespace: str) -> str:
+        return f"{self._base(namespace)}/content"
 
     def latest_key(self, namespace: str) -> str:
         return f"{self._base(namespace)}/refs/latest"
@@ -174,9 +171,7 @@ class SnapshotStore:
         """Store ``snapshot`` under the key; ``(record, created)``. Same content again is
         idempotent (``created`` False); different content raises SnapshotConflict."""
         data = await asyncio.to_thread(canonical, snapshot)
-        h = content_hash(data)
-        with contextlib.suppress(PreconditionFailed):  # content first; the same bytes twice is fine
-            await self.objects.put_if_absent(self.content_key(namespace, h), data)
+        h = await put_content(self.objects, self._content_prefix(namespace), data)  # content first; idempotent
         record = SnapshotRecord(
             namespace=namespace,
             val_datetime=utc(val_datetime),
@@ -187,16 +182,16 @@ class SnapshotStore:
         )
         key = self.record_key(namespace, val_datetime, data_asof)
         try:
-            await self.objects.put_if_absent(key, record.to_bytes())
-        except PreconditionFailed:
-            existing = await self._read_record(key)
-            if existing is None:  # deleted in between: not something this store does
-                raise SnapshotConflict(f"{key} changed while it was written; put it again") from None
+            first = await create_once(self.objects, key, record.to_bytes())
+        except PreconditionFailed:  # created, then deleted before it could be read: not something this store does
+            raise SnapshotConflict(f"{key} changed while it was written; put it again") from None
+        if first is not None:
+            existing = SnapshotRecord.from_bytes(first.data, key)
             if existing.hash != h:
                 raise SnapshotConflict(
                     f"{namespace}/{iso(val_datetime)}/{iso(data_asof)} already holds other content "
                     f"({existing.hash}); snapshots are immutable: put it under a later data_asof"
-                ) from None
+                )
             self._remember(h, snapshot)
             # The first writer may have died between its record and the ref: a retry of
             # the same PUT finishes its work (and any other record the ref is behind).
@@ -211,23 +206,19 @@ class SnapshotStore:
         return None if blob is None else SnapshotRecord.from_bytes(blob.data, key)
 
     async def _advance_latest(self, namespace: str, record: SnapshotRecord) -> bool:
-        """Move refs/latest to ``record`` if it is later than what it names (CAS, retried);
-        True when this call moved it."""
+        """Move refs/latest to ``record`` if it is later than what it names (CAS with
+        bounded, jittered retries: ``store/cas.py``'s advance_ref, which raises its
+        RefContention, a PreconditionFailed, after CAS_RETRIES lost races); True when
+        this call moved it."""
         ref = self.latest_key(namespace)
-        for attempt in range(CAS_RETRIES):
-            blob = await self.objects.get(ref)
-            try:
-                if blob is None:
-                    await self.objects.put_if_absent(ref, record.to_bytes())
-                    return True
-                current = SnapshotRecord.from_bytes(blob.data, ref)
-                if current.sort_key() >= record.sort_key():
-                    return False
-                await self.objects.put_if_match(ref, record.to_bytes(), blob.etag)
-                return True
-            except PreconditionFailed:
-                await asyncio.sleep(random.uniform(0, 0.005 * 2 ** min(attempt, 6)))
-        raise PreconditionFailed(f"{ref} kept changing; gave up after {CAS_RETRIES} tries")
+        data = record.to_bytes()
+
+        def update(current: bytes | None) -> bytes | None:
+            if current is not None and SnapshotRecord.from_bytes(current, ref).sort_key() >= record.sort_key():
+                return None
+            return data
+
+        return await advance_ref(self.objects, ref, update, attempts=CAS_RETRIES)
 
     async def repair_latest(self, namespace: str) -> SnapshotRecord | None:
         """Move refs/latest forward to the greatest record stored in the namespace when
@@ -360,7 +351,7 @@ class SnapshotStore:
             raise CorruptSnapshot(f"{key} is missing (named by {iso(record.val_datetime)}/{iso(record.data_asof)})")
 
         def parse() -> MarketSnapshot:
-            if content_hash(blob.data) != record.hash:
+            if sha256_hex(blob.data) != record.hash:
                 raise CorruptSnapshot(f"{key} fails its SHA-256 (bytes changed)")
             try:
                 return MarketSnapshot.model_validate_json(blob.data)

@@ -24,7 +24,6 @@ from spectralmc_server.service.auth import ADMIN_REALM, require_token
 from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import CommitBody, GCBody, PinBody, UnpinBody
-from spectralmc_server.store import admin as store_admin
 from spectralmc_server.store.versions import (
     ContentCollected,
     CorruptObject,
@@ -32,6 +31,7 @@ from spectralmc_server.store.versions import (
     VersionNotFound,
     VersionStore,
 )
+from spectralmc_server.training.history import list_versions
 
 log = logging.getLogger(__name__)
 routes = web.RouteTableDef()
@@ -101,7 +101,7 @@ async def commit(request: web.Request) -> web.Response:
 async def versions(request: web.Request) -> web.Response:
     """Every version, oldest first, with head / pinned / collected flags."""
     store = model_store(request)
-    return json_response({"model": store.name, "versions": await store_admin.list_versions(store)})
+    return json_response({"model": store.name, "versions": await list_versions(store)})
 
 
 @routes.post("/v1/admin/models/{name}/pin")

@@ -33,10 +33,10 @@ from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import MAX_QUANTILE_LEVELS
 from spectralmc_server.service.views import Directory, TrackerView
 from spectralmc_server.settings import CertificateSettings
-from spectralmc_server.store.commits import GateResult, certify_checkpoint
 from spectralmc_server.store.objects import ObjectStore
 from spectralmc_server.store.tracker import Check, ModelTracker, Rejection
 from spectralmc_server.store.versions import CommitConflict, VersionStore
+from spectralmc_server.training.commit import GateResult, certify_checkpoint
 
 log = logging.getLogger(__name__)
 SEED_MESSAGE = "seeded from the bundled model"

@@ -33,7 +33,7 @@ from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.trainer import Trainer
 from spectralmc_server.engine_service.messages import EngineDead
 from spectralmc_server.service.metrics import Metrics, TrainingState
-from spectralmc_server.store.commits import CommitPolicy
+from spectralmc_server.training.policy import CommitPolicy
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)

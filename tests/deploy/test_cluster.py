@@ -37,7 +37,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from spectralmc_server.store.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, boto3_client, free_ports
+from devtools.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, boto3_client, free_ports
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"

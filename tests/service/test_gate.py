@@ -25,9 +25,9 @@ from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
 from spectralmc_server.service import keys
 from spectralmc_server.settings import CertificateSettings
-from spectralmc_server.store.commits import GateResult, certify_checkpoint
 from spectralmc_server.store.objects import LocalObjectStore
 from spectralmc_server.store.versions import VersionStore
+from spectralmc_server.training.commit import GateResult, certify_checkpoint
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 LOOSE_TOLERANCE = {m: 10.0 for m in DEFAULT_TOLERANCE}  # every certified bound passes: learned answers

@@ -108,7 +108,7 @@ def test_online_checkpoint_is_a_copy_not_the_live_weights() -> None:
     """The checkpoint handed to the event loop for committing must not change when the
     worker's next training step updates the weights in place."""
     from spectralmc_server.engine.trainer import TrainConfig, Trainer
-    from spectralmc_server.store.commits import CommitPolicy
+    from spectralmc_server.training.policy import CommitPolicy
 
     config = TrainConfig(batch_points=4, paths=64, validate_every=1000, validation_grid=2)
     trainer = Trainer(config)

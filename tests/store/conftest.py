@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from devtools.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, boto3_client
 from spectralmc_server.store.objects import LocalObjectStore, ObjectStore
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
-from spectralmc_server.store.seaweed import ACCESS_KEY, REGION, SECRET_KEY, SeaweedFS, boto3_client
 
 __all__ = ["Backend", "SeaweedFS", "boto3_client"]  # imported by the test modules
 

@@ -21,7 +21,6 @@ from store_util import tiny_files
 
 from spectralmc_server.engine.certify import CERT_FORMAT, certificate_hash, encode, summary
 from spectralmc_server.engine.checkpoint import MANIFEST, Checkpoint, decode, sha256_hex
-from spectralmc_server.store import admin
 from spectralmc_server.store.objects import ObjectStore, list_all
 from spectralmc_server.store.versions import (
     LINK_FORMAT,
@@ -32,6 +31,7 @@ from spectralmc_server.store.versions import (
     VersionNotFound,
     VersionStore,
 )
+from spectralmc_server.training import history as admin
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:

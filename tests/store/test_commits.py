@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from spectralmc_server.store.commits import DEFAULT_MESSAGE, CommitPolicy
+from spectralmc_server.training.policy import DEFAULT_MESSAGE, CommitPolicy
 
 
 def test_every_n_steps() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from conftest import Backend, SeaweedFS, boto3_client
 
+from devtools.seaweed import VOLUME_SLOTS, free_ports
 from spectralmc_server.store.objects import (
     MAX_PAGE,
     InvalidKey,
@@ -31,7 +32,6 @@ from spectralmc_server.store.objects import (
     list_all,
 )
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
-from spectralmc_server.store.seaweed import VOLUME_SLOTS, free_ports
 from spectralmc_server.store.uri import InvalidStoreURI, open_store, parse_store_uri
 
 WRITERS = 16

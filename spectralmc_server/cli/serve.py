@@ -1,0 +1,91 @@
+"""``spectralmc serve``: the pricing server (HTTP API, metrics, online training)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from spectralmc_server.cli.common import EXIT_FAILURE, EXIT_OK, UsageError, validation_message
+
+
+def add_parser(sub: Any) -> None:
+    serve = sub.add_parser("serve", help="run the pricing server (HTTP API, metrics, online training)")
+    serve.add_argument("--config", type=Path, help="TOML settings file (see config/server.toml)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument("--role", choices=["serve", "train", "all"], help="what this process does (default all)")
+    serve.add_argument("--data-dir", type=Path, help="where the default local store lives")
+    serve.add_argument("--store", help="model store URI (file:///path or s3://bucket/prefix)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from spectralmc_server.settings import Settings
+    from spectralmc_server.store.uri import InvalidStoreURI, parse_store_uri
+
+    if args.config is not None and not args.config.is_file():
+        raise UsageError(f"--config: no such file {args.config}")
+    try:
+        settings = Settings.load(
+            args.config, host=args.host, port=args.port, role=args.role, data_dir=args.data_dir, store=args.store
+        )
+        parse_store_uri(settings.store_uri)
+    except ValidationError as exc:
+        raise UsageError(validation_message("invalid settings", exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {args.config}: not valid TOML: {exc}") from None
+    except InvalidStoreURI as exc:
+        raise UsageError(f"store: {exc}") from None
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    from spectralmc_server.service import keys
+    from spectralmc_server.service.app import create_app
+    from spectralmc_server.service.edge import run_app
+    from spectralmc_server.service.engine_process import EngineStartError
+    from spectralmc_server.store.objects import StoreError
+
+    settings = _settings(args)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(_malformed_http_one_line)
+    log = logging.getLogger("spectralmc_server")
+    log.info("role %s, store %s, models %s", settings.role, settings.store_uri, ", ".join(settings.models))
+    app = create_app(settings)
+    try:
+        run_app(  # web.run_app with JSON parser errors and the header-read timeout (service/edge.py)
+            app,
+            host=settings.host,
+            port=settings.port,
+            shutdown_timeout=settings.shutdown_timeout_seconds,
+            on_start=lambda msg: log.info("%s", msg),
+        )
+    except OSError as exc:  # address in use, permission denied
+        raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    except StoreError as exc:  # the store is unreachable or refuses us: the environment, not a bug
+        print(f"error: cannot start: model store {settings.store_uri}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except EngineStartError as exc:
+        print(f"error: cannot start: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return app[keys.LIFECYCLE].exit_code or EXIT_OK
+
+
+def _malformed_http_one_line(record: Any) -> bool:
+    """aiohttp logs a request it cannot parse (a client's fault, answered 4xx as JSON) with a
+    traceback; keep one warning line instead."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError):
+        record.msg, record.args, record.exc_info, record.exc_text = "malformed HTTP request: %s", (exc,), None, None
+        record.levelno, record.levelname = 30, "WARNING"
+    return True

@@ -56,6 +56,8 @@ def library_versions() -> dict[str, str]:
 
 
 def sha256_hex(data: bytes) -> str:
+    """The content hash of checkpoints, certificates and every stored object (store/cas.py):
+    ``"sha256:" + hex digest``."""
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import random
 from collections.abc import Callable
 
+from spectralmc_server.engine.checkpoint import sha256_hex  # the one content hash (store and checkpoints)
 from spectralmc_server.store.objects import Blob, ObjectStore, PreconditionFailed
 
 CAS_ATTEMPTS = 20  # reads-and-writes of a ref before advance_ref gives up
@@ -44,11 +44,6 @@ class RefContention(PreconditionFailed):
         super().__init__(f"{ref} kept changing; gave up after {attempts} tries")
         self.ref = ref
         self.attempts = attempts
-
-
-def sha256_hex(data: bytes) -> str:
-    """The content hash used throughout the store: ``"sha256:" + hex digest``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def content_key(prefix: str, h: str) -> str:
@@ -122,3 +117,16 @@ async def advance_ref(
             if attempt + 1 < attempts:
                 await backoff(attempt)
     raise RefContention(ref, attempts)
+
+
+__all__ = [
+    "BACKOFF_BASE_SECONDS",
+    "BACKOFF_MAX_DOUBLINGS",
+    "CAS_ATTEMPTS",
+    "RefContention",
+    "advance_ref",
+    "content_key",
+    "create_once",
+    "put_content",
+    "sha256_hex",
+]

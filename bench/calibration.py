@@ -3,7 +3,7 @@ CF, and QuantLib's calibration side by side, on synthetic surfaces with known tr
 
 Each surface: 6 expiries (0.25 .. 2 years) x 9 moneyness levels K/F in [0.8, 1.2] = 54
 quotes, implied vols of COS prices on the analytic CF at known parameters. Every engine
-starts from the same point (engine/calibrate.py heston_start) and is timed from quotes
+starts from the same point (engine/fit.py heston_start) and is timed from quotes
 to parameters (median of repeated runs after one warm-up). Errors: the fitted
 parameters against the truth, and the root mean square of (model vol - market vol)
 over the quotes, each engine's model vol from its own pricing.
@@ -27,15 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import output_args, plot_file, record, save_figure, table
 
-from spectralmc_server.engine.calibrate import CalibrationResult, Quotes, calibrate, heston_start
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.cvnn import CFModel
+from spectralmc_server.engine.fit import CalibrationResult, Quotes, calibrate, heston_start
 from spectralmc_server.engine.pricer import load_served_model
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.reference import analytic_cf_y
 from spectralmc_server.engine.spectrum import SpectrumConfig
-from spectralmc_server.marketdata.calibration import synthetic_surface
 from spectralmc_server.models import bundled_models
+from spectralmc_server.pricing.calibration import synthetic_surface
 
 F64 = torch.float64
 DAYS = [91, 182, 274, 365, 548, 730]  # expiries in days (QuantLib periods), ~0.25 .. 2 years

@@ -25,10 +25,10 @@ import pytest
 
 from spectralmc_server.cli import main
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.marketdata.calibration import synthetic_surface
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord, SnapshotStore
 from spectralmc_server.models import bundled_models
+from spectralmc_server.pricing.calibration import synthetic_surface
 from spectralmc_server.store.objects import LocalObjectStore
 
 VDT = "2026-11-26T16:00:00Z"

@@ -71,10 +71,10 @@ def _served(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spectralmc_server.marketdata.calibration import SurfaceError, calibrate_snapshot
     from spectralmc_server.marketdata.store import SnapshotStore, iso
+    from spectralmc_server.pricing.calibration import SurfaceError, calibrate_snapshot
     from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN
-    from spectralmc_server.service.calibration import store_fit
+    from spectralmc_server.service.calibrate_routes import store_fit
     from spectralmc_server.store.uri import open_store
 
     if not re.fullmatch(NAMESPACE_PATTERN, args.namespace):

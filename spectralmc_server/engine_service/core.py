@@ -21,7 +21,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, cast
+from typing import Any
 
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.device import Budgets
@@ -35,7 +35,6 @@ from spectralmc_server.engine_service.messages import (
     FitFailed,
     FitReport,
     FitSpec,
-    Head,
     JobFailedError,
     ModelId,
     PriceJob,
@@ -43,15 +42,13 @@ from spectralmc_server.engine_service.messages import (
     Skipped,
     SliceDone,
 )
-from spectralmc_server.marketdata.calibration import CalibrationReport, SurfaceError, calibrate_snapshot
-from spectralmc_server.pricing.book import LazyContracts
+from spectralmc_server.engine_service.metrics import EngineCounters
+from spectralmc_server.engine_service.models import ModelHost
+from spectralmc_server.engine_service.rss import rss_bytes
+from spectralmc_server.engine_service.views import Directory
+from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining, SliceCancelled, SlicedTask
+from spectralmc_server.pricing.calibration import CalibrationReport, SurfaceError, calibrate_snapshot
 from spectralmc_server.pricing.door import Entry, value_batch
-from spectralmc_server.pricing.schemas import Contract, Measure, PriceRequest
-from spectralmc_server.service.memory import rss_bytes
-from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.models import ModelHost
-from spectralmc_server.service.views import Directory
-from spectralmc_server.service.worker import ComputeWorker, OnlineTraining, SliceCancelled, SlicedTask
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import ObjectStore
 from spectralmc_server.training.commit import CommitOutcome, GateResult, commit_certified
@@ -122,7 +119,7 @@ class EngineCore:
     Runs on an asyncio loop (the trackers poll on it; commits certify in a thread from
     it); every torch computation runs on the worker's thread."""
 
-    def __init__(self, settings: Settings, objects: ObjectStore, metrics: Metrics, budgets: Budgets) -> None:
+    def __init__(self, settings: Settings, objects: ObjectStore, metrics: EngineCounters, budgets: Budgets) -> None:
         s = settings
         self.settings = settings
         self.objects = objects
@@ -325,7 +322,7 @@ class EngineCore:
                 record, snapshot = e.market
                 assert snapshot is not None, "the snapshot is filled in before the job reaches the core"
                 market = (record, snapshot)
-            entries.append(Entry(_request(e.head, e.contracts(job)), lease, market, e.offset, e.columnar))
+            entries.append(Entry(e.head.request(e.contracts(job)), lease, market, e.offset, e.columnar))
             live.append(k)
         outcomes: list[Any] = [Skipped()] * len(job.entries)
         try:
@@ -437,18 +434,3 @@ class EngineCore:
     def hold(self, seconds: float) -> asyncio.Future[None]:
         """Keep the worker busy for ``seconds`` (tests: a worker that is computing)."""
         return self._worker().submit(lambda: time.sleep(seconds))
-
-
-def _request(head: Head, book: Any) -> PriceRequest:
-    """A request with ``head``'s fields and ``book`` as its contracts (checked already)."""
-    contracts = LazyContracts(book)
-    request = PriceRequest.model_construct(
-        namespace=head.namespace,
-        val_datetime=head.val_datetime,
-        data_asof=head.data_asof,
-        measures=cast(list[Measure], list(head.measures)),
-        quantile_levels=None if head.quantile_levels is None else list(head.quantile_levels),
-        contracts=cast(list[Contract], contracts),  # a Sequence where the schema says list (pricing/book.py)
-    )
-    request._book = (contracts, book)
-    return request

@@ -3,8 +3,8 @@
 The HTTP side (service/) holds no engine object. It sends a job of checked requests as
 Books (numpy columns, pricing/book.py) and gets back one outcome per entry; it starts,
 slices and cancels calibrations by id; it asks for commits and store polls; it hears
-the served models (service/views.py ``Directory``) and the engine's :class:`EngineStatus`
-whenever they change. The same messages go through a function call (the engine in the
+the served models (engine_service/views.py ``Directory``) and the engine's
+:class:`EngineStatus` whenever they change. The same messages go through a function call (the engine in the
 server's own process) or a Unix socket (the engine in its own process,
 engine_service/process.py).
 """
@@ -13,14 +13,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from spectralmc_server.engine.device import BudgetReport
+from spectralmc_server.engine_service.metrics import TrainingState
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
 from spectralmc_server.marketdata.store import SnapshotRecord
-from spectralmc_server.pricing.book import Book
+from spectralmc_server.pricing.book import Book, LazyContracts
 from spectralmc_server.pricing.errors import RequestRefusedError
-from spectralmc_server.service.metrics import TrainingState
+from spectralmc_server.pricing.schemas import Contract, Measure, PriceRequest
 
 SNAPSHOTS_KEPT = 128  # market snapshots an engine keeps per connection (first in, first out)
 
@@ -45,6 +46,20 @@ class Head:
     data_asof: datetime | None
     measures: tuple[str, ...]
     quantile_levels: tuple[float, ...] | None
+
+    def request(self, book: Book) -> PriceRequest:
+        """A request with these fields and ``book`` as its contracts (checked already)."""
+        contracts = LazyContracts(book)
+        request = PriceRequest.model_construct(
+            namespace=self.namespace,
+            val_datetime=self.val_datetime,
+            data_asof=self.data_asof,
+            measures=cast(list[Measure], list(self.measures)),
+            quantile_levels=None if self.quantile_levels is None else list(self.quantile_levels),
+            contracts=cast(list[Contract], contracts),  # a Sequence where the schema says list (pricing/book.py)
+        )
+        request._book = (contracts, book)
+        return request
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +138,7 @@ class FitSpec:
 
 @dataclass(frozen=True, slots=True)
 class FitReport:
-    """A finished fit as plain data (marketdata/calibration.py CalibrationReport)."""
+    """A finished fit as plain data (pricing/calibration.py CalibrationReport)."""
 
     underlying: str
     process: str

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from spectralmc_server.engine_service.messages import EngineStatus
+from spectralmc_server.engine_service.views import Directory
 from spectralmc_server.ipc.unpickling import http_side_allow
-from spectralmc_server.service.views import Directory
 from spectralmc_server.settings import Settings
 
 PROTOCOL = 1
@@ -80,9 +80,9 @@ _HTTP_SIDE_MODULES = frozenset(
         "spectralmc_server.engine_service.protocol",
         "spectralmc_server.engine_service.messages",
         "spectralmc_server.engine.view",
+        "spectralmc_server.engine_service.metrics",  # TrainingState
+        "spectralmc_server.engine_service.views",
         "spectralmc_server.engine.device",  # BudgetReport (plain dataclasses)
-        "spectralmc_server.service.metrics",  # TrainingState
-        "spectralmc_server.service.views",
         "spectralmc_server.marketdata.objects",  # ModelParams in a fit's report
         "spectralmc_server.pricing.errors",
     }

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine_service.core import EngineCore
 from spectralmc_server.engine_service.messages import SNAPSHOTS_KEPT, EngineDead, JobFailedError, PriceJob
+from spectralmc_server.engine_service.metrics import DEVICE_FAMILIES, EngineMetrics, device_memory_metrics
 from spectralmc_server.engine_service.protocol import (
     CALLS,
     PROTOCOL,
@@ -45,11 +46,10 @@ from spectralmc_server.engine_service.protocol import (
     StartFailed,
     Tell,
 )
+from spectralmc_server.engine_service.views import Directory
 from spectralmc_server.ipc.framing import FrameProtocol, connect, recv_frame, write_frame
 from spectralmc_server.ipc.unpickling import engine_side_allow
 from spectralmc_server.marketdata.objects import MarketSnapshot
-from spectralmc_server.service.metrics import DEVICE_FAMILIES, Metrics, device_memory_metrics
-from spectralmc_server.service.views import Directory
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import StoreError
 from spectralmc_server.store.uri import open_store
@@ -76,7 +76,7 @@ class _DeviceMemory(Collector):
 class _EngineFamilies(Collector):
     """The :data:`ENGINE_FAMILIES` of an engine's registry, as they are."""
 
-    def __init__(self, metrics: Metrics, index: int | None) -> None:
+    def __init__(self, metrics: EngineMetrics, index: int | None) -> None:
         self.metrics = metrics
         self.index = index
 
@@ -93,7 +93,7 @@ class _EngineFamilies(Collector):
             yield labelled
 
 
-def engine_metrics_text(metrics: Metrics, index: int | None = None) -> bytes:
+def engine_metrics_text(metrics: EngineMetrics, index: int | None = None) -> bytes:
     """The engine's own families in the exposition format; with ``index`` (one engine
     among several) each sample is labelled ``engine="index"``."""
     registry = CollectorRegistry(auto_describe=False)
@@ -108,7 +108,7 @@ class EngineServer:
         self.settings = settings
         self.index = index
         self.sock = sock
-        self.metrics = Metrics()
+        self.metrics = EngineMetrics()
         self.core: EngineCore | None = None
         self.conn: FrameProtocol | None = None
         self.done = asyncio.Event()

@@ -74,7 +74,7 @@ _PYDANTIC: dict[str, frozenset[str] | None] = {
     "pydantic.networks": None,  # AnyUrl and friends (None: any public name)
     "pydantic_core._pydantic_core": frozenset({"Url", "MultiHostUrl"}),
 }
-HTTP_SIDE_PREFIXES = ("spectralmc_server.ipc", "spectralmc_server.pricing", "spectralmc_server.service.views")
+HTTP_SIDE_PREFIXES = ("spectralmc_server.ipc", "spectralmc_server.pricing")
 ENGINE_SIDE_PREFIXES = ("spectralmc_server",)
 
 
@@ -102,10 +102,11 @@ def _plain(module: str, name: str) -> bool:
 
 
 def http_side_allow(module: str, name: str) -> bool:
-    """The HTTP process's policy: plain data plus ``spectralmc_server.ipc``, ``.pricing``
-    and ``.service.views``; never torch (nor any module whose name starts with "torch"),
-    never ``spectralmc_server.engine``. An admitted module is imported on first use, so
-    the message classes' modules must not import torch themselves."""
+    """The HTTP process's policy: plain data plus ``spectralmc_server.ipc`` and
+    ``.pricing`` (engine_service/protocol.py adds the message modules); never torch (nor
+    any module whose name starts with "torch"), never ``spectralmc_server.engine``. An
+    admitted module is imported on first use, so the message classes' modules must not
+    import torch themselves."""
     if module.startswith("torch"):
         return False
     return _plain(module, name) or _under(module, HTTP_SIDE_PREFIXES)

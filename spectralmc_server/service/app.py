@@ -26,11 +26,13 @@ from aiohttp import web
 from spectralmc_server.engine.device import BudgetReport, Budgets
 from spectralmc_server.engine_service.core import EngineCore
 from spectralmc_server.engine_service.messages import EngineDead
+from spectralmc_server.engine_service.metrics import ModelState, TrainingState
+from spectralmc_server.engine_service.views import ModelDirectory
 from spectralmc_server.marketdata.store import SnapshotStore, iso
 from spectralmc_server.pricing.schemas import PriceRequest
-from spectralmc_server.service import admin, calibration, edge, keys, routes, snapshot_routes
+from spectralmc_server.service import admin, calibrate_routes, edge, keys, routes, snapshot_routes
 from spectralmc_server.service.batcher import Batcher
-from spectralmc_server.service.calibration import calibrate_action
+from spectralmc_server.service.calibrate_routes import calibrate_action
 from spectralmc_server.service.engine import EngineClient, LocalEngine
 from spectralmc_server.service.engine_pool import EnginePool
 from spectralmc_server.service.engine_process import ProcessEngine
@@ -46,10 +48,9 @@ from spectralmc_server.service.errors import (
 from spectralmc_server.service.jobs import Schedule, derive_action, price_action
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.memory import bounded_send, memory_ctx
-from spectralmc_server.service.metrics import Metrics, ModelState, StateSource, TrainingState
+from spectralmc_server.service.metrics import Metrics, StateSource
 from spectralmc_server.service.openapi import build_openapi, docs_page
 from spectralmc_server.service.stream import StreamHub
-from spectralmc_server.service.views import ModelDirectory
 from spectralmc_server.settings import PriceJob, Settings
 from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailable
 from spectralmc_server.store.uri import open_store
@@ -352,7 +353,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.add_routes(routes.routes)
     app.add_routes(admin.routes)
     app.add_routes(snapshot_routes.routes)
-    app.add_routes(calibration.routes)
+    app.add_routes(calibrate_routes.routes)
     app.router.add_get("/docs", docs)
     app.cleanup_ctx.extend([store_ctx, marketdata_ctx, engine_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
     app.cleanup_ctx.append(memory_ctx)  # send tracking and the reclaimer (memory.py)

@@ -3,7 +3,7 @@
 The batcher, the routes, calibration and the admin routes hold no engine object: they
 send the messages of engine_service/messages.py through an :class:`EngineClient` and
 read what it was last told, the served models (``models``, a
-:class:`~spectralmc_server.service.views.ModelDirectory`) and the engine's
+:class:`~spectralmc_server.engine_service.views.ModelDirectory`) and the engine's
 :class:`~spectralmc_server.engine_service.messages.EngineStatus`.
 
 - :class:`LocalEngine`: the engine on a thread of this process (``engine.mode =
@@ -31,7 +31,7 @@ from spectralmc_server.engine_service.messages import (
     PriceResult,
     SliceDone,
 )
-from spectralmc_server.service.views import ModelDirectory
+from spectralmc_server.engine_service.views import ModelDirectory
 
 if TYPE_CHECKING:  # the engine side (thread mode only): not imported by the HTTP side's modules
     from spectralmc_server.engine_service.core import EngineCore

@@ -38,10 +38,10 @@ from spectralmc_server.engine_service.messages import (
     PriceResult,
     SliceDone,
 )
+from spectralmc_server.engine_service.views import Directory, ModelDirectory
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.engine_process import ProcessEngine
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.views import Directory, ModelDirectory
 from spectralmc_server.settings import Settings
 
 

@@ -48,10 +48,10 @@ from spectralmc_server.engine_service.messages import (
     SliceDone,
 )
 from spectralmc_server.engine_service.protocol import Call, Ready, Reply, Shutdown, Start, StartFailed, Tell, http_allow
+from spectralmc_server.engine_service.views import Directory, ModelDirectory
 from spectralmc_server.ipc.framing import FrameProtocol, connect, send_frame, write_frame
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.views import Directory, ModelDirectory
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import StoreError
 

@@ -7,15 +7,15 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from spectralmc_server.engine.device import Budgets
+from spectralmc_server.engine_service.models import ModelHost
+from spectralmc_server.engine_service.views import ModelDirectory
+from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.jobs import Schedule
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.models import ModelHost
 from spectralmc_server.service.stream import StreamHub
-from spectralmc_server.service.views import ModelDirectory
-from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import ObjectStore
 from spectralmc_server.store.versions import VersionStore

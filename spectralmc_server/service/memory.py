@@ -40,18 +40,17 @@ import contextlib
 import ctypes
 import gc
 import logging
-import os
 import platform
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aiohttp import hdrs, web
 from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from spectralmc_server.engine_service.rss import rss_bytes
 from spectralmc_server.service import keys
 from spectralmc_server.settings import MemorySettings
 
@@ -61,17 +60,8 @@ TRACKED_BYTES = 1 << 16  # answers over this (asyncio's default write high-water
 CHUNK_BYTES = 1 << 18  # one write of a tracked answer: at most this much waits in the transport's buffer
 TICK_SECONDS = 1.0  # how often the reclaimer looks at RSS and idleness
 MIN_RECLAIM_INTERVAL = 5.0  # growth-triggered reclaims at most this often (seconds)
-STATM = Path("/proc/self/statm")
 PROBES = frozenset({"/metrics", "/healthz", "/readyz"})  # small answers; they do not end an idle period
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def rss_bytes() -> int | None:
-    """This process's resident set size (Linux ``/proc/self/statm``; None elsewhere)."""
-    try:
-        return int(STATM.read_bytes().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def _malloc_trim() -> Callable[[int], int] | None:

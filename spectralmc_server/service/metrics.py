@@ -9,18 +9,24 @@ somewhere (model versions, budgets, training progress) is read at scrape time by
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-import torch
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from spectralmc_server.engine.device import BudgetReport
+from spectralmc_server.engine_service.metrics import (
+    ModelState,
+    TrainingState,
+    device_memory_metrics,
+    engine_failures_counter,
+    training_rejected_counter,
+    training_step_histogram,
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
-STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 DROP_REASONS = (
     "overloaded",
     "estimated_wait",
@@ -33,33 +39,6 @@ DROP_REASONS = (
 )
 
 REJECT_REASONS = ("gate", "no_certificate")
-
-
-@dataclass
-class ModelState:
-    """One served model as the exporter sees it."""
-
-    name: str
-    mode: str
-    version: int | None
-    content_hash: str | None
-    swaps: int
-    poll_failures: int
-    consecutive_poll_failures: int = 0
-    last_good_poll: float | None = None  # Unix time
-    rejected: dict[str, int] = field(default_factory=dict)  # versions refused by the gate, by kind
-    forced: bool = False  # the served version was pinned with force past its gate
-
-
-@dataclass
-class TrainingState:
-    """The online trainer as the exporter sees it."""
-
-    model: str
-    steps: int
-    loss: float | None
-    validation_bp: dict[str, float] = field(default_factory=dict)  # p50_bp, p95_bp, max_bp
-    commits: int = 0
 
 
 @dataclass
@@ -269,15 +248,8 @@ class Metrics:
             ["process", "method", "tier"],
             registry=r,
         )
-        self.engine_failures = Counter(
-            "spectralmc_engine_failures", "Unexpected errors in the compute worker", registry=e
-        )
-        self.training_step_seconds = Histogram(
-            "spectralmc_training_step_duration_seconds",
-            "Wall time of one training step (a queued request waits at most one)",
-            buckets=STEP_BUCKETS,
-            registry=e,
-        )
+        self.engine_failures = engine_failures_counter(e)
+        self.training_step_seconds = training_step_histogram(e)
         for reason in DROP_REASONS:
             self.dropped.labels(reason)
 
@@ -356,45 +328,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.training_rejected = Counter(
-            "spectralmc_training_rejected",
-            "Versions online training did not commit: their certificate fails the quality gate",
-            ["model"],
-            registry=e,
-        )
+        self.training_rejected = training_rejected_counter(e)
 
     def add_state(self, source: StateSource) -> None:
         self.registry.register(StateCollector(source))
-
-
-DEVICE_FAMILIES = (
-    "spectralmc_device_allocated_bytes",
-    "spectralmc_device_peak_allocated_bytes",
-    "spectralmc_device_reserved_bytes",
-    "spectralmc_device_total_bytes",
-)
-
-
-def device_memory_metrics() -> list[GaugeMetricFamily]:
-    """torch's CUDA caching-allocator statistics per device, where this process has
-    initialised CUDA (a CPU-only process exports none: there is no device to report)."""
-    allocated = GaugeMetricFamily(
-        "spectralmc_device_allocated_bytes", "Bytes in live tensors on the device (torch allocator)", labels=["device"]
-    )
-    peak = GaugeMetricFamily(
-        "spectralmc_device_peak_allocated_bytes",
-        "Peak of allocated bytes since start (torch allocator)",
-        labels=["device"],
-    )
-    reserved = GaugeMetricFamily(
-        "spectralmc_device_reserved_bytes", "Bytes the caching allocator holds from the driver", labels=["device"]
-    )
-    total = GaugeMetricFamily("spectralmc_device_total_bytes", "The device's memory", labels=["device"])
-    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
-        for i in range(torch.cuda.device_count()):
-            label = [f"cuda:{i}"]
-            allocated.add_metric(label, torch.cuda.memory_allocated(i))
-            peak.add_metric(label, torch.cuda.max_memory_allocated(i))
-            reserved.add_metric(label, torch.cuda.memory_reserved(i))
-            total.add_metric(label, torch.cuda.get_device_properties(i).total_memory)
-    return [allocated, peak, reserved, total]

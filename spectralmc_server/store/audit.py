@@ -155,6 +155,33 @@ class Audit:
         return report
 
     async def verify_content(self, entries: list[Entry], collected: set[int], report: VerifyReport) -> None:
+        wanted = self._wanted_content(entries, collected, report)
+        hashes = sorted(wanted)
+        blobs = await gather_limited([partial(self.objects.get, self.content_key(h)) for h in hashes])
+        manifests: dict[int, bytes] = {}
+        for h, blob in zip(hashes, blobs, strict=True):
+            users = wanted[h]
+            problem = None
+            if blob is None:
+                problem = "content missing (and not collected by GC)"
+            elif sha256_hex(blob.data) != h:
+                problem = "content fails its SHA-256 (bytes changed)"
+            if problem is not None:
+                for v, role in users:
+                    report.problem(v, self.content_key(h), f"{role} {problem}")
+                continue
+            assert blob is not None
+            manifests.update((v, blob.data) for v, role in users if role == "manifest")
+        for e in entries:
+            data = manifests.get(e.index)
+            if data is not None:
+                self._check_manifest(e, data, report)
+
+    def _wanted_content(
+        self, entries: list[Entry], collected: set[int], report: VerifyReport
+    ) -> dict[str, list[tuple[int, str]]]:
+        """content hash -> the (version, role) pairs whose records name it; records that
+        name no content, or a content_hash other than their manifest's, are reported."""
         wanted: dict[str, list[tuple[int, str]]] = {}
         for e in entries:
             if e.index in collected:
@@ -167,34 +194,18 @@ class Audit:
                 report.problem(e.index, self.records.key(e.index), "content_hash is not the manifest's hash")
             for role, h in content.items():
                 wanted.setdefault(str(h), []).append((e.index, role))
-        hashes = sorted(wanted)
-        blobs = await gather_limited([partial(self.objects.get, self.content_key(h)) for h in hashes])
-        manifests: dict[int, bytes] = {}
-        for h, blob in zip(hashes, blobs, strict=True):
-            users = wanted[h]
-            if blob is None:
-                for v, role in users:
-                    report.problem(v, self.content_key(h), f"{role} content missing (and not collected by GC)")
-                continue
-            if sha256_hex(blob.data) != h:
-                for v, role in users:
-                    report.problem(v, self.content_key(h), f"{role} content fails its SHA-256 (bytes changed)")
-                continue
-            for v, role in users:
-                if role == "manifest":
-                    manifests[v] = blob.data
-        for e in entries:
-            data = manifests.get(e.index)
-            if data is None:
-                continue
-            try:
-                files = parse(data, "manifest").get("files", {})
-            except CorruptObject as exc:
-                report.problem(e.index, self.content_key(e.body["content"]["manifest"]), str(exc))
-                continue
-            content = e.body["content"]
-            if files.get(MODEL_FILE) != content["model"] or files.get(TRAINING_FILE) != content["training"]:
-                report.problem(e.index, self.records.key(e.index), "record and manifest disagree on the weight files")
+        return wanted
+
+    def _check_manifest(self, e: Entry, data: bytes, report: VerifyReport) -> None:
+        """The manifest parses and names the record's weight files."""
+        try:
+            files = parse(data, "manifest").get("files", {})
+        except CorruptObject as exc:
+            report.problem(e.index, self.content_key(e.body["content"]["manifest"]), str(exc))
+            return
+        content = e.body["content"]
+        if files.get(MODEL_FILE) != content["model"] or files.get(TRAINING_FILE) != content["training"]:
+            report.problem(e.index, self.records.key(e.index), "record and manifest disagree on the weight files")
 
     async def verify_certificates(
         self, by_version: dict[int, Entry], collected: set[int], report: VerifyReport
@@ -354,6 +365,24 @@ class Audit:
         retained = set(versions[-n_keep:]) | {v for v in protect if v in versions}
         retained |= {v for v in (head.version if head else None, pinned) if v is not None}
         doomed = [v for v in versions if v not in retained]
+        delete = await self._doomed_objects(entries, retained, grace_seconds)
+        already = await self.vs.collected()
+        sizes = 0
+        if not dry_run:
+            sizes = await self._collect([v for v in doomed if v not in already], delete, n_keep, grace_seconds)
+        return GCReport(
+            model=self.name,
+            dry_run=dry_run,
+            retained=sorted(retained),
+            collected_versions=[v for v in doomed if v not in already],
+            deleted_objects=delete,
+            bytes_freed=sizes,
+        )
+
+    async def _doomed_objects(self, entries: list[Entry], retained: set[int], grace_seconds: float) -> list[str]:
+        """The keys GC deletes: certificate links of versions not retained, then content
+        blobs no retained version needs (referenced ones at once, leftovers of dead
+        committers once older than ``grace_seconds``)."""
         keep_blobs: set[str] = set()
         for e in entries:
             if e.index in retained:
@@ -376,29 +405,21 @@ class Audit:
         wall = time.time()
         for key, modified in await list_all(self.objects, f"{self.base}/content/"):
             h = key.rsplit("/", 1)[1]
-            if h in keep_blobs:
-                continue
-            if h in referenced or wall - modified >= grace_seconds:
+            if h not in keep_blobs and (h in referenced or wall - modified >= grace_seconds):
                 delete.append(key)
-        already = await self.vs.collected()
+        return delete
+
+    async def _collect(self, doomed: list[int], delete: list[str], n_keep: int, grace_seconds: float) -> int:
+        """Write the markers of ``doomed`` versions, then delete ``delete``: the bytes freed."""
+        for v in doomed:
+            marker = canonical_json({"format": GC_FORMAT, "version": v, "time": now(), "keep": n_keep})
+            with contextlib.suppress(PreconditionFailed):
+                await self.objects.put_if_absent(self.gc_key(v), marker)
         sizes = 0
-        if not dry_run:
-            for v in doomed:
-                if v not in already:
-                    marker = canonical_json({"format": GC_FORMAT, "version": v, "time": now(), "keep": n_keep})
-                    with contextlib.suppress(PreconditionFailed):
-                        await self.objects.put_if_absent(self.gc_key(v), marker)
-            for key in delete:
-                blob = await self.objects.get(key)
-                sizes += len(blob.data) if blob else 0
-                await self.objects.delete(key)
-            if isinstance(self.objects, LocalObjectStore):
-                self.objects.collect_temporaries(grace_seconds)
-        return GCReport(
-            model=self.name,
-            dry_run=dry_run,
-            retained=sorted(retained),
-            collected_versions=[v for v in doomed if v not in already],
-            deleted_objects=delete,
-            bytes_freed=sizes,
-        )
+        for key in delete:
+            blob = await self.objects.get(key)
+            sizes += len(blob.data) if blob else 0
+            await self.objects.delete(key)
+        if isinstance(self.objects, LocalObjectStore):
+            self.objects.collect_temporaries(grace_seconds)
+        return sizes

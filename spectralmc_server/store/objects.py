@@ -119,6 +119,15 @@ def local_etag(data: bytes) -> str:
     return '"' + hashlib.sha256(data).hexdigest()[:32] + '"'
 
 
+def _may_hold(sub: str, prefix: str, start_after: str | None) -> bool:
+    """Can directory ``sub`` (a key prefix ending in "/") hold keys of a listing of
+    ``prefix`` after ``start_after``?"""
+    if not (sub.startswith(prefix) or prefix.startswith(sub)):
+        return False
+    # every key below sub sorts before start_after ('~' follows every key character)
+    return start_after is None or not (sub < start_after[: len(sub)] or start_after >= sub + "~")
+
+
 class LocalObjectStore:
     """Objects as files under ``root``; atomic and safe across processes on one machine.
 
@@ -225,11 +234,7 @@ class LocalObjectStore:
                 key = f"{rel}{entry.name}"
                 if entry.is_dir(follow_symlinks=False):
                     sub = key + "/"
-                    if not (sub.startswith(prefix) or prefix.startswith(sub)):
-                        continue
-                    if start_after is not None and (sub < start_after[: len(sub)] or start_after >= sub + "~"):
-                        continue  # every key below sub sorts before start_after ('~' follows every key character)
-                    if walk(Path(entry.path), sub):
+                    if _may_hold(sub, prefix, start_after) and walk(Path(entry.path), sub):
                         return True
                 elif key.startswith(prefix) and (start_after is None or key > start_after):
                     keys.append(key)

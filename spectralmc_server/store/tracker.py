@@ -9,7 +9,7 @@ version. Store outages are retried with exponential backoff forever; the tracker
 serving what it has and reports the failures.
 
 A ``check`` hook decides which versions may be served at all (the server's quality
-gate on a version's certificate, service/models.py): the tracker never swaps to a
+gate on a version's certificate, engine_service/models.py): the tracker never swaps to a
 version the hook refuses. It keeps serving what it has (nothing, at start), records
 the refusal (:attr:`ModelTracker.rejected`, counted by kind in
 :attr:`ModelTracker.rejections`), logs it once, and looks again on every poll, since a
@@ -158,56 +158,7 @@ class ModelTracker(Generic[T]):
 
     async def _poll(self) -> bool:
         try:
-            want = await self.target()
-            forced = want is not None and self.pinned_version is None and self.store_pin_forced
-            changed = False
-            cur = self._current
-            if cur is not None and cur.forced and not (forced and cur.version == want):
-                # The force that serves it was withdrawn: it is served only if it passes now.
-                if await self._refusal(cur.version) is None:
-                    cur = self._current = replace(cur, forced=False, gate=())
-                else:
-                    log.warning(
-                        "model %s: version %d is no longer pinned with force and fails its check: not serving it",
-                        self.store.name,
-                        cur.version,
-                    )
-                    cur = self._current = None
-                    changed = True
-            if want is None:
-                self.rejected = None
-            elif cur is not None and cur.version == want:
-                if forced and not cur.forced:
-                    rejection = await self._refusal(want)
-                    if rejection is not None:  # served now because of the force: say so
-                        self._current = replace(cur, forced=True, gate=rejection.reasons)
-                self.rejected = None
-            else:
-                rejection = await self._refusal(want)
-                if rejection is not None and not forced:
-                    self._reject(rejection)
-                else:
-                    ckpt = await self.store.load(want)
-                    model = await asyncio.to_thread(self.loader, ckpt, want)
-                    previous = None if cur is None else cur.version
-                    gate = () if rejection is None else rejection.reasons
-                    served = Served(want, ckpt.content_hash, model, forced=rejection is not None, gate=gate)
-                    self._current = served  # the one swap
-                    self.rejected = None
-                    self.swaps += 1
-                    if rejection is None:
-                        log.info("model %s: now serving version %d (was %s)", self.store.name, want, previous)
-                    else:
-                        log.warning(
-                            "model %s: now serving version %d (was %s), pinned with force past its check: %s",
-                            self.store.name,
-                            want,
-                            previous,
-                            "; ".join(gate),
-                        )
-                    changed = True
-                    for listener in list(self.listeners):
-                        listener(want)
+            changed = await self._follow()
         except Exception as exc:
             self.consecutive_failures += 1
             self.total_failures += 1
@@ -227,6 +178,64 @@ class ModelTracker(Generic[T]):
         self.last_error = None
         self.last_good_poll = time.time()
         return changed
+
+    async def _follow(self) -> bool:
+        """One poll's decision: keep, swap to or drop a version. True when what is
+        served changed."""
+        want = await self.target()
+        forced = want is not None and self.pinned_version is None and self.store_pin_forced
+        changed = False
+        cur = self._current
+        if cur is not None and cur.forced and not (forced and cur.version == want):
+            # The force that serves it was withdrawn: it is served only if it passes now.
+            if await self._refusal(cur.version) is None:
+                cur = self._current = replace(cur, forced=False, gate=())
+            else:
+                log.warning(
+                    "model %s: version %d is no longer pinned with force and fails its check: not serving it",
+                    self.store.name,
+                    cur.version,
+                )
+                cur = self._current = None
+                changed = True
+        if want is None:
+            self.rejected = None
+        elif cur is not None and cur.version == want:
+            if forced and not cur.forced:
+                rejection = await self._refusal(want)
+                if rejection is not None:  # served now because of the force: say so
+                    self._current = replace(cur, forced=True, gate=rejection.reasons)
+            self.rejected = None
+        else:
+            rejection = await self._refusal(want)
+            if rejection is not None and not forced:
+                self._reject(rejection)
+            else:
+                await self._swap(want, None if cur is None else cur.version, rejection)
+                changed = True
+        return changed
+
+    async def _swap(self, want: int, previous: int | None, rejection: Rejection | None) -> None:
+        """Load version ``want`` and serve it (the one swap), telling the listeners."""
+        ckpt = await self.store.load(want)
+        model = await asyncio.to_thread(self.loader, ckpt, want)
+        gate = () if rejection is None else rejection.reasons
+        served = Served(want, ckpt.content_hash, model, forced=rejection is not None, gate=gate)
+        self._current = served  # the one swap
+        self.rejected = None
+        self.swaps += 1
+        if rejection is None:
+            log.info("model %s: now serving version %d (was %s)", self.store.name, want, previous)
+        else:
+            log.warning(
+                "model %s: now serving version %d (was %s), pinned with force past its check: %s",
+                self.store.name,
+                want,
+                previous,
+                "; ".join(gate),
+            )
+        for listener in list(self.listeners):
+            listener(want)
 
     def backoff_seconds(self) -> float:
         if self.consecutive_failures == 0:

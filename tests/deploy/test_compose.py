@@ -26,7 +26,8 @@ from pydantic import BaseModel
 
 from spectralmc_server.cli import build_parser
 from spectralmc_server.engine.device import BudgetConfig, Budgets
-from spectralmc_server.service.metrics import Metrics, ModelState, StateSource, TrainingState
+from spectralmc_server.engine_service.metrics import ModelState, TrainingState
+from spectralmc_server.service.metrics import Metrics, StateSource
 from spectralmc_server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]

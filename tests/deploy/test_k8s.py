@@ -49,7 +49,7 @@ NAMESPACE = "spectralmc"
 # The [budgets] caps a server reserves, by role (read from the code), all in its engine
 # process ([engine] mode = "process", the default):
 # - every role builds a ModelHost (engine_service/core.py), which reserves the inference
-#   working set and each loaded version in model_cache (service/models.py);
+#   working set and each loaded version in model_cache (engine_service/models.py);
 # - only a training server builds a Trainer (engine_service/core.py _training), which
 #   reserves training and simulator (engine/trainer.py) and the normals pool
 #   (engine/normals.py).

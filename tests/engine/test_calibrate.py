@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from spectralmc_server.engine.calibrate import (
+from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
+from spectralmc_server.engine.fit import (
     CalibrationError,
     Quotes,
     _cos_put,
@@ -18,12 +19,11 @@ from spectralmc_server.engine.calibrate import (
     heston_start,
     model_prices,
 )
-from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
 from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.reference import analytic_cf_y
 from spectralmc_server.engine.spectrum import SpectrumConfig
-from spectralmc_server.marketdata.calibration import synthetic_surface
+from spectralmc_server.pricing.calibration import synthetic_surface
 
 F64 = torch.float64
 HESTON = get_process("heston")

@@ -142,8 +142,8 @@ def test_a_served_model_holds_at_most_three_times_its_weights() -> None:
     block matrices frozen layers cache for serving (measured after pricing)."""
     from spectralmc_server.engine.checkpoint import read_dir
     from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.engine_service.models import SERVED_BYTES_PER_WEIGHT_BYTE
     from spectralmc_server.models import bundled_models
-    from spectralmc_server.service.models import SERVED_BYTES_PER_WEIGHT_BYTE
 
     ckpt = read_dir(bundled_models()["heston"], need_training=False)
     weights = sum(t.numel() * t.element_size() for t in ckpt.model.values())

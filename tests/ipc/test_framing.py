@@ -312,8 +312,8 @@ def test_http_side_refuses(module: str, name: str) -> None:
     [
         ("spectralmc_server.ipc.framing", "ProtocolError", True, True),
         ("spectralmc_server.pricing.schemas", "Contract", True, True),
-        ("spectralmc_server.service.views", "Anything", True, True),
-        ("spectralmc_server.service.viewsx", "Anything", False, True),
+        ("spectralmc_server.pricing.book", "Book", True, True),
+        ("spectralmc_server.pricingx", "Anything", False, True),
         ("spectralmc_server.engine.pricer", "ServedModel", False, True),
         ("spectralmc_server.service.app", "App", False, True),
         ("numpy._core.numeric", "_frombuffer", True, True),

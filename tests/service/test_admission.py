@@ -1,5 +1,5 @@
 """Admission by estimated cost, bounded jobs and bounded calibrations (service/batcher.py,
-service/worker.py, service/calibration.py).
+engine_service/worker.py, service/calibrate_routes.py).
 
 Timing assertions are ratios or generous bounds: the VM running the tests is shared and
 noisy, and the queue's estimates are learned from what it measures there.
@@ -22,7 +22,8 @@ from aiohttp import ClientResponse
 from marketdata_util import ASOF, VDT, snapshot
 from server_util import CONTRACT, Client, MakeClient, app_of, assert_error
 
-from spectralmc_server.marketdata.calibration import synthetic_surface
+from spectralmc_server.engine_service.worker import ComputeWorker, SliceCancelled, SlicedTask
+from spectralmc_server.pricing.calibration import synthetic_surface
 from spectralmc_server.service import keys
 from spectralmc_server.service.batcher import (
     MAX_RETRY_AFTER,
@@ -32,7 +33,6 @@ from spectralmc_server.service.batcher import (
     merge_answers,
 )
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.worker import ComputeWorker, SliceCancelled, SlicedTask
 
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)")
 HESTON = {"v0": 0.03, "kappa": 2.0, "theta": 0.05, "xi": 0.6, "rho": -0.65}

@@ -1,4 +1,4 @@
-"""Calibration as a service (service/calibration.py): POST /v1/calibrate on a synthetic
+"""Calibration as a service (service/calibrate_routes.py): POST /v1/calibrate on a synthetic
 Heston surface whose true parameters are known, through the served learned model
 (``method: cvnn``) and through the analytic CF when no Heston model is served
 (``reference``); storing the fit as a derived snapshot priced by reference; the 422s
@@ -33,8 +33,8 @@ from pydantic import ValidationError
 from server_util import Client, MakeClient, assert_error
 
 from spectralmc_server.engine.processes import get_process
-from spectralmc_server.marketdata.calibration import synthetic_surface
 from spectralmc_server.marketdata.objects import MarketSnapshot, year_fraction
+from spectralmc_server.pricing.calibration import synthetic_surface
 from spectralmc_server.settings import DeriveJob, Settings
 
 TRUE = {"v0": 0.03, "kappa": 2.0, "theta": 0.05, "xi": 0.6, "rho": -0.65}

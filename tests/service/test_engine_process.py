@@ -353,9 +353,9 @@ async def test_two_engine_processes_share_the_work_and_survive_one_death(
 def test_engine_threads_default_to_the_cores_left_by_the_http_process(tmp_path: Path) -> None:
     from server_util import settings_for
 
+    from spectralmc_server.engine_service.views import ModelDirectory
     from spectralmc_server.service.engine_process import default_torch_threads
     from spectralmc_server.service.metrics import Metrics
-    from spectralmc_server.service.views import ModelDirectory
 
     cores = len(os.sched_getaffinity(0))
     assert default_torch_threads(1) == max(1, cores - 1)

@@ -34,8 +34,9 @@ from server_util import Client, MakeClient
 
 from spectralmc_server.marketdata.black import black_forward
 from spectralmc_server.marketdata.objects import MarketSnapshot, VolSurface, year_fraction
+from spectralmc_server.marketdata.surfaces import implied_vol_surface
 from spectralmc_server.service.errors import NoMarketData
-from spectralmc_server.service.jobs import Schedule, Unchanged, implied_vol_surface
+from spectralmc_server.service.jobs import Schedule, Unchanged
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.settings import DeriveJob, PriceJob, Settings
 

@@ -23,8 +23,9 @@ from aiohttp.test_utils import TestClient
 from prometheus_client import Counter
 from server_util import AppServer, ServerProcess, settings_for
 
+from spectralmc_server.engine_service.rss import rss_bytes
 from spectralmc_server.service.app import create_app
-from spectralmc_server.service.memory import MEMORY, Send, Sends, rss_bytes
+from spectralmc_server.service.memory import MEMORY, Send, Sends
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.settings import MemorySettings
 

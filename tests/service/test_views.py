@@ -1,4 +1,4 @@
-"""The served models as plain data (engine/view.py, service/views.py): what the HTTP side
+"""The served models as plain data (engine/view.py, engine_service/views.py): what the HTTP side
 reads in place of the engine's objects. A view holds no torch object and pickles small;
 the directory's readings are those the routes answer with; a swap is heard once."""
 
@@ -14,8 +14,8 @@ import pytest
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.pricer import ServedModel, load_served_model
 from spectralmc_server.engine.view import ModelView
+from spectralmc_server.engine_service.views import Directory, ModelDirectory, TrackerView
 from spectralmc_server.models import bundled_models
-from spectralmc_server.service.views import Directory, ModelDirectory, TrackerView
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from spectralmc_server.engine_service.messages import EngineDead
+from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.service.metrics import Metrics
-from spectralmc_server.service.worker import ComputeWorker, OnlineTraining
 
 
 class CountingTraining(OnlineTraining):

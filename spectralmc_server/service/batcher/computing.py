@@ -21,8 +21,8 @@ from spectralmc_server.engine_service.messages import (
     SliceDone,
     WireEntry,
 )
-from spectralmc_server.marketdata.calibration import SurfaceError
 from spectralmc_server.pricing.book import book_of, book_of_requests, sliced
+from spectralmc_server.pricing.calibration import SurfaceError
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service.batcher.choosing import Choosing

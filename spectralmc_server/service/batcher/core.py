@@ -137,7 +137,7 @@ class Batcher(Computing):
         """Queue a calibration: the engine fits ``spec`` in slices of about
         ``max_job_seconds`` (between which other jobs run). At most ``max_calibrations``
         at once; the deadline stops it between iterations (504); a surface it cannot fit
-        fails the future with :class:`~spectralmc_server.marketdata.calibration.SurfaceError`."""
+        fails the future with :class:`~spectralmc_server.pricing.calibration.SurfaceError`."""
         s = self.settings
         self._check_open()
         running = [f for f in self._fits if not f.closed]

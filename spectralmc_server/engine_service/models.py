@@ -29,9 +29,9 @@ from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
 from spectralmc_server.engine.device import BudgetExceededError, Budgets, live_tensor_bytes, module_tensors
 from spectralmc_server.engine.pricer import ServedModel, bytes_per_row, load_served_model
 from spectralmc_server.engine.spectrum import SpectrumConfig
+from spectralmc_server.engine_service.views import Directory, TrackerView
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import MAX_QUANTILE_LEVELS
-from spectralmc_server.service.views import Directory, TrackerView
 from spectralmc_server.settings import CertificateSettings
 from spectralmc_server.store.objects import ObjectStore
 from spectralmc_server.store.tracker import Check, ModelTracker, Rejection
@@ -78,7 +78,7 @@ class ModelHost:
             )
             for n in names
         }
-        # called with a new Directory after every poll of any tracker (service/views.py)
+        # called with a new Directory after every poll of any tracker (engine_service/views.py)
         self.on_change: list[Callable[[Directory], None]] = []
         for tracker in self.trackers.values():
             tracker.polled.append(self._publish)
@@ -176,7 +176,7 @@ class ModelHost:
         return out
 
     def directory(self) -> Directory:
-        """Every served model and its tracker's state, as plain data (service/views.py)."""
+        """Every served model and its tracker's state, as plain data (engine_service/views.py)."""
         return Directory(tuple(self._view(name, t) for name, t in self.trackers.items()))
 
     @staticmethod

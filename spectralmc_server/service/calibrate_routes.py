@@ -22,9 +22,9 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from spectralmc_server.engine_service.messages import FitReport, FitSpec
-from spectralmc_server.marketdata.calibration import SurfaceError
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
 from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
+from spectralmc_server.pricing.calibration import SurfaceError
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid
 from spectralmc_server.service.jobs import Unchanged, derive_input

@@ -32,7 +32,7 @@ import torch
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.trainer import Trainer
 from spectralmc_server.engine_service.messages import EngineDead
-from spectralmc_server.service.metrics import Metrics, TrainingState
+from spectralmc_server.engine_service.metrics import EngineCounters, TrainingState
 from spectralmc_server.training.policy import CommitPolicy
 
 T = TypeVar("T")
@@ -187,7 +187,7 @@ class ComputeWorker:
 
     def __init__(
         self,
-        metrics: Metrics,
+        metrics: EngineCounters,
         training: OnlineTraining | None = None,
         torch_threads: int | None = None,
         idle_gap_seconds: float = 0.0,

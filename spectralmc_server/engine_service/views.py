@@ -1,6 +1,6 @@
 """The served models as the HTTP side sees them: plain data pushed by the engine.
 
-The engine owns the model host (service/models.py: stores, trackers, loaded versions).
+The engine owns the model host (engine_service/models.py: stores, trackers, loaded versions).
 After every store poll (a swap, a refusal, a failure, a pin) it builds a
 :class:`Directory`, a frozen picture of every served model, and pushes it to the
 :class:`ModelDirectory` the routes, the batcher, the metrics and the streams read. A
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spectralmc_server.engine.view import ModelView
-from spectralmc_server.service.metrics import ModelState
+from spectralmc_server.engine_service.metrics import ModelState
 
 
 @dataclass(frozen=True, slots=True)

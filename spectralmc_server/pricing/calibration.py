@@ -6,6 +6,9 @@ fit runs through the served learned model where one is given (its CF and exact
 derivatives in one pass), through COS on the analytic CF otherwise, with the
 parameters kept inside the model's domain. The report gives the fitted parameters and,
 per quote, the market vol, the model's implied vol and their difference.
+
+The use case behind ``POST /v1/calibrate``, the ``calibrate`` derive job and
+``spectralmc calibrate``; the Levenberg-Marquardt fit itself is engine/fit.py.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ from typing import Any
 import orjson
 import torch
 
-from spectralmc_server.engine.calibrate import CalibrationError, CalibrationResult, Quotes, calibrate, heston_start
 from spectralmc_server.engine.cvnn import CFModel
+from spectralmc_server.engine.fit import CalibrationError, CalibrationResult, Quotes, calibrate, heston_start
 from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM, ServedModel
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ParameterRange
@@ -165,7 +168,7 @@ def calibrate_snapshot(
     on_iteration: Callable[[int, int], None] | None = None,
 ) -> CalibrationReport:
     """Fit ``process_name`` to ``underlying``'s surface (see the module docstring);
-    ``on_iteration`` is the optimiser's hook (engine/calibrate.py)."""
+    ``on_iteration`` is the optimiser's hook (engine/fit.py)."""
     if process_name not in CALIBRATABLE:
         raise SurfaceError(f"calibration supports {', '.join(CALIBRATABLE)}, not {process_name!r}")
     process = get_process(process_name)

@@ -36,8 +36,10 @@ from common import ROOT, output_args, plot_file, record, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import sobol_engine
-from spectralmc_server.engine.pricer import Evaluation, OptionBatch, ServedModel, load_served_model, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes.asian import asian_put_mc, average_forward_ratio
+from spectralmc_server.engine.reference_pricers import reference_pricer
+from spectralmc_server.engine.served import Evaluation, ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64

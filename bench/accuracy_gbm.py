@@ -31,12 +31,7 @@ from common import ROOT, output_args, plot_file, record, save_figure, table
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
-from spectralmc_server.engine.pricer import (
-    Evaluation,
-    OptionBatch,
-    SpectralPricer,
-    load_served_model,
-)
+from spectralmc_server.engine.pricer import OptionBatch, SpectralPricer
 from spectralmc_server.engine.processes import GBMProcess
 from spectralmc_server.engine.reference import (
     analytic_cf_y,
@@ -45,6 +40,7 @@ from spectralmc_server.engine.reference import (
     lognormal_quantiles,
     mc_european,
 )
+from spectralmc_server.engine.served import Evaluation, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64

@@ -32,8 +32,10 @@ from common import ROOT, output_args, plot_file, record, save_figure, table, tim
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import sobol_engine
-from spectralmc_server.engine.pricer import Evaluation, OptionBatch, SpectralPricer, load_served_model, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch, SpectralPricer
 from spectralmc_server.engine.reference import analytic_cf_y
+from spectralmc_server.engine.reference_pricers import reference_pricer
+from spectralmc_server.engine.served import Evaluation, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64

@@ -30,9 +30,9 @@ from common import output_args, plot_file, record, save_figure, table
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.cvnn import CFModel
 from spectralmc_server.engine.fit import CalibrationResult, Quotes, calibrate, heston_start
-from spectralmc_server.engine.pricer import load_served_model
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.reference import analytic_cf_y
+from spectralmc_server.engine.served import load_served_model
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.calibration import synthetic_surface

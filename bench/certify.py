@@ -56,32 +56,30 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import output_args, plot_file, record, save_figure, table
 
-from spectralmc_server.engine.certify import (
+from spectralmc_server.engine.certificate import (
     BANDS,
-    CERT_MC_SEED,
-    CERT_SEED,
-    FRESH_SEED,
     GRID,
-    MIN_POINTS,
     STRIKE_MEASURES,
-    STRIKES_PER_POINT,
     UNITS,
     BoundMap,
     band_index,
     cell_index,
-    certify,
     measure_units,
+)
+from spectralmc_server.engine.certify import (
+    CERT_MC_SEED,
+    CERT_SEED,
+    FRESH_SEED,
+    MIN_POINTS,
+    STRIKES_PER_POINT,
+    certify,
     sample,
     truth_pricer,
 )
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import (
-    MEASURES,
-    OptionBatch,
-    ServedModel,
-    load_served_model,
-    reference_with_error,
-)
+from spectralmc_server.engine.pricer import MEASURES, OptionBatch
+from spectralmc_server.engine.reference_pricers import reference_with_error
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64

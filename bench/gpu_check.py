@@ -50,8 +50,9 @@ from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine.kernels import KernelPolicy
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
-from spectralmc_server.engine.pricer import OptionBatch, load_served_model
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import Process, get_process
+from spectralmc_server.engine.served import load_served_model
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
 from spectralmc_server.models import bundled_models
 

@@ -34,8 +34,9 @@ from common import IMG, ROOT, record, save_figure, table
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
-from spectralmc_server.engine.pricer import OptionBatch, load_served_model
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import get_process
+from spectralmc_server.engine.served import load_served_model
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
 from spectralmc_server.models import bundled_models
 

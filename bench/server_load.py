@@ -103,7 +103,7 @@ def engine_alone(n: int, repeats: int = 5) -> float:
     import torch
 
     from spectralmc_server.engine.checkpoint import read_dir
-    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.engine.served import load_served_model
     from spectralmc_server.models import bundled_models
     from spectralmc_server.pricing.book import Book
     from spectralmc_server.pricing.schemas import Contract

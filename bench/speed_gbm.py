@@ -28,9 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import output_args, plot_file, record, save_figure, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import OptionBatch, SpectralPricer, load_served_model
+from spectralmc_server.engine.pricer import OptionBatch, SpectralPricer
 from spectralmc_server.engine.processes import GBMProcess
 from spectralmc_server.engine.reference import analytic_cf_y, black_scholes, mc_european
+from spectralmc_server.engine.served import load_served_model
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
 from spectralmc_server.models import bundled_models
 

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from spectralmc_server.engine.certify import DEFAULT_TOLERANCE, MIN_POINTS, GateLimit
+from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE, GateLimit
+from spectralmc_server.engine.certify import MIN_POINTS
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
 from spectralmc_server.engine.kernels import KernelPolicy
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Contract, Measure

@@ -8,9 +8,11 @@ import pytest
 import torch
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import Evaluation, OptionBatch, load_served_model, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import ModelDomain, get_process
 from spectralmc_server.engine.reference import black_scholes
+from spectralmc_server.engine.reference_pricers import reference_pricer
+from spectralmc_server.engine.served import Evaluation, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64

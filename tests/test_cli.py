@@ -18,7 +18,7 @@ from typing import Any
 import orjson
 import pytest
 
-from spectralmc_server.engine.certify import DEFAULT_TOLERANCE
+from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE
 
 SCRIPT = Path(sys.executable).parent / "spectralmc"
 TINY_TOML = """\

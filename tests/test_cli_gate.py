@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 
-from spectralmc_server.engine.certify import DEFAULT_TOLERANCE
+from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.store.objects import LocalObjectStore
 from spectralmc_server.store.versions import VersionStore

@@ -49,7 +49,7 @@ def _option_time(option: str, raw: str) -> datetime:
 def _served(args: argparse.Namespace) -> Any:
     """The model to fit through (a ServedModel), or None for the analytic reference."""
     from spectralmc_server.engine.checkpoint import CheckpointError, read_dir
-    from spectralmc_server.engine.pricer import ServedModel, load_served_model
+    from spectralmc_server.engine.served import ServedModel, load_served_model
     from spectralmc_server.models import bundled_models
 
     served: ServedModel | None = None

@@ -99,8 +99,8 @@ def served_from_store(uri: str, model: str, certificate: Any = None) -> Any:
     stderr says why), as a server that has no other version serves no learned answer."""
     from dataclasses import replace
 
-    from spectralmc_server.engine.certify import gate_failures
-    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.engine.certificate import gate_failures
+    from spectralmc_server.engine.served import load_served_model
     from spectralmc_server.settings import CertificateSettings
 
     certificate = certificate or CertificateSettings()

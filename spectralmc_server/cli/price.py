@@ -92,7 +92,7 @@ class _Models:
 
     def _load(self) -> list[Any]:
         from spectralmc_server.engine.checkpoint import read_dir
-        from spectralmc_server.engine.pricer import load_served_model
+        from spectralmc_server.engine.served import load_served_model
         from spectralmc_server.models import bundled_models
 
         args, tolerance = self.args, self.tolerance

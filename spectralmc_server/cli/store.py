@@ -133,7 +133,7 @@ def _verify(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[
 
 def _pin(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[Any, str]:
     # the server's rule: a version that fails its gate is pinned only with --force
-    from spectralmc_server.engine.certify import gate_failures
+    from spectralmc_server.engine.certificate import gate_failures
 
     limits = certificate_settings(args.settings).limits(args.model)
     failures = gate_failures(runner.run(vs.certificate(args.version)), limits)
@@ -214,8 +214,9 @@ def _certify(args: argparse.Namespace, runner: asyncio.Runner, vs: Any, *, point
     """Certify ``version`` and attach the certificate, or, when it has one, check that
     certifying again reproduces it: certification is deterministic (the same model, the
     same held-out points), so every figure must come out the same."""
-    from spectralmc_server.engine.certify import certificate_hash, certify, summary
-    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.engine.certificate import certificate_hash, summary
+    from spectralmc_server.engine.certify import certify
+    from spectralmc_server.engine.served import load_served_model
     from spectralmc_server.store.versions import CertificateExists
 
     version = args.version
@@ -275,7 +276,7 @@ _BP_UNITS = frozenset({"D F", "D"})
 
 
 def _certificate_table(cert: dict[str, Any]) -> str:
-    """A certificate's summary (certify.summary, with "hash") as a table."""
+    """A certificate's summary (certificate.summary, with "hash") as a table."""
     head = (
         f"certificate {cert.get('hash')}\n"
         f"  sample: {cert.get('points')} held-out points, seed {cert.get('seed')}, truth: {cert.get('truth')}\n"

@@ -155,7 +155,7 @@ class _Run:
         from spectralmc_server.training.commit import GateResult, certify_checkpoint
 
         if self.args.no_certify:
-            from spectralmc_server.engine.certify import gate_failures
+            from spectralmc_server.engine.certificate import gate_failures
 
             return GateResult(ckpt, gate_failures(None, self.limits))
         if ckpt.content_hash not in self.gates:

@@ -170,8 +170,8 @@ def read_dir(path: Path, *, need_training: bool = True) -> Checkpoint:
         return ckpt
     from dataclasses import replace
 
-    from spectralmc_server.engine.certify import CertificateError
-    from spectralmc_server.engine.certify import decode as decode_certificate
+    from spectralmc_server.engine.certificate import CertificateError
+    from spectralmc_server.engine.certificate import decode as decode_certificate
 
     try:
         cert = decode_certificate(cert_path.read_bytes(), ckpt.content_hash)

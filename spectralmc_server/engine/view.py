@@ -1,6 +1,6 @@
 """ModelView: what the serving side knows of one loaded model version, without torch.
 
-The engine holds each served version as a :class:`~spectralmc_server.engine.pricer.ServedModel`
+The engine holds each served version as a :class:`~spectralmc_server.engine.served.ServedModel`
 (its network, pricer and certificate). What admission, classification and the answers'
 identities need of it is plain data: the name, version and content hash, the process, the
 domain's box, the certified strikes (K/F) and whether the learned model may answer at all.

@@ -25,7 +25,7 @@ from typing import Any
 
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.device import Budgets
-from spectralmc_server.engine.pricer import ServedModel
+from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.engine.trainer import Trainer
 from spectralmc_server.engine_service.messages import (
     CommitRefused,

@@ -24,10 +24,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from spectralmc_server.engine.certify import gate_failures
+from spectralmc_server.engine.certificate import gate_failures
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
 from spectralmc_server.engine.device import BudgetExceededError, Budgets, live_tensor_bytes, module_tensors
-from spectralmc_server.engine.pricer import ServedModel, bytes_per_row, load_served_model
+from spectralmc_server.engine.pricer import bytes_per_row
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.engine_service.views import Directory, TrackerView
 from spectralmc_server.models import bundled_models

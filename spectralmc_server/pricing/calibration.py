@@ -24,10 +24,11 @@ import torch
 
 from spectralmc_server.engine.cvnn import CFModel
 from spectralmc_server.engine.fit import CalibrationError, CalibrationResult, Quotes, calibrate, heston_start
-from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM, ServedModel
+from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ParameterRange
 from spectralmc_server.engine.reference import analytic_cf_y
+from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.marketdata.black import NoImpliedVol, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams, VolSurface
 
@@ -232,7 +233,8 @@ def synthetic_surface(
 ) -> VolSurface:
     """The Black vol surface (moneyness K/F x expiry) a process implies, priced by COS
     on its analytic CF: the truth a calibration must recover."""
-    from spectralmc_server.engine.pricer import OptionBatch, reference_pricer
+    from spectralmc_server.engine.pricer import OptionBatch
+    from spectralmc_server.engine.reference_pricers import reference_pricer
 
     process = get_process(process_name)
     rows = [(t, m) for t in expiries for m in moneyness]

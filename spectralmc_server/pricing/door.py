@@ -28,9 +28,10 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from spectralmc_server.engine.pricer import PRICE_MEASURES, REFERENCE_SPECTRUM, ServedModel
+from spectralmc_server.engine.pricer import PRICE_MEASURES, REFERENCE_SPECTRUM
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.refined import refine_level
+from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord

@@ -16,20 +16,13 @@ import numpy as np
 import orjson
 import torch
 
-from spectralmc_server.engine.certify import RELATIVE_MEASURES, UNITS
+from spectralmc_server.engine.certificate import RELATIVE_MEASURES, UNITS
 from spectralmc_server.engine.moments import moment_refusal
-from spectralmc_server.engine.pricer import (
-    MOMENT_MAX_SPREAD,
-    PRICE_MEASURES,
-    SPREAD_MEASURES,
-    ServedModel,
-    clamp_to_bounds,
-    reference_bounds,
-    reference_pricer,
-    reference_with_error,
-)
+from spectralmc_server.engine.pricer import MOMENT_MAX_SPREAD, PRICE_MEASURES, SPREAD_MEASURES, clamp_to_bounds
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.spec import servable_np
+from spectralmc_server.engine.reference_pricers import reference_bounds, reference_pricer, reference_with_error
+from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.store import iso
 from spectralmc_server.pricing.book import Book, all_explicit, book_of, book_of_requests, processes

@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from spectralmc_server.engine.certify import gate_failures
+from spectralmc_server.engine.certificate import gate_failures
 from spectralmc_server.engine_service.messages import CommitRefused, EngineDead
 from spectralmc_server.service import keys
 from spectralmc_server.service.auth import ADMIN_REALM, require_token

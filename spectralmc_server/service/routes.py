@@ -18,7 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import ValidationError
 
-from spectralmc_server.engine.certify import summary as certificate_summary
+from spectralmc_server.engine.certificate import summary as certificate_summary
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.pricing.arrow import ARROW_STREAM, BookFormatError, answer_ipc, read_book
 from spectralmc_server.pricing.columns import columns_of_body, request_from_columns, too_many
@@ -222,7 +222,7 @@ PREVIOUS_CERTIFICATE_TIMEOUT = 5.0
 
 def certificate_view(cert: Mapping[str, Any] | None) -> dict[str, Any]:
     """A version's certificate as /v1/models shows it: the summary per measure
-    (engine/certify.py ``summary``) and the price-error heat map over the model's two
+    (engine/certificate.py ``summary``) and the price-error heat map over the model's two
     main dimensions, with the cells' dims and edges (null without a certificate)."""
     if cert is None:
         return {"certificate": None, "heatmap": None}

@@ -23,7 +23,7 @@ class MeasureFigures(BaseModel):
 
 
 class CertificateSummary(BaseModel):
-    """A version's certificate in brief (engine/certify.py ``summary``)."""
+    """A version's certificate in brief (engine/certificate.py ``summary``)."""
 
     model_config = ConfigDict(extra="allow")
 

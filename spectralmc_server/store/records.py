@@ -45,30 +45,30 @@ class StoredVersion:
 
 
 def certificate_bytes(cert: Mapping[str, Any], model_hash: str, what: str) -> bytes:
-    """The bytes a certificate is stored as (``certify.encode``: canonical JSON), once it
+    """The bytes a certificate is stored as (``certificate.encode``: canonical JSON), once it
     is known to be a certificate of ``model_hash``; VersionError otherwise (the caller's
     mistake, caught before anything is written)."""
-    from spectralmc_server.engine import certify  # imports torch: only where a certificate is handled
+    from spectralmc_server.engine import certificate  # imports torch: only where a certificate is handled
 
     if cert.get("model_hash") != model_hash:
         raise VersionError(f"{what}: the certificate is for model {cert.get('model_hash')!r}, not {model_hash!r}")
-    data = certify.encode(cert)
+    data = certificate.encode(cert)
     try:
-        certify.decode(data, model_hash)
-    except certify.CertificateError as exc:
+        certificate.decode(data, model_hash)
+    except certificate.CertificateError as exc:
         raise VersionError(f"{what}: {exc}") from None
     return data
 
 
 def decode_certificate(data: bytes, h: str, model_hash: str, what: str) -> dict[str, Any]:
     """A stored certificate blob, checked against its hash and the model it must certify."""
-    from spectralmc_server.engine import certify
+    from spectralmc_server.engine import certificate
 
     if sha256_hex(data) != h:
         raise CorruptObject(f"{what}: certificate {h} fails its SHA-256 (bytes changed)")
     try:
-        return certify.decode(data, model_hash)
-    except certify.CertificateError as exc:
+        return certificate.decode(data, model_hash)
+    except certificate.CertificateError as exc:
         raise CorruptObject(f"{what}: {exc}") from None
 
 

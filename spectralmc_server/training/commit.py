@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from spectralmc_server.engine.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
-    from spectralmc_server.engine.certify import GateLimit
+    from spectralmc_server.engine.certificate import GateLimit
     from spectralmc_server.store.versions import StoredVersion, VersionStore
 
 
@@ -42,8 +42,9 @@ def certify_checkpoint(ckpt: Checkpoint, *, model: str, points: int, limits: Map
 
     Blocking, and slow (about 30 s for a GBM model on two CPU cores: the held-out sample
     dominates, not the network): servers call it in a thread, never on the event loop."""
-    from spectralmc_server.engine.certify import certify, gate_failures
-    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.engine.certificate import gate_failures
+    from spectralmc_server.engine.certify import certify
+    from spectralmc_server.engine.served import load_served_model
 
     served = load_served_model(ckpt, name=model, require_certificate=False)
     cert = certify(served, points=points)

@@ -52,7 +52,7 @@ async def inspect_version(store: VersionStore, version: int) -> dict[str, Any]:
     if version not in collected:
         found = await store.certificate_with_hash(version, v)
         if found is not None:
-            from spectralmc_server.engine.certify import summary  # imports torch: only when there is one
+            from spectralmc_server.engine.certificate import summary  # imports torch: only when there is one
 
             row["certificate"] = {"hash": found[0], **summary(found[1])}
     manifest = await store.manifest(version)

@@ -51,9 +51,10 @@ import QuantLib as ql  # noqa: N813 (the library's conventional alias)
 import torch
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import MEASURES, Evaluation, OptionBatch, ServedModel, load_served_model
+from spectralmc_server.engine.pricer import MEASURES, OptionBatch
 from spectralmc_server.engine.processes.asian import asian_put_mc, average_forward_ratio
 from spectralmc_server.engine.reference import black_scholes
+from spectralmc_server.engine.served import Evaluation, ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64

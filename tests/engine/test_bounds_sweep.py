@@ -84,17 +84,7 @@ import torch
 from pydantic import ValidationError
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import (
-    MEASURES,
-    Evaluation,
-    OptionBatch,
-    Pricer,
-    ServedModel,
-    clamp_to_bounds,
-    load_served_model,
-    price_bounds,
-    reference_pricer,
-)
+from spectralmc_server.engine.pricer import MEASURES, OptionBatch, Pricer, clamp_to_bounds, price_bounds
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.asian import asian_put_mc, average_forward_ratio
 from spectralmc_server.engine.processes.base import (
@@ -104,6 +94,8 @@ from spectralmc_server.engine.processes.base import (
     PRICE_BOUNDS,
     VOL_BOUNDS,
 )
+from spectralmc_server.engine.reference_pricers import reference_pricer
+from spectralmc_server.engine.served import Evaluation, ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import Contract, PriceRequest, format_validation_error
 from spectralmc_server.pricing.valuation import RequestError, check_moments

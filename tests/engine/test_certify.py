@@ -28,39 +28,28 @@ import orjson
 import pytest
 import torch
 
-from spectralmc_server.engine.certify import (
+from spectralmc_server.engine.certificate import (
     BANDS,
     CERT_FORMAT,
     CERT_LEVELS,
-    CERT_SEED,
-    FRESH_SEED,
     GRID,
-    MIN_POINTS,
     STRIKE_MEASURES,
-    STRIKES_PER_POINT,
     UNITS,
     BoundMap,
     CertificateError,
     GateLimit,
     certificate_hash,
-    certify,
     decode,
     encode,
     gate_failures,
-    sample,
 )
+from spectralmc_server.engine.certify import CERT_SEED, FRESH_SEED, MIN_POINTS, STRIKES_PER_POINT, certify, sample
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
-from spectralmc_server.engine.pricer import (
-    CLOSED_FORM_BOUND,
-    MEASURES,
-    ClosedFormGBMPricer,
-    OptionBatch,
-    ServedModel,
-    load_served_model,
-    reference_with_error,
-)
+from spectralmc_server.engine.pricer import MEASURES, OptionBatch
 from spectralmc_server.engine.processes import GBMProcess
 from spectralmc_server.engine.processes.base import ModelDomain, ParameterRange
+from spectralmc_server.engine.reference_pricers import CLOSED_FORM_BOUND, ClosedFormGBMPricer, reference_with_error
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.door import check_simulated
 from spectralmc_server.pricing.schemas import PriceRequest

@@ -91,7 +91,8 @@ ENGINE_SCRIPT = r"""
 import json, resource, sys, time
 start = time.perf_counter()
 import torch
-from spectralmc_server.engine.pricer import OptionBatch, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch
+from spectralmc_server.engine.reference_pricers import reference_pricer
 from spectralmc_server.engine.processes import get_process
 
 name, given = sys.argv[1], json.loads(sys.argv[2])

@@ -141,7 +141,7 @@ def test_a_served_model_holds_at_most_three_times_its_weights() -> None:
     """The model cache reserves 3x the checkpoint's weights: the weights and the packed
     block matrices frozen layers cache for serving (measured after pricing)."""
     from spectralmc_server.engine.checkpoint import read_dir
-    from spectralmc_server.engine.pricer import load_served_model
+    from spectralmc_server.engine.served import load_served_model
     from spectralmc_server.engine_service.models import SERVED_BYTES_PER_WEIGHT_BYTE
     from spectralmc_server.models import bundled_models
 

@@ -28,12 +28,13 @@ import pytest
 import torch
 
 from spectralmc_server.engine.moments import exact_moments, moment_refusal, stats_from_log_moments
-from spectralmc_server.engine.pricer import OptionBatch, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.asian import asian_log_moments
 from spectralmc_server.engine.processes.heston import heston_explosion_time, heston_log_mgf, heston_log_moments
 from spectralmc_server.engine.processes.merton import merton_log_moments
 from spectralmc_server.engine.reference import lognormal_moments
+from spectralmc_server.engine.reference_pricers import reference_pricer
 from spectralmc_server.pricing.door import admit
 from spectralmc_server.pricing.errors import RequestRefusedError
 

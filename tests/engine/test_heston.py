@@ -16,10 +16,11 @@ import QuantLib as ql  # noqa: N813 (the library's conventional alias)
 import torch
 
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
-from spectralmc_server.engine.pricer import OptionBatch, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import HestonProcess, get_process
 from spectralmc_server.engine.processes.bridge import brownian_bridge
 from spectralmc_server.engine.reference import mc_european
+from spectralmc_server.engine.reference_pricers import reference_pricer
 
 F64 = torch.float64
 CPU = torch.device("cpu")

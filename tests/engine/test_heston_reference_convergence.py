@@ -29,7 +29,7 @@ import torch
 from pydantic import ValidationError
 from test_bounds_sweep import EVAL_DATE, PRICE_RTOL, _ql_days, heston_log_mgf, heston_price
 
-from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM, OptionBatch, SpectralPricer, reference_pricer
+from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM, OptionBatch, SpectralPricer
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.heston_limits import (
     REFERENCE_HALF_WIDTH,
@@ -39,6 +39,7 @@ from spectralmc_server.engine.processes.heston_limits import (
     log_mgf,
 )
 from spectralmc_server.engine.reference import analytic_cf_y
+from spectralmc_server.engine.reference_pricers import reference_pricer
 from spectralmc_server.engine.refined import REFINE_FACTORS, refine_level
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.pricing.book import book_of

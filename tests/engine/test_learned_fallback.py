@@ -20,14 +20,8 @@ import pytest
 import torch
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import (
-    Evaluation,
-    OptionBatch,
-    ServedModel,
-    clamp_to_bounds,
-    load_served_model,
-    price_bounds,
-)
+from spectralmc_server.engine.pricer import OptionBatch, clamp_to_bounds, price_bounds
+from spectralmc_server.engine.served import Evaluation, ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64

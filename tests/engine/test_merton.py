@@ -15,10 +15,11 @@ import pytest
 import QuantLib as ql  # noqa: N813 (the library's conventional alias)
 import torch
 
-from spectralmc_server.engine.pricer import OptionBatch, reference_pricer
+from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.merton import poisson_inverse
 from spectralmc_server.engine.reference import black_scholes, mc_european
+from spectralmc_server.engine.reference_pricers import reference_pricer
 
 F64 = torch.float64
 MERTON = get_process("merton")

@@ -8,16 +8,11 @@ import torch
 
 from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
 from spectralmc_server.engine.device import BudgetExceededError, MemoryBudget
-from spectralmc_server.engine.pricer import (
-    CF_CHUNK,
-    MEASURES,
-    ModelPricer,
-    OptionBatch,
-    SpectralPricer,
-    reference_pricer,
-)
+from spectralmc_server.engine.pricer import CF_CHUNK, MEASURES, OptionBatch, SpectralPricer
 from spectralmc_server.engine.processes import GBMProcess
 from spectralmc_server.engine.reference import analytic_cf_y, black_scholes, lognormal_moments
+from spectralmc_server.engine.reference_pricers import reference_pricer
+from spectralmc_server.engine.served import ModelPricer
 from spectralmc_server.engine.spectrum import SpectrumConfig
 
 GBM = GBMProcess()

@@ -27,8 +27,9 @@ import pytest
 import torch
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import MOMENT_MAX_SPREAD, ModelPricer, OptionBatch, ServedModel, load_served_model
+from spectralmc_server.engine.pricer import MOMENT_MAX_SPREAD, OptionBatch
 from spectralmc_server.engine.processes import PROCESSES, spec
+from spectralmc_server.engine.served import ModelPricer, ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 
 Floats = npt.NDArray[np.float64]

@@ -1,5 +1,5 @@
 """Certificates for server tests: a made-up certificate of a bundled model (engine/
-certify.py's format, random figures), committed with a new version of it."""
+certificate.py's format, random figures), committed with a new version of it."""
 
 from __future__ import annotations
 
@@ -12,11 +12,12 @@ import torch
 from aiohttp.test_utils import TestClient
 from server_util import app_of
 
-from spectralmc_server.engine import certify
+from spectralmc_server.engine import certificate
+from spectralmc_server.engine.certify import MIN_POINTS
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
-from spectralmc_server.engine.pricer import ServedModel
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain
+from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.models import bundled_models
 from spectralmc_server.service import keys
 from spectralmc_server.store.versions import VersionStore
@@ -25,14 +26,14 @@ Client = TestClient[Any, Any]
 
 
 def fake_certificate(ckpt: Checkpoint, seed: int) -> dict[str, Any]:
-    """A certificate of ``ckpt``'s model in engine/certify.py's format, with random
+    """A certificate of ``ckpt``'s model in engine/certificate.py's format, with random
     figures (well inside the default gate) and one cell of the heat map empty: what
     /v1/models and /ui show must come from it, whatever its numbers."""
     gen = random.Random(seed)
     process = get_process(ckpt.manifest["model"]["process"])
     domain = ModelDomain.model_validate(ckpt.manifest["model"]["domain"])
-    a, b = certify.main_dims(process, domain)
-    grid = torch.linspace(0, 1, certify.GRID + 1, dtype=torch.float64)
+    a, b = certificate.main_dims(process, domain)
+    grid = torch.linspace(0, 1, certificate.GRID + 1, dtype=torch.float64)
 
     def figure() -> float:
         return 10 ** gen.uniform(-8, -5)
@@ -45,18 +46,22 @@ def fake_certificate(ckpt: Checkpoint, seed: int) -> dict[str, Any]:
     measures: dict[str, dict[str, Any]] = {}
     for m in ("price", "delta", "digital", "mean"):
         low, mid, high = sorted(figure() for _ in range(3))
-        shape = (certify.GRID, certify.GRID, certify.BANDS) if m != "mean" else (certify.GRID, certify.GRID)
-        measures[m] = {"unit": certify.UNITS[m], "p50": low, "p95": mid, "max": high, "count": 53248}
+        shape = (
+            (certificate.GRID, certificate.GRID, certificate.BANDS)
+            if m != "mean"
+            else (certificate.GRID, certificate.GRID)
+        )
+        measures[m] = {"unit": certificate.UNITS[m], "p50": low, "p95": mid, "max": high, "count": 53248}
         measures[m]["cells"] = cells(*shape)
-    p95: list[list[float | None]] = cells(certify.GRID, certify.GRID)
+    p95: list[list[float | None]] = cells(certificate.GRID, certificate.GRID)
     worst: list[list[float | None]] = [[3 * v for v in row if v is not None] for row in p95]
-    empty = (gen.randrange(certify.GRID), gen.randrange(certify.GRID))
+    empty = (gen.randrange(certificate.GRID), gen.randrange(certificate.GRID))
     p95[empty[0]][empty[1]] = worst[empty[0]][empty[1]] = None
     return {
-        "format": certify.CERT_FORMAT,
+        "format": certificate.CERT_FORMAT,
         "model_hash": ckpt.content_hash,
         "process": process.name,
-        "sample": {"points": certify.MIN_POINTS, "seed": seed, "levels": list(certify.CERT_LEVELS), "truth": "test"},
+        "sample": {"points": MIN_POINTS, "seed": seed, "levels": list(certificate.CERT_LEVELS), "truth": "test"},
         "cells": {
             "dims": [domain.ranges[a].name, domain.ranges[b].name],
             "edges": [[float(x) for x in domain.ranges[d].from_unit(grid)] for d in (a, b)],

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import PRICE_MEASURES, ServedModel, load_served_model
+from spectralmc_server.engine.pricer import PRICE_MEASURES
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service.batcher import (

@@ -12,7 +12,7 @@ import pytest
 from test_book import random_contract
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import ServedModel, load_served_model
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.arrow import answer_ipc
 from spectralmc_server.pricing.book import sliced

@@ -16,8 +16,8 @@ from certificate_util import bundled_checkpoint, commit_certified, fake_certific
 from marketdata_util import by_reference, snapshot
 from server_util import CONTRACT, MakeClient, app_of
 
-from spectralmc_server.engine import certify
-from spectralmc_server.engine.pricer import CLOSED_FORM_BOUND
+from spectralmc_server.engine import certificate
+from spectralmc_server.engine.reference_pricers import CLOSED_FORM_BOUND
 from spectralmc_server.pricing.schemas import PriceResponse
 from spectralmc_server.service import keys, routes
 from spectralmc_server.service.schemas import ModelsResponse
@@ -178,7 +178,7 @@ def model_row(body: dict[str, Any], name: str) -> dict[str, Any]:
 
 def expected_view(cert: dict[str, Any]) -> dict[str, Any]:
     return {
-        "certificate": certify.summary(cert),
+        "certificate": certificate.summary(cert),
         "heatmap_p95": cert["heatmap"]["p95"],
         "heatmap_max": cert["heatmap"]["max"],
         "dims": cert["cells"]["dims"],
@@ -222,7 +222,7 @@ async def test_models_shows_the_served_and_the_previous_certificate(make_client:
             assert r["version"] is None and r["certificate"] is None and r["heatmap"] is None, r
             continue
         cert = cur.model.certificate
-        assert r["version"] == 1 and r["certificate"] == (None if cert is None else certify.summary(cert)), r
+        assert r["version"] == 1 and r["certificate"] == (None if cert is None else certificate.summary(cert)), r
 
 
 async def test_models_says_why_the_previous_version_has_no_figures(

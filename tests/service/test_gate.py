@@ -20,7 +20,7 @@ import orjson
 import pytest
 from server_util import CONTRACT, TOKEN, Client, MakeClient, app_of, assert_error
 
-from spectralmc_server.engine.certify import DEFAULT_TOLERANCE, gate_failures
+from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE, gate_failures
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
 from spectralmc_server.service import keys

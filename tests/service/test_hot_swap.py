@@ -15,7 +15,7 @@ from typing import Any
 from server_util import MakeClient
 
 from spectralmc_server.engine.checkpoint import Checkpoint
-from spectralmc_server.engine.pricer import load_served_model
+from spectralmc_server.engine.served import load_served_model
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.pricing.valuation import Valuer
 from spectralmc_server.service import keys

@@ -15,7 +15,7 @@ from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from server_util import CONTRACT, MakeClient, app_of, assert_error, block_worker
 
-from spectralmc_server.engine.pricer import ModelPricer
+from spectralmc_server.engine.served import ModelPricer
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Measure
 from spectralmc_server.service import keys
 

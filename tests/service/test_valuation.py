@@ -13,8 +13,8 @@ import torch
 
 from spectralmc_server.engine.checkpoint import read_dir, write_dir
 from spectralmc_server.engine.cvnn import NetworkConfig
-from spectralmc_server.engine.pricer import ServedModel, load_served_model
 from spectralmc_server.engine.reference import black_scholes
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.pricing.valuation import RequestError, Valuer, dumps

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import ServedModel, load_served_model
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.engine_service.views import Directory, ModelDirectory, TrackerView
 from spectralmc_server.models import bundled_models

@@ -19,7 +19,7 @@ import pytest
 from conftest import Backend
 from store_util import tiny_files
 
-from spectralmc_server.engine.certify import CERT_FORMAT, certificate_hash, encode, summary
+from spectralmc_server.engine.certificate import CERT_FORMAT, certificate_hash, encode, summary
 from spectralmc_server.engine.checkpoint import MANIFEST, Checkpoint, decode, sha256_hex
 from spectralmc_server.store.objects import ObjectStore, list_all
 from spectralmc_server.store.versions import (

@@ -17,7 +17,7 @@ import pytest
 
 from spectralmc_server import cli as cli_module
 from spectralmc_server.engine import certify as certify_module
-from spectralmc_server.engine.certify import certificate_hash
+from spectralmc_server.engine.certificate import certificate_hash
 from spectralmc_server.engine.trainer import TrainConfig, Trainer
 from spectralmc_server.store.objects import LocalObjectStore, list_all
 from spectralmc_server.store.versions import VersionStore

@@ -12,7 +12,7 @@ from conftest import Backend, SeaweedFS
 from store_util import tiny_files
 
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
-from spectralmc_server.engine.pricer import ServedModel, load_served_model
+from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.pricing.valuation import Valuer

@@ -26,7 +26,7 @@ The twins take parameters within the process's param_bounds (the validators chec
 first); outside them the ``math`` twins may raise where torch would answer inf or nan.
 
 On them stands :func:`servable_np` (and :func:`servable_one` for one contract): which
-contracts a served learned model may answer (``ModelPricer.servable``, engine/pricer.py),
+contracts a served learned model may answer (``ModelPricer.servable``, engine/served.py),
 so that admission can tell without torch. The domain's box is compared as the engine
 compares it, bit for bit; the spread bound MOMENT_MAX_SPREAD and the certified K/F bounds
 on the twins' values, so a contract within a few ulp of one of those (1.8e-13 relative
@@ -55,7 +55,7 @@ MAX_FIXINGS = 64  # an Asian's fixings: at most this many (a path takes this man
 # pricing/valuation.py check_request).
 MOMENT_MAX_SPREAD = 1.0
 # K/F from a strike and a forward carries rounding (0.7 + 12 * 0.05 > 1.3): the certified
-# K/F bounds are widened by this much, relative (ModelPricer.servable, engine/pricer.py).
+# K/F bounds are widened by this much, relative (ModelPricer.servable, engine/served.py).
 MONEYNESS_SLACK = 1e-12
 
 # ATen's CPU sum of a contiguous float64 row of MAX_FIXINGS terms: four accumulators of

@@ -23,10 +23,10 @@ from spectralmc_server.cli.common import (
     EXIT_FAILURE,
     EXIT_INTERRUPTED,
     EXIT_USAGE,
-    CorruptionError,
     Parser,
     UsageError,
 )
+from spectralmc_server.store.objects import CorruptObjectError
 
 __all__ = ["build_parser", "main"]
 
@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except CorruptionError as exc:
+    except CorruptObjectError as exc:
         print(f"corrupt: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:

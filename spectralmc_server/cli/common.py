@@ -15,15 +15,13 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
+from spectralmc_server.store.objects import CorruptObjectError
+
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_GATE, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 
 class UsageError(Exception):
     """Bad input from the user: reported on one line, exit code 2."""
-
-
-class CorruptionError(Exception):
-    """Damaged or edited store content: reported on one line, exit code 1."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,16 +35,15 @@ class Parser(argparse.ArgumentParser):
 @contextlib.contextmanager
 def store_errors() -> Iterator[None]:
     """Store failures as CLI outcomes: damage exits 1, anything else the user can act on 2."""
-    from spectralmc_server.marketdata.store import CorruptSnapshot
+
     from spectralmc_server.store.objects import StoreError
-    from spectralmc_server.store.uri import InvalidStoreURI
-    from spectralmc_server.store.versions import CorruptObject
+    from spectralmc_server.store.uri import InvalidStoreURIError
 
     try:
         yield
-    except (CorruptObject, CorruptSnapshot) as exc:
-        raise CorruptionError(str(exc)) from None
-    except (StoreError, InvalidStoreURI) as exc:
+    except CorruptObjectError:
+        raise  # damage: exit 1 (cli/__init__.py), not a usage error
+    except (StoreError, InvalidStoreURIError) as exc:
         raise UsageError(str(exc)) from None
 
 

@@ -26,7 +26,7 @@ def add_parser(sub: Any) -> None:
 
 def _settings(args: argparse.Namespace) -> Any:
     from spectralmc_server.settings import Settings
-    from spectralmc_server.store.uri import InvalidStoreURI, parse_store_uri
+    from spectralmc_server.store.uri import InvalidStoreURIError, parse_store_uri
 
     if args.config is not None and not args.config.is_file():
         raise UsageError(f"--config: no such file {args.config}")
@@ -39,7 +39,7 @@ def _settings(args: argparse.Namespace) -> Any:
         raise UsageError(validation_message("invalid settings", exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"--config {args.config}: not valid TOML: {exc}") from None
-    except InvalidStoreURI as exc:
+    except InvalidStoreURIError as exc:
         raise UsageError(f"store: {exc}") from None
     return settings
 

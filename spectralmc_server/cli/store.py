@@ -217,7 +217,7 @@ def _certify(args: argparse.Namespace, runner: asyncio.Runner, vs: Any, *, point
     from spectralmc_server.engine.certificate import certificate_hash, summary
     from spectralmc_server.engine.certify import certify
     from spectralmc_server.engine.served import load_served_model
-    from spectralmc_server.store.versions import CertificateExists
+    from spectralmc_server.store.versions import CertificateExistsError
 
     version = args.version
     ckpt = runner.run(vs.load(version))
@@ -234,7 +234,7 @@ def _certify(args: argparse.Namespace, runner: asyncio.Runner, vs: Any, *, point
         try:
             stored = runner.run(vs.attach_certificate(version, cert))
             outcome = "attached"
-        except CertificateExists as exc:  # another certify attached one meanwhile
+        except CertificateExistsError as exc:  # another certify attached one meanwhile
             existing, stored, outcome = exc.existing, exc.existing, "differs"
     else:
         stored, outcome = existing, "reproduced" if computed == existing else "differs"

@@ -86,7 +86,7 @@ class SpectralMCError(Exception):
         return f"{type(self).__name__}(status={self.status!r}, code={self.code!r}, message={self.message!r})"
 
 
-class InvalidRequest(SpectralMCError):  # noqa: N818
+class InvalidRequest(SpectralMCError):
     """The request is wrong: 422 ``invalid`` (``details`` names each field), 400
     ``malformed``, and the other 4xx about the request's form (405, 408, 414, 415, 417,
     431). Sending it again as it is will not help."""
@@ -103,7 +103,7 @@ class TooLarge(InvalidRequest):
     above the server's limit)."""
 
 
-class Unauthorized(SpectralMCError):  # noqa: N818
+class Unauthorized(SpectralMCError):
     """401 ``unauthorized``: no (or a malformed) bearer token where one is needed."""
 
 
@@ -111,15 +111,15 @@ class Forbidden(Unauthorized):
     """403 ``forbidden``: a wrong token (or, for admin routes, none configured)."""
 
 
-class NotFound(SpectralMCError):  # noqa: N818
+class NotFound(SpectralMCError):
     """404 ``not_found``: an unknown route, model, version, snapshot or stream topic."""
 
 
-class Conflict(SpectralMCError):  # noqa: N818
+class Conflict(SpectralMCError):
     """409 ``conflict`` (on a stream: a subscription id already in use)."""
 
 
-class Unavailable(SpectralMCError):  # noqa: N818
+class Unavailable(SpectralMCError):
     """503: the server cannot take the request now (``shutting_down``, ``not_ready``,
     ``not_serving``, ``store_unavailable``, ``overloaded``); ``retry_after`` says when
     to try again."""
@@ -131,7 +131,7 @@ class Overloaded(Unavailable):
     ``request_timeout``."""
 
 
-class DeadlineExceeded(SpectralMCError):  # noqa: N818
+class DeadlineExceeded(SpectralMCError):
     """504 ``deadline_exceeded``: no answer within the request's deadline
     (``X-Request-Timeout``); ``retry_after`` is the server's estimate of its backlog."""
 
@@ -140,7 +140,7 @@ class ServerError(SpectralMCError):
     """500 (``engine_failure``, ``internal``) or another 5xx: the server's fault."""
 
 
-class ConnectionFailed(SpectralMCError):  # noqa: N818
+class ConnectionFailed(SpectralMCError):
     """No HTTP answer: the connection was refused, reset or timed out on the client's
     side, or a stream could not reconnect within its reconnect window."""
 

@@ -30,7 +30,7 @@ from spectralmc_server.engine.trainer import Trainer
 from spectralmc_server.engine_service.messages import (
     CommitRefused,
     Committed,
-    EngineDead,
+    EngineDeadError,
     EngineStatus,
     FitFailed,
     FitReport,
@@ -46,7 +46,7 @@ from spectralmc_server.engine_service.metrics import EngineCounters
 from spectralmc_server.engine_service.models import ModelHost
 from spectralmc_server.engine_service.rss import rss_bytes
 from spectralmc_server.engine_service.views import Directory
-from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining, SliceCancelled, SlicedTask
+from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining, SliceCancelledError, SlicedTask
 from spectralmc_server.pricing.calibration import CalibrationReport, SurfaceError, calibrate_snapshot
 from spectralmc_server.pricing.door import Entry, value_batch
 from spectralmc_server.settings import Settings
@@ -57,7 +57,7 @@ from spectralmc_server.training.policy import CommitPolicy
 log = logging.getLogger(__name__)
 
 
-class FitDeadline(Exception):  # noqa: N818
+class FitDeadlineError(Exception):
     """Raised by a fit's iteration hook once its deadline has passed."""
 
     def __init__(self, iterations: int) -> None:
@@ -75,7 +75,7 @@ class _Fit:
             def hook(iterations: int, evaluations: int) -> None:
                 self.iterations, self.evaluations = iterations, evaluations
                 if time.monotonic() >= spec.deadline:
-                    raise FitDeadline(iterations)
+                    raise FitDeadlineError(iterations)
                 checkpoint()
 
             return calibrate_snapshot(
@@ -93,11 +93,11 @@ class _Fit:
     def outcome(self) -> FitReport | FitFailed:
         try:
             report = self.task.result()
-        except FitDeadline as exc:
+        except FitDeadlineError as exc:
             return FitFailed("deadline", str(exc), exc.iterations)
         except SurfaceError as exc:
             return FitFailed("surface", str(exc), self.iterations)
-        except SliceCancelled:
+        except SliceCancelledError:
             return FitFailed("error", "cancelled", self.iterations)
         except Exception as exc:
             log.exception("calibration failed")
@@ -292,13 +292,13 @@ class EngineCore:
 
     def _worker(self) -> ComputeWorker:
         if self.worker is None:
-            raise EngineDead("the engine has not started")
+            raise EngineDeadError("the engine has not started")
         return self.worker
 
     # -- pricing --------------------------------------------------------------------------
 
     def price(self, job: PriceJob) -> asyncio.Future[PriceResult]:
-        """Price a job on the worker (EngineDead at once when the worker is down)."""
+        """Price a job on the worker (EngineDeadError at once when the worker is down)."""
         return self._worker().submit(lambda: self._price(job))
 
     def _price(self, job: PriceJob) -> PriceResult:  # on the worker
@@ -359,7 +359,7 @@ class EngineCore:
     def fit_slice(self, fit_id: int, seconds: float) -> asyncio.Future[SliceDone]:
         fit = self.fits.get(fit_id)
         if fit is None:
-            raise EngineDead(f"calibration {fit_id} is not known to this engine")
+            raise EngineDeadError(f"calibration {fit_id} is not known to this engine")
 
         def work() -> SliceDone:
             t0 = time.perf_counter()
@@ -386,7 +386,7 @@ class EngineCore:
         if fit is None or fit.task.done:
             return
         fit.task.cancel()
-        with contextlib.suppress(EngineDead):
+        with contextlib.suppress(EngineDeadError):
             self._worker().submit(lambda: fit.task.run_slice(0.0))
 
     # -- admin ----------------------------------------------------------------------------

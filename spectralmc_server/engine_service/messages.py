@@ -26,7 +26,7 @@ from spectralmc_server.pricing.schemas import Contract, Measure, PriceRequest
 SNAPSHOTS_KEPT = 128  # market snapshots an engine keeps per connection (first in, first out)
 
 
-class EngineDead(RuntimeError):  # noqa: N818
+class EngineDeadError(RuntimeError):
     """The engine has failed, stopped or gone, and takes no more work."""
 
 

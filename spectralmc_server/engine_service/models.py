@@ -36,7 +36,7 @@ from spectralmc_server.pricing.schemas import MAX_QUANTILE_LEVELS
 from spectralmc_server.settings import CertificateSettings
 from spectralmc_server.store.objects import ObjectStore
 from spectralmc_server.store.tracker import Check, ModelTracker, Rejection
-from spectralmc_server.store.versions import CommitConflict, VersionStore
+from spectralmc_server.store.versions import CommitConflictError, VersionStore
 from spectralmc_server.training.commit import GateResult, certify_checkpoint
 
 log = logging.getLogger(__name__)
@@ -150,7 +150,7 @@ class ModelHost:
             if name not in bundled or await store.head() is not None:
                 continue
             ckpt = await asyncio.to_thread(read_dir, bundled[name])
-            with contextlib.suppress(CommitConflict):  # another replica seeded it first
+            with contextlib.suppress(CommitConflictError):  # another replica seeded it first
                 # Version 1 or nothing: replicas starting together on an empty store all
                 # see it empty, and only one of them may seed.
                 stored = await store.commit(ckpt, SEED_MESSAGE, only_version=1)

@@ -32,7 +32,7 @@ from prometheus_client.registry import Collector
 
 from spectralmc_server.engine.device import Budgets
 from spectralmc_server.engine_service.core import EngineCore
-from spectralmc_server.engine_service.messages import SNAPSHOTS_KEPT, EngineDead, JobFailedError, PriceJob
+from spectralmc_server.engine_service.messages import SNAPSHOTS_KEPT, EngineDeadError, JobFailedError, PriceJob
 from spectralmc_server.engine_service.metrics import DEVICE_FAMILIES, EngineMetrics, device_memory_metrics
 from spectralmc_server.engine_service.protocol import (
     CALLS,
@@ -195,7 +195,7 @@ class EngineServer:
         elif isinstance(msg, Tell) and core is not None and msg.op in TELLS:
             try:
                 getattr(core, msg.op)(*msg.args)
-            except EngineDead as exc:  # a fit that cannot start: its first slice says so
+            except EngineDeadError as exc:  # a fit that cannot start: its first slice says so
                 log.warning("engine: %s refused: %s", msg.op, exc)
             except Exception:  # a bug in one message is not the engine's death
                 log.exception("engine: %s failed", msg.op)
@@ -210,7 +210,7 @@ class EngineServer:
         core = self.core
         try:
             if core is None:
-                raise EngineDead("the engine has not started")
+                raise EngineDeadError("the engine has not started")
             if call.op not in CALLS:
                 raise ValueError(f"no such call {call.op!r}")
             if call.op == "metrics":
@@ -221,7 +221,7 @@ class EngineServer:
                 value = await got if asyncio.isfuture(got) or asyncio.iscoroutine(got) else got
                 if call.op == "poll":  # the directory after the poll goes before the reply
                     self.send(core.directory())
-        except EngineDead as exc:
+        except EngineDeadError as exc:
             self.send(Reply(call.corr, error="dead", message=str(exc)))
             if core is not None:
                 self.send(core.status())

@@ -31,7 +31,7 @@ import torch
 
 from spectralmc_server.engine.checkpoint import Checkpoint
 from spectralmc_server.engine.trainer import Trainer
-from spectralmc_server.engine_service.messages import EngineDead
+from spectralmc_server.engine_service.messages import EngineDeadError
 from spectralmc_server.engine_service.metrics import EngineCounters, TrainingState
 from spectralmc_server.training.policy import CommitPolicy
 
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 _Job = tuple[Callable[[], Any], "concurrent.futures.Future[Any]"]
 
 
-class SliceCancelled(Exception):  # noqa: N818
+class SliceCancelledError(Exception):
     """Raised at a :class:`SlicedTask`'s checkpoint once it has been cancelled."""
 
 
@@ -52,7 +52,7 @@ class SlicedTask(Generic[T]):
     one of the two computes at any time. ``fn`` must call ``checkpoint()`` between its
     steps (a calibration's iterations); once the slice has used its time, the checkpoint
     hands control back and blocks until the next slice. After :meth:`cancel` the next
-    checkpoint raises :class:`SliceCancelled`.
+    checkpoint raises :class:`SliceCancelledError`.
     """
 
     def __init__(self, fn: Callable[[Callable[[], None]], T], name: str = "sliced-task") -> None:
@@ -87,14 +87,14 @@ class SlicedTask(Generic[T]):
     def checkpoint(self) -> None:
         """On the task's thread, between steps: pause when the slice's time is up."""
         if self._cancelled:
-            raise SliceCancelled("cancelled")
+            raise SliceCancelledError("cancelled")
         if time.perf_counter() >= self._slice_end:
             self.cpu_seconds += time.thread_time() - self._cpu_mark
             self._paused.release()
             self._resume.acquire()
             self._cpu_mark = time.thread_time()
             if self._cancelled:
-                raise SliceCancelled("cancelled")
+                raise SliceCancelledError("cancelled")
 
     def cancel(self) -> None:
         """The next checkpoint raises; run one more slice (any length) to let it unwind."""
@@ -113,7 +113,7 @@ class SlicedTask(Generic[T]):
         self._cpu_mark = time.thread_time()
         try:
             if self._cancelled:
-                raise SliceCancelled("cancelled")
+                raise SliceCancelledError("cancelled")
             self._result = self._fn(self.checkpoint)
         except BaseException as exc:
             self._error = exc
@@ -215,9 +215,9 @@ class ComputeWorker:
     def submit(self, fn: Callable[[], T]) -> asyncio.Future[T]:
         """Run ``fn`` on the worker before any further training step."""
         if self.failure is not None:
-            raise EngineDead(self.failure)
+            raise EngineDeadError(self.failure)
         if self._stopping or not self._thread.is_alive():
-            raise EngineDead("the compute worker is stopped")
+            raise EngineDeadError("the compute worker is stopped")
         cf: concurrent.futures.Future[T] = concurrent.futures.Future()
         self._jobs.put((fn, cf))
         return asyncio.wrap_future(cf)

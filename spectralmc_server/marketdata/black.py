@@ -25,7 +25,7 @@ def black_forward(forward: float, strike: float, total_sd: float, is_call: bool)
     return strike * _ncdf(-d2) - forward * _ncdf(-d1)
 
 
-class NoImpliedVol(ValueError):  # noqa: N818
+class NoImpliedVolError(ValueError):
     """A price outside the no-arbitrage bounds has no implied volatility."""
 
 
@@ -41,12 +41,12 @@ def implied_vol(
     intrinsic = max(forward - strike, 0.0) if is_call else max(strike - forward, 0.0)
     upper = forward if is_call else strike
     if not intrinsic < undiscounted < upper:
-        raise NoImpliedVol(
+        raise NoImpliedVolError(
             f"price {price:g} is outside the no-arbitrage bounds ({intrinsic * discount:g}, {upper * discount:g})"
         )
     lo, hi = 1e-9, 10.0
     if black_forward(forward, strike, hi * math.sqrt(t), is_call) < undiscounted:
-        raise NoImpliedVol(f"price {price:g} needs a vol above {hi:g}")
+        raise NoImpliedVolError(f"price {price:g} needs a vol above {hi:g}")
     sigma = 0.3
     sqrt_t = math.sqrt(t)
     for _ in range(200):

@@ -9,7 +9,7 @@ from datetime import date, datetime
 from spectralmc_server.marketdata.objects import MarketSnapshot, year_fraction
 
 
-class MissingMarketData(LookupError):  # noqa: N818
+class MissingMarketDataError(LookupError):
     """The snapshot lacks an object the contract needs; the message names it."""
 
 
@@ -38,29 +38,31 @@ def contract_inputs(
     ``where`` names the snapshot in messages ("default/2026-11-26T16:00:00Z as of ...")."""
     t = year_fraction(val_datetime, expiry)
     if t <= 0:
-        raise MissingMarketData(f"{underlying} expiry {expiry.isoformat()} is not after the valuation date of {where}")
+        raise MissingMarketDataError(
+            f"{underlying} expiry {expiry.isoformat()} is not after the valuation date of {where}"
+        )
     spot = snapshot.spots.get(underlying)
     if spot is None:
-        raise MissingMarketData(f"no spot for {underlying} in {where}")
+        raise MissingMarketDataError(f"no spot for {underlying} in {where}")
     curve_name = snapshot.discounting.get(underlying)
     if curve_name is None:
-        raise MissingMarketData(f"no discount curve for {underlying} in {where} (discounting.{underlying})")
+        raise MissingMarketDataError(f"no discount curve for {underlying} in {where} (discounting.{underlying})")
     rate = snapshot.yield_curves[curve_name].zero_rate(t)
     div_curve = snapshot.dividend_curves.get(underlying)
     dividend = div_curve.zero_rate(t) if div_curve is not None else 0.0
     if param_names == ("vol",):
         surface = snapshot.vol_surfaces.get(underlying)
         if surface is None:
-            raise MissingMarketData(f"no vol surface for {underlying} in {where}")
+            raise MissingMarketDataError(f"no vol surface for {underlying} in {where}")
         forward = spot * math.exp((rate - dividend) * t)
         params = {"vol": surface.vol(strike, t, forward)}
     else:
         sets = snapshot.model_params.get(underlying, {})
         found = sets.get(process)
         if found is None:
-            raise MissingMarketData(f"no {process} parameters for {underlying} in {where} (model_params)")
+            raise MissingMarketDataError(f"no {process} parameters for {underlying} in {where} (model_params)")
         missing = [n for n in param_names if n not in found.params]
         if missing:
-            raise MissingMarketData(f"{process} parameters for {underlying} in {where} lack {', '.join(missing)}")
+            raise MissingMarketDataError(f"{process} parameters for {underlying} in {where} lack {', '.join(missing)}")
         params = {n: found.params[n] for n in param_names}
     return MarketInputs(spot=spot, expiry_years=t, rate=rate, dividend=dividend, params=params)

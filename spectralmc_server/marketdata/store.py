@@ -9,7 +9,7 @@ Layout of namespace ``NS``::
 VDT and ASOF are UTC times written ``20261126T160000.000000Z``, so the store's
 lexicographic listing is the time order and "as of T" is the last ASOF <= T under one
 VDT. Putting a key again with the same content is idempotent; with other content it is
-refused (:class:`SnapshotConflict`), so an answer that names a key and hash can always
+refused (:class:`SnapshotConflictError`), so an answer that names a key and hash can always
 be reproduced. Derived snapshots carry ``lineage``: the job and the exact inputs.
 
 refs/latest is the one pointer here, and a cache: a writer killed after its record and
@@ -32,7 +32,7 @@ from pydantic import ValidationError
 
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.store.cas import CAS_ATTEMPTS, advance_ref, content_key, create_once, put_content, sha256_hex
-from spectralmc_server.store.objects import ObjectStore, PreconditionFailed, list_all
+from spectralmc_server.store.objects import CorruptObjectError, ObjectStore, PreconditionFailedError, list_all
 
 TOKEN_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 TOKEN_RE = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
@@ -41,12 +41,8 @@ CAS_RETRIES = CAS_ATTEMPTS  # tries of a refs/latest move (store/cas.py's advanc
 AFTER_EVERY_KEY = "~"  # sorts after every character a key may hold (letters, digits, _ . - /)
 
 
-class SnapshotConflict(Exception):  # noqa: N818
+class SnapshotConflictError(Exception):
     """The key already holds a snapshot with different content."""
-
-
-class CorruptSnapshot(Exception):  # noqa: N818
-    """Stored bytes that fail their hash or do not parse."""
 
 
 def utc(value: datetime) -> datetime:
@@ -120,7 +116,7 @@ class SnapshotRecord:
                 stored_at=body["stored_at"],
             )
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-            raise CorruptSnapshot(f"{where} is not a snapshot record: {exc}") from None
+            raise CorruptObjectError(f"{where} is not a snapshot record: {exc}") from None
 
 
 @dataclass
@@ -169,7 +165,7 @@ class SnapshotStore:
         lineage: dict[str, Any] | None = None,
     ) -> tuple[SnapshotRecord, bool]:
         """Store ``snapshot`` under the key; ``(record, created)``. Same content again is
-        idempotent (``created`` False); different content raises SnapshotConflict."""
+        idempotent (``created`` False); different content raises SnapshotConflictError."""
         data = await asyncio.to_thread(canonical, snapshot)
         h = await put_content(self.objects, self._content_prefix(namespace), data)  # content first; idempotent
         record = SnapshotRecord(
@@ -183,12 +179,12 @@ class SnapshotStore:
         key = self.record_key(namespace, val_datetime, data_asof)
         try:
             first = await create_once(self.objects, key, record.to_bytes())
-        except PreconditionFailed:  # created, then deleted before it could be read: not something this store does
-            raise SnapshotConflict(f"{key} changed while it was written; put it again") from None
+        except PreconditionFailedError:  # created, then deleted before it could be read: not something this store does
+            raise SnapshotConflictError(f"{key} changed while it was written; put it again") from None
         if first is not None:
             existing = SnapshotRecord.from_bytes(first.data, key)
             if existing.hash != h:
-                raise SnapshotConflict(
+                raise SnapshotConflictError(
                     f"{namespace}/{iso(val_datetime)}/{iso(data_asof)} already holds other content "
                     f"({existing.hash}); snapshots are immutable: put it under a later data_asof"
                 )
@@ -208,7 +204,7 @@ class SnapshotStore:
     async def _advance_latest(self, namespace: str, record: SnapshotRecord) -> bool:
         """Move refs/latest to ``record`` if it is later than what it names (CAS with
         bounded, jittered retries: ``store/cas.py``'s advance_ref, which raises its
-        RefContention, a PreconditionFailed, after CAS_RETRIES lost races); True when
+        RefContentionError, a PreconditionFailedError, after CAS_RETRIES lost races); True when
         this call moved it."""
         ref = self.latest_key(namespace)
         data = record.to_bytes()
@@ -249,7 +245,7 @@ class SnapshotStore:
             return None
         record = await self._read_record(newest)
         if record is None:  # listed, then gone: not something this store does
-            raise CorruptSnapshot(f"{newest} was listed but cannot be read")
+            raise CorruptObjectError(f"{newest} was listed but cannot be read")
         return record if await self._advance_latest(namespace, record) else None
 
     async def namespaces(self) -> list[str]:
@@ -275,7 +271,7 @@ class SnapshotStore:
             report.checked += 1
             try:
                 moved = await self.repair_latest(ns)
-            except CorruptSnapshot as exc:
+            except CorruptObjectError as exc:
                 report.problems[ns] = str(exc)
                 continue
             if moved is not None:
@@ -311,7 +307,7 @@ class SnapshotStore:
         key = self.record_key(namespace, val_datetime, stamps[-1])
         record = await self._read_record(key)
         if record is None:
-            raise CorruptSnapshot(f"{key} was listed but cannot be read")
+            raise CorruptObjectError(f"{key} was listed but cannot be read")
         return record
 
     async def list_keys(
@@ -348,15 +344,15 @@ class SnapshotStore:
         key = self.content_key(record.namespace, record.hash)
         blob = await self.objects.get(key)
         if blob is None:
-            raise CorruptSnapshot(f"{key} is missing (named by {iso(record.val_datetime)}/{iso(record.data_asof)})")
+            raise CorruptObjectError(f"{key} is missing (named by {iso(record.val_datetime)}/{iso(record.data_asof)})")
 
         def parse() -> MarketSnapshot:
             if sha256_hex(blob.data) != record.hash:
-                raise CorruptSnapshot(f"{key} fails its SHA-256 (bytes changed)")
+                raise CorruptObjectError(f"{key} fails its SHA-256 (bytes changed)")
             try:
                 return MarketSnapshot.model_validate_json(blob.data)
             except ValidationError as exc:
-                raise CorruptSnapshot(f"{key} does not parse as a snapshot: {exc}") from None
+                raise CorruptObjectError(f"{key} does not parse as a snapshot: {exc}") from None
 
         snapshot = await asyncio.to_thread(parse)
         self._remember(record.hash, snapshot)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from spectralmc_server.marketdata.black import NoImpliedVol, implied_vol
+from spectralmc_server.marketdata.black import NoImpliedVolError, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, OptionQuote, VolSurface
 
 MONEYNESS_DECIMALS = 8  # moneyness grid points: K / F(T) rounded, so m * F(T) maps back to m
@@ -49,7 +49,7 @@ def implied_vol_surface(
         t = q.expiry_years
         try:
             vols[key] = implied_vol(q.price, forward_fn(t), q.strike, t, curve.discount(t), q.right == "call")
-        except NoImpliedVol as exc:
+        except NoImpliedVolError as exc:
             raise ValueError(f"quote {q.right} K={q.strike:g} T={t:g}: {exc}") from None
     return VolSurface(
         strike_kind=strike_kind,

@@ -29,7 +29,7 @@ from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ParameterRange
 from spectralmc_server.engine.reference import analytic_cf_y
 from spectralmc_server.engine.served import ServedModel
-from spectralmc_server.marketdata.black import NoImpliedVol, implied_vol
+from spectralmc_server.marketdata.black import NoImpliedVolError, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams, VolSurface
 
 CALIBRATABLE = ("heston",)  # processes with a start heuristic; others are refused clearly
@@ -65,7 +65,7 @@ class CalibrationReport:
             price = float(self.result.model_price[i])
             try:
                 model_vol: float | None = implied_vol(price, 1.0, math.exp(lm), node.expiry_years, 1.0, lm > 0)
-            except NoImpliedVol:
+            except NoImpliedVolError:
                 model_vol = None
             market = float(self.quotes.vol[i])
             out.append(

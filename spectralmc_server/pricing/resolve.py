@@ -7,7 +7,7 @@ from __future__ import annotations
 from pydantic import ValidationError
 
 from spectralmc_server.engine.processes import get_process
-from spectralmc_server.marketdata.inputs import MissingMarketData, contract_inputs
+from spectralmc_server.marketdata.inputs import MissingMarketDataError, contract_inputs
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord, iso
 from spectralmc_server.pricing.book import all_explicit
@@ -54,7 +54,7 @@ def explicit_request(request: PriceRequest, record: SnapshotRecord, snapshot: Ma
                 params=None if names == ("vol",) else got.params,
                 fixings=c.fixings,
             )
-        except MissingMarketData as exc:
+        except MissingMarketDataError as exc:
             raise RequestError(f"contracts[{i}]", str(exc)) from None
         except ValidationError as exc:
             reason = "; ".join(f"{d['field']}: {d['reason']}" for d in format_validation_error(exc))

@@ -18,17 +18,17 @@ from typing import Any
 from aiohttp import web
 
 from spectralmc_server.engine.certificate import gate_failures
-from spectralmc_server.engine_service.messages import CommitRefused, EngineDead
+from spectralmc_server.engine_service.messages import CommitRefused, EngineDeadError
 from spectralmc_server.service import keys
 from spectralmc_server.service.auth import ADMIN_REALM, require_token
 from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import CommitBody, GCBody, PinBody, UnpinBody
+from spectralmc_server.store.objects import CorruptObjectError
 from spectralmc_server.store.versions import (
-    ContentCollected,
-    CorruptObject,
+    ContentCollectedError,
     VersionError,
-    VersionNotFound,
+    VersionNotFoundError,
     VersionStore,
 )
 from spectralmc_server.training.history import list_versions
@@ -68,7 +68,7 @@ async def refresh(request: web.Request, name: str) -> dict[str, Any]:
     is down reads the store when it starts again)."""
     try:
         await request.app[keys.ENGINE].poll(name)
-    except EngineDead as exc:
+    except EngineDeadError as exc:
         log.warning("model %s: refresh after an admin change: the engine is down (%s)", name, exc)
     return next(m for m in request.app[keys.MODELS].current.describe() if m["name"] == name)
 
@@ -116,11 +116,11 @@ async def pin(request: web.Request) -> web.Response:
         if failures and not body.force:
             raise gate_conflict(f"{what} fails its quality gate and was not pinned", failures, "force")
         entry = await store.pin(body.version, body.by, force=bool(failures), gate=failures)
-    except VersionNotFound:
+    except VersionNotFoundError:
         raise NotFound(f"model {store.name!r} has no version {body.version}") from None
-    except ContentCollected:
+    except ContentCollectedError:
         raise Conflict(f"{what} was garbage-collected and cannot be served") from None
-    except CorruptObject as exc:  # a damaged certificate link: nothing to judge the version by
+    except CorruptObjectError as exc:  # a damaged certificate link: nothing to judge the version by
         raise Conflict(f"{what} cannot be pinned: {exc}") from None
     if failures:
         log.warning("model %s: version %d pinned with force past its gate: %s", store.name, body.version, failures)
@@ -161,6 +161,6 @@ async def gc(request: web.Request) -> web.Response:
             dry_run=body.dry_run,
             grace_seconds=body.grace_seconds,
         )
-    except VersionError as exc:
+    except (VersionError, CorruptObjectError) as exc:  # a damaged link: run verify
         raise Conflict(str(exc)) from None
     return json_response(report.as_dict())

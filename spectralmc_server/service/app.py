@@ -25,7 +25,7 @@ from aiohttp import web
 
 from spectralmc_server.engine.device import BudgetReport, Budgets
 from spectralmc_server.engine_service.core import EngineCore
-from spectralmc_server.engine_service.messages import EngineDead
+from spectralmc_server.engine_service.messages import EngineDeadError
 from spectralmc_server.engine_service.metrics import ModelState, TrainingState
 from spectralmc_server.engine_service.views import ModelDirectory
 from spectralmc_server.marketdata.store import SnapshotStore, iso
@@ -52,7 +52,7 @@ from spectralmc_server.service.metrics import Metrics, StateSource
 from spectralmc_server.service.openapi import build_openapi, docs_page
 from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.settings import PriceJob, Settings
-from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailable
+from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailableError
 from spectralmc_server.store.uri import open_store
 from spectralmc_server.store.versions import VersionStore
 
@@ -96,10 +96,10 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         response = _error_response(exc)
     except web.HTTPException as exc:
         response = _error_response(_from_http(exc, request))
-    except StoreUnavailable as exc:  # the object store is down: the client may retry, nothing is wrong with it
+    except StoreUnavailableError as exc:  # the object store is down: the client may retry, nothing is wrong with it
         log.warning("store unavailable on %s %s: %s", request.method, request.path, exc)
         response = _error_response(store_unavailable(exc, retry_after=5, message=f"the store is unavailable: {exc}"))
-    except EngineDead as exc:  # the engine is down (restarting): the client may retry
+    except EngineDeadError as exc:  # the engine is down (restarting): the client may retry
         response = _error_response(Unavailable(f"the compute engine is down: {exc}", 5, code="engine_unavailable"))
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

@@ -27,7 +27,7 @@ from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
 from spectralmc_server.pricing.calibration import SurfaceError
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid
-from spectralmc_server.service.jobs import Unchanged, derive_input
+from spectralmc_server.service.jobs import UnchangedError, derive_input
 from spectralmc_server.service.routes import _timeout as request_timeout
 from spectralmc_server.service.routes import json_response, read_json, require_serving, validate
 from spectralmc_server.service.schemas import CalibrateRequest
@@ -147,7 +147,7 @@ def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Await
         reports = [await fit(app, snapshot, u, job.process) for u in job.underlyings]
         stored = await store_fit(market.put, latest, snapshot, reports, job.name)
         if stored is None:
-            raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) already holds these fits")
+            raise UnchangedError(f"the latest snapshot ({iso(latest.data_asof)}) already holds these fits")
         fits = ", ".join(f"{r.underlying} rmse {r.rmse_vol * 1e4:.1f} bp vol" for r in reports)
         return f"stored {iso(stored[0].data_asof)} ({stored[0].hash}): {fits}"
 

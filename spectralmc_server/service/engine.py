@@ -66,7 +66,7 @@ class EngineClient(ABC):
 
     @abstractmethod
     def price(self, job: PriceJob) -> asyncio.Future[PriceResult]:
-        """Price a job; raises EngineDead at once when the engine is down."""
+        """Price a job; raises EngineDeadError at once when the engine is down."""
 
     @abstractmethod
     def forget(self, reqs: Iterable[int]) -> None:

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 from spectralmc_server.engine_service.messages import (
     CommitRefused,
     Committed,
-    EngineDead,
+    EngineDeadError,
     EngineStatus,
     FitSpec,
     PriceJob,
@@ -144,13 +144,13 @@ class EnginePool(EngineClient):
     def _pick(self) -> int:
         live = self._live()
         if not live:
-            raise EngineDead(self.engines[0].status.failure or "no engine is up")
+            raise EngineDeadError(self.engines[0].status.failure or "no engine is up")
         return min(live, key=lambda k: (self._inflight[k], k))
 
     def price(self, job: PriceJob) -> asyncio.Future[PriceResult]:
         if any(e.req in self._orphans for e in job.entries):
             dead: asyncio.Future[PriceResult] = asyncio.get_running_loop().create_future()
-            dead.set_exception(EngineDead("the engine holding this request's model versions died"))
+            dead.set_exception(EngineDeadError("the engine holding this request's model versions died"))
             return dead
         held = {self._held[e.req] for e in job.entries if e.req in self._held}
         if len(held) > 1:  # the batcher puts at most one request with a lease in a job
@@ -187,7 +187,7 @@ class EnginePool(EngineClient):
     def fit_slice(self, fit_id: int, seconds: float) -> asyncio.Future[SliceDone]:
         k = self._fits.get(fit_id)
         if k is None:
-            raise EngineDead(f"the engine of calibration {fit_id} is gone")
+            raise EngineDeadError(f"the engine of calibration {fit_id} is gone")
         return self.engines[k].fit_slice(fit_id, seconds)
 
     def fit_cancel(self, fit_id: int) -> None:
@@ -228,7 +228,7 @@ class EnginePool(EngineClient):
 
 async def _all(futures: list[asyncio.Future[Any]]) -> None:
     for f in futures:
-        with contextlib.suppress(EngineDead):
+        with contextlib.suppress(EngineDeadError):
             await f
 
 

@@ -9,7 +9,7 @@ whenever they change, and its status every ``engine.status_seconds``.
 
 When the engine dies (the socket closes: SIGKILL, the OOM killer, a crash) or hangs (no
 status for ``engine.heartbeat_timeout_seconds``: it is killed), every pending call fails
-at once with EngineDead and the batcher answers everything queued or in flight 503
+at once with EngineDeadError and the batcher answers everything queued or in flight 503
 ``engine_unavailable``; /healthz and /readyz fail. A new engine is started after 0.5, 1,
 2, ... s (at most ``engine.max_backoff_seconds``); once the engine has died more than
 ``engine.max_restarts`` times within ``engine.restart_window_seconds`` the server gives
@@ -39,7 +39,7 @@ from spectralmc_server.engine_service.messages import (
     SNAPSHOTS_KEPT,
     CommitRefused,
     Committed,
-    EngineDead,
+    EngineDeadError,
     EngineStatus,
     FitSpec,
     JobFailedError,
@@ -177,7 +177,7 @@ class ProcessEngine(EngineClient):
                 if link.conn is not None and link.conn.transport is not None:
                     link.conn.transport.close()
                 code = await _kill(link.proc)
-                if isinstance(exc, (TimeoutError, EngineDead, OSError)):
+                if isinstance(exc, (TimeoutError, EngineDeadError, OSError)):
                     raise EngineStartError(
                         f"the engine process did not start (exit status {code}): {exc or 'no answer'}; "
                         "see its log above"
@@ -243,7 +243,7 @@ class ProcessEngine(EngineClient):
         elif msg.error == "job_failed":
             future.set_exception(JobFailedError(msg.message))
         elif msg.error == "dead":
-            future.set_exception(EngineDead(msg.message))
+            future.set_exception(EngineDeadError(msg.message))
         else:
             future.set_exception(RuntimeError(f"the engine failed: {msg.message}"))
 
@@ -276,10 +276,10 @@ class ProcessEngine(EngineClient):
         calls, self._calls = self._calls, {}
         for future in calls.values():
             if not future.done():
-                future.set_exception(EngineDead(reason))
+                future.set_exception(EngineDeadError(reason))
         if not link.ready:  # still starting: _spawn reports it
             if self._ready is not None and not self._ready.done():
-                self._ready.set_exception(EngineDead(reason))
+                self._ready.set_exception(EngineDeadError(reason))
             return
         if self._stopping:
             return
@@ -336,7 +336,7 @@ class ProcessEngine(EngineClient):
     def _send(self, msg: object) -> None:
         link = self._link
         if link is None or not link.ready or link.lost or link.conn is None or link.conn.transport is None:
-            raise EngineDead(self._status.failure or "the engine is not ready")
+            raise EngineDeadError(self._status.failure or "the engine is not ready")
         write_frame(link.conn.transport, msg)
 
     def _call(self, op: str, *args: Any) -> asyncio.Future[Any]:
@@ -375,7 +375,7 @@ class ProcessEngine(EngineClient):
     def _send_forgotten(self) -> None:
         reqs, self._forgotten = self._forgotten, []
         if reqs:
-            with contextlib.suppress(EngineDead):
+            with contextlib.suppress(EngineDeadError):
                 self._send(Tell("forget", (reqs,)))
 
     def fit_start(self, fit_id: int, spec: FitSpec) -> None:
@@ -385,7 +385,7 @@ class ProcessEngine(EngineClient):
         return self._call("fit_slice", fit_id, seconds)
 
     def fit_cancel(self, fit_id: int) -> None:
-        with contextlib.suppress(EngineDead):
+        with contextlib.suppress(EngineDeadError):
             self._send(Tell("fit_cancel", (fit_id,)))
 
     async def commit(self, model: str, message: str, allow_unqualified: bool) -> Committed | CommitRefused:
@@ -407,7 +407,7 @@ class ProcessEngine(EngineClient):
             async with asyncio.timeout(2.0):
                 text: bytes = await self._call("metrics")
                 return text
-        except (EngineDead, TimeoutError):
+        except (EngineDeadError, TimeoutError):
             return b""
 
 

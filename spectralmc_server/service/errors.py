@@ -26,42 +26,42 @@ class APIError(Exception):
         return {"error": {"code": self.code, "message": self.message, "details": self.details}}
 
 
-class MalformedRequest(APIError):  # noqa: N818
+class MalformedRequest(APIError):
     status, code = 400, "malformed"
 
 
-class Unauthorized(APIError):  # noqa: N818
+class Unauthorized(APIError):
     status, code = 401, "unauthorized"
 
     def __init__(self, message: str, *, realm: str) -> None:
         super().__init__(message, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
 
 
-class Forbidden(APIError):  # noqa: N818
+class Forbidden(APIError):
     status, code = 403, "forbidden"
 
 
-class NotFound(APIError):  # noqa: N818
+class NotFound(APIError):
     status, code = 404, "not_found"
 
 
-class MethodNotAllowed(APIError):  # noqa: N818
+class MethodNotAllowed(APIError):
     status, code = 405, "method_not_allowed"
 
 
-class Conflict(APIError):  # noqa: N818
+class Conflict(APIError):
     status, code = 409, "conflict"
 
 
-class TooLarge(APIError):  # noqa: N818
+class TooLarge(APIError):
     status, code = 413, "too_large"
 
 
-class UnsupportedMediaType(APIError):  # noqa: N818
+class UnsupportedMediaType(APIError):
     status, code = 415, "unsupported_media_type"
 
 
-class Invalid(APIError):  # noqa: N818
+class Invalid(APIError):
     status, code = 422, "invalid"
 
 
@@ -71,7 +71,7 @@ class NoMarketData(Invalid):
     code = "no_market_data"
 
 
-class Unavailable(APIError):  # noqa: N818
+class Unavailable(APIError):
     """Overloaded, shutting down or not ready: try again later."""
 
     status, code = 503, "unavailable"
@@ -89,11 +89,11 @@ def store_unavailable(exc: BaseException, *, retry_after: int = 1, message: str 
     return Unavailable(text, retry_after, code="store_unavailable")
 
 
-class DeadlineExceeded(APIError):  # noqa: N818
+class DeadlineExceeded(APIError):
     status, code = 504, "deadline_exceeded"
 
 
-class EngineFailure(APIError):  # noqa: N818
+class EngineFailure(APIError):
     """The compute engine failed on valid input: a bug, not the client's fault."""
 
     status, code = 500, "engine_failure"

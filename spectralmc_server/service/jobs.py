@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 RECENT = 32  # runs kept per job for /v1/jobs
 
 
-class Unchanged(Exception):  # noqa: N818
+class UnchangedError(Exception):
     """The run found nothing new to do."""
 
 
@@ -109,7 +109,7 @@ class Schedule:
             record.message = await self.action()
             record.outcome = "success"
             self.last_success = time.time()
-        except Unchanged as exc:
+        except UnchangedError as exc:
             record.outcome, record.message = "unchanged", str(exc)
         except asyncio.CancelledError:
             record.outcome, record.message = "error", "cancelled at shutdown"
@@ -165,12 +165,12 @@ def price_action(
 
 async def derive_input(job: DeriveJob, market: MarketData) -> tuple[SnapshotRecord, MarketSnapshot]:
     """The namespace's latest snapshot, which a derive job builds on; ``NoMarketData``
-    when there is none, ``Unchanged`` when it is the job's own output."""
+    when there is none, ``UnchangedError`` when it is the job's own output."""
     latest = await market.store.latest(job.namespace)
     if latest is None:
         raise NoMarketData(f"no snapshot in namespace {job.namespace!r} yet")
     if (latest.lineage or {}).get("job") == job.name:
-        raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) is this job's own output")
+        raise UnchangedError(f"the latest snapshot ({iso(latest.data_asof)}) is this job's own output")
     return latest, await market.load(latest)
 
 
@@ -192,7 +192,7 @@ def derive_action(job: DeriveJob, market: MarketData) -> Callable[[], Awaitable[
         if canonical(derived) == canonical(snapshot):
             # the latest snapshot already holds these surfaces (say another job derived
             # from this job's output): storing it again would only make two jobs chase
-            raise Unchanged(f"the latest snapshot ({iso(latest.data_asof)}) already holds what this job derives")
+            raise UnchangedError(f"the latest snapshot ({iso(latest.data_asof)}) already holds what this job derives")
         now = datetime.now(UTC)
         asof = max(now, latest.data_asof + timedelta(microseconds=1))
         lineage = {

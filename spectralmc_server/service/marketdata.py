@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from spectralmc_server.marketdata.objects import MarketSnapshot
-from spectralmc_server.marketdata.store import SnapshotConflict, SnapshotRecord, SnapshotStore, iso
+from spectralmc_server.marketdata.store import SnapshotConflictError, SnapshotRecord, SnapshotStore, iso
 from spectralmc_server.service.errors import NoMarketData
 from spectralmc_server.service.metrics import Metrics
 
@@ -36,7 +36,7 @@ class MarketData:
     ) -> tuple[SnapshotRecord, bool]:
         try:
             record, created = await self.store.put(namespace, val_datetime, data_asof, snapshot, lineage)
-        except SnapshotConflict:
+        except SnapshotConflictError:
             self.metrics.snapshots_put.labels("conflict").inc()
             raise
         self.metrics.snapshots_put.labels("created" if created else "idempotent").inc()

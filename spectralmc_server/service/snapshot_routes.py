@@ -17,7 +17,7 @@ from datetime import datetime
 from aiohttp import web
 
 from spectralmc_server.marketdata.objects import MarketSnapshot
-from spectralmc_server.marketdata.store import SnapshotConflict, SnapshotRecord, iso, utc
+from spectralmc_server.marketdata.store import SnapshotConflictError, SnapshotRecord, iso, utc
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN
 from spectralmc_server.rfc3339 import DATETIME_FORMAT, parse_datetime
 from spectralmc_server.service import keys
@@ -69,7 +69,7 @@ async def put_snapshot(request: web.Request) -> web.Response:
     snapshot: MarketSnapshot = validate(MarketSnapshot, await read_json(request))
     try:
         record, created = await request.app[keys.MARKETDATA].put(ns, vdt, asof, snapshot)
-    except SnapshotConflict as exc:
+    except SnapshotConflictError as exc:
         raise Conflict(str(exc)) from None
     body = {**record.describe(), "created": created, "arbitrage": snapshot.arbitrage()}
     return json_response(body, status=201 if created else 200)

@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Any
 
 from spectralmc_server.engine.checkpoint import MODEL_FILE, TRAINING_FILE, canonical_json
 from spectralmc_server.store.cas import sha256_hex
-from spectralmc_server.store.chain import CorruptObject, Entry, VersionError, gather_limited, now, parse
-from spectralmc_server.store.objects import LocalObjectStore, PreconditionFailed, list_all
+from spectralmc_server.store.chain import Entry, VersionError, gather_limited, now, parse
+from spectralmc_server.store.objects import CorruptObjectError, LocalObjectStore, PreconditionFailedError, list_all
 from spectralmc_server.store.records import (
     CONTENT_ROLES,
     GC_FORMAT,
@@ -106,7 +106,7 @@ class Audit:
         report = VerifyReport(self.name)
         try:
             entries = await self.records.all()
-        except CorruptObject as exc:
+        except CorruptObjectError as exc:
             report.problem(None, self.records.prefix, str(exc))
             return report
         report.versions = len(entries)
@@ -115,7 +115,7 @@ class Audit:
         report.collected = sorted(collected)
         try:
             head_ref = await self.records.read_ref()
-        except CorruptObject:
+        except CorruptObjectError:
             head_ref = (0, None)  # reported by verify_head
 
         def vouched(v: int) -> bool:
@@ -200,7 +200,7 @@ class Audit:
         """The manifest parses and names the record's weight files."""
         try:
             files = parse(data, "manifest").get("files", {})
-        except CorruptObject as exc:
+        except CorruptObjectError as exc:
             report.problem(e.index, self.content_key(e.body["content"]["manifest"]), str(exc))
             return
         content = e.body["content"]
@@ -237,7 +237,7 @@ class Audit:
             stored = StoredVersion(v, e.body, e.hash)
             try:
                 h = self.check_link(link.data, stored)
-            except CorruptObject as exc:
+            except CorruptObjectError as exc:
                 report.problem(v, key, str(exc).removeprefix(f"{key}: "))
                 continue
             named.append((v, key, h, stored.content_hash))
@@ -256,13 +256,13 @@ class Audit:
                 continue
             try:
                 await asyncio.to_thread(decode_certificate, blob.data, h, model_hash, f"version {v}")
-            except CorruptObject as exc:
+            except CorruptObjectError as exc:
                 report.problem(v, self.content_key(h), str(exc).removeprefix(f"version {v}: "))
 
     async def verify_head(self, by_version: dict[int, Entry], report: VerifyReport) -> None:
         try:
             index, h = await self.records.read_ref()
-        except CorruptObject as exc:
+        except CorruptObjectError as exc:
             report.problem(None, self.records.ref, str(exc))
             return
         last = max(by_version) if by_version else 0
@@ -288,7 +288,7 @@ class Audit:
         try:
             log = await self.pins.all()
             index, h = await self.pins.read_ref()
-        except CorruptObject as exc:
+        except CorruptObjectError as exc:
             report.problem(None, self.pins.prefix, str(exc))
             return
         prev: str | None = None
@@ -332,7 +332,7 @@ class Audit:
             e = by_version[v]
             try:
                 h: str | None = self.check_link(blob.data, StoredVersion(v, e.body, e.hash))
-            except CorruptObject:
+            except CorruptObjectError:
                 h = None
             out.append((key, v, h))
         return out
@@ -396,7 +396,7 @@ class Audit:
         for key, v, h in await self.read_links(by_version):
             if v in retained:
                 if h is None:
-                    raise CorruptObject(f"{key} is damaged: gc cannot tell which certificate to keep (run verify)")
+                    raise CorruptObjectError(f"{key} is damaged: gc cannot tell which certificate to keep (run verify)")
                 keep_blobs.add(hex_of(h))
             elif v in by_version:
                 delete.append(key)
@@ -413,7 +413,7 @@ class Audit:
         """Write the markers of ``doomed`` versions, then delete ``delete``: the bytes freed."""
         for v in doomed:
             marker = canonical_json({"format": GC_FORMAT, "version": v, "time": now(), "keep": n_keep})
-            with contextlib.suppress(PreconditionFailed):
+            with contextlib.suppress(PreconditionFailedError):
                 await self.objects.put_if_absent(self.gc_key(v), marker)
         sizes = 0
         for key in delete:

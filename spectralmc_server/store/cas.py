@@ -11,11 +11,11 @@ conditional writes of the object-store protocol (``store/objects.py``):
   certificate link) and hands back what a faster writer put there instead.
 - :func:`advance_ref` is compare-and-swap on a small pointer object: read it (bytes and
   etag), compute the new bytes, write with put-if-match on the etag read (put-if-absent
-  when there is no ref yet). Losing the race (``PreconditionFailed``: another writer
+  when there is no ref yet). Losing the race (``PreconditionFailedError``: another writer
   moved or created the ref, or it vanished; S3 answers 404 for If-Match on a missing
-  key where SeaweedFS answers 412, and both arrive as ``PreconditionFailed``) reads
+  key where SeaweedFS answers 412, and both arrive as ``PreconditionFailedError``) reads
   again after a jittered exponential backoff, at most ``attempts`` times, then raises
-  :class:`RefContention`.
+  :class:`RefContentionError`.
 
 :func:`sha256_hex` is the one content hash of the store: ``"sha256:<64 hex digits>"``.
 """
@@ -28,16 +28,16 @@ import random
 from collections.abc import Callable
 
 from spectralmc_server.engine.checkpoint import sha256_hex  # the one content hash (store and checkpoints)
-from spectralmc_server.store.objects import Blob, ObjectStore, PreconditionFailed
+from spectralmc_server.store.objects import Blob, ObjectStore, PreconditionFailedError
 
 CAS_ATTEMPTS = 20  # reads-and-writes of a ref before advance_ref gives up
 BACKOFF_BASE_SECONDS = 0.005  # the jitter window after the n-th lost race: [0, base * 2**min(n, 6)]
 BACKOFF_MAX_DOUBLINGS = 6
 
 
-class RefContention(PreconditionFailed):
+class RefContentionError(PreconditionFailedError):
     """:func:`advance_ref` lost the compare-and-swap on every one of its attempts (the
-    ref kept changing under it). A :class:`PreconditionFailed`, so callers that caught
+    ref kept changing under it). A :class:`PreconditionFailedError`, so callers that caught
     that before still catch it."""
 
     def __init__(self, ref: str, attempts: int) -> None:
@@ -58,7 +58,7 @@ async def put_content(objects: ObjectStore, prefix: str, data: bytes, digest: st
     the caller); it must be :func:`sha256_hex` of ``data``. Idempotent and race-free:
     put-if-absent losing means another writer stored these very bytes."""
     h = sha256_hex(data) if digest is None else digest
-    with contextlib.suppress(PreconditionFailed):  # content-addressed: the same bytes are already there
+    with contextlib.suppress(PreconditionFailedError):  # content-addressed: the same bytes are already there
         await objects.put_if_absent(content_key(prefix, h), data)
     return h
 
@@ -67,14 +67,14 @@ async def create_once(objects: ObjectStore, key: str, data: bytes) -> Blob | Non
     """Create ``key`` holding ``data`` unless it exists (put-if-absent): None when this
     call created it, else the object another writer created first, so the caller can
     tell a repeat (same bytes or meaning) from a conflict. A key that vanished again
-    before it could be read raises :class:`PreconditionFailed` (nothing here deletes
+    before it could be read raises :class:`PreconditionFailedError` (nothing here deletes
     such keys, so that is the caller's to report)."""
     try:
         await objects.put_if_absent(key, data)
-    except PreconditionFailed:
+    except PreconditionFailedError:
         existing = await objects.get(key)
         if existing is None:
-            raise PreconditionFailed(f"{key} changed while it was written") from None
+            raise PreconditionFailedError(f"{key} changed while it was written") from None
         return existing
     return None
 
@@ -98,7 +98,7 @@ async def advance_ref(
     where the caller wants it: the call returns False). The write is conditional on the
     ref being unchanged since it was read; when another writer got there first, the ref
     is read again and ``update`` asked again, after a jittered backoff. After
-    ``attempts`` lost races, :class:`RefContention`. Errors from ``update`` (a ref that
+    ``attempts`` lost races, :class:`RefContentionError`. Errors from ``update`` (a ref that
     does not parse) and from the store propagate."""
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
@@ -113,17 +113,17 @@ async def advance_ref(
             else:
                 await objects.put_if_match(ref, data, blob.etag)
             return True
-        except PreconditionFailed:
+        except PreconditionFailedError:
             if attempt + 1 < attempts:
                 await backoff(attempt)
-    raise RefContention(ref, attempts)
+    raise RefContentionError(ref, attempts)
 
 
 __all__ = [
     "BACKOFF_BASE_SECONDS",
     "BACKOFF_MAX_DOUBLINGS",
     "CAS_ATTEMPTS",
-    "RefContention",
+    "RefContentionError",
     "advance_ref",
     "content_key",
     "create_once",

@@ -24,7 +24,13 @@ import orjson
 
 from spectralmc_server.engine.checkpoint import canonical_json
 from spectralmc_server.store.cas import advance_ref, sha256_hex
-from spectralmc_server.store.objects import ObjectStore, PreconditionFailed, StoreError, list_all
+from spectralmc_server.store.objects import (
+    CorruptObjectError,
+    ObjectStore,
+    PreconditionFailedError,
+    StoreError,
+    list_all,
+)
 
 CONCURRENCY = 32  # object reads in flight when walking history
 
@@ -33,19 +39,15 @@ class VersionError(StoreError):
     """A version-store operation that cannot be done as asked."""
 
 
-class VersionNotFound(VersionError):  # noqa: N818
+class VersionNotFoundError(VersionError):
     """No record for that version."""
 
 
-class ContentCollected(VersionError):  # noqa: N818
+class ContentCollectedError(VersionError):
     """The version's record exists but garbage collection removed its content."""
 
 
-class CorruptObject(VersionError):  # noqa: N818
-    """An object fails its hash or does not parse: history has been damaged or edited."""
-
-
-class CertificateExists(VersionError):  # noqa: N818
+class CertificateExistsError(VersionError):
     """The version already has a different certificate: links are created once."""
 
     def __init__(self, model: str, version: int, existing: str, offered: str) -> None:
@@ -58,7 +60,7 @@ class CertificateExists(VersionError):  # noqa: N818
         self.offered = offered
 
 
-class CommitConflict(VersionError):  # noqa: N818
+class CommitConflictError(VersionError):
     """Another writer claimed the version number first."""
 
     def __init__(self, version: int, winner: dict[str, Any]) -> None:
@@ -75,13 +77,13 @@ def now() -> str:
 
 
 def parse(data: bytes, what: str) -> dict[str, Any]:
-    """A JSON object, or CorruptObject naming ``what``."""
+    """A JSON object, or CorruptObjectError naming ``what``."""
     try:
         value = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
-        raise CorruptObject(f"{what} is not valid JSON: {exc}") from None
+        raise CorruptObjectError(f"{what} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise CorruptObject(f"{what} is not a JSON object")
+        raise CorruptObjectError(f"{what} is not a JSON object")
     return value
 
 
@@ -133,7 +135,7 @@ class Chain:
         body = parse(data, self.ref)
         index, h = body.get("index"), body.get("hash")
         if not isinstance(index, int) or index < 1 or not isinstance(h, str):
-            raise CorruptObject(f"{self.ref} does not name an entry: {data[:200]!r}")
+            raise CorruptObjectError(f"{self.ref} does not name an entry: {data[:200]!r}")
         return index, h
 
     async def tip(self) -> tuple[int, str | None]:
@@ -146,7 +148,7 @@ class Chain:
             if nxt is None:
                 break
             if nxt.body.get("parent") != h:
-                raise CorruptObject(f"{self.key(index + 1)} does not name {self.key(index)} as its parent")
+                raise CorruptObjectError(f"{self.key(index + 1)} does not name {self.key(index)} as its parent")
             index, h = index + 1, nxt.hash
         if index > start and h is not None:
             await self.move_ref(index, h)
@@ -168,24 +170,24 @@ class Chain:
         self, make: Callable[[int, str | None], dict[str, Any]], *, retry: bool, only_index: int | None = None
     ) -> Entry:
         """Create the next entry with ``make(index, parent_hash)``; on losing the race,
-        raise :class:`CommitConflict` or (``retry``) build on the winner and try again.
-        ``only_index``: create entry number ``only_index`` or nothing (CommitConflict when
+        raise :class:`CommitConflictError` or (``retry``) build on the winner and try again.
+        ``only_index``: create entry number ``only_index`` or nothing (CommitConflictError when
         the log has moved past it: "only if still empty" is ``only_index=1``)."""
         while True:
             index, parent = await self.tip()
             if only_index is not None and index + 1 != only_index:
                 winner = await self.read(only_index)
-                raise CommitConflict(only_index, winner.body if winner else {})
+                raise CommitConflictError(only_index, winner.body if winner else {})
             body = make(index + 1, parent)
             body[self.index_field] = index + 1
             body["parent"] = parent
             data = canonical_json(body)
             try:
                 await self.objects.put_if_absent(self.key(index + 1), data)
-            except PreconditionFailed:
+            except PreconditionFailedError:
                 if not retry:
                     winner = await self.read(index + 1)
-                    raise CommitConflict(index + 1, winner.body if winner else {}) from None
+                    raise CommitConflictError(index + 1, winner.body if winner else {}) from None
                 continue
             h = sha256_hex(data)
             await self.move_ref(index + 1, h)
@@ -200,6 +202,6 @@ class Chain:
                 continue  # deleted between listing and reading
             m = re.fullmatch(re.escape(self.prefix) + r"/(\d{12})\.json", key)
             if m is None:
-                raise CorruptObject(f"unexpected object {key} among the entries")
+                raise CorruptObjectError(f"unexpected object {key} among the entries")
             entries.append(Entry(int(m.group(1)), parse(blob.data, key), blob.data, sha256_hex(blob.data)))
         return entries

@@ -7,9 +7,9 @@ writes). Two backends implement it: a local directory (the embedded default) and
 Semantics every backend keeps:
 - ``get`` returns ``None`` only when the key definitely does not exist; any other
   failure raises (a transient error is never mistaken for an empty store).
-- ``put_if_absent`` creates the key or raises :class:`PreconditionFailed`.
+- ``put_if_absent`` creates the key or raises :class:`PreconditionFailedError`.
 - ``put_if_match`` replaces the key only if its current etag is the given one, else
-  raises :class:`PreconditionFailed` (also when the key does not exist: S3 answers 404
+  raises :class:`PreconditionFailedError` (also when the key does not exist: S3 answers 404
   there, SeaweedFS 412; both mean the same).
 - ``list`` returns keys in lexicographic order, one page at a time.
 """
@@ -37,15 +37,20 @@ class StoreError(Exception):
     """Base of the object-store errors."""
 
 
-class PreconditionFailed(StoreError):  # noqa: N818 - the HTTP name, on purpose
+class CorruptObjectError(StoreError):
+    """Stored bytes that fail their hash or do not parse: history or a snapshot has been
+    damaged or edited (versions, certificates, market-data snapshots alike)."""
+
+
+class PreconditionFailedError(StoreError):
     """A conditional write lost: the key exists (put-if-absent) or changed (put-if-match)."""
 
 
-class StoreUnavailable(StoreError):  # noqa: N818
+class StoreUnavailableError(StoreError):
     """The store could not be reached or kept failing after the bounded retries."""
 
 
-class InvalidKey(StoreError, ValueError):  # noqa: N818
+class InvalidKeyError(StoreError, ValueError):
     """A key outside the allowed alphabet or shape."""
 
 
@@ -89,7 +94,7 @@ def check_key(key: str) -> str:
     """Keys are '/'-separated parts of letters, digits, '_', '.', '-', none starting with
     '.' (so no '..' and no clash with a local store's hidden directories)."""
     if not KEY_RE.fullmatch(key):
-        raise InvalidKey(
+        raise InvalidKeyError(
             f"invalid object key {key!r}: use '/'-separated parts of letters, digits, '_', '.', '-' "
             "that do not start with '.'"
         )
@@ -99,7 +104,7 @@ def check_key(key: str) -> str:
 def check_prefix(prefix: str) -> str:
     """A listing prefix: empty, or a key prefix (it may end in '/' or mid-part)."""
     if prefix and not KEY_RE.fullmatch(prefix.rstrip("/") or "x"):
-        raise InvalidKey(f"invalid listing prefix {prefix!r}")
+        raise InvalidKeyError(f"invalid listing prefix {prefix!r}")
     return prefix
 
 
@@ -170,7 +175,7 @@ class LocalObjectStore:
     def _put_if_absent(self, key: str, data: bytes) -> str:
         path = self._path(key)
         if path.is_file():  # cheap early answer; link(2) below is what decides a race
-            raise PreconditionFailed(f"{key} already exists")
+            raise PreconditionFailedError(f"{key} already exists")
         if path.is_dir():
             raise StoreError(f"{key}: a local store cannot hold both {key} and keys under {key}/")
         try:
@@ -181,7 +186,7 @@ class LocalObjectStore:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            raise PreconditionFailed(f"{key} already exists") from None
+            raise PreconditionFailedError(f"{key} already exists") from None
         finally:
             tmp.unlink(missing_ok=True)
         _fsync_dir(path.parent)
@@ -198,9 +203,9 @@ class LocalObjectStore:
             try:
                 current = path.read_bytes()
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-                raise PreconditionFailed(f"{key} does not exist") from None
+                raise PreconditionFailedError(f"{key} does not exist") from None
             if local_etag(current) != etag:
-                raise PreconditionFailed(f"{key} changed (etag {local_etag(current)}, expected {etag})")
+                raise PreconditionFailedError(f"{key} changed (etag {local_etag(current)}, expected {etag})")
             tmp = self._write_temp(data)
             try:
                 tmp.replace(path)

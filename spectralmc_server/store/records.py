@@ -13,7 +13,8 @@ from typing import Any
 
 from spectralmc_server.engine.checkpoint import MANIFEST, MODEL_FILE, TRAINING_FILE, library_versions
 from spectralmc_server.store.cas import sha256_hex
-from spectralmc_server.store.chain import CorruptObject, VersionError, parse
+from spectralmc_server.store.chain import VersionError, parse
+from spectralmc_server.store.objects import CorruptObjectError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 RECORD_FORMAT = "spectralmc-version/1"
@@ -65,11 +66,11 @@ def decode_certificate(data: bytes, h: str, model_hash: str, what: str) -> dict[
     from spectralmc_server.engine import certificate
 
     if sha256_hex(data) != h:
-        raise CorruptObject(f"{what}: certificate {h} fails its SHA-256 (bytes changed)")
+        raise CorruptObjectError(f"{what}: certificate {h} fails its SHA-256 (bytes changed)")
     try:
         return certificate.decode(data, model_hash)
     except certificate.CertificateError as exc:
-        raise CorruptObject(f"{what}: {exc}") from None
+        raise CorruptObjectError(f"{what}: {exc}") from None
 
 
 def make_link(model: str, stored: StoredVersion, h: str) -> dict[str, Any]:
@@ -105,5 +106,5 @@ def check_link(data: bytes, key: str, model: str, stored: StoredVersion) -> str:
     body = parse(data, key)
     problem = link_problem(body, model, stored)
     if problem is not None:
-        raise CorruptObject(f"{key}: {problem}")
+        raise CorruptObjectError(f"{key}: {problem}")
     return str(body["certificate"])

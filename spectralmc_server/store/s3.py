@@ -3,7 +3,7 @@
 Conditional writes use the S3 headers ``If-None-Match: *`` (create if absent) and
 ``If-Match: <etag>`` (replace if unchanged). A failed precondition is 412 on AWS and
 SeaweedFS, and 404 on AWS for If-Match on a missing key: both raise
-:class:`PreconditionFailed`. Throttling, 5xx answers and dropped connections are
+:class:`PreconditionFailedError`. Throttling, 5xx answers and dropped connections are
 retried a bounded number of times with exponential backoff and jitter; anything else
 (access denied, no such bucket) fails at once with the server's reason.
 """
@@ -33,9 +33,9 @@ from spectralmc_server.store.objects import (
     MAX_PAGE,
     Blob,
     Page,
-    PreconditionFailed,
+    PreconditionFailedError,
     StoreError,
-    StoreUnavailable,
+    StoreUnavailableError,
     check_key,
     check_prefix,
 )
@@ -142,7 +142,7 @@ class S3ObjectStore:
                 self.retries += 1
                 delay = min(s.max_delay_seconds, s.base_delay_seconds * 2**attempt)
                 await asyncio.sleep(random.uniform(0, delay))
-        raise StoreUnavailable(f"{self.description}: {op} failed after {s.max_attempts} attempts: {last}")
+        raise StoreUnavailableError(f"{self.description}: {op} failed after {s.max_attempts} attempts: {last}")
 
     async def get(self, key: str) -> Blob | None:
         try:
@@ -168,7 +168,7 @@ class S3ObjectStore:
         except ClientError as exc:
             code, status = _status(exc)
             if code in ("PreconditionFailed", "NoSuchKey") or (status in (404, 412) and code != "NoSuchBucket"):
-                raise PreconditionFailed(f"{key}: {code or status}") from None
+                raise PreconditionFailedError(f"{key}: {code or status}") from None
             raise self._error(exc) from exc
         return str(resp["ETag"])
 

@@ -108,7 +108,7 @@ class ModelTracker(Generic[T]):
         """First load. A pinned version that does not exist is an error here, at start-up;
         in tracking mode an empty store is not (the tracker waits for a first version)."""
         if self.pinned_version is not None:
-            await self.store.version(self.pinned_version)  # raises VersionNotFound, clearly
+            await self.store.version(self.pinned_version)  # raises VersionNotFoundError, clearly
         await self.poll_once()
 
     async def target(self) -> int | None:

@@ -12,7 +12,7 @@ from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
 BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 
 
-class InvalidStoreURI(ValueError):  # noqa: N818
+class InvalidStoreURIError(ValueError):
     """A store URI that names no usable store."""
 
 
@@ -21,16 +21,16 @@ def parse_store_uri(uri: str) -> tuple[str, str, str]:
     parsed = urlparse(uri)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
-            raise InvalidStoreURI(f"{uri!r}: a file URI names a local path, file:///absolute/path")
+            raise InvalidStoreURIError(f"{uri!r}: a file URI names a local path, file:///absolute/path")
         path = unquote(parsed.path)
         if not path.startswith("/"):
-            raise InvalidStoreURI(f"{uri!r}: the path must be absolute, file:///absolute/path")
+            raise InvalidStoreURIError(f"{uri!r}: the path must be absolute, file:///absolute/path")
         return "file", path, ""
     if parsed.scheme == "s3":
         if not BUCKET_RE.match(parsed.netloc):
-            raise InvalidStoreURI(f"{uri!r}: {parsed.netloc!r} is not a valid S3 bucket name")
+            raise InvalidStoreURIError(f"{uri!r}: {parsed.netloc!r} is not a valid S3 bucket name")
         return "s3", parsed.netloc, parsed.path.strip("/")
-    raise InvalidStoreURI(f"{uri!r}: use file:///absolute/path or s3://bucket/prefix")
+    raise InvalidStoreURIError(f"{uri!r}: use file:///absolute/path or s3://bucket/prefix")
 
 
 async def open_store(uri: str, s3: S3Settings | None = None) -> ObjectStore:

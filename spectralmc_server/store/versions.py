@@ -13,7 +13,7 @@ Layout of model ``NAME`` in an object store::
 
 A record names its parent's record hash, so editing any byte of history breaks the
 chain. Claiming record n with put-if-absent means two writers can never both own
-version n; the loser gets :class:`CommitConflict` naming the winner, or rebases onto
+version n; the loser gets :class:`CommitConflictError` naming the winner, or rebases onto
 it. The head pointer is a cache of the chain's tip: a committer that dies after
 claiming version n but before moving the head leaves the pointer one behind, and
 every reader rolls it forward (and moves it, helping) by probing the next record.
@@ -52,18 +52,17 @@ from spectralmc_server.store.audit import Audit, GCReport, VerifyReport
 from spectralmc_server.store.cas import content_key, create_once, put_content, sha256_hex
 from spectralmc_server.store.chain import (
     CONCURRENCY,
-    CertificateExists,
+    CertificateExistsError,
     Chain,
-    CommitConflict,
-    ContentCollected,
-    CorruptObject,
+    CommitConflictError,
+    ContentCollectedError,
     Entry,
     VersionError,
-    VersionNotFound,
+    VersionNotFoundError,
     now,
     parse,
 )
-from spectralmc_server.store.objects import ObjectStore, PreconditionFailed, list_all
+from spectralmc_server.store.objects import CorruptObjectError, ObjectStore, PreconditionFailedError, list_all
 from spectralmc_server.store.records import (
     CONTENT_ROLES,
     GC_FORMAT,
@@ -90,17 +89,16 @@ __all__ = [  # the names importers use, wherever they are defined now
     "NAME_RE",
     "PIN_FORMAT",
     "RECORD_FORMAT",
-    "CertificateExists",
+    "CertificateExistsError",
     "Chain",
-    "CommitConflict",
-    "ContentCollected",
-    "CorruptObject",
+    "CommitConflictError",
+    "ContentCollectedError",
     "Entry",
     "GCReport",
     "StoredVersion",
     "VerifyReport",
     "VersionError",
-    "VersionNotFound",
+    "VersionNotFoundError",
     "VersionStore",
 ]
 
@@ -142,7 +140,7 @@ class VersionStore:
         """Store the checkpoint's content, then claim the next version for it, then link
         its certificate (``ckpt.certificate``) when it has one. Encoding and hashing run
         in a thread: a server's event loop never serialises tensors.
-        ``only_version``: commit as exactly that version or raise CommitConflict.
+        ``only_version``: commit as exactly that version or raise CommitConflictError.
         ``unqualified``: the version is committed past a failing quality gate (recorded
         in the record, so no one mistakes it for a qualified one); ``gate``: the gate's
         failures at commit (recorded in the record's metrics as ``gate_failures``)."""
@@ -225,7 +223,7 @@ class VersionStore:
     async def version(self, version: int) -> StoredVersion:
         entry = await self.records.read(version)
         if entry is None:
-            raise VersionNotFound(f"model {self.name!r} has no version {version}")
+            raise VersionNotFoundError(f"model {self.name!r} has no version {version}")
         return StoredVersion(entry.index, entry.body, entry.hash)
 
     async def versions(self) -> list[StoredVersion]:
@@ -243,22 +241,22 @@ class VersionStore:
         for role, blob in zip(roles, blobs, strict=True):
             if blob is None:
                 if await self.objects.get(self.gc_key(version)) is not None:
-                    raise ContentCollected(f"model {self.name!r} version {version}: content was garbage-collected")
-                raise CorruptObject(f"model {self.name!r} version {version}: {role} content is missing")
+                    raise ContentCollectedError(f"model {self.name!r} version {version}: content was garbage-collected")
+                raise CorruptObjectError(f"model {self.name!r} version {version}: {role} content is missing")
             files[CONTENT_ROLES[role]] = blob.data
 
         def check_and_decode() -> Checkpoint:  # in a thread: hashing and tensors stay off the event loop
             for role in roles:
                 if sha256_hex(files[CONTENT_ROLES[role]]) != content[role]:
-                    raise CorruptObject(f"model {self.name!r} version {version}: {role} content fails its hash")
+                    raise CorruptObjectError(f"model {self.name!r} version {version}: {role} content fails its hash")
             try:
                 return decode(files, need_training=need_training)
             except CheckpointError as exc:
-                raise CorruptObject(f"model {self.name!r} version {version}: {exc}") from None
+                raise CorruptObjectError(f"model {self.name!r} version {version}: {exc}") from None
 
         ckpt = await asyncio.to_thread(check_and_decode)
         if ckpt.content_hash != stored.content_hash:
-            raise CorruptObject(f"model {self.name!r} version {version}: manifest does not match the record")
+            raise CorruptObjectError(f"model {self.name!r} version {version}: manifest does not match the record")
         found = await self.certificate_with_hash(version, stored)
         return ckpt if found is None else replace(ckpt, certificate=found[1])
 
@@ -272,8 +270,8 @@ class VersionStore:
         self, version: int, stored: StoredVersion | None = None
     ) -> tuple[str, dict[str, Any]] | None:
         """(hash, certificate) of ``version``, or None if it has no link. A damaged link
-        or blob raises CorruptObject; a blob gone with the version's content,
-        ContentCollected."""
+        or blob raises CorruptObjectError; a blob gone with the version's content,
+        ContentCollectedError."""
         stored = stored or await self.version(version)
         key = self.cert_key(version)
         link = await self.objects.get(key)
@@ -284,8 +282,8 @@ class VersionStore:
         what = f"model {self.name!r} version {version}"
         if blob is None:
             if await self.objects.get(self.gc_key(version)) is not None:
-                raise ContentCollected(f"{what}: content was garbage-collected")
-            raise CorruptObject(f"{what}: certificate {h} named by {key} is missing")
+                raise ContentCollectedError(f"{what}: content was garbage-collected")
+            raise CorruptObjectError(f"{what}: certificate {h} named by {key} is missing")
         cert = await asyncio.to_thread(decode_certificate, blob.data, h, stored.content_hash, what)
         return h, cert
 
@@ -305,11 +303,11 @@ class VersionStore:
     async def attach_certificate(self, version: int, cert: Mapping[str, Any]) -> str:
         """Certify ``version`` in place and return the certificate's hash: the blob is
         stored, then the link created once. Attaching the same certificate again is a
-        no-op (and restores a lost blob); a different one raises CertificateExists."""
+        no-op (and restores a lost blob); a different one raises CertificateExistsError."""
         stored = await self.version(version)
         data = certificate_bytes(cert, stored.content_hash, f"model {self.name!r} version {version}")
         if await self.objects.get(self.gc_key(version)) is not None:
-            raise ContentCollected(f"model {self.name!r} version {version}: content was garbage-collected")
+            raise ContentCollectedError(f"model {self.name!r} version {version}: content was garbage-collected")
         return await self._link_certificate(stored, data)
 
     def _check_link(self, data: bytes, stored: StoredVersion) -> str:
@@ -324,14 +322,14 @@ class VersionStore:
             await put_content(self.objects, self.contents, data, h)
             try:
                 existing = await create_once(self.objects, key, canonical_json(make_link(self.name, stored, h)))
-            except PreconditionFailed:
+            except PreconditionFailedError:
                 raise VersionError(f"{key} changed while it was being created; attach again") from None
             if existing is None:
                 return h
             # another writer linked one first: compare with it
         have = self._check_link(existing.data, stored)
         if have != h:
-            raise CertificateExists(self.name, stored.version, have, h)
+            raise CertificateExistsError(self.name, stored.version, have, h)
         await put_content(self.objects, self.contents, data, h)  # the same certificate: restore a lost blob
         return h
 
@@ -345,7 +343,7 @@ class VersionStore:
             return None
         entry = await self.pins.read(index)
         if entry is None:
-            raise CorruptObject(f"{self.pins.key(index)} is missing")
+            raise CorruptObjectError(f"{self.pins.key(index)} is missing")
         return entry
 
     async def pinned(self) -> int | None:
@@ -363,7 +361,7 @@ class VersionStore:
         whether a version passes is the caller's (the gate's limits are server settings)."""
         stored = await self.version(version)
         if await self.objects.get(self.gc_key(version)) is not None:
-            raise ContentCollected(f"model {self.name!r} version {version}: content was garbage-collected")
+            raise ContentCollectedError(f"model {self.name!r} version {version}: content was garbage-collected")
         what: dict[str, Any] = {"action": "pin", "version": version, "record_hash": stored.record_hash}
         if force:  # only when set: an ordinary pin's entry is as it always was
             what["force"] = True
@@ -392,7 +390,7 @@ class VersionStore:
         if blob is None:
             return None
         if sha256_hex(blob.data) != h:
-            raise CorruptObject(f"model {self.name!r} version {version}: manifest fails its hash")
+            raise CorruptObjectError(f"model {self.name!r} version {version}: manifest fails its hash")
         return parse(blob.data, "manifest")
 
     async def collected(self) -> set[int]:

@@ -19,7 +19,7 @@ import QuantLib as ql  # noqa: N813 (the library's conventional alias)
 import torch
 
 from spectralmc_server.engine.reference import black_scholes
-from spectralmc_server.marketdata.black import NoImpliedVol, black_forward, implied_vol
+from spectralmc_server.marketdata.black import NoImpliedVolError, black_forward, implied_vol
 
 F64 = torch.float64
 REL = 1e-12
@@ -210,7 +210,7 @@ def test_prices_outside_the_bounds_have_no_implied_vol(
 ) -> None:
     f, d = 100.0, 0.95
     price = price_of(f, strike, d)
-    with pytest.raises(NoImpliedVol, match="outside the no-arbitrage bounds"):
+    with pytest.raises(NoImpliedVolError, match="outside the no-arbitrage bounds"):
         implied_vol(price, f, strike, 1.0, d, is_call)
 
 
@@ -219,9 +219,9 @@ def test_a_price_that_needs_a_vol_above_ten_has_none() -> None:
     f, k, t = 100.0, 100.0, 0.01
     price = black_forward(f, k, 12.0 * math.sqrt(t), True)
     assert price < f
-    with pytest.raises(NoImpliedVol, match="needs a vol above 10"):
+    with pytest.raises(NoImpliedVolError, match="needs a vol above 10"):
         implied_vol(price, f, k, t, 1.0, True)
-    assert issubclass(NoImpliedVol, ValueError)
+    assert issubclass(NoImpliedVolError, ValueError)
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ pillars. Surfaces: linear in vol across strike, linear in total variance across 
 flat ends, moneyness via the forward. Arbitrage: a clean surface, a calendar violation,
 a butterfly violation, an unchecked absolute-strike surface. Validation messages.
 contract_inputs: what a contract by reference takes from a snapshot, and the
-MissingMarketData messages when something is absent.
+MissingMarketDataError messages when something is absent.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 from pydantic import ValidationError
 
 from spectralmc_server.marketdata.black import black_forward
-from spectralmc_server.marketdata.inputs import MarketInputs, MissingMarketData, contract_inputs
+from spectralmc_server.marketdata.inputs import MarketInputs, MissingMarketDataError, contract_inputs
 from spectralmc_server.marketdata.objects import MarketSnapshot, VolSurface, ZeroCurve, year_fraction
 
 EXACT = 1e-15  # a value read straight off a grid, or one or two float operations away
@@ -557,7 +557,7 @@ def test_contract_inputs_for_another_process_take_its_parameter_set() -> None:
         val_datetime=VDT,
     )
     assert got.params == {"kappa": 2.0, "theta": 0.04}
-    with pytest.raises(MissingMarketData, match=r"heston parameters for SPX in .* lack v0, rho"):
+    with pytest.raises(MissingMarketDataError, match=r"heston parameters for SPX in .* lack v0, rho"):
         contract_inputs(
             snap,
             WHERE,
@@ -580,7 +580,7 @@ def test_contract_inputs_for_another_process_take_its_parameter_set() -> None:
 )
 def test_missing_objects_raise_naming_underlying_and_snapshot(overrides: dict[str, Any], what: str) -> None:
     snap = MarketSnapshot.model_validate(snapshot_body(**overrides))
-    with pytest.raises(MissingMarketData) as exc:
+    with pytest.raises(MissingMarketDataError) as exc:
         inputs(snap)
     assert what in str(exc.value)
     assert "SPX" in str(exc.value) and WHERE in str(exc.value)
@@ -588,12 +588,12 @@ def test_missing_objects_raise_naming_underlying_and_snapshot(overrides: dict[st
 
 @pytest.mark.parametrize("expiry", [date(2026, 11, 26), date(2026, 11, 25), date(2020, 1, 1)])
 def test_expired_contract_is_refused(expiry: date) -> None:
-    with pytest.raises(MissingMarketData) as exc:
+    with pytest.raises(MissingMarketDataError) as exc:
         inputs(MarketSnapshot.model_validate(snapshot_body()), expiry=expiry)
     assert expiry.isoformat() in str(exc.value) and "2026-11-26" in str(exc.value)
 
 
 def test_expired_contract_message_names_underlying_and_snapshot() -> None:
-    with pytest.raises(MissingMarketData) as exc:
+    with pytest.raises(MissingMarketDataError) as exc:
         inputs(MarketSnapshot.model_validate(snapshot_body()), expiry=date(2026, 11, 25))
     assert "SPX" in str(exc.value) and WHERE in str(exc.value)

@@ -22,7 +22,7 @@ from aiohttp import ClientResponse
 from marketdata_util import ASOF, VDT, snapshot
 from server_util import CONTRACT, Client, MakeClient, app_of, assert_error
 
-from spectralmc_server.engine_service.worker import ComputeWorker, SliceCancelled, SlicedTask
+from spectralmc_server.engine_service.worker import ComputeWorker, SliceCancelledError, SlicedTask
 from spectralmc_server.pricing.calibration import synthetic_surface
 from spectralmc_server.service import keys
 from spectralmc_server.service.batcher import (
@@ -178,7 +178,7 @@ async def test_a_sliced_task_lets_other_jobs_run_between_its_slices() -> None:
         assert not await worker.submit(functools.partial(cancelled.run_slice, 0.02))
         cancelled.cancel()
         assert await worker.submit(functools.partial(cancelled.run_slice, 0.0))
-        with pytest.raises(SliceCancelled):
+        with pytest.raises(SliceCancelledError):
             cancelled.result()
     finally:
         worker.stop()

@@ -21,7 +21,7 @@ from spectralmc_server.engine.reference_pricers import CLOSED_FORM_BOUND
 from spectralmc_server.pricing.schemas import PriceResponse
 from spectralmc_server.service import keys, routes
 from spectralmc_server.service.schemas import ModelsResponse
-from spectralmc_server.store.versions import CorruptObject
+from spectralmc_server.store.objects import CorruptObjectError
 
 Client = TestClient[Any, Any]
 ALL_MEASURES = [
@@ -240,11 +240,11 @@ async def test_models_says_why_the_previous_version_has_no_figures(
 
     # a store that fails, or does not answer in time: the reason, and still a 200
     async def broken(version: int) -> dict[str, Any] | None:
-        raise CorruptObject(f"model 'gbm' version {version}: certificate fails its SHA-256")
+        raise CorruptObjectError(f"model 'gbm' version {version}: certificate fails its SHA-256")
 
     monkeypatch.setattr(store, "certificate", broken, raising=False)
     prev = model_row(await ok_json(client, "GET", "/v1/models"), "gbm")["previous"]
-    assert prev["certificate"] is None and "CorruptObject" in prev["reason"] and "SHA-256" in prev["reason"], prev
+    assert prev["certificate"] is None and "CorruptObjectError" in prev["reason"] and "SHA-256" in prev["reason"], prev
 
     async def hangs(version: int) -> dict[str, Any] | None:
         await asyncio.sleep(3600)

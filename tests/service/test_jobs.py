@@ -36,7 +36,7 @@ from spectralmc_server.marketdata.black import black_forward
 from spectralmc_server.marketdata.objects import MarketSnapshot, VolSurface, year_fraction
 from spectralmc_server.marketdata.surfaces import implied_vol_surface
 from spectralmc_server.service.errors import NoMarketData
-from spectralmc_server.service.jobs import Schedule, Unchanged
+from spectralmc_server.service.jobs import Schedule, UnchangedError
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.settings import DeriveJob, PriceJob, Settings
 
@@ -351,7 +351,7 @@ async def test_schedule_outcomes_and_run_records() -> None:
         if calls == 1:
             raise ValueError("bad quote 42")
         if calls == 2:
-            raise Unchanged("nothing new")
+            raise UnchangedError("nothing new")
         if calls == 3:
             raise NoMarketData("no snapshot in namespace 'x' yet")
         return f"note {calls}"

@@ -22,7 +22,7 @@ from server_util import CONTRACT, MakeClient, app_of, assert_error, block_worker
 
 from spectralmc_server.marketdata.objects import MarketSnapshot, VolSurface, ZeroCurve
 from spectralmc_server.service import keys
-from spectralmc_server.store.objects import StoreUnavailable
+from spectralmc_server.store.objects import StoreUnavailableError
 
 Client = TestClient[Any, Any]
 METRIC_LINE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>[^}]*)\})? (?P<value>\S+)")
@@ -931,7 +931,7 @@ async def test_store_outage_is_503_and_loses_nothing(make_client: MakeClient, mo
     objects = app_of(client)[keys.MARKETDATA].store.objects
 
     async def down(*args: Any, **kwargs: Any) -> Any:
-        raise StoreUnavailable("connection refused (test)")
+        raise StoreUnavailableError("connection refused (test)")
 
     for op in ("get", "put_if_absent", "put_if_match", "list"):
         monkeypatch.setattr(objects, op, down)

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from spectralmc_server.engine_service.messages import EngineDead
+from spectralmc_server.engine_service.messages import EngineDeadError
 from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.service.metrics import Metrics
 
@@ -83,7 +83,7 @@ async def test_a_failing_training_step_makes_the_engine_dead() -> None:
             await asyncio.sleep(0.01)
         assert worker.failure is not None and "diverged" in worker.failure
         assert not worker.alive
-        with pytest.raises(EngineDead):
+        with pytest.raises(EngineDeadError):
             worker.submit(lambda: None)
     finally:
         worker.stop()
@@ -100,7 +100,7 @@ async def test_stop_finishes_queued_jobs() -> None:
     futures = [worker.submit(functools.partial(slow, i)) for i in range(5)]
     await asyncio.to_thread(worker.stop)
     assert [await f for f in futures] == list(range(5))
-    with pytest.raises(EngineDead):
+    with pytest.raises(EngineDeadError):
         worker.submit(lambda: None)
 
 

@@ -1,7 +1,7 @@
 """store/cas.py on both backends (the local directory and a real SeaweedFS S3 server):
 content-addressed puts (idempotent, every racing writer of the same bytes succeeds) and
 compare-and-swap refs (success, a lost race retried, bounded attempts ending in
-RefContention, and the precondition answers for If-Match on a missing key: 412 on
+RefContentionError, and the precondition answers for If-Match on a missing key: 412 on
 SeaweedFS, 404 on AWS, both a failed precondition)."""
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ from conftest import Backend
 from spectralmc_server.store import cas
 from spectralmc_server.store.cas import (
     CAS_ATTEMPTS,
-    RefContention,
+    RefContentionError,
     advance_ref,
     content_key,
     create_once,
     put_content,
     sha256_hex,
 )
-from spectralmc_server.store.objects import ObjectStore, PreconditionFailed, list_all
+from spectralmc_server.store.objects import ObjectStore, PreconditionFailedError, list_all
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
 
 WRITERS = 8
@@ -171,16 +171,16 @@ def test_advance_ref_gives_up_after_the_bounded_attempts(backend: Backend) -> No
         async with backend.open("shared") as store, backend.open("shared") as other:
             await store.put_if_absent("refs/head", b"v")
             meddler = Meddler(store, other, "refs/head")
-            with pytest.raises(RefContention) as caught:
+            with pytest.raises(RefContentionError) as caught:
                 await advance_ref(meddler, "refs/head", lambda current: b"mine", attempts=5)
             assert meddler.reads == 5
-            assert isinstance(caught.value, PreconditionFailed)  # callers catching that still do
+            assert isinstance(caught.value, PreconditionFailedError)  # callers catching that still do
             assert caught.value.attempts == 5 and caught.value.ref == "refs/head"
             assert str(caught.value) == "refs/head kept changing; gave up after 5 tries"
             blob = await store.get("refs/head")
             assert blob is not None and blob.data == b"v" + b"+" * 5  # never ours
 
-            with pytest.raises(RefContention, match=f"after {CAS_ATTEMPTS} tries"):
+            with pytest.raises(RefContentionError, match=f"after {CAS_ATTEMPTS} tries"):
                 await advance_ref(meddler, "refs/head", lambda current: b"mine")
             assert meddler.reads == 5 + CAS_ATTEMPTS
             with pytest.raises(ValueError, match="at least 1"):
@@ -191,7 +191,7 @@ def test_advance_ref_gives_up_after_the_bounded_attempts(backend: Backend) -> No
 
 def test_a_ref_deleted_under_if_match_is_a_failed_precondition_then_created(backend: Backend) -> None:
     """If-Match on a key that no longer exists: SeaweedFS answers 412, the local store
-    its own PreconditionFailed; advance_ref reads again (nothing there) and creates it."""
+    its own PreconditionFailedError; advance_ref reads again (nothing there) and creates it."""
 
     async def run() -> None:
         async with backend.open("shared") as store, backend.open("shared") as other:
@@ -214,7 +214,7 @@ def test_a_ref_deleted_under_if_match_is_a_failed_precondition_then_created(back
 class FakeS3Client:
     """The three calls advance_ref makes through S3ObjectStore, in memory, answering
     If-Match on a missing key the way ``missing_answer`` says: AWS (404 NoSuchKey) or
-    SeaweedFS (412 PreconditionFailed)."""
+    SeaweedFS (412 PreconditionFailedError)."""
 
     def __init__(self, missing_answer: tuple[str, int]) -> None:
         self.objects: dict[str, bytes] = {}
@@ -268,13 +268,13 @@ def test_if_match_on_a_missing_key_is_a_failed_precondition_whatever_the_status(
     missing_answer: tuple[str, int],
 ) -> None:
     """AWS answers 404 where SeaweedFS answers 412: the S3 store raises
-    PreconditionFailed for both, so advance_ref retries (and creates the ref) for both."""
+    PreconditionFailedError for both, so advance_ref retries (and creates the ref) for both."""
 
     async def run() -> None:
         store = S3ObjectStore("bucket", "p", S3Settings(max_attempts=1))
         client = FakeS3Client(missing_answer)
         store._client = client
-        with pytest.raises(PreconditionFailed):
+        with pytest.raises(PreconditionFailedError):
             await store.put_if_match("refs/head", b"x", '"etag"')
         await store.put_if_absent("refs/head", b"old")
         client.delete_before_next_if_match = True  # another writer deletes it under our If-Match

@@ -21,14 +21,13 @@ from store_util import tiny_files
 
 from spectralmc_server.engine.certificate import CERT_FORMAT, certificate_hash, encode, summary
 from spectralmc_server.engine.checkpoint import MANIFEST, Checkpoint, decode, sha256_hex
-from spectralmc_server.store.objects import ObjectStore, list_all
+from spectralmc_server.store.objects import CorruptObjectError, ObjectStore, list_all
 from spectralmc_server.store.versions import (
     LINK_FORMAT,
-    CertificateExists,
-    ContentCollected,
-    CorruptObject,
+    CertificateExistsError,
+    ContentCollectedError,
     VersionError,
-    VersionNotFound,
+    VersionNotFoundError,
     VersionStore,
 )
 from spectralmc_server.training import history as admin
@@ -145,7 +144,7 @@ def test_attach_later_in_place_idempotent_and_never_replaced(backend: Backend) -
             assert [v.version for v in await vs.versions()] == [1, 2]  # no new version: in place
             assert await vs.attach_certificate(1, cert) == h  # the same again: a no-op
             other = cert_for(one.content_hash, p95=3e-5)
-            with pytest.raises(CertificateExists) as exists:
+            with pytest.raises(CertificateExistsError) as exists:
                 await vs.attach_certificate(1, other)
             assert h in str(exists.value) and certificate_hash(other) in str(exists.value)
             assert exists.value.existing == h and exists.value.offered == certificate_hash(other)
@@ -154,7 +153,7 @@ def test_attach_later_in_place_idempotent_and_never_replaced(backend: Backend) -
             with pytest.raises(VersionError, match="certificate is for model"):
                 await vs.attach_certificate(2, cert)
             assert await vs.certificate(2) is None
-            with pytest.raises(VersionNotFound):
+            with pytest.raises(VersionNotFoundError):
                 await vs.attach_certificate(9, cert_for(two.content_hash))
             # Re-attaching the same certificate restores its blob if it was lost.
             await objects.delete(vs.content_key(h))
@@ -177,7 +176,7 @@ def test_racing_attaches_link_exactly_one(backend: Backend) -> None:
                 return_exceptions=True,
             )
             won = [r for r in results if isinstance(r, str)]
-            lost = [r for r in results if isinstance(r, CertificateExists)]
+            lost = [r for r in results if isinstance(r, CertificateExistsError)]
             assert len(won) == 1 and len(lost) == 1, results
             assert lost[0].existing == won[0]
             assert certificate_hash(await VersionStore(b, "m").certificate(1) or {}) == won[0]
@@ -199,18 +198,18 @@ def test_a_flipped_byte_in_a_certificate_blob_is_caught(backend: Backend) -> Non
                 assert not report.ok and report.first_bad == 1
                 assert [p["object"] for p in report.problems] == [key], report.problems
                 assert "SHA-256" in report.problems[0]["reason"]
-                with pytest.raises(CorruptObject, match="fails its SHA-256"):
+                with pytest.raises(CorruptObjectError, match="fails its SHA-256"):
                     await vs.load(1)
-                with pytest.raises(CorruptObject):
+                with pytest.raises(CorruptObjectError):
                     await vs.certificate(1)
-                with pytest.raises(CorruptObject):
+                with pytest.raises(CorruptObjectError):
                     await admin.inspect_version(vs, 1)
                 await restore(objects, key, original)
             assert (await vs.verify()).ok
             await objects.delete(key)
             report = await vs.verify()
             assert [(p["object"], "missing" in p["reason"]) for p in report.problems] == [(vs.cert_key(1), True)]
-            with pytest.raises(CorruptObject, match="missing"):
+            with pytest.raises(CorruptObjectError, match="missing"):
                 await vs.load(1)
 
     run(go())
@@ -234,7 +233,7 @@ def test_a_flipped_byte_anywhere_in_a_link_is_caught(backend: Backend) -> None:
                 report = await vs.verify()
                 assert not report.ok, (i, blob.data[i : i + 1])
                 assert [(p["version"], p["object"]) for p in report.problems] == [(1, key)], (i, report.problems)
-                with pytest.raises(CorruptObject):
+                with pytest.raises(CorruptObjectError):
                     await vs.certificate(1)
                 await restore(objects, key, original)
             assert (await vs.verify()).ok
@@ -257,7 +256,7 @@ def test_links_must_match_their_key_and_record(backend: Backend) -> None:
             await objects.put_if_absent(vs.cert_key(2), blob.data)
             report = await vs.verify()
             assert [(p["version"], p["object"]) for p in report.problems] == [(2, vs.cert_key(2))]
-            with pytest.raises(CorruptObject, match="another model or version"):
+            with pytest.raises(CorruptObjectError, match="another model or version"):
                 await vs.load(2)
             await objects.put_if_absent("models/m/certs/stray.json", b"{}")
             assert any(p["object"] == "models/m/certs/stray.json" for p in (await vs.verify()).problems)
@@ -299,7 +298,7 @@ def test_gc_collects_certificates_with_their_versions(backend: Backend) -> None:
             assert check.ok and check.collected == [1, 3, 4] and not check.notes, check.problems
             assert (await admin.inspect_version(vs, 1))["certificate"] is None
             assert [r["certified"] for r in await admin.list_versions(vs)] == [False, True, False, False, True]
-            with pytest.raises(ContentCollected):
+            with pytest.raises(ContentCollectedError):
                 await vs.attach_certificate(1, certs[1])
             # A GC stopped after its markers leaves a collected version's link: a note,
             # and the next GC removes it.
@@ -322,7 +321,7 @@ def test_gc_refuses_to_guess_when_a_kept_versions_link_is_damaged(backend: Backe
             ckpt, _ = certified_checkpoint(1)
             await vs.commit(ckpt, "certified")
             await flip(objects, vs.cert_key(1), 5)
-            with pytest.raises(CorruptObject, match="run verify"):
+            with pytest.raises(CorruptObjectError, match="run verify"):
                 await vs.gc(1, dry_run=True, grace_seconds=0)
 
     run(go())

@@ -24,15 +24,15 @@ from conftest import Backend, SeaweedFS, boto3_client
 from devtools.seaweed import VOLUME_SLOTS, free_ports
 from spectralmc_server.store.objects import (
     MAX_PAGE,
-    InvalidKey,
+    InvalidKeyError,
     LocalObjectStore,
     ObjectStore,
-    PreconditionFailed,
-    StoreUnavailable,
+    PreconditionFailedError,
+    StoreUnavailableError,
     list_all,
 )
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
-from spectralmc_server.store.uri import InvalidStoreURI, open_store, parse_store_uri
+from spectralmc_server.store.uri import InvalidStoreURIError, open_store, parse_store_uri
 
 WRITERS = 16
 PROCESSES = 8
@@ -43,7 +43,7 @@ async def try_create(store: ObjectStore, key: str, data: bytes) -> bool:
     """put-if-absent that reports whether this writer won."""
     try:
         await store.put_if_absent(key, data)
-    except PreconditionFailed:
+    except PreconditionFailedError:
         return False
     return True
 
@@ -55,7 +55,7 @@ async def increment(store: ObjectStore, key: str) -> int:
         assert blob is not None
         try:
             await store.put_if_match(key, str(int(blob.data) + 1).encode(), blob.etag)
-        except PreconditionFailed:
+        except PreconditionFailedError:
             continue
         return lost
     raise AssertionError(f"{key}: no increment got through in 1000 tries")
@@ -81,7 +81,7 @@ def test_put_if_absent_creates_once(backend: Backend) -> None:
             assert blob is not None
             assert blob.data == b"first"
             assert blob.etag == etag, "get must return the etag that put returned"
-            with pytest.raises(PreconditionFailed):
+            with pytest.raises(PreconditionFailedError):
                 await store.put_if_absent("refs/main", b"second")
             again = await store.get("refs/main")
             assert again is not None
@@ -101,13 +101,13 @@ def test_put_if_match_replaces_only_the_current_version(backend: Backend) -> Non
             assert blob is not None
             assert (blob.data, blob.etag) == (b"v2", new)
 
-            with pytest.raises(PreconditionFailed):
+            with pytest.raises(PreconditionFailedError):
                 await store.put_if_match("head", b"v3", old)  # stale etag
             blob = await store.get("head")
             assert blob is not None
             assert (blob.data, blob.etag) == (b"v2", new)
 
-            with pytest.raises(PreconditionFailed):  # S3 answers 404 here, SeaweedFS 412
+            with pytest.raises(PreconditionFailedError):  # S3 answers 404 here, SeaweedFS 412
                 await store.put_if_match("never-written", b"x", new)
             assert await store.get("never-written") is None
 
@@ -139,7 +139,7 @@ def test_two_clients_of_one_store_see_each_other(backend: Backend) -> None:
             blob = await two.get("k")
             assert blob is not None
             assert (blob.data, blob.etag) == (b"from one", etag)
-            with pytest.raises(PreconditionFailed):
+            with pytest.raises(PreconditionFailedError):
                 await two.put_if_absent("k", b"from two")
 
     asyncio.run(run())
@@ -305,13 +305,13 @@ def test_invalid_keys_are_refused_and_touch_nothing(backend: Backend) -> None:
             etag = await store.put_if_absent("x", b"kept")
             on_disk = snapshot(backend.tmp_path)
             for key in INVALID_KEYS:
-                with pytest.raises(InvalidKey):
+                with pytest.raises(InvalidKeyError):
                     await store.get(key)
-                with pytest.raises(InvalidKey):
+                with pytest.raises(InvalidKeyError):
                     await store.put_if_absent(key, b"evil")
-                with pytest.raises(InvalidKey):
+                with pytest.raises(InvalidKeyError):
                     await store.put_if_match(key, b"evil", etag)
-                with pytest.raises(InvalidKey):
+                with pytest.raises(InvalidKeyError):
                     await store.delete(key)
             assert snapshot(backend.tmp_path) == on_disk
             assert [k for k, _ in await list_all(store, "")] == ["x"]
@@ -352,7 +352,7 @@ def test_racing_compare_and_swap_loses_no_update(backend: Backend) -> None:
 def test_clients_racing_one_content_addressed_key_all_succeed(backend: Backend) -> None:
     """Several clients (own connections each, as servers sharing a bucket have) put the
     same bytes under one key at once, key after key: one creates it, the rest are refused,
-    none is left StoreUnavailable, and every client reads the bytes back."""
+    none is left StoreUnavailableError, and every client reads the bytes back."""
     clients, rounds = 4, 3
 
     async def run() -> None:
@@ -500,7 +500,7 @@ def test_parse_store_uri(uri: str, expected: tuple[str, str, str]) -> None:
     ],
 )
 def test_parse_store_uri_refuses(uri: str, message: str) -> None:
-    with pytest.raises(InvalidStoreURI, match=message) as info:
+    with pytest.raises(InvalidStoreURIError, match=message) as info:
         parse_store_uri(uri)
     assert repr(uri) in str(info.value), "the message quotes the URI"
     assert isinstance(info.value, ValueError)
@@ -567,10 +567,10 @@ def test_s3_counts_retries_and_gives_up_on_a_dead_endpoint() -> None:
     async def run() -> None:
         async with S3ObjectStore("bucket", "p", settings) as store:
             assert store.retries == 0
-            with pytest.raises(StoreUnavailable, match="after 2 attempts"):
+            with pytest.raises(StoreUnavailableError, match="after 2 attempts"):
                 await store.get("k")
             assert store.retries == 1
-            with pytest.raises(StoreUnavailable):
+            with pytest.raises(StoreUnavailableError):
                 await store.put_if_absent("k", b"v")
             assert store.retries == 2
 
@@ -589,15 +589,15 @@ def test_s3_store_unavailable_while_the_server_is_down(
             try:
                 async with S3ObjectStore(bucket, "", replace(s3_settings, max_attempts=2)) as down:
                     started = time.monotonic()
-                    with pytest.raises(StoreUnavailable, match="after 2 attempts"):
+                    with pytest.raises(StoreUnavailableError, match="after 2 attempts"):
                         await down.get("kept")  # never None: the key may well exist
-                    with pytest.raises(StoreUnavailable):
+                    with pytest.raises(StoreUnavailableError):
                         await down.put_if_absent("new", b"x")
-                    with pytest.raises(StoreUnavailable):
+                    with pytest.raises(StoreUnavailableError):
                         await down.put_if_match("kept", b"x", etag)
-                    with pytest.raises(StoreUnavailable):
+                    with pytest.raises(StoreUnavailableError):
                         await down.list("")
-                    with pytest.raises(StoreUnavailable):
+                    with pytest.raises(StoreUnavailableError):
                         await down.delete("kept")
                     assert down.retries == 5, "one retry per operation with max_attempts=2"
                     assert time.monotonic() - started < 10, "failing must be fast, not a hang"

@@ -17,13 +17,13 @@ from conftest import Backend
 
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import (
-    CorruptSnapshot,
-    SnapshotConflict,
+    SnapshotConflictError,
     SnapshotRecord,
     SnapshotStore,
     iso,
     token,
 )
+from spectralmc_server.store.objects import CorruptObjectError
 
 NS = "default"
 VDT = datetime(2026, 11, 26, 16, 0, tzinfo=UTC)
@@ -96,7 +96,7 @@ async def test_a_key_is_immutable(backend: Backend) -> None:
         store = SnapshotStore(objects)
         record, created = await store.put(NS, VDT, FIRST, snap(101.0))
         assert created
-        with pytest.raises(SnapshotConflict, match="already holds other content") as exc:
+        with pytest.raises(SnapshotConflictError, match="already holds other content") as exc:
             await store.put(NS, VDT, FIRST, snap(999.0))
         assert record.hash in str(exc.value)
     async with backend.open("shared") as objects:  # a fresh client: nothing cached
@@ -179,9 +179,9 @@ def test_record_bytes_round_trip() -> None:
         "data_asof": "2026-11-26T16:00:00.250000Z",
         "hash": "sha256:" + "0" * 64,
     }
-    with pytest.raises(CorruptSnapshot, match="k is not a snapshot record"):
+    with pytest.raises(CorruptObjectError, match="k is not a snapshot record"):
         SnapshotRecord.from_bytes(b'{"namespace": "x"}', "k")
-    with pytest.raises(CorruptSnapshot):
+    with pytest.raises(CorruptObjectError):
         SnapshotRecord.from_bytes(b"not json", "k")
 
 
@@ -252,10 +252,10 @@ async def test_load_detects_tampered_content(backend: Backend) -> None:
         fresh = SnapshotStore(objects)
         found = await fresh.resolve(NS, VDT)
         assert found is not None
-        with pytest.raises(CorruptSnapshot, match="fails its SHA-256"):
+        with pytest.raises(CorruptObjectError, match="fails its SHA-256"):
             await fresh.load(found)
         assert fresh._cache == {}  # nothing unchecked is cached
-        with pytest.raises(CorruptSnapshot):
+        with pytest.raises(CorruptObjectError):
             await fresh.load(found)
 
 
@@ -264,7 +264,7 @@ async def test_load_of_missing_content_is_corrupt(backend: Backend) -> None:
         store = SnapshotStore(objects)
         record, _ = await store.put(NS, VDT, FIRST, snap())
         await objects.delete(store.content_key(NS, record.hash))
-        with pytest.raises(CorruptSnapshot, match="is missing"):
+        with pytest.raises(CorruptObjectError, match="is missing"):
             await SnapshotStore(objects).load(record)
 
 

@@ -16,10 +16,10 @@ from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.models import bundled_models
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.pricing.valuation import Valuer
-from spectralmc_server.store.objects import StoreUnavailable
+from spectralmc_server.store.objects import StoreUnavailableError
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
 from spectralmc_server.store.tracker import ModelTracker
-from spectralmc_server.store.versions import VersionNotFound, VersionStore
+from spectralmc_server.store.versions import VersionNotFoundError, VersionStore
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -106,7 +106,7 @@ def test_a_missing_pinned_version_is_a_startup_error(backend: Backend) -> None:
         async with backend.open() as objects:
             vs = VersionStore(objects, "m")
             await vs.commit_files(tiny_files(1), "v1")
-            with pytest.raises(VersionNotFound, match="no version 5"):
+            with pytest.raises(VersionNotFoundError, match="no version 5"):
                 await ModelTracker(vs, weights_of, version=5).start()
             empty = ModelTracker(VersionStore(objects, "other"), weights_of)
             await empty.start()  # tracking an empty store is not an error: it waits
@@ -132,11 +132,11 @@ def test_serving_continues_through_a_store_outage(
             seaweedfs.stop()
             try:
                 for expected in (1, 2, 3):
-                    with pytest.raises(StoreUnavailable):
+                    with pytest.raises(StoreUnavailableError):
                         await tracker.poll_once()
                     assert tracker.consecutive_failures == expected
                     assert tracker.current is not None and answer(tracker.current.model) == {1.0}
-                assert tracker.status()["last_error"].startswith("StoreUnavailable")
+                assert tracker.status()["last_error"].startswith("StoreUnavailableError")
                 assert tracker.backoff_seconds() == 0.4  # 0.05 * 2^3, under the 0.5 cap
             finally:
                 seaweedfs.start()

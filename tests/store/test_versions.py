@@ -23,13 +23,12 @@ import pytest
 from conftest import Backend
 from store_util import child_main, tiny_files, write_files
 
-from spectralmc_server.store.objects import Blob, ObjectStore, Page, StoreUnavailable, list_all
+from spectralmc_server.store.objects import Blob, CorruptObjectError, ObjectStore, Page, StoreUnavailableError, list_all
 from spectralmc_server.store.versions import (
-    CommitConflict,
-    ContentCollected,
-    CorruptObject,
+    CommitConflictError,
+    ContentCollectedError,
     VersionError,
-    VersionNotFound,
+    VersionNotFoundError,
     VersionStore,
 )
 
@@ -64,7 +63,7 @@ def test_commit_chain_head_and_load(backend: Backend) -> None:
             ckpt = await vs.load(2, need_training=True)
             assert float(ckpt.model["w"][0]) == 2.0 and ckpt.content_hash == stored[1].content_hash
             assert "weights/w" in ckpt.training
-            with pytest.raises(VersionNotFound, match="no version 9"):
+            with pytest.raises(VersionNotFoundError, match="no version 9"):
                 await vs.version(9)
             assert (await vs.verify()).ok
 
@@ -137,7 +136,7 @@ def test_two_first_commits_cannot_both_succeed(backend: Backend) -> None:
                 return_exceptions=True,
             )
             wins = [r for r in results if not isinstance(r, BaseException)]
-            losses = [r for r in results if isinstance(r, CommitConflict)]
+            losses = [r for r in results if isinstance(r, CommitConflictError)]
             assert len(wins) == 1 and len(losses) == 1, results
             assert losses[0].version == 1 and losses[0].winner["message"] == wins[0].record["message"]
             assert "committed first by another writer" in str(losses[0])
@@ -159,7 +158,7 @@ def test_only_version_commits_that_version_or_nothing(backend: Backend) -> None:
             assert await va.head() is None and await vb.head() is None  # both see it empty
             first = await va.commit_files(tiny_files(1), "seed from a", only_version=1)
             assert first.version == 1
-            with pytest.raises(CommitConflict) as lost:
+            with pytest.raises(CommitConflictError) as lost:
                 await vb.commit_files(tiny_files(2), "seed from b", only_version=1)
             assert lost.value.version == 1 and lost.value.winner["message"] == "seed from a"
             assert [v.version for v in await vb.versions()] == [1]
@@ -174,7 +173,7 @@ class FlakyHead(Delegating):
 
     async def get(self, key: str) -> Blob | None:
         if key.endswith("/refs/head"):
-            raise StoreUnavailable("simulated outage on the head read")
+            raise StoreUnavailableError("simulated outage on the head read")
         return await self.inner.get(key)
 
 
@@ -187,9 +186,9 @@ def test_a_failed_head_read_is_never_an_empty_store(backend: Backend) -> None:
             for i in range(3):
                 await vs.commit_files(tiny_files(i), f"v{i}")
             flaky = VersionStore(FlakyHead(objects), "m")
-            with pytest.raises(StoreUnavailable):
+            with pytest.raises(StoreUnavailableError):
                 await flaky.commit_files(tiny_files(9), "during the outage", rebase=True)
-            with pytest.raises(StoreUnavailable):
+            with pytest.raises(StoreUnavailableError):
                 await flaky.head()
             versions = await vs.versions()
             assert [v.version for v in versions] == [1, 2, 3]
@@ -264,7 +263,7 @@ def test_tampering_with_any_object_is_named(backend: Backend, target: str) -> No
                 reasons
             )
             if target in ("manifest", "weights", "training"):
-                with pytest.raises(CorruptObject):  # loading checks hashes before deserialising
+                with pytest.raises(CorruptObjectError):  # loading checks hashes before deserialising
                     await vs.load(3, need_training=True)
 
     run(go())
@@ -291,9 +290,9 @@ def test_gc_keeps_head_pins_and_protected_and_verify_still_passes(backend: Backe
             assert [v.version for v in await vs.versions()] == list(range(1, 9))  # records stay
             again = await vs.gc(2, protect=[5], dry_run=False, grace_seconds=0)
             assert again.collected_versions == [] and again.deleted_objects == []
-            with pytest.raises(ContentCollected):
+            with pytest.raises(ContentCollectedError):
                 await vs.load(1)
-            with pytest.raises(ContentCollected):
+            with pytest.raises(ContentCollectedError):
                 await vs.pin(2)
             assert float((await vs.load(3)).model["w"][0]) == 3.0  # pinned survives
             with pytest.raises(VersionError, match="keep must be"):
@@ -335,7 +334,7 @@ def test_pins_and_the_pin_log(backend: Backend) -> None:
             assert log[0].body["by"] == "alice" and log[-1].body["action"] == "unpin"
             assert Counter(e.body["by"] for e in log[1:3]) == Counter(["bob", "carol"])
             assert all(log[i].body["parent"] == log[i - 1].hash for i in range(1, 4))
-            with pytest.raises(VersionNotFound):
+            with pytest.raises(VersionNotFoundError):
                 await vs.pin(7)
             assert (await vs.verify()).ok
 

@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from spectralmc_server.engine_service.messages import (
-    EngineDead,
+    EngineDeadError,
     FitFailed,
     FitReport,
     Head,
@@ -105,7 +105,7 @@ class Computing(Choosing):
             return empty, sent
         try:
             return self.engine.price(PriceJob(tuple(entries), job_book)), sent
-        except EngineDead as exc:
+        except EngineDeadError as exc:
             dead: asyncio.Future[PriceResult]
             dead = asyncio.get_running_loop().create_future()
             dead.set_exception(exc)
@@ -136,7 +136,7 @@ class Computing(Choosing):
         pending, sent = submitted
         try:
             result = await pending
-        except EngineDead as exc:
+        except EngineDeadError as exc:
             self._fail_all(plan, _engine_down(str(exc)))
             return
         except Exception as exc:  # valid requests that the engine could not price: a bug
@@ -242,7 +242,7 @@ class Computing(Choosing):
     async def _fit_slice(self, fit: FitItem, job: _Job) -> None:
         try:
             done: SliceDone = await self.engine.fit_slice(fit.fit_id, self.settings.max_job_seconds)
-        except EngineDead as exc:
+        except EngineDeadError as exc:
             fit.finished = True
             if not fit.future.done():
                 fit.future.set_exception(_engine_down(str(exc)))

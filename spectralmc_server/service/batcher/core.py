@@ -11,7 +11,7 @@ from dataclasses import replace
 from typing import Any
 
 from spectralmc_server.engine_service.messages import (
-    EngineDead,
+    EngineDeadError,
     FitReport,
     FitSpec,
 )
@@ -173,7 +173,7 @@ class Batcher(Computing):
         self._admit(self._fit_remaining(item), timeout, f"this calibration ({quotes} quotes)")
         try:
             self.engine.fit_start(item.fit_id, replace(spec, deadline=deadline))
-        except EngineDead as exc:
+        except EngineDeadError as exc:
             raise _engine_down(str(exc)) from None
         self._items.append(item)
         self._fits.add(item)

@@ -113,7 +113,7 @@ class Retry:
     delay: float = RETRY_FIRST_SECONDS
 
 
-class SplitRefused(Exception):  # noqa: N818
+class SplitRefusedError(Exception):
     """A merged request refused SPLIT_AFTER times in a row: smaller ones may fit (a queue
     that admits by estimated cost takes a smaller request sooner)."""
 

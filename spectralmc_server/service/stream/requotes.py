@@ -33,7 +33,7 @@ from spectralmc_server.service.stream.connection import (
     Interned,
     Item,
     Retry,
-    SplitRefused,
+    SplitRefusedError,
     Subscription,
 )
 from spectralmc_server.service.stream.state import HubState
@@ -199,7 +199,7 @@ class Requoting(HubState):
         retry = retry or Retry()
         try:
             answer = await self._price(request, key, retry, split=True)
-        except SplitRefused:
+        except SplitRefusedError:
             await self._split(key, chunk, None, retry)
             return
         except DeadlineExceeded as exc:
@@ -306,7 +306,7 @@ class Requoting(HubState):
         idle queue admits even a request it deems costly) with ``retry``'s backoff, from
         RETRY_FIRST_SECONDS doubling to RETRY_MAX_SECONDS, until ``overload_retry_seconds``
         after its first refusal; then the refusal is the answer. With ``split`` (a merged
-        request), SPLIT_AFTER refusals in a row raise SplitRefused instead."""
+        request), SPLIT_AFTER refusals in a row raise SplitRefusedError instead."""
         n = len(request.contracts)
         loop = asyncio.get_running_loop()
         alone = False
@@ -342,7 +342,7 @@ class Requoting(HubState):
             retry.delay = min(2 * retry.delay, RETRY_MAX_SECONDS)
             refusals += 1
             if split and refusals >= SPLIT_AFTER:
-                raise SplitRefused
+                raise SplitRefusedError
             alone = True
 
     def _learn(self, key: GroupKey, n: int, seconds: float, *, missed: bool = False) -> None:

@@ -180,7 +180,7 @@ async def price(request: web.Request) -> web.Response:
 
 @routes.get("/v1/stream")
 async def stream(request: web.Request) -> web.StreamResponse:
-    """Streaming quotes over a WebSocket (protocol: service/stream.py, docs/api.md)."""
+    """Streaming quotes over a WebSocket (protocol: service/stream/, docs/api.md)."""
     app = request.app
     settings = app[keys.SETTINGS]
     require_serving(settings)

@@ -1,4 +1,4 @@
-"""Admission by estimated cost, bounded jobs and bounded calibrations (service/batcher.py,
+"""Admission by estimated cost, bounded jobs and bounded calibrations (service/batcher/,
 engine_service/worker.py, service/calibrate_routes.py).
 
 Timing assertions are ratios or generous bounds: the VM running the tests is shared and

@@ -1,4 +1,4 @@
-"""The batcher's one entry (service/batcher.py ``Batcher.price``) and the paths that must
+"""The batcher's one entry (service/batcher/ ``Batcher.price``) and the paths that must
 go through it: calibration and stream requotes are refused with 503 ``overloaded`` when
 the batcher is full, exactly as REST pricing is; a deadline that has already passed is a
 504 with Retry-After and queues nothing."""

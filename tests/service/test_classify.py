@@ -1,4 +1,4 @@
-"""service/batcher.py ``classify`` reads the request's Book with numpy; it must give the
+"""service/batcher/items.py ``classify`` reads the request's Book with numpy; it must give the
 runs the per-contract reading gives (kept here as the oracle: the box of the served
 model's domain, its certified K/F for strike measures, by-reference contracts as cvnn,
 a process without a model as reference), on random books mixing every process, inputs

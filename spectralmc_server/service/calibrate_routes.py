@@ -16,18 +16,17 @@ surface of more than ``queue.max_calibration_quotes`` nodes is refused (422).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 
 from aiohttp import web
 
 from spectralmc_server.engine_service.messages import FitReport, FitSpec
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
-from spectralmc_server.marketdata.store import SnapshotRecord, canonical, iso
+from spectralmc_server.marketdata.store import SnapshotRecord, iso
 from spectralmc_server.pricing.calibration import SurfaceError
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid
-from spectralmc_server.service.jobs import UnchangedError, derive_input
+from spectralmc_server.service.jobs import Put, UnchangedError, derive_input, store_derived
 from spectralmc_server.service.routes import _timeout as request_timeout
 from spectralmc_server.service.routes import json_response, read_json, require_serving, validate
 from spectralmc_server.service.schemas import CalibrateRequest
@@ -105,9 +104,6 @@ def derived_snapshot(snapshot: MarketSnapshot, report: Fitted) -> MarketSnapshot
     return MarketSnapshot.model_validate(derived.model_dump())  # re-checked like a PUT
 
 
-Put = Callable[[str, datetime, datetime, MarketSnapshot, dict[str, Any] | None], Awaitable[tuple[SnapshotRecord, bool]]]
-
-
 async def store_fit(
     put: Put,
     record: SnapshotRecord,
@@ -117,23 +113,17 @@ async def store_fit(
 ) -> tuple[SnapshotRecord, bool] | None:
     """Store the snapshot with every report's fitted set; None when ``snapshot``
     already holds exactly these fits (nothing new to store)."""
-    now = datetime.now(UTC)
     derived = snapshot
     for report in reports:
         derived = derived_snapshot(derived, report)
-    if canonical(derived) == canonical(snapshot):
-        return None
-    asof = max(now, record.data_asof + timedelta(microseconds=1))
     lineage: dict[str, Any] = {
         "job": job,
         "kind": "calibrate",
         "process": reports[0].process,
         "underlyings": [r.underlying for r in reports],
-        "inputs": [record.key()],
         "models": [r.model for r in reports],
-        "produced_at": iso(now),
     }
-    return await put(record.namespace, record.val_datetime, asof, derived, lineage)
+    return await store_derived(put, record, snapshot, derived, lineage)
 
 
 def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Awaitable[str | None]]:

@@ -188,25 +188,37 @@ def derive_action(job: DeriveJob, market: MarketData) -> Callable[[], Awaitable[
 
         surfaces = await asyncio.to_thread(build)
         derived = snapshot.model_copy(update={"vol_surfaces": {**snapshot.vol_surfaces, **surfaces}})
-        derived = MarketSnapshot.model_validate(derived.model_dump())  # re-checked like a PUT
-        if canonical(derived) == canonical(snapshot):
+        lineage = {"job": job.name, "kind": "derive", "derive": job.derive, "underlyings": job.underlyings}
+        stored = await store_derived(market.put, latest, snapshot, derived, lineage)
+        if stored is None:
             # the latest snapshot already holds these surfaces (say another job derived
             # from this job's output): storing it again would only make two jobs chase
             raise UnchangedError(f"the latest snapshot ({iso(latest.data_asof)}) already holds what this job derives")
-        now = datetime.now(UTC)
-        asof = max(now, latest.data_asof + timedelta(microseconds=1))
-        lineage = {
-            "job": job.name,
-            "kind": "derive",
-            "derive": job.derive,
-            "underlyings": job.underlyings,
-            "inputs": [latest.key()],
-            "produced_at": iso(now),
-        }
-        record, _ = await market.put(job.namespace, latest.val_datetime, asof, derived, lineage)
-        return f"stored {iso(record.data_asof)} ({record.hash})"
+        return f"stored {iso(stored[0].data_asof)} ({stored[0].hash})"
 
     return action
+
+
+Put = Callable[[str, datetime, datetime, MarketSnapshot, dict[str, Any] | None], Awaitable[tuple[SnapshotRecord, bool]]]
+
+
+async def store_derived(
+    put: Put,
+    record: SnapshotRecord,
+    snapshot: MarketSnapshot,
+    derived: MarketSnapshot,
+    lineage: dict[str, Any],
+) -> tuple[SnapshotRecord, bool] | None:
+    """Store ``derived`` (built from ``snapshot``, stored as ``record``) under the same
+    val_datetime with a later data_asof, its lineage naming its input and when it was
+    produced; re-checked like a PUT. None when it equals ``snapshot`` (nothing new)."""
+    derived = MarketSnapshot.model_validate(derived.model_dump())
+    if canonical(derived) == canonical(snapshot):
+        return None
+    now = datetime.now(UTC)
+    asof = max(now, record.data_asof + timedelta(microseconds=1))
+    lineage = {**lineage, "inputs": [record.key()], "produced_at": iso(now)}
+    return await put(record.namespace, record.val_datetime, asof, derived, lineage)
 
 
 def _where(record: SnapshotRecord) -> str:

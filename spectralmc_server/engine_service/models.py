@@ -26,7 +26,7 @@ from typing import Any
 
 from spectralmc_server.engine.certificate import gate_failures
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
-from spectralmc_server.engine.device import BudgetExceededError, Budgets, live_tensor_bytes, module_tensors
+from spectralmc_server.engine.device import Budgets, live_tensor_bytes, module_tensors
 from spectralmc_server.engine.pricer import bytes_per_row
 from spectralmc_server.engine.served import ServedModel, load_served_model
 from spectralmc_server.engine.spectrum import SpectrumConfig
@@ -112,13 +112,7 @@ class ModelHost:
         def load(ckpt: Checkpoint, version: int) -> ServedModel:
             spectrum = SpectrumConfig.model_validate(ckpt.manifest["model"]["spectrum"])
             per_row = bytes_per_row(spectrum, MAX_QUANTILE_LEVELS)
-            max_rows = self.budgets.inference.cap_bytes // per_row
-            if max_rows < 1:
-                raise BudgetExceededError(
-                    f"budget 'inference' ({self.budgets.inference.cap_bytes} B) is below one contract's "
-                    f"working set ({per_row} B); raise budgets.inference_bytes"
-                )
-            self.budgets.inference.reserve("inference working set", max_rows * per_row)
+            max_rows = self.budgets.inference.reserve_rows("inference working set", per_row)  # raises below one row
             # The weights, plus the packed real block matrices that frozen complex layers
             # cache for serving (twice the weights; the packed biases equal the biases).
             nbytes = SERVED_BYTES_PER_WEIGHT_BYTE * sum(t.numel() * t.element_size() for t in ckpt.model.values())

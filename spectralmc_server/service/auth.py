@@ -2,8 +2,11 @@
 
 ``Authorization: Bearer <token>`` (RFC 6750). The scheme is case-insensitive (RFC 7235
 section 2.1: ``bearer``, ``BEARER`` and ``Bearer`` are the same scheme); the token is
-compared in constant time. A missing header, another scheme or an empty token is 401
-with ``WWW-Authenticate: Bearer realm="<the route's realm>"``; a wrong token is 403.
+compared in constant time. A missing header, another scheme, an empty token, more than
+one Authorization header (ambiguous: which one counts?) or a token anywhere else (a
+query string's ``access_token`` is never read) is 401 with ``WWW-Authenticate: Bearer
+realm="<the route's realm>"``; a wrong token is 403. Spaces around the scheme and the
+token are ignored.
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ MARKETDATA_REALM = "spectralmc-marketdata"
 
 
 def bearer(request: web.Request) -> str | None:
-    """The token of ``Authorization: Bearer <token>``; None without one (no header,
-    another scheme, or nothing after the scheme)."""
-    header = request.headers.get(hdrs.AUTHORIZATION)
-    if header is None:
+    """The token of ``Authorization: Bearer <token>``; None without exactly one such
+    header (none, several, another scheme, or nothing after the scheme)."""
+    headers = request.headers.getall(hdrs.AUTHORIZATION, [])
+    if len(headers) != 1:
         return None
-    scheme, _, token = header.strip().partition(" ")
+    scheme, _, token = headers[0].strip().partition(" ")
     if scheme.lower() != "bearer":
         return None
     return token.strip() or None

@@ -76,7 +76,7 @@ from dataclasses import dataclass
 from statistics import NormalDist
 from typing import Any
 
-import mpmath as mp  # type: ignore[import-untyped]  # ships no type information
+import mpmath as mp
 import numpy as np
 import pytest
 import QuantLib as ql  # noqa: N813 (the library's conventional alias)

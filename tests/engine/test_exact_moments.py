@@ -22,7 +22,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-import mpmath as mp  # type: ignore[import-untyped]  # ships no type information
+import mpmath as mp
 import numpy as np
 import pytest
 import torch

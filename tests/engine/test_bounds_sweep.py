@@ -58,10 +58,11 @@ D F, a put at most D K, and COS errors scale with it. Measured maxima in bracket
 - Quantiles: the oracle's CDF at the reference's quantile within 1e-4 of its level
   (GBM 9e-12, Merton 1.8e-6, Heston 6.4e-5 at xi = 3).
 
-Where the reference is still wrong inside the bounds (vol of vol dominating the variance)
-is recorded in ``test_known_reference_failures`` (strict xfail: a fix turns it into a
-failure to clean up). Two bounds were narrowed on this sweep's evidence: Heston's xi to
-3 and Merton's sigma to 0.01 (the reasons are at the bounds).
+No case inside the bounds is known where the reference is wrong: the last ones (Heston's
+vol of vol dominating the variance, the moments) are fixed or refused
+(tests/engine/test_heston_reference_convergence.py, tests/engine/test_exact_moments.py).
+Two bounds were narrowed on this sweep's evidence: Heston's xi to 3 and Merton's sigma
+to 0.01 (the reasons are at the bounds).
 """
 
 from __future__ import annotations
@@ -1276,14 +1277,7 @@ def test_the_original_failures_are_refused(contract: dict[str, Any], fields: dic
         assert text in details[field], (field, details[field])
 
 
-# -- where the reference is still wrong inside the bounds (reported; strict: a fix shows) ----------
-def _reference_price_error(case: Case) -> float:
-    """The largest |reference - oracle| / P over the case's contracts."""
-    batch = batch_of(validated(case.contracts()))
-    got = reference_values(case.process, batch, PRICE)["price"]
-    return float(((got - _oracle_prices(case.process, batch)).abs() / price_scale(batch, case.process)).max())
-
-
+# -- once known failures of the reference, now checked against the oracles --------------------------
 def _reference_stats(case: Case) -> dict[str, float]:
     batch = batch_of(validated(case.contracts()))
     values = reference_values(case.process, batch, frozenset({"stdev", "skew", "kurtosis"}))
@@ -1292,20 +1286,6 @@ def _reference_stats(case: Case) -> dict[str, float]:
         "skew": float(values["skew"][0]),
         "kurtosis": float(values["kurtosis"][0]),
     }
-
-
-KNOWN_FAILURES: list[tuple[str, Callable[[], bool]]] = [
-    # "heston-vol-of-vol-dominated" is fixed (engine/refined.py) or refused
-    # (engine/processes/heston_limits.py): tests/engine/test_heston_reference_convergence.py
-]
-
-
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError, reason="the reference is wrong here inside the bounds (reported)"
-)
-@pytest.mark.parametrize("check", [c for _, c in KNOWN_FAILURES], ids=[n for n, _ in KNOWN_FAILURES])
-def test_known_reference_failures(check: Callable[[], bool]) -> None:
-    assert check()
 
 
 # Once known failures of the COS-quadrature moments (docs/method.md), now exact.

@@ -14,6 +14,7 @@ import re
 import threading
 import time
 from collections import Counter
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -30,6 +31,7 @@ from spectralmc_server.service.batcher import (
     PRIOR_UNIT_SECONDS,
     ClassKey,
     CostModel,
+    costs,
     merge_answers,
 )
 from spectralmc_server.service.metrics import Metrics
@@ -91,14 +93,20 @@ async def assert_overloaded(r: ClientResponse) -> int:
 # -- the parts ---------------------------------------------------------------------------
 
 
-def test_cost_model_learns_per_contract_costs_and_resists_stalls() -> None:
+def test_cost_model_learns_per_contract_costs_and_resists_stalls(monkeypatch: pytest.MonkeyPatch) -> None:
     """Jobs of a class whose truth is 30 us a contract (plus the tier's fixed overhead),
     measured with +-5% noise: the model learns it. One job 50 times slower in wall time
     (a stall waiting for the GIL, its CPU time as usual) raises the admission estimate
     one bounded step at once and not the work's own cost (which sizes jobs); normal
     jobs bring it down by a share each, and it relaxes back while the class is not
     measured. A new class in a job with a known one (a Monte Carlo
-    reference, 0.1 s a contract) takes the surprise itself, within its first jobs."""
+    reference, 0.1 s a contract) takes the surprise itself, within its first jobs.
+
+    The model's clock is frozen: its estimates relax with time (HALF_LIFE), and on a busy
+    machine the moments between one observation and the next assertion would move them
+    by more than the exact steps checked here."""
+    frozen = time.monotonic()
+    monkeypatch.setattr(costs, "time", SimpleNamespace(monotonic=lambda: frozen))
     model = CostModel(Metrics())
     known: ClassKey = ("gbm", "cvnn", "tangents")
     fixed = model.overhead(["tangents"])

@@ -4,6 +4,7 @@ gate. Made by :mod:`.certify`."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Mapping
@@ -139,12 +140,24 @@ def features(process: Process, domain: ModelDomain, batch: OptionBatch, *, strik
         fwd = batch.spot * process.forward_ratio(batch.theta, batch.expiry, batch.rate, batch.dividend)
         pos = (torch.log(batch.strike / fwd) - math.log(low)) / (math.log(high) - math.log(low))
         x = torch.cat([x, (2.0 * pos - 1.0)[:, None]], 1)
-    cols = [torch.ones(x.shape[0], dtype=torch.float64)]
-    for combo in itertools.chain.from_iterable(
-        itertools.combinations_with_replacement(range(x.shape[1]), k) for k in range(1, SCALE_DEGREE + 1)
-    ):
-        cols.append(torch.prod(x[:, list(combo)], 1))
-    return torch.stack(cols, 1)
+    ones = torch.ones(x.shape[0], 1, dtype=torch.float64)
+    x1 = torch.cat([ones, x.to(torch.float64)], 1)  # (n, 1 + D): column 0 pads a short monomial
+    index = _monomials(x.shape[1])  # (F, SCALE_DEGREE)
+    cols = x1[:, index[:, 0]]
+    for k in range(1, SCALE_DEGREE):  # elementwise, left to right: the same product in any batch
+        cols = cols * x1[:, index[:, k]]
+    return cols  # (n, F)
+
+
+@functools.lru_cache(maxsize=8)
+def _monomials(dims: int) -> torch.Tensor:
+    """(F, SCALE_DEGREE) column indices into [1, x_1 .. x_dims] of each monomial up to
+    degree SCALE_DEGREE (the constant first, then by degree), padded with the 1 column."""
+    rows = [[0] * SCALE_DEGREE]
+    for k in range(1, SCALE_DEGREE + 1):
+        for combo in itertools.combinations_with_replacement(range(1, dims + 1), k):
+            rows.append([*combo, *[0] * (SCALE_DEGREE - k)])
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def scale_of(x: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:

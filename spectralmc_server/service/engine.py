@@ -54,6 +54,11 @@ class EngineClient(ABC):
         return self.status.alive
 
     @property
+    def parallel(self) -> int:
+        """Jobs the engine computes at once (one per live engine process)."""
+        return 1
+
+    @property
     @abstractmethod
     def training_delay(self) -> float:
         """Seconds a job may wait behind a training step (admission's estimate)."""

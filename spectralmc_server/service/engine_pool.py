@@ -106,6 +106,10 @@ class EnginePool(EngineClient):
         return any(e.alive for e in self.engines)
 
     @property
+    def parallel(self) -> int:
+        return max(len(self._live()), 1)
+
+    @property
     def training_delay(self) -> float:
         # the next job goes to the least busy engine: usually one that does not train
         return min((self.engines[k].training_delay for k in self._live()), default=0.0)

@@ -277,6 +277,36 @@ async def test_a_small_request_is_not_held_behind_a_large_one(make_client: MakeC
     assert t_small < 0.25 * t_large, (t_small, t_large)
 
 
+async def test_small_jobs_wait_for_the_running_one_and_grow(make_client: MakeClient) -> None:
+    """Single-contract requests that come while a job is on the engine are not sent as
+    jobs of their own queued behind it (each would cost the engine its fixed overhead,
+    PIPELINE_CONTRACTS): they wait in the batcher, and all go in one job when it ends."""
+    client = await make_client()
+    queue = app_of(client)[keys.BATCHER]
+    for _ in range(3):  # learn the costs (a class still being measured gets small jobs)
+        await ok(await price(client, {"contracts": book(64)}))
+    before = metric(await metrics_text(client), "spectralmc_batch_requests_count") or 0
+    held = app_of(client)[keys.ENGINE].hold(1.0)
+    first = asyncio.create_task(price(client, {"contracts": [contract(1)]}))
+    for _ in range(500):
+        await asyncio.sleep(0.002)
+        if queue._jobs:
+            break
+    assert len(queue._jobs) == 1, queue._jobs
+    later = [asyncio.create_task(price(client, {"contracts": [contract(i)]})) for i in range(2, 26)]
+    for _ in range(500):
+        await asyncio.sleep(0.002)
+        if queue.depth[0] == len(later):
+            break
+    assert queue.depth == (len(later), len(later)), queue.depth
+    assert len(queue._jobs) == 1, queue._jobs  # nothing queued behind the running job
+    for r in [await first, *[await t for t in later]]:
+        await ok(r)
+    await held
+    after = metric(await metrics_text(client), "spectralmc_batch_requests_count") or 0
+    assert after - before == 2, (before, after)  # the first job, then one job of all 24
+
+
 # -- split answers -----------------------------------------------------------------------
 
 

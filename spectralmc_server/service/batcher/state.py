@@ -20,6 +20,10 @@ MAX_SLOTS = 8  # ... up to this many while the event loop is slow to hear that o
 SHARED_BOOK_MAX = 256  # requests smaller than this share their job's one book (PriceJob.book)
 MAX_PRESSURE = 50.0  # the most a job overrunning its estimate scales the queue's by
 HICCUP_SECONDS = 0.02  # an overrun shorter than this says nothing
+# a job is queued behind a running one only with at least this many contracts (a smaller
+# one waits for the running job to end, growing meanwhile): a learned-model job's fixed
+# cost is about the work of 400 contracts
+PIPELINE_CONTRACTS = 256
 FILL_WORTH = 10  # a batch waits max_wait_seconds to fill only when its job is shorter than this many times that
 
 

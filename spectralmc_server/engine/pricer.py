@@ -25,7 +25,11 @@ from spectralmc_server.engine.spectrum import SpectrumConfig
 
 PRICE_MEASURES = ("price", "delta", "gamma", "vega", "theta", "rho", "digital")
 DIST_MEASURES = ("mean", "stdev", "skew", "kurtosis")
-MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")
+MEASURES = (*PRICE_MEASURES, *DIST_MEASURES, "quantiles")  # what a CF pricer answers
+# survival: the probability a barrier contract's barrier is not hit by expiry (1 for a
+# contract without a barrier); priced by the barrier pricers, never by a CF pricer
+BARRIER_MEASURES = ("survival",)
+REQUEST_MEASURES = (*MEASURES, *BARRIER_MEASURES)  # what a request may ask for
 # A learned model's stdev, skew and kurtosis come from quadrature against its COS
 # density, whose tails it under-weights as the spread s grows (docs/method.md): it
 # answers them up to MOMENT_MAX_SPREAD (engine/processes/spec.py, torch-free for

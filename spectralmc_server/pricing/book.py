@@ -24,7 +24,7 @@ import torch
 
 from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes import PROCESSES
-from spectralmc_server.pricing.schemas import Contract, PriceRequest
+from spectralmc_server.pricing.schemas import Barrier, Contract, PriceRequest
 
 FloatColumn = np.ndarray[Any, np.dtype[np.float64]]
 NUMERIC = ("strike", "spot", "expiry_years", "rate", "dividend", "vol", "fixings")
@@ -59,6 +59,7 @@ class Book:
     params: dict[str, FloatColumn] = field(default_factory=dict)
     underlying: list[str | None] | None = None  # None: every contract is explicit
     expiry: list[date | None] | None = None
+    barrier: list[Barrier | None] | None = None  # None: no contract has a barrier
 
     def __len__(self) -> int:
         return len(self.id)
@@ -68,6 +69,7 @@ class Book:
         """The book of validated contracts, in one pass."""
         names = sorted({k for c in contracts if c.params for k in c.params})
         by_ref = any(c.underlying is not None for c in contracts)
+        barriers = any(c.barrier is not None for c in contracts)
         return cls(
             id=[c.id for c in contracts],
             call=np.array([c.right == "call" for c in contracts], dtype=np.bool_),
@@ -82,6 +84,7 @@ class Book:
             params={n: _floats([(c.params or {}).get(n) for c in contracts]) for n in names},
             underlying=[c.underlying for c in contracts] if by_ref else None,
             expiry=[c.expiry for c in contracts] if by_ref else None,
+            barrier=[c.barrier for c in contracts] if barriers else None,
         )
 
     @classmethod
@@ -91,6 +94,7 @@ class Book:
             return books[0]
         names = sorted({n for b in books for n in b.params})
         by_ref = any(b.underlying is not None for b in books)
+        barriers = any(b.barrier is not None for b in books)
 
         def cat(name: str) -> FloatColumn:
             return np.concatenate([getattr(b, name) for b in books])
@@ -113,6 +117,7 @@ class Book:
             params={n: np.concatenate([b.params.get(n, np.full(len(b), np.nan)) for b in books]) for n in names},
             underlying=[x for b in books for x in listed(b, "underlying")] if by_ref else None,
             expiry=[x for b in books for x in listed(b, "expiry")] if by_ref else None,
+            barrier=[x for b in books for x in listed(b, "barrier")] if barriers else None,
         )
 
     def rows(self, start: int, stop: int) -> Book:
@@ -131,6 +136,7 @@ class Book:
             params={n: v[start:stop] for n, v in self.params.items()},
             underlying=None if self.underlying is None else self.underlying[start:stop],
             expiry=None if self.expiry is None else self.expiry[start:stop],
+            barrier=None if self.barrier is None else self.barrier[start:stop],
         )
 
     def take(self, index: np.ndarray[Any, np.dtype[np.intp]]) -> Book:
@@ -150,6 +156,7 @@ class Book:
             params={n: v[index] for n, v in self.params.items()},
             underlying=None if self.underlying is None else [self.underlying[i] for i in idx],
             expiry=None if self.expiry is None else [self.expiry[i] for i in idx],
+            barrier=None if self.barrier is None else [self.barrier[i] for i in idx],
         )
 
     @property
@@ -224,7 +231,15 @@ class Book:
             fields["underlying"] = self.underlying[i]
         if self.expiry is not None and self.expiry[i] is not None:
             fields["expiry"] = self.expiry[i]
+        if self.barrier is not None and self.barrier[i] is not None:
+            fields["barrier"] = self.barrier[i]
         return Contract.model_construct(**fields)
+
+    def barrier_rows(self) -> np.ndarray[Any, np.dtype[np.bool_]]:
+        """Which contracts have a barrier."""
+        if self.barrier is None:
+            return np.zeros(len(self), dtype=np.bool_)
+        return np.fromiter((b is not None for b in self.barrier), dtype=np.bool_, count=len(self))
 
 
 class LazyContracts(Sequence[Contract]):

@@ -22,7 +22,8 @@ Floats = npt.NDArray[np.float64]
 
 PARAMS_PREFIX = "params."
 # The contract columns, in the schema's order (params.<name> columns aside).
-CONTRACT_COLUMNS: tuple[str, ...] = tuple(n for n in Contract.model_fields if n != "params")
+# A barrier (an object) has no columnar form yet: such contracts come as rows.
+CONTRACT_COLUMNS: tuple[str, ...] = tuple(n for n in Contract.model_fields if n not in ("params", "barrier"))
 # At most this many invalid contracts are named in one refusal (the first ones, in order).
 MAX_DETAILS = 100
 # A spread or K/F within this relative distance of its bound is checked by the row
@@ -76,7 +77,7 @@ def _rules() -> dict[str, FieldRule]:
 
 
 RULES = _rules()
-if set(Contract.model_fields) != {*CONTRACT_COLUMNS, "params"}:  # pragma: no cover - a schema change
+if set(Contract.model_fields) != {*CONTRACT_COLUMNS, "params", "barrier"}:  # pragma: no cover - a schema change
     raise RuntimeError("pricing.columns: Contract's fields changed; review the columnar checks")
 PROCESS_DEFAULT = str(Contract.model_fields["process"].default)
 

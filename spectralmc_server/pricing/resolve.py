@@ -53,6 +53,7 @@ def explicit_request(request: PriceRequest, record: SnapshotRecord, snapshot: Ma
                 vol=got.params["vol"] if names == ("vol",) else None,
                 params=None if names == ("vol",) else got.params,
                 fixings=c.fixings,
+                barrier=c.barrier,
             )
         except MissingMarketDataError as exc:
             raise RequestError(f"contracts[{i}]", str(exc)) from None

@@ -19,14 +19,16 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PlainValidator,
     PrivateAttr,
     ValidationError,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
-from spectralmc_server.engine.pricer import MEASURES as ENGINE_MEASURES
+from spectralmc_server.engine.pricer import REQUEST_MEASURES as ENGINE_MEASURES
 from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.engine.processes.base import (
     EXPIRY_BOUNDS,
@@ -46,11 +48,23 @@ DEFAULT_QUANTILE_LEVELS = (0.01, 0.05, 0.5, 0.95, 0.99)
 Finite = Annotated[float, Field(allow_inf_nan=False, strict=True)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False, strict=True)]
 Price = Annotated[float, Field(ge=PRICE_BOUNDS[0], le=PRICE_BOUNDS[1], allow_inf_nan=False, strict=True)]
-# The measures a request may ask for. The engine's list (engine/pricer.py MEASURES) is
+# The measures a request may ask for. The engine's list (engine/pricer.py REQUEST_MEASURES) is
 # the one source of truth; this Literal spells it for the type checker and for the
 # schema, and the import below fails loudly if the two ever differ.
 Measure = Literal[
-    "price", "delta", "gamma", "vega", "theta", "rho", "digital", "mean", "stdev", "skew", "kurtosis", "quantiles"
+    "price",
+    "delta",
+    "gamma",
+    "vega",
+    "theta",
+    "rho",
+    "digital",
+    "mean",
+    "stdev",
+    "skew",
+    "kurtosis",
+    "quantiles",
+    "survival",
 ]
 if get_args(Measure) != ENGINE_MEASURES:
     raise RuntimeError(f"pricing.schemas.Measure {get_args(Measure)} differs from the engine's {ENGINE_MEASURES}")
@@ -65,6 +79,67 @@ def in_utc(v: datetime | None) -> datetime | None:
         return v.astimezone(UTC)
     except OverflowError:
         raise ValueError("out of range once converted to UTC") from None
+
+
+BarrierType = Literal["down-and-out", "up-and-out", "down-and-in", "up-and-in"]
+BARRIER_PROCESSES = ("gbm", "heston")  # the processes a barrier contract may have
+# a discretely monitored barrier: at most this many dates (about a year of business days;
+# Monte Carlo's cost grows with them, ~1 s a contract at 260 dates)
+MAX_MONITORING_DATES = 260
+# what a barrier contract is priced for: the distribution measures of a killed law are
+# not defined cleanly (the surviving mass is not a distribution), so they are refused
+BARRIER_MEASURE_NAMES = ("price", "delta", "gamma", "vega", "theta", "rho", "digital", "survival")
+
+
+def _monitoring(v: Any) -> str | int:
+    if v == "continuous" and isinstance(v, str):
+        return v
+    if isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_MONITORING_DATES:
+        return v
+    raise ValueError(f'must be "continuous" or a whole number of dates from 1 to {MAX_MONITORING_DATES}')
+
+
+# "continuous", or n equally spaced monitoring dates (one error, at the field, either way)
+Monitoring = Annotated[
+    str | int,
+    PlainValidator(_monitoring),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"const": "continuous", "type": "string"},
+                {"type": "integer", "minimum": 1, "maximum": MAX_MONITORING_DATES},
+            ]
+        }
+    ),
+]
+
+
+class Barrier(BaseModel):
+    """A knock-out or knock-in barrier on the spot: checked continuously or on
+    ``monitoring`` equally spaced dates up to the expiry (the last one at it). A
+    knock-out pays ``rebate`` at expiry once knocked out; a knock-in pays it at expiry
+    if never knocked in. Knock-ins are priced by in-out parity, so in + out = vanilla
+    (+ the rebate's discounted value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    type: BarrierType
+    level: Price
+    monitoring: Monitoring = "continuous"
+    rebate: Annotated[float, Field(ge=0, le=PRICE_BOUNDS[1], allow_inf_nan=False, strict=True)] = 0.0
+
+    @property
+    def down(self) -> bool:
+        return self.type.startswith("down")
+
+    @property
+    def knock_in(self) -> bool:
+        return self.type.endswith("-in")
+
+    @property
+    def dates(self) -> int:
+        """Monitoring dates; 0 for continuous monitoring."""
+        return 0 if self.monitoring == "continuous" else int(self.monitoring)
 
 
 def _default_measures() -> list[Measure]:
@@ -91,6 +166,7 @@ class Contract(BaseModel):
     fixings: Annotated[int, Field(ge=1, le=MAX_FIXINGS, strict=True)] | None = None  # asian: t_i = i T / n
     underlying: str | None = Field(None, min_length=1, max_length=64)
     expiry: Date | None = None
+    barrier: Barrier | None = None  # a barrier option (gbm, heston): see Barrier
 
     @field_validator("process")
     @classmethod
@@ -107,6 +183,11 @@ class Contract(BaseModel):
     @model_validator(mode="after")
     def _inputs(self) -> Contract:
         self._check_fixings()
+        if self.barrier is not None and self.process not in BARRIER_PROCESSES:
+            raise ValueError(
+                f"barrier must be on a {' or '.join(BARRIER_PROCESSES)} contract, not {self.process} "
+                "(no barrier pricer for it)"
+            )
         if self.underlying is not None or self.expiry is not None:
             self._check_by_reference()
             return self
@@ -117,7 +198,21 @@ class Contract(BaseModel):
             where = "params." if not self.vol_driven or self.vol is None else ""
             raise ValueError(where + str(exc)) from None
         self._check_spread_and_moneyness()
+        self._check_barrier()
         return self
+
+    def _check_barrier(self) -> None:
+        """A barrier not already breached at the spot (such a contract is knocked out,
+        or in, now: not an option on the barrier any more)."""
+        b = self.barrier
+        if b is None or self.spot is None:
+            return
+        if (b.level >= self.spot) if b.down else (b.level <= self.spot):
+            side = "below" if b.down else "above"
+            raise ValueError(
+                f"barrier.level must be {side} the spot for a {b.type} barrier: {b.level:g} against "
+                f"spot {self.spot:g} is breached already"
+            )
 
     def _check_fixings(self) -> None:
         averaged = PROCESSES[self.process].averages
@@ -307,7 +402,7 @@ def format_validation_error(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 # "params.v0 must be in [...]": the reason of a cross-field check about one input
-_NAMED_BOUND = re.compile(r"^((?:params\.)?[a-z_0-9]+) must be ")
+_NAMED_BOUND = re.compile(r"^((?:params\.|barrier\.)?[a-z_0-9]+) must be ")
 
 
 def one_line(details: list[dict[str, Any]]) -> str:
@@ -337,7 +432,9 @@ ERROR_BOUND_DESCRIPTION = (
     "delta, D for the digital, F for the mean, stdev and quantiles, 1 for skew and kurtosis). A reference "
     "answer's bound is the method's own accuracy, about 0: 1e-12 of the unit for the Black-Scholes closed "
     "forms, 1e-7 for COS on an analytic characteristic function (Heston, Merton); three standard errors for "
-    "the Monte-Carlo reference (asian). Null only where the value is withheld (then warnings says why). "
+    "the Monte-Carlo reference (asian, and barriers under Heston or with monitoring dates, whose Greeks are "
+    "central differences on common random numbers, their standard errors from independent groups of paths); "
+    "1e-10 of the unit for a barrier's closed form. Null only where the value is withheld (then warnings says why). "
     "Units and the method: docs/api.md, docs/method.md."
 )
 WARNINGS_DESCRIPTION = (
@@ -355,8 +452,12 @@ class ContractResult(BaseModel):
 
     id: str
     model: str = Field(description="The process that priced it (the model's name)")
-    method: Literal["cvnn", "reference"] = Field(
-        description="cvnn: the learned model answered; reference: the process's reference pricer did"
+    method: Literal["cvnn", "reference", "analytic"] = Field(
+        description=(
+            "cvnn: the learned model answered; reference: the process's reference pricer did; analytic: a "
+            "closed form did (a GBM barrier under continuous monitoring, or survival 1 of a contract without "
+            "a barrier)"
+        )
     )
     error_bound: dict[str, ErrorBound] = Field(
         description=ERROR_BOUND_DESCRIPTION,

@@ -16,6 +16,8 @@ import numpy as np
 import orjson
 import torch
 
+from spectralmc_server.engine.barrier_mc import BarrierBatch
+from spectralmc_server.engine.barrier_pricer import barrier_batch, price_barriers
 from spectralmc_server.engine.certificate import RELATIVE_MEASURES, UNITS
 from spectralmc_server.engine.moments import moment_refusal
 from spectralmc_server.engine.pricer import MOMENT_MAX_SPREAD, PRICE_MEASURES, SPREAD_MEASURES, clamp_to_bounds
@@ -26,7 +28,7 @@ from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.store import iso
 from spectralmc_server.pricing.book import Book, all_explicit, book_of, book_of_requests, processes
-from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.pricing.schemas import BARRIER_MEASURE_NAMES, PriceRequest
 
 
 class RequestError(ValueError):
@@ -98,6 +100,7 @@ def check_request(request: PriceRequest, models: Mapping[str, ModelView]) -> Non
     bounded simulated-reference cost (:func:`check_cost`), higher moments only where
     the spread allows them and where they are finite (:func:`check_moments`). Raises
     RequestError (a 422 naming the contract)."""
+    check_barriers(request)
     if SPREAD_MEASURES & set(request.measures):
         for name, index in book_of(request).by_process().items():
             if name == "gbm":  # the lognormal moments are closed forms at any spread
@@ -116,6 +119,39 @@ def check_request(request: PriceRequest, models: Mapping[str, ModelView]) -> Non
                     )
         check_moments(request)
     check_cost(request, models)
+
+
+def check_barriers(request: PriceRequest) -> None:
+    """Refuse (RequestError) what barrier contracts are not priced for: a distribution
+    measure (the law of a knocked-out price is not a distribution: its mass is the
+    survival probability), or more than ``MAX_SIMULATED_REFERENCE_POINTS`` contracts
+    that only Monte Carlo can price (Heston, or monitoring dates)."""
+    book = book_of(request)
+    rows = book.barrier_rows()
+    if not rows.any():
+        return
+    first = int(np.flatnonzero(rows)[0])
+    refused = [m for m in request.measures if m not in BARRIER_MEASURE_NAMES]
+    if refused:
+        raise RequestError(
+            "measures",
+            f"{', '.join(refused)} are not defined for a barrier contract (contracts[{first}]): a knocked-out law "
+            f"is not a distribution; barrier contracts take {', '.join(BARRIER_MEASURE_NAMES)}",
+            market=False,
+        )
+    assert book.barrier is not None
+    simulated = sum(
+        1
+        for p, b in zip(book.process, book.barrier, strict=True)
+        if b is not None and not (p == "gbm" and b.monitoring == "continuous")
+    )
+    if simulated > MAX_SIMULATED_REFERENCE_POINTS:
+        raise RequestError(
+            "contracts",
+            f"{simulated} barrier contracts are priced by Monte Carlo (heston, or monitoring dates; seconds each); "
+            f"at most {MAX_SIMULATED_REFERENCE_POINTS} per request: split the request",
+            market=False,
+        )
 
 
 def check_moments(request: PriceRequest) -> None:
@@ -251,7 +287,60 @@ class Valuer:
         self, proc_name: str, part: Book, measure_list: tuple[str, ...], level_values: tuple[float, ...]
     ) -> _Priced:
         """One process's contracts of a group priced: by its served model, or by the
-        reference where none is served."""
+        reference where none is served; barrier contracts by the barrier pricers."""
+        barrier = part.barrier_rows()
+        if barrier.any():
+            return self._price_with_barriers(proc_name, part, measure_list, level_values, barrier)
+        if "survival" in measure_list:  # no barrier: nothing can knock it out
+            rest = tuple(m for m in measure_list if m != "survival")
+            priced = self._price_plain(proc_name, part, rest, level_values) if rest else None
+            return _with_survival(priced, proc_name, part, measure_list, level_values)
+        return self._price_plain(proc_name, part, measure_list, level_values)
+
+    def _price_with_barriers(
+        self,
+        proc_name: str,
+        part: Book,
+        measure_list: tuple[str, ...],
+        level_values: tuple[float, ...],
+        barrier: np.ndarray[Any, np.dtype[np.bool_]],
+    ) -> _Priced:
+        """A part with barrier contracts: those by the barrier pricers (closed form or
+        Monte Carlo, engine/barrier_pricer.py), the others as any contract."""
+        n = len(part)
+        priced = _Priced(proc_name, part.id, measure_list, [repr(q) for q in level_values])
+        values = {m: torch.zeros(n, dtype=torch.float64) for m in measure_list}
+        bounds = {m: torch.zeros(n, dtype=torch.float64) for m in measure_list}
+        learned = [False] * n
+        methods = [""] * n
+        plain = np.flatnonzero(~barrier)
+        if len(plain):
+            sub = self._price(proc_name, part.take(plain), measure_list, level_values)
+            at = torch.from_numpy(plain)
+            for m in measure_list:
+                values[m][at] = sub.values[m]
+                bounds[m][at] = sub.bounds[m]
+            for m, w in sub.withheld.items():
+                priced.withheld.setdefault(m, torch.zeros(n, dtype=torch.bool))[at] = w
+            for k, i in enumerate(plain.tolist()):
+                learned[i], methods[i] = sub.learned[k], sub.methods[k]
+            priced.tolerance, priced.model, priced.identity = sub.tolerance, sub.model, sub.identity
+        rows = np.flatnonzero(barrier)
+        answer = price_barriers(get_process(proc_name), barrier_batch_of(part.take(rows), proc_name), measure_list)
+        at = torch.from_numpy(rows)
+        for m in measure_list:
+            values[m][at] = answer.values[m]
+            bounds[m][at] = answer.bounds[m]
+        for k, i in enumerate(rows.tolist()):
+            methods[i] = answer.method[k]
+        priced.values, priced.bounds, priced.learned, priced.method_of = values, bounds, learned, methods
+        _check_finite(priced.values, measure_list, priced.ids, priced.withheld)
+        priced.columns()
+        return priced
+
+    def _price_plain(
+        self, proc_name: str, part: Book, measure_list: tuple[str, ...], level_values: tuple[float, ...]
+    ) -> _Priced:
         measures = frozenset(measure_list)
         levels = torch.tensor(level_values, dtype=torch.float64)
         process = get_process(proc_name)
@@ -276,6 +365,55 @@ class Valuer:
         _check_finite(priced.values, measure_list, priced.ids, priced.withheld)
         priced.columns()
         return priced
+
+
+def _with_survival(
+    priced: _Priced | None,
+    proc_name: str,
+    part: Book,
+    measure_list: tuple[str, ...],
+    level_values: tuple[float, ...],
+) -> _Priced:
+    """``priced`` (the other measures, or None) with survival 1 for contracts without a
+    barrier: exact, so its bound is 0."""
+    n = len(part)
+    out = _Priced(proc_name, part.id, measure_list, [repr(q) for q in level_values])
+    if priced is not None:
+        out.values, out.bounds, out.withheld = dict(priced.values), dict(priced.bounds), priced.withheld
+        out.learned, out.tolerance, out.model, out.identity = (
+            priced.learned,
+            priced.tolerance,
+            priced.model,
+            priced.identity,
+        )
+        out.method_of = priced.method_of
+    else:
+        out.learned = [False] * n
+        out.method_of = ["analytic"] * n
+    out.values["survival"] = torch.ones(n, dtype=torch.float64)
+    out.bounds["survival"] = torch.zeros(n, dtype=torch.float64)
+    out.columns()
+    return out
+
+
+def barrier_batch_of(book: Book, process: str) -> BarrierBatch:
+    """The barrier pricers' batch of a book whose contracts all have a barrier."""
+    options = book.option_batch(process)
+    assert book.barrier is not None
+    barriers = [b for b in book.barrier if b is not None]
+    return barrier_batch(
+        spot=options.spot,
+        strike=options.strike,
+        expiry=options.expiry,
+        rate=options.rate,
+        dividend=options.dividend,
+        is_call=options.is_call,
+        theta=options.theta,
+        level=[b.level for b in barriers],
+        rebate=[b.rebate for b in barriers],
+        barrier_type=[b.type for b in barriers],
+        monitoring=["continuous" if b.dates == 0 else b.dates for b in barriers],
+    )
 
 
 def _empty_answer(r: PriceRequest) -> dict[str, Any]:
@@ -309,6 +447,7 @@ class _Priced:
     bound_cols: dict[str, list[Any]] = field(default_factory=dict)
     held: dict[str, list[bool]] = field(default_factory=dict)
     methods: list[str] = field(default_factory=list)
+    method_of: list[str] | None = None  # per row, where not every row is cvnn or reference
 
     def columns(self) -> None:
         ml = self.measure_list
@@ -317,7 +456,9 @@ class _Priced:
         # in the request's order of measures: a row's warnings are the same bytes every run
         w = self.withheld
         self.held = {m: w[m].tolist() for m in ml if m in w and bool(w[m].any())}
-        self.methods = ["cvnn" if x else "reference" for x in self.learned]
+        self.methods = (
+            self.method_of if self.method_of is not None else ["cvnn" if x else "reference" for x in self.learned]
+        )
 
     def warning(self, m: str, k: int) -> str:
         return _withheld_warning(m, self.bound_cols[m][k], self.tolerance, self.process)

@@ -145,8 +145,13 @@ async def test_each_measure_alone(make_client: MakeClient, measure: str) -> None
         assert set(row) == {"id", "model", "method", measure, "error_bound"}, row
         assert set(row["error_bound"]) == {measure}
     # In the domain the network answers (its certified bound at this point is within every
-    # measure's tolerance); outside it, the reference.
-    assert [row["method"] for row in out["results"]] == ["cvnn", "reference"]
+    # measure's tolerance); outside it, the reference. Survival alone, without a barrier,
+    # is 1 exactly (analytic).
+    expected = ["analytic", "analytic"] if measure == "survival" else ["cvnn", "reference"]
+    assert [row["method"] for row in out["results"]] == expected
+    if measure == "survival":
+        assert [row["survival"] for row in out["results"]] == [1.0, 1.0]
+        assert [row["error_bound"]["survival"] for row in out["results"]] == [0.0, 0.0]
     await ok_json(await client.get("/healthz"))
 
 

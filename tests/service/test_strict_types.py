@@ -52,6 +52,7 @@ CONTRACTS = [
     {**EXPLICIT, "id": "h", "rate": None, "dividend": None, "vol": None, "process": "heston", "params": HESTON},
     {**EXPLICIT, "id": "a", "rate": None, "dividend": None, "process": "asian", "fixings": 12},
     by_reference("r"),
+    {**EXPLICIT, "id": "b", "barrier": {"type": "down-and-out", "level": 80.0, "monitoring": 12, "rebate": 1.0}},
 ]
 EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
     PriceRequest: {

@@ -24,13 +24,19 @@ PRIOR_UNIT_SECONDS = {
     "quantiles_many": 3e-4,
     "fit": 5e-5,
 }
+# Barrier contracts priced by Monte Carlo (engine/barrier_pricer.py) take seconds each
+# (measured with one torch thread: a heston contract's price ~4 s, its Greeks ~6 times
+# that, a gbm one with a year of daily dates ~1 s): their classes start from these, per
+# contract, so admission refuses what cannot finish in time before it is first measured.
+PRIOR_BARRIER_SECONDS = {"gbm-barrier": 1.0, "heston-barrier": 4.0}
+BARRIER_TIER_FACTOR = {"price": 1.0, "tangents": 6.0}
 PRIOR_JOB_SECONDS = {"price": 1e-3, "tangents": 3e-3, "distribution": 5e-3, "quantiles_many": 1e-2}
 PRIOR_FIT_EVALUATIONS = 30.0
-PROBE_CONTRACTS = {"cvnn": 64, "reference": 4}
+PROBE_CONTRACTS = {"cvnn": 64, "analytic": 64, "reference": 4}
 RAMP = 4  # each job that measures a class may hold RAMP times more of it than the last
 RAMPED = 3  # jobs after which a class's estimate is trusted (no more slow start)
 # The learned pricer evaluates blocks of 64 rows: a smaller chunk costs as much as 64.
-MIN_CHUNK = {"cvnn": 64, "reference": 1}
+MIN_CHUNK = {"cvnn": 64, "analytic": 1, "reference": 1}
 EFFICIENCY = 4  # a chunk holds at least this many times its job's fixed cost in contracts
 
 
@@ -81,6 +87,8 @@ class CostModel:
     def _unit(self, key: ClassKey, usual: bool = False) -> float:
         u = self.units.get(key)
         if u is None:
+            if key[1] == "reference" and key[0] in PRIOR_BARRIER_SECONDS:
+                return PRIOR_BARRIER_SECONDS[key[0]] * BARRIER_TIER_FACTOR.get(key[2], 1.0)
             return PRIOR_UNIT_SECONDS[key[2]]
         if usual:
             return math.exp(u.cpu)

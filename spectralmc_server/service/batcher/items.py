@@ -24,7 +24,7 @@ from spectralmc_server.engine_service.messages import (
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.pricing.book import Book, LazyContracts, book_of, processes
-from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.pricing.schemas import Contract, PriceRequest
 from spectralmc_server.service.batcher.costs import ClassKey
 from spectralmc_server.service.errors import (
     Unavailable,
@@ -101,38 +101,10 @@ def _classify_each(
     runs: list[tuple[int, ClassKey]] = []
     current: ClassKey | None = None
     for i, c in enumerate(request.contracts):
-        served = models.get(c.process)
-        if served is None:
-            method = "reference"
-        elif c.expiry_years is None or c.spot is None:
-            method = "cvnn"  # by reference: resolved later, assumed inside
+        if c.barrier is not None:
+            key = barrier_class(c.process, c.barrier.monitoring == "continuous", tier)
         else:
-            lo, hi = served.expiry_range
-            ranges = served.param_ranges
-            t = c.expiry_years
-            inside = lo <= t <= hi
-            if inside:
-                if len(ranges) == 1 and c.vol is not None:
-                    inside = ranges[0][1] <= c.vol <= ranges[0][2]
-                else:
-                    params = c.process_params()
-                    inside = all(low <= params.get(name, math.nan) <= high for name, low, high in ranges)
-            if inside and strike_measures:
-                kf = served.moneyness
-                carry = (c.rate or 0.0) - (c.dividend or 0.0)
-                fixings = c.fixings
-                if fixings is None:
-                    ratio = math.exp(carry * t)
-                else:  # the average's forward over n equally spaced fixings
-                    step = carry * t / fixings
-                    ratio = (
-                        1.0
-                        if abs(step) < 1e-12
-                        else math.exp(step) * math.expm1(carry * t) / (fixings * math.expm1(step))
-                    )
-                inside = kf[0] <= c.strike / (c.spot * ratio) <= kf[1]
-            method = "cvnn" if inside else "reference"
-        key = (c.process, method, tier)
+            key = (c.process, _method_of(c, models.get(c.process), strike_measures), tier)
         if key != current:
             if current is not None:
                 runs.append((i, current))
@@ -140,6 +112,42 @@ def _classify_each(
     assert current is not None  # a request has at least one contract
     runs.append((len(request.contracts), current))
     return runs
+
+
+def _method_of(c: Contract, served: ModelView | None, strike_measures: bool) -> str:
+    """The method a contract without a barrier is expected to get: cvnn inside its served
+    model's box (and certified strikes), else reference."""
+    if served is None:
+        return "reference"
+    if c.expiry_years is None or c.spot is None:
+        return "cvnn"  # by reference: resolved later, assumed inside
+    lo, hi = served.expiry_range
+    ranges = served.param_ranges
+    t = c.expiry_years
+    inside = lo <= t <= hi
+    if inside:
+        if len(ranges) == 1 and c.vol is not None:
+            inside = ranges[0][1] <= c.vol <= ranges[0][2]
+        else:
+            params = c.process_params()
+            inside = all(low <= params.get(name, math.nan) <= high for name, low, high in ranges)
+    if inside and strike_measures:
+        kf = served.moneyness
+        carry = (c.rate or 0.0) - (c.dividend or 0.0)
+        fixings = c.fixings
+        if fixings is None:
+            ratio = math.exp(carry * t)
+        else:  # the average's forward over n equally spaced fixings
+            step = carry * t / fixings
+            ratio = 1.0 if abs(step) < 1e-12 else math.exp(step) * math.expm1(carry * t) / (fixings * math.expm1(step))
+        inside = kf[0] <= c.strike / (c.spot * ratio) <= kf[1]
+    return "cvnn" if inside else "reference"
+
+
+def barrier_class(process: str, continuous: bool, tier: str) -> ClassKey:
+    """A barrier contract's cost class: the closed form (gbm, continuous monitoring) or
+    Monte Carlo, apart from the process's vanilla classes."""
+    return (f"{process}-barrier", "analytic" if process == "gbm" and continuous else "reference", tier)
 
 
 def classify(request: PriceRequest, models: Mapping[str, ModelView]) -> list[tuple[int, ClassKey]]:
@@ -164,6 +172,13 @@ def classify(request: PriceRequest, models: Mapping[str, ModelView]) -> list[tup
         base = len(keys)
         keys += [(name, "reference", tier), (name, "cvnn", tier)]
         codes[index] = base + cvnn.astype(np.intp)
+    if book.barrier is not None:  # barrier contracts: their own classes (closed form, Monte Carlo)
+        for i, (name, b) in enumerate(zip(book.process, book.barrier, strict=True)):
+            if b is not None:
+                key = barrier_class(name, b.monitoring == "continuous", tier)
+                if key not in keys:
+                    keys.append(key)
+                codes[i] = keys.index(key)
     ends = [*(np.flatnonzero(np.diff(codes)) + 1).tolist(), n]
     return [(end, keys[int(codes[end - 1])]) for end in ends]
 

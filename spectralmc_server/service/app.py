@@ -225,7 +225,8 @@ def _pricer(app: web.Application) -> Callable[[PriceRequest], Awaitable[dict[str
 
     async def price(request: PriceRequest) -> dict[str, Any]:
         deadline = asyncio.get_running_loop().time() + timeout
-        return await app[keys.BATCHER].price(request, deadline, lambda: True)
+        checked = routes.admitted(app, request)  # the same front door as /v1/price
+        return await app[keys.BATCHER].price(checked, deadline, lambda: True)
 
     return price
 

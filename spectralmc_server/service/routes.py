@@ -24,7 +24,7 @@ from spectralmc_server.pricing.arrow import ARROW_STREAM, BookFormatError, answe
 from spectralmc_server.pricing.columns import columns_of_body, request_from_columns, too_many
 from spectralmc_server.pricing.door import admit
 from spectralmc_server.pricing.errors import RequestRefusedError
-from spectralmc_server.pricing.schemas import MAX_CONTRACTS, format_validation_error
+from spectralmc_server.pricing.schemas import MAX_CONTRACTS, PriceRequest, format_validation_error
 from spectralmc_server.pricing.valuation import dumps
 from spectralmc_server.service import keys
 from spectralmc_server.service.body import BodyKind, read_body, read_price_body
@@ -143,6 +143,26 @@ def _price_body(kind: BodyKind, raw: bytes) -> tuple[BookForm, Any, dict[str, An
     return "rows", body, {}, {}
 
 
+def admitted(app: web.Application, body: Any) -> PriceRequest:
+    """``body`` (decoded rows, or a request) through the pricing front door
+    (pricing/door.py ``admit``) against the served models: the checked request, or 422
+    naming what is wrong (503 ``not_ready`` while no model is). The whole request is
+    checked here; the batcher may split it into jobs (and the engine checks each again).
+    REST, streams and jobs all come this way."""
+
+    def models() -> Mapping[str, ModelView]:
+        served = app[keys.MODELS].current
+        reason = served.not_ready()
+        if reason is not None:
+            raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
+        return served.snapshot()
+
+    try:
+        return admit(body, models)
+    except RequestRefusedError as exc:
+        raise Invalid(exc.message, details=exc.details) from None
+
+
 @routes.post("/v1/price")
 async def price(request: web.Request) -> web.Response:
     """Price contracts (explicit or by reference) through the batching queue. The book
@@ -153,19 +173,12 @@ async def price(request: web.Request) -> web.Response:
     timeout = _timeout(request)
     kind, raw = await read_price_body(request)
     form, body, head, columns = _price_body(kind, raw)
-
-    def models() -> Mapping[str, ModelView]:
-        served = app[keys.MODELS].current
-        reason = served.not_ready()
-        if reason is not None:
-            raise Unavailable(f"not ready: {reason}", 5, code="not_ready")
-        return served.snapshot()
-
-    try:  # the whole request: the batcher may split it into jobs (and checks each again)
-        # a columnar book is validated here; admit takes the PriceRequest as it is
-        req = admit(body if form == "rows" else request_from_columns(head, columns), models)
-    except RequestRefusedError as exc:
-        raise Invalid(exc.message, details=exc.details) from None
+    if form != "rows":  # a columnar book is validated here; admit takes the PriceRequest as it is
+        try:
+            body = request_from_columns(head, columns)
+        except RequestRefusedError as exc:
+            raise Invalid(exc.message, details=exc.details) from None
+    req = admitted(app, body)
     transport = request.transport
 
     def connected() -> bool:

@@ -469,10 +469,11 @@ async def test_a_refused_merged_request_is_retried_until_it_fits(make_client: Ma
     hub, queue = app[keys.STREAMS], app[keys.BATCHER]
     calls = record_requests(hub)
     blocked = block_worker(client, 3.0)
-    # two batches wait on the blocked worker, two more requests fill the queue
-    fillers = [queue.submit(queue_filler(k), timeout=30.0, connected=lambda: True) for k in range(2)]
-    await eventually(lambda: queue.depth[0] == 0, 10.0, "two batches taken")
-    fillers += [queue.submit(queue_filler(k), timeout=30.0, connected=lambda: True) for k in range(2, 4)]
+    # a batch waits on the blocked worker (a small one is not queued behind it but waits in
+    # the queue: PIPELINE_CONTRACTS), two more requests fill the queue
+    fillers = [queue.submit(queue_filler(0), timeout=30.0, connected=lambda: True)]
+    await eventually(lambda: queue.depth[0] == 0, 10.0, "the batch taken")
+    fillers += [queue.submit(queue_filler(k), timeout=30.0, connected=lambda: True) for k in range(1, 3)]
     assert queue.depth[0] == 2  # full: the next request is refused
 
     specs: list[Message] = [{"id": f"s{k}", "contracts": [explicit(f"c{k}", 80.0 + k)]} for k in range(20)]

@@ -5,7 +5,7 @@ Monte Carlo with its standard error.
   (engine/barrier_analytic.py), its Greeks by automatic differentiation of that formula
   (exact to rounding), the survival probability by the reflection principle.
 - GBM with n monitoring dates, and Heston: Monte Carlo (engine/barrier_mc.py; Heston
-  with the variance frozen over each of its 64 steps under continuous monitoring, a bias
+  with the variance frozen over each of its 128 steps under continuous monitoring, a bias
   bench/barrier_bias.py measures) in ``MC_GROUPS`` independent groups of paths. Each
   group prices the contract and, for the Greeks, the contract with one input bumped on
   the same normals (common random numbers; central differences); a measure's answer is

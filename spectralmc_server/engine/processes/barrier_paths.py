@@ -32,11 +32,12 @@ Greeks and the defective CF E[e^{iuX} w] the trainer learns are smooth targets.
   with rho != 0 the variance moves with the price inside the step (leverage), so given
   its ends the log-price is not a Brownian bridge of any fixed variance. Measured
   (bench/barrier_bias.py, against FdHestonBarrierEngine and on the same paths against 512
-  steps): ~10-35 bp of spot at 8 steps, ~2-4 bp at 64, ~2 bp at most at 128 (down-and-out
-  calls too high, up-and-out calls too low). "left" and "average" differ by 0.003 or less
-  from 32 steps on, and freezing the path's own integrated variance over the step (from a
-  512-step path) leaves the same bias: the choice of frozen variance is not what matters,
-  the step count is. "left" is kept: it needs no look-ahead.
+  steps, spot 100): 4 to 37 bp of spot at 8 steps, up to ~4 bp at 64, up to ~2 bp at 128
+  (down-and-out calls too high, up-and-out calls too low). "left" and "average" differ by
+  at most 0.004 at 32 steps and 0.001 at 64, and freezing the path's own integrated
+  variance over each step (read off a 512-step path) leaves the same bias: the choice of
+  frozen variance is not what matters, the step count is. "left" is kept: it needs no
+  look-ahead.
 
 Discrete monitoring at n dates t_k = k T / n, k = 1..n (expiry included, t = 0 not): the
 weight is 1 if d_{t_k} > 0 at every date, else 0. GBM is simulated exactly at the dates
@@ -50,8 +51,8 @@ variance step with switching level psi_c = 1.5, central log-price discretisation
 (gamma1 = gamma2 = 1/2) and the martingale-corrected K0* (Andersen 2008, "Simple and
 efficient simulation of the Heston stochastic volatility model", J. Comp. Finance 11(3)),
 with the same normals layout (normals 0..n-1 the variance's, n..2n-1 the price's, each
-through the Brownian bridge). On the same normals its terminal X is HestonProcess(n)'s
-to rounding (tests/engine/test_barrier_mc.py).
+through the Brownian bridge). On the same normals its terminal X is bit for bit that of
+HestonProcess(n)'s torch loop (tests/engine/test_barrier_mc.py).
 
 Normals ``z`` are (B, N, d), one set per row, or (N, d), shared by every row (broadcast);
 d is :func:`barrier_normals_per_path`.
@@ -78,7 +79,7 @@ BARRIER_STEPS = 128
 """Heston time steps over [0, T] for continuous monitoring (and the least number of steps
 for discrete monitoring). The frozen-variance bridge's bias falls about as 1 / steps;
 bench/barrier_bias.py measures it at ~2 bp of spot at most at 128 steps (~4 bp at 64,
-~15-35 bp at 8) on its cases, 0.3% of the option's price or less."""
+4 to 37 bp at 8) on its cases: about 0.3% of the option's price at most."""
 
 
 def check_monitoring(monitoring: Monitoring) -> None:

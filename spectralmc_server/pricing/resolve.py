@@ -58,7 +58,11 @@ def explicit_request(request: PriceRequest, record: SnapshotRecord, snapshot: Ma
         except MissingMarketDataError as exc:
             raise RequestError(f"contracts[{i}]", str(exc)) from None
         except ValidationError as exc:
-            reason = "; ".join(f"{d['field']}: {d['reason']}" for d in format_validation_error(exc))
+            # a lone Contract's errors are located from its root: "(body).spot" -> "spot"
+            reason = "; ".join(
+                f"{d['field'].removeprefix('(body)').lstrip('.') or 'contract'}: {d['reason']}"
+                for d in format_validation_error(exc)
+            )
             raise RequestError(
                 f"contracts[{i}]", f"the inputs resolved from {where} are out of range: {reason}"
             ) from None

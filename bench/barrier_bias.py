@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import QuantLib as ql  # noqa: N813 (the library's conventional alias)
 import torch
 
-from spectralmc_server.engine.barrier_mc import BarrierBatch, vanilla_price
+from spectralmc_server.engine.barrier_mc import BarrierBatch, BarrierType, vanilla_price
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.barrier_paths import BARRIER_STEPS, BridgeVariance, heston_barrier_paths
@@ -46,7 +46,7 @@ class Case:
     params: tuple[float, float, float, float, float]  # v0, kappa, theta, xi, rho
     strike: float
     level: float
-    kind: str  # "down-and-out" | "up-and-out"
+    kind: BarrierType  # "down-and-out" | "up-and-out"
     is_call: bool
     days: int
     rate: float
@@ -104,7 +104,7 @@ def batch_of(case: Case) -> BarrierBatch:
         rebate=one(0.0),
         is_call=torch.tensor([case.is_call]),
         theta=torch.tensor([case.params], dtype=F64),
-        barrier_type=(case.kind,),  # type: ignore[arg-type]
+        barrier_type=(case.kind,),
         monitoring=("continuous",),
     )
 

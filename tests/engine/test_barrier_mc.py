@@ -428,9 +428,13 @@ def test_in_out_parity_is_exact(control_variate: bool) -> None:
         contracts = []
         for mon in ("continuous", 10):
             for rebate in (0.0, 2.5):
-                for kind, level, is_call in (("down", 90.0, True), ("up", 112.0, False), ("up", 125.0, True)):
-                    for side in ("out", "in"):
-                        knd: BarrierType = f"{kind}-and-{side}"  # type: ignore[assignment]
+                pairs: tuple[tuple[BarrierType, BarrierType, float, bool], ...] = (
+                    ("down-and-out", "down-and-in", 90.0, True),
+                    ("up-and-out", "up-and-in", 112.0, False),
+                    ("up-and-out", "up-and-in", 125.0, True),
+                )
+                for knock_out, knock_in_type, level, is_call in pairs:
+                    for knd in (knock_out, knock_in_type):
                         contracts.append(
                             Contract(knd, is_call, 100.0, level, theta=theta, rebate=rebate, monitoring=mon)
                         )

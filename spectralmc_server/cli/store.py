@@ -1,15 +1,27 @@
 """``spectralmc store``: manage a model's versions in a store (list, inspect, certify,
-verify, pin, unpin, gc, tensorboard)."""
+verify, pin, unpin, pins, gc, tensorboard).
+
+``--config FILE`` reads the server settings as ``spectralmc serve --config FILE`` does
+(the file, then ``SPECTRALMC_`` variables over it): the ``[s3]`` table reaches S3 (its
+unset fields fall back to the ``AWS_*`` variables, as the server's do) and the settings'
+store is the default of ``--store``. Without ``--config`` only ``AWS_*`` is read.
+
+The read commands (:data:`READ_OPS`) refuse a store that does not exist, on one line
+with exit 2: a ``file://`` directory that is not there (it is not created) or an
+``s3://`` bucket that is not there. The write commands create a local store as before.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import os
 import sys
 import time
-from collections.abc import Callable
+import tomllib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +34,7 @@ from spectralmc_server.cli.common import (
     Parser,
     UsageError,
     certificate_settings,
-    store_session,
+    store_errors,
     validation_message,
 )
 
@@ -32,10 +44,19 @@ CERT_MIN_POINTS, CERT_MAX_POINTS = 4096, 1 << 16
 # an operation: (args, runner, version store) -> (the JSON result, the text for people)
 _Op = Callable[[argparse.Namespace, asyncio.Runner, Any], tuple[Any, str]]
 
+# the operations that only read the store: they refuse one that does not exist
+READ_OPS = frozenset({"list", "inspect", "verify", "pins", "tensorboard"})
+
 
 def add_parser(sub: Any) -> None:
     store = sub.add_parser("store", help="manage model versions in a store")
-    store.add_argument("--store", required=True, help="file:///path or s3://bucket/prefix")
+    store.add_argument("--store", help="file:///path or s3://bucket/prefix (default: the store of --config)")
+    store.add_argument(
+        "--config",
+        type=Path,
+        help="server settings TOML, as for `serve --config`: its [s3] table (endpoint, region, keys) "
+        "and its store (the default of --store)",
+    )
     store.add_argument("--model", required=True, help="model name")
     store.add_argument("--json", action="store_true", help="machine-readable output")
     ops = store.add_subparsers(dest="op", required=True, parser_class=Parser)
@@ -63,9 +84,12 @@ def add_parser(sub: Any) -> None:
     pin.add_argument(
         "--force", action="store_true", help="pin a version that fails its quality gate (the pin log records it)"
     )
-    pin.add_argument("--settings", type=Path, help="server settings TOML whose [certificate] table sets the gate")
+    pin.add_argument(
+        "--settings", type=Path, help="server settings TOML whose [certificate] table sets the gate (default: --config)"
+    )
     unpin = ops.add_parser("unpin", help="track the head again", parents=[json_flag])
     unpin.add_argument("--by", default=os.environ.get("USER", ""))
+    ops.add_parser("pins", help="the pin log, oldest first: who pinned or unpinned what, when", parents=[json_flag])
     gc = ops.add_parser("gc", help="delete the content of old versions (records stay)", parents=[json_flag])
     gc.add_argument("--keep", type=int, required=True, help="keep the last N versions")
     gc.add_argument("--protect", default="", help="comma-separated versions to keep too")
@@ -79,11 +103,19 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    args.server_settings = _config(args.config)  # None without --config
+    if args.store is None:
+        if args.server_settings is None:
+            raise UsageError("--store is required (or --config FILE, whose store is then used)")
+        args.store = args.server_settings.store_uri
+    s3 = None if args.server_settings is None else args.server_settings.s3.client_settings()
     # certify's --points are checked before the store is opened
     op: _Op = (
-        _OPS[args.op] if args.op != "certify" else functools.partial(_certify, points=_certify_points(args.points))
+        _OPS[args.op]
+        if args.op != "certify"
+        else functools.partial(_certify, points=_certify_points(args.points, args.server_settings))
     )
-    with store_session(args.store, args.model) as (runner, vs):
+    with _session(args.store, args.model, s3, must_exist=args.op in READ_OPS) as (runner, vs):
         result, text = op(args, runner, vs)
     sys.stdout.write((orjson.dumps(result).decode() if args.json or args.json_op else text) + "\n")
     if args.op == "verify" and not result["ok"]:
@@ -91,6 +123,76 @@ def run(args: argparse.Namespace) -> int:
     if args.op == "certify" and result["outcome"] == "differs":
         return EXIT_FAILURE
     return EXIT_OK
+
+
+# -- settings and the store -------------------------------------------------------------
+
+
+def _config(path: Path | None) -> Any:
+    """The server settings of ``--config`` (then ``SPECTRALMC_`` variables), as ``serve``
+    reads them; None without ``--config``."""
+    if path is None:
+        return None
+    from spectralmc_server.settings import Settings
+
+    if not path.is_file():
+        raise UsageError(f"--config: no such file {path}")
+    try:
+        return Settings.load(path)
+    except ValidationError as exc:
+        raise UsageError(validation_message(f"--config {path}: invalid settings", exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"--config {path}: not valid TOML: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def _session(uri: str, model: str, s3: Any, *, must_exist: bool) -> Iterator[tuple[asyncio.Runner, Any]]:
+    """An event loop and the VersionStore of ``model`` at ``uri`` (S3 reached with ``s3``,
+    an S3Settings, or the AWS_* variables when None), closed afterwards. ``must_exist``:
+    a store that does not exist is a UsageError, and a local one is not created."""
+    from spectralmc_server.store.records import NAME_RE
+    from spectralmc_server.store.uri import open_store, parse_store_uri
+    from spectralmc_server.store.versions import VersionStore
+
+    with store_errors(), asyncio.Runner() as runner:
+        scheme, location, _ = parse_store_uri(uri)
+        if not NAME_RE.match(model):  # the same check as VersionStore's, before the store is looked at
+            raise UsageError(f"invalid model name {model!r}: letters, digits, '_', '.', '-' (at most 64)")
+        if must_exist and scheme == "file":
+            path = Path(location)
+            if not path.exists():
+                raise UsageError(f"store {uri} does not exist")
+            if not path.is_dir():
+                raise UsageError(f"store {uri} is not a directory")
+        objects = runner.run(open_store(uri, s3))
+        try:
+            vs = VersionStore(objects, model)
+            if must_exist and scheme == "s3":
+                runner.run(_require_bucket(objects, uri, location))
+            yield runner, vs
+        finally:
+            runner.run(objects.close())
+
+
+async def _require_bucket(objects: Any, uri: str, bucket: str) -> None:
+    """UsageError when the bucket does not exist (other failures raise as they are)."""
+    from spectralmc_server.store.objects import StoreError
+
+    try:
+        await objects.list("models/", limit=1)
+    except StoreError as exc:
+        # S3's error code: on the error itself (store/s3.py's S3UnavailableError.code) or
+        # on the S3 client's error it was raised from
+        response: Any = getattr(exc.__cause__, "response", None)
+        codes = {
+            getattr(exc, "code", None),
+            response.get("Error", {}).get("Code") if isinstance(response, dict) else None,
+        }
+        if "NoSuchBucket" in codes:
+            raise UsageError(f"store {uri} does not exist: there is no bucket {bucket!r}") from None
+        raise
 
 
 # -- operations -------------------------------------------------------------------------
@@ -135,7 +237,13 @@ def _pin(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[Any
     # the server's rule: a version that fails its gate is pinned only with --force
     from spectralmc_server.engine.certificate import gate_failures
 
-    limits = certificate_settings(args.settings).limits(args.model)
+    # --settings, else --config, else SPECTRALMC_ variables and the defaults
+    certificate = (
+        certificate_settings(args.settings)
+        if args.settings is not None or args.server_settings is None
+        else args.server_settings.certificate
+    )
+    limits = certificate.limits(args.model)
     failures = gate_failures(runner.run(vs.certificate(args.version)), limits)
     if failures and not args.force:
         raise UsageError(
@@ -148,6 +256,22 @@ def _pin(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[Any
     if failures:
         text += f"; forced past its quality gate: {'; '.join(failures)}"
     return result, text
+
+
+def _pins(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[Any, str]:
+    rows: list[dict[str, Any]] = runner.run(vs.pin_history())
+    if not rows and runner.run(vs.head()) is None:
+        raise UsageError(f"model {vs.name!r} is not in store {args.store}: it has no versions and no pins")
+    text = "\n".join(map(_pin_line, rows)) or f"model {args.model!r} has never been pinned: servers track the head"
+    return rows, text
+
+
+def _pin_line(r: dict[str, Any]) -> str:
+    version = "-" if r["version"] is None else str(r["version"])
+    line = f"{r['seq']:>6}  {r['time']}  {r['action']:<5} {version:>6}  by {r['by'] or '(nobody said)'}"
+    if r["forced"]:
+        line += f"  FORCED past its quality gate: {'; '.join(map(str, r['gate'])) or '(no failures recorded)'}"
+    return line
 
 
 def _unpin(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[Any, str]:
@@ -188,6 +312,7 @@ _OPS: dict[str, _Op] = {
     "verify": _verify,
     "pin": _pin,
     "unpin": _unpin,
+    "pins": _pins,
     "gc": _gc,
     "tensorboard": _tensorboard,
 }
@@ -196,9 +321,12 @@ _OPS: dict[str, _Op] = {
 # -- certify ----------------------------------------------------------------------------
 
 
-def _certify_points(points: int | None) -> int:
-    """--points, else the settings' ``[certificate] points`` (SPECTRALMC_CERTIFICATE__POINTS)."""
+def _certify_points(points: int | None, settings: Any = None) -> int:
+    """--points, else the ``[certificate] points`` of ``settings`` (--config), else of the
+    environment (SPECTRALMC_CERTIFICATE__POINTS)."""
     if points is None:
+        if settings is not None:
+            return int(settings.certificate.points)
         from spectralmc_server.settings import Settings
 
         try:

@@ -1,6 +1,7 @@
-"""Admin routes: commit, versions, pin (rollback), unpin, verify, gc.
+"""Admin routes: commit, versions, pin (rollback), unpin, pins (the pin log), verify, gc.
 
-Every route needs ``Authorization: Bearer <admin_token>``, compared in constant time.
+Every route needs ``Authorization: Bearer <admin_token>`` (or, during a rotation,
+``admin_token_previous``), compared in constant time.
 With no token configured they answer 403: an admin API nobody configured is off.
 
 The quality gate (``[certificate.gate]``) holds here too: a commit certifies the
@@ -20,7 +21,7 @@ from aiohttp import web
 from spectralmc_server.engine.certificate import gate_failures
 from spectralmc_server.engine_service.messages import CommitRefused, EngineDeadError
 from spectralmc_server.service import keys
-from spectralmc_server.service.auth import ADMIN_REALM, require_token
+from spectralmc_server.service.auth import ADMIN_REALM, accepted_tokens, require_token
 from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import CommitBody, GCBody, PinBody, UnpinBody
@@ -44,10 +45,12 @@ def gate_conflict(message: str, failures: list[str], flag: str) -> Conflict:
 
 
 def authorize(request: web.Request) -> None:
-    token = request.app[keys.SETTINGS].admin_token
+    settings = request.app[keys.SETTINGS]
+    token = settings.admin_token
     if token is None:
         raise Forbidden("the admin API is off: no admin_token is configured (SPECTRALMC_ADMIN_TOKEN)")
-    require_token(request, token.get_secret_value(), realm=ADMIN_REALM, what="admin routes")
+    tokens = accepted_tokens(token, settings.admin_token_previous)
+    require_token(request, tokens, realm=ADMIN_REALM, what="admin routes")
 
 
 def model_store(request: web.Request) -> VersionStore:
@@ -138,6 +141,20 @@ async def unpin(request: web.Request) -> web.Response:
     entry = await store.unpin(body.by)
     serving = await refresh(request, store.name)
     return json_response({"pinned": None, "seq": entry.index, "serving": serving})
+
+
+@routes.get("/v1/admin/models/{name}/pins")
+async def pins(request: web.Request) -> web.Response:
+    """The pin log, oldest first: who pinned or unpinned what, when, and whether a pin
+    was forced past the quality gate (:meth:`VersionStore.pin_history`). ``pinned`` is
+    what its last entry tells servers to serve (null: the head)."""
+    store = model_store(request)
+    try:
+        entries = await store.pin_history()
+    except CorruptObjectError as exc:  # a damaged pin-log entry: run verify
+        raise Conflict(f"the pin log of {store.name!r} cannot be read: {exc}") from None
+    pinned = entries[-1]["version"] if entries else None
+    return json_response({"model": store.name, "pinned": pinned, "pins": entries})
 
 
 @routes.get("/v1/admin/models/{name}/verify")

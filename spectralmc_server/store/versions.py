@@ -381,6 +381,28 @@ class VersionStore:
     async def pin_log(self) -> list[Entry]:
         return await self.pins.all()
 
+    async def pin_history(self) -> list[dict[str, Any]]:
+        """The pin log as data, oldest first (``seq`` 1, 2, ...): per entry its ``seq``,
+        ``time`` (UTC, RFC 3339), ``by`` (who, as given; "" when nobody said), ``action``
+        ("pin" or "unpin"), ``version`` (None for an unpin), ``record_hash`` (the pinned
+        record's hash), ``forced`` (pinned past the version's quality gate) with the
+        ``gate`` failures recorded then, and ``hash`` (the entry's own hash, which the
+        next entry names as its parent). The last entry says what servers serve."""
+        return [
+            {
+                "seq": e.index,
+                "time": e.body.get("time"),
+                "by": e.body.get("by", ""),
+                "action": e.body.get("action"),
+                "version": e.body.get("version"),
+                "record_hash": e.body.get("record_hash"),
+                "forced": e.body.get("force") is True,
+                "gate": list(e.body.get("gate") or []),
+                "hash": e.hash,
+            }
+            for e in await self.pins.all()
+        ]
+
     # -- verification --------------------------------------------------------------------
     async def manifest(self, version: int) -> dict[str, Any] | None:
         """The parsed manifest of ``version`` (hash-checked), or None once collected."""

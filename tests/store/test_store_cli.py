@@ -219,6 +219,10 @@ def test_store_usage_errors(tmp_path: Path, config: Path) -> None:
         cli("store", "--store", "http://x", "--model", "m", "list")
     )
     assert "invalid model name" in usage_error(cli("store", "--store", uri, "--model", "../x", "list"))
+    missing = usage_error(cli("store", "--store", uri, "--model", "m", "inspect", "3"))
+    assert missing == f"error: store {uri} does not exist"
+    assert not (tmp_path / "s").exists()  # a read command creates nothing
+    (tmp_path / "s").mkdir()
     assert "no version 3" in usage_error(cli("store", "--store", uri, "--model", "m", "inspect", "3"))
     assert "--dry-run" in usage_error(cli("store", "--store", uri, "--model", "m", "gc", "--keep", "1"))
     assert "--protect" in usage_error(

@@ -27,7 +27,9 @@ def add_parser(sub: Any) -> None:
     price.add_argument("--model", help="model to use (bundled name, or the model's name in --store)")
     price.add_argument("--checkpoint", type=Path, help="price with this checkpoint directory instead")
     price.add_argument(
-        "--marketdata", help="store URI whose snapshots contracts by reference are priced from (often = --store)"
+        "--marketdata",
+        help="store URI (file:///absolute/path or s3://bucket/prefix) whose snapshots contracts by reference "
+        "(underlying, expiry) are priced from (often = --store)",
     )
     price.add_argument(
         "--settings",
@@ -37,7 +39,7 @@ def add_parser(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spectralmc_server.pricing.door import Entry, admit, value_batch
+    from spectralmc_server.pricing.door import Entry, admit, parse, value_batch
     from spectralmc_server.pricing.errors import RequestRefusedError
     from spectralmc_server.pricing.resolve import needs_market_data
     from spectralmc_server.pricing.schemas import one_line
@@ -48,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("give --store or --checkpoint, not both")
     models = _Models(args)
     try:
-        request = admit(
-            body if form == "rows" else _columns_request(head, columns),
-            lambda: {p: served.view for p, served in models().items()},
-        )
+        request = parse(body) if form == "rows" else _columns_request(head, columns)
+        if args.marketdata is None and needs_market_data(request):
+            raise UsageError(_needs_marketdata(request))
+        request = admit(request, lambda: {p: served.view for p, served in models().items()})
         market = None
         if args.marketdata is not None and needs_market_data(request):
             market = _snapshot_of(args.marketdata, request)
@@ -109,6 +111,23 @@ class _Models:
         return [
             load_served_model(read_dir(available[n], need_training=False), name=n, tolerance=tolerance) for n in names
         ]
+
+
+def _needs_marketdata(request: Any) -> str:
+    """The one-line hint for a request with contracts by reference and no --marketdata:
+    the first such contract, the option that resolves it, and val_datetime if unset."""
+    from spectralmc_server.pricing.book import cached_book
+
+    book = cached_book(request)
+    underlying = book.underlying if book is not None else [c.underlying for c in request.contracts]
+    by_ref = [i for i, u in enumerate(underlying or ()) if u is not None]
+    others = f" (and {len(by_ref) - 1} more)" if len(by_ref) > 1 else ""
+    when = "" if request.val_datetime is not None else "; the request also needs val_datetime to name the snapshot"
+    return (
+        f"contracts[{by_ref[0]}]{others} is by reference (underlying, expiry): pass --marketdata STORE_URI "
+        "(file:///absolute/path or s3://bucket/prefix, often the same as --store) to price it from that "
+        "store's market-data snapshot, or give spot, expiry_years, rate, dividend and vol instead" + when
+    )
 
 
 def _snapshot_of(uri: str, request: Any) -> tuple[Any, Any]:

@@ -61,7 +61,7 @@ class Tell:
 class Reply:
     corr: int
     value: Any = None
-    error: str | None = None  # the exception's kind: dead, job_failed, internal
+    error: str | None = None  # the exception's kind: dead, job_failed, store_unavailable, internal
     message: str = ""
 
 

@@ -51,7 +51,7 @@ from spectralmc_server.ipc.framing import FrameProtocol, connect, recv_frame, wr
 from spectralmc_server.ipc.unpickling import engine_side_allow
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.settings import Settings
-from spectralmc_server.store.objects import StoreError
+from spectralmc_server.store.objects import StoreError, StoreUnavailableError
 from spectralmc_server.store.uri import open_store
 
 log = logging.getLogger("spectralmc_server.engine")
@@ -230,6 +230,9 @@ class EngineServer:
             if core is not None:  # the failure first: health fails before the answer is out
                 self.send(core.status())
             self.send(Reply(call.corr, error="job_failed", message=str(exc)))
+            return
+        except StoreUnavailableError as exc:  # a commit the store refused: 503 over there, not a bug
+            self.send(Reply(call.corr, error="store_unavailable", message=str(exc)))
             return
         except Exception as exc:
             log.exception("engine: %s failed", call.op)

@@ -53,7 +53,7 @@ from spectralmc_server.ipc.framing import FrameProtocol, connect, send_frame, wr
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.metrics import Metrics
 from spectralmc_server.settings import Settings
-from spectralmc_server.store.objects import StoreError
+from spectralmc_server.store.objects import StoreError, StoreUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +244,8 @@ class ProcessEngine(EngineClient):
             future.set_exception(JobFailedError(msg.message))
         elif msg.error == "dead":
             future.set_exception(EngineDeadError(msg.message))
+        elif msg.error == "store_unavailable":  # the engine's store write failed (a commit)
+            future.set_exception(StoreUnavailableError(msg.message))
         else:
             future.set_exception(RuntimeError(f"the engine failed: {msg.message}"))
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from spectralmc_server.store.objects import StoreUnavailableError
+
 
 class APIError(Exception):
     """An answer other than success; ``status`` is the HTTP status."""
@@ -84,8 +86,11 @@ class Unavailable(APIError):
 def store_unavailable(exc: BaseException, *, retry_after: int = 1, message: str | None = None) -> Unavailable:
     """The 503 ``store_unavailable`` for a failed read of the object store (the client may
     retry; nothing is wrong with its request): ``message``, by default
-    ``market data unavailable: <type>: <error>``."""
-    text = message if message is not None else f"market data unavailable: {type(exc).__name__}: {exc}"
+    ``market data unavailable: <error>`` (``<type>: <error>`` for an error that is not a
+    StoreUnavailableError, whose message already names the cause, e.g. ``store refused
+    access (AccessDenied)`` or ``store throttled (SlowDown)``: store/s3.py)."""
+    cause = str(exc) if isinstance(exc, StoreUnavailableError) else f"{type(exc).__name__}: {exc}"
+    text = message if message is not None else f"market data unavailable: {cause}"
     return Unavailable(text, retry_after, code="store_unavailable")
 
 

@@ -6,6 +6,13 @@ SeaweedFS, and 404 on AWS for If-Match on a missing key: both raise
 :class:`PreconditionFailedError`. Throttling, 5xx answers and dropped connections are
 retried a bounded number of times with exponential backoff and jitter; anything else
 (access denied, no such bucket) fails at once with the server's reason.
+
+What the environment causes (credentials or permissions refused, a missing bucket,
+throttling or 5xx answers past the retries, an endpoint that cannot be reached) raises
+:class:`StoreUnavailableError` whose message names S3's error code or the connection
+error ("store refused access (AccessDenied)", "store throttled (SlowDown)", "store
+unreachable (EndpointConnectionError)"): the server answers it 503
+``store_unavailable`` on every route, never 500.
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import aioboto3
+import aiohttp
 from botocore.config import Config
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
     ConnectionClosedError,
     ConnectTimeoutError,
+    CredentialRetrievalError,
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
@@ -41,6 +50,19 @@ from spectralmc_server.store.objects import (
 )
 
 THROTTLING = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"}
+# the credentials or permissions refused (not retried: the keys must be fixed)
+REFUSED = {
+    "AccessDenied",
+    "AllAccessDisabled",
+    "AccountProblem",
+    "ExpiredToken",
+    "InvalidAccessKeyId",
+    "InvalidSecurity",
+    "InvalidToken",
+    "RequestTimeTooSkewed",
+    "SignatureDoesNotMatch",
+    "TokenRefreshRequired",
+}
 RETRYABLE = THROTTLING | {"RequestTimeout", "InternalError", "ServiceUnavailable", "ConditionalRequestConflict"}
 TRANSIENT_EXC = (EndpointConnectionError, ConnectionClosedError, ConnectTimeoutError, ReadTimeoutError, OSError)
 
@@ -131,9 +153,11 @@ class S3ObjectStore:
                     raise
                 last: BaseException = exc
             except NoCredentialsError:
-                raise StoreError(
+                raise StoreUnavailableError(
                     f"{self.description}: no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
                 ) from None
+            except CredentialRetrievalError as exc:
+                raise StoreUnavailableError(f"{self.description}: store credentials unavailable: {exc}") from exc
             except TRANSIENT_EXC as exc:
                 last = exc
             except BotoCoreError as exc:
@@ -142,7 +166,18 @@ class S3ObjectStore:
                 self.retries += 1
                 delay = min(s.max_delay_seconds, s.base_delay_seconds * 2**attempt)
                 await asyncio.sleep(random.uniform(0, delay))
-        raise StoreUnavailableError(f"{self.description}: {op} failed after {s.max_attempts} attempts: {last}")
+        raise self._gave_up(op, last)
+
+    def _gave_up(self, op: str, last: BaseException) -> StoreUnavailableError:
+        """The error once every attempt of ``op`` failed with a retryable ``last``: its
+        message names S3's error code (throttled, failing) or the connection error."""
+        tries = f"{op} failed after {self.settings.max_attempts} attempts"
+        if isinstance(last, ClientError):
+            code, status = _status(last)
+            what = "store throttled" if code in THROTTLING or status == 429 else "store failing"
+            return StoreUnavailableError(f"{self.description}: {what} ({code or status}): {tries}: {last}")
+        name = type(last).__name__
+        return StoreUnavailableError(f"{self.description}: store unreachable ({name}): {tries}: {last}")
 
     async def get(self, key: str) -> Blob | None:
         try:
@@ -154,6 +189,11 @@ class S3ObjectStore:
             if code in ("NoSuchKey", "404"):  # not NoSuchBucket: a wrong bucket is an error
                 return None
             raise self._error(exc) from exc
+        except (*TRANSIENT_EXC, BotoCoreError, aiohttp.ClientError) as exc:  # the body cut off midway
+            name = type(exc).__name__
+            raise StoreUnavailableError(
+                f"{self.description}: store unreachable ({name}): reading {key} failed: {exc}"
+            ) from exc
         return Blob(bytes(data), str(resp["ETag"]))
 
     async def put_if_absent(self, key: str, data: bytes) -> str:
@@ -197,6 +237,14 @@ class S3ObjectStore:
             raise self._error(exc) from exc
 
     def _error(self, exc: ClientError) -> StoreError:
+        """A ClientError that was not retried as a StoreError: StoreUnavailableError,
+        naming S3's error code, when the environment is the cause (credentials,
+        permissions, a missing bucket)."""
         code, status = _status(exc)
         message = exc.response.get("Error", {}).get("Message", "")
+        if code in REFUSED or status in (401, 403):
+            text = f"{self.description}: store refused access ({code or status}) on {exc.operation_name}: {message}"
+            return StoreUnavailableError(text.strip())
+        if code == "NoSuchBucket":
+            return StoreUnavailableError(f"{self.description}: store bucket missing (NoSuchBucket): {message}")
         return StoreError(f"{self.description}: {code or status} {message}".strip())

@@ -37,6 +37,7 @@ def _load(name: str) -> ModuleType:
         "accuracy_heston",
         "accuracy_merton",
         "accuracy_asian",
+        "accuracy_barrier",
         "gpu_probe",
         "calibration",
         "variance_reduction",

@@ -21,6 +21,7 @@ import pytest
 from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE
 
 SCRIPT = Path(sys.executable).parent / "spectralmc"
+REPO = Path(__file__).resolve().parent.parent
 TINY_TOML = """\
 [train]
 batch_points = 16
@@ -194,6 +195,22 @@ def test_resume(tmp_path: Path, trained: Trained) -> None:
     assert summary["content_hash"] != _json_line(first.stdout)["content_hash"]
     assert orjson.loads((b / "manifest.json").read_bytes())["state"]["step"] == 20
     assert orjson.loads((a / "manifest.json").read_bytes())["state"]["step"] == 10  # the source is left alone
+
+
+def test_train_a_barrier_law_to_a_directory_but_never_to_a_store(tmp_path: Path) -> None:
+    """gbm_barrier (a defective law) trains to --out without a certificate, and --store
+    is refused: barrier laws are neither certified nor served."""
+    out = tmp_path / "barrier"
+    config = REPO / "config" / "gbm_barrier.toml"
+    proc = _run("train", "--process", "gbm_barrier", "--steps", "5", "--config", config, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    summary = _json_line(proc.stdout)
+    assert summary["certified"] is False and summary["step"] == 5
+    assert "gbm_barrier: no certificate" in proc.stderr
+    assert orjson.loads((out / "manifest.json").read_bytes())["model"]["process"] == "gbm_barrier"
+    store = _run("train", "--process", "gbm_barrier", "--steps", "5", "--store", f"file://{tmp_path / 'store'}")
+    assert "barrier law" in _usage_error(store)
+    assert not (tmp_path / "store").exists()
 
 
 def test_version() -> None:

@@ -37,7 +37,9 @@ if TYPE_CHECKING:
 
 def add_parser(sub: Any) -> None:
     train = sub.add_parser("train", help="train a model online from Monte-Carlo batches")
-    train.add_argument("--process", required=True, help="process to learn (gbm, heston, merton, asian)")
+    train.add_argument(
+        "--process", required=True, help="process to learn: gbm, heston, merton, asian, or the barrier law gbm_barrier"
+    )
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (also the learning-rate horizon)")
     length.add_argument("--minutes", type=float, help="wall-clock budget, turned into a step count after timing")
@@ -82,6 +84,7 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     _check_options(args)
+    _check_barrier_law(args)
     cert_settings = certificate_settings(args.settings)
     policy = _policy(args)
     if args.out is not None:
@@ -113,6 +116,25 @@ def _check_options(args: argparse.Namespace) -> None:
             "--no-certify with --store: a version without a certificate fails the quality gate; "
             "add --allow-unqualified to commit it as unqualified"
         )
+
+
+def _check_barrier_law(args: argparse.Namespace) -> None:
+    """A barrier law (gbm_barrier) trains to --out with no certificate: the certificate and
+    the served path are built for vanilla laws only, so --store is refused."""
+    from spectralmc_server.engine.processes import MODEL_PROCESSES
+
+    process = MODEL_PROCESSES.get(args.process)
+    if process is None or not process.defective:
+        return
+    if args.store is not None:
+        raise UsageError(
+            f"--store: {args.process} is a barrier law, which is neither certified nor served yet; "
+            "train it with --out and measure it with bench/accuracy_barrier.py"
+        )
+    if not args.no_certify:
+        args.no_certify = True
+        if not args.quiet:
+            print(f"{args.process}: no certificate (barrier laws are not served yet)", file=sys.stderr)
 
 
 def _policy(args: argparse.Namespace) -> Any:

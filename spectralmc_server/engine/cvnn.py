@@ -193,6 +193,11 @@ class CVNN(nn.Module):
 class CFModel(nn.Module):
     """phi_Y(w_k | theta, T) for k = 0..K-1, with phi_Y(0) = 1 exactly.
 
+    For a defective process (a barrier's survival weight w, Process.defective) phi_Y(0) =
+    E[w] is learned too, and the output has one more column, K: the share mass E[e^X w]
+    (real, positive), which prices calls by parity on the surviving paths
+    (engine/barrier_learned.py).
+
     Inputs are mapped to [-1, 1] by the model's domain; the network's float32 output is
     combined with the baseline in float64, so the served CF is complex128.
     """
@@ -209,14 +214,21 @@ class CFModel(nn.Module):
         self.domain = domain
         self.spectrum = spectrum
         self.network_config = network
-        self.net = CVNN(domain.dims, spectrum.n_freq - 1, network)
+        # A defective law (a barrier's survival, Process.defective) learns phi(0) and one
+        # more output, the share mass E[e^X w]; otherwise phi(0) = 1 is not learned.
+        self.defective = process.defective
+        first = 0 if self.defective else 1
+        self.net = CVNN(domain.dims, spectrum.n_freq - first + int(self.defective), network)
         self.freqs: torch.Tensor
-        self.register_buffer("freqs", spectrum.frequencies()[1:], persistent=False)  # (K-1,) float64
+        self.register_buffer("freqs", spectrum.frequencies()[first:], persistent=False)  # float64
 
     def forward(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
         """theta (B, P), T (B,) float64 -> phi_Y complex128 (B, K)."""
         x = self.domain.network_input(theta, expiry).to(torch.float32)
-        out = self.net(x).to(torch.complex128)  # (B, K-1)
+        out = self.net(x).to(torch.complex128)  # (B, K-1), or (B, K+1) when defective
+        extra = None
+        if self.defective:
+            out, extra = out[:, :-1], out[:, -1:]
         freqs = self.freqs
         cfg = self.network_config
         if cfg.baseline == "gaussian":
@@ -225,11 +237,18 @@ class CFModel(nn.Module):
             phi = torch.exp(log_base + out) if cfg.head == "log_cf" else torch.exp(log_base) + out
         else:
             phi = torch.exp(out) if cfg.head == "log_cf" else out
+        if extra is not None:  # phi(0) is learned; the share mass (real) follows it, over
+            # the vanilla's 1 with a baseline
+            if cfg.head == "log_cf":
+                share = torch.exp(extra.real)
+            else:
+                share = extra.real + 1.0 if cfg.baseline == "gaussian" else extra.real
+            return torch.cat([phi, share.to(phi.dtype)], 1)
         one = torch.ones(phi.shape[0], 1, dtype=phi.dtype, device=phi.device)
         return torch.cat([one, phi], 1)
 
     def supports_tangents(self) -> bool:
-        return self.net.supports_tangents()
+        return not self.defective and self.net.supports_tangents()
 
     def forward_with_tangents(
         self, theta: torch.Tensor, expiry: torch.Tensor, d_theta: torch.Tensor, d_scale: torch.Tensor
@@ -237,6 +256,8 @@ class CFModel(nn.Module):
         """phi_Y (B, K) and its derivatives (Q, B, K) along Q directions ``d_theta``
         (Q, B, P) of the parameters (expiry fixed); ``d_scale`` (Q, B) is the scale's
         derivative along the same directions (the Gaussian baseline depends on it)."""
+        if self.defective:
+            raise NotImplementedError("a defective model's derivatives are taken by autograd")
         x = self.domain.network_input(theta, expiry).to(torch.float32)
         dunit = torch.stack(
             [r.unit_derivative(theta[:, i]) for i, r in enumerate(self.domain.ranges[:-1])], 1

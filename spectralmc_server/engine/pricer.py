@@ -55,6 +55,32 @@ CF_MAX_BLOCK = 4096  # rows per CF evaluation at most (a multiple of CF_CHUNK)
 """(theta (B, P), T (B,)) float64 -> phi_Y complex128 (B, K) on the spectrum's grid."""
 
 
+def invariant_cf(cf: CFFunction, theta: torch.Tensor, expiry: torch.Tensor, chunk: int = CF_CHUNK) -> torch.Tensor:
+    """``cf`` at U points, evaluated in blocks of at most ``CF_MAX_BLOCK`` rows whose row
+    count is always a multiple of ``chunk`` (the last block padded with copies of its
+    first row).
+
+    A float32 matrix product's rounding depends on the batch shape: BLAS takes other
+    kernels for a handful of rows than for many (measured: one or two rows round
+    differently from seven or more). With every block a multiple of 64 rows a point's
+    answer depends on nothing but the point, so the same request gives the same bytes
+    however the server batches it (tests/engine/test_pricer.py checks shapes from 1 to
+    3,000 rows). Differentiable (the pad rows are dropped).
+    """
+    n = theta.shape[0]
+    if n == 0:
+        return cf(theta, expiry)
+    parts = []
+    for i in range(0, n, CF_MAX_BLOCK):
+        th, t = theta[i : i + CF_MAX_BLOCK], expiry[i : i + CF_MAX_BLOCK]
+        short = (-th.shape[0]) % chunk
+        if short:
+            th = torch.cat([th, th[:1].expand(short, -1)])  # (m, P), m a multiple of chunk
+            t = torch.cat([t, t[:1].expand(short)])  # (m,)
+        parts.append(cf(th, t)[: th.shape[0] - short])
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 @dataclass(frozen=True)
 class OptionBatch:
     """European options with explicit market inputs; every field (n,) float64 but
@@ -172,29 +198,8 @@ class SpectralPricer:
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
     def cf(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
-        """The CF at U points, evaluated in blocks of at most ``CF_MAX_BLOCK`` rows whose
-        row count is always a multiple of ``cf_chunk`` (the last block padded with copies
-        of its first row).
-
-        A float32 matrix product's rounding depends on the batch shape: BLAS takes other
-        kernels for a handful of rows than for many (measured: one or two rows round
-        differently from seven or more). With every block a multiple of 64 rows a point's
-        answer depends on nothing but the point, so the same request gives the same
-        bytes however the server batches it (tests/engine/test_pricer.py checks shapes
-        from 1 to 3,000 rows).
-        """
-        n, c = theta.shape[0], self.cf_chunk
-        if n == 0:
-            return self.raw_cf(theta, expiry)
-        parts = []
-        for i in range(0, n, CF_MAX_BLOCK):
-            th, t = theta[i : i + CF_MAX_BLOCK], expiry[i : i + CF_MAX_BLOCK]
-            short = (-th.shape[0]) % c
-            if short:
-                th = torch.cat([th, th[:1].expand(short, -1)])  # (m, P), m a multiple of c
-                t = torch.cat([t, t[:1].expand(short)])  # (m,)
-            parts.append(self.raw_cf(th, t)[: th.shape[0] - short])
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+        """The CF at U points, batch-invariant (:func:`invariant_cf`)."""
+        return invariant_cf(self.raw_cf, theta, expiry, self.cf_chunk)
 
     def _coef_with_tangents(
         self, theta: torch.Tensor, expiry: torch.Tensor, directions: frozenset[int], want_expiry: bool

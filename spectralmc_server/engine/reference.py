@@ -111,7 +111,19 @@ def simulated_cf_y(
 ) -> torch.Tensor:
     """FFT estimates of phi_Y (B, K) from the paths that normals z (B, N, d) drive; with
     ``control_variate`` corrected by the process's Gaussian companion with the given
-    coefficient (spectrum.control_variate_cf)."""
+    coefficient (spectrum.control_variate_cf).
+
+    A defective process (Process.defective) gives (B, K + 1): the weighted estimate of
+    E[exp(i w_k Y) w] and, in column K, the share mass E[e^X w] (the mean of the weights
+    under the share measure, Process.share_weights), the two things its CFModel learns."""
+    if process.defective:
+        if control_variate:
+            raise ValueError(f"process {process.name!r} is defective: it has no control variate")
+        x_d, weight = process.simulate_weighted(theta, expiry, z)
+        s_d = process.scale(theta, expiry).to(x_d.dtype)[:, None]
+        phi = estimate_cf(x_d / s_d, spectrum, weights=weight)
+        share = process.share_weights(theta, expiry, z).mean(1, keepdim=True).to(phi.dtype)
+        return torch.cat([phi, share], 1)
     if control_variate:
         x, companion = process.simulate_with_companion(theta, expiry, z)  # (B, N), one pass where fused
     else:

@@ -66,6 +66,21 @@ class ServedModel:
         )
 
 
+def load_cf_model(ckpt: Checkpoint) -> CFModel:
+    """The checkpoint's served (EMA) network, frozen, in eval mode, on the CPU."""
+    desc = ckpt.manifest["model"]
+    model = CFModel(
+        get_process(desc["process"]),
+        ModelDomain.model_validate(desc["domain"]),
+        SpectrumConfig.model_validate(desc["spectrum"]),
+        NetworkConfig.model_validate(desc["network"]),
+    )
+    model.load_state_dict(ckpt.model)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
 def load_served_model(
     ckpt: Checkpoint,
     *,
@@ -81,15 +96,8 @@ def load_served_model(
     """Build the served (EMA) network of a checkpoint and wrap it in a pricer that
     bounds every learned answer by the checkpoint's certificate (none: no learned
     answer is served; see :class:`ModelPricer`)."""
-    desc = ckpt.manifest["model"]
-    process = get_process(desc["process"])
-    domain = ModelDomain.model_validate(desc["domain"])
-    spectrum = SpectrumConfig.model_validate(desc["spectrum"])
-    network = NetworkConfig.model_validate(desc["network"])
-    model = CFModel(process, domain, spectrum, network)
-    model.load_state_dict(ckpt.model)
-    model.requires_grad_(False)
-    model.eval()
+    model = load_cf_model(ckpt)
+    process, domain, spectrum = model.process, model.domain, model.spectrum
     if device is not None:
         model = model.to(device)
     label = name or process.name

@@ -51,12 +51,21 @@ def binning_kernel(w: torch.Tensor, delta: float) -> torch.Tensor:
     return torch.where(x == 0, torch.ones_like(x), (torch.sin(x) / x) ** 2)
 
 
-def estimate_cf(y: torch.Tensor, spectrum: SpectrumConfig, *, correct_binning: bool = True) -> torch.Tensor:
+def estimate_cf(
+    y: torch.Tensor,
+    spectrum: SpectrumConfig,
+    *,
+    correct_binning: bool = True,
+    weights: torch.Tensor | None = None,
+) -> torch.Tensor:
     """FFT estimate of E[exp(i w_k Y 1{|Y| <= L})]-style CF from samples.
 
     y: (B, N) samples of Y, one row per parameter point. Returns complex (B, K).
     Samples outside [-L, L] are dropped (truncation): the estimate then targets
-    E[exp(i w_k Y); |Y| <= L], whose value at w = 0 is the kept mass.
+    E[exp(i w_k Y); |Y| <= L], whose value at w = 0 is the kept mass. With ``weights``
+    (B, N), each sample counts by its weight: the estimate of the defective CF
+    E[exp(i w_k Y) W; |Y| <= L] (a barrier's survival weight W, engine/processes/
+    gbm_barrier.py), whose value at w = 0 is E[W; |Y| <= L].
     """
     if y.dim() != 2:
         raise ValueError(f"expected samples of shape (points, paths), got {tuple(y.shape)}")
@@ -69,6 +78,11 @@ def estimate_cf(y: torch.Tensor, spectrum: SpectrumConfig, *, correct_binning: b
     j = torch.floor(pos).clamp_(0, m - 1)
     t = (pos - j).masked_fill_(~inside, 0.0)  # weight on j + 1
     w_lo = (1.0 - t).masked_fill_(~inside, 0.0)  # weight on j
+    if weights is not None:
+        if weights.shape != y.shape:
+            raise ValueError(f"weights must have the samples' shape {tuple(y.shape)}, got {tuple(weights.shape)}")
+        t = t * weights
+        w_lo = w_lo * weights
     row = torch.arange(b, device=y.device)[:, None] * (m + 1)  # (B, 1) row offsets
     idx = (j.long() + row).reshape(-1)
     bins = torch.zeros(b * (m + 1), dtype=y.dtype, device=y.device)

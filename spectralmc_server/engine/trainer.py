@@ -22,6 +22,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from spectralmc_server.engine.barrier_learned import defective_puts
 from spectralmc_server.engine.checkpoint import Checkpoint, library_versions
 from spectralmc_server.engine.cos import CosExpansion
 from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
@@ -78,6 +79,10 @@ class TrainConfig(BaseModel):
     # mc: FFT estimates from simulated paths (the method). exact: the analytic CF as the
     # target, a noise-free diagnostic that separates MC noise from fitting limits.
     targets: Literal["mc", "exact"] = "mc"
+    # A defective law's (a barrier's, Process.defective) loss weight on its two masses,
+    # phi(0) = P(survived) and the share mass E[e^X w], over each frequency's weight of 1:
+    # a price takes each mass with weight about 1, frequency k with about 1 / w_k^2.
+    mass_weight: float = Field(1.0, gt=0)
     lr: float = Field(2e-3, gt=0)  # peak Adam learning rate
     lr_final_ratio: float = Field(0.02, gt=0, le=1)  # lr at the end of the cosine, over peak
     warmup_steps: int = Field(200, ge=0)
@@ -259,8 +264,14 @@ class Trainer:
         lr = cfg.lr_at(self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        pred = self.model(theta, expiry)  # (B, K) complex128
-        loss = (pred[:, 1:] - target[:, 1:]).abs().square().mean()
+        pred = self.model(theta, expiry)  # (B, K) complex128; (B, K + 1) for a defective law
+        if self.process.defective:  # phi(0) and the share mass (last) are learned, weighted
+            sq = (pred - target).abs().square()
+            weight = torch.ones(sq.shape[1], dtype=sq.dtype, device=sq.device)
+            weight[0] = weight[-1] = cfg.mass_weight
+            loss = (sq * weight).sum(1).mean() / weight.sum()
+        else:  # phi(0) = 1 is not learned
+            loss = (pred[:, 1:] - target[:, 1:]).abs().square().mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
@@ -410,7 +421,10 @@ class _ValidationSet:
     def evaluate(self, model: CFModel) -> Validation:
         t = self.trainer
         phi = model(self.theta, self.expiry)
-        put = CosExpansion(phi, t.config.spectrum).put_terms(self.s, self.log_kappa)["put"]
+        if model.defective:
+            put = defective_puts(phi, model, self.s, self.log_kappa)["put"]
+        else:
+            put = CosExpansion(phi, t.config.spectrum).put_terms(self.s, self.log_kappa)["put"]
         err = ((put - self.true_put).abs() * 1e4).flatten()  # bp of spot with S = F
         q = torch.quantile(err, torch.tensor([0.5, 0.95], dtype=torch.float64, device=err.device))
         return Validation(

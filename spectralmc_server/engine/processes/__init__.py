@@ -10,6 +10,7 @@ from spectralmc_server.engine.processes.base import (
     Process,
 )
 from spectralmc_server.engine.processes.gbm import GBMProcess
+from spectralmc_server.engine.processes.gbm_barrier import GBMBarrierProcess
 from spectralmc_server.engine.processes.heston import HestonProcess
 from spectralmc_server.engine.processes.merton import MertonProcess
 
@@ -19,21 +20,26 @@ PROCESSES: dict[str, Process] = {
     "merton": MertonProcess(),
     "asian": AsianProcess(),
 }
+# The laws a model can be trained on: the contracts' processes, and the defective laws
+# of barrier contracts (a contract names its process and a barrier, never these).
+MODEL_PROCESSES: dict[str, Process] = {**PROCESSES, "gbm_barrier": GBMBarrierProcess()}
 
 
 def get_process(name: str) -> Process:
-    """The process called ``name``; a clear error listing the known ones otherwise."""
+    """The process (or barrier law) called ``name``; a clear error listing the known ones otherwise."""
     try:
-        return PROCESSES[name]
+        return MODEL_PROCESSES[name]
     except KeyError:
-        known = ", ".join(sorted(PROCESSES))
+        known = ", ".join(sorted(MODEL_PROCESSES))
         raise ValueError(f"unknown process {name!r}: known processes are {known}") from None
 
 
 __all__ = [
     "EXPIRY",
+    "MODEL_PROCESSES",
     "PROCESSES",
     "AsianProcess",
+    "GBMBarrierProcess",
     "GBMProcess",
     "HestonProcess",
     "MertonProcess",

@@ -138,6 +138,11 @@ class Process(ABC):
     has_analytic_cf: bool = False  # True where analytic_cf_x returns a closed form
     has_companion: bool = False  # True where companion_x returns a control variate
     averages: bool = False  # True where the payoff is on an average over the contract's fixings
+    # True where the law learned is defective: E[exp(i u X) w] for a path weight w in
+    # [0, 1] (a barrier's survival), whose mass phi(0) = E[w] is below 1. Such a process
+    # provides simulate_weighted and share_weights, and its model learns phi(0) and the
+    # share mass E[e^X w] as well (engine/cvnn.py CFModel).
+    defective: bool = False
     # Every parameter's closed bounds: what the reference pricer is checked to handle
     # (tests/engine/test_bounds_sweep.py); a contract outside them is refused (422).
     param_bounds: ClassVar[Mapping[str, tuple[float, float]]] = {}
@@ -190,6 +195,17 @@ class Process(ABC):
     @abstractmethod
     def simulate_x(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """theta (B, P), T (B,), normals z (B, N, normals_per_path) -> X (B, N)."""
+
+    def simulate_weighted(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """X (B, N) and each path's weight (B, N) in [0, 1], for a :attr:`defective` process."""
+        raise NotImplementedError(f"process {self.name!r} is not defective: it has no path weights")
+
+    def share_weights(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """A :attr:`defective` process's path weights (B, N) under the share measure
+        (the stock as numeraire), from the same normals: their mean is E[e^X w]."""
+        raise NotImplementedError(f"process {self.name!r} is not defective: it has no path weights")
 
     def canonical_params(self, theta: torch.Tensor) -> torch.Tensor:
         """Sampled parameter points as the process uses them (say, integers rounded)."""

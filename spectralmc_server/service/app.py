@@ -30,7 +30,7 @@ from spectralmc_server.engine_service.metrics import ModelState, TrainingState
 from spectralmc_server.engine_service.views import ModelDirectory
 from spectralmc_server.marketdata.store import SnapshotStore, iso
 from spectralmc_server.pricing.schemas import PriceRequest
-from spectralmc_server.service import admin, calibrate_routes, edge, keys, routes, snapshot_routes
+from spectralmc_server.service import admin, calibrate_routes, edge, keys, pages, routes, snapshot_routes
 from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.calibrate_routes import calibrate_action
 from spectralmc_server.service.engine import EngineClient, LocalEngine
@@ -49,7 +49,7 @@ from spectralmc_server.service.jobs import Schedule, derive_action, price_action
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.memory import bounded_send, memory_ctx
 from spectralmc_server.service.metrics import Metrics, StateSource
-from spectralmc_server.service.openapi import build_openapi, docs_page
+from spectralmc_server.service.openapi import build_openapi
 from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.settings import PriceJob, Settings
 from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailableError
@@ -332,11 +332,6 @@ def _state_source(app: web.Application) -> StateSource:
     )
 
 
-async def docs(request: web.Request) -> web.Response:
-    """Human-readable API description."""
-    return web.Response(text=docs_page(orjson.loads(request.app[keys.OPENAPI])), content_type="text/html")
-
-
 def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
     """The application for ``settings`` (resources start when it is run)."""
     app = web.Application(
@@ -355,7 +350,7 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.add_routes(admin.routes)
     app.add_routes(snapshot_routes.routes)
     app.add_routes(calibrate_routes.routes)
-    app.router.add_get("/docs", docs)
+    app.add_routes(pages.routes)  # / and /docs (service/pages.py)
     app.cleanup_ctx.extend([store_ctx, marketdata_ctx, engine_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
     app.cleanup_ctx.append(memory_ctx)  # send tracking and the reclaimer (memory.py)
     app.on_shutdown.append(on_shutdown)

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import html
 from typing import Any
 
-import orjson
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -267,6 +265,7 @@ def build_openapi() -> dict[str, Any]:
     schemas = defs.get("$defs", {})
     schemas.update(columnar_schemas(schemas))
     plain = {"200": _json(ANY_OBJECT, "OK")}
+    html_page = {"200": {"description": "HTML", "content": {"text/html": {"schema": TEXT}}}}
     paths: dict[str, Any] = {
         "/v1/price": {
             "post": {
@@ -334,10 +333,19 @@ def build_openapi() -> dict[str, Any]:
             }
         },
         "/v1/openapi.json": {"get": {"summary": "This description", "tags": ["ops"], "responses": plain}},
+        "/": {"get": {"summary": "Start page: links to /ui, /docs, /metrics", "tags": ["ops"], "responses": html_page}},
+        "/docs": {
+            "get": {
+                "summary": "Every route with a request and its answer, the WebSocket protocol",
+                "tags": ["ops"],
+                "responses": html_page,
+            }
+        },
         "/v1/admin/models/{name}/commit": _admin("Commit the trainer's state", "post", CommitBody, 201, optional=True),
         "/v1/admin/models/{name}/versions": _admin("Version history", "get", None),
         "/v1/admin/models/{name}/pin": _admin("Serve version n (rollback)", "post", PinBody),
         "/v1/admin/models/{name}/unpin": _admin("Track the head again", "post", UnpinBody, optional=True),
+        "/v1/admin/models/{name}/pins": _admin("The pin log, oldest first", "get", None),
         "/v1/admin/models/{name}/verify": _admin("Verify the hash chain", "get", None),
         "/v1/admin/models/{name}/gc": _admin("Collect old versions' content", "post", GCBody),
     }
@@ -356,32 +364,3 @@ def build_openapi() -> dict[str, Any]:
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
         },
     }
-
-
-def docs_page(spec: dict[str, Any]) -> str:
-    """A self-contained HTML page listing every route and schema (no external assets)."""
-    rows = []
-    for path, ops in spec["paths"].items():
-        for method, op in ops.items():
-            codes = ", ".join(sorted(op.get("responses", {})))
-            rows.append(
-                f"<tr><td><code>{method.upper()}</code></td><td><code>{html.escape(path)}</code></td>"
-                f"<td>{html.escape(op.get('summary', ''))}</td><td>{codes}</td></tr>"
-            )
-    schemas = "".join(
-        f"<h3 id='{html.escape(name)}'>{html.escape(name)}</h3><pre>"
-        f"{html.escape(orjson.dumps(s, option=orjson.OPT_INDENT_2).decode())}</pre>"
-        for name, s in spec["components"]["schemas"].items()
-    )
-    return (
-        "<!doctype html><html><head><meta charset='utf-8'><title>SpectralMC API</title>"
-        "<style>body{font-family:sans-serif;max-width:70em;margin:2em auto}td,th{padding:.2em .8em;"
-        "text-align:left}pre{background:#f4f4f4;padding:.5em;overflow:auto}</style></head><body>"
-        f"<h1>SpectralMC server API {html.escape(spec['info']['version'])}</h1>"
-        "<p>Machine-readable: <a href='/v1/openapi.json'>/v1/openapi.json</a> (OpenAPI 3.1).</p>"
-        "<table><tr><th>method</th><th>path</th><th>what</th><th>statuses</th></tr>"
-        + "".join(rows)
-        + "</table><h2>Schemas</h2>"
-        + schemas
-        + "</body></html>"
-    )

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from accuracy_models import HELD_OUT_SEED, STRIKES, plot, quantiles
 from common import ROOT, output_args, plot_file, record, table, timeit
 
-from spectralmc_server.engine.checkpoint import read_dir
+from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
 from spectralmc_server.engine.normals import sobol_engine
 from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.processes.asian import asian_put_mc, average_forward_ratio
@@ -250,13 +250,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(ql_errors)
 
-    history = ckpt.manifest["metrics"].get("history", [])
+    history = timed_history(ckpt.manifest)  # validations with their wall-clock seconds
     state = ckpt.manifest["state"]
     plot_path = plot_file(args, "accuracy_asian.png")
     plot(plot_path, "asian", err, batch.expiry, history)
     print(f"plot: {plot_path}")
     if args.record:
-        train_cmd = ckpt.manifest.get("metrics", {}).get("command", "(not recorded)")
+        run = run_facts(ckpt.manifest)  # command and seconds: in "run", or where older manifests kept them
+        train_cmd = run["command"] or "(not recorded)"
         domain = ", ".join(
             f"{r.name} in [{r.low:g}, {r.high:g}]{' (log)' if r.scale == 'log' else ''}" for r in served.domain.ranges
         )
@@ -264,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
 
 Model `{model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir}`,
 content hash `{ckpt.content_hash}`, trained with `{train_cmd}`:
-{state["step"]} steps, {state["paths_simulated"]:.3g} paths, {state["elapsed_seconds"] / 60:.1f} min of training
+{state["step"]} steps, {state["paths_simulated"]:.3g} paths, {run["elapsed_seconds"] / 60:.1f} min of training
 (2 torch threads). Domain: {domain}.
 Held-out: {args.points} Sobol points x 13 strikes K/F_A in [0.7, 1.3] x put/call = {n_opt} options,
 S = 100, q = 1%, r = carry + q. Truth: control-variate MC with {args.paths:,} antithetic paths per

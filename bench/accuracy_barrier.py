@@ -35,7 +35,7 @@ from common import output_args, plot_file, publish, table
 from spectralmc_server.engine.barrier_analytic import barrier_price
 from spectralmc_server.engine.barrier_learned import learned_barrier_prices
 from spectralmc_server.engine.barrier_mc import BARRIER_TYPES, BarrierBatch, BarrierType
-from spectralmc_server.engine.checkpoint import read_dir
+from spectralmc_server.engine.checkpoint import read_dir, run_facts
 from spectralmc_server.engine.normals import sobol_engine
 from spectralmc_server.engine.processes.barrier_paths import Monitoring
 from spectralmc_server.engine.reference import black_scholes
@@ -197,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         save_figure(fig, path)
 
     args.plot = plot_file(args, "accuracy_barrier.png")
-    trained_by = ckpt.manifest["metrics"].get("command", "spectralmc train --process gbm_barrier")
+    run = run_facts(ckpt.manifest)  # command and seconds: in "run", or where older manifests kept them
+    trained_by = run["command"] or "spectralmc train --process gbm_barrier"
     body = (
         "### Learned GBM barrier model (`bench/accuracy_barrier.py`)\n\n"
         "The `gbm_barrier` law (not served: the closed form it is measured against is exact and "
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         "or [1.05, 1.6] (up), all four types, calls and puts, continuous monitoring. Errors in bp "
         "of spot; knock-ins by in-out parity against Black-Scholes.\n\n"
         f"Model: `{ckpt.content_hash}`, {state['step']} steps, "
-        f"{state['paths_simulated']:.2e} paths, {state['elapsed_seconds'] / 60:.1f} min of training "
+        f"{state['paths_simulated']:.2e} paths, {run['elapsed_seconds'] / 60:.1f} min of training "
         f"(`{trained_by}`).\n\n"
         f"{text}\n\n{speed}\n\n{verdict} {note}"
     )

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, output_args, plot_file, record, save_figure, table
 
-from spectralmc_server.engine.checkpoint import read_dir
+from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
 from spectralmc_server.engine.pricer import OptionBatch, SpectralPricer
 from spectralmc_server.engine.processes import GBMProcess
@@ -196,19 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     worst_table = table(["vol", "T", "s = vol sqrt(T)", "max bp over strikes"], worst_rows)
     print(worst_table)
 
-    history = ckpt.manifest["metrics"].get("history", [])
+    history = timed_history(ckpt.manifest)  # validations with their wall-clock seconds
     state = ckpt.manifest["state"]
     plot_path = plot_file(args, "accuracy_gbm.png")
     plot(plot_path, vol, t, per_point, history, {n: quantiles(errors[f"mc_{n:.0e}"])[1] for n in mc_paths}, args)
     print(f"plot: {plot_path}")
 
     if args.record:
-        train_cmd = ckpt.manifest.get("metrics", {}).get("command", "(not recorded)")
+        run = run_facts(ckpt.manifest)  # command and seconds: in "run", or where older manifests kept them
+        train_cmd = run["command"] or "(not recorded)"
         body = f"""### GBM accuracy (bundled model)
 
 Model `{model_dir.relative_to(ROOT) if model_dir.is_relative_to(ROOT) else model_dir}`,
 content hash `{ckpt.content_hash}`, trained with `{train_cmd}`:
-{state["step"]} steps, {state["paths_simulated"]:.3g} paths, {state["elapsed_seconds"] / 60:.1f} min of training.
+{state["step"]} steps, {state["paths_simulated"]:.3g} paths, {run["elapsed_seconds"] / 60:.1f} min of training.
 Held-out grid: {args.vols} vols (linear 0.05..1.0) x {args.expiries} expiries (linear 0.02..3.0) =
 {n_points} points, x 13 strikes K/F in [0.7, 1.3] x put/call = {n_opt} options, S = 100, r = q = 0.
 Error = |price - Black-Scholes| in basis points of spot. Model inference for all {n_opt} options

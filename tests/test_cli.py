@@ -138,9 +138,13 @@ def test_train_writes_a_checkpoint(trained: Trained) -> None:
     assert summary["paths_simulated"] == 20 * 16 * 64
     assert summary["out"] == str(trained.dir)
     manifest_bytes = (trained.dir / "manifest.json").read_bytes()
-    assert summary["content_hash"] == "sha256:" + hashlib.sha256(manifest_bytes).hexdigest()
-    assert cert["model_hash"] == summary["content_hash"]
     manifest = orjson.loads(manifest_bytes)
+    # the content hash leaves out the run facts (command line, times: engine/checkpoint.py)
+    identity = {k: v for k, v in manifest.items() if k != "run"}
+    assert manifest["run"]["command"].startswith("spectralmc train --process gbm --steps 20")
+    identity_bytes = orjson.dumps(identity, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
+    assert summary["content_hash"] == "sha256:" + hashlib.sha256(identity_bytes).hexdigest()
+    assert cert["model_hash"] == summary["content_hash"]
     assert manifest["state"]["step"] == 20
     assert manifest["training"]["batch_points"] == 16
     assert manifest["training"]["network"]["width"] == 8

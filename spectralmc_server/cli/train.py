@@ -208,7 +208,7 @@ class _Run:
             print(f"quality gate: step {step} {result.describe()}: {verdict}", file=sys.stderr)
 
         runner, vs = self.session
-        ckpt = t.checkpoint({"command": self.args.cmdline})
+        ckpt = t.checkpoint(run={"command": self.args.cmdline})
         with store_errors():
             outcome = runner.run(
                 commit_certified(vs, ckpt, message, certify=certify, allow_unqualified=allow, on_failure=report)
@@ -227,7 +227,7 @@ class _Run:
 
         args = self.args
         if args.out is not None and args.checkpoint_every and t.step % args.checkpoint_every == 0:
-            write_dir(t.checkpoint({"command": args.cmdline}), args.out)
+            write_dir(t.checkpoint(run={"command": args.cmdline}), args.out)
         if self.session is not None and self.policy.due(t.step, t.history[-1].p95_bp if t.history else None):
             self.commit(t)
 
@@ -271,7 +271,7 @@ class _Run:
         from spectralmc_server.engine.checkpoint import write_dir
 
         args = self.args
-        final = trainer.checkpoint({"command": args.cmdline})
+        final = trainer.checkpoint(run={"command": args.cmdline})
         result = self.gates.get(final.content_hash)
         if result is None and not args.no_certify and not self.stop_requested:
             result = self.gate(final, trainer.step)

@@ -3,17 +3,22 @@
 Layout::
 
     manifest.json          format, model description (process, domain, spectrum,
-                           network), training config and state, metrics, and the
-                           SHA-256 of each tensor file
+                           network), training config and state, metrics, the
+                           SHA-256 of each tensor file, and the run facts (``run``)
     model.safetensors      the EMA weights: what is served
     training.safetensors   raw weights and optimiser state: what resuming needs
     certificate.json       optional: the model's measured error map (engine/certify.py),
                            naming the content hash it certifies
 
-The model's content hash is the SHA-256 of the canonical manifest bytes; since the
-manifest lists each tensor file's hash, it covers every byte of the checkpoint. The
-certificate is about the model, not part of it: it names the model's hash (checked on
-read), and a version store keeps its own SHA-256 (docs/store.md).
+The model's content hash is the SHA-256 of the canonical manifest bytes without the
+manifest's ``run`` key (:func:`manifest_hash`); since the manifest lists each tensor
+file's hash, it covers every byte of the checkpoint except the run facts. ``run`` holds
+what differs between two runs that train the same bits (:func:`run_facts`: the command
+line, the wall-clock training seconds, the wall-clock time of each validation), so
+equal training gives an equal hash. A manifest without ``run`` (every checkpoint
+written before it existed) hashes as its exact bytes, as it always did. The certificate
+is about the model, not part of it: it names the model's hash (checked on read), and a
+version store keeps its own SHA-256 of every blob (docs/store.md).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +44,7 @@ MANIFEST = "manifest.json"
 MODEL_FILE = "model.safetensors"
 TRAINING_FILE = "training.safetensors"
 CERTIFICATE_FILE = "certificate.json"
+RUN = "run"  # the manifest key the content hash leaves out
 
 
 class CheckpointError(ValueError):
@@ -66,6 +73,53 @@ def canonical_json(obj: Any) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SORT_KEYS | orjson.OPT_INDENT_2) + b"\n"
 
 
+def manifest_hash(manifest: Mapping[str, Any], data: bytes) -> str:
+    """The content hash of a checkpoint whose manifest is ``data`` (parsed: ``manifest``).
+
+    Without a ``run`` key: the SHA-256 of ``data`` itself (the rule every checkpoint
+    written before ``run`` existed was hashed by, so their hashes never change). With
+    one: the SHA-256 of the canonical JSON of the manifest without it, so the run facts
+    (command line, wall-clock times) are stored with the model but are not its identity.
+    """
+    if RUN not in manifest:
+        return sha256_hex(data)
+    return sha256_hex(canonical_json({k: v for k, v in manifest.items() if k != RUN}))
+
+
+def run_facts(manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """The run facts of a manifest: ``command`` (str or None), ``elapsed_seconds`` (float
+    or None) and ``validation_seconds`` (one float or None per ``metrics.history`` entry).
+    Read from ``run``, falling back to where checkpoints written before it kept them
+    (``metrics.command``, ``state.elapsed_seconds``, each history entry's
+    ``elapsed_seconds``)."""
+
+    def table(value: Any) -> Mapping[str, Any]:
+        return value if isinstance(value, Mapping) else {}
+
+    run, metrics, state = table(manifest.get(RUN)), table(manifest.get("metrics")), table(manifest.get("state"))
+    history = metrics.get("history")
+    history = history if isinstance(history, list) else []
+    times = run.get("validation_seconds")
+    if not (isinstance(times, list) and len(times) == len(history)):
+        times = [table(h).get("elapsed_seconds") for h in history]
+    return {
+        "command": run.get("command", metrics.get("command")),
+        "elapsed_seconds": run.get("elapsed_seconds", state.get("elapsed_seconds")),
+        "validation_seconds": list(times),
+    }
+
+
+def timed_history(manifest: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """``metrics.history`` (the validations) with each entry's wall-clock
+    ``elapsed_seconds`` put back from the run facts (None where none was recorded)."""
+    metrics = manifest.get("metrics")
+    history = metrics.get("history") if isinstance(metrics, Mapping) else None
+    if not isinstance(history, list):
+        return []
+    seconds = run_facts(manifest)["validation_seconds"]
+    return [{**h, "elapsed_seconds": t} for h, t in zip(history, seconds, strict=True)]
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     """A checkpoint in memory: manifest plus tensors."""
@@ -73,7 +127,7 @@ class Checkpoint:
     manifest: dict[str, Any]
     model: dict[str, torch.Tensor]  # EMA weights, by parameter name
     training: dict[str, torch.Tensor]  # raw weights and optimiser state
-    read_hash: str | None = None  # content hash of the manifest bytes this was read from
+    read_hash: str | None = None  # content hash of the manifest this was read from (manifest_hash)
     certificate: dict[str, Any] | None = None  # engine/certify.py's certificate of this model, if any
 
     def encode(self) -> dict[str, bytes]:
@@ -91,7 +145,12 @@ class Checkpoint:
     def content_hash(self) -> str:
         if self.read_hash is not None:
             return self.read_hash
-        return sha256_hex(self.encode()[MANIFEST])
+        return _hash_of(self.encode()[MANIFEST])
+
+
+def _hash_of(data: bytes) -> str:
+    """:func:`manifest_hash` of manifest bytes this module wrote."""
+    return manifest_hash(orjson.loads(data), data)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -118,9 +177,8 @@ def decode(files: dict[str, bytes], *, need_training: bool = True) -> Checkpoint
         if sha256_hex(files[name]) != hashes.get(name):
             raise CheckpointError(f"{name} does not match the hash in {MANIFEST} (corrupt or edited)")
         tensors[name] = st_load(files[name])
-    return Checkpoint(
-        manifest, tensors[MODEL_FILE], tensors.get(TRAINING_FILE, {}), read_hash=sha256_hex(files[MANIFEST])
-    )
+    read_hash = manifest_hash(manifest, files[MANIFEST])
+    return Checkpoint(manifest, tensors[MODEL_FILE], tensors.get(TRAINING_FILE, {}), read_hash=read_hash)
 
 
 def write_dir(ckpt: Checkpoint, path: Path) -> str:
@@ -149,7 +207,7 @@ def write_dir(ckpt: Checkpoint, path: Path) -> str:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return sha256_hex(files[MANIFEST])
+    return _hash_of(files[MANIFEST])
 
 
 def read_dir(path: Path, *, need_training: bool = True) -> Checkpoint:

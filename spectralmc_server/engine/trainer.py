@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from spectralmc_server.engine.barrier_learned import defective_puts
-from spectralmc_server.engine.checkpoint import Checkpoint, library_versions
+from spectralmc_server.engine.checkpoint import RUN, Checkpoint, library_versions, run_facts, timed_history
 from spectralmc_server.engine.cos import CosExpansion
 from spectralmc_server.engine.cvnn import CFModel, NetworkConfig
 from spectralmc_server.engine.device import (
@@ -152,6 +152,12 @@ class Validation:
 
     def as_dict(self) -> dict[str, float | int]:
         return dict(self.__dict__)
+
+    def measured(self) -> dict[str, float | int]:
+        """The numbers without the wall-clock time: what a checkpoint's identity holds
+        (``elapsed_seconds`` differs between two runs that train the same bits, so a
+        checkpoint keeps it among its run facts, ``run.validation_seconds``)."""
+        return {k: v for k, v in self.__dict__.items() if k != "elapsed_seconds"}
 
 
 class Trainer:
@@ -311,8 +317,13 @@ class Trainer:
         return v
 
     # -- checkpoints ----------------------------------------------------------------------
-    def checkpoint(self, metrics: dict[str, Any] | None = None) -> Checkpoint:
-        """The full training state (EMA weights in ``model``, the rest in ``training``)."""
+    def checkpoint(self, metrics: dict[str, Any] | None = None, *, run: dict[str, Any] | None = None) -> Checkpoint:
+        """The full training state (EMA weights in ``model``, the rest in ``training``).
+
+        ``metrics`` joins the manifest's metrics, which are part of the content hash;
+        ``run`` (such as the command line) joins the run facts, which are not, with the
+        wall-clock times: two runs that train the same bits get the same content hash
+        (engine/checkpoint.py, ``manifest_hash``)."""
         training: dict[str, torch.Tensor] = {f"weights/{k}": v for k, v in self.model.state_dict().items()}
         opt = self.optimizer.state_dict()
         for idx, st in opt["state"].items():
@@ -327,15 +338,19 @@ class Trainer:
                 "sobol_index": self.sobol_index,
                 "normals_block": self.normals.position,
                 "paths_simulated": self.paths_simulated,
-                "elapsed_seconds": self.elapsed_seconds,
                 "loss_ema": None if math.isnan(self.loss_ema) else self.loss_ema,
                 "device_type": self.device.type,
             },
             "metrics": {
                 "parameters": sum(p.numel() for p in self.model.parameters()),
-                "validation": self.history[-1].as_dict() if self.history else None,
-                "history": [v.as_dict() for v in self.history],
+                "validation": self.history[-1].measured() if self.history else None,
+                "history": [v.measured() for v in self.history],
                 **(metrics or {}),
+            },
+            RUN: {
+                "elapsed_seconds": self.elapsed_seconds,
+                "validation_seconds": [v.elapsed_seconds for v in self.history],
+                **(run or {}),
             },
         }
         return Checkpoint(manifest, dict(self.ema.state_dict()), training)
@@ -361,9 +376,14 @@ class Trainer:
         trainer._sobol.fast_forward(trainer.sobol_index)
         trainer.normals.seek(int(state["normals_block"]))
         trainer.paths_simulated = int(state["paths_simulated"])
-        trainer.elapsed_seconds = float(state["elapsed_seconds"])
+        # Wall-clock times are run facts: read from ``run``, or where an older checkpoint
+        # kept them; 0 where none were recorded.
+        trainer.elapsed_seconds = float(run_facts(ckpt.manifest)["elapsed_seconds"] or 0.0)
         trainer.loss_ema = float("nan") if state.get("loss_ema") is None else float(state["loss_ema"])
-        trainer.history = [Validation(**v) for v in ckpt.manifest["metrics"].get("history", [])]
+        trainer.history = [
+            Validation(**{**v, "elapsed_seconds": float(v["elapsed_seconds"] or 0.0)})
+            for v in timed_history(ckpt.manifest)
+        ]
         return trainer
 
 

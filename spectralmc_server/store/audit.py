@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from spectralmc_server.engine.checkpoint import MODEL_FILE, TRAINING_FILE, canonical_json
+from spectralmc_server.engine.checkpoint import MODEL_FILE, TRAINING_FILE, canonical_json, manifest_hash
 from spectralmc_server.store.cas import sha256_hex
 from spectralmc_server.store.chain import Entry, VersionError, gather_limited, now, parse
 from spectralmc_server.store.objects import CorruptObjectError, LocalObjectStore, PreconditionFailedError, list_all
@@ -181,7 +181,8 @@ class Audit:
         self, entries: list[Entry], collected: set[int], report: VerifyReport
     ) -> dict[str, list[tuple[int, str]]]:
         """content hash -> the (version, role) pairs whose records name it; records that
-        name no content, or a content_hash other than their manifest's, are reported."""
+        name no content are reported (a content_hash other than their manifest's is found
+        by _check_manifest, which reads the manifest)."""
         wanted: dict[str, list[tuple[int, str]]] = {}
         for e in entries:
             if e.index in collected:
@@ -190,19 +191,22 @@ class Audit:
             if not isinstance(content, dict) or set(content) != set(CONTENT_ROLES):
                 report.problem(e.index, self.records.key(e.index), "record lists no content hashes")
                 continue
-            if e.body.get("content_hash") != content.get("manifest"):
-                report.problem(e.index, self.records.key(e.index), "content_hash is not the manifest's hash")
             for role, h in content.items():
                 wanted.setdefault(str(h), []).append((e.index, role))
         return wanted
 
     def _check_manifest(self, e: Entry, data: bytes, report: VerifyReport) -> None:
-        """The manifest parses and names the record's weight files."""
+        """The manifest parses, is the model the record's content_hash names (its blob's
+        hash, or without its run facts when it has them: engine/checkpoint.py,
+        manifest_hash) and names the record's weight files."""
         try:
-            files = parse(data, "manifest").get("files", {})
+            manifest = parse(data, "manifest")
         except CorruptObjectError as exc:
             report.problem(e.index, self.content_key(e.body["content"]["manifest"]), str(exc))
             return
+        if e.body.get("content_hash") != manifest_hash(manifest, data):
+            report.problem(e.index, self.records.key(e.index), "content_hash is not the manifest's hash")
+        files = manifest.get("files", {})
         content = e.body["content"]
         if files.get(MODEL_FILE) != content["model"] or files.get(TRAINING_FILE) != content["training"]:
             report.problem(e.index, self.records.key(e.index), "record and manifest disagree on the weight files")

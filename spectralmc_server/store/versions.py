@@ -47,6 +47,7 @@ from spectralmc_server.engine.checkpoint import (
     CheckpointError,
     canonical_json,
     decode,
+    manifest_hash,
 )
 from spectralmc_server.store.audit import Audit, GCReport, VerifyReport
 from spectralmc_server.store.cas import content_key, create_once, put_content, sha256_hex
@@ -178,7 +179,10 @@ class VersionStore:
         hashes = await asyncio.to_thread(lambda: {role: sha256_hex(files[n]) for role, n in CONTENT_ROLES.items()})
         if manifest.get("files", {}) != {MODEL_FILE: hashes["model"], TRAINING_FILE: hashes["training"]}:
             raise VersionError("the manifest does not list the hashes of the weight files given with it")
-        cert_data = None if certificate is None else certificate_bytes(certificate, hashes["manifest"], "commit")
+        # The model's content hash: the manifest blob's own hash unless the manifest has run
+        # facts, which the content hash leaves out (engine/checkpoint.py, manifest_hash).
+        model_hash = manifest_hash(manifest, files[MANIFEST])
+        cert_data = None if certificate is None else certificate_bytes(certificate, model_hash, "commit")
 
         await asyncio.gather(
             *(put_content(self.objects, self.contents, files[n], hashes[role]) for role, n in CONTENT_ROLES.items())
@@ -196,7 +200,7 @@ class VersionStore:
             body: dict[str, Any] = {
                 "format": RECORD_FORMAT,
                 "model": self.name,
-                "content_hash": hashes["manifest"],
+                "content_hash": model_hash,
                 "content": hashes,
                 "time": now(),
                 "message": message,

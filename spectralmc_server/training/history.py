@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spectralmc_server.engine.checkpoint import run_facts
 from spectralmc_server.store.versions import StoredVersion, VersionStore
 
 
@@ -64,6 +65,8 @@ async def inspect_version(store: VersionStore, version: int) -> dict[str, Any]:
             "training": manifest.get("training"),
             "state": manifest.get("state"),
             "metrics": metrics,
+            # the command line and training seconds, from ``run`` or where older manifests kept them
+            "run": {k: v for k, v in run_facts(manifest).items() if k != "validation_seconds"},
         }
     return row
 

@@ -37,6 +37,31 @@ def default_data_dir() -> Path:
     return Path(base) / "spectralmc"
 
 
+def _token_problems(name: str, env: str, current: SecretStr | None, previous: SecretStr | None) -> list[str]:
+    """What is wrong with a bearer-token pair: setting ``name`` (environment variable
+    ``env``), the current token, and ``name_previous``, during a rotation the old token,
+    still accepted. The messages never quote a token: they reach logs."""
+    problems = []
+    for field, var, token in ((name, env, current), (f"{name}_previous", f"{env}_PREVIOUS", previous)):
+        if token is None:
+            continue
+        value = token.get_secret_value()
+        if not value.strip():
+            problems.append(f"{field} ({var}) is empty: unset it, or give a token")
+        elif value != value.strip():
+            problems.append(
+                f"{field} ({var}) starts or ends with whitespace, which a bearer token cannot carry "
+                "(a trailing newline?)"
+            )
+    if previous is not None and current is None:
+        problems.append(
+            f"{name}_previous is set without {name}: the previous token is only accepted beside a current one"
+        )
+    elif previous is not None and current is not None and previous.get_secret_value() == current.get_secret_value():
+        problems.append(f"{name}_previous is the same as {name}: a rotation needs a different new token")
+    return problems
+
+
 class QueueSettings(BaseModel):
     """Dynamic batching, admission by estimated cost and back-pressure of the valuation
     queue, and the bounds on calibrations (which go through the same queue)."""
@@ -79,6 +104,17 @@ class MarketDataSettings(BaseModel):
     cache_entries: int = Field(64, ge=1)  # resolved snapshots kept in memory (content is immutable)
     poll_seconds: float = Field(1.0, gt=0)  # how often streams look for snapshots put through other replicas
     write_token: SecretStr | None = None  # set: PUT needs "Authorization: Bearer <token>"; unset: open
+    # during a rotation: the old write token, accepted beside write_token (never alone)
+    write_token_previous: SecretStr | None = None
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> MarketDataSettings:
+        problems = _token_problems(
+            "write_token", "SPECTRALMC_MARKETDATA__WRITE_TOKEN", self.write_token, self.write_token_previous
+        )
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 class StreamSettings(BaseModel):
@@ -315,6 +351,8 @@ class Settings(BaseSettings):
     # after failed polls a tracker waits poll_seconds x 2^failures, at most this long
     poll_max_backoff_seconds: float = Field(30.0, gt=0)
     admin_token: SecretStr | None = None  # None: admin routes answer 403
+    # during a rotation: the old admin token, accepted beside admin_token (never alone)
+    admin_token_previous: SecretStr | None = None
     max_body_bytes: int = Field(16 * 2**20, ge=1024)  # larger bodies (as sent or inflated): 413
     # a request head (request line and headers) not complete this long after its first
     # byte closes the connection (408); slow "slowloris" clients cannot hold connections
@@ -357,6 +395,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"job {job.name!r} prices portfolio {job.portfolio!r}, which is not in [portfolios]")
         if self.ui.portfolio not in self.portfolios:
             raise ValueError(f"ui.portfolio {self.ui.portfolio!r} is not in [portfolios]")
+        return self
+
+    @model_validator(mode="after")
+    def _check_tokens(self) -> Settings:
+        problems = _token_problems("admin_token", "SPECTRALMC_ADMIN_TOKEN", self.admin_token, self.admin_token_previous)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @property

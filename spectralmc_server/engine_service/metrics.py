@@ -45,6 +45,12 @@ class TrainingState:
     loss: float | None
     validation_bp: dict[str, float] = field(default_factory=dict)  # p50_bp, p95_bp, max_bp
     commits: int = 0
+    # Unix times, for alerts that must tell a stall from a pause (deploy/prometheus/alerts.yml)
+    last_step: float | None = None  # the last step; before the first, when training started
+    last_validation: float | None = None  # the last validation this process ran (None: none yet)
+    # seconds from the validation before it (or the start of training) to the last one
+    validation_interval: float | None = None
+    paused: bool = False  # the worker is holding training back for pricing work (train.idle_gap_seconds)
 
 
 def engine_failures_counter(registry: CollectorRegistry | None) -> Counter:

@@ -143,13 +143,21 @@ class OnlineTraining:
         self.publish = publish
         self.commits = 0
         self.enabled = True
+        # Unix times for the alerts (TrainingState): a stall is an old last step while the
+        # worker is not holding training back for pricing work (``paused``, set by it)
+        self.started = time.time()
+        self.last_step = self.started
+        self.last_validation: float | None = None
+        self.validation_interval: float | None = None
+        self.paused = False
 
     def step(self) -> None:
         t = self.trainer
         t.model.train()
         t.train_step()
+        self.last_step = time.time()
         if t.step % t.config.validate_every == 0:
-            t.validate()
+            self._validate()
         val = t.history[-1].p95_bp if t.history else None
         if self.policy.due(t.step, val):
             self.publish(self.checkpoint(), self.policy.render(step=t.step, loss=t.loss_ema, val_bp=val or math.nan))
@@ -159,9 +167,9 @@ class OnlineTraining:
         """The full training state now (validated first, so the manifest has metrics)."""
         t = self.trainer
         if not t.history or t.history[-1].step != t.step:
-            t.validate()
+            self._validate()
         self.commits += 1
-        ckpt = t.checkpoint({"command": f"spectralmc serve (online training of {self.model})"})
+        ckpt = t.checkpoint(run={"command": f"spectralmc serve (online training of {self.model})"})
         # The trainer's state dicts alias its live tensors, which the next step updates in
         # place while the event loop encodes this checkpoint: commit copies.
         return Checkpoint(
@@ -169,6 +177,12 @@ class OnlineTraining:
             {k: v.detach().clone() for k, v in ckpt.model.items()},
             {k: v.detach().clone() for k, v in ckpt.training.items()},
         )
+
+    def _validate(self) -> None:
+        self.trainer.validate()
+        now = time.time()
+        self.validation_interval = now - (self.started if self.last_validation is None else self.last_validation)
+        self.last_validation = now
 
     def state(self) -> TrainingState:
         t = self.trainer
@@ -179,6 +193,10 @@ class OnlineTraining:
             loss=None if math.isnan(t.loss_ema) else t.loss_ema,
             validation_bp={k: float(v[k]) for k in ("p50_bp", "p95_bp", "max_bp") if k in v},
             commits=self.commits,
+            last_step=self.last_step,
+            last_validation=self.last_validation,
+            validation_interval=self.validation_interval,
+            paused=self.paused and self.enabled,
         )
 
 
@@ -227,6 +245,8 @@ class ComputeWorker:
             self.failure = reason
             log.error("compute engine failed: %s", reason)
         self.metrics.engine_failures.inc()
+        if self.training is not None:
+            self.training.paused = False  # training stopped: failed, not held back for load
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the queued jobs, then stop (training stops at once)."""
@@ -264,6 +284,7 @@ class ComputeWorker:
                     break
                 continue
             fn, cf = item
+            self._hold_training(training)
             if not cf.set_running_or_notify_cancel():
                 continue
             try:
@@ -276,8 +297,14 @@ class ComputeWorker:
             # and cf its answers (for a 20,000-contract batch, tens of MB while idle)
             del item, fn, cf
 
+    def _hold_training(self, training: bool) -> None:
+        """A job runs instead of a step: training is paused for load (until the next step)."""
+        if training and self.training is not None:
+            self.training.paused = True
+
     def _train_step(self) -> None:
         assert self.training is not None
+        self.training.paused = False
         t0 = time.perf_counter()
         try:
             self.training.step()

@@ -185,6 +185,44 @@ class StateCollector(Collector):
             commits = CounterMetricFamily("spectralmc_training_commits", "Versions committed by the trainer")
             commits.add_metric([], training.commits)
             yield from (steps, loss, val, commits)
+            yield from self._training_times(training)
+
+    @staticmethod
+    def _training_times(training: TrainingState) -> Iterator[Metric]:
+        """When training last stepped and validated, and whether it is paused for load:
+        what SpectralMCTrainingStalled and SpectralMCValidationErrorHigh read."""
+
+        def nan(value: float | None) -> float:
+            return float("nan") if value is None else value
+
+        m = [training.model]
+        step = GaugeMetricFamily(
+            "spectralmc_training_last_step_timestamp_seconds",
+            "Unix time of the last online training step (before the first: when training started)",
+            labels=["model"],
+        )
+        step.add_metric(m, nan(training.last_step))
+        validated = GaugeMetricFamily(
+            "spectralmc_training_last_validation_timestamp_seconds",
+            "Unix time of the last validation this process ran (NaN: none yet; "
+            "spectralmc_validation_error_bp may then be the resumed version's)",
+            labels=["model"],
+        )
+        validated.add_metric(m, nan(training.last_validation))
+        interval = GaugeMetricFamily(
+            "spectralmc_training_validation_interval_seconds",
+            "Seconds between the last validation and the one before it (or the start of training)",
+            labels=["model"],
+        )
+        interval.add_metric(m, nan(training.validation_interval))
+        paused = GaugeMetricFamily(
+            "spectralmc_training_paused",
+            "1 while the worker holds training back for pricing work (a job runs, or ran less than "
+            "train.idle_gap_seconds ago); 0 otherwise: training steps, or cannot (a failed engine, a hung step)",
+            labels=["model"],
+        )
+        paused.add_metric(m, 1.0 if training.paused else 0.0)
+        yield from (step, validated, interval, paused)
 
 
 class Metrics:

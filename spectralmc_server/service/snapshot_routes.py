@@ -21,7 +21,7 @@ from spectralmc_server.marketdata.store import SnapshotConflictError, SnapshotRe
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN
 from spectralmc_server.rfc3339 import DATETIME_FORMAT, parse_datetime
 from spectralmc_server.service import keys
-from spectralmc_server.service.auth import MARKETDATA_REALM, require_token
+from spectralmc_server.service.auth import MARKETDATA_REALM, accepted_tokens, require_token
 from spectralmc_server.service.errors import Conflict, Invalid, NotFound
 from spectralmc_server.service.routes import json_response, read_json, validate
 
@@ -53,10 +53,11 @@ def _when(raw: str, field: str) -> datetime:
 def authorize_write(request: web.Request) -> None:
     """Market-data writes (this PUT, ``POST /v1/calibrate`` with ``store``): open, or
     the ``marketdata.write_token`` bearer token when one is set."""
-    token = request.app[keys.SETTINGS].marketdata.write_token
-    if token is None:
+    md = request.app[keys.SETTINGS].marketdata
+    if md.write_token is None:
         return
-    require_token(request, token.get_secret_value(), realm=MARKETDATA_REALM, what="market-data writes")
+    tokens = accepted_tokens(md.write_token, md.write_token_previous)
+    require_token(request, tokens, realm=MARKETDATA_REALM, what="market-data writes")
 
 
 @routes.put("/v1/marketdata/{namespace}/{val_datetime}/{data_asof}")

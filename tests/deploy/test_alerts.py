@@ -178,7 +178,9 @@ async def test_alerts_select_exposed_metrics_and_labels(make_client: MakeClient)
                 assert value in values, f"{name}: {metric}{{{label}!={value!r}}} excludes a value never exposed"
     exposed_families = {families[m] for m in used - PROMETHEUS_SERIES}
     assert "spectralmc_store_poll_failures" in exposed_families  # counters map to their family
-    assert "spectralmc_training_steps" in exposed_families
+    assert "spectralmc_training_last_step_timestamp_seconds" in exposed_families
+    assert "spectralmc_training_paused" in exposed_families
+    assert "spectralmc_training_last_validation_timestamp_seconds" in exposed_families
 
 
 def test_metric_name_parser() -> None:

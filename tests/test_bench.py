@@ -38,6 +38,7 @@ def _load(name: str) -> ModuleType:
         "accuracy_merton",
         "accuracy_asian",
         "accuracy_barrier",
+        "cli_startup",
         "gpu_probe",
         "calibration",
         "variance_reduction",

@@ -90,7 +90,7 @@ class GBMBarrierProcess(Process):
         )
 
     def scale(self, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
-        return theta[:, 0] * torch.sqrt(expiry)
+        return theta[:, 0] * torch.sqrt(expiry)  # the vanilla's spread: vol sqrt(T)
 
     def scale_math(self, theta: Sequence[float], expiry: float) -> float:
         return spec.gbm_scale(theta, expiry)

@@ -6,7 +6,7 @@ this machine's speed varies from one VM to the next: the ratio to ``import torch
 figure that carries over.
 
     python bench/cli_startup.py --record     # 7 runs each, writes docs/
-    python bench/cli_startup.py --quick      # 2 runs each
+    python bench/cli_startup.py --quick      # 1 timed run each
 """
 
 from __future__ import annotations
@@ -47,10 +47,10 @@ def timed(cmd: list[str], stdin: bytes, repeat: int) -> list[float]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=7, help="timed runs per command (default 7)")
-    ap.add_argument("--quick", action="store_true", help="2 runs per command: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="1 timed run per command: a smoke test")
     output_args(ap)
     args = ap.parse_args(argv)
-    repeat = 2 if args.quick else args.repeat
+    repeat = 1 if args.quick else args.repeat
     py = sys.executable
     with tempfile.TemporaryDirectory() as home:
         env_home = ["env", f"HOME={home}"]  # no user settings or store in the way

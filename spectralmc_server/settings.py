@@ -15,7 +15,7 @@ from datetime import date
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, cast
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -86,14 +86,31 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = True  # False: role all serves only (a laptop that should stay quiet)
-    model: str = "gbm"  # the model trained (resumed from its served version's state)
+    model: str = "gbm"  # the model trained (resumed from the version resume_from names)
+    # the version whose training state training resumes from at start: "head" (the newest),
+    # "served" (the pinned version, else the head), "pin" (the pinned version; none
+    # pinned: no training) or a version number. Commits still go on top of the head.
+    resume_from: Literal["head", "served", "pin"] | int = "head"
     validate_every: int = Field(500, ge=1)  # steps between validations
     idle_gap_seconds: float = Field(0.05, ge=0, le=60)  # train only after this long without a batch
     commit_every_seconds: float | None = Field(600.0, gt=0)  # auto-commit period (None: never)
     commit_if_improved: bool = True  # skip auto-commits that do not lower validation p95
-    commit_on_shutdown: bool = False  # commit the training state at graceful shutdown
+    # at graceful shutdown: commit the steps trained since the last commit when their
+    # validation p95 beats the served version's and they pass the quality gate
+    commit_on_shutdown: bool = True
+    shutdown_commit_seconds: float = Field(45.0, gt=0, le=600)  # time limit of that; past it the steps are discarded
     device: DeviceName = "cpu"
     kernels: KernelPolicy = "auto"  # path simulation: fused CUDA kernels where available, torch, or fused only
+
+    @field_validator("resume_from", mode="before")
+    @classmethod
+    def _resume_from(cls, value: Any) -> Any:
+        """One line for any bad value (the environment gives "3" for version 3)."""
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value.strip())
+        if value in ("head", "served", "pin") or (type(value) is int and value >= 1):
+            return value
+        raise ValueError("must be 'head', 'served', 'pin' or a version number (1 or more)")
 
 
 class MarketDataSettings(BaseModel):
@@ -157,6 +174,23 @@ class MemorySettings(BaseModel):
     malloc_trim: bool = True  # reclaims give freed heap back to the OS (glibc only)
 
 
+class StoreGCSettings(BaseModel):
+    """Store garbage collection on a schedule (service/gc_schedule.py; docs/operations.md,
+    "Garbage collection"): every ``interval_seconds`` each served model's GC runs under its
+    lease in the store, so one replica runs it per round."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # 0: no schedule; else rounds at Unix times that are multiples of it (every replica at once)
+    interval_seconds: float = Field(0.0, ge=0, allow_inf_nan=False)
+    keep: int = Field(20, ge=1, le=1_000_000)  # the last N versions of each model keep their content
+    # versions whose content is never collected, per model: {gbm = [7, 9]} (head, pin and served always are)
+    protect: dict[str, list[Annotated[int, Field(ge=1)]]] = Field(default_factory=dict)
+    grace_seconds: float = Field(3600.0, ge=0, allow_inf_nan=False)  # age before unreferenced content goes
+    # a holder that crashes blocks GC this long at most; must be far above the machines' clock skew
+    lease_ttl_seconds: float = Field(120.0, gt=0, allow_inf_nan=False)
+
+
 class EngineSettings(BaseModel):
     """Where torch runs (docs/architecture.md, "The engine process").
 
@@ -180,6 +214,20 @@ class EngineSettings(BaseModel):
     # an engine that answers nothing (not even its status) this long is taken for hung: killed
     heartbeat_timeout_seconds: float = Field(10.0, gt=0)
     start_timeout_seconds: float = Field(300.0, gt=0)  # imports, seeding and model loads
+
+
+class VersionCacheSettings(BaseModel):
+    """A copy on local disk of the model versions a process loaded from an S3 store
+    (engine_service/version_cache.py): what it serves when it starts while the store is
+    unreachable (docs/operations.md, "The store is down at start"). A ``file://`` store
+    is local disk already: no copy is kept of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dir: Path | None = None  # None: <data_dir>/version-cache
+    # versions kept per model, the most recently served first (about 0.4 MB each for the
+    # bundled models' sizes); 0: no cache (a start with the store down serves the bundled model)
+    keep: int = Field(3, ge=0, le=100)
 
 
 class UISettings(BaseModel):
@@ -376,8 +424,10 @@ class Settings(BaseSettings):
     marketdata: MarketDataSettings = MarketDataSettings()
     stream: StreamSettings = StreamSettings()
     memory: MemorySettings = MemorySettings()
+    store_gc: StoreGCSettings = StoreGCSettings()
     engine: EngineSettings = EngineSettings()
     ui: UISettings = UISettings()
+    version_cache: VersionCacheSettings = VersionCacheSettings()
     certificate: CertificateSettings = CertificateSettings()
     portfolios: dict[str, list[Contract]] = Field(default_factory=_demo_portfolio)  # named books (jobs, /ui)
     jobs: list[Job] = Field(default_factory=list)  # declarative real-time work, see config/jobs.toml
@@ -404,6 +454,13 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _check_store_gc(self) -> Settings:
+        unknown = sorted(set(self.store_gc.protect) - set(self.models))
+        if unknown:
+            raise ValueError(f"store_gc.protect names models not in models {self.models}: {', '.join(unknown)}")
+        return self
+
     @property
     def serves(self) -> bool:
         return self.role in ("serve", "all")
@@ -415,6 +472,14 @@ class Settings(BaseSettings):
     @property
     def store_uri(self) -> str:
         return self.store or (self.data_dir.resolve() / "store").as_uri()
+
+    @property
+    def version_cache_dir(self) -> Path | None:
+        """Where loaded versions are copied (None: no copy: a ``file://`` store, or
+        ``version_cache.keep = 0``)."""
+        if self.version_cache.keep == 0 or not self.store_uri.startswith("s3://"):
+            return None
+        return (self.version_cache.dir or self.data_dir / "version-cache").expanduser().resolve()
 
     @classmethod
     def settings_customise_sources(

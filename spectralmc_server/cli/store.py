@@ -97,7 +97,11 @@ def add_parser(sub: Any) -> None:
     gc.add_argument("--grace-seconds", type=float, default=3600.0, help="age before unreferenced content is deleted")
     mode = gc.add_mutually_exclusive_group(required=True)
     mode.add_argument("--dry-run", action="store_true", help="show what would be deleted")
-    mode.add_argument("--yes", action="store_true", help="delete")
+    mode.add_argument(
+        "--yes",
+        action="store_true",
+        help="delete, holding the model's GC lease (exit 2 while another holder, e.g. a server's GC schedule, has it)",
+    )
     tb = ops.add_parser("tensorboard", help="write per-version metrics for TensorBoard", parents=[json_flag])
     tb.add_argument("--logdir", type=Path, required=True)
 
@@ -286,17 +290,33 @@ def _gc(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[Any,
         raise UsageError(f"--protect takes comma-separated version numbers, got {args.protect!r}") from None
     if args.keep < 0 or args.min_keep < 1:
         raise UsageError("--keep must be >= 0 and --min-keep >= 1")
-    report = runner.run(
-        vs.gc(
-            args.keep, protect=protect, min_keep=args.min_keep, dry_run=args.dry_run, grace_seconds=args.grace_seconds
-        )
-    )
+    gc_args = {"protect": protect, "min_keep": args.min_keep, "grace_seconds": args.grace_seconds}
+    if args.dry_run:  # writes nothing: no lease
+        report = runner.run(vs.gc(args.keep, dry_run=True, **gc_args))
+    else:
+        report = runner.run(_leased_gc(args, vs, **gc_args))
     done = "would delete" if args.dry_run else f"deleted ({report.bytes_freed} bytes)"
     text = (
         f"{done} {len(report.deleted_objects)} objects: the content of versions "
         f"{report.collected_versions}; retained {report.retained}"
     )
     return report.as_dict(), text
+
+
+async def _leased_gc(args: argparse.Namespace, vs: Any, **gc_args: Any) -> Any:
+    """A real GC holding the model's GC lease in the store, as the servers' GC does
+    (service/gc_schedule.py): while another holder has it, one line and exit 2."""
+    from spectralmc_server.store.lease import LeaseHeldError, holder_name
+    from spectralmc_server.store.versions import GC_LEASE_SECONDS
+
+    ttl = GC_LEASE_SECONDS if args.server_settings is None else args.server_settings.store_gc.lease_ttl_seconds
+    user = os.environ.get("USER", "")
+    lease = vs.gc_lease(holder_name(f"spectralmc store gc{f' by {user}' if user else ''}"), ttl)
+    try:
+        async with lease.hold():
+            return await vs.gc(args.keep, dry_run=False, **gc_args)
+    except LeaseHeldError as exc:
+        raise UsageError(f"{exc}: nothing deleted; try again after it") from None
 
 
 def _tensorboard(args: argparse.Namespace, runner: asyncio.Runner, vs: Any) -> tuple[Any, str]:

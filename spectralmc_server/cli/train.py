@@ -52,7 +52,9 @@ def add_parser(sub: Any) -> None:
     )
     train.add_argument("--config", type=Path, help="TOML file whose [train] table sets TrainConfig fields")
     train.add_argument(
-        "--resume", help="continue from a checkpoint directory, or with --store from a version (N or 'head')"
+        "--resume",
+        help="continue from a checkpoint directory, or with --store from a version: N, 'head', 'pin' (the pinned "
+        "version) or 'served' (the pinned version, else the head); commits still go on top of the head",
     )
     train.add_argument("--out", type=Path, help="checkpoint directory to write (atomically)")
     train.add_argument("--checkpoint-every", type=int, default=1000, help="steps between checkpoints (0: end only)")
@@ -92,8 +94,8 @@ def run(args: argparse.Namespace) -> int:
     model_name = args.model or args.process
     with contextlib.ExitStack() as stack:
         session = stack.enter_context(store_session(args.store, model_name)) if args.store else None
-        trainer, steps = _trainer(args, session)
-        training = _Run(args, session, policy, cert_settings, model_name)
+        trainer, steps, origin = _trainer(args, session)
+        training = _Run(args, session, policy, cert_settings, model_name, origin)
         training.train(trainer, steps)
     summary = training.summary(trainer)
     sys.stdout.write(orjson.dumps(summary).decode() + "\n")
@@ -111,6 +113,8 @@ def _check_options(args: argparse.Namespace) -> None:
     store_flags += [f for f in ("commit_if_improved", "allow_unqualified") if getattr(args, f)]
     if args.store is None and store_flags:
         raise UsageError(f"--{store_flags[0].replace('_', '-')} needs --store")
+    if args.store is None and args.resume in ("head", "pin", "served") and not Path(args.resume).exists():
+        raise UsageError(f"--resume {args.resume} names a stored version: it needs --store")
     if args.store is not None and args.no_certify and not args.allow_unqualified:
         raise UsageError(
             "--no-certify with --store: a version without a certificate fails the quality gate; "
@@ -157,7 +161,13 @@ class _Run:
     final checkpoint (--out, certified unless --no-certify) and summary."""
 
     def __init__(
-        self, args: argparse.Namespace, session: Any, policy: Any, cert_settings: Any, model_name: str
+        self,
+        args: argparse.Namespace,
+        session: Any,
+        policy: Any,
+        cert_settings: Any,
+        model_name: str,
+        origin: dict[str, Any] | None = None,
     ) -> None:
         self.args = args
         self.session = session
@@ -171,6 +181,16 @@ class _Run:
         self.unqualified: list[int] = []  # versions committed past the gate (--allow-unqualified)
         self.gates: dict[str, GateResult] = {}  # content hash -> the certified checkpoint (reused by --out)
         self.stop_requested = False
+        # the run fact ``trained_from``: the version (or checkpoint) this state continued,
+        # then the run's own last commit (training/resume.py)
+        self.origin = origin
+
+    def run_facts(self) -> dict[str, Any]:
+        """What a checkpoint of this run records outside its content hash."""
+        facts: dict[str, Any] = {"command": self.args.cmdline}
+        if self.origin is not None:
+            facts["trained_from"] = self.origin
+        return facts
 
     def gate(self, ckpt: Checkpoint, step: int) -> GateResult:
         """Certify (about 30 s for GBM on two cores) and check the gate, once per content."""
@@ -208,7 +228,7 @@ class _Run:
             print(f"quality gate: step {step} {result.describe()}: {verdict}", file=sys.stderr)
 
         runner, vs = self.session
-        ckpt = t.checkpoint(run={"command": self.args.cmdline})
+        ckpt = t.checkpoint(run=self.run_facts())
         with store_errors():
             outcome = runner.run(
                 commit_certified(vs, ckpt, message, certify=certify, allow_unqualified=allow, on_failure=report)
@@ -219,6 +239,9 @@ class _Run:
             return
         self.policy.committed(val)
         self.committed.append(outcome.stored.version)
+        from spectralmc_server.training.resume import trained_from
+
+        self.origin = trained_from(outcome.stored.version, outcome.stored.content_hash)
         if outcome.unqualified:
             self.unqualified.append(outcome.stored.version)
 
@@ -227,7 +250,7 @@ class _Run:
 
         args = self.args
         if args.out is not None and args.checkpoint_every and t.step % args.checkpoint_every == 0:
-            write_dir(t.checkpoint(run={"command": args.cmdline}), args.out)
+            write_dir(t.checkpoint(run=self.run_facts()), args.out)
         if self.session is not None and self.policy.due(t.step, t.history[-1].p95_bp if t.history else None):
             self.commit(t)
 
@@ -271,7 +294,7 @@ class _Run:
         from spectralmc_server.engine.checkpoint import write_dir
 
         args = self.args
-        final = trainer.checkpoint(run={"command": args.cmdline})
+        final = trainer.checkpoint(run=self.run_facts())
         result = self.gates.get(final.content_hash)
         if result is None and not args.no_certify and not self.stop_requested:
             result = self.gate(final, trainer.step)
@@ -299,8 +322,9 @@ class _Run:
 # -- the trainer ------------------------------------------------------------------------
 
 
-def _trainer(args: argparse.Namespace, session: Any) -> tuple[Any, int]:
-    """The trainer (new, or resumed) and the steps to run."""
+def _trainer(args: argparse.Namespace, session: Any) -> tuple[Any, int, dict[str, Any] | None]:
+    """The trainer (new, or resumed), the steps to run, and what it resumed from (the run
+    fact ``trained_from``; None for a new run)."""
     from spectralmc_server.engine.checkpoint import CheckpointError
     from spectralmc_server.engine.device import DeviceUnavailableError
     from spectralmc_server.engine.kernels import FusedKernelsUnavailableError
@@ -313,7 +337,7 @@ def _trainer(args: argparse.Namespace, session: Any) -> tuple[Any, int]:
     try:
         if args.resume is not None:
             return _resumed_trainer(args, session, overrides)
-        return _new_trainer(args, overrides)
+        return (*_new_trainer(args, overrides), None)
     except ValidationError as exc:
         raise UsageError(validation_message("invalid training configuration", exc)) from None
     except (CheckpointError, DeviceUnavailableError, FusedKernelsUnavailableError) as exc:
@@ -322,19 +346,23 @@ def _trainer(args: argparse.Namespace, session: Any) -> tuple[Any, int]:
         raise UsageError(str(exc)) from None
 
 
-def _resumed_trainer(args: argparse.Namespace, session: Any, overrides: dict[str, Any]) -> tuple[Any, int]:
+def _resumed_trainer(
+    args: argparse.Namespace, session: Any, overrides: dict[str, Any]
+) -> tuple[Any, int, dict[str, Any]]:
     from spectralmc_server.engine.trainer import Trainer
 
     if args.seed is not None or args.config is not None:
         raise UsageError("--resume continues a run as configured: drop --seed and --config")
-    ckpt = _resume_checkpoint(args.resume, session)
+    ckpt, origin, what = _resume_checkpoint(args.resume, session)
     if ckpt.manifest["training"]["process"] != args.process:
         raise UsageError(
             f"--process {args.process} does not match the checkpoint's process {ckpt.manifest['training']['process']!r}"
         )
     trainer = Trainer.from_checkpoint(ckpt, **overrides)
+    if not args.quiet:
+        print(f"resuming from {what} at step {trainer.step}", file=sys.stderr)
     steps = args.steps if args.steps is not None else _steps_for_minutes(trainer.config, args.minutes)
-    return trainer, steps
+    return trainer, steps, origin
 
 
 def _new_trainer(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, int]:
@@ -368,25 +396,26 @@ def _load_toml(path: Path) -> dict[str, Any]:
     return table
 
 
-def _resume_checkpoint(resume: str, session: Any) -> Any:
-    """--resume: a checkpoint directory, or with --store a version number or 'head'."""
+def _resume_checkpoint(resume: str, session: Any) -> tuple[Any, dict[str, Any], str]:
+    """--resume: a checkpoint directory, or with --store a version (N, 'head', 'pin',
+    'served'); with the run fact ``trained_from`` naming it."""
     from spectralmc_server.engine.checkpoint import read_dir
+    from spectralmc_server.training.resume import ResumeError, parse_resume, resume_point
 
     if session is None:
-        return read_dir(Path(resume))
+        ckpt = read_dir(Path(resume))
+        return ckpt, {"checkpoint": str(Path(resume).resolve()), "content_hash": ckpt.content_hash}, resume
+    where = parse_resume(resume)
+    if where is None:
+        raise UsageError(f"--resume with --store takes a version number, 'head', 'pin' or 'served', got {resume!r}")
     run, vs = session
     with store_errors():
-        if resume == "head":
-            head = run.run(vs.head())
-            if head is None:
-                raise UsageError(f"--resume head: model {vs.name!r} has no versions in the store")
-            version = head.version
-        else:
-            try:
-                version = int(resume)
-            except ValueError:
-                raise UsageError(f"--resume with --store takes a version number or 'head', got {resume!r}") from None
-        return run.run(vs.load(version, need_training=True))
+        try:
+            point = run.run(resume_point(vs, where))
+        except ResumeError as exc:
+            hint = "; use --resume head or a version number" if where == "pin" else ""
+            raise UsageError(f"--resume {resume}: {exc}{hint}") from None
+    return point.checkpoint, point.trained_from, point.describe()
 
 
 def _check_writable(out: Path) -> None:

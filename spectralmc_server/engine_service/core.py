@@ -42,17 +42,20 @@ from spectralmc_server.engine_service.messages import (
     Skipped,
     SliceDone,
 )
-from spectralmc_server.engine_service.metrics import EngineCounters
+from spectralmc_server.engine_service.metrics import EngineCounters, process_stats
 from spectralmc_server.engine_service.models import ModelHost
+from spectralmc_server.engine_service.online import announce, commit_at_shutdown, validation_p95
 from spectralmc_server.engine_service.rss import rss_bytes
+from spectralmc_server.engine_service.version_cache import VersionCache
 from spectralmc_server.engine_service.views import Directory
 from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining, SliceCancelledError, SlicedTask
 from spectralmc_server.pricing.calibration import CalibrationReport, SurfaceError, calibrate_snapshot
 from spectralmc_server.pricing.door import Entry, value_batch
 from spectralmc_server.settings import Settings
-from spectralmc_server.store.objects import ObjectStore
+from spectralmc_server.store.objects import ObjectStore, StoreUnavailableError
 from spectralmc_server.training.commit import CommitOutcome, GateResult, commit_certified
 from spectralmc_server.training.policy import CommitPolicy
+from spectralmc_server.training.resume import ResumeError, resume_version, trained_from
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +128,8 @@ class EngineCore:
         self.objects = objects
         self.metrics = metrics
         self.budgets = budgets
+        # A trainer needs the store (it exits, to be restarted): no fallback, no copy for it.
+        cache_dir = s.version_cache_dir if s.serves else None
         self.host = ModelHost(
             objects,
             list(s.models),
@@ -133,6 +138,8 @@ class EngineCore:
             max_backoff_seconds=s.poll_max_backoff_seconds,
             seed_bundled=s.seed_bundled,
             certificate=s.certificate,
+            cache=None if cache_dir is None else VersionCache(cache_dir, s.version_cache.keep),
+            start_without_store=s.serves,
         )
         self.training: OnlineTraining | None = None
         self.training_note: str | None = None
@@ -152,25 +159,34 @@ class EngineCore:
         except BaseException:
             await self.host.stop()
             raise
-        self.training = await self._training()
         s = self.settings
+        try:
+            self.training = await self._training()
+        except StoreUnavailableError as exc:
+            if not s.serves:  # a trainer without the store has nothing to do: it exits, to be restarted
+                await self.host.stop()
+                raise
+            # role all, started while the store is down (engine_service/models.py): serve only
+            self.training_note = f"not training: the store was unreachable at start ({exc}); restart to train"
         self.worker = ComputeWorker(self.metrics, self.training, s.torch_threads, s.train.idle_gap_seconds)
         self.worker.start()
 
     async def stop(self) -> None:
-        """Commit the training state when ``train.commit_on_shutdown`` (certified: ~30 s),
-        finish the worker's jobs, stop the trackers."""
+        """Commit or discard, and log, the steps trained since the last commit (within
+        ``train.shutdown_commit_seconds``: engine_service/online.py), finish the worker's
+        jobs, stop the trackers."""
         s = self.settings
         worker, training = self.worker, self.training
         if worker is not None:
-            if training is not None and s.train.commit_on_shutdown and worker.alive:
-                try:
-                    ckpt = await worker.submit(training.checkpoint)
-                    outcome = await self.gated_commit(training.model, ckpt, "training state at shutdown")
-                    if outcome.stored is not None:
-                        log.info("committed %s version %d at shutdown", training.model, outcome.stored.version)
-                except Exception:
-                    log.exception("commit at shutdown failed")
+            if training is not None:
+                await commit_at_shutdown(
+                    training,
+                    worker,
+                    s,
+                    in_flight=self.background,
+                    served=lambda: self._served_p95(training.model),
+                    commit=lambda ck, message: self.gated_commit(training.model, ck, message),
+                )
             for task in list(self.background):
                 with contextlib.suppress(Exception):
                     await task
@@ -179,8 +195,20 @@ class EngineCore:
             training.trainer.close()
         await self.host.stop()
 
+    def _served_p95(self, model: str) -> tuple[int, float | None] | None:
+        """The version served of ``model`` and its validation p95 (None: none served)."""
+        cur = self.host.trackers[model].current
+        return None if cur is None else (cur.version, validation_p95(cur.model.manifest))
+
     async def _training(self) -> OnlineTraining | None:
-        """Resume online training from the trained model's head version, if it has state."""
+        """Resume online training from the version ``train.resume_from`` names (default
+        the head), if it has training state; the start is logged (online.announce)."""
+        training = await self._resume_training()
+        if training is None and self.settings.trains:
+            log.warning("online training of %s is off: %s", self.settings.train.model, self.training_note)
+        return training
+
+    async def _resume_training(self) -> OnlineTraining | None:
         s = self.settings
         if not s.trains:
             self.training_note = f"role {s.role!r} with train.enabled={s.train.enabled}: not training"
@@ -189,14 +217,16 @@ class EngineCore:
         if store is None:
             self.training_note = f"train.model {s.train.model!r} is not among the served models"
             return None
-        head = await store.head()
-        if head is None:
-            self.training_note = f"model {s.train.model!r} has no version to resume training from"
-            return None
         try:
-            ckpt = await store.load(head.version, need_training=True)
+            version, how = await resume_version(store, s.train.resume_from)
+        except ResumeError as exc:
+            self.training_note = f"train.resume_from = {s.train.resume_from!r}: {exc}"
+            return None
+        head = await store.head()  # named at start when training resumes from another version
+        try:
+            ckpt = await store.load(version, need_training=True)
         except Exception as exc:
-            self.training_note = f"version {head.version} of {s.train.model!r} has no usable training state ({exc})"
+            self.training_note = f"version {version} of {s.train.model!r} has no usable training state ({exc})"
             return None
         trainer = await asyncio.to_thread(
             Trainer.from_checkpoint,
@@ -228,7 +258,16 @@ class EngineCore:
                 if outcome.stored is None:
                     policy.withdraw(val)
                     return
-                log.info("online training committed %s version %d: %s", store.name, outcome.stored.version, message)
+                step, first = int(ck.manifest["state"]["step"]), online.committed_step + 1
+                online.mark_committed(step, trained_from(outcome.stored.version, outcome.stored.content_hash))
+                log.info(
+                    "online training committed %s version %d (steps %d..%d): %s",
+                    store.name,
+                    outcome.stored.version,
+                    first,
+                    step,
+                    message,
+                )
                 await self.host.trackers[store.name].poll_once()
             except Exception:
                 log.exception("auto-commit of %s failed", store.name)
@@ -242,7 +281,9 @@ class EngineCore:
             loop.call_soon_threadsafe(schedule)
 
         self.training_note = None
-        return OnlineTraining(s.train.model, trainer, policy, publish)
+        online = OnlineTraining(s.train.model, trainer, policy, publish, trained_from(version, ckpt.content_hash))
+        announce(s, online, version, how, None if head is None else head.version)
+        return online
 
     async def gated_commit(self, model: str, ckpt: Checkpoint, message: str) -> CommitOutcome:
         """Online training's commit step: certify a checkpoint in a thread (about 30 s;
@@ -288,6 +329,7 @@ class EngineCore:
             budgets=tuple(self.budgets.reports()),
             pid=os.getpid(),
             rss_bytes=rss_bytes(),
+            process=process_stats(),
         )
 
     def _worker(self) -> ComputeWorker:
@@ -422,6 +464,7 @@ class EngineCore:
                 list(result.failures),
                 step,
             )
+        training.mark_committed(step, trained_from(stored.version, stored.content_hash))
         return Committed(stored.version, stored.content_hash, step, not result.passed, list(result.failures))
 
     async def poll(self, model: str) -> None:

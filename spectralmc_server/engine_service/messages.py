@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from spectralmc_server.engine.device import BudgetReport
-from spectralmc_server.engine_service.metrics import TrainingState
+from spectralmc_server.engine_service.metrics import ProcessStats, TrainingState
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.pricing.book import Book, LazyContracts
@@ -214,6 +214,7 @@ class EngineStatus:
     budgets: tuple[BudgetReport, ...] = ()
     pid: int = 0
     rss_bytes: int | None = None
+    process: ProcessStats | None = None  # CPU, descriptors, Python GC of the engine's process
 
 
 DOWN = EngineStatus(

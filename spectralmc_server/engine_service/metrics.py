@@ -1,4 +1,5 @@
-"""The engine's metrics: the families it counts, its device memory, and the state it reports.
+"""The engine's metrics: the families it counts, its device memory, and the state it reports
+(its models, its training, its process: CPU, descriptors, Python GC).
 
 The engine counts what happens on its side (engine failures, training steps, training
 rejections) on the registry it is given: the app's own when the engine runs on a thread
@@ -10,12 +11,15 @@ each scrape of the HTTP side: engine_service/server.py). :class:`ModelState` and
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from spectralmc_server.engine_service.rss import cpu_seconds, gc_generations, max_fds, open_fds
 
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
@@ -129,3 +133,66 @@ def device_memory_metrics() -> list[GaugeMetricFamily]:
             reserved.add_metric(label, torch.cuda.memory_reserved(i))
             total.add_metric(label, torch.cuda.get_device_properties(i).total_memory)
     return [allocated, peak, reserved, total]
+
+
+@dataclass(frozen=True)
+class ProcessStats:
+    """One process as it reads itself (engine_service/rss.py): the engine sends its own in
+    its status, the HTTP process reads its own at each scrape. None: not readable here."""
+
+    cpu_seconds: float  # user + system
+    open_fds: int | None
+    max_fds: int | None
+    gc: tuple[tuple[int, int, int], ...]  # per generation: collections, collected, uncollectable
+
+
+def process_stats() -> ProcessStats:
+    """This process's :class:`ProcessStats` now."""
+    return ProcessStats(cpu_seconds(), open_fds(), max_fds(), gc_generations())
+
+
+PROCESS_FAMILIES = (
+    "spectralmc_process_cpu_seconds",
+    "spectralmc_process_open_fds",
+    "spectralmc_process_max_fds",
+    "spectralmc_python_gc_collections",
+    "spectralmc_python_gc_objects_collected",
+    "spectralmc_python_gc_objects_uncollectable",
+)
+
+
+def process_metrics(processes: Iterable[tuple[str, ProcessStats | None]]) -> list[Metric]:
+    """CPU time, open descriptors and Python GC of each of the server's processes,
+    labelled ``process`` as ``spectralmc_process_resident_bytes`` is (``http``, ``engine``
+    or ``engine-K``); a process with no stats (an engine that is down) is left out."""
+    label = ["process"]
+    cpu = CounterMetricFamily(
+        "spectralmc_process_cpu_seconds", "CPU time (user + system) of each of the server's processes", labels=label
+    )
+    fds = GaugeMetricFamily("spectralmc_process_open_fds", "Open file descriptors of each process", labels=label)
+    limit = GaugeMetricFamily(
+        "spectralmc_process_max_fds", "Each process's limit on open file descriptors (soft RLIMIT_NOFILE)", labels=label
+    )
+    gen = ["process", "generation"]
+    runs = CounterMetricFamily(
+        "spectralmc_python_gc_collections", "Python cyclic GC collections, by process and generation", labels=gen
+    )
+    collected = CounterMetricFamily(
+        "spectralmc_python_gc_objects_collected", "Objects Python's cyclic GC collected", labels=gen
+    )
+    uncollectable = CounterMetricFamily(
+        "spectralmc_python_gc_objects_uncollectable", "Objects Python's cyclic GC found uncollectable", labels=gen
+    )
+    for name, stats in processes:
+        if stats is None:
+            continue
+        cpu.add_metric([name], stats.cpu_seconds)
+        if stats.open_fds is not None:
+            fds.add_metric([name], stats.open_fds)
+        if stats.max_fds is not None:
+            limit.add_metric([name], stats.max_fds)
+        for g, (n, c, u) in enumerate(stats.gc):
+            runs.add_metric([name, str(g)], n)
+            collected.add_metric([name, str(g)], c)
+            uncollectable.add_metric([name, str(g)], u)
+    return [cpu, fds, limit, runs, collected, uncollectable]

@@ -1,12 +1,24 @@
-"""A process's resident set size: what the engine reports in its status and the HTTP
-process in ``spectralmc_process_resident_bytes`` (service/memory.py)."""
+"""What a process reads about itself: its resident set size, CPU time, open file
+descriptors and Python garbage collections.
+
+The engine reports them in its status (engine_service/metrics.py ``process_stats``); the
+HTTP process reads its own at each scrape (``spectralmc_process_*`` and
+``spectralmc_python_gc_*``, service/metrics.py; RSS in service/memory.py). Each process
+reads only itself, so no process needs access to another's ``/proc``. Where a figure
+cannot be read it is None (and not exported): RSS needs Linux's ``/proc/self/statm``;
+open descriptors ``/proc/self/fd`` (Linux) or ``/dev/fd`` (macOS, the BSDs); CPU time
+and the GC counts work everywhere.
+"""
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
 from pathlib import Path
 
 STATM = Path("/proc/self/statm")
+FD_DIRS = (Path("/proc/self/fd"), Path("/dev/fd"))
 
 
 def rss_bytes() -> int | None:
@@ -15,3 +27,32 @@ def rss_bytes() -> int | None:
         return int(STATM.read_bytes().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def cpu_seconds() -> float:
+    """CPU time this process has used, user and system, all its threads together."""
+    t = os.times()
+    return t.user + t.system
+
+
+def open_fds() -> int | None:
+    """File descriptors this process has open (not counting the one that lists them);
+    None where there is no descriptor directory to list."""
+    for d in FD_DIRS:
+        try:
+            return max(0, sum(1 for _ in d.iterdir()) - 1)
+        except OSError:
+            continue
+    return None
+
+
+def max_fds() -> int | None:
+    """The soft limit on open descriptors (RLIMIT_NOFILE); None when unlimited."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
+
+
+def gc_generations() -> tuple[tuple[int, int, int], ...]:
+    """Python's cyclic GC per generation (0, 1, 2): collections run, objects collected,
+    objects found uncollectable, since the process started."""
+    return tuple((int(s["collections"]), int(s["collected"]), int(s["uncollectable"])) for s in gc.get_stats())

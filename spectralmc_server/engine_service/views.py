@@ -36,6 +36,17 @@ class TrackerView:
     rejected: dict[str, Any] | None  # the version wanted and refused by the gate (JSON), if any
     rejections: dict[str, int]  # refusals by kind, since start
     why_none: str | None  # why nothing is served, when nothing is
+    # what is served instead of a store version while the store has not answered since
+    # start (engine_service/models.py Fallback.describe: source "cache" or "bundled",
+    # version, content_hash, path, store_error, refused); None once a store version serves
+    fallback: dict[str, Any] | None = None
+
+    @property
+    def source(self) -> str | None:
+        """Where the served version came from: "store", "cache", "bundled" (None: nothing served)."""
+        if self.served is None:
+            return None
+        return "store" if self.fallback is None else str(self.fallback["source"])
 
 
 class Directory:
@@ -75,14 +86,25 @@ class Directory:
         return {m.name: m.rejected for m in self.models if m.rejected is not None}
 
     def degraded(self) -> list[str]:
-        """Models that serve a loaded version but whose last store poll failed: answers go
-        on from that version (still ready), and new versions wait for the store."""
-        return [
-            f"{m.name}: serving version {m.served.version}; {m.consecutive_failures} failed store poll(s) in a row, "
-            f"next try in {m.backoff_seconds:g} s; last error: {m.last_error}"
-            for m in self.models
-            if m.served is not None and m.consecutive_failures > 0
-        ]
+        """Models that serve a loaded version but whose last store poll failed, or that
+        serve a fallback (a cached version or the bundled model) because the store was
+        unreachable at start: answers go on from that version (still ready), and new
+        versions wait for the store."""
+        out = []
+        for m in self.models:
+            if m.served is None:
+                continue
+            if m.fallback is not None:
+                out.append(f"{m.name}: {_fallback_text(m)}")
+            elif m.consecutive_failures > 0:
+                out.append(f"{m.name}: serving version {m.served.version}; {_failing(m)}")
+        return out
+
+    def fallbacks(self) -> dict[str, dict[str, Any]]:
+        """Models served by a fallback since a start without the store: per model the
+        source ("cache" or "bundled"), version, content hash, path, the store's error at
+        start, and the cache entries refused (/readyz names them)."""
+        return {m.name: dict(m.fallback) for m in self.models if m.served is not None and m.fallback is not None}
 
     def describe(self) -> list[dict[str, Any]]:
         """One row per model, as /v1/models and the admin answers show it."""
@@ -92,6 +114,7 @@ class Directory:
                 "process": None if m.served is None else m.served.process,
                 "version": None if m.served is None else m.served.version,
                 "content_hash": None if m.served is None else m.served.content_hash,
+                "source": m.source,
                 "mode": m.mode,
                 "domain": None if m.served is None else m.served.domain,
                 "swaps": m.swaps,
@@ -122,6 +145,33 @@ class Directory:
 
 
 EMPTY = Directory(())
+
+
+def _failing(m: TrackerView) -> str:
+    return (
+        f"{m.consecutive_failures} failed store poll(s) in a row, next try in {m.backoff_seconds:g} s; "
+        f"last error: {m.last_error}"
+    )
+
+
+def _fallback_text(m: TrackerView) -> str:
+    """A model served by a fallback, in words: what it serves and why not the store."""
+    fb = m.fallback or {}
+    if fb.get("source") == "cache":
+        what = f"serving cached version {fb.get('version')} ({fb.get('content_hash')}) from the local version cache"
+    else:
+        what = f"serving the bundled model ({fb.get('content_hash')}), version none"
+    refused = fb.get("refused") or []
+    if refused:
+        what += f" ({len(refused)} cached version(s) refused: {'; '.join(refused)})"
+    down = f"the store was unreachable at start ({fb.get('store_error')})"
+    if m.consecutive_failures > 0:
+        return f"{what}; {down}; {_failing(m)}"
+    if m.last_good_poll is None:
+        return f"{what}; {down}, next try in {m.backoff_seconds:g} s"
+    if m.rejected is not None:
+        return f"{what}; the store answers, but its version {m.rejected.get('version')} fails the quality gate"
+    return f"{what}; the store answers but has no version of {m.name} to serve yet"
 
 
 class ModelDirectory:

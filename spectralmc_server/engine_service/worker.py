@@ -128,6 +128,9 @@ class OnlineTraining:
 
     ``publish(checkpoint, message)`` is called on the worker thread when a commit is
     due; it must only hand the checkpoint over (the app commits it on the event loop).
+    ``origin``: the version training resumed from (the run fact ``trained_from``,
+    training/resume.py); after each commit stored (:meth:`mark_committed`) the version
+    committed, whose step also starts the steps counted as not yet committed.
     """
 
     def __init__(
@@ -136,11 +139,14 @@ class OnlineTraining:
         trainer: Trainer,
         policy: CommitPolicy,
         publish: Callable[[Checkpoint, str], None],
+        origin: dict[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.trainer = trainer
         self.policy = policy
         self.publish = publish
+        self.origin = origin
+        self.committed_step = trainer.step  # the step of the last version stored (or resumed from)
         self.commits = 0
         self.enabled = True
         # Unix times for the alerts (TrainingState): a stall is an old last step while the
@@ -169,7 +175,10 @@ class OnlineTraining:
         if not t.history or t.history[-1].step != t.step:
             self._validate()
         self.commits += 1
-        ckpt = t.checkpoint(run={"command": f"spectralmc serve (online training of {self.model})"})
+        run: dict[str, Any] = {"command": f"spectralmc serve (online training of {self.model})"}
+        if self.origin is not None:
+            run["trained_from"] = self.origin
+        ckpt = t.checkpoint(run=run)
         # The trainer's state dicts alias its live tensors, which the next step updates in
         # place while the event loop encodes this checkpoint: commit copies.
         return Checkpoint(
@@ -177,6 +186,18 @@ class OnlineTraining:
             {k: v.detach().clone() for k, v in ckpt.model.items()},
             {k: v.detach().clone() for k, v in ckpt.training.items()},
         )
+
+    def halt(self) -> int:
+        """On the worker: no training step after this one (shutdown); the step reached."""
+        self.enabled = False
+        return self.trainer.step
+
+    def mark_committed(self, step: int, origin: dict[str, Any]) -> None:
+        """A checkpoint taken at ``step`` is stored as the version ``origin`` names (from
+        the event loop, after the store said so)."""
+        if step >= self.committed_step:
+            self.committed_step = step
+            self.origin = origin
 
     def _validate(self) -> None:
         self.trainer.validate()

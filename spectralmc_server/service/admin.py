@@ -23,8 +23,10 @@ from spectralmc_server.engine_service.messages import CommitRefused, EngineDeadE
 from spectralmc_server.service import keys
 from spectralmc_server.service.auth import ADMIN_REALM, accepted_tokens, require_token
 from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
+from spectralmc_server.service.gc_schedule import STORE_GC
 from spectralmc_server.service.routes import json_response, read_json, validate
 from spectralmc_server.service.schemas import CommitBody, GCBody, PinBody, UnpinBody
+from spectralmc_server.store.lease import LeaseHeldError, holder_name, iso
 from spectralmc_server.store.objects import CorruptObjectError
 from spectralmc_server.store.versions import (
     ContentCollectedError,
@@ -167,17 +169,30 @@ async def verify(request: web.Request) -> web.Response:
 
 @routes.post("/v1/admin/models/{name}/gc")
 async def gc(request: web.Request) -> web.Response:
-    """Delete the content of old versions (records stay); a dry run by default."""
+    """Delete the content of old versions (records stay); a dry run by default. A real
+    run holds the model's GC lease in the store (service/gc_schedule.py): while another
+    holder has it (the schedule on some replica, ``spectralmc store gc``), 409 naming the
+    holder and when its lease expires."""
     store = model_store(request)
     body: GCBody = validate(GCBody, await read_json(request))
     try:
-        report = await store.gc(
-            body.keep,
-            protect=body.protect,
-            min_keep=body.min_keep,
-            dry_run=body.dry_run,
-            grace_seconds=body.grace_seconds,
-        )
+        if body.dry_run:  # writes nothing: no lease
+            report = await store.gc(
+                body.keep, protect=body.protect, min_keep=body.min_keep, dry_run=True, grace_seconds=body.grace_seconds
+            )
+        else:
+            report = await request.app[STORE_GC].collect(
+                store.name,
+                "admin",
+                keep=body.keep,
+                protect=body.protect,
+                min_keep=body.min_keep,
+                grace_seconds=body.grace_seconds,
+                holder=holder_name("admin api"),
+            )
+    except LeaseHeldError as exc:
+        detail = {"field": "lease", "reason": str(exc), "holder": exc.holder, "expires": iso(exc.expires)}
+        raise Conflict(f"{exc}; try again after it", details=[detail]) from None
     except (VersionError, CorruptObjectError) as exc:  # a damaged link: run verify
         raise Conflict(str(exc)) from None
     return json_response(report.as_dict())

@@ -3,10 +3,11 @@
 Resources start in order and stop in reverse, each a ``cleanup_ctx``: object store ->
 market data -> the engine (models, compute worker, online training: on a thread here or
 in its own process, engine_service/) -> valuation queue -> stream hub -> declared jobs
--> GC tuning -> memory (memory.py).
+-> GC tuning -> store GC (gc_schedule.py) -> memory (memory.py).
 Graceful shutdown (SIGTERM/SIGINT): readiness fails at once, new work gets 503,
 queued and in-flight requests are answered, the worker finishes its jobs, and the
-training state is committed when ``train.commit_on_shutdown`` is set.
+steps trained since the last commit are committed when they beat the served version
+(``train.commit_on_shutdown``; engine_service/online.py), or logged as discarded.
 """
 
 from __future__ import annotations
@@ -26,11 +27,20 @@ from aiohttp import web
 from spectralmc_server.engine.device import BudgetReport, Budgets
 from spectralmc_server.engine_service.core import EngineCore
 from spectralmc_server.engine_service.messages import EngineDeadError
-from spectralmc_server.engine_service.metrics import ModelState, TrainingState
+from spectralmc_server.engine_service.metrics import ModelState, TrainingState, process_stats
 from spectralmc_server.engine_service.views import ModelDirectory
 from spectralmc_server.marketdata.store import SnapshotStore, iso
 from spectralmc_server.pricing.schemas import PriceRequest
-from spectralmc_server.service import admin, calibrate_routes, edge, keys, pages, routes, snapshot_routes
+from spectralmc_server.service import (
+    admin,
+    calibrate_routes,
+    edge,
+    keys,
+    pages,
+    routes,
+    snapshot_routes,
+    validation_routes,
+)
 from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.calibrate_routes import calibrate_action
 from spectralmc_server.service.engine import EngineClient, LocalEngine
@@ -45,6 +55,7 @@ from spectralmc_server.service.errors import (
     UnsupportedMediaType,
     store_unavailable,
 )
+from spectralmc_server.service.gc_schedule import store_gc_ctx
 from spectralmc_server.service.jobs import Schedule, derive_action, price_action
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.memory import bounded_send, memory_ctx
@@ -329,6 +340,10 @@ def _state_source(app: web.Application) -> StateSource:
         ),
         jobs=lambda: [(name, sch.last_success) for name, sch in app.get(keys.JOBS, {}).items()],
         device=app[keys.SETTINGS].engine.mode == "thread",
+        processes=lambda: [
+            ("http", process_stats()),
+            *(engine.processes_stats() if (engine := app.get(keys.ENGINE)) is not None else []),
+        ],
     )
 
 
@@ -351,7 +366,9 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.add_routes(snapshot_routes.routes)
     app.add_routes(calibrate_routes.routes)
     app.add_routes(pages.routes)  # / and /docs (service/pages.py)
+    app.add_routes(validation_routes.routes)  # GET /v1/models/{name}/validation (the /ui plots it)
     app.cleanup_ctx.extend([store_ctx, marketdata_ctx, engine_ctx, queue_ctx, stream_ctx, jobs_ctx, gc_ctx])
+    app.cleanup_ctx.append(store_gc_ctx)  # store GC under its lease, on a schedule (gc_schedule.py)
     app.cleanup_ctx.append(memory_ctx)  # send tracking and the reclaimer (memory.py)
     app.on_shutdown.append(on_shutdown)
     return app

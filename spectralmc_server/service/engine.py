@@ -31,6 +31,7 @@ from spectralmc_server.engine_service.messages import (
     PriceResult,
     SliceDone,
 )
+from spectralmc_server.engine_service.metrics import ProcessStats
 from spectralmc_server.engine_service.views import ModelDirectory
 
 if TYPE_CHECKING:  # the engine side (thread mode only): not imported by the HTTP side's modules
@@ -100,6 +101,11 @@ class EngineClient(ABC):
 
     def processes_rss(self) -> list[tuple[str, int | None]]:
         """(name, resident set size) of each engine process (none when on a thread here)."""
+        return []
+
+    def processes_stats(self) -> list[tuple[str, ProcessStats | None]]:
+        """(name, CPU, descriptors, Python GC) of each engine process, as of its last
+        status (none when on a thread here: the HTTP process's own figures cover it)."""
         return []
 
     async def metrics_text(self) -> bytes:

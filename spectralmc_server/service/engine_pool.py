@@ -38,6 +38,7 @@ from spectralmc_server.engine_service.messages import (
     PriceResult,
     SliceDone,
 )
+from spectralmc_server.engine_service.metrics import ProcessStats
 from spectralmc_server.engine_service.views import Directory, ModelDirectory
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.engine_process import ProcessEngine
@@ -213,6 +214,9 @@ class EnginePool(EngineClient):
 
     def processes_rss(self) -> list[tuple[str, int | None]]:
         return [item for e in self.engines for item in e.processes_rss()]
+
+    def processes_stats(self) -> list[tuple[str, ProcessStats | None]]:
+        return [item for e in self.engines for item in e.processes_stats()]
 
     async def metrics_text(self) -> bytes:
         texts = await asyncio.gather(*(e.metrics_text() for e in self.engines))

@@ -47,6 +47,7 @@ from spectralmc_server.engine_service.messages import (
     PriceResult,
     SliceDone,
 )
+from spectralmc_server.engine_service.metrics import ProcessStats
 from spectralmc_server.engine_service.protocol import Call, Ready, Reply, Shutdown, Start, StartFailed, Tell, http_allow
 from spectralmc_server.engine_service.views import Directory, ModelDirectory
 from spectralmc_server.ipc.framing import FrameProtocol, connect, send_frame, write_frame
@@ -204,7 +205,9 @@ class ProcessEngine(EngineClient):
             write_frame(conn.transport, Shutdown())
         if link.proc.returncode is None:
             try:
-                async with asyncio.timeout(self.settings.shutdown_timeout_seconds + 60):
+                # the worker's drain, and the training commit at shutdown, each bounded
+                s = self.settings
+                async with asyncio.timeout(s.shutdown_timeout_seconds + s.train.shutdown_commit_seconds + 30):
                     await link.proc.wait()
             except TimeoutError:
                 log.error("engine process %d did not stop in time: killed", link.proc.pid)
@@ -403,6 +406,10 @@ class ProcessEngine(EngineClient):
     def processes_rss(self) -> list[tuple[str, int | None]]:
         name = "engine" if self.index is None else f"engine-{self.index}"
         return [(name, self._status.rss_bytes if self.alive else None)]
+
+    def processes_stats(self) -> list[tuple[str, ProcessStats | None]]:
+        name = "engine" if self.index is None else f"engine-{self.index}"
+        return [(name, self._status.process if self.alive else None)]
 
     async def metrics_text(self) -> bytes:
         try:

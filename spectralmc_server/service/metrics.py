@@ -18,9 +18,11 @@ from prometheus_client.registry import Collector
 from spectralmc_server.engine.device import BudgetReport
 from spectralmc_server.engine_service.metrics import (
     ModelState,
+    ProcessStats,
     TrainingState,
     device_memory_metrics,
     engine_failures_counter,
+    process_metrics,
     training_rejected_counter,
     training_step_histogram,
 )
@@ -53,6 +55,8 @@ class StateSource:
     streams: Callable[[], tuple[int, int]] = lambda: (0, 0)  # connections, subscriptions
     jobs: Callable[[], list[tuple[str, float | None]]] = list  # (job, unix time of its last success)
     device: bool = True  # the device's memory is this process's to report (the engine runs here)
+    # (process, CPU / descriptors / Python GC) of each of the server's processes: http, engine(s)
+    processes: Callable[[], list[tuple[str, ProcessStats | None]]] = list
 
 
 class StateCollector(Collector):
@@ -66,6 +70,7 @@ class StateCollector(Collector):
         yield from self._budgets()
         yield from self._queue_and_streams()
         yield from self._training()
+        yield from process_metrics(self.source.processes())
 
     def _models(self) -> Iterator[Metric]:
         models = self.source.models()

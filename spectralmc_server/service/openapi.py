@@ -21,6 +21,7 @@ from spectralmc_server.service.schemas import (
     PinBody,
     UnpinBody,
 )
+from spectralmc_server.service.validation_routes import ValidationResponse
 
 REF = "#/components/schemas/{model}"
 
@@ -150,7 +151,7 @@ def _marketdata_paths(plain: dict[str, Any]) -> dict[str, Any]:
         "/v1/jobs": {"get": {"summary": "Declared jobs and their recent runs", "tags": ["ops"], "responses": plain}},
         "/ui": {
             "get": {
-                "summary": "Live page: served models and streaming quotes",
+                "summary": "Live page: streaming quotes, the smile against the snapshot, models' validation and error",
                 "tags": ["ops"],
                 "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": TEXT}}}},
             }
@@ -252,6 +253,7 @@ def build_openapi() -> dict[str, Any]:
             (PriceRequest, "validation"),
             (PriceResponse, "serialization"),
             (ModelsResponse, "serialization"),
+            (ValidationResponse, "serialization"),
             (ErrorResponse, "serialization"),
             (CommitBody, "validation"),
             (PinBody, "validation"),
@@ -319,6 +321,23 @@ def build_openapi() -> dict[str, Any]:
                 ),
                 "tags": ["models"],
                 "responses": {"200": _json(_ref(ModelsResponse), "Served models")},
+            }
+        },
+        "/v1/models/{name}/validation": {
+            "get": {
+                "summary": "A served model's validation history (the held-out price error over training)",
+                "description": (
+                    "versions: every committed version, oldest first, with its commit time, training step and "
+                    "the p50, p95 and max price error (bp of D F) its last validation measured; history: every "
+                    "validation of the served version's training (empty, with reason, when its manifest cannot "
+                    "be read). 503 store_unavailable when the store does not list the versions."
+                ),
+                "tags": ["models"],
+                "parameters": NAME,
+                "responses": {
+                    "200": _json(_ref(ValidationResponse), "Validation history"),
+                    **_errors(404, 503),
+                },
             }
         },
         "/healthz": {"get": {"summary": "Process alive", "tags": ["ops"], "responses": {**plain, **_errors(503)}}},

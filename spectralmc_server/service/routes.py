@@ -317,7 +317,8 @@ def not_ready_reason(app: web.Application) -> str | None:
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     """Ready: models loaded and work accepted; else 503 with the reason. A replica whose
-    store polls fail still answers from its loaded versions: 200, status ``degraded``."""
+    store polls fail still answers from its loaded versions: 200, status ``degraded``; so
+    does one started while the store was down, from a cached or the bundled version."""
     app = request.app
     reason = not_ready_reason(app)
     if reason is not None:
@@ -336,6 +337,8 @@ async def readyz(request: web.Request) -> web.Response:
             "forced": directory.forced(),
             # versions wanted (head or pin) and refused by the gate while another is served
             "rejected": directory.rejected(),
+            # models served from the version cache or bundled because the store was down at start
+            "fallback": directory.fallbacks(),
             "training": status.training_model,
             "training_note": status.training_note,
         }

@@ -10,6 +10,7 @@ Layout of model ``NAME`` in an object store::
     models/NAME/refs/pin                   pointer to the last pin-log entry, moved by CAS
     models/NAME/gc/<version>.json          marker: this version's content was collected
     models/NAME/certs/<version>.json       link: version -> its certificate blob, created once
+    models/NAME/leases/gc.json             who may run GC now (store/lease.py)
 
 A record names its parent's record hash, so editing any byte of history breaks the
 chain. Claiming record n with put-if-absent means two writers can never both own
@@ -63,6 +64,7 @@ from spectralmc_server.store.chain import (
     now,
     parse,
 )
+from spectralmc_server.store.lease import Lease, holder_name
 from spectralmc_server.store.objects import CorruptObjectError, ObjectStore, PreconditionFailedError, list_all
 from spectralmc_server.store.records import (
     CONTENT_ROLES,
@@ -80,10 +82,13 @@ from spectralmc_server.store.records import (
     make_link,
 )
 
+GC_LEASE_SECONDS = 120.0  # a GC lease's default lifetime: renewed every third of it while GC runs
+
 __all__ = [  # the names importers use, wherever they are defined now
     "CONCURRENCY",
     "CONTENT_ROLES",
     "GC_FORMAT",
+    "GC_LEASE_SECONDS",
     "LIBRARY",
     "LINK_FIELDS",
     "LINK_FORMAT",
@@ -125,6 +130,18 @@ class VersionStore:
 
     def cert_key(self, version: int) -> str:
         return f"{self.base}/certs/{version:012d}.json"
+
+    def gc_lease(self, holder: str | None = None, ttl_seconds: float = GC_LEASE_SECONDS) -> Lease:
+        """The lease a real (not dry-run) GC of this model holds, so that two never run
+        at once: the GC schedule, the admin route and ``spectralmc store gc --yes`` all
+        take it (store/lease.py). ``holder``: who asks (default: this process)."""
+        return Lease(
+            self.objects,
+            f"{self.base}/leases/gc.json",
+            holder or holder_name("gc"),
+            ttl_seconds,
+            what=f"store GC of model {self.name!r}",
+        )
 
     # -- commit --------------------------------------------------------------------------
     async def commit(

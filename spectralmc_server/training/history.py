@@ -65,8 +65,12 @@ async def inspect_version(store: VersionStore, version: int) -> dict[str, Any]:
             "training": manifest.get("training"),
             "state": manifest.get("state"),
             "metrics": metrics,
-            # the command line and training seconds, from ``run`` or where older manifests kept them
-            "run": {k: v for k, v in run_facts(manifest).items() if k != "validation_seconds"},
+            # the command line and training seconds, from ``run`` or where older manifests kept
+            # them, and the version this state continued (training/resume.py; None: unrecorded)
+            "run": {
+                **{k: v for k, v in run_facts(manifest).items() if k != "validation_seconds"},
+                "trained_from": run.get("trained_from") if isinstance(run := manifest.get("run"), dict) else None,
+            },
         }
     return row
 

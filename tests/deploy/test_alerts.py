@@ -32,6 +32,7 @@ ALERTS = {
     "SpectralMCMemoryNearCap",
     "SpectralMCModelRejected",
     "SpectralMCModelForced",
+    "SpectralMCStoreGCFailing",
 }
 SCRAPE_JOBS = ("spectralmc-api", "spectralmc-trainer")
 # Series Prometheus itself makes for each target, not the server.

@@ -5,7 +5,7 @@ One S3 server (SeaweedFS), two ``spectralmc serve --role serve`` replicas, one
 Prometheus loading ``deploy/prometheus/alerts.yml``, all on 127.0.0.1. A client load
 runs against the replicas through every step and records each answer:
 
-1. five versions committed by the trainer, each served by both replicas within one
+1. three versions committed by the trainer, each served by both replicas within one
    poll interval (plus the load of the new weights), no failed request through the swaps;
 2. Prometheus scrapes every process and loads the alert rules;
 3. the object store stopped for 10 s under load: no failed pricing request, /readyz of
@@ -47,6 +47,8 @@ POLL_SECONDS = 1.0
 LOAD_SECONDS_ALLOWANCE = 1.0  # fetching and loading a new version after the poll that finds it
 MAX_BACKOFF_SECONDS = 2.0
 OUTAGE_SECONDS = 10.0
+SWAPS = 3  # commits served through under load (step 1)
+RACE_ROUNDS = 2  # rounds of two concurrent commits (step 4)
 CONTRACTS = [
     {"id": "c", "right": "call", "strike": 105.0, "spot": 100.0, "expiry_years": 0.5, "vol": 0.25},
     {"id": "p", "right": "put", "strike": 95.0, "spot": 100.0, "expiry_years": 1.0, "vol": 0.3, "rate": 0.02},
@@ -307,16 +309,17 @@ async def test_cluster(cluster: Cluster) -> None:
         load = Load(session, {p.name: p.url for p in api})
         await asyncio.sleep(1.0)
 
-        # 1. Five swaps under load, each reaching both replicas within one poll interval.
+        # 1. Three swaps under load, each reaching both replicas within one poll interval
+        # (each commit certifies its version: a few seconds of this 2-core machine under load).
         lags: list[float] = []
         versions: list[int] = []
         t_start = time.monotonic()
-        for i in range(5):
+        for i in range(SWAPS):
             out = await commit(session, trainer, f"cluster swap {i + 1}")
             versions.append(out["version"])
             lags.append(await wait_served(session, api, out["version"], timeout=10 * POLL_SECONDS))
             await asyncio.sleep(0.3)
-        assert versions == [2, 3, 4, 5, 6], versions  # one seed, then the five commits
+        assert versions == list(range(2, SWAPS + 2)), versions  # one seed, then the commits
         assert max(lags) <= POLL_SECONDS + LOAD_SECONDS_ALLOWANCE, lags
         during = load.since(t_start)
         assert len(during) > 20 and not load.failures(t_start), load.failures(t_start)[:5]
@@ -325,7 +328,7 @@ async def test_cluster(cluster: Cluster) -> None:
             assert seen == sorted(seen) and seen[-1] == versions[-1], (p.name, seen[-10:])
         print(f"swap lag per version (s): {[round(x, 3) for x in lags]}; {len(during)} requests, none failed")
 
-        mark("five swaps done")
+        mark("swaps done")
         c.start("trainer-2", "train", ports[4])  # for step 4; it starts while step 2 runs
         # 2. Prometheus scrapes every process and loads the alert rules.
         prom = start_prometheus(c, ports[3])
@@ -378,10 +381,10 @@ async def test_cluster(cluster: Cluster) -> None:
         # 4. Two trainers commit concurrently: one linear chain.
         trainers = [trainer, c.procs["trainer-2"]]
         made: list[int] = []
-        for rnd in range(4):
+        for rnd in range(RACE_ROUNDS):
             outs = await asyncio.gather(*(commit(session, t, f"race {rnd} from {t.name}") for t in trainers))
             made += [o["version"] for o in outs]
-        assert sorted(made) == list(range(versions[-1] + 1, versions[-1] + 9)), made
+        assert sorted(made) == list(range(versions[-1] + 1, versions[-1] + 1 + 2 * RACE_ROUNDS)), made
         status, listing = await get_json(session, f"{trainer.url}/v1/admin/models/gbm/versions")
         assert status == 200
         numbers = [v["version"] for v in listing["versions"]]

@@ -474,9 +474,10 @@ def exposed() -> dict[str, set[str]]:
         if family.samples:
             for s in family.samples:
                 names.setdefault(s.name, set()).update(s.labels)
-        else:  # the CUDA allocator gauges, empty on a machine without CUDA
-            assert family.type == "gauge", family.name
-            names[family.name] = set(getattr(family, "_labelnames", ()))
+        else:  # empty here: the CUDA allocator gauges (no CUDA), the engines' process figures
+            assert family.type in ("gauge", "counter"), family.name
+            name = f"{family.name}_total" if family.type == "counter" else family.name
+            names[name] = set(getattr(family, "_labelnames", ()))
     return names
 
 

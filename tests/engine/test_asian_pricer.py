@@ -434,9 +434,9 @@ def test_stdev_is_the_average_s(raw: ServedModel) -> None:
         assert terminal > 1.3 * want  # the bound tells A from S_T
 
 
-def test_a_contract_priced_alone_or_in_a_batch_of_300_is_bitwise_the_same(raw: ServedModel) -> None:
+def test_a_contract_priced_alone_or_in_a_batch_is_bitwise_the_same(raw: ServedModel) -> None:
     g = torch.Generator().manual_seed(13)
-    n = 300
+    n = 150  # three of the pricer's 64-row blocks (pricer.invariant_cf), the last one partial
     theta, expiry = raw.domain.from_unit(torch.rand(n, raw.domain.dims, generator=g, dtype=F64))
     theta[:, 2] = torch.round(theta[:, 2])
     rate = 0.01 + 0.07 * torch.rand(n, generator=g, dtype=F64)
@@ -446,7 +446,7 @@ def test_a_contract_priced_alone_or_in_a_batch_of_300_is_bitwise_the_same(raw: S
     levels = torch.tensor([0.01, 0.25, 0.5, 0.75, 0.99], dtype=F64)
     whole = raw.pricer.evaluate(batch, measures, levels)
     assert int(whole.learned.sum()) > 0.8 * n
-    for i in (0, 150, 299):
+    for i in (0, 70, 149):
         alone = raw.pricer.evaluate(batch.select(torch.tensor([i])), measures, levels)
         assert bool(alone.learned[0]) == bool(whole.learned[i])
         for m in measures:

@@ -250,7 +250,8 @@ async def _click_to(page: Page, selector: str, path: str, base: str) -> None:
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install -y chromium)")
 async def test_pages_in_a_browser(make_client: MakeClient) -> None:
     """Start page -> /docs -> start page -> /ui (live) -> /docs -> /ui -> start page, by
-    clicking the links, with no console error."""
+    clicking the links, with no console error and no failed request (the page leaves /ui
+    once it has shown what it fetches: the models and, with no snapshot, the hint)."""
     assert CHROMIUM is not None
     client = await make_client()
     base = str(client.make_url("")).rstrip("/")
@@ -271,10 +272,13 @@ async def test_pages_in_a_browser(make_client: MakeClient) -> None:
             await _click_to(page, "nav a[href='/']", "/", base)
             await _click_to(page, "#links a[href='/ui']", "/ui", base)
             await page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
-            await page.wait_for_selector("#models tbody tr", timeout=10_000)
+            await page.wait_for_selector("#models tbody tr", timeout=10_000)  # after the validation histories
+            await page.wait_for_selector("#hint:not([hidden])", timeout=10_000)  # no snapshot: its last fetch
             await _click_to(page, "footer a[href='/docs']", "/docs", base)
             await page.go_back()
             await page.wait_for_function("document.getElementById('status').textContent === 'live'", timeout=10_000)
+            await page.wait_for_selector("#hint:not([hidden])", timeout=10_000)
+            await page.wait_for_selector("#validation svg.chart", timeout=10_000)
             await _click_to(page, "footer a[href='/']", "/", base)
             assert errors == [] and failed == [], (errors, failed)
         finally:

@@ -457,9 +457,35 @@ async def test_models(make_client: MakeClient) -> None:
         assert r["low"] < r["high"]
 
 
+async def test_validation_route_when_the_store_fails(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GET /v1/models/{name}/validation (tests/service/test_ui.py checks its figures): a
+    manifest that cannot be had leaves the versions and says why; a store that cannot
+    list the versions is a 503 store_unavailable."""
+    client = await make_client(models=["gbm"])
+    store = app_of(client)[keys.STORES]["gbm"]
+
+    async def collected(version: int) -> None:
+        return None
+
+    monkeypatch.setattr(store, "manifest", collected)
+    out = await ok_json(await client.get("/v1/models/gbm/validation"))
+    assert out["history"] == [] and out["reason"] == "version 1's content was collected (store gc)", out
+    assert [v["version"] for v in out["versions"]] == [1] and out["versions"][0]["served"] is True
+
+    async def down() -> None:
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(store, "versions", down)
+    r = await client.get("/v1/models/gbm/validation")
+    err = await assert_error(r, 503, "store_unavailable")
+    assert err["message"] == "model store unavailable: OSError: disk gone" and r.headers["Retry-After"] == "5"
+    await assert_error(await client.get("/v1/models/heston/validation"), 404, "not_found")
+
+
 CONTRACT_ROUTES = {
     ("post", "/v1/price"),
     ("get", "/v1/models"),
+    ("get", "/v1/models/{name}/validation"),
     ("get", "/healthz"),
     ("get", "/readyz"),
     ("get", "/metrics"),

@@ -39,7 +39,7 @@ from spectralmc_server.engine.kernels import KernelPolicy, check_policy, kernel_
 from spectralmc_server.engine.normals import NormalsConfig, NormalsMode, NormalsPool, sobol_engine
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ModelDomain, Process
-from spectralmc_server.engine.reference import analytic_cf_y, simulated_cf_y
+from spectralmc_server.engine.reference import analytic_cf_y, conditional_cf_y, simulated_cf_y
 from spectralmc_server.engine.spectrum import ControlCoefficient, SpectrumConfig
 
 VALIDATION_STRIKES = tuple(0.7 + 0.05 * i for i in range(13))  # K/F in [0.7, 1.3]
@@ -76,9 +76,12 @@ class TrainConfig(BaseModel):
     # (lower variance when the correlation is weak, but biased by O(1/paths)).
     control_variate: bool = False
     control_coefficient: ControlCoefficient = "unit"
-    # mc: FFT estimates from simulated paths (the method). exact: the analytic CF as the
+    # mc: FFT estimates from simulated paths (the method). conditional: the mixed
+    # estimate, the mean of X's conditional Gaussian CF given the variance driver's path
+    # (a stochastic-volatility process with Process.has_conditional; reference.
+    # conditional_cf_y): the same paths, less noise. exact: the analytic CF as the
     # target, a noise-free diagnostic that separates MC noise from fitting limits.
-    targets: Literal["mc", "exact"] = "mc"
+    targets: Literal["mc", "conditional", "exact"] = "mc"
     # A defective law's (a barrier's, Process.defective) loss weight on its two masses,
     # phi(0) = P(survived) and the share mass E[e^X w], over each frequency's weight of 1:
     # a price takes each mass with weight about 1, frequency k with about 1 / w_k^2.
@@ -116,6 +119,10 @@ class TrainConfig(BaseModel):
             )
         if self.control_variate and not process.has_companion:
             raise ValueError(f"control_variate needs a companion process, which {self.process!r} lacks")
+        if self.targets == "conditional" and not process.has_conditional:
+            raise ValueError(f"targets = 'conditional' needs a conditional Gaussian law, which {self.process!r} lacks")
+        if self.targets == "conditional" and self.control_variate:
+            raise ValueError("targets = 'conditional' takes no control_variate (set control_variate = false)")
         if self.targets == "exact" and not process.has_analytic_cf:
             raise ValueError(f"targets = 'exact' needs an analytic CF, which {self.process!r} lacks")
         return self
@@ -254,7 +261,14 @@ class Trainer:
         cfg = self.config
         with kernel_policy(cfg.kernels):
             return mc_targets(
-                self.process, cfg.spectrum, theta, expiry, z, cfg.control_variate, cfg.control_coefficient
+                self.process,
+                cfg.spectrum,
+                theta,
+                expiry,
+                z,
+                cfg.control_variate,
+                cfg.control_coefficient,
+                conditional=cfg.targets == "conditional",
             )
 
     def train_step(self) -> float:
@@ -395,12 +409,17 @@ def mc_targets(
     z: torch.Tensor,
     control_variate: bool = False,
     coefficient: ControlCoefficient = "unit",
+    *,
+    conditional: bool = False,
 ) -> torch.Tensor:
     """FFT estimates of phi_Y (B, K) for B points from a normals block z (N, B*d), point
     b taking columns b*d .. b*d + d - 1; with ``control_variate`` corrected by the
-    process's Gaussian companion (spectrum.control_variate_cf)."""
+    process's Gaussian companion (spectrum.control_variate_cf); with ``conditional`` the
+    mixed estimate instead (reference.conditional_cf_y)."""
     b, d = theta.shape[0], process.normals_per_path
     z3 = z.view(z.shape[0], b, d).transpose(0, 1)  # (B, N, d)
+    if conditional:
+        return conditional_cf_y(process, spectrum, theta, expiry, z3)
     return simulated_cf_y(process, spectrum, theta, expiry, z3, control_variate, coefficient)
 
 

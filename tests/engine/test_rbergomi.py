@@ -328,3 +328,25 @@ def test_reference_put_is_the_reference_monte_carlo() -> None:
     again = rbergomi_european_mc(theta, expiry, log_k, 1 << 15, steps=16, seed=11)
     assert torch.equal(put, again.price)
     assert bool((put > (torch.exp(log_k) - 1.0).clamp(min=0.0)).all()) and bool((put < torch.exp(log_k)).all())
+
+
+def test_simulation_is_differentiable_in_the_parameters_and_the_expiry() -> None:
+    """Forward-mode derivatives through the paths (FFT included), as a reference that
+    takes vega and theta through shared paths needs, against central differences."""
+    process = RoughBergomiProcess(32)
+    theta, expiry = _points((0.1, 1.9, -0.9, 0.04, 1.0), (0.3, 1.0, -0.5, 0.09, 0.5))
+    z = torch.randn(2, 500, process.normals_per_path, dtype=F64, generator=torch.Generator().manual_seed(2))
+
+    def smooth(th: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(process.paths(th, t, z).int_v).mean(1) + process.simulate_x(th, t, z).mean(1)
+
+    eps = 1e-6
+    for i in range(4):
+        tangent = torch.zeros_like(theta)
+        tangent[:, i] = 1.0
+        jvp = torch.func.jvp(lambda th: smooth(th, expiry), (theta,), (tangent,))[1]
+        fd = (smooth(theta + eps * tangent, expiry) - smooth(theta - eps * tangent, expiry)) / (2 * eps)
+        torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-9)
+    jvp = torch.func.jvp(lambda t: smooth(theta, t), (expiry,), (torch.ones_like(expiry),))[1]
+    fd = (smooth(theta, expiry + eps) - smooth(theta, expiry - eps)) / (2 * eps)
+    torch.testing.assert_close(jvp, fd, rtol=1e-6, atol=1e-9)

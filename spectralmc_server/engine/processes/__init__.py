@@ -13,6 +13,7 @@ from spectralmc_server.engine.processes.gbm import GBMProcess
 from spectralmc_server.engine.processes.gbm_barrier import GBMBarrierProcess
 from spectralmc_server.engine.processes.heston import HestonProcess
 from spectralmc_server.engine.processes.merton import MertonProcess
+from spectralmc_server.engine.processes.rbergomi import RoughBergomiProcess
 
 PROCESSES: dict[str, Process] = {
     "gbm": GBMProcess(),
@@ -22,7 +23,11 @@ PROCESSES: dict[str, Process] = {
 }
 # The laws a model can be trained on: the contracts' processes, and the defective laws
 # of barrier contracts (a contract names its process and a barrier, never these).
-MODEL_PROCESSES: dict[str, Process] = {**PROCESSES, "gbm_barrier": GBMBarrierProcess()}
+MODEL_PROCESSES: dict[str, Process] = {
+    **PROCESSES,
+    "gbm_barrier": GBMBarrierProcess(),
+    "rbergomi": RoughBergomiProcess(),
+}
 
 
 def get_process(name: str) -> Process:
@@ -46,5 +51,6 @@ __all__ = [
     "ModelDomain",
     "ParameterRange",
     "Process",
+    "RoughBergomiProcess",
     "get_process",
 ]

@@ -137,6 +137,9 @@ class Process(ABC):
     normals_per_path: int  # standard normals one path consumes
     has_analytic_cf: bool = False  # True where analytic_cf_x returns a closed form
     has_companion: bool = False  # True where companion_x returns a control variate
+    # True where conditional_x gives X's Gaussian law given the variance driver's path
+    # (a stochastic-volatility model): the mixed CF estimator of TrainConfig.targets.
+    has_conditional: bool = False
     averages: bool = False  # True where the payoff is on an average over the contract's fixings
     # True where the law learned is defective: E[exp(i u X) w] for a path weight w in
     # [0, 1] (a barrier's survival), whose mass phi(0) = E[w] is below 1. Such a process
@@ -249,6 +252,14 @@ class Process(ABC):
         """X and the companion from one pass over the normals where a process can do both
         at once (a fused kernel); by default the two methods in turn."""
         return self.simulate_x(theta, expiry, z), self.companion_x(theta, expiry, z)
+
+    def conditional_x(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """X's law given the path of the variance driver, where it is Gaussian: (mean,
+        variance), each (B, N), from the normals ``z`` (B, N, normals_per_path) that drive
+        :meth:`simulate_x`. Only where :attr:`has_conditional`."""
+        raise NotImplementedError(f"process {self.name!r} has no conditional Gaussian law")
 
     def analytic_cf_x(self, u: torch.Tensor, theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor | None:
         """E[exp(i u X)] for real u (B, K) -> complex (B, K); None where no closed form."""

@@ -23,6 +23,7 @@ from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE, GateLimit
 from spectralmc_server.engine.certify import MIN_POINTS
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
 from spectralmc_server.engine.kernels import KernelPolicy
+from spectralmc_server.pricing.calibratable import CalibratableProcess
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Contract, Measure
 
 if TYPE_CHECKING:  # imported where used: the settings load without the S3 client
@@ -328,7 +329,7 @@ class DeriveJob(BaseModel):
     derive: Literal["implied_vol_surface", "calibrate"] = "implied_vol_surface"
     underlyings: list[str] = Field(min_length=1)
     strike_kind: Literal["strike", "moneyness"] = "strike"
-    process: Literal["heston"] = "heston"  # calibrate only: the process fitted
+    process: CalibratableProcess = "heston"  # calibrate only: the process fitted (heston, rbergomi)
 
 
 Job = Annotated[PriceJob | DeriveJob, Field(discriminator="kind")]
@@ -393,7 +394,7 @@ class Settings(BaseSettings):
     store: str | None = None  # file:///abs/path or s3://bucket/prefix; None: data_dir/store
     s3: S3Config = S3Config()
     # served model names
-    models: list[str] = Field(default_factory=lambda: ["gbm", "heston", "merton", "asian"], min_length=1)
+    models: list[str] = Field(default_factory=lambda: ["gbm", "heston", "merton", "asian", "rbergomi"], min_length=1)
     seed_bundled: bool = True  # an empty store gets the bundled model as version 1
     poll_seconds: float = Field(2.0, gt=0)  # how often trackers look for a new version
     # after failed polls a tracker waits poll_seconds x 2^failures, at most this long

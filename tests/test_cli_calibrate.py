@@ -315,3 +315,72 @@ def test_model_sources_that_cannot_fit_heston(
     assert "the model is a gbm model, not heston" in message
     message = _usage_error(_run_in_process(capsys, *args, "--checkpoint", tmp_path))
     assert str(tmp_path) in message
+
+
+# -- rough Bergomi -------------------------------------------------------------------------
+# Through the bundled rbergomi model (no analytic CF: --reference is refused), on the
+# surface that model implies at RB_TRUE, so the fit must give RB_TRUE back within H 0.02,
+# eta 10%, rho 0.05, xi0 2%.
+
+RB_TRUE = {"H": 0.1, "eta": 1.5, "rho": -0.7, "xi0": 0.04}
+RB_EXPIRIES = [0.25, 0.5, 1.0, 1.5, 2.0]
+RB_MONEYNESS = [0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15]  # every price well above 1 bp of F
+
+
+def rbergomi_snapshot() -> MarketSnapshot:
+    from spectralmc_server.engine.served import load_served_model
+    from spectralmc_server.pricing.calibration import model_surface
+
+    served = load_served_model(read_dir(bundled_models()["rbergomi"], need_training=False), require_certificate=False)
+    surface = model_surface(served, RB_TRUE, RB_EXPIRIES, RB_MONEYNESS)
+    data = heston_snapshot().model_dump(mode="json")
+    data["vol_surfaces"]["SPX"] = surface.model_dump(mode="json")
+    return MarketSnapshot.model_validate(data)
+
+
+@pytest.fixture(scope="module")
+def rb_market(tmp_path_factory: pytest.TempPathFactory) -> Market:
+    root = tmp_path_factory.mktemp("calibrate-rbergomi")
+    vdt, asof = datetime.fromisoformat(VDT), datetime.fromisoformat(ASOF)
+    record, created = asyncio.run(SnapshotStore(LocalObjectStore(root)).put("default", vdt, asof, rbergomi_snapshot()))
+    assert created
+    return Market(root, record)
+
+
+def test_calibrate_rbergomi_with_the_bundled_model_and_save(
+    rb_market: Market, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ("--marketdata", rb_market.uri, "--val-datetime", VDT, "--underlying", "SPX", "--process", "rbergomi")
+    proc = _run_in_process(capsys, *args, "--save")
+    assert proc.returncode == 0, proc.stderr
+    out: dict[str, Any] = orjson.loads(proc.stdout)
+    assert set(out) == REPORT_FIELDS, sorted(out)
+    content_hash = read_dir(bundled_models()["rbergomi"], need_training=False).content_hash
+    assert (out["process"], out["method"]) == ("rbergomi", "cvnn")
+    assert out["model"] == {"name": "rbergomi", "version": None, "content_hash": content_hash}
+    assert out["fit"]["converged"] is True and out["fit"]["quotes"] == len(RB_EXPIRIES) * len(RB_MONEYNESS)
+    params = out["params"]
+    assert set(params) == set(RB_TRUE)
+    assert abs(params["H"] - RB_TRUE["H"]) <= 0.02, params
+    assert abs(params["eta"] / RB_TRUE["eta"] - 1.0) <= 0.10, params
+    assert abs(params["rho"] - RB_TRUE["rho"]) <= 0.05, params
+    assert abs(params["xi0"] / RB_TRUE["xi0"] - 1.0) <= 0.02, params
+    record, snap = _latest(rb_market.root)
+    assert {**record.describe(), "created": True} == out["stored"]
+    assert record.lineage is not None and record.lineage["process"] == "rbergomi"
+    assert snap.model_params["SPX"]["rbergomi"].params == params
+
+
+def test_rbergomi_usage_errors(rb_market: Market, capsys: pytest.CaptureFixture[str]) -> None:
+    """--reference has no analytic CF to fit through; a heston checkpoint is not an
+    rbergomi model; an unknown process is refused by the parser, naming the choices."""
+    args = ("--marketdata", rb_market.uri, "--val-datetime", VDT, "--underlying", "SPX")
+    message = _usage_error(_run_in_process(capsys, *args, "--process", "rbergomi", "--reference"))
+    assert "--reference" in message and "rbergomi has no analytic characteristic function" in message
+    message = _usage_error(
+        _run_in_process(capsys, *args, "--process", "rbergomi", "--checkpoint", bundled_models()["heston"])
+    )
+    assert "the model is a heston model, not rbergomi" in message
+    message = _usage_error(_run_in_process(capsys, *args, "--process", "sabr"))
+    assert "--process" in message and "invalid choice: 'sabr'" in message
+    assert "'heston'" in message and "'rbergomi'" in message

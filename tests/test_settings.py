@@ -28,7 +28,7 @@ def write(path: Path, text: str) -> Path:
 def test_defaults() -> None:
     s = Settings.load()
     assert (s.host, s.port, s.role) == ("127.0.0.1", 8080, "all")
-    assert s.models == ["gbm", "heston", "merton", "asian"]
+    assert s.models == ["gbm", "heston", "merton", "asian", "rbergomi"]
     assert s.store is None
     assert s.admin_token is None
     assert s.queue.max_wait_seconds == 0.002

@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 
 from spectralmc_server.cli.common import EXIT_OK, UsageError, served_from_store, store_errors
+from spectralmc_server.pricing.calibratable import CALIBRATABLE
 
 
 def add_parser(sub: Any) -> None:
@@ -25,10 +26,14 @@ def add_parser(sub: Any) -> None:
     )
     cal.add_argument("--asof", help="use the latest snapshot with data_asof <= this (RFC 3339; default: the latest)")
     cal.add_argument("--underlying", required=True, help="whose surface to fit")
-    cal.add_argument("--process", default="heston", choices=["heston"], help="process to fit (default heston)")
+    cal.add_argument(
+        "--process", default="heston", choices=CALIBRATABLE, help="process to fit (heston, the default, or rbergomi)"
+    )
     cal.add_argument("--store", help="fit through the served version of the model in this store")
     cal.add_argument("--checkpoint", type=Path, help="fit through this checkpoint directory")
-    cal.add_argument("--reference", action="store_true", help="fit through the analytic CF, not the learned model")
+    cal.add_argument(
+        "--reference", action="store_true", help="fit through the analytic CF, not the learned model (not rbergomi)"
+    )
     cal.add_argument("--allow-arbitrage", action="store_true", help="fit a surface with arbitrage violations")
     cal.add_argument("--save", action="store_true", help="store the fitted set as a derived snapshot in --marketdata")
 
@@ -49,9 +54,13 @@ def _option_time(option: str, raw: str) -> datetime:
 def _served(args: argparse.Namespace) -> Any:
     """The model to fit through (a ServedModel), or None for the analytic reference."""
     from spectralmc_server.engine.checkpoint import CheckpointError, read_dir
+    from spectralmc_server.engine.processes import get_process
     from spectralmc_server.engine.served import ServedModel, load_served_model
     from spectralmc_server.models import bundled_models
+    from spectralmc_server.pricing.calibration import no_reference_fit
 
+    if args.reference and not get_process(args.process).has_analytic_cf:
+        raise UsageError(f"--reference: {no_reference_fit(args.process)} (give --store or --checkpoint)")
     served: ServedModel | None = None
     try:
         if args.checkpoint is not None:

@@ -10,9 +10,9 @@ log K/F, at a random place in its slice), and every measure the server answers
 (price, Greeks, digital, the distribution moments and quantiles at ``CERT_LEVELS``).
 Each contract is compared with the process's truth: the closed forms (GBM), COS on the
 analytic characteristic function (Heston, Merton) or the process's Monte-Carlo
-reference (the arithmetic Asian), whose own standard error is added to the observed
-error (three standard errors: the figure covers the learned error whenever the
-reference is within 3 SE of the truth).
+reference (the arithmetic Asian, rough Bergomi), whose own standard error is added to
+the observed error (three standard errors: the figure covers the learned error whenever
+the reference is within 3 SE of the truth).
 
 Errors are normalised by the measure's scale (:func:`measure_units`): price, vega,
 theta and rho per unit of D F (the discounted forward, spot for a European without
@@ -379,6 +379,11 @@ def truth_name(process: Process) -> str:
         return "Black-Scholes closed forms"
     if process.has_analytic_cf:
         return "COS on the analytic characteristic function (2,048 terms)"
+    if process.has_conditional:  # engine/reference.py forward_controlled_cf_y
+        return (
+            f"Monte Carlo reference (COS on the mixed CF estimate, the conditional forward as a control variate, "
+            f"{CERT_MC_PATHS:,} paths in 8 groups: value and standard error)"
+        )
     return (
         f"Monte Carlo reference (COS on a simulated CF, {CERT_MC_PATHS:,} paths in 8 groups: value and standard error)"
     )

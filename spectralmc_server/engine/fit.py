@@ -9,14 +9,21 @@ pass per parameter), and Levenberg-Marquardt with Marquardt's diagonal scaling t
 the steps. Parameters stay inside their bounds by construction: the optimiser works
 in x with theta = bound.from_unit(sigmoid(x)), in each bound's own coordinate (log
 for log-scale ranges), which keeps a learned model inside its trained domain.
+
+A pricer that gives prices but no CF (the rough Bergomi reference Monte Carlo, with
+fixed random numbers so that its prices are smooth in the parameters) is fitted the
+same way by :func:`calibrate_prices`, its Jacobian by forward differences in x. Either
+fit may be given several starts: each is screened by its sum of squares (one pricing
+each) and Levenberg-Marquardt runs from the best.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -28,6 +35,9 @@ CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (theta (B, 
 # (theta (B, P), T (B,), d_theta (Q, B, P), d_scale (Q, B)) -> phi_Y (B, K), d phi_Y (Q, B, K):
 # a CF with its derivatives along Q parameter directions (CFModel.forward_with_tangents).
 TangentCF = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# theta (P,) -> the normalised out-of-the-money prices (n,) of the quotes, like Quotes.price
+PriceFunction = Callable[[torch.Tensor], torch.Tensor]
+Start = Mapping[str, float]
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 
 
@@ -65,6 +75,19 @@ class Quotes:
         price = torch.where(log_moneyness <= 0, put, call)
         vega = torch.exp(-0.5 * d1 * d1) / _SQRT_2PI * torch.sqrt(expiry)
         return cls(expiry, log_moneyness, price, vega, vol)
+
+    def with_vega_floor(self, fraction: float) -> Quotes:
+        """These quotes with each vega raised to at least ``fraction`` of the at-the-money
+        vega at its expiry and vol (sqrt(T) n(vol sqrt(T) / 2)): the fit's residual is
+        then the vol error where the vega is above the floor and the price error over
+        the floor where it is below, so a far wing whose price is a fraction of a basis
+        point (where a pricer's price error of 1 bp is hundreds of bp of vol) cannot
+        outweigh the smile. ``fraction`` 0 leaves them as they are."""
+        if fraction <= 0.0:
+            return self
+        sd = self.vol * torch.sqrt(self.expiry)
+        atm = torch.exp(-0.125 * sd * sd) / _SQRT_2PI * torch.sqrt(self.expiry)
+        return Quotes(self.expiry, self.log_moneyness, self.price, torch.maximum(self.vega, fraction * atm), self.vol)
 
 
 @dataclass
@@ -259,8 +282,55 @@ class _Fit:
         return r.detach(), jac.detach()
 
 
+class _Problem(Protocol):
+    """What the Levenberg-Marquardt loop needs of a fit: residuals, and residuals with
+    their Jacobian, in the unconstrained coordinates x."""
+
+    evaluations: int
+
+    def theta_of(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def prices(self, theta: torch.Tensor) -> torch.Tensor: ...
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class _PriceFit:
+    """A fit through a pricer that gives prices only: residuals as for :class:`_Fit`,
+    the Jacobian by forward differences of ``step`` in each x (P + 1 pricings). For a
+    Monte Carlo the pricer must draw the same random numbers at every call (common
+    random numbers), so that its prices are a smooth function of the parameters."""
+
+    def __init__(self, price: PriceFunction, quotes: Quotes, bounds: tuple[ParameterRange, ...], step: float) -> None:
+        self.price, self.quotes, self.bounds, self.step = price, quotes, bounds, step
+        self.p = len(bounds)
+        self.evaluations = 0
+
+    def theta_of(self, x: torch.Tensor) -> torch.Tensor:
+        u = _unit(x)
+        return torch.stack([b.from_unit(u[i]) for i, b in enumerate(self.bounds)])
+
+    def prices(self, theta: torch.Tensor) -> torch.Tensor:
+        return self.price(theta).to(torch.float64)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.prices(self.theta_of(x)) - self.quotes.price) / self.quotes.vega
+
+    def jacobian(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.residual(x)
+        cols = []
+        for j in range(self.p):
+            xj = x.clone()
+            xj[j] += self.step
+            cols.append((self.residual(xj) - r) / self.step)
+        self.evaluations += self.p + 1
+        return r, torch.stack(cols, dim=1)
+
+
 def _levenberg_marquardt(
-    fit: _Fit,
+    fit: _Problem,
     x: torch.Tensor,
     max_iterations: int,
     tolerance: float,
@@ -306,33 +376,41 @@ def _levenberg_marquardt(
     return x, iterations, False, history
 
 
-def calibrate(
-    cf: CFFunction,
-    process: Process,
-    spectrum: SpectrumConfig,
+def _screen(fit: _Problem, xs: list[torch.Tensor]) -> int:
+    """The index of the start with the least sum of squares (one pricing each; a start
+    whose prices are not finite loses)."""
+    if len(xs) == 1:
+        return 0
+    costs = []
+    for x in xs:
+        with torch.no_grad():
+            r = fit.residual(x)
+        fit.evaluations += 1
+        c = float(r @ r)
+        costs.append(c if math.isfinite(c) else math.inf)
+    return min(range(len(xs)), key=costs.__getitem__)
+
+
+def _run(
+    fit: _Problem,
+    names: tuple[str, ...],
     quotes: Quotes,
     bounds: tuple[ParameterRange, ...],
-    start: dict[str, float],
-    *,
-    max_iterations: int = 100,
-    tolerance: float = 1e-4,
-    tangents: TangentCF | None = None,
-    on_iteration: Callable[[int, int], None] | None = None,
+    start: Start | Sequence[Start],
+    max_iterations: int,
+    tolerance: float,
+    on_iteration: Callable[[int, int], None] | None,
+    t0: float,
 ) -> CalibrationResult:
-    """Levenberg-Marquardt fit of ``process``'s parameters (named by ``bounds``, in the
-    process's order) to ``quotes``; stops when a step improves the sum of squares by
-    less than ``tolerance`` relative, or after ``max_iterations`` accepted or rejected
-    steps. ``tangents``, where given, supplies the CF's derivatives in one pass (the
-    learned network's); otherwise they come from ``torch.func.jacfwd`` through ``cf``.
-    ``on_iteration(iterations, evaluations)``, where given, is called before each step
-    with the counts so far; an exception it raises stops the fit (a deadline, a pause
-    point for a caller that runs the fit in slices)."""
-    t0 = time.perf_counter()
-    names = process.param_names
-    _check_quotes(quotes, names, bounds)
-    fit = _Fit(cf, process, spectrum, quotes, bounds, tangents)
-    x = torch.tensor([_to_x(start[nm], b) for nm, b in zip(names, bounds, strict=True)], dtype=torch.float64)
-    x, iterations, converged, history = _levenberg_marquardt(fit, x, max_iterations, tolerance, on_iteration)
+    starts = [start] if isinstance(start, Mapping) else list(start)
+    if not starts:
+        raise CalibrationError("no start given")
+    xs = [
+        torch.tensor([_to_x(s[nm], b) for nm, b in zip(names, bounds, strict=True)], dtype=torch.float64)
+        for s in starts
+    ]
+    best = _screen(fit, xs)
+    x, iterations, converged, history = _levenberg_marquardt(fit, xs[best], max_iterations, tolerance, on_iteration)
     theta = fit.theta_of(x).detach()
     with torch.no_grad():
         price = fit.prices(theta)
@@ -346,9 +424,63 @@ def calibrate(
         evaluations=fit.evaluations,
         seconds=time.perf_counter() - t0,
         converged=converged,
-        start=dict(start),
+        start=dict(starts[best]),
         history=history,
     )
+
+
+def calibrate(
+    cf: CFFunction,
+    process: Process,
+    spectrum: SpectrumConfig,
+    quotes: Quotes,
+    bounds: tuple[ParameterRange, ...],
+    start: Start | Sequence[Start],
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-4,
+    tangents: TangentCF | None = None,
+    on_iteration: Callable[[int, int], None] | None = None,
+) -> CalibrationResult:
+    """Levenberg-Marquardt fit of ``process``'s parameters (named by ``bounds``, in the
+    process's order) to ``quotes``; stops when a step improves the sum of squares by
+    less than ``tolerance`` relative, or after ``max_iterations`` accepted or rejected
+    steps. ``start`` is one start or several: several are screened by their sum of
+    squares (one CF evaluation each, counted in ``evaluations``) and the fit runs from
+    the best, which the result reports as its ``start``. ``tangents``, where given,
+    supplies the CF's derivatives in one pass (the learned network's); otherwise they
+    come from ``torch.func.jacfwd`` through ``cf``. ``on_iteration(iterations,
+    evaluations)``, where given, is called before each step with the counts so far; an
+    exception it raises stops the fit (a deadline, a pause point for a caller that runs
+    the fit in slices)."""
+    t0 = time.perf_counter()
+    names = process.param_names
+    _check_quotes(quotes, names, bounds)
+    fit = _Fit(cf, process, spectrum, quotes, bounds, tangents)
+    return _run(fit, names, quotes, bounds, start, max_iterations, tolerance, on_iteration, t0)
+
+
+def calibrate_prices(
+    price: PriceFunction,
+    names: tuple[str, ...],
+    quotes: Quotes,
+    bounds: tuple[ParameterRange, ...],
+    start: Start | Sequence[Start],
+    *,
+    max_iterations: int = 100,
+    tolerance: float = 1e-4,
+    step: float = 1e-3,
+    on_iteration: Callable[[int, int], None] | None = None,
+) -> CalibrationResult:
+    """:func:`calibrate` through a pricer that gives prices only: ``price(theta)`` (P,)
+    -> the quotes' normalised out-of-the-money prices (n,), like ``Quotes.price``. The
+    Jacobian is forward differences of ``step`` in the unconstrained coordinates (P + 1
+    pricings per iteration, counted in ``evaluations``); a Monte Carlo pricer must use
+    the same random numbers at every call."""
+    t0 = time.perf_counter()
+    _check_quotes(quotes, names, bounds)
+    fit = _PriceFit(price, quotes, bounds, step)
+    return _run(fit, names, quotes, bounds, start, max_iterations, tolerance, on_iteration, t0)
 
 
 def heston_start(quotes: Quotes, bounds: tuple[ParameterRange, ...]) -> dict[str, float]:
@@ -382,3 +514,143 @@ def heston_start(quotes: Quotes, bounds: tuple[ParameterRange, ...]) -> dict[str
         margin = 0.02 * (b.high - b.low)
         out[b.name] = min(max(guess[b.name], b.low + margin), b.high - margin)
     return out
+
+
+def _clamped(guess: Mapping[str, float], bounds: tuple[ParameterRange, ...]) -> dict[str, float]:
+    """Each guess moved inside its bound, 2% of the range from either end."""
+    out = {}
+    for b in bounds:
+        margin = 0.02 * (b.high - b.low)
+        out[b.name] = min(max(guess[b.name], b.low + margin), b.high - margin)
+    return out
+
+
+@dataclass(frozen=True)
+class Smile:
+    """One expiry's smile near the money: the at-the-money vol and skew d vol / d log(K/F)
+    (None with a single strike), from a local quadratic in log(K/F)."""
+
+    expiry: float
+    atm_vol: float
+    skew: float | None
+
+
+def smiles(quotes: Quotes) -> list[Smile]:
+    """Per distinct expiry (ascending): a least-squares quadratic (linear with two
+    strikes) in k = log(K/F) through the quotes within 1.5 standard deviations of the
+    money (vol sqrt(T) at the quote nearest it), at least the three nearest."""
+    out = []
+    for t in torch.unique(quotes.expiry).tolist():
+        idx = torch.nonzero(quotes.expiry == t).flatten()
+        k, v = quotes.log_moneyness[idx], quotes.vol[idx]
+        near = torch.argsort(k.abs())
+        sd = float(v[near[0]]) * math.sqrt(t)
+        window = (k.abs() <= 1.5 * sd).nonzero().flatten()
+        if len(window) < 3:
+            window = near[:3]
+        ks, vs = k[window].tolist(), v[window].tolist()
+        if len(ks) == 1:
+            out.append(Smile(t, vs[0], None))
+            continue
+        level, slope = _polyfit(ks, vs, min(2, len(ks) - 1))
+        out.append(Smile(t, level, slope))
+    return out
+
+
+def _polyfit(x: list[float], y: list[float], degree: int) -> tuple[float, float]:
+    """The constant and linear coefficients of the least-squares polynomial of
+    ``degree`` (1 or 2) through (x, y), by its normal equations in plain floats (the
+    same bits on every call, which LAPACK's lstsq does not promise: a start, and so a
+    stored fit, must not change from one run to the next)."""
+    n = degree + 1
+    a = [[sum(xi ** (r + c) for xi in x) for c in range(n)] for r in range(n)]
+    b = [sum(yi * xi**r for xi, yi in zip(x, y, strict=True)) for r in range(n)]
+    for col in range(n):  # Gauss-Jordan with partial pivoting
+        pivot = max(range(col, n), key=lambda r: abs(a[r][col]))
+        a[col], a[pivot], b[col], b[pivot] = a[pivot], a[col], b[pivot], b[col]
+        if a[col][col] == 0.0:
+            return sum(y) / len(y), 0.0  # all x equal: no slope to read
+        for r in range(n):
+            if r != col:
+                f = a[r][col] / a[col][col]
+                a[r] = [ar - f * ac for ar, ac in zip(a[r], a[col], strict=True)]
+                b[r] -= f * b[col]
+    return b[0] / a[0][0], b[1] / a[1][1]
+
+
+def variance_swap(quotes: Quotes, expiry: float, points: int = 2001) -> float:
+    """The variance swap's fair variance at ``expiry`` from its smile: (2 / T) times the
+    integral of the out-of-the-money price over K / F against d(K/F) / (K/F)^2 =
+    -2 E[log(S_T / F)] / T (Carr and Madan), on about ``points`` log-strikes across 6 standard
+    deviations either side of the money, the vol linear in log(K/F) between the quotes
+    and flat beyond them (the trapezoid rule, a node at the money where the integrand's
+    slope jumps). For a model with E[int V dt] = xi0 T it is xi0."""
+    idx = torch.nonzero(quotes.expiry == expiry).flatten()
+    k, v = quotes.log_moneyness[idx], quotes.vol[idx]
+    order = torch.argsort(k)
+    k, v = k[order], v[order]
+    half = 6.0 * float(v.max()) * math.sqrt(expiry)
+    lo, hi = min(-half, float(k[0])), max(half, float(k[-1]))
+    half_points = points // 2 + 1  # each side of the node at the money
+    below = torch.linspace(lo, 0.0, half_points, dtype=torch.float64)
+    grid = torch.cat([below, torch.linspace(0.0, hi, half_points, dtype=torch.float64)[1:]])
+    pos = torch.searchsorted(k, grid).clamp(1, max(len(k) - 1, 1))
+    if len(k) == 1:
+        vol = v.expand_as(grid)
+    else:
+        k0, k1, v0, v1 = k[pos - 1], k[pos], v[pos - 1], v[pos]
+        w = ((grid - k0) / (k1 - k0)).clamp(0.0, 1.0)
+        vol = v0 + w * (v1 - v0)
+    otm = Quotes.from_vols(torch.full_like(grid, expiry), grid, vol).price
+    integrand = otm * torch.exp(-grid)
+    step = grid[1:] - grid[:-1]
+    return float(2.0 / expiry * (0.5 * (integrand[1:] + integrand[:-1]) * step).sum())
+
+
+def rbergomi_starts(quotes: Quotes, bounds: tuple[ParameterRange, ...]) -> list[dict[str, float]]:
+    """Rough Bergomi starts from the surface, the heuristic's own first.
+
+    xi0 is the shortest expiry's variance swap variance (:func:`variance_swap`:
+    E[int_0^T V dt] = xi0 T for a flat forward variance; the at-the-money variance lies
+    well below it where eta is large, and a longer expiry's strikes cover less of its
+    distribution). The short-time at-the-money skew of rough Bergomi is (Bayer, Friz and Gatheral 2016)
+
+      d vol / d log(K/F) ~ rho eta sqrt(2H) / (2 (H + 1/2) (H + 3/2)) T^(H - 1/2),
+
+    so a straight line through log|skew| against log T over the expiries gives H as 1/2
+    plus its slope and rho eta from its level (with one expiry H = 0.1). The skew fixes
+    only the product: the heuristic takes rho = -0.7 and eta = rho eta / rho, and the
+    other starts split the same product at rho = -0.9, -0.5, -0.3 and halve or double H
+    (the fit screens them by their errors and runs from the best). Each is clamped
+    inside its bound."""
+    found = smiles(quotes)
+    xi0 = variance_swap(quotes, found[0].expiry)
+    skews = [(s.expiry, -s.skew) for s in found if s.skew is not None and s.skew < 0]
+    hurst = 0.1
+    level = 0.05  # |skew| at T = 1 when the surface shows none
+    if len(skews) >= 2:
+        level_log, slope = _polyfit([math.log(t) for t, _ in skews], [math.log(s) for _, s in skews], 1)
+        hurst = 0.5 + slope
+        level = math.exp(level_log)
+    elif skews:
+        t, s = skews[0]
+        level = s * t ** (0.5 - hurst)
+    h_bound = next(b for b in bounds if b.name == "H")
+    hurst = min(max(hurst, h_bound.low * 1.4), h_bound.high * 0.96)
+
+    def point(h: float, rho: float) -> dict[str, float]:
+        rho_eta = level * 2.0 * (h + 0.5) * (h + 1.5) / math.sqrt(2.0 * h)
+        return _clamped({"H": h, "eta": rho_eta / abs(rho), "rho": rho, "xi0": xi0}, bounds)
+
+    out: list[dict[str, float]] = []
+    for h in (hurst, hurst / 2.0, hurst * 2.0):
+        for rho in (-0.7, -0.9, -0.5, -0.3):
+            p = point(h, rho)
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def rbergomi_start(quotes: Quotes, bounds: tuple[ParameterRange, ...]) -> dict[str, float]:
+    """The rough Bergomi heuristic start (:func:`rbergomi_starts`' first)."""
+    return rbergomi_starts(quotes, bounds)[0]

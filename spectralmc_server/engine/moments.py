@@ -20,6 +20,18 @@ a process's b3 and b4 carry only what is not lognormal, computed directly where 
 algebra allows (Merton: the diffusion cancels exactly), so nothing large cancels in floats.
 
 Everything is elementwise over rows: a row's numbers do not depend on the batch.
+
+Rough Bergomi has neither: E[S_T^n] for n >= 2 has no closed form, and for rho < 0
+it is infinite where n > 1 / (1 - rho^2) (Gassiat 2019, "On the martingale property in
+the rough Bergomi model", Electron. Commun. Probab. 24) and finite where n < 1 / (1 -
+rho^2) (arXiv:2606.07482): finite only where rho^2 > (n - 1) / n, the boundary counted
+as infinite. The stdev needs rho < -0.707, the skew rho < -0.816, the kurtosis rho <
+-0.866. Where a moment is infinite the request is refused (:func:`moment_refusal`);
+where it is finite the learned model answers it (quadrature against its density, up to
+MOMENT_MAX_SPREAD) and beyond that the Monte-Carlo reference does (quadrature against
+its simulated density, with a standard error), as for any process with no exact moments
+(:func:`exact_moments_or_none`). The mean, E[S_T] = F (E[X] = -xi0 T / 2 on the scheme's
+grid), is exact for every process.
 """
 
 from __future__ import annotations
@@ -90,6 +102,25 @@ LOG_MOMENTS: dict[str, Callable[[torch.Tensor, torch.Tensor], LogMoments]] = {
 }
 
 
+def rbergomi_moment_finite(theta: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) bool: E[S_T^n] finite under rough Bergomi with theta (B, 4) = (H, eta, rho,
+    xi0), n >= 1, rho < 0 (the process's bounds): n < 1 / (1 - rho^2), i.e. rho^2 >
+    (n - 1) / n (see the module docstring); always for n = 1 (S is a true martingale)."""
+    rho = theta[:, 2].to(torch.float64)
+    return rho * rho * n > n - 1
+
+
+# Processes whose moments of S_T explode for some parameters, with no exact moments to
+# tell it from: (theta, n) -> (B,) bool, E[S_T^n] finite.
+FINITE_MOMENT: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {"rbergomi": rbergomi_moment_finite}
+
+
+def exact_moments_or_none(process: str) -> MomentFunction | None:
+    """:func:`exact_moments` where the process has them (:data:`LOG_MOMENTS`), else None
+    (rough Bergomi: a reference answers its moments by quadrature, with a standard error)."""
+    return exact_moments(process) if process in LOG_MOMENTS else None
+
+
 def exact_moments(process: str) -> MomentFunction:
     """The exact moments of a process's R as a :data:`MomentFunction`."""
     log_moments = LOG_MOMENTS[process]
@@ -111,6 +142,21 @@ def moment_refusal(
     if not asked or not len(expiry) or process == "gbm":
         return None
     th, t = theta.to(torch.float64), expiry.to(torch.float64)
+    finite_moment = FINITE_MOMENT.get(process)
+    if finite_moment is not None:
+        for m in asked:
+            n = ORDER[m]
+            bad = ~finite_moment(th, n)
+            if bool(bad.any()):
+                row = int(torch.nonzero(bad)[0, 0])
+                rho = float(th[row, 2])
+                return (
+                    row,
+                    m,
+                    f"{m} is infinite for these parameters: E[S_T^{n}] is infinite under rough Bergomi "
+                    f"unless rho^2 > {n - 1}/{n} (rho < {-math.sqrt((n - 1) / n):.4f}); rho is {rho:g}",
+                )
+        return None
     stats = exact_moments(process)(th, t)
     for m in asked:
         bad = ~torch.isfinite(stats[m])
@@ -136,11 +182,14 @@ def moment_refusal(
 
 
 __all__ = [
+    "FINITE_MOMENT",
     "LOG_MOMENTS",
     "ORDER",
     "MomentFunction",
     "exact_moments",
+    "exact_moments_or_none",
     "gbm_log_moments",
     "moment_refusal",
+    "rbergomi_moment_finite",
     "stats_from_log_moments",
 ]

@@ -164,12 +164,46 @@ def conditional_cf_y(
     return torch.exp(torch.complex(real, imag)).mean(1)
 
 
+def forward_controlled_cf_y(
+    process: Process,
+    spectrum: SpectrumConfig,
+    theta: torch.Tensor,
+    expiry: torch.Tensor,
+    z: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`conditional_cf_y` with the conditional forward f = exp(mean + variance / 2)
+    as a control variate: E[f] = E[e^X] = 1 exactly (a martingale on the process's grid),
+    and its sample mean's noise is what moves the estimate's low frequencies, the density's
+    mass and mean. phi_cv(w) = phi(w) - beta(w) (mean f - 1), beta(w) = Cov(phi_j(w), f_j)
+    / Var(f_j) over the paths of each point (a regression coefficient from the samples it
+    corrects: an O(1/N) bias, far below the standard error at reference path counts).
+    Measured on rough Bergomi with 8 groups of 1,024 paths, against the FFT estimate with
+    the Gaussian companion on the same normals: the price's standard error about the same
+    for puts at K/F 0.75, 2 to 3 times smaller at the money, up to 26 times for calls at
+    K/F 1.25 (docs/method.md)."""
+    mean, var = process.conditional_x(theta, expiry, z)  # (B, N) each
+    s = process.scale(theta, expiry).to(mean.dtype)[:, None, None]
+    w = spectrum.frequencies(dtype=mean.dtype, device=mean.device)[None, None, :] / s  # (B, 1, K)
+    phi = torch.exp(torch.complex(-0.5 * var[:, :, None] * w * w, mean[:, :, None] * w))  # (B, N, K)
+    est = phi.mean(1)
+    f = torch.exp(mean + 0.5 * var)  # (B, N)
+    fc = f - f.mean(1, keepdim=True)
+    var_f = (fc * fc).mean(1).clamp(min=1e-300)[:, None]  # (B, 1)
+    centred = phi - est[:, None, :]
+    cov = torch.complex((fc[:, :, None] * centred.real).mean(1), (fc[:, :, None] * centred.imag).mean(1))  # (B, K)
+    beta = cov / var_f
+    return est - beta * (f.mean(1, keepdim=True) - 1.0)
+
+
 class MonteCarloCF:
     """phi_Y on the spectrum's grid by simulation, for processes with no analytic CF: the
     same ``paths`` antithetic float64 normals drive every point (so a point's answer
     depends on nothing but the point, and is smooth in it: vega and theta differentiate
-    through the paths), with the companion as a control variate (unit coefficient:
-    unbiased) where there is one.
+    through the paths). Where X is Gaussian given the variance driver
+    (``Process.has_conditional``: rough Bergomi), the mixed estimate with the conditional
+    forward as a control variate (:func:`forward_controlled_cf_y`); otherwise the FFT
+    estimate with the companion as a control variate (unit coefficient: unbiased) where
+    there is one.
     Points are simulated a few at a time (at most ``max_elements`` normals at once)."""
 
     def __init__(
@@ -198,7 +232,10 @@ class MonteCarloCF:
         for i in range(0, theta.shape[0], self.rows):
             th, t = theta[i : i + self.rows], expiry[i : i + self.rows]
             z3 = z[None].expand(th.shape[0], -1, -1)  # (b, paths, d), shared
-            parts.append(simulated_cf_y(self.process, self.spectrum, th, t, z3, cv))
+            if self.process.has_conditional:
+                parts.append(forward_controlled_cf_y(self.process, self.spectrum, th, t, z3))
+            else:
+                parts.append(simulated_cf_y(self.process, self.spectrum, th, t, z3, cv))
         if not parts:
             return torch.zeros(0, self.spectrum.n_freq, dtype=torch.complex128, device=theta.device)
         return parts[0] if len(parts) == 1 else torch.cat(parts)

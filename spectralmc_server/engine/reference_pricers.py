@@ -8,7 +8,7 @@ from collections.abc import Mapping
 
 import torch
 
-from spectralmc_server.engine.moments import MomentFunction, exact_moments
+from spectralmc_server.engine.moments import MomentFunction, exact_moments, exact_moments_or_none
 from spectralmc_server.engine.pricer import (
     DIST_MEASURES,
     MC_REFERENCE_GROUPS,
@@ -142,7 +142,7 @@ def reference_pricer(process: Process, spectrum: SpectrumConfig | None = None) -
     if not process.has_analytic_cf:
         spec = spectrum or MC_REFERENCE_SPECTRUM
         return MonteCarloReference(
-            process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED, moments=exact_moments(process.name)
+            process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED, moments=exact_moments_or_none(process.name)
         )
     spec = spectrum or REFERENCE_SPECTRUM
     base = SpectralPricer(

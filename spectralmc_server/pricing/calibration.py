@@ -3,9 +3,11 @@
 Every node of the underlying's surface (expiry x strike or moneyness) is one quote: its
 forward comes from the snapshot's spot and curves, its Black vol from the grid. The
 fit runs through the served learned model where one is given (its CF and exact
-derivatives in one pass), through COS on the analytic CF otherwise, with the
-parameters kept inside the model's domain. The report gives the fitted parameters and,
-per quote, the market vol, the model's implied vol and their difference.
+derivatives in one pass), through COS on the analytic CF otherwise (a process without
+one, rough Bergomi, needs its model), with the parameters kept inside the model's
+domain. Each process has its start heuristic (STARTS; several starts are screened and
+the fit runs from the best). The report gives the fitted parameters and, per quote,
+the market vol, the model's implied vol and their difference.
 
 The use case behind ``POST /v1/calibrate``, the ``calibrate`` derive job and
 ``spectralmc calibrate``; the Levenberg-Marquardt fit itself is engine/fit.py.
@@ -23,7 +25,15 @@ import orjson
 import torch
 
 from spectralmc_server.engine.cvnn import CFModel
-from spectralmc_server.engine.fit import CalibrationError, CalibrationResult, Quotes, calibrate, heston_start
+from spectralmc_server.engine.fit import (
+    CalibrationError,
+    CalibrationResult,
+    Quotes,
+    calibrate,
+    heston_start,
+    model_prices,
+    rbergomi_starts,
+)
 from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ParameterRange
@@ -31,8 +41,27 @@ from spectralmc_server.engine.reference import analytic_cf_y
 from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.marketdata.black import NoImpliedVolError, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams, VolSurface
+from spectralmc_server.pricing.calibratable import CALIBRATABLE
 
-CALIBRATABLE = ("heston",)  # processes with a start heuristic; others are refused clearly
+StartFunction = Callable[[Quotes, tuple[ParameterRange, ...]], list[dict[str, float]]]
+
+
+def _heston_starts(quotes: Quotes, bounds: tuple[ParameterRange, ...]) -> list[dict[str, float]]:
+    return [heston_start(quotes, bounds)]
+
+
+# Per calibratable process (pricing/calibratable.py), its starts from the surface: one
+# start, or several that the fit screens by their errors (engine/fit.py).
+STARTS: dict[str, StartFunction] = {"heston": _heston_starts, "rbergomi": rbergomi_starts}
+# Per process, the fit's vega floor as a fraction of the at-the-money vega (engine/fit.py
+# Quotes.with_vega_floor). Rough Bergomi's call wing is thin where rho is strongly
+# negative and eta large: 1.5 to 2 standard deviations above the money a quote's vega
+# is well under 1% of the at-the-money one, so the learned model's price error of about
+# 1 bp of the forward there is hundreds of bp of vol (bench/calibration_rbergomi.py).
+VEGA_FLOOR: dict[str, float] = {"heston": 0.0, "rbergomi": 0.1}
+for _table in (STARTS, VEGA_FLOOR):
+    if set(_table) != set(CALIBRATABLE):  # pragma: no cover (a process added to one list only)
+        raise ImportError(f"calibration tables {sorted(_table)} differ from CALIBRATABLE {sorted(CALIBRATABLE)}")
 MIN_QUOTES = 8  # a 5-parameter fit on fewer nodes than this is not worth reporting
 MAX_ARBITRAGE_SHOWN = 3
 
@@ -173,6 +202,9 @@ def calibrate_snapshot(
     if process_name not in CALIBRATABLE:
         raise SurfaceError(f"calibration supports {', '.join(CALIBRATABLE)}, not {process_name!r}")
     process = get_process(process_name)
+    learned = served is not None and isinstance(served.pricer.learned.raw_cf, CFModel)
+    if not learned and not process.has_analytic_cf:
+        raise SurfaceError(no_reference_fit(process_name))
     quotes, nodes = surface_quotes(snapshot, underlying, allow_arbitrage=allow_arbitrage)
     if len(quotes) < MIN_QUOTES:
         raise SurfaceError(f"the {underlying} surface has {len(quotes)} nodes; calibration needs at least {MIN_QUOTES}")
@@ -204,13 +236,13 @@ def calibrate_snapshot(
         cf = analytic
         tangents = None
         method = "reference"
-    start = heston_start(quotes, bounds)
+    start = STARTS[process_name](quotes, bounds)
     try:
         result = calibrate(
             cf,
             process,
             spectrum,
-            quotes,
+            quotes.with_vega_floor(VEGA_FLOOR[process_name]),
             bounds,
             start,
             max_iterations=max_iterations,
@@ -220,6 +252,33 @@ def calibrate_snapshot(
     except CalibrationError as exc:
         raise SurfaceError(str(exc)) from None
     return CalibrationReport(underlying, process_name, method, model, result, nodes, quotes)
+
+
+def no_reference_fit(process_name: str) -> str:
+    """Why ``process_name`` cannot be fitted without its learned model."""
+    return f"{process_name} has no analytic characteristic function: calibrating it needs a served {process_name} model"
+
+
+def model_surface(
+    served: ServedModel, params: dict[str, float], expiries: list[float], moneyness: list[float]
+) -> VolSurface:
+    """The Black vol surface (moneyness K/F x expiry) the served learned model implies at
+    ``params``, priced exactly as a calibration through it prices (COS on the network's
+    CF): a surface whose fit through the same model must give ``params`` back."""
+    net = served.pricer.learned.raw_cf
+    if not isinstance(net, CFModel):
+        raise TypeError(f"the {served.name} model has no learned CF")
+    f64 = torch.float64
+    rows = [(t, m) for t in expiries for m in moneyness]
+    lm = torch.log(torch.tensor([r[1] for r in rows], dtype=f64))
+    t_all = torch.tensor([r[0] for r in rows], dtype=f64)
+    uniq, index = torch.unique(t_all, return_inverse=True)
+    theta = torch.tensor([params[n] for n in served.process.param_names], dtype=f64)
+    with torch.no_grad():
+        price = model_prices(net, served.process, served.pricer.learned.spectrum, theta, uniq, index, lm)
+    vols = [implied_vol(float(price[i]), 1.0, rows[i][1], rows[i][0], 1.0, rows[i][1] > 1.0) for i in range(len(rows))]
+    grid = [vols[i * len(moneyness) : (i + 1) * len(moneyness)] for i in range(len(expiries))]
+    return VolSurface(strike_kind="moneyness", expiries_years=expiries, strikes=moneyness, vols=grid)
 
 
 def synthetic_surface(

@@ -402,7 +402,7 @@ def format_validation_error(exc: ValidationError) -> list[dict[str, Any]]:
 
 
 # "params.v0 must be in [...]": the reason of a cross-field check about one input
-_NAMED_BOUND = re.compile(r"^((?:params\.|barrier\.)?[a-z_0-9]+) must be ")
+_NAMED_BOUND = re.compile(r"^((?:params\.|barrier\.)?[A-Za-z_0-9]+) must be ")
 
 
 def one_line(details: list[dict[str, Any]]) -> str:

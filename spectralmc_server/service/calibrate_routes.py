@@ -20,10 +20,11 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine_service.messages import FitReport, FitSpec
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
 from spectralmc_server.marketdata.store import SnapshotRecord, iso
-from spectralmc_server.pricing.calibration import SurfaceError
+from spectralmc_server.pricing.calibration import SurfaceError, no_reference_fit
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid
 from spectralmc_server.service.jobs import Put, UnchangedError, derive_input, store_derived
@@ -48,11 +49,16 @@ async def fit(
     connected: Callable[[], bool] = lambda: True,
 ) -> FitReport:
     """Calibrate in the engine through the queue (see the module docstring); a bad or too
-    large surface is a 422 naming the reason, a fit past its deadline (default
+    large surface is a 422 naming the reason (a process with no analytic CF and no served
+    model: naming ``process``), a fit past its deadline (default
     ``request_timeout_seconds``) a 504."""
     settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
     served = app[keys.MODELS].current.snapshot().get(process)
+    if served is None and not get_process(process).has_analytic_cf:
+        metrics.calibrations.labels(process, "rejected").inc()
+        reason = no_reference_fit(process)
+        raise Invalid(reason, details=[{"field": "process", "reason": reason}])
     surface = snapshot.vol_surfaces.get(underlying)
     limit = settings.queue.max_calibration_quotes
     quotes = 0 if surface is None else len(surface.expiries_years) * len(surface.strikes)

@@ -298,7 +298,7 @@ def build_openapi() -> dict[str, Any]:
         },
         "/v1/calibrate": {
             "post": {
-                "summary": "Fit Heston to an underlying's vol surface in a snapshot",
+                "summary": "Fit Heston or rough Bergomi to an underlying's vol surface in a snapshot",
                 "description": (
                     "Open with store false (it writes nothing). With store true it writes a snapshot: like "
                     "PUT /v1/marketdata it then needs the market-data write token (marketdata.write_token) "

@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from spectralmc_server.pricing.calibratable import CalibratableProcess
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN, in_utc
 from spectralmc_server.rfc3339 import DateTime
 
@@ -145,7 +146,7 @@ class CalibrateRequest(BaseModel):
     val_datetime: DateTime
     data_asof: DateTime | None = None  # None: the latest snapshot for val_datetime
     underlying: str = Field(min_length=1, max_length=64)
-    process: Literal["heston"] = "heston"
+    process: CalibratableProcess = "heston"  # pricing/calibratable.py
     store: bool = False  # store the fitted set as a derived snapshot (a later data_asof)
     allow_arbitrage: bool = False  # calibrate to a surface that has arbitrage violations
     max_iterations: int = Field(100, ge=1, le=1000)

@@ -109,7 +109,9 @@ NORMAL = NormalDist()
 ALL = frozenset(MEASURES)
 PRICE = frozenset({"price"})
 LEVELS = (0.01, 0.25, 0.5, 0.75, 0.99)
-SERVED = ("gbm", "heston", "merton", "asian")
+SERVED = ("gbm", "heston", "merton", "asian", "rbergomi")
+# With an oracle of the moments (rough Bergomi has none: engine/moments.py)
+WITH_MOMENT_ORACLE = ("gbm", "heston", "merton", "asian")
 
 # K/F of the far-strike sweep: 0.01 .. 100 log-spaced, and the certified range's edges
 FAR_KAPPA = (*(10.0 ** (-2.0 + 4.0 * i / 14.0) for i in range(15)), 0.7 * (1 + 1e-9), 1.3 * (1 - 1e-9))
@@ -122,6 +124,7 @@ ORDINARY: dict[str, dict[str, float]] = {
     "heston": {"v0": 0.04, "kappa": 1.5, "theta": 0.05, "xi": 0.5, "rho": -0.7},
     "merton": {"sigma": 0.2, "lambda": 0.5, "mu_j": -0.1, "sigma_j": 0.1},
     "asian": {"vol": 0.25},
+    "rbergomi": {"H": 0.1, "eta": 1.5, "rho": -0.7, "xi0": 0.04},
 }
 ASIAN_FIXINGS = 12
 
@@ -455,6 +458,7 @@ FAR_POINTS: dict[str, list[tuple[float, ...]]] = {
         _corner("merton", "hhllh"),
     ],
     "asian": [_corner("asian", "llll"), _corner("asian", "hhhh")],  # ~1 s a point: the reference is a MC
+    "rbergomi": [_corner("rbergomi", "lllll"), _corner("rbergomi", "hhhhh")],  # likewise
 }
 
 
@@ -705,6 +709,21 @@ def _base(name: str, label: str, **changes: Any) -> Case:
     return Case(label, name, params, fixings=fixings, **changes)
 
 
+def _max_spread_cases(name: str) -> list[Case]:
+    """The largest spread the API takes, s = MAX_SCALE (to rounding), or the process allows."""
+    top = MAX_SCALE * (1 - 1e-9)
+    if name in ("gbm", "asian"):
+        return [
+            _base(name, "max-spread-max-vol", params={"vol": VOL_BOUNDS[1]}, expiry=(top / VOL_BOUNDS[1]) ** 2),
+            _base(name, "max-spread-30y", params={"vol": top / math.sqrt(30.0)}, expiry=30.0),
+        ]
+    if name == "heston":
+        return [_base(name, "max-spread", params={"v0": 4.0, "theta": 4.0}, expiry=top * top / 4.0)]
+    if name == "rbergomi":  # sqrt(xi0 T) <= sqrt(0.16 x 30) = 2.19: MAX_SCALE is out of reach
+        return [_base(name, "max-spread", params={"xi0": 0.16}, expiry=EXPIRY_BOUNDS[1])]
+    return [_base(name, "max-spread-diffusion", params={"sigma": 5.0, "lambda": 0.0}, expiry=(top / 5.0) ** 2)]
+
+
 def extreme_cases(name: str) -> list[Case]:
     """Every parameter and the expiry at and just inside each bound (others ordinary),
     then combinations at the edges of what a contract may be."""
@@ -725,18 +744,10 @@ def extreme_cases(name: str) -> list[Case]:
         out += [_base(name, "one-fixing", fixings=1), _base(name, "max-fixings", fixings=64)]
     # the smallest spread: the lowest vol (or variance) at the shortest expiry
     lowest = {n: b[0] for n, b in process.param_bounds.items()}
-    vol_names = {"heston": ("v0", "theta"), "merton": ("sigma", "lambda")}.get(name, ("vol",))
+    vol_names = {"heston": ("v0", "theta"), "merton": ("sigma", "lambda"), "rbergomi": ("xi0",)}.get(name, ("vol",))
     smallest = {n: lowest[n] for n in vol_names}
     out.append(_base(name, "smallest-spread", params=smallest, expiry=EXPIRY_BOUNDS[0]))
-    # the largest spread the API takes, s = MAX_SCALE (to rounding)
-    top = MAX_SCALE * (1 - 1e-9)
-    if name in ("gbm", "asian"):
-        out.append(_base(name, "max-spread-max-vol", params={"vol": VOL_BOUNDS[1]}, expiry=(top / VOL_BOUNDS[1]) ** 2))
-        out.append(_base(name, "max-spread-30y", params={"vol": top / math.sqrt(30.0)}, expiry=30.0))
-    elif name == "heston":
-        out.append(_base(name, "max-spread", params={"v0": 4.0, "theta": 4.0}, expiry=top * top / 4.0))
-    else:
-        out.append(_base(name, "max-spread-diffusion", params={"sigma": 5.0, "lambda": 0.0}, expiry=(top / 5.0) ** 2))
+    out += _max_spread_cases(name)
     # K/F at its bounds (to rounding), calls and puts
     k_low, k_high = MONEYNESS_BOUNDS[0] * (1 + 1e-9), MONEYNESS_BOUNDS[1] * (1 - 1e-9)
     far = ((k_low, True), (k_low, False), (k_high, True), (k_high, False))
@@ -772,6 +783,10 @@ def extreme_cases(name: str) -> list[Case]:
 # smallest spread is the lowest vol at the shortest expiry; the 30-year largest spread
 # the longest expiry; the carry at +-2 the rate and dividend at +-1).
 ASIAN_EXTREMES = {"smallest-spread", "vol-at-5", "one-fixing", "max-spread-30y", "carry+2", "carry-2"}
+# Rough Bergomi's reference is a Monte Carlo too (~2 s a point for every measure, 512
+# normals a path): the shortest and longest expiries (off the domain: the first is the
+# witness), the roughest H and the largest eta and xi0, and K/F at its bounds.
+RBERGOMI_EXTREMES = ("smallest-spread", "max-spread", "H-at-0.025", "eta-at-4", "rho-at--0.95", "moneyness-bounds")
 
 
 @dataclass(frozen=True)
@@ -783,6 +798,13 @@ class Extremes:
     learned: torch.Tensor
     witness: torch.Tensor  # rows priced by the reference directly too (bool)
     reference: dict[str, torch.Tensor]  # every measure, clamped as served
+    # per measure, the learned answers withheld past their tolerance (NaN as served) where
+    # the reference is a simulation the server does not run in their place (rbergomi)
+    withheld: dict[str, torch.Tensor]
+
+
+def _withheld(ev: Evaluation, measure: str, n: int) -> torch.Tensor:
+    return ev.withheld.get(measure, torch.zeros(n, dtype=torch.bool))
 
 
 @functools.cache
@@ -794,6 +816,9 @@ def extremes(name: str) -> Extremes:
     cases = extreme_cases(name)
     if name == "asian":
         cases = [c for c in cases if c.label in ASIAN_EXTREMES]
+    if name == "rbergomi":
+        by_label = {c.label: c for c in cases}
+        cases = [by_label[label] for label in RBERGOMI_EXTREMES]
     batches, rows = [], []
     for i, case in enumerate(cases):
         batches.append(batch_of(validated(case.contracts())))
@@ -801,26 +826,36 @@ def extremes(name: str) -> Extremes:
     batch = concat(batches)
     levels = torch.tensor(LEVELS, dtype=F64)
     pricer = served_model(name).pricer
-    if name == "asian":  # a point at a time: the Monte-Carlo CF's tangents are ~2x slower batched
+    if name in ("asian", "rbergomi"):  # a point at a time: the Monte-Carlo CF's tangents are ~2x slower batched
         parts = [pricer.evaluate(b, ALL, levels) for b in batches]
         ev = Evaluation(
-            {k: torch.cat([p.values[k] for p in parts]) for k in parts[0].values}, torch.cat([p.learned for p in parts])
+            {k: torch.cat([p.values[k] for p in parts]) for k in parts[0].values},
+            torch.cat([p.learned for p in parts]),
+            withheld={m: torch.cat([_withheld(p, m, len(p.learned)) for p in parts]) for m in ALL},
         )
     else:
         ev = pricer.evaluate(batch, ALL, levels)
     witness = torch.tensor([r == 0 for r in rows])
-    direct = torch.nonzero(witness | ev.learned).flatten()
-    values = reference_values(name, batch.select(direct), ALL)
+    # The reference on the rows it priced for the served pricer, as it priced them: the
+    # first case alone where the cases went one at a time (rough Bergomi's Monte-Carlo
+    # reference is batch-dependent in the last bit), with the learned rows apart.
+    apart = name == "rbergomi"
+    groups = [witness, ev.learned & ~witness] if apart else [witness | ev.learned]
     ref = {k: v.clone() for k, v in ev.values.items()}
-    for k, v in values.items():
-        ref[k][direct] = v
-    return Extremes(cases, batch, rows, ev.values, ev.learned, witness, ref)
+    for rows_of in groups:
+        direct = torch.nonzero(rows_of).flatten()
+        if len(direct):
+            for k, v in reference_values(name, batch.select(direct), ALL).items():
+                ref[k][direct] = v
+    withheld = {m: _withheld(ev, m, len(batch)) for m in ALL}
+    return Extremes(cases, batch, rows, ev.values, ev.learned, witness, ref, withheld)
 
 
 @pytest.mark.parametrize("name", SERVED)
 def test_every_measure_is_finite_at_the_bounds(name: str) -> None:
     """Every measure is finite but a moment that is itself infinite (the oracle's: +inf
-    there, refused at the API, test_infinite_moments_at_the_bounds_are_refused)."""
+    there, refused at the API, test_infinite_moments_at_the_bounds_are_refused) and, as
+    served, a learned measure withheld past its tolerance (rbergomi: null in a response)."""
     ex = extremes(name)
     infinite = {m: [math.isinf(x) for x in ex_stats] for m, ex_stats in _oracle_columns(ex).items()}
     for source in (ex.reference, ex.served):
@@ -829,6 +864,8 @@ def test_every_measure_is_finite_at_the_bounds(name: str) -> None:
             bad = ~torch.isfinite(v).reshape(len(ex.batch), -1).all(1)
             if measure in infinite:
                 bad &= ~torch.tensor([infinite[measure][r] for r in ex.rows])
+            if source is ex.served:  # withheld on purpose: null, with a warning, in a response
+                bad &= ~ex.withheld[measure]
             labels = sorted({ex.cases[ex.rows[i]].label for i in torch.nonzero(bad).flatten().tolist()})
             assert not labels, (measure, labels)
 
@@ -992,8 +1029,13 @@ def _heston_log_table() -> dict[tuple[tuple[float, ...], float], np.ndarray]:
 
 def oracle_stats(case: Case) -> tuple[float, float, float]:
     """stdev, skew and excess kurtosis of S_T / F (an Asian's A / F_A); inf where a
-    moment is infinite (Heston's moment explosion)."""
+    moment is infinite (Heston's moment explosion; rough Bergomi's E[S_T^n] unless
+    rho^2 > (n - 1) / n, whose finite moments have no closed form: NaN)."""
     p = [case.params[n] for n in get_process(case.process).market_param_names]
+    if case.process == "rbergomi":
+        rho2 = case.params["rho"] ** 2
+        stdev, skew, kurtosis = (math.nan if rho2 * n > n - 1 else math.inf for n in (2, 3, 4))
+        return stdev, skew, kurtosis
     if case.process == "gbm":
         return lognormal_stats(p[0] * math.sqrt(case.expiry))
     if case.process == "merton":
@@ -1046,7 +1088,7 @@ def _reference_moments(ex: Extremes, i: int, fwd: float) -> dict[str, float]:
     }
 
 
-@pytest.mark.parametrize("name", SERVED)
+@pytest.mark.parametrize("name", WITH_MOMENT_ORACLE)
 def test_distribution_measures_at_the_bounds(name: str) -> None:
     ex = extremes(name)
     process = get_process(name)
@@ -1228,8 +1270,10 @@ def refusals() -> list[tuple[str, dict[str, Any], str, float]]:
             wide = {**base, "vol": 1.0, "expiry_years": (MAX_SCALE * (1 + 1e-6)) ** 2}
         elif name == "heston":
             wide = {**base, "params": {**base["params"], "v0": 4.0, "theta": 4.0}, "expiry_years": 4.0 * (1 + 1e-5)}
-        else:
+        elif name == "merton":
             wide = {**base, "params": {**base["params"], "sigma": 4.0, "lambda": 0.0}, "expiry_years": 1.0 + 1e-5}
+        else:  # rough Bergomi: sqrt(xi0 T) never passes MAX_SCALE within its bounds
+            continue
         out.append((f"{name}-spread", wide, "contracts[0]", MAX_SCALE))
     return out
 

@@ -29,12 +29,15 @@ from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.spectrum import SpectrumConfig
 from spectralmc_server.models import bundled_models
 
-PROCESSES = ("heston", "merton", "asian", "gbm")
+PROCESSES = ("heston", "merton", "asian", "gbm", "rbergomi")
 PARAMS: dict[str, dict[str, Any]] = {
     "heston": {"process": "heston", "params": {"v0": 0.04, "kappa": 1.5, "theta": 0.05, "xi": 0.5, "rho": -0.7}},
     "merton": {"process": "merton", "params": {"sigma": 0.2, "lambda": 0.5, "mu_j": -0.1, "sigma_j": 0.1}},
     "asian": {"process": "asian", "vol": 0.25, "fixings": 12},
     "gbm": {"process": "gbm", "vol": 0.25},
+    # rho -0.9: E[S_T^n] is finite for n < 1 / (1 - rho^2) = 5.3, so the stdev, skew and
+    # kurtosis all are (engine/moments.py)
+    "rbergomi": {"process": "rbergomi", "params": {"H": 0.1, "eta": 1.5, "rho": -0.9, "xi0": 0.04}},
 }
 DISTRIBUTION = ["stdev", "skew", "kurtosis", "quantiles"]
 # Generous: measured 1.7 to 5.5 s (interpreter start and imports included) on a CPU
@@ -131,6 +134,7 @@ ENGINE_PARAMS: dict[str, dict[str, float]] = {
     "merton": PARAMS["merton"]["params"],
     "asian": {"vol": 0.25, "carry": 0.0, "fixings": 12.0},
     "gbm": {"vol": 0.25},
+    "rbergomi": PARAMS["rbergomi"]["params"],
 }
 
 

@@ -3,7 +3,9 @@ Heston surface whose true parameters are known, through the served learned model
 (``method: cvnn``) and through the analytic CF when no Heston model is served
 (``reference``); storing the fit as a derived snapshot priced by reference; the 422s
 of bad surfaces and bad bodies; the write token; the metrics; and the ``calibrate``
-derive job end to end.
+derive job end to end. Rough Bergomi (``process: rbergomi``, section at the end) goes
+through its served model only (no analytic CF: without the model a 422 naming
+``process``), on the surface that model itself implies at known parameters.
 
 Tolerances: the learned model recovers v0 within 0.003, theta within 0.005 and rho
 within 0.1 of the truth with an RMSE below 1 vol point (kappa and xi trade off against
@@ -197,10 +199,11 @@ def assert_report(out: dict[str, Any], put: dict[str, Any], method: str) -> None
 
 
 def explicit_heston(
-    snap: dict[str, Any], cid: str, strike: float, expiry: date, params: dict[str, float]
+    snap: dict[str, Any], cid: str, strike: float, expiry: date, params: dict[str, float], process: str = "heston"
 ) -> dict[str, Any]:
-    """The explicit contract a heston contract by reference stands for (docs/marketdata.md):
-    spot, ACT/365F expiry from val_datetime's date, zero rates at T, the given params."""
+    """The explicit contract a heston (or ``process``) contract by reference stands for
+    (docs/marketdata.md): spot, ACT/365F expiry from val_datetime's date, zero rates at
+    T, the given params."""
     s = MarketSnapshot.model_validate(snap)
     t = year_fraction(VDT_DATETIME, expiry)
     return {
@@ -211,7 +214,7 @@ def explicit_heston(
         "expiry_years": t,
         "rate": s.yield_curves["USD"].zero_rate(t),
         "dividend": s.dividend_curves["SPX"].zero_rate(t),
-        "process": "heston",
+        "process": process,
         "params": params,
     }
 
@@ -425,6 +428,9 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("naive val_datetime", {"val_datetime": "2026-11-26T16:00:00", "underlying": "SPX"}, "val_datetime"),
     ("process sabr", {"val_datetime": VDT, "underlying": "SPX", "process": "sabr"}, "process"),
     ("process merton", {"val_datetime": VDT, "underlying": "SPX", "process": "merton"}, "process"),
+    ("process gbm", {"val_datetime": VDT, "underlying": "SPX", "process": "gbm"}, "process"),
+    ("process Heston", {"val_datetime": VDT, "underlying": "SPX", "process": "Heston"}, "process"),
+    ("process not a string", {"val_datetime": VDT, "underlying": "SPX", "process": 1}, "process"),
     ("max_iterations 0", {"val_datetime": VDT, "underlying": "SPX", "max_iterations": 0}, "max_iterations"),
     ("max_iterations 1001", {"val_datetime": VDT, "underlying": "SPX", "max_iterations": 1001}, "max_iterations"),
     ("empty underlying", {"val_datetime": VDT, "underlying": ""}, "underlying"),
@@ -603,5 +609,143 @@ def test_calibrate_job_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (job.derive, job.process, job.namespace) == ("calibrate", "heston", "default")
     with pytest.raises(ValidationError, match=r"jobs\.0\.derive\.process"):
         Settings(jobs=[{**base, "process": "sabr"}])
+    [rough] = Settings(jobs=[{**base, "process": "rbergomi"}]).jobs
+    assert isinstance(rough, DeriveJob) and rough.process == "rbergomi"
     with pytest.raises(ValidationError, match=r"jobs\.0\.derive\.derive"):
         Settings(jobs=[{**base, "derive": "fit"}])
+
+
+# -- rough Bergomi ------------------------------------------------------------------------
+# No analytic CF: the fit goes through the served rbergomi model, and the surface is the
+# one that model implies at RB_TRUE (pricing/calibration.py model_surface), so the fit
+# must give RB_TRUE back (H within 0.02, eta within 10%, rho within 0.05, xi0 within 2%).
+
+RB_TRUE = {"H": 0.1, "eta": 1.5, "rho": -0.7, "xi0": 0.04}
+RB_EXPIRIES = (0.25, 0.5, 1.0, 1.5, 2.0)
+RB_MONEYNESS = (0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15)  # every price well above 1 bp of F
+RB_SERVED = ["gbm", "rbergomi"]
+
+
+def assert_rbergomi_recovered(params: dict[str, float]) -> None:
+    assert set(params) == set(RB_TRUE), params
+    assert abs(params["H"] - RB_TRUE["H"]) <= 0.02, params
+    assert abs(params["eta"] / RB_TRUE["eta"] - 1.0) <= 0.10, params
+    assert abs(params["rho"] - RB_TRUE["rho"]) <= 0.05, params
+    assert abs(params["xi0"] / RB_TRUE["xi0"] - 1.0) <= 0.02, params
+
+
+@functools.cache
+def _rbergomi_surface() -> dict[str, Any]:
+    from spectralmc_server.engine.checkpoint import read_dir
+    from spectralmc_server.engine.served import load_served_model
+    from spectralmc_server.models import bundled_models
+    from spectralmc_server.pricing.calibration import model_surface
+
+    served = load_served_model(read_dir(bundled_models()["rbergomi"], need_training=False), require_certificate=False)
+    surface = model_surface(served, RB_TRUE, list(RB_EXPIRIES), list(RB_MONEYNESS))
+    data: dict[str, Any] = surface.model_dump(mode="json")
+    return data
+
+
+def rbergomi_body() -> dict[str, Any]:
+    """The sample snapshot with its SPX surface the bundled rbergomi model's at RB_TRUE."""
+    body = snapshot()
+    body["vol_surfaces"]["SPX"] = copy.deepcopy(_rbergomi_surface())
+    return body
+
+
+async def rbergomi_model(client: Client) -> dict[str, Any]:
+    models = (await ok_json(await client.get("/v1/models")))["models"]
+    [m] = [m for m in models if m["name"] == "rbergomi"]
+    return {"name": "rbergomi", "version": m["version"], "content_hash": m["content_hash"]}
+
+
+async def test_calibrate_rbergomi_through_the_learned_model_and_store(make_client: MakeClient) -> None:
+    """process rbergomi: fitted through the served rbergomi model (method cvnn), the four
+    parameters recovered, and with store the set lands in model_params[SPX][rbergomi] of
+    a derived snapshot whose lineage names the process and the model."""
+    client = await make_client(models=RB_SERVED)
+    put = await put_ok(client, rbergomi_body())
+    out = await ok_json(await calibrate(client, process="rbergomi", store=True))
+    model = await rbergomi_model(client)
+    assert set(out) == REPORT_FIELDS, sorted(out)
+    assert (out["underlying"], out["process"], out["method"]) == ("SPX", "rbergomi", "cvnn")
+    assert out["model"] == model
+    assert set(out["start"]) == set(RB_TRUE)
+    assert out["fit"]["quotes"] == len(RB_EXPIRIES) * len(RB_MONEYNESS) == len(out["quotes"])
+    assert out["fit"]["converged"] is True and out["fit"]["rmse_vol"] < 1e-3
+    assert_rbergomi_recovered(out["params"])
+    stored = out["stored"]
+    assert stored["created"] is True
+    lineage = stored["lineage"]
+    assert (lineage["kind"], lineage["process"], lineage["underlyings"]) == ("calibrate", "rbergomi", ["SPX"])
+    assert lineage["inputs"] == [key_of(put)] and lineage["models"] == [model]
+    latest = await ok_json(await client.get("/v1/marketdata/default/latest"))
+    assert key_of(latest) == key_of(stored)
+    fitted = latest["data"]["model_params"]["SPX"]["rbergomi"]
+    assert fitted["params"] == out["params"]
+    assert fitted["fit"]["method"] == "cvnn" and fitted["fit"]["model"] == model
+    assert fitted["fit"]["quotes_detail"] == out["quotes"]
+    # a rough Bergomi contract by reference now prices from the fitted set, exactly as
+    # the explicit contract with those parameters
+    ref = {
+        "id": "rb1",
+        "right": "put",
+        "strike": 95.0,
+        "underlying": "SPX",
+        "expiry": "2027-06-18",
+        "process": "rbergomi",
+    }
+    got = await ok_json(await client.post("/v1/price", json={"val_datetime": VDT, "contracts": [ref]}))
+    assert got["market_data"] == key_of(stored)
+    explicit = explicit_heston(rbergomi_body(), "rb1", 95.0, date(2027, 6, 18), out["params"], "rbergomi")
+    explicit["right"] = "put"
+    want = await ok_json(await client.post("/v1/price", json={"contracts": [explicit]}))
+    assert got["results"] == want["results"] and got["results"][0]["price"] > 0
+    text = await metrics_text(client)
+    assert sample(text, "spectralmc_calibrations_total", process="rbergomi", outcome="ok") == 1
+    assert sample(text, "spectralmc_calibration_seconds_count", process="rbergomi") == 1
+
+
+async def test_rbergomi_without_its_model_is_422_naming_the_process(make_client: MakeClient) -> None:
+    """No rbergomi model served and no analytic CF to fall back on: 422 naming
+    ``process``, before anything is queued; counted as rejected."""
+    client = await make_client(models=["gbm"])
+    await put_ok(client, rbergomi_body())
+    err = await assert_error(await calibrate(client, process="rbergomi"), 422, "invalid", ("process",))
+    assert "rbergomi has no analytic characteristic function" in err["message"], err
+    assert "served rbergomi model" in err["message"], err
+    text = await metrics_text(client)
+    assert sample(text, "spectralmc_calibrations_total", process="rbergomi", outcome="rejected") == 1
+    assert sample(text, "spectralmc_calibrations_total", process="rbergomi", outcome="ok") == 0
+
+
+async def test_calibrate_job_fits_rbergomi(make_client: MakeClient) -> None:
+    """A calibrate job with process rbergomi stores the fitted set under its process."""
+    job = {
+        "kind": "derive",
+        "derive": "calibrate",
+        "name": "spx-rbergomi",
+        "every_seconds": 0.2,
+        "underlyings": ["SPX"],
+        "process": "rbergomi",
+    }
+    client = await make_client(models=RB_SERVED, jobs=[job])
+    put = await put_ok(client, rbergomi_body())
+
+    async def derived() -> dict[str, Any] | None:
+        latest = await ok_json(await client.get("/v1/marketdata/default/latest"))
+        return latest if latest["data_asof"] != ASOF else None
+
+    async def job_error() -> list[str]:
+        recent = (await job_runs(client, "spx-rbergomi"))["recent"]
+        return [r["message"] for r in recent if r["outcome"] == "error"]
+
+    out: dict[str, Any] = await eventually(derived, "a derived snapshot")
+    assert not await job_error()
+    lineage = out["lineage"]
+    assert (lineage["job"], lineage["process"]) == ("spx-rbergomi", "rbergomi")
+    assert lineage["inputs"] == [key_of(put)] and lineage["models"] == [await rbergomi_model(client)]
+    fitted = out["data"]["model_params"]["SPX"]["rbergomi"]
+    assert fitted["fit"]["method"] == "cvnn"
+    assert_rbergomi_recovered(fitted["params"])

@@ -25,7 +25,7 @@ from spectralmc_server.engine.processes import get_process
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.pricing.valuation import Valuer
 
-SERVED = ["gbm", "heston", "merton", "asian"]
+SERVED = ["gbm", "heston", "merton", "asian", "rbergomi"]
 SPOT = 100.0
 BP = SPOT * 1e-4
 MAX_BP = 30.0
@@ -106,7 +106,7 @@ def p95(values: list[float]) -> float:
 
 
 async def test_models_lists_every_process_with_its_domain(make_client: MakeClient) -> None:
-    client = await make_client()  # the default settings serve all four
+    client = await make_client()  # the default settings serve all five
     models = (await ok_json(await client.get("/v1/models")))["models"]
     by_name = {m["name"]: m for m in models}
     assert set(by_name) == set(SERVED), models
@@ -114,7 +114,9 @@ async def test_models_lists_every_process_with_its_domain(make_client: MakeClien
         assert m["process"] == name
         assert m["version"] == 1 and m["mode"] == "tracking" and m["last_error"] is None, m
         assert m["content_hash"].startswith("sha256:"), m
-        assert m["domain"] == get_process(name).default_domain().model_dump(mode="json"), m
+        default = get_process(name).default_domain().model_dump(mode="json")
+        assert m["domain"]["ranges"] == default["ranges"], m
+        assert m["domain"]["moneyness"] in (None, [0.7, 1.3]), m  # the validated K/F range, where recorded
     assert [r["name"] for r in by_name["heston"]["domain"]["ranges"]] == [
         "v0",
         "kappa",
@@ -131,6 +133,7 @@ async def test_models_lists_every_process_with_its_domain(make_client: MakeClien
         "expiry_years",
     ]
     assert [r["name"] for r in by_name["asian"]["domain"]["ranges"]] == ["vol", "carry", "fixings", "expiry_years"]
+    assert [r["name"] for r in by_name["rbergomi"]["domain"]["ranges"]] == ["H", "eta", "rho", "xi0", "expiry_years"]
     assert (await client.get("/readyz")).status == 200
 
 

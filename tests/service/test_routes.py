@@ -402,7 +402,8 @@ async def test_healthz_and_readyz(make_client: MakeClient) -> None:
     ready = await ok_json(await client.get("/readyz"))
     assert ready["status"] == "ready"
     assert ready["role"] == "all"
-    assert ready["models"] == {"gbm": 1, "heston": 1, "merton": 1, "asian": 1}  # the bundled models, seeded
+    # the bundled models, seeded
+    assert ready["models"] == {"gbm": 1, "heston": 1, "merton": 1, "asian": 1, "rbergomi": 1}
     assert ready["training"] is None  # training is off in these tests
     assert ready["degraded"] == []
 
@@ -443,7 +444,7 @@ async def test_readyz_degraded_while_store_polls_fail(make_client: MakeClient, m
 async def test_models(make_client: MakeClient) -> None:
     client = await make_client()
     out = await ok_json(await client.get("/v1/models"))
-    assert [x["name"] for x in out["models"]] == ["gbm", "heston", "merton", "asian"]
+    assert [x["name"] for x in out["models"]] == ["gbm", "heston", "merton", "asian", "rbergomi"]
     m = out["models"][0]
     assert m["name"] == "gbm"
     assert m["version"] == 1

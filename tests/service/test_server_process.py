@@ -170,7 +170,7 @@ def test_real_prometheus_scrapes_the_server(serve: Serve, tmp_path: Path) -> Non
             time.sleep(0.5)
         assert up == 1, f"the scrape target is not up:\n{prom_log.read_text()}"
         assert priced == 3, f"spectralmc_contracts_priced_total summed to {priced}, expected 3"
-        assert sorted(r["metric"]["model"] for r in info) == ["asian", "gbm", "heston", "merton"], info
+        assert sorted(r["metric"]["model"] for r in info) == ["asian", "gbm", "heston", "merton", "rbergomi"], info
         labels = next(r["metric"] for r in info if r["metric"]["model"] == "gbm")
         assert labels["model"] == "gbm"
         assert labels["version"] == "1"

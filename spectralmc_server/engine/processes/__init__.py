@@ -20,13 +20,13 @@ PROCESSES: dict[str, Process] = {
     "heston": HestonProcess(),
     "merton": MertonProcess(),
     "asian": AsianProcess(),
+    "rbergomi": RoughBergomiProcess(),
 }
 # The laws a model can be trained on: the contracts' processes, and the defective laws
 # of barrier contracts (a contract names its process and a barrier, never these).
 MODEL_PROCESSES: dict[str, Process] = {
     **PROCESSES,
     "gbm_barrier": GBMBarrierProcess(),
-    "rbergomi": RoughBergomiProcess(),
 }
 
 

@@ -53,9 +53,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 
+from spectralmc_server.engine.processes import spec
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
 from spectralmc_server.engine.processes.bridge import bridge_plan
 from spectralmc_server.engine.processes.spec import Floats
@@ -216,19 +216,6 @@ def conditional_law(theta: torch.Tensor, paths: VariancePaths) -> tuple[torch.Te
 # -- the process ---------------------------------------------------------------------------------
 
 
-def rbergomi_scale_math(theta: Sequence[float], expiry: float) -> float:
-    """sqrt(xi0 T) without torch (the twin of RoughBergomiProcess.scale)."""
-    v = theta[3] * expiry
-    return math.sqrt(v) if v >= 0.0 else math.nan
-
-
-def rbergomi_scale_np(theta: Floats, expiry: Floats) -> Floats:
-    """sqrt(xi0 T) for theta (B, 4), T (B,) -> (B,), without torch."""
-    with np.errstate(invalid="ignore"):
-        out: Floats = np.sqrt(np.ascontiguousarray(theta[:, 3], dtype=np.float64) * expiry)
-    return out
-
-
 class RoughBergomiProcess(Process):
     """Rough Bergomi with a flat forward variance, by the hybrid scheme in ``steps`` steps."""
 
@@ -285,10 +272,10 @@ class RoughBergomiProcess(Process):
         return torch.sqrt(theta[:, 3] * expiry)
 
     def scale_math(self, theta: Sequence[float], expiry: float) -> float:
-        return rbergomi_scale_math(theta, expiry)
+        return spec.rbergomi_scale(theta, expiry)
 
     def scale_np(self, theta: Floats, expiry: Floats) -> Floats:
-        return rbergomi_scale_np(theta, expiry)
+        return spec.rbergomi_scale_np(theta, expiry)
 
     def paths(self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor) -> VariancePaths:
         return hybrid_paths(theta, expiry, z, self.steps, bridge=self.bridge)
@@ -340,8 +327,6 @@ __all__ = [
     "hybrid_variance",
     "hybrid_volterra",
     "log_price",
-    "rbergomi_scale_math",
-    "rbergomi_scale_np",
     "split_normals",
     "variance_paths",
 ]

@@ -14,9 +14,10 @@ torch's CPU kernels compute float64 sqrt, exp and expm1 with their own vectorise
 (also for a one-element tensor), an ulp off the correctly rounded value on ~0.8%, ~3%
 and ~2% of arguments, where math's are correctly rounded (sqrt) or all but (glibc's exp
 and expm1), and numpy's are the same or, on an AVX-512 CPU, torch's exp bit for bit.
-Measured: gbm and asian scale (T1, T4) up to 2 ulp, merton scale (T3) and e^{(r - q) T}
-(T5) 1 ulp, the asian forward ratio (T6, 64 exponentials) 4 ulp; heston scale (T2) up to
-1.8e-13 relative, where v0 << theta and its two terms nearly cancel (1 ulp where they add).
+Measured: gbm and asian scale (T1, T4) up to 2 ulp, merton and rough Bergomi scale (T3,
+T7) and e^{(r - q) T} (T5) 1 ulp, the asian forward ratio (T6, 64 exponentials) 4 ulp;
+heston scale (T2) up to 1.8e-13 relative, where v0 << theta and its two terms nearly
+cancel (1 ulp where they add).
 
 A bound is checked on these values with slack: the columnar validator hands every row
 within ``BORDER`` (1e-9 relative) of a bound to the row validator (pricing/columns.py),
@@ -91,6 +92,11 @@ def merton_scale(theta: Sequence[float], expiry: float) -> float:
     """T3, MertonProcess.scale: sqrt((sigma^2 + lambda (mu_j^2 + sigma_j^2)) T)."""
     sigma, lam, mu_j, sigma_j = theta[0], theta[1], theta[2], theta[3]
     return _sqrt((sigma * sigma + lam * (mu_j * mu_j + sigma_j * sigma_j)) * expiry)
+
+
+def rbergomi_scale(theta: Sequence[float], expiry: float) -> float:
+    """T7, RoughBergomiProcess.scale: sqrt(xi0 T) for theta = (H, eta, rho, xi0)."""
+    return _sqrt(theta[3] * expiry)
 
 
 def fixing_count(fixings: float) -> float:
@@ -170,6 +176,13 @@ def merton_scale_np(theta: Floats, expiry: Floats) -> Floats:
     sigma, lam, mu_j, sigma_j = (_column(theta, j) for j in range(4))
     with np.errstate(invalid="ignore", over="ignore"):
         out: Floats = np.sqrt((sigma * sigma + lam * (mu_j * mu_j + sigma_j * sigma_j)) * expiry)
+    return out
+
+
+def rbergomi_scale_np(theta: Floats, expiry: Floats) -> Floats:
+    """T7 for theta (B, 4), T (B,) -> (B,)."""
+    with np.errstate(invalid="ignore"):
+        out: Floats = np.sqrt(_column(theta, 3) * expiry)
     return out
 
 
@@ -253,6 +266,7 @@ _BY_PROCESS: Mapping[str, tuple[ScaleNp, ForwardRatioNp, Scale, ForwardRatio]] =
     "heston": (heston_scale_np, _european_ratio_np, heston_scale, _european_ratio),
     "merton": (merton_scale_np, _european_ratio_np, merton_scale, _european_ratio),
     "asian": (geometric_scale_np, _average_ratio_np, geometric_scale, _average_ratio),
+    "rbergomi": (rbergomi_scale_np, _european_ratio_np, rbergomi_scale, _european_ratio),
 }
 SCALE_NP: Mapping[str, ScaleNp] = {name: fs[0] for name, fs in _BY_PROCESS.items()}
 FORWARD_RATIO_NP: Mapping[str, ForwardRatioNp] = {name: fs[1] for name, fs in _BY_PROCESS.items()}
@@ -387,6 +401,8 @@ __all__ = [
     "heston_scale_np",
     "merton_scale",
     "merton_scale_np",
+    "rbergomi_scale",
+    "rbergomi_scale_np",
     "servable_np",
     "servable_one",
     "sum_fixings",

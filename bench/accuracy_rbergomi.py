@@ -31,43 +31,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_models import HELD_OUT_SEED, STRIKES, quantiles
+from accuracy_models import DIV, SPOT, STRIKES, held_out, quantiles
 from common import ROOT, output_args, plot_file, record, save_figure, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
-from spectralmc_server.engine.normals import sobol_engine
-from spectralmc_server.engine.pricer import OptionBatch
 from spectralmc_server.engine.rbergomi_reference import black_undiscounted, rbergomi_european_mc
-from spectralmc_server.engine.served import Evaluation, ServedModel, load_served_model
+from spectralmc_server.engine.served import Evaluation, load_served_model
 from spectralmc_server.models import bundled_models
 
 F64 = torch.float64
-SPOT, RATE, DIV = 100.0, 0.03, 0.01
 P95_TARGET, MAX_TARGET = 5.0, 25.0  # bp of spot (issue 21)
 K = len(STRIKES)
-
-
-def held_out(
-    served: ServedModel, points: int, seed: int = HELD_OUT_SEED
-) -> tuple[torch.Tensor, torch.Tensor, OptionBatch]:
-    """points x 13 strikes x put/call, each point's 26 options consecutive."""
-    domain = served.domain
-    theta, t = domain.from_unit(sobol_engine(domain.dims, seed).draw(points, dtype=F64))
-    theta = served.process.canonical_params(theta)
-    n = points * K * 2
-    rep = torch.arange(n) // (2 * K)
-    kappa = STRIKES[(torch.arange(n) // 2) % K]
-    fwd = SPOT * torch.exp((RATE - DIV) * t[rep])
-    batch = OptionBatch(
-        spot=torch.full((n,), SPOT, dtype=F64),
-        strike=fwd * kappa,
-        expiry=t[rep],
-        rate=torch.full((n,), RATE, dtype=F64),
-        dividend=torch.full((n,), DIV, dtype=F64),
-        is_call=(torch.arange(n) % 2) == 1,
-        theta=theta[rep],
-    )
-    return theta, t, batch
 
 
 def truth(theta: torch.Tensor, t: torch.Tensor, paths: int, seed: int = 7) -> tuple[torch.Tensor, torch.Tensor]:
@@ -212,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     print(bucket_table)
 
     # speed
-    _, _, speed_set = held_out(served, args.speed_points, HELD_OUT_SEED + 1)
+    _, _, speed_set = held_out(served, args.speed_points)
     distinct = speed_set.select(torch.arange(0, len(speed_set), 2 * K))
     measures = frozenset({"price"})
     # the learned path: what the server runs for a contract inside the domain whose

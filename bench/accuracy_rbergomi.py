@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_models import DIV, SPOT, STRIKES, held_out, quantiles
-from common import ROOT, output_args, plot_file, record, save_figure, table, timeit
+from accuracy_models import DIV, SPOT, STRIKES, held_out, plot, quantiles
+from common import ROOT, output_args, plot_file, record, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
 from spectralmc_server.engine.rbergomi_reference import black_undiscounted, rbergomi_european_mc
@@ -83,37 +83,6 @@ def mc_time_per_point(theta: torch.Tensor, t: torch.Tensor, paths: int) -> float
     t0 = time.perf_counter()
     truth(theta, t, paths, seed=99)
     return (time.perf_counter() - t0) / len(t)
-
-
-def plot(
-    path: Path, err: torch.Tensor, se: torch.Tensor, expiry: torch.Tensor, history: list[dict[str, float]]
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
-    ax1.scatter(expiry.numpy(), err.numpy(), s=2, alpha=0.3, label="|learned - reference|")
-    ax1.scatter(expiry.numpy(), se.numpy(), s=1, alpha=0.2, color="grey", label="reference's standard error")
-    ax1.set_xscale("log")
-    ax1.set_yscale("log")
-    ax1.set_xlabel("T (years)")
-    ax1.set_ylabel("bp of spot")
-    ax1.axhline(P95_TARGET, color="red", lw=1, label=f"p95 target {P95_TARGET:g} bp")
-    ax1.axhline(MAX_TARGET, color="darkred", lw=1, ls="--", label=f"max target {MAX_TARGET:g} bp")
-    ax1.legend(fontsize=8)
-    ax1.set_title("rbergomi: held-out error per option")
-    if history:
-        minutes = [h["elapsed_seconds"] / 60 for h in history]
-        ax2.plot(minutes, [h["p95_bp"] for h in history], label="p95 (validation set)")
-        ax2.plot(minutes, [h["max_bp"] for h in history], label="max (validation set)", alpha=0.7)
-        ax2.set_yscale("log")
-        ax2.set_xlabel("training time (minutes)")
-        ax2.set_ylabel("error, bp of spot")
-        ax2.legend(fontsize=8)
-        ax2.set_title("error vs training time")
-    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -233,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 
     history = timed_history(ckpt.manifest)
     plot_path = plot_file(args, "accuracy_rbergomi.png")
-    plot(plot_path, err, se_bp, batch.expiry, history)
+    plot(plot_path, "rbergomi", err, batch.expiry, history, targets=(P95_TARGET, MAX_TARGET), truth_se=se_bp)
     print(f"plot: {plot_path}")
     if args.record:
         run = run_facts(ckpt.manifest)

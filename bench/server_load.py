@@ -14,11 +14,13 @@ stays flat after warm-up.
     python bench/server_load.py --record                 # ~3 minutes
     python bench/server_load.py --record --soak-minutes 10
     python bench/server_load.py --quick
+    python bench/server_load.py --record --http-workers 1,2 --engines 1,2   # the scaling
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -154,7 +156,7 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -
 
 @contextmanager
 def server(
-    kind: str, workdir: Path, training: bool, mode: str = "process", engines: int = 1
+    kind: str, workdir: Path, training: bool, mode: str = "process", engines: int = 1, workers: int = 1
 ) -> Iterator[tuple[str, int]]:
     port = free_port()
     if kind == "hello":
@@ -167,9 +169,24 @@ def server(
         "SPECTRALMC_TRAIN__ENABLED": "true" if training else "false",
         "SPECTRALMC_ENGINE__MODE": mode,
         "SPECTRALMC_ENGINE__PROCESSES": str(engines),
+        "SPECTRALMC_HTTP_WORKERS": str(workers),
     }
     with running(cmd, env, workdir / f"{kind}-{port}.log", port) as answer:
+        if workers > 1:
+            wait_workers(answer[0], workers)
         yield answer
+
+
+def wait_workers(url: str, workers: int, timeout: float = 120.0) -> None:
+    """Until every HTTP worker answers (/metrics: spectralmc_http_worker_up 1 for each)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+            if sum(f'spectralmc_http_worker_up{{worker="{k}"}} 1.0' in text for k in range(workers)) == workers:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"not all {workers} HTTP workers started")
 
 
 @contextmanager
@@ -289,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         help="engine processes to load with (mode process), comma-separated: 1,2 measures the scaling",
     )
     ap.add_argument(
+        "--http-workers",
+        default="1",
+        help="HTTP worker processes (http_workers, SO_REUSEPORT) to load with, comma-separated: 1,2 measures "
+        "the scaling",
+    )
+    ap.add_argument(
         "--modes",
         default="process",
         help="engine modes to load, comma-separated: process (the engine in its own process, the default "
@@ -327,10 +350,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         counts = [int(e) for e in args.engines.split(",") if e.strip()]
-        setups = [(m, e) for m in modes for e in (counts if m == "process" else [1])]
-        runs = [(m, e, t) for m, e in setups for t in ((False,) if args.quick else (False, True))]
-        for mode, engines, training in runs:
-            with server("spectralmc", work, training, mode, engines) as (url, pid):
+        workers = [int(w) for w in args.http_workers.split(",") if w.strip()]
+        setups = [(m, e, w) for m in modes for e in (counts if m == "process" else [1]) for w in workers]
+        runs = [(m, e, w, t) for m, e, w in setups for t in ((False,) if args.quick else (False, True))]
+        for mode, engines, nworkers, training in runs:
+            with server("spectralmc", work, training, mode, engines, nworkers) as (url, pid):
                 time.sleep(1.0)
                 idle = rss_bytes(pid)
                 for name, (n, conns, payload, ctype) in payloads.items():
@@ -341,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
                         label += f" ({mode})"
                     if engines > 1 or len(counts) > 1:
                         label += f" ({engines} engine{'s' if engines > 1 else ''})"
+                    if nworkers > 1 or len(workers) > 1:
+                        label += f" ({nworkers} HTTP worker{'s' if nworkers > 1 else ''})"
                     rows.append(
                         [
                             label,
@@ -355,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"{load.rss_peak / 2**20:.0f}",
                         ]
                     )
-                if args.soak_minutes and not training and not args.quick and (mode, engines) == setups[0]:
+                if args.soak_minutes and not training and not args.quick and (mode, engines, nworkers) == setups[0]:
                     soak_samples = soak(url, pid, args.soak_minutes, work)
     headers = [
         "server",

@@ -390,6 +390,11 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=0, le=65535)  # 0: any free port (tests)
     role: Literal["serve", "train", "all"] = "all"
+    # HTTP worker processes on one port (SO_REUSEPORT; the kernel spreads connections).
+    # Each is a replica of its own (an HTTP process and its engine processes); worker 0
+    # alone trains and runs the jobs that write (derive, calibrate), and the others hand
+    # it the routes that need them (docs/architecture.md, "HTTP workers")
+    http_workers: int = Field(1, ge=1, le=64)
     data_dir: Path = Field(default_factory=default_data_dir)  # the local store lives here
     store: str | None = None  # file:///abs/path or s3://bucket/prefix; None: data_dir/store
     s3: S3Config = S3Config()
@@ -437,6 +442,8 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.role == "train" and self.train.model not in self.models:
             raise ValueError(f"train.model {self.train.model!r} must be one of models {self.models}")
+        if self.role == "train" and self.http_workers > 1:
+            raise ValueError("http_workers must be 1 for role 'train' (a trainer serves no prices)")
         names = [j.name for j in self.jobs]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

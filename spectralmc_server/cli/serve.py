@@ -22,6 +22,9 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--data-dir", type=Path, help="where the default local store lives")
     serve.add_argument("--store", help="model store URI (file:///path or s3://bucket/prefix)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # set by the supervisor of http_workers > 1 (cli/serve_workers.py), not by hand
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -47,19 +50,33 @@ def _settings(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from spectralmc_server.cli import serve_workers
     from spectralmc_server.service import keys
     from spectralmc_server.service.app import create_app
     from spectralmc_server.service.edge import run_app
     from spectralmc_server.service.engine_process import EngineStartError
+    from spectralmc_server.service.http_workers import HTTPWorker, worker_settings
     from spectralmc_server.store.objects import StoreError
 
     settings = _settings(args)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker = None
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if args.worker is not None:  # one of several HTTP workers (cli/serve_workers.py)
+        if args.worker_dir is None or not 0 <= args.worker < settings.http_workers:
+            raise UsageError("--worker is set by the supervisor of http_workers > 1 only")
+        serve_workers.die_with_parent()
+        worker = HTTPWorker(args.worker, settings.http_workers, args.worker_dir)
+        settings = worker_settings(settings, args.worker)
+        fmt = f"%(asctime)s %(levelname)s [worker {args.worker}] %(name)s: %(message)s"
+    logging.basicConfig(level=args.log_level.upper(), format=fmt)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(_malformed_http_one_line)
     log = logging.getLogger("spectralmc_server")
+    if settings.http_workers > 1 and worker is None:
+        log.info("%d HTTP workers on %s:%d (SO_REUSEPORT)", settings.http_workers, settings.host, settings.port)
+        return serve_workers.Supervisor(args.argv, settings).run()
     log.info("role %s, store %s, models %s", settings.role, settings.store_uri, ", ".join(settings.models))
-    app = create_app(settings)
+    app = create_app(settings, worker=worker)
     try:
         run_app(  # web.run_app with JSON parser errors and the header-read timeout (service/edge.py)
             app,
@@ -67,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             port=settings.port,
             shutdown_timeout=settings.shutdown_timeout_seconds,
             on_start=lambda msg: log.info("%s", msg),
+            reuse_port=worker is not None,
+            unix_path=None if worker is None else str(worker.socket_path(worker.index)),
         )
     except OSError as exc:  # address in use, permission denied
         raise UsageError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from spectralmc_server.engine.certificate import gate_failures
 from spectralmc_server.engine_service.messages import CommitRefused, EngineDeadError
-from spectralmc_server.service import keys
+from spectralmc_server.service import http_workers, keys
 from spectralmc_server.service.auth import ADMIN_REALM, accepted_tokens, require_token
 from spectralmc_server.service.errors import Conflict, Forbidden, NotFound
 from spectralmc_server.service.gc_schedule import STORE_GC
@@ -75,12 +75,18 @@ async def refresh(request: web.Request, name: str) -> dict[str, Any]:
         await request.app[keys.ENGINE].poll(name)
     except EngineDeadError as exc:
         log.warning("model %s: refresh after an admin change: the engine is down (%s)", name, exc)
+    await http_workers.poll_others(request.app, name)  # every HTTP worker serves it before the answer
     return next(m for m in request.app[keys.MODELS].current.describe() if m["name"] == name)
 
 
 @routes.post("/v1/admin/models/{name}/commit")
 async def commit(request: web.Request) -> web.Response:
-    """Commit the online trainer's current state as a new version."""
+    """Commit the online trainer's current state as a new version (HTTP worker 0's: it
+    alone trains)."""
+    worker = request.app.get(http_workers.WORKER_KEY)
+    if worker is not None and not worker.primary:
+        model_store(request)  # an unknown model is this worker's 404 too
+        return await http_workers.forward_to_primary(request)
     store = model_store(request)
     body: CommitBody = validate(CommitBody, await optional_body(request))
     outcome = await request.app[keys.ENGINE].commit(store.name, body.message, body.allow_unqualified)

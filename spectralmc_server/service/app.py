@@ -35,6 +35,7 @@ from spectralmc_server.service import (
     admin,
     calibrate_routes,
     edge,
+    http_workers,
     keys,
     pages,
     routes,
@@ -347,8 +348,11 @@ def _state_source(app: web.Application) -> StateSource:
     )
 
 
-def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Application:
-    """The application for ``settings`` (resources start when it is run)."""
+def create_app(
+    settings: Settings, metrics: Metrics | None = None, *, worker: http_workers.HTTPWorker | None = None
+) -> web.Application:
+    """The application for ``settings`` (resources start when it is run); ``worker``:
+    its place among several HTTP workers (service/http_workers.py)."""
     app = web.Application(
         middlewares=[bounded_send, errors_and_metrics],  # bounded_send: answers over 64 KiB (memory.py)
         client_max_size=settings.max_body_bytes,
@@ -371,4 +375,6 @@ def create_app(settings: Settings, metrics: Metrics | None = None) -> web.Applic
     app.cleanup_ctx.append(store_gc_ctx)  # store GC under its lease, on a schedule (gc_schedule.py)
     app.cleanup_ctx.append(memory_ctx)  # send tracking and the reclaimer (memory.py)
     app.on_shutdown.append(on_shutdown)
+    if worker is not None:
+        http_workers.install(app, worker)
     return app

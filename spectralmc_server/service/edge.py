@@ -199,13 +199,21 @@ class EdgeAppRunner(web.AppRunner):
 
 
 async def _serve(
-    app: web.Application, host: str, port: int, shutdown_timeout: float, on_start: Callable[[str], None]
+    app: web.Application,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    on_start: Callable[[str], None],
+    reuse_port: bool,
+    unix_path: str | None,
 ) -> None:
     runner = EdgeAppRunner(app, handle_signals=True, shutdown_timeout=shutdown_timeout, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port)
+        site = web.TCPSite(runner, host, port, reuse_port=reuse_port or None)
         await site.start()
+        if unix_path is not None:  # after the TCP site: a worker that answers here listens on TCP
+            await web.UnixSite(runner, unix_path).start()
         on_start(f"listening on {site.name}")
         while True:  # until SIGTERM or SIGINT (GracefulExit)
             await asyncio.sleep(3600)
@@ -225,13 +233,23 @@ def _cancel_tasks(tasks: set[asyncio.Task[Any]], loop: asyncio.AbstractEventLoop
 
 
 def run_app(
-    app: web.Application, *, host: str, port: int, shutdown_timeout: float, on_start: Callable[[str], None]
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    shutdown_timeout: float,
+    on_start: Callable[[str], None],
+    reuse_port: bool = False,
+    unix_path: str | None = None,
 ) -> None:
     """Serve ``app`` until SIGTERM or SIGINT, then shut down gracefully: ``web.run_app``
     (same loop handling: the main task is cancelled and its cleanup awaited first, then
-    what is left) with :class:`EdgeAppRunner`. Start-up errors propagate."""
+    what is left) with :class:`EdgeAppRunner`. Start-up errors propagate.
+
+    ``reuse_port``: bind with SO_REUSEPORT (HTTP workers share the port); ``unix_path``:
+    also serve on that Unix socket (how HTTP workers reach one another)."""
     loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(app, host, port, shutdown_timeout, on_start))
+    main = loop.create_task(_serve(app, host, port, shutdown_timeout, on_start, reuse_port, unix_path))
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main)

@@ -59,14 +59,14 @@ from spectralmc_server.store.objects import StoreError, StoreUnavailableError
 log = logging.getLogger(__name__)
 
 
-def default_torch_threads(engines: int) -> int:
+def default_torch_threads(engines: int, http_workers: int = 1) -> int:
     """An engine process's intra-op threads when ``torch_threads`` is not set: the cores
-    this process may use, less one for the HTTP process, shared by the engines (at
-    least one each). On 2 cores: 1. An OpenMP team larger than its share spins on cores
+    this process may use, less one per HTTP worker process, shared by every worker's
+    engines (at least one each). On 2 cores: 1. An OpenMP team larger than its share spins on cores
     the others need (measured: 2 threads halve single-contract throughput on 2 cores;
     docs/benchmarks.md)."""
     cores = len(os.sched_getaffinity(0))
-    return max(1, (cores - 1) // engines)
+    return max(1, (cores - http_workers) // (engines * http_workers))
 
 
 class EngineStartError(RuntimeError):
@@ -92,7 +92,8 @@ class ProcessEngine(EngineClient):
     ) -> None:
         super().__init__(models)
         if settings.torch_threads is None:
-            settings = settings.model_copy(update={"torch_threads": default_torch_threads(settings.engine.processes)})
+            threads = default_torch_threads(settings.engine.processes, settings.http_workers)
+            settings = settings.model_copy(update={"torch_threads": threads})
         self.settings = settings
         self.index = index  # its place in an EnginePool (service/engine_pool.py), if in one
         self.metrics = metrics

@@ -26,7 +26,7 @@ from spectralmc_server.pricing.door import admit
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, PriceRequest, format_validation_error
 from spectralmc_server.pricing.valuation import dumps
-from spectralmc_server.service import keys
+from spectralmc_server.service import http_workers, keys
 from spectralmc_server.service.body import BodyKind, read_body, read_price_body
 from spectralmc_server.service.errors import (
     APIError,
@@ -224,7 +224,11 @@ async def ui(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs")
 async def jobs(request: web.Request) -> web.Response:
-    """The declared jobs: schedule, run counts, skips and recent runs."""
+    """The declared jobs: schedule, run counts, skips and recent runs (HTTP worker 0's,
+    which runs every declared job)."""
+    worker = request.app.get(http_workers.WORKER_KEY)
+    if worker is not None and not worker.primary:
+        return await http_workers.forward_to_primary(request)
     return json_response({"jobs": [s.describe() for s in request.app[keys.JOBS].values()]})
 
 
@@ -345,11 +349,20 @@ async def readyz(request: web.Request) -> web.Response:
     )
 
 
+async def local_metrics(app: web.Application) -> bytes:
+    """This process's registry and its engines' own families, where they have them."""
+    body = generate_latest(app[keys.METRICS].registry)
+    return body + await app[keys.ENGINE].metrics_text()
+
+
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition of this app's registry."""
-    body = generate_latest(request.app[keys.METRICS].registry)
-    body += await request.app[keys.ENGINE].metrics_text()  # the engine's own families, where it has them
+    """Prometheus text exposition of this app's registry (every HTTP worker's, each
+    sample labelled ``worker``, when there are several)."""
+    body = await local_metrics(request.app)
+    worker = request.app.get(http_workers.WORKER_KEY)
+    if worker is not None and worker.count > 1:
+        body = await http_workers.gather_metrics(request.app, body)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

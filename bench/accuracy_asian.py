@@ -221,10 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     speed_set = held_out(served, args.speed_points)
     distinct = speed_set.select(torch.arange(0, len(speed_set), 26))
     measures = frozenset({"price"})
-    t_distinct = timeit(lambda: served.pricer.evaluate(distinct, measures), repeat=5)
-    t_shared = timeit(lambda: served.pricer.evaluate(batch, measures), repeat=3)
+    t_distinct = timeit(lambda: served.pricer.evaluate(distinct, measures), repeat=5, quick=args.quick)
+    t_shared = timeit(lambda: served.pricer.evaluate(batch, measures), repeat=3, quick=args.quick)
     t_greeks = timeit(
-        lambda: served.pricer.evaluate(batch, frozenset({"price", "delta", "gamma", "vega", "theta", "rho"})), repeat=3
+        lambda: served.pricer.evaluate(batch, frozenset({"price", "delta", "gamma", "vega", "theta", "rho"})),
+        repeat=3,
+        quick=args.quick,
     )
     p95 = quantiles(err)[1]
     ql_out = quantlib_side(served, args.ql_points, p95 * SPOT / 1e4, args.paths)

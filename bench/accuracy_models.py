@@ -208,10 +208,12 @@ def run(process_name: str, argv: list[str] | None = None) -> int:
     _, _, speed_set = held_out(served, args.speed_points)
     distinct = speed_set.select(torch.arange(0, len(speed_set), 26))  # one option per (theta, T)
     measures = frozenset({"price"})
-    t_distinct = timeit(lambda: served.pricer.evaluate(distinct, measures), repeat=5)
-    t_shared = timeit(lambda: served.pricer.evaluate(batch, measures), repeat=3)
+    t_distinct = timeit(lambda: served.pricer.evaluate(distinct, measures), repeat=5, quick=args.quick)
+    t_shared = timeit(lambda: served.pricer.evaluate(batch, measures), repeat=3, quick=args.quick)
     t_greeks = timeit(
-        lambda: served.pricer.evaluate(batch, frozenset({"price", "delta", "gamma", "vega", "theta", "rho"})), repeat=3
+        lambda: served.pricer.evaluate(batch, frozenset({"price", "delta", "gamma", "vega", "theta", "rho"})),
+        repeat=3,
+        quick=args.quick,
     )
     speed_rows = [
         ["distinct (theta, T) per option, price", len(distinct), t_distinct / len(distinct) * 1e6],

@@ -160,8 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     measures = frozenset({"price"})
     # the learned path: what the server runs for a contract inside the domain whose
     # learned price keeps the model-free bounds (the rest go to the reference, counted)
-    t_distinct = timeit(lambda: served.pricer.learned.evaluate(distinct, measures), repeat=5) / len(distinct)
-    t_shared = timeit(lambda: served.pricer.learned.evaluate(batch, measures), repeat=3) / n_opt
+    t_distinct = timeit(lambda: served.pricer.learned.evaluate(distinct, measures), repeat=5, quick=args.quick) / len(
+        distinct
+    )
+    t_shared = timeit(lambda: served.pricer.learned.evaluate(batch, measures), repeat=3, quick=args.quick) / n_opt
     ok = served.pricer._learned(batch, measures, None)[0]  # the served pricer's own check
     fell_back = (
         f"The served pricer sends {int((~ok).sum())} of the {n_opt} held-out options to the reference "

@@ -79,8 +79,10 @@ def record(name: str, body: str) -> None:
     BENCH_DOC.write_text(text)
 
 
-def timeit(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn`` in seconds."""
+def timeit(fn: Callable[[], object], *, repeat: int = 5, warmup: int = 1, quick: bool = False) -> float:
+    """Median wall time of ``fn`` in seconds (``quick``: one run, no warm-up, for a smoke test)."""
+    if quick:
+        repeat, warmup = 1, 0
     for _ in range(warmup):
         fn()
     times = []

@@ -3,7 +3,9 @@
 Wire format (docs/api.md, docs/client.md): one column per Contract field, named as in
 row JSON (``id``, ``right``, ``strike``, ``spot``, ``expiry_years``, ``rate``,
 ``dividend``, ``process``, ``vol``, ``fixings``, ``underlying``, ``expiry``), process
-parameters flattened as ``params.<name>``; a null is a field the contract does not give.
+parameters flattened as ``params.<name>``, a barrier as ``barrier.type``,
+``barrier.level``, ``barrier.monitoring`` and ``barrier.rebate``; a null is a field the
+contract does not give.
 The request's own fields go as JSON in the schema metadata key ``spectralmc.request``;
 the answer is an Arrow IPC stream with ``spectralmc.response`` in its metadata.
 
@@ -12,6 +14,8 @@ pandas is imported only when a DataFrame is given (it is then already imported).
 
 from __future__ import annotations
 
+import math
+import numbers
 import sys
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -29,9 +33,14 @@ RESPONSE_KEY = b"spectralmc.response"
 # agree): the client does not import the server's schemas, which need torch.
 DEFAULT_CHUNK_SIZE = 20_000
 
-STRING_COLUMNS = frozenset({"id", "right", "process", "underlying", "expiry"})
-FLOAT_COLUMNS = frozenset({"strike", "spot", "expiry_years", "rate", "dividend", "vol"})
+STRING_COLUMNS = frozenset({"id", "right", "process", "underlying", "expiry", "barrier.type"})
+FLOAT_COLUMNS = frozenset(
+    {"strike", "spot", "expiry_years", "rate", "dividend", "vol", "barrier.level", "barrier.rebate"}
+)
 INT_COLUMNS = frozenset({"fixings"})
+# "continuous" or a whole number of dates: int64 where every cell is a number, else utf8
+# (the server reads the text "12" as 12 dates)
+MONITORING = "barrier.monitoring"
 
 
 def check_unique_ids(ids: Iterable[Any]) -> None:
@@ -72,11 +81,27 @@ def _string_like(t: Any) -> bool:
     return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
 
 
+def _target(name: str, t: Any) -> Any:
+    """The type column ``name`` of type ``t`` is sent as, where it must be cast (else None)."""
+    number = pa.types.is_integer(t) or pa.types.is_floating(t)
+    if name in STRING_COLUMNS or (name == MONITORING and not number):
+        if (name == "expiry" and pa.types.is_date(t)) or (_string_like(t) and not pa.types.is_string(t)):
+            return pa.string()
+    elif name in FLOAT_COLUMNS or name.startswith("params."):
+        if (number or pa.types.is_decimal(t)) and t != pa.float64():
+            return pa.float64()
+    elif (name in INT_COLUMNS or name == MONITORING) and number and t != pa.int64():
+        return pa.int64()
+    return None
+
+
 def normalize(table: pa.Table) -> pa.Table:
-    """The table as the server reads it: a ``params`` struct column flattened to
-    ``params.<name>``, columns with no value dropped (null is absent), strings as utf8,
-    numbers as float64, ``fixings`` as int64 (a float column of whole numbers, as pandas
-    makes of a column with gaps, is cast; 2.5 is refused), dates as ``YYYY-MM-DD``."""
+    """The table as the server reads it: a ``params`` (or ``barrier``) struct column
+    flattened to ``params.<name>`` (``barrier.<key>``), columns with no value dropped
+    (null is absent), strings as utf8, numbers as float64, ``fixings`` as int64 (a float
+    column of whole numbers, as pandas makes of a column with gaps, is cast; 2.5 is
+    refused), ``barrier.monitoring`` as int64 where its cells are numbers (cast as
+    ``fixings`` is), else as utf8, dates as ``YYYY-MM-DD``."""
     while any(pa.types.is_struct(f.type) for f in table.schema):
         table = table.flatten()
     if len(table):  # an empty book keeps its columns (the server says what is wrong)
@@ -84,17 +109,50 @@ def normalize(table: pa.Table) -> pa.Table:
         table = table.drop_columns(empty)
     for field in list(table.schema):
         name, t = field.name, field.type
-        if name in STRING_COLUMNS:
-            if name == "expiry" and pa.types.is_timestamp(t):
-                table, t = _cast(table, name, pa.date32()), pa.date32()
-            if (name == "expiry" and pa.types.is_date(t)) or (_string_like(t) and not pa.types.is_string(t)):
-                table = _cast(table, name, pa.string())
-        elif name in FLOAT_COLUMNS or name.startswith("params."):
-            if (pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)) and t != pa.float64():
-                table = _cast(table, name, pa.float64())
-        elif name in INT_COLUMNS and (pa.types.is_integer(t) or pa.types.is_floating(t)) and t != pa.int64():
-            table = _cast(table, name, pa.int64())
+        if name == "expiry" and pa.types.is_timestamp(t):
+            table, t = _cast(table, name, pa.date32()), pa.date32()
+        target = _target(name, t)
+        if target is not None:
+            table = _cast(table, name, target)
     return table.replace_schema_metadata(None)
+
+
+def _is_null(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or v is sys.modules["pandas"].NA
+
+
+def _date_count_text(v: Any) -> str | None:
+    """A ``barrier.monitoring`` cell of a column that mixes text and numbers, as text: a
+    whole number in decimal (12 or 12.0: "12"); anything else as written, for the server
+    to refuse as the row would (2.5: "2.5")."""
+    if _is_null(v):
+        return None
+    if isinstance(v, str):
+        return v
+    if not isinstance(v, bool) and (isinstance(v, numbers.Integral) or (isinstance(v, float) and v.is_integer())):
+        return str(int(v))
+    return str(v)
+
+
+def _mixed(cells: Iterable[Any]) -> bool:
+    """Whether ``cells`` hold both text and something else (nulls aside)."""
+    return len({isinstance(v, str) for v in cells if not _is_null(v)}) == 2
+
+
+def _monitoring_as_text(df: Any) -> Any:
+    """The DataFrame with a ``barrier.monitoring`` column (or the key of a ``barrier``
+    column of dicts) that mixes "continuous" and numbers of dates as text, as Arrow has
+    no column of both (a new DataFrame where it changes anything)."""
+    changed: dict[str, list[Any]] = {}
+    if MONITORING in df.columns and df[MONITORING].dtype == object and _mixed(df[MONITORING]):
+        changed[MONITORING] = [_date_count_text(v) for v in df[MONITORING]]
+    if "barrier" in df.columns and df["barrier"].dtype == object:
+        cells = list(df["barrier"])
+        if _mixed(b.get("monitoring") for b in cells if isinstance(b, dict)):
+            changed["barrier"] = [
+                {**b, "monitoring": _date_count_text(b.get("monitoring"))} if isinstance(b, dict) else b for b in cells
+            ]
+    return df.assign(**changed) if changed else df
 
 
 def as_table(book: Any) -> tuple[pa.Table, Any]:
@@ -105,7 +163,7 @@ def as_table(book: Any) -> tuple[pa.Table, Any]:
     if isinstance(book, pa.Table):
         return normalize(book), None
     if is_dataframe(book):
-        return normalize(pa.Table.from_pandas(book, preserve_index=False)), book.index
+        return normalize(pa.Table.from_pandas(_monitoring_as_text(book), preserve_index=False)), book.index
     raise TypeError(f"price_table takes a pyarrow.Table or a pandas.DataFrame, not {type(book).__name__}")
 
 

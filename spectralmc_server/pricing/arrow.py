@@ -10,6 +10,10 @@ columnar book's columns (pricing/columns.py) and, in its schema metadata under
 - ``id``, ``right``, ``process``, ``underlying``: utf8 (large_utf8, utf8_view, or a
   dictionary of strings);
 - ``expiry``: a date string as the others, or date32;
+- ``barrier.type``: utf8 as the strings; ``barrier.level``, ``barrier.rebate``: float64
+  (int64 accepted); ``barrier.monitoring``: utf8 as the strings, each cell
+  ``"continuous"`` or a whole number of dates in decimal (``"12"``: read as the integer
+  12), or int64 (an Arrow column has one type, a JSON cell either);
 - any column may be of Arrow's null type (all cells null). A null cell is an absent field.
 
 The answer is an IPC stream with the columnar answer's columns (float64 numbers, utf8
@@ -26,6 +30,7 @@ dictionary columns are expanded by reference, never copied per row.
 
 from __future__ import annotations
 
+import re
 import struct
 from collections.abc import Mapping, Sequence
 from datetime import date, timedelta
@@ -35,7 +40,7 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from spectralmc_server.pricing.cells import CONTRACT_COLUMNS, PARAMS_PREFIX, RULES
+from spectralmc_server.pricing.cells import BARRIER_KINDS, CONTRACT_COLUMNS, PARAMS_PREFIX, RULES
 from spectralmc_server.pricing.columns import ANSWER_KEYS, answer_columns, capped, column_name_error
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, PriceRequest
@@ -196,13 +201,33 @@ def _is_text(t: pa.DataType) -> bool:
     return bool(pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t))
 
 
+# A decimal integer in a utf8 barrier.monitoring column (a number of dates, "12"); any
+# other string is passed on as it is and refused by the row schema (got '...').
+_DATES = re.compile(r"-?[0-9]{1,18}")
+MONITORING = "barrier.monitoring"
+
+
+def _kind(name: str) -> str:
+    """The cell kind column ``name`` holds: a FieldRule kind, or ``string|integer``."""
+    rule = RULES.get(name)
+    if rule is not None:
+        return rule.kind
+    barrier = BARRIER_KINDS.get(name)
+    if barrier is not None:
+        return "|".join(sorted(barrier))  # "number", "string" or "integer|string"
+    return "number"  # params.<name>
+
+
 def _type_error(name: str, t: pa.DataType) -> str | None:
     """Why column ``name`` cannot have Arrow type ``t`` (None: it can)."""
     if pa.types.is_null(t):
         return None
-    rule = RULES.get(name)
-    kind = "number" if rule is None else rule.kind  # params.<name>: numbers
-    if kind == "number":
+    kind = _kind(name)
+    if kind == "integer|string":  # barrier.monitoring: "continuous" or "12", or 12
+        text = _is_text(t) or (pa.types.is_dictionary(t) and _is_text(t.value_type))
+        ok = text or pa.types.is_int64(t)
+        expected = 'utf8 ("continuous" or a whole number of dates, "12"; large_utf8, a dictionary of strings) or int64'
+    elif kind == "number":
         ok = pa.types.is_float64(t) or pa.types.is_int64(t)
         expected = "float64 (or int64)"
     elif kind == "integer":
@@ -226,6 +251,12 @@ def _date_of_day(day: int) -> date | str:
     if _MIN_DAY <= day <= _MAX_DAY:
         return _EPOCH + timedelta(days=day)
     return f"date32 day {day} (outside the years 1 to 9999)"
+
+
+def _monitoring_cells(cells: list[Any]) -> list[Any]:
+    """A barrier.monitoring column's cells with each decimal integer string as its int
+    (``"12"``: 12 dates); "continuous", the ints and other strings as they are."""
+    return [int(c) if isinstance(c, str) and _DATES.fullmatch(c) else c for c in cells]
 
 
 def _cells(column: pa.ChunkedArray) -> list[Any]:
@@ -264,7 +295,10 @@ def book_of_table(table: pa.Table) -> tuple[dict[str, Any], dict[str, list[Any]]
             details.append({"field": f"columns.{name}", "reason": reason})
     if details:
         raise RequestRefusedError(f"{len(details)} invalid column(s)", capped(details))
-    return head, {name: _cells(table.column(i)) for i, name in enumerate(names)}
+    columns = {name: _cells(table.column(i)) for i, name in enumerate(names)}
+    if MONITORING in columns:
+        columns[MONITORING] = _monitoring_cells(columns[MONITORING])
+    return head, columns
 
 
 def _head(metadata: Mapping[bytes, bytes] | None) -> dict[str, Any]:
@@ -303,21 +337,32 @@ def _ipc(table: pa.Table) -> bytes:
     return out
 
 
-def book_type(name: str) -> pa.DataType:
-    """The Arrow type a book column is written with."""
-    rule = RULES.get(name)
-    if rule is None or rule.kind == "number":
+def book_type(name: str, cells: Sequence[Any] = ()) -> pa.DataType:
+    """The Arrow type a book column is written with (barrier.monitoring: int64 when every
+    cell given is an int, else utf8)."""
+    kind = _kind(name)
+    if kind == "integer|string":
+        ints = all(c is None or (isinstance(c, int) and not isinstance(c, bool)) for c in cells)
+        return pa.int64() if ints else pa.string()
+    if kind == "number":
         return pa.float64()
-    return pa.int64() if rule.kind == "integer" else pa.string()
+    return pa.int64() if kind == "integer" else pa.string()
 
 
 def book_ipc(columns: Mapping[str, Sequence[Any]], head: Mapping[str, Any] | None = None) -> bytes:
     """A book (columns as lists, None for absent) as IPC stream bytes, the request-level
-    fields in the schema metadata (dates as RFC 3339 strings, numbers as float64)."""
+    fields in the schema metadata (dates as RFC 3339 strings, numbers as float64; a
+    barrier.monitoring column of "continuous" and ints as utf8, the ints in decimal)."""
     arrays = []
     for name, cells in columns.items():
-        t = book_type(name)
-        values = [None if c is None else float(c) for c in cells] if pa.types.is_float64(t) else list(cells)
+        t = book_type(name, cells)
+        values: list[Any]
+        if pa.types.is_float64(t):
+            values = [None if c is None else float(c) for c in cells]
+        elif name == MONITORING and pa.types.is_string(t):
+            values = [str(c) if isinstance(c, int) and not isinstance(c, bool) else c for c in cells]
+        else:
+            values = list(cells)
         arrays.append(pa.array(values, type=t))
     metadata = None if head is None else {REQUEST_METADATA: orjson.dumps(dict(head))}
     schema = pa.schema([pa.field(n, a.type) for n, a in zip(columns, arrays, strict=True)], metadata=metadata)

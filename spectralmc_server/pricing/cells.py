@@ -13,6 +13,7 @@ import numpy.typing as npt
 
 from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.pricing.schemas import (
+    Barrier,
     Contract,
 )
 from spectralmc_server.rfc3339 import parse_date
@@ -21,9 +22,14 @@ Mask = npt.NDArray[np.bool_]
 Floats = npt.NDArray[np.float64]
 
 PARAMS_PREFIX = "params."
-# The contract columns, in the schema's order (params.<name> columns aside).
-# A barrier (an object) has no columnar form yet: such contracts come as rows.
+# The contract columns, in the schema's order (params.<name> and barrier.<key> columns aside).
 CONTRACT_COLUMNS: tuple[str, ...] = tuple(n for n in Contract.model_fields if n not in ("params", "barrier"))
+# A barrier (an object) is flattened as barrier.<key> columns, one per Barrier field:
+# barrier.type null is no barrier (and the row's other barrier cells must be null too).
+# Rows with a barrier are validated by the row schema itself (pricing/columns.py).
+BARRIER_PREFIX = "barrier."
+BARRIER_COLUMNS: tuple[str, ...] = tuple(BARRIER_PREFIX + n for n in Barrier.model_fields)
+BARRIER_TYPE = BARRIER_PREFIX + "type"
 # At most this many invalid contracts are named in one refusal (the first ones, in order).
 MAX_DETAILS = 100
 # A spread or K/F within this relative distance of its bound is checked by the row
@@ -79,6 +85,27 @@ def _rules() -> dict[str, FieldRule]:
 RULES = _rules()
 if set(Contract.model_fields) != {*CONTRACT_COLUMNS, "params", "barrier"}:  # pragma: no cover - a schema change
     raise RuntimeError("pricing.columns: Contract's fields changed; review the columnar checks")
+
+
+def _barrier_kinds() -> dict[str, frozenset[str]]:
+    """Each barrier.<key> column's JSON types, read from Barrier's schema (monitoring:
+    a string or an integer)."""
+    props = Barrier.model_json_schema()["properties"]
+    return {
+        BARRIER_PREFIX + name: frozenset(str(s["type"]) for s in props[name].get("anyOf", [props[name]]))
+        for name in Barrier.model_fields
+    }
+
+
+BARRIER_KINDS = _barrier_kinds()
+_READ_BARRIER_KINDS = {  # what the columnar checks and pricing/arrow.py read
+    "barrier.type": {"string"},
+    "barrier.level": {"number"},
+    "barrier.monitoring": {"string", "integer"},
+    "barrier.rebate": {"number"},
+}
+if BARRIER_KINDS != _READ_BARRIER_KINDS:  # pragma: no cover - a schema change
+    raise RuntimeError("pricing.columns: Barrier's fields changed; review the barrier columns (pricing/arrow.py too)")
 PROCESS_DEFAULT = str(Contract.model_fields["process"].default)
 
 

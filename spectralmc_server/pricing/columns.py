@@ -2,9 +2,11 @@
 
 A columnar book is the row request with ``"columns": {name: [values...]}`` in place of
 ``"contracts"``. Column names are the :class:`~.schemas.Contract` fields, with the
-process parameters flattened as ``params.<name>``; a null cell means the field is absent
-for that contract (as an omitted key in a row), and a book may leave out the columns it
-does not use. The same columns come from an Apache Arrow IPC stream (:mod:`.arrow`).
+process parameters flattened as ``params.<name>`` and a barrier as ``barrier.type``,
+``barrier.level``, ``barrier.monitoring``, ``barrier.rebate`` (barrier.type null: no
+barrier, and the row's other barrier cells must be null too); a null cell means the field
+is absent for that contract (as an omitted key in a row), and a book may leave out the
+columns it does not use. The same columns come from an Apache Arrow IPC stream (:mod:`.arrow`).
 
 :func:`request_from_columns` validates a book with numpy, a column at a time, against
 every rule of :class:`~.schemas.Contract` and :class:`~.schemas.PriceRequest` (types,
@@ -17,6 +19,8 @@ here, ``math`` twins in the row schema, engine/processes/spec.py),
 that row is validated by ``Contract.model_validate`` itself: its errors are then the
 row path's own, ``contracts[17].strike`` and the reason, and rounding can never make the
 two paths disagree. tests/service/test_columns.py checks the equivalence on random books.
+A row with a barrier is always validated that way (its Barrier is the one the row schema
+builds; tests/service/test_barrier_columns.py): a book without barriers pays nothing for it.
 
 :func:`answer_columns` turns an answer (as the Valuer gives it) into the columnar
 answer: ``id``, ``model``, ``method``, one column per scalar measure, ``quantiles.<level>``
@@ -33,11 +37,18 @@ import numpy as np
 from pydantic import ValidationError
 
 from spectralmc_server.pricing.book import request_of_book
-from spectralmc_server.pricing.cells import CONTRACT_COLUMNS, MAX_DETAILS, PARAMS_PREFIX, RULES
+from spectralmc_server.pricing.cells import (
+    BARRIER_COLUMNS,
+    BARRIER_PREFIX,
+    CONTRACT_COLUMNS,
+    MAX_DETAILS,
+    PARAMS_PREFIX,
+)
 from spectralmc_server.pricing.contract_rules import _Book, _duplicates, _row_details
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import (
     MAX_CONTRACTS,
+    Barrier,
     Contract,
     PriceRequest,
     format_validation_error,
@@ -64,13 +75,15 @@ def capped(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def column_name_error(name: str) -> str | None:
     """Why ``name`` is not a contract column (None: it is one)."""
-    if name in CONTRACT_COLUMNS:
+    if name in CONTRACT_COLUMNS or name in BARRIER_COLUMNS:
         return None
     if name.startswith(PARAMS_PREFIX) and len(name) > len(PARAMS_PREFIX):
         return None
     if name == "params":
         return "process parameters are columns params.<name> (params.kappa, params.v0, ...), one per parameter"
-    return f"unknown column; the columns are {', '.join(CONTRACT_COLUMNS)} and params.<name>"
+    if name == "barrier" or name.startswith(BARRIER_PREFIX):
+        return f"unknown column; a barrier is the columns {', '.join(BARRIER_COLUMNS)}"
+    return f"unknown column; the columns are {', '.join(CONTRACT_COLUMNS)}, params.<name> and barrier.<key>"
 
 
 def check_structure(columns: Mapping[str, Sequence[Any]]) -> int:
@@ -220,26 +233,34 @@ def request_from_columns(head: Mapping[str, Any], columns: Mapping[str, Sequence
     book = _Book(columns, n)
     field_bad = book.field_bad()
     cross_bad, border = book.contract_rules(~field_bad)
-    absent = [name for name, rule in RULES.items() if rule.required and name not in columns]
-    flagged = np.flatnonzero(field_bad | cross_bad | border).tolist()
+    typed, stray = book.barrier_rows()  # rows with a barrier: the row schema validates them
+    absent = book.absent_columns()
+    flagged = np.flatnonzero(field_bad | cross_bad | border | typed | stray).tolist()
     details: list[dict[str, Any]] = []
+    barriers: dict[int, Barrier] = {}
     refused_rows = 0
     for i in flagged:
         if refused_rows == MAX_DETAILS:
             reason = f"only the first {MAX_DETAILS} invalid contracts are named; contracts[{i}] and after not checked"
             details.append({"field": "contracts", "reason": reason})
             break
+        errors = book.stray_barrier_cells(i)  # barrier cells without barrier.type
         try:
-            Contract.model_validate(book.row(i))  # the row schema decides (its errors are the row path's)
+            contract = Contract.model_validate(book.row(i))  # the row schema decides (its errors are the row path's)
         except ValidationError as exc:
-            details += _row_details(i, exc, absent)
+            errors = _row_details(i, exc, absent) + errors
+        else:
+            if contract.barrier is not None:
+                barriers[i] = contract.barrier
+        if errors:
+            details += errors
             refused_rows += 1
     if not details:  # as the row schema: ids are compared once every contract is valid
         details = _duplicates(book.fields["id"].objects)
     if head_errors or details:
         raise _refused(known + details + unknown)
     assert request is not None
-    return request_of_book(request, book.book())
+    return request_of_book(request, book.book(barriers))
 
 
 # -- answers as columns ------------------------------------------------------------------

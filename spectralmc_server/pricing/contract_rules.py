@@ -1,7 +1,7 @@
 """Columnar books, contract by contract: every rule of the row schema across fields
 (processes, vol against params, fixings, contracts by reference, parameter bounds, spread,
 K/F, unique ids) vectorised over a book, the borderline and refused rows decided by the
-row schema itself."""
+row schema itself, and so are the rows with a barrier (barrier.<key> columns)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.engine.processes.base import MAX_SCALE, MONEYNESS_BOUNDS, Process
 from spectralmc_server.pricing.book import Book
 from spectralmc_server.pricing.cells import (
+    BARRIER_PREFIX,
+    BARRIER_TYPE,
     BORDER,
     CONTRACT_COLUMNS,
     PARAMS_PREFIX,
@@ -26,8 +28,10 @@ from spectralmc_server.pricing.cells import (
     Mask,
     _column,
     _numbers,
+    _present,
 )
 from spectralmc_server.pricing.schemas import (
+    Barrier,
     format_validation_error,
 )
 
@@ -57,6 +61,35 @@ class _Book:
                 values, present, bad = _numbers(cells)
                 objects = [v if p else None for v, p in zip(values.tolist(), present.tolist(), strict=True)]
                 self.params[name[len(PARAMS_PREFIX) :]] = Column(present, bad, values, objects)
+        self.barrier_cells = {name: cells for name, cells in columns.items() if name.startswith(BARRIER_PREFIX)}
+
+    def barrier_rows(self) -> tuple[Mask, Mask]:
+        """The rows with a barrier (barrier.type not null: the row schema validates them),
+        and the rows without one that give other barrier.<key> cells (refused)."""
+        n = self.n
+        typed = np.zeros(n, dtype=np.bool_)
+        stray = np.zeros(n, dtype=np.bool_)
+        for name, cells in self.barrier_cells.items():
+            if name == BARRIER_TYPE:
+                typed = _present(cells)
+            else:
+                stray |= _present(cells)
+        return typed, stray & ~typed
+
+    def stray_barrier_cells(self, i: int) -> list[dict[str, Any]]:
+        """Row ``i``'s barrier cells given without barrier.type, each an error."""
+        types = self.barrier_cells.get(BARRIER_TYPE)
+        if not self.barrier_cells or (types is not None and types[i] is not None):
+            return []
+        return [
+            {
+                "field": f"contracts[{i}].{name}",
+                "reason": "given for a contract without a barrier (barrier.type is null): give barrier.type, "
+                f"or leave every barrier.* cell of the contract null (got {cells[i]!r})",
+            }
+            for name, cells in self.barrier_cells.items()
+            if cells[i] is not None
+        ]
 
     def field_bad(self) -> Mask:
         """Rows with a field its own rule refuses (a required one absent included)."""
@@ -85,16 +118,21 @@ class _Book:
         """Contract ``i`` as the row the book stands for (absent fields left out)."""
         row: dict[str, Any] = {}
         params: dict[str, Any] = {}
+        barrier: dict[str, Any] = {}
         for name, cells in self.cells.items():
             value = cells[i]
             if value is None:
                 continue
             if name.startswith(PARAMS_PREFIX):
                 params[name[len(PARAMS_PREFIX) :]] = value
+            elif name.startswith(BARRIER_PREFIX):
+                barrier[name[len(BARRIER_PREFIX) :]] = value
             else:
                 row[name] = value
         if params:
             row["params"] = params
+        if "type" in barrier:  # barrier.type null: no barrier (other cells: stray_barrier_cells)
+            row["barrier"] = barrier
         return row
 
     def contract_rules(self, rows: Mask) -> tuple[Mask, Mask]:
@@ -204,10 +242,23 @@ class _Book:
             b[idx[~((kappa >= low) & (kappa <= high))]] = True
         border[idx[_near(kappa, low) | _near(kappa, high)]] = True
 
-    def book(self) -> Book:
+    def absent_columns(self) -> list[str]:
+        """The required fields the book has no column for (barrier.level where it has a
+        barrier.type column): their errors say so."""
+        absent = [name for name, rule in RULES.items() if rule.required and name not in self.cells]
+        if BARRIER_TYPE in self.cells:
+            absent += [
+                BARRIER_PREFIX + k
+                for k, info in Barrier.model_fields.items()
+                if info.is_required() and BARRIER_PREFIX + k not in self.cells
+            ]
+        return absent
+
+    def book(self, barriers: Mapping[int, Barrier] | None = None) -> Book:
         """The book's contracts as a :class:`~.book.Book`, read from the parsed columns
         (every row has passed the checks, or ``Contract.model_validate`` where they were
-        not conclusive: the values are the cells' own either way)."""
+        not conclusive: the values are the cells' own either way); ``barriers``: row ->
+        its barrier as the row schema built it, for the rows that have one."""
         f = self.fields
 
         def floats(col: Column) -> Floats:
@@ -229,6 +280,7 @@ class _Book:
             params={name: floats(col) for name, col in sorted(self.params.items())},
             underlying=list(underlying.objects) if by_ref else None,
             expiry=list(f["expiry"].objects) if by_ref else None,
+            barrier=[barriers.get(i) for i in range(self.n)] if barriers else None,
         )
 
 
@@ -278,9 +330,11 @@ def _row_details(i: int, exc: ValidationError, absent: Sequence[str] = ()) -> li
 
 def row_verdicts(columns: Mapping[str, Sequence[Any]], n: int) -> tuple[Mask, Mask]:
     """The vectorised verdict on each contract of a structurally sound book: the rows it
-    refuses, and the rows it leaves to the row validator (within rounding of a bound).
-    Exposed for the equivalence tests; :func:`request_from_columns` uses it."""
+    refuses (barrier cells without barrier.type included), and the rows it leaves to the
+    row validator (within rounding of a bound, or with a barrier). Exposed for the
+    equivalence tests; :func:`request_from_columns` decides the same way."""
     book = _Book(columns, n)
     field_bad = book.field_bad()
     cross_bad, border = book.contract_rules(~field_bad)
-    return field_bad | cross_bad, border
+    typed, stray = book.barrier_rows()
+    return field_bad | cross_bad | stray, border | typed

@@ -485,7 +485,7 @@ class _Priced:
         return row
 
     def fill(self, table: _AnswerTable, mine: np.ndarray[Any, np.dtype[np.bool_]], at: np.ndarray[Any, Any]) -> None:
-        table.fill(mine, at, self.process, self.learned, self.values, self.bounds)
+        table.fill(mine, at, self.process, self.methods, self.values, self.bounds)
         for m, mask in self.held.items():  # withheld: null with a warning, as in a row
             for k in np.flatnonzero(mine & np.array(mask, dtype=np.bool_)).tolist():
                 table.withhold(int(at[k]), m, self.warning(m, k))
@@ -517,19 +517,20 @@ class _AnswerTable:
         mine: np.ndarray[Any, np.dtype[np.bool_]],
         at: np.ndarray[Any, np.dtype[np.intp]],
         process: str,
-        learned: list[bool],
+        methods: list[str],
         values: Mapping[str, torch.Tensor],
         bounds: Mapping[str, torch.Tensor],
     ) -> None:
         """The rows of one process group that belong to this request (``mine``), at
-        their places ``at`` in the request."""
+        their places ``at`` in the request; ``methods`` is the group's per-row method, as
+        in its row answers (``_Priced.methods``)."""
         sel = np.flatnonzero(mine)
         if not len(sel):
             return
         where = at[sel]
         for k, j in zip(sel.tolist(), where.tolist(), strict=True):
             self.model[j] = process
-            self.method[j] = "cvnn" if learned[k] else "reference"
+            self.method[j] = methods[k]
         for m in self.measures:
             self.values[m][where] = values[m].cpu().numpy()[sel]
             self.bounds[m][where] = bounds[m].cpu().numpy()[sel]

@@ -10,7 +10,7 @@ from pydantic.json_schema import models_json_schema
 from spectralmc_server import __version__
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.pricing.arrow import ARROW_STREAM, REQUEST_METADATA, RESPONSE_METADATA
-from spectralmc_server.pricing.cells import CONTRACT_COLUMNS
+from spectralmc_server.pricing.cells import BARRIER_COLUMNS, BARRIER_KINDS, BARRIER_PREFIX, CONTRACT_COLUMNS
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN, PriceRequest, PriceResponse
 from spectralmc_server.service.schemas import (
     CalibrateRequest,
@@ -166,12 +166,13 @@ PRICE_BODY_DESCRIPTION = (
     "A book of contracts in one of three forms, answered in the same form (docs/api.md, 'Columnar books and "
     "Arrow'): JSON rows (PriceRequest, contracts: a list of Contract objects); JSON columns "
     "(ColumnarPriceRequest: columns, an object column name -> list of values, one per contract; the columns are "
-    "the Contract fields, process parameters as params.<name>, a null cell is an absent field); or an Apache "
-    f"Arrow IPC stream ({ARROW_STREAM}) with the same columns (numbers float64 or int64, fixings int64, strings "
-    "utf8, expiry utf8 or date32) and the request-level fields as a JSON object in the schema metadata under "
-    f"'{REQUEST_METADATA}'. The Arrow answer has the columnar answer's columns (numbers float64, id, model and "
-    f"method utf8, warnings list<utf8>) and '{RESPONSE_METADATA}' in its schema metadata: the JSON of namespace, "
-    "val_datetime, data_asof, models and market_data. Errors are JSON in every form."
+    "the Contract fields, process parameters as params.<name>, a barrier as barrier.type, barrier.level, "
+    "barrier.monitoring and barrier.rebate, a null cell is an absent field); or an Apache Arrow IPC stream "
+    f"({ARROW_STREAM}) with the same columns (numbers float64 or int64, fixings int64, strings utf8, expiry "
+    "utf8 or date32, barrier.monitoring utf8 or int64) and the request-level fields as a JSON object in the "
+    f"schema metadata under '{REQUEST_METADATA}'. The Arrow answer has the columnar answer's columns (numbers "
+    f"float64, id, model and method utf8, warnings list<utf8>) and '{RESPONSE_METADATA}' in its schema metadata: "
+    "the JSON of namespace, val_datetime, data_asof, models and market_data. Errors are JSON in every form."
 )
 
 
@@ -180,6 +181,21 @@ def _cell(spec: dict[str, Any]) -> dict[str, Any]:
     spec = {k: v for k, v in spec.items() if k not in ("title", "default", "description")}
     options = spec.pop("anyOf", None) or [spec]
     return {"anyOf": [*[o for o in options if o.get("type") != "null"], {"type": "null"}]}
+
+
+def _barrier_columns(barrier: dict[str, Any]) -> dict[str, Any]:
+    """The barrier.<key> columns, each cell the Barrier property or null (monitoring:
+    "continuous" or an integer, as in a row)."""
+    out: dict[str, Any] = {}
+    for name in BARRIER_COLUMNS:
+        key = name.removeprefix(BARRIER_PREFIX)
+        cell = _cell(barrier[key])
+        types = {str(o["type"]) for o in cell["anyOf"] if o.get("type") != "null"}
+        if types != BARRIER_KINDS[name]:  # pragma: no cover - a schema change
+            raise RuntimeError(f"openapi: {name} is {sorted(types)}, the columnar checks read {BARRIER_KINDS[name]}")
+        more = " (null: no barrier; then the contract's other barrier cells are null)" if key == "type" else ""
+        out[name] = {"type": "array", "items": cell, "description": f"Barrier.{key}, one per contract{more}"}
+    return out
 
 
 def _columnar(
@@ -204,12 +220,14 @@ def columnar_schemas(schemas: dict[str, Any]) -> dict[str, Any]:
         name: {"type": "array", "items": _cell(contract[name]), "description": f"Contract.{name}, one per contract"}
         for name in CONTRACT_COLUMNS
     }
+    column.update(_barrier_columns(schemas["Barrier"]["properties"]))
     columns = {
         "type": "object",
         "description": (
             "The book as columns, all of one length (one value per contract): the Contract fields, process "
-            "parameters as params.<name> (params.kappa, ...). A null is an absent field; unused columns may be "
-            "left out. Validated as the rows they stand for; errors name contracts[i].<field>."
+            "parameters as params.<name> (params.kappa, ...), the barrier as barrier.<key> (barrier.type null: "
+            "no barrier). A null is an absent field; unused columns may be left out. Validated as the rows they "
+            "stand for; errors name contracts[i].<field>."
         ),
         "properties": column,
         "patternProperties": {

@@ -42,8 +42,10 @@ from spectralmc_server.client import (
     Stream,
     TooLarge,
     Unavailable,
+    books,
 )
 from spectralmc_server.client.errors import MAX_RETRY_AFTER, error_from_answer, parse_retry_after
+from spectralmc_server.pricing.cells import BARRIER_COLUMNS, CONTRACT_COLUMNS
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS
 
 Serve = Callable[..., ServerProcess]
@@ -261,6 +263,68 @@ async def test_arrow_book_split_into_chunks(server: ServerProcess) -> None:
     assert json.loads(table.schema.metadata[b"spectralmc.response"])["models"] == whole["models"]
 
 
+def barrier(cid: str, kind: str, level: float, **more: Any) -> dict[str, Any]:
+    """A gbm contract (spot 100) with a barrier."""
+    return {**BOOK[0], "id": cid, "barrier": {"type": kind, "level": level, **more}}
+
+
+# a vanilla, continuous barriers (closed form) and dated ones (Monte Carlo: a few dates, cheap)
+BARRIER_BOOK: list[dict[str, Any]] = [
+    {**BOOK[0], "id": "v"},
+    barrier("do", "down-and-out", 90.0, rebate=2.5),
+    barrier("uo", "up-and-out", 120.0, monitoring=4),
+    barrier("di", "down-and-in", 85.0, monitoring="continuous"),
+    {**BOOK[1], "id": "p"},
+    barrier("ui", "up-and-in", 115.0, monitoring=3, rebate=1.0),
+]
+
+
+async def test_a_barrier_book_prices_as_a_table(server: ServerProcess) -> None:
+    """A barrier book as a DataFrame (barrier.<key> columns from json_normalize, with
+    monitoring "continuous" and numbers of dates in one column, or a column of barrier
+    dicts) and as an Arrow table: the row answer, bit for bit, method included."""
+    measures = ["price", "delta", "survival"]
+    expected = post_json(server.url, {"measures": measures, "contracts": BARRIER_BOOK})
+    assert [r["method"] for r in expected["results"]][1:4] == ["analytic", "reference", "analytic"]
+    flat = pd.json_normalize(BARRIER_BOOK)
+    assert flat["barrier.monitoring"].dtype == object  # "continuous" beside 4 and 3
+    # Arrow has no column of both: monitoring as text (a dictionary of it), as the server reads it
+    text = [None if pd.isna(m) else str(m) for m in flat["barrier.monitoring"]]
+    plain = pa.Table.from_pandas(flat.drop(columns=["barrier.monitoring"]), preserve_index=False)
+    arrow = plain.append_column("barrier.monitoring", pa.array(text).dictionary_encode())
+    # the vanillas and the dated barriers: pandas makes a float64 column of 4 and 3 with gaps
+    dated = [c for c in BARRIER_BOOK if c["id"] in ("v", "uo", "p", "ui")]
+    assert pd.json_normalize(dated)["barrier.monitoring"].dtype == "float64"
+    async with AsyncClient(server.url) as client:
+        answers = {
+            "json_normalize": await client.price_table(flat, measures=measures),
+            "dicts": await client.price_table(pd.DataFrame(BARRIER_BOOK), measures=measures),
+            "arrow": await client.price_table(arrow, measures=measures),
+        }
+        gaps = await client.price_table(pd.json_normalize(dated), measures=measures)
+        with pytest.raises(InvalidRequest) as caught:  # client-side, as for fixings: dates must be whole
+            await client.price_table(pd.json_normalize([barrier("x", "up-and-out", 120.0, monitoring=2.5)]))
+        assert caught.value.details[0]["field"] == "barrier.monitoring" and caught.value.status is None
+        with pytest.raises(InvalidRequest) as caught:  # "12.5" beside "continuous": the server's row error
+            bad = [
+                barrier("x", "up-and-out", 120.0, monitoring=12.5),
+                barrier("y", "up-and-out", 120.0, monitoring="continuous"),
+            ]
+            await client.price_table(pd.json_normalize(bad))
+        assert caught.value.status == 422
+        assert caught.value.details[0]["field"] == "contracts[0].barrier.monitoring", caught.value.details
+    for form, out in answers.items():
+        table = out if isinstance(out, pa.Table) else pa.Table.from_pandas(out, preserve_index=False)
+        assert table.column("id").to_pylist() == [c["id"] for c in BARRIER_BOOK], form
+        for i, result in enumerate(expected["results"]):
+            for name, value in columns_of(result).items():
+                assert same_bits(table.column(name)[i].as_py(), value), (form, result["id"], name, value)
+    by_id = {r["id"]: r for r in expected["results"]}
+    assert gaps["id"].tolist() == [c["id"] for c in dated]
+    for (_, row), c in zip(gaps.iterrows(), dated, strict=True):
+        assert same_bits(row["price"], by_id[c["id"]]["price"]) and row["method"] == by_id[c["id"]]["method"]
+
+
 async def test_errors_are_typed(server: ServerProcess) -> None:
     bad = {**CONTRACT, "strike": -1.0}
     async with AsyncClient(server.url) as client:
@@ -402,6 +466,13 @@ def test_error_mapping_from_answers() -> None:
     assert type(err) is InvalidRequest and err.details == details and err.retry_after is None
     proxy = error_from_answer(502, b"<html>Bad Gateway</html>", {})
     assert type(proxy) is ServerError and proxy.code == "http_error" and "Bad Gateway" in proxy.message
+
+
+def test_the_client_casts_every_contract_column() -> None:
+    """books.py's own column lists (it does not import the server's, which need torch)
+    name every column the server reads, barrier.<key> included."""
+    known = books.STRING_COLUMNS | books.FLOAT_COLUMNS | books.INT_COLUMNS | {books.MONITORING}
+    assert known == {*CONTRACT_COLUMNS, *BARRIER_COLUMNS}
 
 
 def test_package_imports_without_pandas_or_torch() -> None:

@@ -415,8 +415,9 @@ async def test_barrier_refusals_of_the_request(make_client: MakeClient) -> None:
 
 
 async def test_columnar_and_arrow_bodies_refuse_a_barrier_column(make_client: MakeClient) -> None:
-    """Barrier contracts come as JSON rows only: a ``barrier`` column (or a flattened
-    ``barrier.<key>`` one) is an unknown column, a 422 naming it, never a 500."""
+    """In columnar and Arrow books a barrier is the flattened ``barrier.<key>`` columns
+    (tests/service/test_barrier_columns.py): a ``barrier`` column itself (objects, an
+    Arrow struct, JSON text, numbers) is an unknown column, a 422 naming it, never a 500."""
     client = await make_client(models=["gbm"])
     cols: dict[str, list[Any]] = {
         "id": ["a", "b"],
@@ -436,7 +437,6 @@ async def test_columnar_and_arrow_bodies_refuse_a_barrier_column(make_client: Ma
     for name, cells in (
         ("barrier", [barrier("down-and-out", 90.0), None]),
         ("barrier", [None, None]),
-        ("barrier.level", [90.0, 80.0]),
     ):
         r = await client.post("/v1/price", json={"columns": {**cols, name: cells}})
         refused(await assert_error(r, 422, "invalid", (f"columns.{name}",)), f"columns.{name}")
@@ -446,8 +446,6 @@ async def test_columnar_and_arrow_bodies_refuse_a_barrier_column(make_client: Ma
         ("barrier", pa.array([{"type": "down-and-out", "level": 90.0}, None])),
         ("barrier", pa.array(['{"type": "down-and-out", "level": 90.0}', None])),
         ("barrier", pa.array([90.0, None])),
-        ("barrier.type", pa.array(["down-and-out", "up-and-out"])),
-        ("barrier.level", pa.array([90.0, 110.0])),
     ):
         r = await post_arrow(client, table({**arrow, name: column}))
         refused(await assert_error(r, 422, "invalid", (f"columns.{name}",)), f"columns.{name}")

@@ -3,6 +3,7 @@ its own engine process, under the supervisor (cli/serve_workers.py), as a user r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -79,10 +80,12 @@ def worker_pids(run_marker: str = "--worker-dir") -> list[int]:
 def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("workers")
     server = start_server(tmp, env=ENV, timeout=120)
-    wait_for_log(server, "with 2 HTTP workers")
-    yield server
-    if server.proc.poll() is None:
-        server.stop()
+    try:
+        wait_for_log(server, "with 2 HTTP workers")
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop(signal.SIGTERM, timeout=60)
 
 
 def test_both_workers_serve_the_same_numbers(workers: ServerProcess) -> None:
@@ -151,8 +154,23 @@ def test_a_pin_reaches_every_worker_before_its_answer(workers: ServerProcess) ->
         assert row["mode"] == "tracking", (k, row)
 
 
-def test_sigterm_stops_every_worker_and_engine(tmp_path: Path) -> None:
+@pytest.fixture
+def supervised(tmp_path: Path) -> Iterator[ServerProcess]:
+    """A server of 2 HTTP workers for one test; stopped (workers and engines too) even
+    when the test fails half-way."""
     server = start_server(tmp_path, env=ENV, timeout=120)
+    try:
+        yield server
+    finally:
+        if server.proc.poll() is None:
+            server.stop(signal.SIGTERM, timeout=60)
+        for pid in worker_pids(str(tmp_path)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_every_worker_and_engine(supervised: ServerProcess, tmp_path: Path) -> None:
+    server = supervised
     wait_for_log(server, "with 2 HTTP workers")
     marker = str(tmp_path)  # every worker's command line names this data dir
     assert len([p for p in worker_pids(marker) if p != server.proc.pid]) >= 2
@@ -162,8 +180,8 @@ def test_sigterm_stops_every_worker_and_engine(tmp_path: Path) -> None:
     assert "SIGTERM: stopping the 2 HTTP workers" in server.log.read_text()
 
 
-def test_a_dead_worker_stops_the_server(tmp_path: Path) -> None:
-    server = start_server(tmp_path, env=ENV, timeout=120)
+def test_a_dead_worker_stops_the_server(supervised: ServerProcess, tmp_path: Path) -> None:
+    server = supervised
     wait_for_log(server, "with 2 HTTP workers")
     pattern = f"--data-dir {tmp_path}/data --port {server.port} --worker 1 "
     out = subprocess.run(["pgrep", "-f", "--", pattern], check=False, capture_output=True, text=True).stdout.split()

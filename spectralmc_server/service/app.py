@@ -61,7 +61,7 @@ from spectralmc_server.service.jobs import Schedule, derive_action, price_action
 from spectralmc_server.service.marketdata import MarketData
 from spectralmc_server.service.memory import bounded_send, memory_ctx
 from spectralmc_server.service.metrics import Metrics, StateSource
-from spectralmc_server.service.openapi import build_openapi
+from spectralmc_server.service.openapi import openapi_bytes
 from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.settings import PriceJob, Settings
 from spectralmc_server.store.objects import ORPHAN_TEMP_SECONDS, LocalObjectStore, StoreUnavailableError
@@ -363,7 +363,7 @@ def create_app(
     app[keys.BUDGETS] = Budgets(settings.budgets)
     app[keys.LIFECYCLE] = keys.Lifecycle()
     app[keys.MODELS] = ModelDirectory()
-    app[keys.OPENAPI] = orjson.dumps(build_openapi())
+    app[keys.OPENAPI] = openapi_bytes()
     app[keys.METRICS].add_state(_state_source(app))
     app.add_routes(routes.routes)
     app.add_routes(admin.routes)

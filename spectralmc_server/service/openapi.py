@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
+import orjson
 from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
@@ -263,6 +265,12 @@ def columnar_schemas(schemas: dict[str, Any]) -> dict[str, Any]:
         required=[*(k for k in rows_schema.get("required", []) if k != "results"), "columns"],
     )
     return {"ColumnarPriceRequest": request, "ColumnarPriceResponse": response}
+
+
+@functools.cache
+def openapi_bytes() -> bytes:
+    """The OpenAPI document as served: built once a process (it depends on the code alone)."""
+    return orjson.dumps(build_openapi())
 
 
 def build_openapi() -> dict[str, Any]:

@@ -33,7 +33,8 @@ MakeClient = Callable[..., Awaitable[Client]]
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
     """Test settings: a fresh data dir, no training unless asked, quick polling, the
-    engine on a thread of the test's process (engine_process tests ask for a process)."""
+    engine on a thread of the test's process (engine_process tests ask for a process),
+    no GC freeze."""
     fields: dict[str, Any] = {
         "engine": {"mode": "thread"},
         "data_dir": tmp_path / "data",
@@ -41,6 +42,9 @@ def settings_for(tmp_path: Path, **overrides: Any) -> Settings:
         "poll_seconds": 0.05,
         "admin_token": TOKEN,
         "train": {"enabled": False},
+        # no gc.collect() + gc.freeze() at each start: over the test process's heap it
+        # cost ~0.1-0.5 s an app (test_gc_freeze.py checks the setting itself)
+        "gc_freeze": False,
     }
     fields.update(overrides)
     return Settings(**fields)

@@ -366,12 +366,13 @@ def truth_pricer(served: ServedModel, seed: int = CERT_MC_SEED) -> Pricer:
     certificate's 53,248 contracts would take about 90 minutes on this 2-core CPU (one
     of its 8 groups took 11); with 8,192 paths the truth's larger standard error is
     added to every error (3 SE), so it widens the bounds rather than hiding errors."""
-    from spectralmc_server.engine.pricer import MC_REFERENCE_SPECTRUM
+    from spectralmc_server.engine.pricer import mc_reference_spectrum
     from spectralmc_server.engine.reference_pricers import MonteCarloReference
 
     if not isinstance(served.pricer.reference, MonteCarloReference):
         return served.pricer.reference
-    return MonteCarloReference(served.process, MC_REFERENCE_SPECTRUM, paths=CERT_MC_PATHS, seed=seed)
+    spectrum = mc_reference_spectrum(served.process.name)
+    return MonteCarloReference(served.process, spectrum, paths=CERT_MC_PATHS, seed=seed)
 
 
 def truth_name(process: Process) -> str:

@@ -14,7 +14,6 @@ from spectralmc_server.engine.pricer import (
     MC_REFERENCE_GROUPS,
     MC_REFERENCE_PATHS,
     MC_REFERENCE_SEED,
-    MC_REFERENCE_SPECTRUM,
     PRICE_MEASURES,
     REFERENCE_SPECTRUM,
     REFERENCE_WORKING_BYTES,
@@ -22,6 +21,7 @@ from spectralmc_server.engine.pricer import (
     OptionBatch,
     Pricer,
     SpectralPricer,
+    mc_reference_spectrum,
 )
 from spectralmc_server.engine.processes.base import Process
 from spectralmc_server.engine.reference import (
@@ -140,7 +140,7 @@ def reference_pricer(process: Process, spectrum: SpectrumConfig | None = None) -
     if process.name == "gbm":
         return ClosedFormGBMPricer()
     if not process.has_analytic_cf:
-        spec = spectrum or MC_REFERENCE_SPECTRUM
+        spec = spectrum or mc_reference_spectrum(process.name)
         return MonteCarloReference(
             process, spec, paths=MC_REFERENCE_PATHS, seed=MC_REFERENCE_SEED, moments=exact_moments_or_none(process.name)
         )

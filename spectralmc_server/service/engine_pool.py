@@ -20,13 +20,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
 
 from spectralmc_server.engine_service.messages import (
     CommitRefused,
@@ -42,7 +37,7 @@ from spectralmc_server.engine_service.metrics import ProcessStats
 from spectralmc_server.engine_service.views import Directory, ModelDirectory
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.engine_process import ProcessEngine
-from spectralmc_server.service.metrics import Metrics
+from spectralmc_server.service.metrics import Metrics, merge_expositions
 from spectralmc_server.settings import Settings
 
 
@@ -220,14 +215,7 @@ class EnginePool(EngineClient):
 
     async def metrics_text(self) -> bytes:
         texts = await asyncio.gather(*(e.metrics_text() for e in self.engines))
-        families: dict[str, Metric] = {}
-        for text in texts:
-            for family in text_string_to_metric_families(text.decode()):
-                merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-                merged.samples.extend(family.samples)
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Families(list(families.values())))
-        return generate_latest(registry)
+        return merge_expositions([(text, {}) for text in texts])
 
     @property
     def pids(self) -> list[int | None]:
@@ -238,11 +226,3 @@ async def _all(futures: list[asyncio.Future[Any]]) -> None:
     for f in futures:
         with contextlib.suppress(EngineDeadError):
             await f
-
-
-class _Families(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.families)

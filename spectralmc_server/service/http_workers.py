@@ -29,22 +29,19 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.metrics_core import GaugeMetricFamily, Metric
-from prometheus_client.parser import text_string_to_metric_families
-from prometheus_client.registry import Collector
-from prometheus_client.samples import Sample
+from prometheus_client.metrics_core import GaugeMetricFamily
 
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Unavailable, store_unavailable
+from spectralmc_server.service.metrics import merge_expositions
 from spectralmc_server.settings import DeriveJob, Settings
 
 log = logging.getLogger(__name__)
@@ -198,22 +195,12 @@ async def gather_metrics(app: web.Application, local: bytes) -> bytes:
 
     fetched = await asyncio.gather(*(fetch(k) for k in worker.others))
     texts: dict[int, bytes | None] = {worker.index: local, **dict(zip(worker.others, fetched, strict=True))}
-    return merge_expositions(texts)
+    return merge_worker_expositions(texts)
 
 
-def merge_expositions(texts: dict[int, bytes | None]) -> bytes:
+def merge_worker_expositions(texts: dict[int, bytes | None]) -> bytes:
     """One exposition from each worker's (None: it did not answer): every sample gains
-    ``worker="K"``, families keep one HELP and TYPE, and ``spectralmc_http_worker_up``."""
-    families: dict[str, Metric] = {}
-    for k in sorted(texts):
-        text = texts[k]
-        if text is None:
-            continue
-        for family in text_string_to_metric_families(text.decode()):
-            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
-            merged.samples.extend(
-                Sample(s.name, {**s.labels, "worker": str(k)}, s.value, s.timestamp, s.exemplar) for s in family.samples
-            )
+    ``worker="K"``, and ``spectralmc_http_worker_up`` says who answered."""
     up = GaugeMetricFamily(
         "spectralmc_http_worker_up",
         "1 if the HTTP worker answered this scrape's internal metrics request, else 0",
@@ -221,17 +208,8 @@ def merge_expositions(texts: dict[int, bytes | None]) -> bytes:
     )
     for k in sorted(texts):
         up.add_metric([str(k)], 0.0 if texts[k] is None else 1.0)
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_Families([*families.values(), up]))
-    return generate_latest(registry)
-
-
-class _Families(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self.families = families
-
-    def collect(self) -> Iterator[Metric]:
-        return iter(self.families)
+    parts = [(text, {"worker": str(k)}) for k, text in sorted(texts.items()) if text is not None]
+    return merge_expositions(parts, [up])
 
 
 def install(app: web.Application, worker: HTTPWorker) -> None:

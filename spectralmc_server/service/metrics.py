@@ -8,12 +8,14 @@ somewhere (model versions, budgets, training progress) is read at scrape time by
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 from spectralmc_server.engine.device import BudgetReport
 from spectralmc_server.engine_service.metrics import (
@@ -375,3 +377,27 @@ class Metrics:
 
     def add_state(self, source: StateSource) -> None:
         self.registry.register(StateCollector(source))
+
+
+def merge_expositions(parts: list[tuple[bytes, dict[str, str]]], extra: Iterable[Metric] = ()) -> bytes:
+    """One exposition from several (each with labels added to all of its samples): a
+    family keeps one HELP and TYPE whatever number of parts carry it; ``extra`` families
+    are appended. How the server shows its engines' and its HTTP workers' metrics."""
+    families: dict[str, Metric] = {}
+    for text, labels in parts:
+        for family in text_string_to_metric_families(text.decode()):
+            merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+            merged.samples.extend(
+                Sample(s.name, {**s.labels, **labels}, s.value, s.timestamp, s.exemplar) for s in family.samples
+            )
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families([*families.values(), *extra]))
+    return generate_latest(registry)
+
+
+class _Families(Collector):
+    def __init__(self, families: list[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterator[Metric]:
+        return iter(self.families)

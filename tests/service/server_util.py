@@ -137,3 +137,17 @@ async def assert_error(r: ClientResponse, status: int, code: str, fields: tuple[
         assert f in named, (f, err["details"])
     error: dict[str, Any] = err
     return error
+
+
+async def ok_json(r: ClientResponse, status: int = 200) -> dict[str, Any]:
+    """The JSON body of a response that must have ``status``."""
+    text = await r.text()
+    assert r.status == status, text
+    body: dict[str, Any] = orjson.loads(text)
+    return body
+
+
+async def price(client: Client, contracts: list[dict[str, Any]], *measures: str, **extra: Any) -> dict[str, Any]:
+    """POST /v1/price with ``contracts`` and ``measures`` (price by default): the answer."""
+    body = {"measures": list(measures or ("price",)), "contracts": contracts, **extra}
+    return await ok_json(await client.post("/v1/price", json=body))

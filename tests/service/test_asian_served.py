@@ -26,9 +26,8 @@ from typing import Any
 import orjson
 import pytest
 import torch
-from aiohttp import ClientResponse
 from marketdata_util import ASOF, VDT, snapshot
-from server_util import Client, MakeClient, assert_error
+from server_util import Client, MakeClient, assert_error, ok_json, price
 
 from spectralmc_server.engine.processes.asian import MAX_FIXINGS, asian_put_mc
 from spectralmc_server.marketdata.objects import VolSurface, ZeroCurve
@@ -94,18 +93,6 @@ def black_scholes(c: dict[str, Any]) -> float:
     d2 = d1 - vol * math.sqrt(t)
     call = s * math.exp(-q * t) * n(d1) - k * math.exp(-r * t) * n(d2)
     return call if c["right"] == "call" else call - s * math.exp(-q * t) + k * math.exp(-r * t)
-
-
-async def ok_json(r: ClientResponse, status: int = 200) -> dict[str, Any]:
-    text = await r.text()
-    assert r.status == status, text
-    body: dict[str, Any] = orjson.loads(text)
-    return body
-
-
-async def price(client: Client, contracts: list[dict[str, Any]], *measures: str, **extra: Any) -> dict[str, Any]:
-    body = {"measures": list(measures or ("price",)), "contracts": contracts, **extra}
-    return await ok_json(await client.post("/v1/price", json=body))
 
 
 async def served_identity(client: Client, name: str) -> dict[str, Any]:

@@ -29,10 +29,9 @@ import orjson
 import pytest
 import pytest_asyncio
 import torch
-from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from marketdata_util import ASOF, VDT, snapshot
-from server_util import AppServer, Client, assert_error, settings_for
+from server_util import AppServer, Client, assert_error, ok_json, price, settings_for
 
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.engine.processes import get_process
@@ -95,18 +94,6 @@ async def client(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Clie
     await test_client.start_server()
     yield test_client
     await test_client.close()
-
-
-async def ok_json(r: ClientResponse, status: int = 200) -> dict[str, Any]:
-    text = await r.text()
-    assert r.status == status, text
-    body: dict[str, Any] = orjson.loads(text)
-    return body
-
-
-async def price(client: Client, contracts: list[dict[str, Any]], *measures: str, **extra: Any) -> dict[str, Any]:
-    body = {"measures": list(measures or ("price",)), "contracts": contracts, **extra}
-    return await ok_json(await client.post("/v1/price", json=body))
 
 
 def mc_prices(contracts: list[dict[str, Any]]) -> tuple[list[float], list[float]]:

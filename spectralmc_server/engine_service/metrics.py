@@ -100,6 +100,16 @@ class EngineMetrics:
         self.engine_failures = engine_failures_counter(self.registry)
         self.training_step_seconds = training_step_histogram(self.registry)
         self.training_rejected = training_rejected_counter(self.registry)
+        self.memory_reclaims = Counter(
+            "spectralmc_engine_memory_reclaims",
+            "Idle reclaims of the engine process: a full collection and malloc_trim",
+            registry=self.registry,
+        )
+        self.memory_reclaimed = Counter(
+            "spectralmc_engine_memory_reclaimed_bytes",
+            "RSS the engine process's reclaims gave back",
+            registry=self.registry,
+        )
 
 
 DEVICE_FAMILIES = (

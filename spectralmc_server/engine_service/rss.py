@@ -12,9 +12,12 @@ and the GC counts work everywhere.
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
+import platform
 import resource
+from collections.abc import Callable
 from pathlib import Path
 
 STATM = Path("/proc/self/statm")
@@ -56,3 +59,18 @@ def gc_generations() -> tuple[tuple[int, int, int], ...]:
     """Python's cyclic GC per generation (0, 1, 2): collections run, objects collected,
     objects found uncollectable, since the process started."""
     return tuple((int(s["collections"]), int(s["collected"]), int(s["uncollectable"])) for s in gc.get_stats())
+
+
+def malloc_trim_fn() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim`` (gives freed heap pages back to the OS), where there is one.
+    Both processes reclaim with it once idle (service/memory.py, engine_service/server.py)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        fn = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_size_t]
+    fn.restype = ctypes.c_int
+    trim: Callable[[int], int] = fn
+    return trim

@@ -17,11 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -46,6 +48,7 @@ from spectralmc_server.engine_service.protocol import (
     StartFailed,
     Tell,
 )
+from spectralmc_server.engine_service.rss import malloc_trim_fn, rss_bytes
 from spectralmc_server.engine_service.views import Directory
 from spectralmc_server.ipc.framing import FrameProtocol, connect, recv_frame, write_frame
 from spectralmc_server.ipc.unpickling import engine_side_allow
@@ -55,6 +58,7 @@ from spectralmc_server.store.objects import StoreError, StoreUnavailableError
 from spectralmc_server.store.uri import open_store
 
 log = logging.getLogger("spectralmc_server.engine")
+RECLAIM_TICK_SECONDS = 1.0  # how often the engine looks whether it has gone idle
 
 # The families the engine owns (counted here, where the events happen); the HTTP process
 # renders every other family, and asks the engine for these at each scrape.
@@ -62,6 +66,8 @@ ENGINE_FAMILIES = (
     "spectralmc_engine_failures",
     "spectralmc_training_step_duration_seconds",
     "spectralmc_training_rejected",
+    "spectralmc_engine_memory_reclaims",
+    "spectralmc_engine_memory_reclaimed_bytes",
     *DEVICE_FAMILIES,
 )
 
@@ -114,6 +120,10 @@ class EngineServer:
         self.done = asyncio.Event()
         self.tasks: set[asyncio.Task[Any]] = set()
         self.snapshots: dict[str, MarketSnapshot] = {}  # by hash, first in first out (as the HTTP side counts)
+        self.calls = 0  # calls being answered (not counting metrics scrapes)
+        self.last_call = time.monotonic()
+        self.idle_done = True  # nothing has happened since the last idle reclaim
+        self._trim = malloc_trim_fn() if settings.memory.malloc_trim else None
         self.metrics.registry.register(_DeviceMemory())
 
     async def run(self) -> int:
@@ -149,15 +159,17 @@ class EngineServer:
             core.host.on_change.append(self.push_directory)
             self.send(Ready(core.directory(), core.status()))
             log.info("engine %d ready: serving %s", os.getpid(), ", ".join(s.models))
-            ticker = asyncio.create_task(self.tick())  # until stopped: a commit at shutdown takes ~30 s
+            # until stopped: a commit at shutdown takes ~30 s
+            background = [asyncio.create_task(self.tick()), asyncio.create_task(self.reclaim_when_idle())]
             await self.done.wait()
             log.info("engine %d stopping", os.getpid())
             try:
                 await core.stop()
             finally:
-                ticker.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await ticker
+                for task in background:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             log.info("engine %d stopped", os.getpid())
         finally:
             await objects.close()
@@ -180,6 +192,29 @@ class EngineServer:
         while True:
             self.send(self.core.status())
             await asyncio.sleep(self.settings.engine.status_seconds)
+
+    async def reclaim_when_idle(self) -> None:
+        """Once per idle period (no call for ``memory.reclaim_idle_seconds``), as the HTTP
+        process does (service/memory.py): a full collection, and ``malloc_trim`` gives the
+        heap pages that pricing large books freed back to the OS. Without it the engine's
+        RSS crept up a few MiB per large book (the glibc heap), never given back."""
+        idle_seconds = self.settings.memory.reclaim_idle_seconds
+        if idle_seconds <= 0:
+            return
+        while True:
+            await asyncio.sleep(RECLAIM_TICK_SECONDS)
+            if self.idle_done or self.calls or time.monotonic() - self.last_call < idle_seconds:
+                continue
+            self.idle_done = True
+            before = rss_bytes()
+            collected = gc.collect()
+            if self._trim is not None:
+                await asyncio.to_thread(self._trim, 0)
+            after = rss_bytes()
+            self.metrics.memory_reclaims.inc()
+            if before is not None and after is not None:
+                self.metrics.memory_reclaimed.inc(max(0, before - after))
+            log.debug("engine memory reclaim: %d objects collected, RSS %s -> %s", collected, before, after)
 
     # -- receiving
 
@@ -207,6 +242,18 @@ class EngineServer:
             log.error("engine: unexpected message %s", type(msg).__name__)
 
     async def answer(self, call: Call) -> None:
+        if call.op == "metrics":  # a scrape does not end an idle period
+            await self._answer(call)
+            return
+        self.calls += 1
+        self.idle_done = False
+        try:
+            await self._answer(call)
+        finally:
+            self.calls -= 1
+            self.last_call = time.monotonic()
+
+    async def _answer(self, call: Call) -> None:
         core = self.core
         try:
             if core is None:

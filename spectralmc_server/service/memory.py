@@ -37,10 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import gc
 import logging
-import platform
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
@@ -50,7 +48,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from spectralmc_server.engine_service.rss import rss_bytes
+from spectralmc_server.engine_service.rss import malloc_trim_fn, rss_bytes
 from spectralmc_server.service import keys
 from spectralmc_server.settings import MemorySettings
 
@@ -62,20 +60,6 @@ TICK_SECONDS = 1.0  # how often the reclaimer looks at RSS and idleness
 MIN_RECLAIM_INTERVAL = 5.0  # growth-triggered reclaims at most this often (seconds)
 PROBES = frozenset({"/metrics", "/healthz", "/readyz"})  # small answers; they do not end an idle period
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    """glibc's ``malloc_trim`` (gives freed heap pages back to the OS), where there is one."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return None
-    try:
-        fn = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_size_t]
-    fn.restype = ctypes.c_int
-    trim: Callable[[int], int] = fn
-    return trim
 
 
 # -- sends --------------------------------------------------------------------------------
@@ -208,7 +192,7 @@ class Reclaimer:
         self.guard = guard
         self._runs = runs
         self._returned = returned
-        self._trim = _malloc_trim() if settings.malloc_trim else None
+        self._trim = malloc_trim_fn() if settings.malloc_trim else None
         self.base_rss = rss_bytes()  # RSS after the last reclaim
         self.last = time.monotonic()
         self.idle_done = True  # nothing has happened since the last idle reclaim

@@ -220,6 +220,9 @@ def test_three_rounds_of_non_readers_stay_bounded(serve: Callable[..., ServerPro
     m = sr.metrics(url)
     assert m["spectralmc_send_held_bytes"] == 0 and m["spectralmc_sends_active"] == 0
     assert m['spectralmc_memory_reclaims_total{trigger="idle"}'] >= 4, report
+    # the engine process gives back what pricing the books freed, once idle, as the HTTP one does
+    assert m["spectralmc_engine_memory_reclaims_total"] >= 4, report
+    assert m["spectralmc_engine_memory_reclaimed_bytes_total"] > 0, report
     # the server's two processes (sr.mib counts the process and its children)
     both = (
         m['spectralmc_process_resident_bytes{process="http"}']

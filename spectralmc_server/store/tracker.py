@@ -15,6 +15,12 @@ the refusal (:attr:`ModelTracker.rejected`, counted by kind in
 :attr:`ModelTracker.rejections`), logs it once, and looks again on every poll, since a
 version can be certified in place later. A store pin recorded with ``force`` is the
 admin's explicit choice and is served without the check; :class:`Served` says so.
+
+A commit appends the version's record first and links its certificate just after
+(store/versions.py): a reader in between sees the version without one. So a version
+first seen without a certificate, and refused for it, is looked at again a few times
+over :data:`CERTIFICATE_LINK_WAIT` before the refusal stands; without that, a replica
+starting beside the one that seeds an empty store served nothing until its next poll.
 """
 
 from __future__ import annotations
@@ -33,6 +39,8 @@ from spectralmc_server.store.versions import VersionStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+# waits (s) before looking again for the certificate of a version first seen without one
+CERTIFICATE_LINK_WAIT = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 @dataclass(frozen=True)
@@ -123,14 +131,23 @@ class ModelTracker(Generic[T]):
         head = await self.store.head()
         return None if head is None else head.version
 
-    async def _refusal(self, want: int) -> Rejection | None:
-        """Why ``want`` may not be served (None: it may). Reads the certificate only."""
+    async def _refusal(self, want: int, *, link_wait: bool = False) -> Rejection | None:
+        """Why ``want`` may not be served (None: it may). Reads the certificate only; with
+        ``link_wait``, a refusal of a version without one is looked at again over
+        :data:`CERTIFICATE_LINK_WAIT` (a commit links its certificate after the record)."""
         if self.check is None:
             return None
-        found = await self.store.certificate_with_hash(want)
-        cert_hash, cert = (None, None) if found is None else found
-        verdict = self.check(want, cert)
-        return None if verdict is None else replace(verdict, version=want, certificate=cert_hash)
+        waits = iter(CERTIFICATE_LINK_WAIT if link_wait else ())
+        while True:
+            found = await self.store.certificate_with_hash(want)
+            cert_hash, cert = (None, None) if found is None else found
+            verdict = self.check(want, cert)
+            if verdict is None:
+                return None
+            delay = None if found is not None else next(waits, None)
+            if delay is None:
+                return replace(verdict, version=want, certificate=cert_hash)
+            await asyncio.sleep(delay)
 
     def _reject(self, rejection: Rejection) -> None:
         """Record a refusal; log and count it once (every poll looks again)."""
@@ -207,7 +224,8 @@ class ModelTracker(Generic[T]):
                     self._current = replace(cur, forced=True, gate=rejection.reasons)
             self.rejected = None
         else:
-            rejection = await self._refusal(want)
+            first_look = self.rejected is None or self.rejected.version != want
+            rejection = await self._refusal(want, link_wait=first_look and not forced)
             if rejection is not None and not forced:
                 self._reject(rejection)
             else:

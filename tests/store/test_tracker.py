@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import Backend, SeaweedFS
 from store_util import tiny_files
+from test_certificates import cert_for
 
 from spectralmc_server.engine.checkpoint import Checkpoint, read_dir
 from spectralmc_server.engine.served import ServedModel, load_served_model
@@ -18,7 +19,7 @@ from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.pricing.valuation import Valuer
 from spectralmc_server.store.objects import StoreUnavailableError
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
-from spectralmc_server.store.tracker import ModelTracker
+from spectralmc_server.store.tracker import CERTIFICATE_LINK_WAIT, ModelTracker, Rejection
 from spectralmc_server.store.versions import VersionNotFoundError, VersionStore
 
 
@@ -72,6 +73,48 @@ def test_inference_never_sees_a_torn_version(backend: Backend) -> None:
             assert tracker.current is not None and tracker.current.version == 20
             assert seen == sorted(seen) and len(set(seen)) >= 5, set(seen)
             assert tracker.status()["consecutive_failures"] == 0 and tracker.swaps >= 5
+
+    run(go())
+
+
+def needs_certificate(version: int, cert: dict[str, Any] | None) -> Rejection | None:
+    return Rejection("no_certificate", ("no certificate",)) if cert is None else None
+
+
+def test_a_certificate_linked_just_after_the_record_is_waited_for(backend: Backend) -> None:
+    """A commit appends the record, then links the certificate: a tracker that reads in
+    between (a replica starting while another seeds the store) serves the version once
+    the link lands, instead of serving nothing until its next poll. A version that never
+    gets one is refused after the wait, and later polls of it do not wait again."""
+
+    async def go() -> None:
+        async with backend.open() as objects:
+            vs = VersionStore(objects, "m")
+            stored = await vs.commit_files(tiny_files(1), "v1")  # the record, no link yet
+            tracker = ModelTracker(vs, weights_of, poll_seconds=3600.0, check=needs_certificate)
+
+            async def link_later() -> None:
+                await asyncio.sleep(0.3)
+                await vs.attach_certificate(1, cert_for(stored.content_hash))
+
+            linking = asyncio.create_task(link_later())
+            await tracker.start()
+            await linking
+            assert tracker.current is not None and tracker.current.version == 1
+            assert tracker.rejected is None and not tracker.rejections
+
+            await vs.commit_files(tiny_files(2), "v2")  # never certified
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            assert await tracker.poll_once() is False
+            waited = loop.time() - t0
+            assert sum(CERTIFICATE_LINK_WAIT) <= waited < sum(CERTIFICATE_LINK_WAIT) + 5
+            assert tracker.rejected is not None and tracker.rejected.version == 2
+            assert tracker.current.version == 1 and tracker.rejections == {"no_certificate": 1}
+            t0 = loop.time()
+            assert await tracker.poll_once() is False
+            assert loop.time() - t0 < sum(CERTIFICATE_LINK_WAIT) / 2  # seen: refused at once
+            assert tracker.rejections == {"no_certificate": 1}
 
     run(go())
 

@@ -47,6 +47,7 @@ def _load(name: str) -> ModuleType:
         "abuse",
         "certify",
         "ipc",
+        "certificate_worst",
     ],
 )
 def test_benchmark_quick_mode(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,12 +12,15 @@ and the GC counts work everywhere.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import gc
 import os
 import platform
 import resource
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 STATM = Path("/proc/self/statm")
@@ -74,3 +77,30 @@ def malloc_trim_fn() -> Callable[[int], int] | None:
     fn.restype = ctypes.c_int
     trim: Callable[[int], int] = fn
     return trim
+
+
+@dataclass(frozen=True)
+class Reclaimed:
+    """What one :func:`reclaim` did."""
+
+    collected: int  # objects the full collection freed
+    pause_seconds: float  # the collection's time on the calling thread (the event loop's pause)
+    before: int | None  # RSS, bytes (None where it cannot be read)
+    after: int | None
+
+    @property
+    def returned(self) -> int:
+        """RSS given back (0 where unknown or where it grew meanwhile)."""
+        return 0 if self.before is None or self.after is None else max(0, self.before - self.after)
+
+
+async def reclaim(trim: Callable[[int], int] | None) -> Reclaimed:
+    """A full collection on this thread, then ``trim`` (:func:`malloc_trim_fn`'s) in a
+    worker thread: freed heap pages go back to the OS. How both processes reclaim."""
+    before = rss_bytes()
+    t0 = time.perf_counter()
+    collected = gc.collect()
+    pause = time.perf_counter() - t0
+    if trim is not None:
+        await asyncio.to_thread(trim, 0)
+    return Reclaimed(collected, pause, before, rss_bytes())

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -48,7 +47,7 @@ from spectralmc_server.engine_service.protocol import (
     StartFailed,
     Tell,
 )
-from spectralmc_server.engine_service.rss import malloc_trim_fn, rss_bytes
+from spectralmc_server.engine_service.rss import malloc_trim_fn, reclaim
 from spectralmc_server.engine_service.views import Directory
 from spectralmc_server.ipc.framing import FrameProtocol, connect, recv_frame, write_frame
 from spectralmc_server.ipc.unpickling import engine_side_allow
@@ -206,15 +205,12 @@ class EngineServer:
             if self.idle_done or self.calls or time.monotonic() - self.last_call < idle_seconds:
                 continue
             self.idle_done = True
-            before = rss_bytes()
-            collected = gc.collect()
-            if self._trim is not None:
-                await asyncio.to_thread(self._trim, 0)
-            after = rss_bytes()
+            done = await reclaim(self._trim)
             self.metrics.memory_reclaims.inc()
-            if before is not None and after is not None:
-                self.metrics.memory_reclaimed.inc(max(0, before - after))
-            log.debug("engine memory reclaim: %d objects collected, RSS %s -> %s", collected, before, after)
+            self.metrics.memory_reclaimed.inc(done.returned)
+            log.debug(
+                "engine memory reclaim: %d objects collected, RSS %s -> %s", done.collected, done.before, done.after
+            )
 
     # -- receiving
 

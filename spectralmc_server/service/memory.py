@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -48,7 +47,7 @@ from prometheus_client import Counter
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from spectralmc_server.engine_service.rss import malloc_trim_fn, rss_bytes
+from spectralmc_server.engine_service.rss import malloc_trim_fn, reclaim, rss_bytes
 from spectralmc_server.service import keys
 from spectralmc_server.settings import MemorySettings
 
@@ -210,28 +209,21 @@ class Reclaimer:
         return None
 
     async def reclaim(self, trigger: str) -> None:
-        before = rss_bytes()
-        t0 = time.perf_counter()
-        collected = gc.collect()  # on the loop: its pause
-        pause = time.perf_counter() - t0
-        if self._trim is not None:
-            await asyncio.to_thread(self._trim, 0)
-        after = rss_bytes()
+        done = await reclaim(self._trim)
         self.last = time.monotonic()
-        self.base_rss = after
+        self.base_rss = done.after
         if trigger == "idle":
             self.idle_done = True
         self._runs.labels(trigger).inc()
-        if before is not None and after is not None:
-            self._returned.inc(max(0, before - after))
+        self._returned.inc(done.returned)
         log.log(
             logging.INFO if trigger == "growth" else logging.DEBUG,
             "memory reclaim (%s): %d objects collected in %.0f ms, RSS %s -> %s MiB",
             trigger,
-            collected,
-            pause * 1e3,
-            "?" if before is None else f"{before / 2**20:.0f}",
-            "?" if after is None else f"{after / 2**20:.0f}",
+            done.collected,
+            done.pause_seconds * 1e3,
+            "?" if done.before is None else f"{done.before / 2**20:.0f}",
+            "?" if done.after is None else f"{done.after / 2**20:.0f}",
         )
 
     async def run(self) -> None:

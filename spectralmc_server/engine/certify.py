@@ -12,7 +12,11 @@ Each contract is compared with the process's truth: the closed forms (GBM), COS 
 analytic characteristic function (Heston, Merton) or the process's Monte-Carlo
 reference (the arithmetic Asian, rough Bergomi), whose own standard error is added to
 the observed error (three standard errors: the figure covers the learned error whenever
-the reference is within 3 SE of the truth).
+the reference is within 3 SE of the truth). Where that noise makes up a large part of
+the worst errors (the worst 0.1% of a measure's, 3 SE at least a quarter of the error),
+the points holding them are priced again with 16 times the paths (a quarter of the
+standard error): the tail of a certificate, which its quality gate's ``max`` reads, is
+then the model's error rather than the truth's noise (:func:`refine_truth`).
 
 Errors are normalised by the measure's scale (:func:`measure_units`): price, vega,
 theta and rho per unit of D F (the discounted forward, spot for a European without
@@ -43,6 +47,7 @@ domain).
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Mapping
@@ -94,6 +99,8 @@ if TYPE_CHECKING:
     from spectralmc_server.engine.pricer import Pricer
     from spectralmc_server.engine.served import ServedModel
 
+log = logging.getLogger(__name__)
+
 # A scramble no training seed (< 2^31) and no validation set (2^31 + 7) uses.
 CERT_SEED = 2**31 + 101
 # A second scramble, for checking a certificate's coverage on points it never saw.
@@ -105,6 +112,14 @@ FIT_EPSILON = 1e-9  # keeps log(error) finite where an error is exactly 0
 MC_SE_MULTIPLE = 3.0
 CERT_MC_PATHS = 8192  # a simulated truth's paths (truth_pricer)
 CERT_MC_SEED = 2**31 + 303  # ... and its seed: neither the served reference's nor any training's
+# Where a simulated truth's noise dominates a certificate's worst errors, the truth is
+# bought again, finer (refine_truth): the parameter points holding the worst REFINE_SHARE
+# of a measure's errors, where 3 SE is at least REFINE_SE_SHARE of the error, are priced
+# again with REFINE_PATHS paths (a quarter of the standard error) and another seed.
+REFINE_SHARE = 0.001
+REFINE_SE_SHARE = 0.25
+REFINE_PATHS = 16 * CERT_MC_PATHS
+REFINE_SEED = 2**31 + 404
 
 
 def sample(
@@ -162,13 +177,30 @@ def errors(
     batch: OptionBatch,
     levels: torch.Tensor,
     measures: frozenset[str] = frozenset(MEASURES),
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    *,
+    refine: Pricer | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
     """Normalised errors |learned - truth| / unit (+ 3 SE of a Monte-Carlo truth), per
     measure ((n,), quantiles (n, Q); NaN where the measure is not served as learned),
-    and the learned values themselves."""
+    the learned values themselves, and how many parameter points ``refine`` priced
+    again: a finer simulated truth for the points where the truth's noise dominates the
+    worst errors (:func:`refine_truth`)."""
     got = learned.evaluate(batch, measures, levels)
     truth, stderr = reference_with_error(reference, batch, measures, levels)
     units = measure_units(batch, process)
+    refined = 0
+    if refine is not None and stderr:
+        rows = noisy_worst_rows(got, truth, stderr, units)
+        if len(rows):
+            start = time.perf_counter()
+            truth, stderr, refined = refine_truth(refine, batch, rows, truth, stderr, measures, levels)
+            log.info(
+                "certify: %d rows where the truth's noise dominates the worst errors; their %d points priced "
+                "again with the finer truth in %.1f s",
+                len(rows),
+                refined,
+                time.perf_counter() - start,
+            )
     spread_ok = process.scale(batch.theta, batch.expiry) <= MOMENT_MAX_SPREAD
     out: dict[str, torch.Tensor] = {}
     for m in measures:
@@ -180,7 +212,81 @@ def errors(
         if m in SPREAD_MEASURES:
             e = torch.where(spread_ok, e, torch.full_like(e, float("nan")))
         out[m] = e
-    return out, got
+    return out, got, refined
+
+
+def _point_rows(batch: OptionBatch, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every row sharing a parameter point (process parameters, expiry and market inputs)
+    with one of ``rows``, sorted, and the number of those points: a simulated truth
+    prices a point's strikes from the same paths, so a point costs what one of its rows
+    does."""
+    key = torch.cat([batch.theta, torch.stack([batch.expiry, batch.spot, batch.rate, batch.dividend], 1)], 1)
+    _, point = torch.unique(key, dim=0, return_inverse=True)
+    chosen = torch.zeros(int(point.max()) + 1 if len(point) else 0, dtype=torch.bool)
+    chosen[point[rows]] = True
+    return torch.nonzero(chosen[point]).flatten(), int(chosen.sum())
+
+
+def noisy_worst_rows(
+    got: Mapping[str, torch.Tensor],
+    truth: Mapping[str, torch.Tensor],
+    stderr: Mapping[str, torch.Tensor],
+    units: Mapping[str, torch.Tensor],
+) -> torch.Tensor:
+    """The rows whose error is among the worst ``REFINE_SHARE`` of some measure's (by
+    rank: the ceiling of that share of its finite errors), and of which the truth's
+    ``MC_SE_MULTIPLE`` standard errors are at least ``REFINE_SE_SHARE`` (a quantile row
+    counts by its worst level; a measure with no standard error, such as the mean F,
+    picks none). Sorted indices."""
+    picked: list[torch.Tensor] = []
+    for m, se in stderr.items():
+        if m not in got or m not in truth:
+            continue
+        unit = units[m] if se.dim() == 1 else units[m][:, None]
+        noise = MC_SE_MULTIPLE * se / unit
+        e = (got[m] - truth[m]).abs() / unit + noise
+        if e.dim() > 1:  # quantiles: a row by its worst level, with that level's noise
+            e, at = torch.nan_to_num(e, nan=-1.0).max(1)
+            noise = noise.gather(1, at[:, None])[:, 0]
+            e = torch.where(e < 0, torch.full_like(e, math.nan), e)
+        ok = torch.nonzero(torch.isfinite(e)).flatten()
+        if not len(ok):
+            continue
+        # the worst ceil(REFINE_SHARE x n) by rank (ties cannot widen the pick), where
+        # the noise is there at all and is at least REFINE_SE_SHARE of the error
+        worst = ok[torch.topk(e[ok], math.ceil(REFINE_SHARE * len(ok))).indices]
+        keep = (noise[worst] > 0) & (noise[worst] >= REFINE_SE_SHARE * e[worst])
+        picked.append(worst[keep])
+    if not picked:
+        return torch.zeros(0, dtype=torch.long)
+    rows: torch.Tensor = torch.unique(torch.cat(picked))
+    return rows
+
+
+def refine_truth(
+    fine: Pricer,
+    batch: OptionBatch,
+    rows: torch.Tensor,
+    truth: Mapping[str, torch.Tensor],
+    stderr: Mapping[str, torch.Tensor],
+    measures: frozenset[str],
+    levels: torch.Tensor,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], int]:
+    """The truth and its standard errors with every row of the points of ``rows`` priced
+    again by ``fine`` (every measure: a row keeps one truth), and the number of those
+    points. A Monte-Carlo truth is batch-invariant, so each of those rows gets what
+    ``fine`` gives it alone."""
+    index, points = _point_rows(batch, rows)
+    values, errs = reference_with_error(fine, batch.select(index), measures, levels)
+    new_truth = {m: v.clone() for m, v in truth.items()}
+    new_stderr = {m: v.clone() for m, v in stderr.items()}
+    for m, v in values.items():
+        if m in new_truth:
+            new_truth[m][index] = v
+    for m, v in errs.items():
+        if m in new_stderr:
+            new_stderr[m][index] = v
+    return new_truth, new_stderr, points
 
 
 def _cell_bounds(e: torch.Tensor, cell: torch.Tensor, n_cells: int) -> list[float | None]:
@@ -322,7 +428,9 @@ def certify(served: ServedModel, *, points: int = MIN_POINTS, seed: int = CERT_S
         raise ValueError(f"a certificate needs at least {MIN_POINTS} points, got {points}")
     process, domain = served.process, served.domain
     batch, levels, _ = sample(process, domain, points, seed)
-    errs, _ = errors(served.pricer.learned, truth_pricer(served), process, batch, levels)
+    truth = truth_pricer(served)
+    fine = truth_pricer(served, REFINE_SEED, paths=REFINE_PATHS) if truth is not served.pricer.reference else None
+    errs, _, refined = errors(served.pricer.learned, truth, process, batch, levels, refine=fine)
     a, b = main_dims(process, domain)
     ra, rb = domain.ranges[a], domain.ranges[b]
     edges_a = [float(x) for x in ra.from_unit(torch.linspace(0, 1, GRID + 1, dtype=torch.float64))]
@@ -339,12 +447,18 @@ def certify(served: ServedModel, *, points: int = MIN_POINTS, seed: int = CERT_S
             "moneyness": list(domain.certified_moneyness),
             "levels": list(CERT_LEVELS),
             "truth": truth_name(process),
+            **({"refined_points": refined} if fine is not None else {}),
         },
         "rule": {
             "coverage": COVERAGE,
             "margin": MARGIN,
             "min_cell": MIN_CELL,
             "mc_se_multiple": MC_SE_MULTIPLE,
+            **(
+                {"refine": {"share": REFINE_SHARE, "se_share": REFINE_SE_SHARE, "paths": REFINE_PATHS}}
+                if fine is not None
+                else {}
+            ),
             "floor": FLOOR,
             "grid": GRID,
             "bands": BANDS,
@@ -359,20 +473,22 @@ def certify(served: ServedModel, *, points: int = MIN_POINTS, seed: int = CERT_S
     }
 
 
-def truth_pricer(served: ServedModel, seed: int = CERT_MC_SEED) -> Pricer:
+def truth_pricer(served: ServedModel, seed: int = CERT_MC_SEED, *, paths: int = CERT_MC_PATHS) -> Pricer:
     """What a certificate compares with: the served reference where it is analytic; for
-    a simulated one, the same method with ``CERT_MC_PATHS`` paths (8 groups of 1,024,
-    seeds ``seed + g`` of its own). With the served reference's 65,536 paths a
-    certificate's 53,248 contracts would take about 90 minutes on this 2-core CPU (one
+    a simulated one, the same method with ``paths`` (default ``CERT_MC_PATHS``) paths
+    in 8 groups, seeds ``seed + g`` of its own. With the served reference's 65,536 paths
+    a certificate's 53,248 contracts would take about 90 minutes on this 2-core CPU (one
     of its 8 groups took 11); with 8,192 paths the truth's larger standard error is
-    added to every error (3 SE), so it widens the bounds rather than hiding errors."""
+    added to every error (3 SE), so it widens the bounds rather than hiding errors, and
+    the points where that noise dominates the worst errors are priced again with
+    ``REFINE_PATHS`` (:func:`refine_truth`)."""
     from spectralmc_server.engine.pricer import mc_reference_spectrum
     from spectralmc_server.engine.reference_pricers import MonteCarloReference
 
     if not isinstance(served.pricer.reference, MonteCarloReference):
         return served.pricer.reference
     spectrum = mc_reference_spectrum(served.process.name)
-    return MonteCarloReference(served.process, spectrum, paths=CERT_MC_PATHS, seed=seed)
+    return MonteCarloReference(served.process, spectrum, paths=paths, seed=seed)
 
 
 def truth_name(process: Process) -> str:
@@ -383,11 +499,15 @@ def truth_name(process: Process) -> str:
     if process.has_conditional:  # engine/reference.py forward_controlled_cf_y
         return (
             f"Monte Carlo reference (COS on the mixed CF estimate, the conditional forward as a control variate, "
-            f"{CERT_MC_PATHS:,} paths in 8 groups: value and standard error)"
+            f"{CERT_MC_PATHS:,} paths in 8 groups: value and standard error; {REFINED}"
         )
     return (
-        f"Monte Carlo reference (COS on a simulated CF, {CERT_MC_PATHS:,} paths in 8 groups: value and standard error)"
+        f"Monte Carlo reference (COS on a simulated CF, {CERT_MC_PATHS:,} paths in 8 groups: value and standard error; "
+        f"{REFINED}"
     )
+
+
+REFINED = f"{REFINE_PATHS:,} paths at the points where its noise dominates the worst errors)"
 
 
 def certify_dir(path: Path, *, points: int = MIN_POINTS) -> tuple[dict[str, Any], float]:
@@ -416,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dirs", nargs="+", type=Path, help="checkpoint directories")
     ap.add_argument("--points", type=int, default=MIN_POINTS, help=f"parameter points (at least {MIN_POINTS})")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     for d in args.dirs:
         cert, elapsed = certify_dir(d, points=args.points)
         print(f"{d}: certified in {elapsed:.1f} s ({certificate_hash(cert)})")

@@ -41,7 +41,6 @@ from common import output_args, plot_file, publish, save_figure, table
 
 from spectralmc_server.engine.certify import CERT_SEED, MC_SE_MULTIPLE, MIN_POINTS, sample, truth_pricer
 from spectralmc_server.engine.checkpoint import read_dir
-from spectralmc_server.engine.pricer import mc_reference_spectrum
 from spectralmc_server.engine.reference_pricers import MonteCarloReference, reference_with_error
 from spectralmc_server.engine.served import load_served_model
 from spectralmc_server.models import bundled_models
@@ -83,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     total = err + MC_SE_MULTIPLE * se["price"]
     order = torch.argsort(total, descending=True)[: args.worst]
     worst = batch.select(order)
-    fine = MonteCarloReference(process, mc_reference_spectrum(process.name), paths=args.fine_paths, seed=FINE_SEED)
+    fine = truth_pricer(served, FINE_SEED, paths=args.fine_paths)
     t0 = time.perf_counter()
     fine_truth, fine_se = reference_with_error(fine, worst, PRICE)
     fine_s = time.perf_counter() - t0

@@ -245,10 +245,9 @@ def noisy_worst_rows(
         unit = units[m] if se.dim() == 1 else units[m][:, None]
         noise = MC_SE_MULTIPLE * se / unit
         e = (got[m] - truth[m]).abs() / unit + noise
-        if e.dim() > 1:  # quantiles: a row by its worst level, with that level's noise
-            e, at = torch.nan_to_num(e, nan=-1.0).max(1)
+        if e.dim() > 1:  # quantiles: a row by its worst level, with that level's noise (-inf: none)
+            e, at = torch.where(torch.isfinite(e), e, -math.inf).max(1)
             noise = noise.gather(1, at[:, None])[:, 0]
-            e = torch.where(e < 0, torch.full_like(e, math.nan), e)
         ok = torch.nonzero(torch.isfinite(e)).flatten()
         if not len(ok):
             continue

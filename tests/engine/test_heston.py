@@ -341,3 +341,19 @@ def test_sobol_shift_blocks_are_reproducible_and_stratified() -> None:
         assert float((block.var(0) - 1.0).abs().max()) < 0.01
         cells = torch.floor(torch.special.ndtr(block) * 1024).long().sort(0).values
         assert torch.equal(cells, torch.arange(1024)[:, None].expand(-1, 32))
+
+
+@pytest.mark.parametrize("zv", [5.2, 5.83, 7.0])
+def test_qe_in_float32_stays_finite_far_in_the_variance_tail(zv: float) -> None:
+    """QE's exponential branch takes log(1 - N(z)); float32's ndtr(-z) is 0 past z ~ 5.7
+    (and coarse past 5), which gave an infinite variance and a NaN path (it stopped a
+    barrier-law training run). One step from a state with psi > 1.5: float32 against
+    float64."""
+    heston = torch.tensor([[0.01, 1.28, 0.026, 0.916, -0.89]], dtype=torch.float64)
+    expiry = torch.tensor([0.05], dtype=torch.float64)
+    z = torch.tensor([[[zv, 0.3]]], dtype=torch.float64)
+    one_step = HestonProcess(steps=1, bridge=False)
+    x64 = one_step.simulate_x(heston, expiry, z)
+    x32 = one_step.simulate_x(heston, expiry, z.float())
+    assert torch.isfinite(x32).all()
+    assert torch.allclose(x32.double(), x64, rtol=0, atol=1e-5), (x32, x64)

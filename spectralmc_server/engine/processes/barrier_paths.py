@@ -219,7 +219,8 @@ def _qe_step(
     Variance: m = theta + (v - theta) e^{-kappa dt}, s^2 = c1 v + c2, psi = s^2 / m^2;
     psi <= 1.5: v' = a (sqrt(b^2) + zv)^2 with b^2 = 2/psi - 1 + sqrt(2/psi) sqrt(2/psi - 1),
     a = m / (1 + b^2); else v' = 0 with probability p = (psi - 1) / (psi + 1), otherwise
-    log((1 - p) / (1 - U)) / beta, beta = (1 - p) / m, U = N(zv).
+    log((1 - p) / (1 - U)) / beta, beta = (1 - p) / m, U = N(zv), with log(1 - U) =
+    log_ndtr(-zv) (float32's ndtr(-zv) is 0 past zv ~ 5.7).
     Price: x' = x + K0* + K1 v + K2 v' + sqrt(K3 (v + v')) zx with
     K0* = -log E[exp(A v')] - (K1 + K3 / 2) v (the martingale correction), K0 where the
     moment does not exist.
@@ -235,8 +236,8 @@ def _qe_step(
     beta = (1.0 - p) / m
     v_quad = a * (torch.sqrt(b2) + zv) ** 2
     u = torch.special.ndtr(zv)
-    tail = torch.special.ndtr(-zv)
-    v_exp = torch.where(u <= p, torch.zeros_like(u), torch.log((1.0 - p) / tail) / beta)
+    log_tail = torch.special.log_ndtr(-zv)  # log(1 - u), finite in float32 (HestonProcess.simulate_x)
+    v_exp = torch.where(u <= p, torch.zeros_like(u), (torch.log1p(-p) - log_tail) / beta)
     v_next = torch.where(quad, v_quad, v_exp)
     big_a = c.big_a
     ok_q = big_a * a < 0.5

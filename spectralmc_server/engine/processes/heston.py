@@ -151,8 +151,10 @@ class HestonProcess(Process):
             zi = zv[..., i]
             v_quad = a * (torch.sqrt(b2) + zi) ** 2
             u = torch.special.ndtr(zi)
-            tail = torch.special.ndtr(-zi)  # 1 - u without cancellation (u near 1 in float32)
-            v_exp = torch.where(u <= p, torch.zeros_like(u), torch.log((1.0 - p) / tail) / beta)
+            # log((1 - p) / (1 - u)) with 1 - u as log_ndtr(-z): float32 ndtr is 0 past z ~ 5.7
+            # (and coarse past 5), which made v' infinite
+            log_tail = torch.special.log_ndtr(-zi)
+            v_exp = torch.where(u <= p, torch.zeros_like(u), (torch.log1p(-p) - log_tail) / beta)
             v_next = torch.where(quad, v_quad, v_exp)
             # Martingale correction: K0* = -log E[exp(A v')] - (K1 + K3/2) v.
             ok_q = big_a * a < 0.5

@@ -39,6 +39,8 @@ def _load(name: str) -> ModuleType:
         "accuracy_asian",
         "accuracy_rbergomi",
         "accuracy_barrier",
+        "accuracy_barrier_discrete",
+        "accuracy_barrier_heston",
         "cli_startup",
         "gpu_probe",
         "calibration",

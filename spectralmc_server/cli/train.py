@@ -38,7 +38,10 @@ if TYPE_CHECKING:
 def add_parser(sub: Any) -> None:
     train = sub.add_parser("train", help="train a model online from Monte-Carlo batches")
     train.add_argument(
-        "--process", required=True, help="process to learn: gbm, heston, merton, asian, or the barrier law gbm_barrier"
+        "--process",
+        required=True,
+        help="process to learn: gbm, heston, merton, asian, rbergomi, or a barrier law "
+        "(gbm_barrier, gbm_barrier_discrete, heston_barrier)",
     )
     length = train.add_mutually_exclusive_group()
     length.add_argument("--steps", type=int, help="training steps (also the learning-rate horizon)")
@@ -123,8 +126,9 @@ def _check_options(args: argparse.Namespace) -> None:
 
 
 def _check_barrier_law(args: argparse.Namespace) -> None:
-    """A barrier law (gbm_barrier) trains to --out with no certificate: the certificate and
-    the served path are built for vanilla laws only, so --store is refused."""
+    """A barrier law (gbm_barrier, gbm_barrier_discrete, heston_barrier) trains to --out
+    with no certificate: the certificate and the served path are built for vanilla laws
+    only, so --store is refused."""
     from spectralmc_server.engine.processes import MODEL_PROCESSES
 
     process = MODEL_PROCESSES.get(args.process)
@@ -133,7 +137,7 @@ def _check_barrier_law(args: argparse.Namespace) -> None:
     if args.store is not None:
         raise UsageError(
             f"--store: {args.process} is a barrier law, which is neither certified nor served yet; "
-            "train it with --out and measure it with bench/accuracy_barrier.py"
+            "train it with --out and measure it with bench/accuracy_barrier*.py"
         )
     if not args.no_certify:
         args.no_certify = True

@@ -27,6 +27,8 @@ from spectralmc_server.engine.cos import CosExpansion
 from spectralmc_server.engine.cvnn import CFModel
 from spectralmc_server.engine.pricer import invariant_cf
 from spectralmc_server.engine.processes.gbm_barrier import barrier_distance, barrier_params
+from spectralmc_server.engine.processes.gbm_barrier_discrete import MAX_DATES
+from spectralmc_server.engine.processes.heston_barrier import heston_barrier_theta
 
 
 def defective_puts(
@@ -53,23 +55,45 @@ def defective_puts(
     return {"put": put, "call": call, "mass": mass, "share": share}
 
 
+def law_params(model: CFModel, batch: BarrierBatch) -> torch.Tensor:
+    """The barrier law's theta for each row of ``batch``, checking that the law covers the
+    rows' process and monitoring: ``gbm_barrier`` (GBM, continuous), ``gbm_barrier_discrete``
+    (GBM, 1 to MAX_DATES dates) or ``heston_barrier`` (Heston, continuous)."""
+    name = model.process.name
+    if name == "heston_barrier":
+        if any(m != "continuous" for m in batch.monitoring):
+            raise ValueError("the heston_barrier model prices continuous monitoring only")
+        if batch.theta.shape[1] != 5:
+            raise ValueError(f"the heston_barrier model needs Heston's 5 parameters a row, got {batch.theta.shape[1]}")
+        return heston_barrier_theta(batch.theta, batch.drift, batch.spot, batch.level, batch.expiry)
+    if name == "gbm_barrier":
+        if any(m != "continuous" for m in batch.monitoring):
+            raise ValueError("the gbm_barrier model prices continuous monitoring only")
+    elif name == "gbm_barrier_discrete":
+        if any(isinstance(m, str) or not 1 <= m <= MAX_DATES for m in batch.monitoring):
+            raise ValueError(f"the gbm_barrier_discrete model prices 1 to {MAX_DATES} monitoring dates only")
+    else:
+        raise ValueError(f"need a barrier law (gbm_barrier, gbm_barrier_discrete, heston_barrier), got {name!r}")
+    vol = batch.theta[:, 0]
+    theta = barrier_params(vol, batch.drift, barrier_distance(batch.spot, batch.level, vol, batch.expiry))
+    if name == "gbm_barrier_discrete":
+        dates = torch.tensor([float(m) for m in batch.monitoring], dtype=theta.dtype, device=theta.device)
+        theta = torch.cat([theta, dates.reshape(-1, 1)], 1)
+    return theta
+
+
 def learned_barrier_prices(model: CFModel, batch: BarrierBatch, vanilla: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Prices (B,) of a batch of GBM barrier options, continuously monitored, from a
-    ``gbm_barrier`` model; ``vanilla`` (B,) the same contracts' vanilla prices, which the
-    knock-ins are built from by in-out parity. Keys: price, survival (P), knock_out
-    (out(0)). Differentiable in every tensor of the batch (Greeks by autograd), and
-    batch-invariant: the network sees blocks of 64 rows (``pricer.invariant_cf``).
+    """Prices (B,) of a batch of barrier options from a barrier law (:func:`law_params`:
+    GBM continuous or on 1 to MAX_DATES dates, Heston continuous); ``vanilla`` (B,) the
+    same contracts' vanilla prices, which the knock-ins are built from by in-out parity.
+    Keys: price, survival (P), knock_out (out(0)). Differentiable in every tensor of the
+    batch (Greeks by autograd), and batch-invariant: the network sees blocks of 64 rows
+    (``pricer.invariant_cf``).
 
     The barrier's distance is clamped to the model's MAX_DISTANCE (engine/processes/
     gbm_barrier.py); the domain's other bounds are the caller's to check.
     """
-    if model.process.name != "gbm_barrier":
-        raise ValueError(f"need a gbm_barrier model, got {model.process.name!r}")
-    if any(m != "continuous" for m in batch.monitoring):
-        raise ValueError("the gbm_barrier model prices continuous monitoring only")
-    vol = batch.theta[:, 0]
-    carry = batch.drift
-    theta = barrier_params(vol, carry, barrier_distance(batch.spot, batch.level, vol, batch.expiry))
+    theta = law_params(model, batch)
     s = model.process.scale(theta, batch.expiry)
     log_kappa = torch.log(batch.strike / batch.forward)[:, None]
     terms = defective_puts(invariant_cf(model, theta, batch.expiry), model, s, log_kappa)
@@ -81,4 +105,4 @@ def learned_barrier_prices(model: CFModel, batch: BarrierBatch, vanilla: torch.T
     return {"price": price, "survival": survival, "knock_out": out0}
 
 
-__all__ = ["defective_puts", "learned_barrier_prices"]
+__all__ = ["defective_puts", "law_params", "learned_barrier_prices"]

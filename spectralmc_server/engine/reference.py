@@ -119,10 +119,10 @@ def simulated_cf_y(
     if process.defective:
         if control_variate:
             raise ValueError(f"process {process.name!r} is defective: it has no control variate")
-        x_d, weight = process.simulate_weighted(theta, expiry, z)
+        x_d, weight, share_w = process.weighted_with_share(theta, expiry, z)
         s_d = process.scale(theta, expiry).to(x_d.dtype)[:, None]
         phi = estimate_cf(x_d / s_d, spectrum, weights=weight)
-        share = process.share_weights(theta, expiry, z).mean(1, keepdim=True).to(phi.dtype)
+        share = share_w.mean(1, keepdim=True).to(phi.dtype)
         return torch.cat([phi, share], 1)
     if control_variate:
         x, companion = process.simulate_with_companion(theta, expiry, z)  # (B, N), one pass where fused

@@ -21,8 +21,9 @@ BARRIER_DIR = BUNDLED_DIR / "barrier"
 
 def bundled_barrier_models() -> dict[str, Path]:
     """Model name -> checkpoint directory, for every bundled barrier law (models/barrier/:
-    defective laws, engine/processes/gbm_barrier.py, measured by bench/accuracy_barrier.py
-    and not served: they are not among :func:`bundled_models`)."""
+    defective laws, engine/processes/gbm_barrier.py, gbm_barrier_discrete.py and
+    heston_barrier.py, measured by bench/accuracy_barrier*.py, and not served: they
+    are not among :func:`bundled_models`)."""
     if not BARRIER_DIR.is_dir():
         return {}
     return {p.name: p for p in sorted(BARRIER_DIR.iterdir()) if (p / "manifest.json").is_file()}

@@ -11,7 +11,9 @@ from spectralmc_server.engine.processes.base import (
 )
 from spectralmc_server.engine.processes.gbm import GBMProcess
 from spectralmc_server.engine.processes.gbm_barrier import GBMBarrierProcess
+from spectralmc_server.engine.processes.gbm_barrier_discrete import GBMBarrierDiscreteProcess
 from spectralmc_server.engine.processes.heston import HestonProcess
+from spectralmc_server.engine.processes.heston_barrier import HestonBarrierProcess
 from spectralmc_server.engine.processes.merton import MertonProcess
 from spectralmc_server.engine.processes.rbergomi import RoughBergomiProcess
 
@@ -27,6 +29,8 @@ PROCESSES: dict[str, Process] = {
 MODEL_PROCESSES: dict[str, Process] = {
     **PROCESSES,
     "gbm_barrier": GBMBarrierProcess(),
+    "gbm_barrier_discrete": GBMBarrierDiscreteProcess(),
+    "heston_barrier": HestonBarrierProcess(),
 }
 
 
@@ -44,8 +48,10 @@ __all__ = [
     "MODEL_PROCESSES",
     "PROCESSES",
     "AsianProcess",
+    "GBMBarrierDiscreteProcess",
     "GBMBarrierProcess",
     "GBMProcess",
+    "HestonBarrierProcess",
     "HestonProcess",
     "MertonProcess",
     "ModelDomain",

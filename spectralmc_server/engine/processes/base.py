@@ -210,6 +210,16 @@ class Process(ABC):
         (the stock as numeraire), from the same normals: their mean is E[e^X w]."""
         raise NotImplementedError(f"process {self.name!r} is not defective: it has no path weights")
 
+    def weighted_with_share(
+        self, theta: torch.Tensor, expiry: torch.Tensor, z: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A :attr:`defective` process's X, path weights and share-measure weights, each
+        (B, N), from the same normals: by default :meth:`simulate_weighted` then
+        :meth:`share_weights`; a process that gets all three from one simulation
+        overrides it."""
+        x, weight = self.simulate_weighted(theta, expiry, z)
+        return x, weight, self.share_weights(theta, expiry, z)
+
     def canonical_params(self, theta: torch.Tensor) -> torch.Tensor:
         """Sampled parameter points as the process uses them (say, integers rounded)."""
         return theta

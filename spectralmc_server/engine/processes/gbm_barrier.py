@@ -67,7 +67,7 @@ class GBMBarrierProcess(Process):
     distance, side)."""
 
     name = "gbm_barrier"
-    param_names = ("vol", "carry", "distance", "side")
+    param_names: tuple[str, ...] = ("vol", "carry", "distance", "side")
     normals_per_path = 1
     defective = True
 

@@ -24,8 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_gbm import grid, options, quantiles
-from common import ROOT, output_args, plot_file, record, save_figure, table
+from accuracy_gbm import grid, options
+from common import ROOT, output_args, plot_file, quantiles, record, save_figure, table
 
 from spectralmc_server.engine.reference import black_scholes
 from spectralmc_server.engine.served import load_served_model

@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_models import HELD_OUT_SEED, STRIKES, plot, quantiles
-from common import ROOT, output_args, plot_file, record, table, timeit
+from accuracy_models import HELD_OUT_SEED, STRIKES, plot
+from common import ROOT, output_args, plot_file, quantiles, record, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
 from spectralmc_server.engine.normals import sobol_engine

@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import output_args, plot_file, publish, table
+from common import output_args, plot_file, publish, quantiles, table
 
 from spectralmc_server.engine.barrier_analytic import barrier_price
 from spectralmc_server.engine.barrier_learned import learned_barrier_prices
@@ -96,11 +96,6 @@ def closed_form(batch: BarrierBatch) -> dict[str, torch.Tensor]:
 def vanilla(batch: BarrierBatch) -> torch.Tensor:
     b = batch
     return black_scholes(b.spot, b.strike, b.expiry, b.rate, b.dividend, b.theta[:, 0], b.is_call)["price"]
-
-
-def quantiles(err: torch.Tensor) -> tuple[float, float, float]:
-    q = torch.quantile(err, torch.tensor([0.5, 0.95], dtype=F64))
-    return float(q[0]), float(q[1]), float(err.max())
 
 
 def main(argv: list[str] | None = None) -> int:

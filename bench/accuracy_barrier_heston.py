@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import output_args, plot_file, publish, table
+from common import output_args, plot_file, publish, quantiles, table
 
 from spectralmc_server.engine.barrier_learned import learned_barrier_prices
 from spectralmc_server.engine.barrier_mc import BARRIER_TYPES, BarrierBatch, BarrierType, vanilla_price
@@ -143,11 +143,6 @@ def ql_prices(batch: BarrierBatch, days: list[int], grid: tuple[int, int, int]) 
         else:
             out.append(knock_out)
     return torch.tensor(out, dtype=F64), seconds / max(1, done)
-
-
-def quantiles(err: torch.Tensor) -> tuple[float, float, float]:
-    q = torch.quantile(err, torch.tensor([0.5, 0.95], dtype=F64))
-    return float(q[0]), float(q[1]), float(err.max())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, output_args, plot_file, record, save_figure, table
+from common import ROOT, output_args, plot_file, quantiles, record, save_figure, table
 
 from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
 from spectralmc_server.engine.normals import NormalsConfig, generate_block
@@ -72,11 +72,6 @@ def options(vol: torch.Tensor, t: torch.Tensor) -> OptionBatch:
         is_call=(torch.arange(n) % 2) == 1,
         theta=vol[rep][:, None],
     )
-
-
-def quantiles(x: torch.Tensor) -> tuple[float, float, float]:
-    q = torch.quantile(x.flatten().double(), torch.tensor([0.5, 0.95], dtype=F64))
-    return float(q[0]), float(q[1]), float(x.max())
 
 
 def main(argv: list[str] | None = None) -> int:

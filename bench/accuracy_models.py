@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ROOT, output_args, plot_file, record, save_figure, table, timeit
+from common import ROOT, output_args, plot_file, quantiles, record, save_figure, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
 from spectralmc_server.engine.normals import sobol_engine
@@ -63,11 +63,6 @@ def held_out(served: Any, points: int) -> tuple[torch.Tensor, torch.Tensor, Opti
         theta=theta[rep],
     )
     return theta, t, batch
-
-
-def quantiles(x: torch.Tensor) -> tuple[float, float, float]:
-    q = torch.quantile(x.flatten(), torch.tensor([0.5, 0.95], dtype=F64))
-    return float(q[0]), float(q[1]), float(x.max())
 
 
 def ql_heston(batch: OptionBatch, idx: list[int], p95_price: float) -> dict[str, Any]:

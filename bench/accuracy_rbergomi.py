@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from accuracy_models import DIV, SPOT, STRIKES, held_out, plot, quantiles
-from common import ROOT, output_args, plot_file, record, table, timeit
+from accuracy_models import DIV, SPOT, STRIKES, held_out, plot
+from common import ROOT, output_args, plot_file, quantiles, record, table, timeit
 
 from spectralmc_server.engine.checkpoint import read_dir, run_facts, timed_history
 from spectralmc_server.engine.rbergomi_reference import black_undiscounted, rbergomi_european_mc

@@ -47,6 +47,12 @@ def command() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT), *sys.argv[1:]])
 
 
+def quantiles(err: torch.Tensor) -> tuple[float, float, float]:
+    """(median, 95th percentile, max) of an error tensor, any shape."""
+    q = torch.quantile(err.flatten().double(), torch.tensor([0.5, 0.95], dtype=torch.float64))
+    return float(q[0]), float(q[1]), float(err.max())
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub-flavoured markdown table (also readable printed)."""
     cells = [[str(h) for h in headers]] + [[_fmt(c) for c in r] for r in rows]

@@ -70,13 +70,10 @@ class HestonBarrierProcess(Process):
     }
 
     def default_domain(self) -> ModelDomain:
+        heston = _HESTON.default_domain().ranges[:5]  # v0, kappa, theta, xi, rho as the vanilla's
         return ModelDomain(
             ranges=(
-                ParameterRange(name="v0", low=0.01, high=0.25, scale="log"),
-                ParameterRange(name="kappa", low=0.5, high=5.0, scale="log"),
-                ParameterRange(name="theta", low=0.01, high=0.25, scale="log"),
-                ParameterRange(name="xi", low=0.1, high=1.0, scale="log"),
-                ParameterRange(name="rho", low=-0.9, high=0.3),
+                *heston,
                 ParameterRange(name="carry", low=-0.1, high=0.1),
                 ParameterRange(name="distance", low=0.0, high=MAX_DISTANCE),
                 ParameterRange(name="side", low=-1.0, high=1.0),

@@ -195,14 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         learned_run()
     learned_us = (time.perf_counter() - t0) / reps / n * 1e6
     sample = torch.arange(0, n, max(1, n // 20))
-    part = BarrierBatch(
-        **{
-            f: getattr(batch, f)[sample]
-            for f in ("spot", "strike", "level", "expiry", "rate", "dividend", "rebate", "is_call", "theta")
-        },
-        barrier_type=tuple(batch.barrier_type[int(i)] for i in sample),
-        monitoring=tuple(batch.monitoring[int(i)] for i in sample),
-    )
+    part = batch.take(sample)
     gbm = get_process("gbm")
     t0 = time.perf_counter()
     mc = price_barriers(gbm, part, ("price",))

@@ -37,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from barrier_reference import EVAL_DATE, QL_KIND
 from common import output_args, plot_file, publish, quantiles, table
 
 from spectralmc_server.engine.barrier_learned import learned_barrier_prices
@@ -57,13 +58,6 @@ HELD_OUT_SEED = 2**31 + 307
 LAW_MC_SEED = 2**31 + 308
 FD_GRID = (200, 400, 100)  # FdHestonBarrierEngine (tGrid, xGrid, vGrid), bench/barrier_reference.py's
 QUICK_GRID = (50, 100, 25)
-EVAL_DATE = ql.Date(15, 1, 2024)
-QL_KIND = {
-    "down-and-out": ql.Barrier.DownOut,
-    "up-and-out": ql.Barrier.UpOut,
-    "down-and-in": ql.Barrier.DownIn,
-    "up-and-in": ql.Barrier.UpIn,
-}
 
 
 def held_out(n: int) -> tuple[BarrierBatch, list[int]]:
@@ -165,14 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     priced = torch.isfinite(truth_all)
     refused = int((~priced).sum())
     keep = torch.nonzero(priced).flatten()
-    batch = BarrierBatch(
-        **{
-            f: getattr(batch, f)[keep]
-            for f in ("spot", "strike", "level", "expiry", "rate", "dividend", "rebate", "is_call", "theta")
-        },
-        barrier_type=tuple(batch.barrier_type[int(i)] for i in keep),
-        monitoring=tuple(batch.monitoring[int(i)] for i in keep),
-    )
+    batch = batch.take(keep)
     truth = truth_all[keep]
     n = len(batch)
     van = vanilla_price(heston, batch)
@@ -235,14 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         learned_run()
     learned_us = (time.perf_counter() - t0) / 5 / n * 1e6
     sample = torch.arange(0, n, max(1, n // 4))
-    part = BarrierBatch(
-        **{
-            f: getattr(batch, f)[sample]
-            for f in ("spot", "strike", "level", "expiry", "rate", "dividend", "rebate", "is_call", "theta")
-        },
-        barrier_type=tuple(batch.barrier_type[int(i)] for i in sample),
-        monitoring=tuple(batch.monitoring[int(i)] for i in sample),
-    )
+    part = batch.take(sample)
     t0 = time.perf_counter()
     mc = price_barriers(heston, part, ("price",))
     mc_us = (time.perf_counter() - t0) / len(sample) * 1e6

@@ -103,6 +103,23 @@ class BarrierBatch:
     def __len__(self) -> int:
         return int(self.spot.shape[0])
 
+    def take(self, index: torch.Tensor) -> BarrierBatch:
+        """The rows at ``index`` (a 1-d integer tensor), in its order."""
+        rows = index.tolist()
+        return BarrierBatch(
+            spot=self.spot[index],
+            strike=self.strike[index],
+            level=self.level[index],
+            expiry=self.expiry[index],
+            rate=self.rate[index],
+            dividend=self.dividend[index],
+            rebate=self.rebate[index],
+            is_call=self.is_call[index],
+            theta=self.theta[index],
+            barrier_type=tuple(self.barrier_type[i] for i in rows),
+            monitoring=tuple(self.monitoring[i] for i in rows),
+        )
+
     @property
     def is_up(self) -> torch.Tensor:
         """(B,) bool: an up barrier."""

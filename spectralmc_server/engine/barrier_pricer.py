@@ -76,30 +76,13 @@ def price_barriers(process: Process, batch: BarrierBatch, measures: Sequence[str
         index = torch.nonzero(rows).flatten()
         if not len(index):
             continue
-        part = _take(batch, index)
+        part = batch.take(index)
         got, err = pricer(process, part, measures)
         for m in measures:
             values[m][index] = got[m]
             bounds[m][index] = err[m]
     method = ["analytic" if bool(c) else "reference" for c in closed]
     return BarrierAnswer(values, bounds, method)
-
-
-def _take(batch: BarrierBatch, index: torch.Tensor) -> BarrierBatch:
-    rows = index.tolist()
-    return BarrierBatch(
-        spot=batch.spot[index],
-        strike=batch.strike[index],
-        level=batch.level[index],
-        expiry=batch.expiry[index],
-        rate=batch.rate[index],
-        dividend=batch.dividend[index],
-        rebate=batch.rebate[index],
-        is_call=batch.is_call[index],
-        theta=batch.theta[index],
-        barrier_type=tuple(batch.barrier_type[i] for i in rows),
-        monitoring=tuple(batch.monitoring[i] for i in rows),
-    )
 
 
 def _units(batch: BarrierBatch, scale: torch.Tensor) -> dict[str, torch.Tensor]:

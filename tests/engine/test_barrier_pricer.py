@@ -154,7 +154,7 @@ def test_answers_do_not_depend_on_the_batch() -> None:
         b = batch(monitoring=mon)
         whole = bp.price_barriers(process, b, ("price", "delta", "survival"))
         for i in (0, 5, len(b) - 1):
-            one = bp.price_barriers(process, bp._take(b, torch.tensor([i])), ("price", "delta", "survival"))
+            one = bp.price_barriers(process, b.take(torch.tensor([i])), ("price", "delta", "survival"))
             for m in ("price", "delta", "survival"):
                 assert one.values[m].item() == whole.values[m][i].item(), (mon, i, m)
                 assert one.bounds[m].item() == whole.bounds[m][i].item(), (mon, i, m)

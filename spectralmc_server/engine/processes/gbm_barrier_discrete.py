@@ -42,8 +42,8 @@ import torch
 
 from spectralmc_server.engine.barrier_analytic import BGK_BETA
 from spectralmc_server.engine.processes.barrier_paths import crossing_survival
-from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange
-from spectralmc_server.engine.processes.gbm_barrier import MAX_DISTANCE, GBMBarrierProcess
+from spectralmc_server.engine.processes.base import ModelDomain, ParameterRange
+from spectralmc_server.engine.processes.gbm_barrier import GBMBarrierProcess
 
 MAX_DATES = 64  # monitoring dates a discrete law learns (a path takes this many normals)
 CONTROL_SHIFTS = (0.0, BGK_BETA)  # the reference's continuous controls: the barrier, then BGK's
@@ -122,16 +122,10 @@ class GBMBarrierDiscreteProcess(GBMBarrierProcess):
     }
 
     def default_domain(self) -> ModelDomain:
-        return ModelDomain(
-            ranges=(
-                ParameterRange(name="vol", low=0.05, high=1.0, scale="log"),
-                ParameterRange(name="carry", low=-0.1, high=0.1),
-                ParameterRange(name="distance", low=0.0, high=MAX_DISTANCE),
-                ParameterRange(name="side", low=-1.0, high=1.0),
-                ParameterRange(name="dates", low=1.0, high=float(MAX_DATES), scale="log"),
-                ParameterRange(name=EXPIRY, low=0.05, high=3.0, scale="log"),
-            )
-        )
+        """The continuous law's ranges, with the dates before the expiry."""
+        *law, expiry = super().default_domain().ranges
+        dates = ParameterRange(name="dates", low=1.0, high=float(MAX_DATES), scale="log")
+        return ModelDomain(ranges=(*law, dates, expiry))
 
     def canonical_params(self, theta: torch.Tensor) -> torch.Tensor:
         """The side rounded to -1 (down) or +1 (up), the dates to an integer in [1, MAX_DATES]."""

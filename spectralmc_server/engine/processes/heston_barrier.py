@@ -30,14 +30,13 @@ from typing import ClassVar
 import torch
 
 from spectralmc_server.engine.processes import spec
-from spectralmc_server.engine.processes.barrier_paths import Monitoring, heston_barrier_paths
+from spectralmc_server.engine.processes.barrier_paths import heston_barrier_paths
 from spectralmc_server.engine.processes.base import EXPIRY, ModelDomain, ParameterRange, Process
 from spectralmc_server.engine.processes.gbm_barrier import MAX_DISTANCE
 from spectralmc_server.engine.processes.heston import HestonProcess
 from spectralmc_server.engine.processes.spec import Floats
 
 STEPS = 64  # QE steps over [0, T], each bridged with its variance frozen
-CONTINUOUS: Monitoring = "continuous"
 _HESTON = HestonProcess()
 
 
@@ -132,9 +131,11 @@ class HestonBarrierProcess(Process):
 def vanilla_over_forward(
     theta: torch.Tensor, expiry: torch.Tensor, log_kappa: torch.Tensor, is_call: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """E[(kappa - e^X)^+] (or the call where ``is_call``) (B, J) under Heston, by COS on
-    the analytic CF (barrier_mc.vanilla_price on S = 1, r = carry, q = 0, where D F = 1)."""
-    from spectralmc_server.engine.barrier_mc import BarrierBatch, BarrierType, vanilla_price
+    """E[(kappa - e^X)^+] (or the call where ``is_call``) (B, J) under Heston, by the
+    process's reference pricer (COS on the analytic CF) on S = 1, r = carry, q = 0, where
+    D F = 1."""
+    from spectralmc_server.engine.pricer import OptionBatch
+    from spectralmc_server.engine.reference_pricers import reference_pricer
 
     b, j = log_kappa.shape
     calls = torch.zeros(b, j, dtype=torch.bool) if is_call is None else is_call.expand(b, j)
@@ -143,22 +144,17 @@ def vanilla_over_forward(
         return x[:, None].expand(b, j).flatten()
 
     carry = theta[:, 5]
-    unused: BarrierType = "up-and-out"  # the barrier's fields: the vanilla ignores them
     one = torch.ones(b * j, dtype=torch.float64, device=theta.device)
-    batch = BarrierBatch(
+    options = OptionBatch(
         spot=one,
         strike=(torch.exp(log_kappa) * torch.exp(carry * expiry)[:, None]).flatten(),
-        level=one * 2.0,
         expiry=rows(expiry),
         rate=rows(carry),
         dividend=0.0 * one,
-        rebate=0.0 * one,
         is_call=calls.flatten(),
         theta=theta[:, :5].repeat_interleave(j, 0),
-        barrier_type=(unused,) * (b * j),
-        monitoring=(CONTINUOUS,) * (b * j),
     )
-    return vanilla_price(_HESTON, batch).view(b, j)
+    return reference_pricer(_HESTON).evaluate(options, frozenset({"price"}))["price"].view(b, j)
 
 
 def heston_out_mc(

@@ -40,7 +40,15 @@ import numpy as np
 import orjson
 import pyarrow as pa
 
-from spectralmc_server.pricing.cells import BARRIER_KINDS, CONTRACT_COLUMNS, PARAMS_PREFIX, RULES
+from spectralmc_server.pricing.cells import (
+    BARRIER_KINDS,
+    BARRIER_PREFIX,
+    CONTRACT_COLUMNS,
+    PARAMS_PREFIX,
+    RULES,
+    Cells,
+    Floats,
+)
 from spectralmc_server.pricing.columns import ANSWER_KEYS, answer_columns, capped, column_name_error
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, PriceRequest
@@ -259,9 +267,14 @@ def _monitoring_cells(cells: list[Any]) -> list[Any]:
     return [int(c) if isinstance(c, str) and _DATES.fullmatch(c) else c for c in cells]
 
 
-def _cells(column: pa.ChunkedArray) -> list[Any]:
+def _cells(column: pa.ChunkedArray, numbers: bool = False) -> Cells:
     """A column's cells as Python values (None where null). Dictionary chunks are
-    expanded by reference to their values (one Python string per dictionary entry)."""
+    expanded by reference to their values (one Python string per dictionary entry).
+    ``numbers``: a contract's number column, given as one float64 array where it is
+    float64 without nulls (read by pricing/cells.py without a Python float per cell)."""
+    if numbers and pa.types.is_float64(column.type) and column.null_count == 0:
+        values: Floats = column.to_numpy()
+        return values
     if pa.types.is_null(column.type):
         return [None] * len(column)
     if pa.types.is_date32(column.type):  # day numbers: a date outside Python's range is a bad cell
@@ -277,7 +290,7 @@ def _cells(column: pa.ChunkedArray) -> list[Any]:
     return out
 
 
-def book_of_table(table: pa.Table) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+def book_of_table(table: pa.Table) -> tuple[dict[str, Any], dict[str, Cells]]:
     """(request-level fields, columns) of a decoded table: the fields from the schema
     metadata, the columns checked for known names and Arrow types (RequestRefusedError
     naming each bad column ``columns.<name>``)."""
@@ -295,9 +308,12 @@ def book_of_table(table: pa.Table) -> tuple[dict[str, Any], dict[str, list[Any]]
             details.append({"field": f"columns.{name}", "reason": reason})
     if details:
         raise RequestRefusedError(f"{len(details)} invalid column(s)", capped(details))
-    columns = {name: _cells(table.column(i)) for i, name in enumerate(names)}
+    columns = {
+        name: _cells(table.column(i), numbers=_kind(name) == "number" and not name.startswith(BARRIER_PREFIX))
+        for i, name in enumerate(names)
+    }
     if MONITORING in columns:
-        columns[MONITORING] = _monitoring_cells(columns[MONITORING])
+        columns[MONITORING] = _monitoring_cells(list(columns[MONITORING]))
     return head, columns
 
 
@@ -320,7 +336,7 @@ def _head(metadata: Mapping[bytes, bytes] | None) -> dict[str, Any]:
     return head
 
 
-def read_book(data: bytes) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+def read_book(data: bytes) -> tuple[dict[str, Any], dict[str, Cells]]:
     """An Arrow IPC body as (request-level fields, columns): BookFormatError for a
     stream that cannot be read, RequestRefusedError for bad columns."""
     return book_of_table(read_table(data))

@@ -20,6 +20,9 @@ from spectralmc_server.rfc3339 import parse_date
 
 Mask = npt.NDArray[np.bool_]
 Floats = npt.NDArray[np.float64]
+# A column's cells: Python values (None where absent), or, for a contract's number column
+# read from Arrow without nulls, one float64 array (pricing/arrow.py)
+Cells = Sequence[Any] | Floats
 
 PARAMS_PREFIX = "params."
 # The contract columns, in the schema's order (params.<name> and barrier.<key> columns aside).
@@ -116,16 +119,23 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, float | int) and not isinstance(v, bool)
 
 
-def _present(cells: Sequence[Any]) -> Mask:
+def _present(cells: Cells) -> Mask:
+    if isinstance(cells, np.ndarray):  # a typed column without nulls (pricing/arrow.py)
+        return np.ones(len(cells), dtype=np.bool_)
+    if None not in cells:  # one C-level scan where nothing is absent (the common book)
+        return np.ones(len(cells), dtype=np.bool_)
     return np.fromiter((c is not None for c in cells), dtype=np.bool_, count=len(cells))
 
 
-def _numbers(cells: Sequence[Any]) -> tuple[Floats, Mask, Mask]:
+def _numbers(cells: Cells) -> tuple[Floats, Mask, Mask]:
     """The cells as float64 (0 where absent or not a number), which are present, and
     which are present but not a finite number."""
     n = len(cells)
-    kinds = set(map(type, cells))
-    if kinds <= {float}:
+    if isinstance(cells, np.ndarray):  # a float64 column without nulls (pricing/arrow.py)
+        values = np.asarray(cells, dtype=np.float64).reshape(n)
+        present = np.ones(n, dtype=np.bool_)
+        bad = ~np.isfinite(values)
+    elif set(map(type, cells)) <= {float}:
         values = np.array(cells, dtype=np.float64).reshape(n)
         present = np.ones(n, dtype=np.bool_)
         bad = ~np.isfinite(values)
@@ -164,7 +174,8 @@ def _bounded(values: Floats, present: Mask, bad: Mask, rule: FieldRule) -> Mask:
 class Column:
     """One field over the book: ``present`` cells, ``bad`` (present and refused by the
     field's own rule), ``values`` as float64 for the numeric fields, ``objects`` (the
-    values to build contracts from: floats, ints, strings, dates; None where absent)."""
+    values to build contracts from, for the other fields: ints, strings, dates; None
+    where absent; empty for a number, whose ``values`` are what the book is built from)."""
 
     present: Mask
     bad: Mask
@@ -172,24 +183,30 @@ class Column:
     objects: list[Any] = field(default_factory=list)
 
 
-def _column(cells: Sequence[Any], rule: FieldRule) -> Column:
+def _column(cells: Cells, rule: FieldRule) -> Column:
     n = len(cells)
     if rule.kind == "number":
         values, present, bad = _numbers(cells)
-        bad = _bounded(values, present, bad, rule)
-        objects: list[Any] = [v if p else None for v, p in zip(values.tolist(), present.tolist(), strict=True)]
-        return Column(present, bad, values, objects)
-    present = _present(cells)
+        return Column(present, _bounded(values, present, bad, rule), values)
+    # pricing/arrow.py gives arrays for number fields only; any other field is read cell by cell
+    seq: Sequence[Any] = cells.tolist() if isinstance(cells, np.ndarray) else cells
+    present = _present(seq)
     zeros = np.zeros(n, dtype=np.float64)
     if rule.kind == "integer":
-        ok = np.fromiter((isinstance(c, int) and not isinstance(c, bool) for c in cells), dtype=np.bool_, count=n)
+        ok = np.fromiter((isinstance(c, int) and not isinstance(c, bool) for c in seq), dtype=np.bool_, count=n)
         # bounds compared as float: exact within 2**53, and monotone beyond (far out of bounds)
-        values = np.array([float(c) if k else 0.0 for c, k in zip(cells, ok.tolist(), strict=True)], dtype=np.float64)
+        values = np.array([float(c) if k else 0.0 for c, k in zip(seq, ok.tolist(), strict=True)], dtype=np.float64)
         bad = _bounded(values, present, present & ~ok, rule)
-        return Column(present, bad, values.reshape(n), list(cells))
+        return Column(present, bad, values.reshape(n), list(seq))
     if rule.kind == "date":
-        return _date_column(cells, present, zeros)
-    return _string_column(cells, rule, present, zeros)
+        return _date_column(seq, present, zeros)
+    return _string_column(seq, rule, present, zeros)
+
+
+def absent_column(n: int) -> Column:
+    """A field the book has no column for: every cell absent."""
+    none = np.zeros(n, dtype=np.bool_)
+    return Column(none, none.copy(), np.zeros(n, dtype=np.float64), [None] * n)
 
 
 def _date_column(cells: Sequence[Any], present: Mask, zeros: Floats) -> Column:
@@ -210,11 +227,22 @@ def _date_column(cells: Sequence[Any], present: Mask, zeros: Floats) -> Column:
     return Column(present, bad, zeros, parsed)
 
 
+def _outside(strings: list[str], allowed: frozenset[str]) -> Mask:
+    """Which strings are not among ``allowed`` (one set test where all are)."""
+    if set(strings) <= allowed:
+        return np.zeros(len(strings), dtype=np.bool_)
+    return np.fromiter((s not in allowed for s in strings), dtype=np.bool_, count=len(strings))
+
+
 def _string_column(cells: Sequence[Any], rule: FieldRule, present: Mask, zeros: Floats) -> Column:
     n = len(cells)
-    ok = np.fromiter((isinstance(c, str) for c in cells), dtype=np.bool_, count=n)
+    if set(map(type, cells)) <= {str}:  # every cell a str (no subclass): no per-cell checks
+        ok = np.ones(n, dtype=np.bool_)
+        strings = list(cells)
+    else:
+        ok = np.fromiter((isinstance(c, str) for c in cells), dtype=np.bool_, count=n)
+        strings = [c if k else "" for c, k in zip(cells, ok.tolist(), strict=True)]
     bad = present & ~ok
-    strings = [c if k else "" for c, k in zip(cells, ok.tolist(), strict=True)]
     if rule.min_length is not None or rule.max_length is not None:
         lengths = np.fromiter(map(len, strings), dtype=np.int64, count=n)
         if rule.min_length is not None:
@@ -222,8 +250,7 @@ def _string_column(cells: Sequence[Any], rule: FieldRule, present: Mask, zeros: 
         if rule.max_length is not None:
             bad |= ok & (lengths > rule.max_length)
     if rule.enum is not None:
-        allowed = rule.enum
-        bad |= ok & np.fromiter((s not in allowed for s in strings), dtype=np.bool_, count=n)
+        bad |= ok & _outside(strings, rule.enum)
     if rule.name == "process":
-        bad |= ok & np.fromiter((s not in PROCESSES for s in strings), dtype=np.bool_, count=n)
+        bad |= ok & _outside(strings, frozenset(PROCESSES))
     return Column(present, bad, zeros, list(cells))

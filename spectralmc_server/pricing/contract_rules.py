@@ -29,6 +29,7 @@ from spectralmc_server.pricing.cells import (
     _column,
     _numbers,
     _present,
+    absent_column,
 )
 from spectralmc_server.pricing.schemas import (
     Barrier,
@@ -53,14 +54,15 @@ class _Book:
     def __init__(self, columns: Mapping[str, Sequence[Any]], n: int) -> None:
         self.n = n
         self.cells = columns
-        none: list[Any] = [None] * n
-        self.fields = {name: _column(columns.get(name, none), RULES[name]) for name in CONTRACT_COLUMNS}
+        self.fields = {
+            name: _column(columns[name], RULES[name]) if name in columns else absent_column(n)
+            for name in CONTRACT_COLUMNS
+        }
         self.params: dict[str, Column] = {}
         for name, cells in columns.items():
             if name.startswith(PARAMS_PREFIX):
                 values, present, bad = _numbers(cells)
-                objects = [v if p else None for v, p in zip(values.tolist(), present.tolist(), strict=True)]
-                self.params[name[len(PARAMS_PREFIX) :]] = Column(present, bad, values, objects)
+                self.params[name[len(PARAMS_PREFIX) :]] = Column(present, bad, values)
         self.barrier_cells = {name: cells for name, cells in columns.items() if name.startswith(BARRIER_PREFIX)}
 
     def barrier_rows(self) -> tuple[Mask, Mask]:
@@ -112,6 +114,8 @@ class _Book:
 
     def processes(self) -> list[str]:
         col = self.fields["process"]
+        if not col.present.any():
+            return [PROCESS_DEFAULT] * self.n
         return [PROCESS_DEFAULT if c is None else c for c in col.objects]
 
     def row(self, i: int) -> dict[str, Any]:
@@ -121,6 +125,8 @@ class _Book:
         barrier: dict[str, Any] = {}
         for name, cells in self.cells.items():
             value = cells[i]
+            if isinstance(value, np.generic):  # a typed column's cell (pricing/arrow.py)
+                value = value.item()
             if value is None:
                 continue
             if name.startswith(PARAMS_PREFIX):
@@ -302,6 +308,8 @@ def _spread_ok(process: Process, params: dict[str, float], expiry: float, spread
 
 def _duplicates(ids: Sequence[str], limit: int = 5) -> list[dict[str, Any]]:
     """The first ``limit`` contracts whose id an earlier one has."""
+    if len(set(ids)) == len(ids):
+        return []
     seen: dict[str, int] = {}
     dupes: list[dict[str, Any]] = []
     for i, cid in enumerate(ids):

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import date
 from typing import Any
 
+import numpy as np
 import orjson
 import pytest
 from pydantic import ValidationError
@@ -19,7 +20,7 @@ from server_util import CONTRACT, MakeClient, assert_error
 
 from spectralmc_server.engine.processes import PROCESSES
 from spectralmc_server.engine.processes.base import EXPIRY_BOUNDS, MONEYNESS_BOUNDS, PRICE_BOUNDS, VOL_BOUNDS
-from spectralmc_server.pricing.cells import PARAMS_PREFIX
+from spectralmc_server.pricing.cells import PARAMS_PREFIX, RULES
 from spectralmc_server.pricing.columns import answer_column_names, answer_columns, request_from_columns
 from spectralmc_server.pricing.contract_rules import row_verdicts
 from spectralmc_server.pricing.errors import RequestRefusedError
@@ -253,6 +254,33 @@ def _same_types(got: Contract, want: Contract) -> None:
         assert type((got.params or {})[k]) is type(v), (k, got.params, want.params)
 
 
+def as_arrays(cols: Columns) -> dict[str, Any]:
+    """The columns as an Arrow book gives them (pricing/arrow.py): each number column
+    whose cells are all floats (no null) as one float64 array, the others as lists."""
+    out: dict[str, Any] = {}
+    for name, cells in cols.items():
+        number = name.startswith(PARAMS_PREFIX) or (name in RULES and RULES[name].kind == "number")
+        floats = all(type(c) is float for c in cells)
+        out[name] = np.array(cells, dtype=np.float64) if number and floats else cells
+    return out
+
+
+def _same_from_arrays(head: Row, cols: Columns, got: PriceRequest | None, details: list[dict[str, Any]] | None) -> None:
+    """The book read from float64 arrays gives the same request, or the same errors, as
+    from lists of Python floats."""
+    arrays = as_arrays(cols)
+    if all(isinstance(c, list) for c in arrays.values()):
+        return
+    try:
+        from_arrays = request_from_columns(head, arrays)
+    except RequestRefusedError as exc:
+        assert exc.details == details, (exc.details, details)
+        return
+    assert got is not None and from_arrays == got, details
+    for a, b in zip(from_arrays.contracts, got.contracts, strict=True):
+        _same_types(a, b)
+
+
 def check_equivalent(head: Row, cols: Columns) -> str:
     """The columnar validator against PriceRequest.model_validate on the rows; the outcome."""
     rows = rows_of(cols)
@@ -264,10 +292,11 @@ def check_equivalent(head: Row, cols: Columns) -> str:
         want_first = format_validation_error(exc)[0]["field"]
     try:
         got: PriceRequest | None = request_from_columns(head, cols)
-        got_first = None
+        got_first, got_details = None, None
     except RequestRefusedError as exc:
         got = None
-        got_first = exc.details[0]["field"]
+        got_first, got_details = exc.details[0]["field"], exc.details
+    _same_from_arrays(head, cols, got, got_details)
     if want is not None:
         assert got is not None, (got_first, rows)
         assert got == want

@@ -252,6 +252,7 @@ class Valuer:
         for r in requests:
             check_explicit(r)
         flat = {i for i, c in enumerate(columnar) if c}
+        flat_owners = np.array(sorted(flat), dtype=np.intp)
         tables = {i: _AnswerTable(requests[i]) for i in flat}
         answers = [_empty_answer(r) for r in requests]
         groups: dict[tuple[tuple[str, ...], tuple[float, ...]], list[int]] = {}
@@ -266,14 +267,14 @@ class Valuer:
             for proc_name, index in sorted(group.by_process().items()):
                 part = group if len(index) == len(group) else group.take(index)
                 priced = self._price(proc_name, part, measure_list, level_values)
-                refs = list(zip(owner[index].tolist(), at[index].tolist(), strict=True))
-                for k, (i, j) in enumerate(refs):
-                    if i not in flat:
-                        answers[i]["results"][j] = priced.row(k)
+                owners, places = owner[index], at[index]
+                as_rows = np.flatnonzero(~np.isin(owners, flat_owners)) if flat else np.arange(len(index))
+                for k, i, j in zip(as_rows.tolist(), owners[as_rows].tolist(), places[as_rows].tolist(), strict=True):
+                    answers[i]["results"][j] = priced.row(k)
                 for i, table in tables.items():
-                    priced.fill(table, owner[index] == i, at[index])
+                    priced.fill(table, owners == i, places)
                 if priced.identity is not None:  # the version that answered, per request
-                    for i in {refs[k][0] for k, x in enumerate(priced.learned) if x}:
+                    for i in np.unique(owners[np.array(priced.learned, dtype=np.bool_)]).tolist():
                         answers[i]["models"][priced.model] = priced.identity
         for i, table in tables.items():
             answer = answers[i]
@@ -500,8 +501,8 @@ class _AnswerTable:
     def __init__(self, request: PriceRequest) -> None:
         n = len(request.contracts)
         self.ids = book_of(request).id
-        self.model: list[str | None] = [None] * n
-        self.method: list[str | None] = [None] * n
+        self.model: np.ndarray[Any, np.dtype[np.object_]] = np.full(n, None, dtype=object)
+        self.method: np.ndarray[Any, np.dtype[np.object_]] = np.full(n, None, dtype=object)
         self.warnings: list[list[str] | None] = [None] * n
         self.keys = [repr(q) for q in request.levels]
         self.measures = list(request.measures)
@@ -528,9 +529,8 @@ class _AnswerTable:
         if not len(sel):
             return
         where = at[sel]
-        for k, j in zip(sel.tolist(), where.tolist(), strict=True):
-            self.model[j] = process
-            self.method[j] = methods[k]
+        self.model[where] = process
+        self.method[where] = np.array(methods, dtype=object)[sel]
         for m in self.measures:
             self.values[m][where] = values[m].cpu().numpy()[sel]
             self.bounds[m][where] = bounds[m].cpu().numpy()[sel]
@@ -545,7 +545,7 @@ class _AnswerTable:
         got.append(warning)
 
     def columns(self) -> dict[str, Any]:
-        cols: dict[str, Any] = {"id": self.ids, "model": self.model, "method": self.method}
+        cols: dict[str, Any] = {"id": self.ids, "model": self.model.tolist(), "method": self.method.tolist()}
         bound_cols: dict[str, Any] = {}
         for m in self.measures:
             if m == "quantiles":

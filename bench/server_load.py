@@ -54,17 +54,24 @@ web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), access_log=None, print
 """
 
 
+# Irrational rotations: every row its own (vol, T). (The earlier (i * 17 % 89, i * 13 % 97)
+# repeated every 8,633 rows, so the engine alone, pricing 10,000 in one call, priced 14%
+# fewer parameter points than the server, which splits a book into jobs.)
+_VOL_STEP, _EXPIRY_STEP = 0.6180339887498949, 0.7548776662466927
+
+
 def contract(i: int) -> dict[str, object]:
-    """Distinct contracts inside the model's domain (vol, expiry and strike vary)."""
+    """Distinct contracts inside the model's domain: vol in [0.1, 0.84), expiry in
+    [0.1, 2.5) years (a distinct pair per row) and strike in [80, 120] vary."""
     return {
         "id": f"c{i}",
         "right": "call" if i % 2 else "put",
         "strike": 80.0 + (i * 7) % 41,
         "spot": 100.0,
-        "expiry_years": 0.1 + (i * 13 % 97) / 40.0,
+        "expiry_years": 0.1 + 2.4 * (i * _EXPIRY_STEP % 1.0),
         "rate": 0.02,
         "dividend": 0.01,
-        "vol": 0.1 + (i * 17 % 89) / 120.0,
+        "vol": 0.1 + 0.74 * (i * _VOL_STEP % 1.0),
     }
 
 

@@ -3,11 +3,9 @@
 Each engine is a :class:`~spectralmc_server.service.engine_process.ProcessEngine` with
 every served model loaded; engine 0 alone trains (the others start with training off).
 
-- A job goes to the engine with the fewest jobs in flight (between equals, one that
-  does not train), except that a job whose lead request already has a lease (a request
-  being split) goes to the engine that holds it: one version per request, as with one
-  engine. The batcher keeps one small job (mostly fixed cost) in flight at a time, so
-  small requests batch as with one engine and large ones take the other engines. Calibrations stick to the
+- A job goes to the engine with the fewest jobs in flight, except that a job whose
+  lead request already has a lease (a request being split) goes to the engine that
+  holds it: one version per request, as with one engine. Calibrations stick to the
   engine they started on; commits go to engine 0; store polls to every engine.
 - The served models shown are those of the lowest-numbered live engine (every engine
   polls the same store, so they agree but for a poll interval after a swap).
@@ -147,8 +145,7 @@ class EnginePool(EngineClient):
         live = self._live()
         if not live:
             raise EngineDeadError(self.engines[0].status.failure or "no engine is up")
-        # the least busy; between equals one that does not train (its jobs wait behind no step)
-        return min(live, key=lambda k: (self._inflight[k], self.engines[k].training_delay > 0, k))
+        return min(live, key=lambda k: (self._inflight[k], k))
 
     def price(self, job: PriceJob) -> asyncio.Future[PriceResult]:
         if any(e.req in self._orphans for e in job.entries):

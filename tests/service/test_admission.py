@@ -307,44 +307,6 @@ async def test_small_jobs_wait_for_the_running_one_and_grow(make_client: MakeCli
     assert after - before == 2, (before, after)  # the first job, then one job of all 24
 
 
-async def test_with_several_engines_small_jobs_go_one_at_a_time_and_large_ones_beside_them(
-    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """With engines to spare (``parallel`` 2), single-contract requests that come while a
-    small job is in flight still wait for it and go as one job (sent side by side they
-    would halve each other's batches), while a large request takes the idle engine at once."""
-    client = await make_client()
-    queue = app_of(client)[keys.BATCHER]
-    engine = app_of(client)[keys.ENGINE]
-    monkeypatch.setattr(type(engine), "parallel", property(lambda self: 2))
-    for _ in range(3):  # learn the costs (a class still being measured gets small jobs)
-        await ok(await price(client, {"contracts": book(64)}))
-
-    async def jobs_become(n: int) -> None:
-        for _ in range(500):
-            await asyncio.sleep(0.002)
-            if len(queue._jobs) == n:
-                return
-
-    held = engine.hold(1.0)
-    first = asyncio.create_task(price(client, {"contracts": [contract(1)]}))
-    await jobs_become(1)
-    assert len(queue._jobs) == 1 and all(j.small for j in queue._jobs), queue._jobs
-    later = [asyncio.create_task(price(client, {"contracts": [contract(i)]})) for i in range(2, 26)]
-    for _ in range(500):
-        await asyncio.sleep(0.002)
-        if queue.depth[0] == len(later):
-            break
-    assert queue.depth == (len(later), len(later)), queue.depth
-    assert len(queue._jobs) == 1, queue._jobs  # the idle engine is not given a second small job
-    large = asyncio.create_task(price(client, {"contracts": book(512, prefix="L")}))
-    await jobs_become(2)
-    assert len(queue._jobs) == 2 and sum(j.small for j in queue._jobs) == 1, queue._jobs
-    for r in [await first, *[await t for t in later], await large]:
-        await ok(r)
-    await held
-
-
 # -- split answers -----------------------------------------------------------------------
 
 

@@ -201,11 +201,7 @@ class Batcher(Computing):
         next batch to fill, or None."""
         wait = self.settings.max_wait_seconds
         while len(self._jobs) < self._slots:
-            # a job would queue behind another; for a small one, also while another small
-            # one is in flight: with several engines, small jobs sent side by side halve
-            # each other's batches and double their fixed costs, while a large one may
-            # take an idle engine (measured: docs/benchmarks.md, issue 18)
-            busy = len(self._jobs) >= self.engine.parallel or any(j.small for j in self._jobs)
+            busy = len(self._jobs) >= self.engine.parallel  # a job would queue behind another
             if busy and self._contracts < PIPELINE_CONTRACTS:
                 return None  # too few contracts queued for a job worth queueing (_mostly_overhead)
             chosen = self._choose()
@@ -255,7 +251,7 @@ class Batcher(Computing):
         estimate = self.cost.overhead(sl.item.tier for sl in plan) + sum(
             self.cost.seconds(sl.counts) * sl.item.slowdown for sl in plan
         )
-        job = _Job(estimate, small=self._mostly_overhead(plan))
+        job = _Job(estimate)
         self._jobs.add(job)
         self._plans[id(job)] = plan
         failed: dict[int, RequestRefusedError] = {}

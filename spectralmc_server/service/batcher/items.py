@@ -262,7 +262,6 @@ class _Slice:
 @dataclass(eq=False)
 class _Job:
     estimate: float  # seconds
-    small: bool = False  # mostly its fixed cost (core.py ``_mostly_overhead``): one such job in flight at a time
     dispatched: float = field(default_factory=time.perf_counter)
     started: float | None = None  # perf_counter on the worker
     ended: float | None = None

@@ -179,6 +179,13 @@ def terminal_out(
     return torch.where(calls, call, put), mass(lo, hi, zero)[:, 0]
 
 
+def barrier_level(theta: torch.Tensor, expiry: torch.Tensor) -> torch.Tensor:
+    """The barrier L / S of the law's canonical parameters: exp(+-distance vol sqrt(T)),
+    above spot for an up barrier (side > 0), below for a down one."""
+    vol, distance, side = theta[:, 0], theta[:, 2], theta[:, 3]
+    return torch.exp(torch.where(side > 0, 1.0, -1.0) * distance * vol * torch.sqrt(expiry))
+
+
 def _control_means(
     theta: torch.Tensor, expiry: torch.Tensor, log_kappa: torch.Tensor, calls: torch.Tensor
 ) -> torch.Tensor:
@@ -190,7 +197,7 @@ def _control_means(
 
     b, j = log_kappa.shape
     vol, carry, side = theta[:, 0], theta[:, 1], theta[:, 3]
-    level = torch.exp(torch.where(side > 0, 1.0, -1.0) * theta[:, 2] * vol * torch.sqrt(expiry))
+    level = barrier_level(theta, expiry)
     one, zero = torch.ones_like(expiry), torch.zeros_like(expiry)
     down = side < 0
 
@@ -244,8 +251,8 @@ def discrete_out_mc(
     b, j = log_kappa.shape
     calls = torch.zeros(b, j, dtype=torch.bool) if is_call is None else is_call.expand(b, j)
     exact = _control_means(theta, expiry, log_kappa, calls)  # (B, J + 1, C)
-    vol, carry, side = theta[:, 0], theta[:, 1], theta[:, 3]
-    level = torch.exp(torch.where(side > 0, 1.0, -1.0) * theta[:, 2] * vol * torch.sqrt(expiry))
+    carry, side = theta[:, 1], theta[:, 3]
+    level = barrier_level(theta, expiry)
     controls = exact.shape[-1]
     kappa = torch.exp(log_kappa)[:, None, :]  # (B, 1, J)
     sign = torch.where(calls, -1.0, 1.0).to(kappa)[:, None, :]  # put: kappa - e^X; call: e^X - kappa
@@ -290,4 +297,12 @@ def discrete_out_mc(
     return {"price": est[:, :j], "se": se[:, :j], "survival": est[:, j], "survival_se": se[:, j]}
 
 
-__all__ = ["MAX_DATES", "GBMBarrierDiscreteProcess", "date_count", "discrete_out_mc", "discrete_paths", "terminal_out"]
+__all__ = [
+    "MAX_DATES",
+    "GBMBarrierDiscreteProcess",
+    "barrier_level",
+    "date_count",
+    "discrete_out_mc",
+    "discrete_paths",
+    "terminal_out",
+]

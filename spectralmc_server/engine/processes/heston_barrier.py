@@ -189,7 +189,7 @@ def heston_out_mc(
     s = _HESTON.scale(theta[:, :5], expiry)
     log_barrier = torch.where(up, theta[:, 6], -theta[:, 6]) * s
     d = 2 * steps
-    keys = ("a", "g", "aa", "gg", "ag")
+    keys = ("a", "aa", "g", "gg", "ag") if vanilla is not None else ("a", "aa")  # the control's sums: with a vanilla
     acc = {k: torch.zeros(b, j + 1, dtype=torch.float64) for k in keys}
     per_chunk = max(1, max_elements // (block_paths * d))
     blocks = max(1, -(-n_paths // block_paths))
@@ -210,9 +210,12 @@ def heston_out_mc(
             )
             payoff = (sign[sl] * (kappa[sl] - torch.exp(x)[..., None])).clamp(min=0.0)
             a = torch.cat([payoff * w[..., None], w[..., None]], -1)
-            g = torch.cat([payoff, torch.ones_like(w)[..., None]], -1)  # the survival has no control
-            for key, value in (("a", a), ("g", g), ("aa", a * a), ("gg", g * g), ("ag", a * g)):
-                acc[key][sl] += value.sum(1)
+            acc["a"][sl] += a.sum(1)
+            acc["aa"][sl] += (a * a).sum(1)
+            if vanilla is not None:
+                g = torch.cat([payoff, torch.ones_like(w)[..., None]], -1)  # the survival has no control
+                for key, value in (("g", g), ("gg", g * g), ("ag", a * g)):
+                    acc[key][sl] += value.sum(1)
     n = float(blocks * block_paths)
     mean = {k: v / n for k, v in acc.items()}
     var_a = (mean["aa"] - mean["a"] ** 2).clamp(min=0.0)

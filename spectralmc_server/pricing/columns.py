@@ -43,6 +43,7 @@ from spectralmc_server.pricing.cells import (
     CONTRACT_COLUMNS,
     MAX_DETAILS,
     PARAMS_PREFIX,
+    Cells,
 )
 from spectralmc_server.pricing.contract_rules import _Book, _duplicates, _row_details
 from spectralmc_server.pricing.errors import RequestRefusedError
@@ -86,7 +87,7 @@ def column_name_error(name: str) -> str | None:
     return f"unknown column; the columns are {', '.join(CONTRACT_COLUMNS)}, params.<name> and barrier.<key>"
 
 
-def check_structure(columns: Mapping[str, Sequence[Any]]) -> int:
+def check_structure(columns: Mapping[str, Cells]) -> int:
     """The book's number of contracts; RequestRefusedError naming each unknown column
     and each column whose length differs from the first one's."""
     details: list[dict[str, Any]] = []
@@ -213,7 +214,7 @@ def validate_head(head: Mapping[str, Any]) -> tuple[PriceRequest | None, list[di
         return None, format_validation_error(exc)
 
 
-def request_from_columns(head: Mapping[str, Any], columns: Mapping[str, Sequence[Any]]) -> PriceRequest:
+def request_from_columns(head: Mapping[str, Any], columns: Mapping[str, Cells]) -> PriceRequest:
     """A :class:`PriceRequest` from request-level fields and a columnar book, validated as
     ``PriceRequest.model_validate`` would the rows it stands for; RequestRefusedError
     naming each invalid field (``contracts[17].strike``) otherwise (the first

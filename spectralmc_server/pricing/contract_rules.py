@@ -23,6 +23,7 @@ from spectralmc_server.pricing.cells import (
     PARAMS_PREFIX,
     PROCESS_DEFAULT,
     RULES,
+    Cells,
     Column,
     Floats,
     Mask,
@@ -51,7 +52,7 @@ def _overrides(process: Process, method: str) -> bool:
 class _Book:
     """The parsed columns of a book of ``n`` contracts."""
 
-    def __init__(self, columns: Mapping[str, Sequence[Any]], n: int) -> None:
+    def __init__(self, columns: Mapping[str, Cells], n: int) -> None:
         self.n = n
         self.cells = columns
         self.fields = {
@@ -336,7 +337,7 @@ def _row_details(i: int, exc: ValidationError, absent: Sequence[str] = ()) -> li
     return out
 
 
-def row_verdicts(columns: Mapping[str, Sequence[Any]], n: int) -> tuple[Mask, Mask]:
+def row_verdicts(columns: Mapping[str, Cells], n: int) -> tuple[Mask, Mask]:
     """The vectorised verdict on each contract of a structurally sound book: the rows it
     refuses (barrier cells without barrier.type included), and the rows it leaves to the
     row validator (within rounding of a bound, or with a barrier). Exposed for the

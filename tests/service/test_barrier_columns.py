@@ -13,6 +13,7 @@ import random
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -92,7 +93,7 @@ def row_errors(rows: list[Row], head: Row | None = None) -> list[dict[str, Any]]
     return []
 
 
-def column_errors(cols: Columns, head: Row | None = None) -> list[dict[str, Any]]:
+def column_errors(cols: Mapping[str, Any], head: Row | None = None) -> list[dict[str, Any]]:
     try:
         request_from_columns(head or {}, cols)
     except RequestRefusedError as exc:

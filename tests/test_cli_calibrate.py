@@ -289,6 +289,30 @@ def test_missing_snapshot(market: Market, capsys: pytest.CaptureFixture[str]) ->
     assert f"no market-data snapshot for default/{VDT} as of 2026-11-26T16:00:00Z" in _usage_error(proc)
 
 
+def test_corrections_through_the_model_and_their_usage_errors(
+    market: Market, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--corrections 1: the bundled heston model's fit corrected by the analytic CF (an
+    exact reference: no paths, no standard error); out of range, with --reference, or
+    --correction-paths alone: a usage error naming the option."""
+    base = ("--marketdata", market.uri, "--val-datetime", VDT, "--underlying", "SPX")
+    proc = _run_in_process(capsys, *base, "--corrections", "1")
+    assert proc.returncode == 0, proc.stderr
+    out = _report(proc)
+    (c,) = out["fit"]["corrections"]
+    assert out["method"] == "cvnn" and c["paths"] is None and c["max_stderr"] == 0.0
+    for name, tol in TOLERANCE.items():
+        assert abs(out["params"][name] - TRUE[name]) <= tol, (name, out["params"])
+    for args, words in [
+        (("--corrections", "4"), "--corrections: 0 to 3, got 4"),
+        (("--corrections", "-1"), "--corrections: 0 to 3, got -1"),
+        (("--corrections", "1", "--reference"), "--reference fits without one"),
+        (("--correction-paths", "1000"), "only with --corrections"),
+        (("--corrections", "1", "--correction-paths", "1"), "at least 2"),
+    ]:
+        assert words in _usage_error(_run_in_process(capsys, *base, *args)), args
+
+
 def test_no_surface_for_the_underlying(market: Market, capsys: pytest.CaptureFixture[str]) -> None:
     proc = _run_in_process(
         capsys, "--marketdata", market.uri, "--val-datetime", VDT, "--underlying", "NDX", "--reference"

@@ -35,6 +35,19 @@ def add_parser(sub: Any) -> None:
         "--reference", action="store_true", help="fit through the analytic CF, not the learned model (not rbergomi)"
     )
     cal.add_argument("--allow-arbitrage", action="store_true", help="fit a surface with arbitrage violations")
+    cal.add_argument(
+        "--corrections",
+        type=int,
+        default=0,
+        help="correct the learned model's fit this many times (0-3) by the process's reference: the "
+        "analytic CF, or rough Bergomi's Monte Carlo (~10 s each at the default paths)",
+    )
+    cal.add_argument(
+        "--correction-paths",
+        type=int,
+        default=None,
+        help="Monte-Carlo paths per expiry of each correction (default 131072)",
+    )
     cal.add_argument("--save", action="store_true", help="store the fitted set as a derived snapshot in --marketdata")
 
 
@@ -92,6 +105,15 @@ def run(args: argparse.Namespace) -> int:
     asof = None if args.asof is None else _option_time("--asof", args.asof)
     if sum(x is not None and x is not False for x in (args.store, args.checkpoint, args.reference or None)) > 1:
         raise UsageError("give at most one of --store, --checkpoint and --reference")
+    from spectralmc_server.pricing.calibration import CORRECTION_PATHS, MAX_CORRECTIONS
+
+    if not 0 <= args.corrections <= MAX_CORRECTIONS:
+        raise UsageError(f"--corrections: 0 to {MAX_CORRECTIONS}, got {args.corrections}")
+    if args.correction_paths is not None and (args.correction_paths < 2 or not args.corrections):
+        raise UsageError("--correction-paths: at least 2, and only with --corrections")
+    if args.corrections and args.reference:
+        raise UsageError("--corrections correct a fit through the learned model; --reference fits without one")
+    paths = CORRECTION_PATHS if args.correction_paths is None else args.correction_paths
     served = _served(args)
     with store_errors(), asyncio.Runner() as runner:
         objects = runner.run(open_store(args.marketdata))
@@ -106,7 +128,13 @@ def run(args: argparse.Namespace) -> int:
             snapshot = runner.run(snapshots.load(record))
             try:
                 report = calibrate_snapshot(
-                    snapshot, args.underlying, args.process, served, allow_arbitrage=args.allow_arbitrage
+                    snapshot,
+                    args.underlying,
+                    args.process,
+                    served,
+                    allow_arbitrage=args.allow_arbitrage,
+                    corrections=args.corrections,
+                    correction_paths=paths,
                 )
             except SurfaceError as exc:
                 raise UsageError(f"cannot calibrate: {exc}") from None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -64,6 +65,12 @@ for _table in (STARTS, VEGA_FLOOR):
         raise ImportError(f"calibration tables {sorted(_table)} differ from CALIBRATABLE {sorted(CALIBRATABLE)}")
 MIN_QUOTES = 8  # a 5-parameter fit on fewer nodes than this is not worth reporting
 MAX_ARBITRAGE_SHOWN = 3
+# Reference corrections of a learned fit (calibrate_snapshot ``corrections``): at most
+# this many, the reference Monte Carlo (rough Bergomi) with CORRECTION_PATHS paths per
+# expiry by default, its k-th correction on the normals of stream CORRECTION_SEED + k.
+MAX_CORRECTIONS = 3
+CORRECTION_PATHS = 1 << 17
+CORRECTION_SEED = 8_000_000
 
 
 class SurfaceError(ValueError):
@@ -78,6 +85,28 @@ class QuoteNode:
 
 
 @dataclass(frozen=True)
+class Correction:
+    """One reference correction of a learned fit: at ``params`` (the fit so far) the
+    process's reference priced every quote; its difference from the learned model's
+    price there shifted the quotes, and the model fitted again from ``params``."""
+
+    params: dict[str, float]
+    max_abs_shift: float  # the largest |reference - model| over the quotes, in units of the forward
+    max_stderr: float  # the reference's largest standard error there (0: an exact reference)
+    paths: int | None  # per expiry (a Monte Carlo reference), None for an exact one
+    seconds: float
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "at": self.params,
+            "max_abs_shift": self.max_abs_shift,
+            "max_stderr": self.max_stderr,
+            "paths": self.paths,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
 class CalibrationReport:
     underlying: str
     process: str
@@ -86,12 +115,22 @@ class CalibrationReport:
     result: CalibrationResult
     nodes: list[QuoteNode]
     quotes: Quotes
+    # reference corrections (in order) and the last one's price shift per quote: the
+    # model's price of a corrected fit is the learned model's plus this shift
+    corrections: tuple[Correction, ...] = ()
+    shift: torch.Tensor | None = None
+
+    def model_price(self) -> torch.Tensor:
+        """Per quote, the fitted model's price (normalised like Quotes.price): the learned
+        model's, plus the last correction's shift where the fit was corrected."""
+        return self.result.model_price if self.shift is None else self.result.model_price + self.shift
 
     def per_quote(self) -> list[dict[str, Any]]:
         out = []
+        prices = self.model_price()
         for i, node in enumerate(self.nodes):
             lm = float(self.quotes.log_moneyness[i])
-            price = float(self.result.model_price[i])
+            price = float(prices[i])
             try:
                 model_vol: float | None = implied_vol(price, 1.0, math.exp(lm), node.expiry_years, 1.0, lm > 0)
             except NoImpliedVolError:
@@ -126,8 +165,10 @@ class CalibrationReport:
                 "max_abs_vol_error": max(errors) if errors else None,
                 "iterations": r.iterations,
                 "evaluations": r.evaluations,
-                "seconds": r.seconds,
+                "seconds": r.seconds + sum(c.seconds for c in self.corrections),
                 "converged": r.converged,
+                # only where asked for (the CLI's --corrections): the fit as it always was otherwise
+                **({"corrections": [c.describe() for c in self.corrections]} if self.corrections else {}),
             },
             "quotes": quotes,
         }
@@ -147,6 +188,8 @@ class CalibrationReport:
         record's lineage."""
         d = self.describe()
         fit = {k: d[k] for k in ("method", "model", "start")} | {k: v for k, v in d["fit"].items() if k != "seconds"}
+        if "corrections" in fit:
+            fit["corrections"] = [{k: v for k, v in c.items() if k != "seconds"} for c in fit["corrections"]]
         fit["quotes_detail"] = d["quotes"]
         fit["fitted_to"] = {"underlying": self.underlying, "quotes_hash": self.quotes_hash()}
         return ModelParams(params=self.result.params, fit=fit)
@@ -196,11 +239,21 @@ def calibrate_snapshot(
     allow_arbitrage: bool = False,
     max_iterations: int = 100,
     on_iteration: Callable[[int, int], None] | None = None,
+    corrections: int = 0,
+    correction_paths: int = CORRECTION_PATHS,
 ) -> CalibrationReport:
     """Fit ``process_name`` to ``underlying``'s surface (see the module docstring);
-    ``on_iteration`` is the optimiser's hook (engine/fit.py)."""
+    ``on_iteration`` is the optimiser's hook (engine/fit.py). ``corrections`` (a fit
+    through a learned model only) corrects it that many times by the process's
+    reference (:func:`reference_quote_prices`; the Monte Carlo's ``correction_paths``
+    per expiry): the model then fits the quotes less its own error at the fit so far, so
+    the fit tends to the reference's own (measured: bench/calibration_rbergomi.py)."""
     if process_name not in CALIBRATABLE:
         raise SurfaceError(f"calibration supports {', '.join(CALIBRATABLE)}, not {process_name!r}")
+    if not 0 <= corrections <= MAX_CORRECTIONS:
+        raise SurfaceError(f"corrections: 0 to {MAX_CORRECTIONS}, got {corrections}")
+    if correction_paths < 2:
+        raise SurfaceError(f"correction paths: at least 2, got {correction_paths}")
     process = get_process(process_name)
     learned = served is not None and isinstance(served.pricer.learned.raw_cf, CFModel)
     if not learned and not process.has_analytic_cf:
@@ -236,22 +289,102 @@ def calibrate_snapshot(
         cf = analytic
         tangents = None
         method = "reference"
-    start = STARTS[process_name](quotes, bounds)
-    try:
-        result = calibrate(
+    if corrections and method != "cvnn":
+        raise SurfaceError("corrections correct a fit through a learned model; this one is through the reference")
+    weighted = quotes.with_vega_floor(VEGA_FLOOR[process_name])
+
+    def fit(q: Quotes, starts: list[dict[str, float]]) -> CalibrationResult:
+        return calibrate(
             cf,
             process,
             spectrum,
-            quotes.with_vega_floor(VEGA_FLOOR[process_name]),
+            q,
             bounds,
-            start,
+            starts,
             max_iterations=max_iterations,
             tangents=tangents,
             on_iteration=on_iteration,
         )
+
+    try:
+        result = fit(weighted, STARTS[process_name](quotes, bounds))
+        result, done, shift = corrected_fit(fit, process_name, result, quotes, weighted, corrections, correction_paths)
     except CalibrationError as exc:
         raise SurfaceError(str(exc)) from None
-    return CalibrationReport(underlying, process_name, method, model, result, nodes, quotes)
+    return CalibrationReport(underlying, process_name, method, model, result, nodes, quotes, done, shift)
+
+
+def corrected_fit(
+    fit: Callable[[Quotes, list[dict[str, float]]], CalibrationResult],
+    process_name: str,
+    result: CalibrationResult,
+    quotes: Quotes,
+    weighted: Quotes,
+    corrections: int,
+    paths: int,
+) -> tuple[CalibrationResult, tuple[Correction, ...], torch.Tensor | None]:
+    """``result`` corrected ``corrections`` times by the reference (calibrate_snapshot):
+    the final fit, the corrections and the last one's price shift per quote."""
+    done: list[Correction] = []
+    shift: torch.Tensor | None = None
+    exact = get_process(process_name).has_analytic_cf
+    for k in range(corrections):
+        t0 = time.perf_counter()
+        ref, stderr = reference_quote_prices(process_name, result.params, quotes, paths, k)
+        shift = ref - result.model_price
+        at = dict(result.params)
+        w = weighted
+        result = fit(Quotes(w.expiry, w.log_moneyness, w.price - shift, w.vega, w.vol), [at])
+        seconds = time.perf_counter() - t0
+        done.append(Correction(at, float(shift.abs().max()), float(stderr.max()), None if exact else paths, seconds))
+    return result, tuple(done), shift
+
+
+def reference_quote_prices(
+    process_name: str, params: dict[str, float], quotes: Quotes, paths: int, correction: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every quote's out-of-the-money price (normalised like Quotes.price) at ``params``
+    by the process's reference, with its standard error: COS on the analytic CF (exact:
+    errors 0) or, for rough Bergomi, its reference Monte Carlo (engine/rbergomi_reference.py:
+    the hybrid scheme the model learned, mixed estimator with control variates) with
+    ``paths`` per expiry on the normals of stream CORRECTION_SEED + ``correction``."""
+    process = get_process(process_name)
+    f64 = torch.float64
+    theta = torch.tensor([params[n] for n in process.param_names], dtype=f64)
+    expiries, rows = torch.unique(quotes.expiry, return_inverse=True)
+    lm = quotes.log_moneyness
+    if process.has_analytic_cf:
+
+        def analytic(th: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return analytic_cf_y(process, REFERENCE_SPECTRUM, th, t)
+
+        with torch.no_grad():
+            price = model_prices(analytic, process, REFERENCE_SPECTRUM, theta, expiries, rows, lm)
+        return price, torch.zeros_like(price)
+    if process_name != "rbergomi":  # pragma: no cover (CALIBRATABLE lists heston and rbergomi)
+        raise SurfaceError(f"no reference to correct a {process_name} fit with")
+    from spectralmc_server.engine.rbergomi_reference import rbergomi_european_mc
+
+    # (E, J) log-moneyness, each expiry's quotes in order, short rows padded with their last
+    counts = torch.bincount(rows, minlength=len(expiries))
+    width = int(counts.max())
+    slot = torch.zeros_like(rows)
+    for e in range(len(expiries)):
+        at = torch.nonzero(rows == e).flatten()
+        slot[at] = torch.arange(len(at))
+    grid = torch.empty(len(expiries), width, dtype=f64)
+    for e in range(len(expiries)):
+        vals = lm[rows == e]
+        grid[e] = torch.cat([vals, vals[-1:].expand(width - len(vals))])
+    res = rbergomi_european_mc(
+        theta[None, :].expand(len(expiries), -1),
+        expiries,
+        grid,
+        paths,
+        is_call=grid > 0,
+        seed=CORRECTION_SEED + correction,
+    )
+    return res.price[rows, slot], res.stderr[rows, slot]
 
 
 def no_reference_fit(process_name: str) -> str:

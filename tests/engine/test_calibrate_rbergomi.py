@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -82,6 +83,19 @@ def grid_quotes(vol: list[list[float]], expiries: list[float], moneyness: list[f
     t = torch.tensor([x for x in expiries for _ in moneyness], dtype=F64)
     lm = torch.log(torch.tensor(moneyness * len(expiries), dtype=F64))
     return Quotes.from_vols(t, lm, torch.tensor([v for row in vol for v in row], dtype=F64))
+
+
+def spx_snapshot(surface: dict[str, Any]) -> MarketSnapshot:
+    """A snapshot with SPX at 100, a flat 3% USD curve discounting it, and ``surface``
+    (a VolSurface as JSON) as its vol surface."""
+    return MarketSnapshot.model_validate(
+        {
+            "spots": {"SPX": 100.0},
+            "yield_curves": {"USD": {"pillars": [{"years": 1.0, "zero_rate": 0.03}]}},
+            "discounting": {"SPX": "USD"},
+            "vol_surfaces": {"SPX": surface},
+        }
+    )
 
 
 def assert_recovered(params: dict[str, float], truth: dict[str, float]) -> None:
@@ -210,14 +224,7 @@ def test_calibrate_snapshot_fits_rbergomi_through_the_model(served: ServedModel)
     (no analytic CF to fall back on)."""
     truth = TRUTHS[0]
     surface = model_surface(served, truth, EXPIRIES, RB_MONEYNESS)
-    snapshot = MarketSnapshot.model_validate(
-        {
-            "spots": {"SPX": 100.0},
-            "yield_curves": {"USD": {"pillars": [{"years": 1.0, "zero_rate": 0.03}]}},
-            "discounting": {"SPX": "USD"},
-            "vol_surfaces": {"SPX": surface.model_dump(mode="json")},
-        }
-    )
+    snapshot = spx_snapshot(surface.model_dump(mode="json"))
     report = calibrate_snapshot(snapshot, "SPX", "rbergomi", served)
     out = report.describe()
     assert (out["process"], out["method"]) == ("rbergomi", "cvnn")
@@ -249,14 +256,7 @@ def _mc_snapshot(truth: dict[str, float], paths: int) -> MarketSnapshot:
         for i in range(len(t))
     ]
     surface = {"strike_kind": "moneyness", "expiries_years": CORRECTED_EXPIRIES, "strikes": RB_MONEYNESS, "vols": vols}
-    return MarketSnapshot.model_validate(
-        {
-            "spots": {"SPX": 100.0},
-            "yield_curves": {"USD": {"pillars": [{"years": 1.0, "zero_rate": 0.03}]}},
-            "discounting": {"SPX": "USD"},
-            "vol_surfaces": {"SPX": surface},
-        }
-    )
+    return spx_snapshot(surface)
 
 
 def _target_errors(params: dict[str, float], truth: dict[str, float]) -> float:
@@ -297,14 +297,7 @@ def test_a_heston_fit_corrected_by_the_analytic_cf_fits_the_analytic_fit() -> No
     bundled = bundled_models()
     heston = load_served_model(read_dir(bundled["heston"], need_training=False), name="heston")
     surface = synthetic_surface("heston", HESTON_TRUTH, [0.25, 0.5, 1.0, 2.0], [0.8, 0.9, 1.0, 1.1, 1.2])
-    snapshot = MarketSnapshot.model_validate(
-        {
-            "spots": {"SPX": 100.0},
-            "yield_curves": {"USD": {"pillars": [{"years": 1.0, "zero_rate": 0.0}]}},
-            "discounting": {"SPX": "USD"},
-            "vol_surfaces": {"SPX": surface.model_dump(mode="json")},
-        }
-    )
+    snapshot = spx_snapshot(surface.model_dump(mode="json"))
     learned = calibrate_snapshot(snapshot, "SPX", "heston", heston)
     corrected = calibrate_snapshot(snapshot, "SPX", "heston", heston, corrections=2)
     fit = corrected.describe()["fit"]

@@ -15,6 +15,7 @@ The use case behind ``POST /v1/calibrate``, the ``calibrate`` derive job and
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -37,7 +38,7 @@ from spectralmc_server.engine.fit import (
 )
 from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM
 from spectralmc_server.engine.processes import get_process
-from spectralmc_server.engine.processes.base import ParameterRange
+from spectralmc_server.engine.processes.base import ParameterRange, Process
 from spectralmc_server.engine.reference import analytic_cf_y
 from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.marketdata.black import NoImpliedVolError, implied_vol
@@ -60,9 +61,6 @@ STARTS: dict[str, StartFunction] = {"heston": _heston_starts, "rbergomi": rbergo
 # is well under 1% of the at-the-money one, so the learned model's price error of about
 # 1 bp of the forward there is hundreds of bp of vol (bench/calibration_rbergomi.py).
 VEGA_FLOOR: dict[str, float] = {"heston": 0.0, "rbergomi": 0.1}
-for _table in (STARTS, VEGA_FLOOR):
-    if set(_table) != set(CALIBRATABLE):  # pragma: no cover (a process added to one list only)
-        raise ImportError(f"calibration tables {sorted(_table)} differ from CALIBRATABLE {sorted(CALIBRATABLE)}")
 MIN_QUOTES = 8  # a 5-parameter fit on fewer nodes than this is not worth reporting
 MAX_ARBITRAGE_SHOWN = 3
 # Reference corrections of a learned fit (calibrate_snapshot ``corrections``): at most
@@ -282,11 +280,7 @@ def calibrate_snapshot(
     else:
         spectrum = REFERENCE_SPECTRUM
         bounds = process.default_domain().ranges[:-1]
-
-        def analytic(th: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return analytic_cf_y(process, spectrum, th, t)
-
-        cf = analytic
+        cf = _analytic_cf(process)
         tangents = None
         method = "reference"
     if corrections and method != "cvnn":
@@ -340,41 +334,49 @@ def corrected_fit(
     return result, tuple(done), shift
 
 
+ReferencePrices = Callable[[Process, torch.Tensor, Quotes, int, int], tuple[torch.Tensor, torch.Tensor]]
+
+
 def reference_quote_prices(
     process_name: str, params: dict[str, float], quotes: Quotes, paths: int, correction: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every quote's out-of-the-money price (normalised like Quotes.price) at ``params``
-    by the process's reference, with its standard error: COS on the analytic CF (exact:
-    errors 0) or, for rough Bergomi, its reference Monte Carlo (engine/rbergomi_reference.py:
-    the hybrid scheme the model learned, mixed estimator with control variates) with
-    ``paths`` per expiry on the normals of stream CORRECTION_SEED + ``correction``."""
+    by the process's reference (REFERENCE_PRICES), with its standard error."""
     process = get_process(process_name)
-    f64 = torch.float64
-    theta = torch.tensor([params[n] for n in process.param_names], dtype=f64)
+    theta = torch.tensor([params[n] for n in process.param_names], dtype=torch.float64)
+    return REFERENCE_PRICES[process_name](process, theta, quotes, paths, correction)
+
+
+def _analytic_prices(
+    process: Process, theta: torch.Tensor, quotes: Quotes, paths: int, correction: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """COS on the analytic CF: exact, so standard errors 0 (``paths`` and ``correction``
+    unused)."""
     expiries, rows = torch.unique(quotes.expiry, return_inverse=True)
-    lm = quotes.log_moneyness
-    if process.has_analytic_cf:
+    with torch.no_grad():
+        price = model_prices(
+            _analytic_cf(process), process, REFERENCE_SPECTRUM, theta, expiries, rows, quotes.log_moneyness
+        )
+    return price, torch.zeros_like(price)
 
-        def analytic(th: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return analytic_cf_y(process, REFERENCE_SPECTRUM, th, t)
 
-        with torch.no_grad():
-            price = model_prices(analytic, process, REFERENCE_SPECTRUM, theta, expiries, rows, lm)
-        return price, torch.zeros_like(price)
-    if process_name != "rbergomi":  # pragma: no cover (CALIBRATABLE lists heston and rbergomi)
-        raise SurfaceError(f"no reference to correct a {process_name} fit with")
+def _rbergomi_prices(
+    process: Process, theta: torch.Tensor, quotes: Quotes, paths: int, correction: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rough Bergomi's reference Monte Carlo (engine/rbergomi_reference.py: the hybrid
+    scheme the model learned, mixed estimator with control variates), ``paths`` per
+    expiry on the normals of stream CORRECTION_SEED + ``correction``."""
     from spectralmc_server.engine.rbergomi_reference import rbergomi_european_mc
 
-    # (E, J) log-moneyness, each expiry's quotes in order, short rows padded with their last
-    counts = torch.bincount(rows, minlength=len(expiries))
-    width = int(counts.max())
-    slot = torch.zeros_like(rows)
+    expiries, rows = torch.unique(quotes.expiry, return_inverse=True)
+    # (E, J) log-moneyness, each expiry's quotes in order, a short row padded with its last
+    width = int(torch.bincount(rows).max())
+    grid = torch.empty(len(expiries), width, dtype=torch.float64)
+    slot = torch.zeros_like(rows)  # each quote's place in its expiry's row
     for e in range(len(expiries)):
         at = torch.nonzero(rows == e).flatten()
         slot[at] = torch.arange(len(at))
-    grid = torch.empty(len(expiries), width, dtype=f64)
-    for e in range(len(expiries)):
-        vals = lm[rows == e]
+        vals = quotes.log_moneyness[at]
         grid[e] = torch.cat([vals, vals[-1:].expand(width - len(vals))])
     res = rbergomi_european_mc(
         theta[None, :].expand(len(expiries), -1),
@@ -385,6 +387,18 @@ def reference_quote_prices(
         seed=CORRECTION_SEED + correction,
     )
     return res.price[rows, slot], res.stderr[rows, slot]
+
+
+# Per calibratable process, the reference that corrects a fit through its learned model.
+REFERENCE_PRICES: dict[str, ReferencePrices] = {"heston": _analytic_prices, "rbergomi": _rbergomi_prices}
+for _table in (STARTS, VEGA_FLOOR, REFERENCE_PRICES):
+    if set(_table) != set(CALIBRATABLE):  # pragma: no cover (a process added to one list only)
+        raise ImportError(f"calibration tables {sorted(_table)} differ from CALIBRATABLE {sorted(CALIBRATABLE)}")
+
+
+def _analytic_cf(process: Process) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The process's analytic CF on the reference spectrum's grid."""
+    return functools.partial(analytic_cf_y, process, REFERENCE_SPECTRUM)
 
 
 def no_reference_fit(process_name: str) -> str:

@@ -55,7 +55,8 @@ from spectralmc_server.engine.rbergomi_reference import rbergomi_european_mc
 from spectralmc_server.engine.served import load_served_model
 from spectralmc_server.marketdata.black import implied_vol
 from spectralmc_server.models import bundled_models
-from spectralmc_server.pricing.calibration import CORRECTION_PATHS, VEGA_FLOOR, corrected_fit
+from spectralmc_server.pricing.calibratable import CORRECTION_PATHS
+from spectralmc_server.pricing.calibration import VEGA_FLOOR, corrected_fit
 
 F64 = torch.float64
 NAMES = ("H", "eta", "rho", "xi0")

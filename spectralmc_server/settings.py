@@ -23,7 +23,13 @@ from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE, GateLimit
 from spectralmc_server.engine.certify import MIN_POINTS
 from spectralmc_server.engine.device import BudgetConfig, DeviceName
 from spectralmc_server.engine.kernels import KernelPolicy
-from spectralmc_server.pricing.calibratable import CalibratableProcess
+from spectralmc_server.pricing.calibratable import (
+    CORRECTION_PATHS,
+    MAX_CORRECTION_PATHS,
+    MAX_CORRECTIONS,
+    MIN_CORRECTION_PATHS,
+    CalibratableProcess,
+)
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Contract, Measure
 
 if TYPE_CHECKING:  # imported where used: the settings load without the S3 client
@@ -330,6 +336,11 @@ class DeriveJob(BaseModel):
     underlyings: list[str] = Field(min_length=1)
     strike_kind: Literal["strike", "moneyness"] = "strike"
     process: CalibratableProcess = "heston"  # calibrate only: the process fitted (heston, rbergomi)
+    # calibrate only: reference corrections of each fit (POST /v1/calibrate ``corrections``),
+    # the Monte Carlo's paths per expiry, and each fit's deadline (None: request_timeout_seconds)
+    corrections: int = Field(0, ge=0, le=MAX_CORRECTIONS)
+    correction_paths: int = Field(CORRECTION_PATHS, ge=MIN_CORRECTION_PATHS, le=MAX_CORRECTION_PATHS)
+    timeout_seconds: float | None = Field(None, gt=0)
 
 
 Job = Annotated[PriceJob | DeriveJob, Field(discriminator="kind")]

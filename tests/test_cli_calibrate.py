@@ -308,7 +308,8 @@ def test_corrections_through_the_model_and_their_usage_errors(
         (("--corrections", "-1"), "--corrections: 0 to 3, got -1"),
         (("--corrections", "1", "--reference"), "--reference fits without one"),
         (("--correction-paths", "1000"), "only with --corrections"),
-        (("--corrections", "1", "--correction-paths", "1"), "at least 2"),
+        (("--corrections", "1", "--correction-paths", "3"), "--correction-paths: 4 to 1048576, got 3"),
+        (("--corrections", "1", "--correction-paths", "1048577"), "--correction-paths: 4 to 1048576, got 1048577"),
     ]:
         assert words in _usage_error(_run_in_process(capsys, *base, *args)), args
 

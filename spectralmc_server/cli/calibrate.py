@@ -46,7 +46,7 @@ def add_parser(sub: Any) -> None:
         "--correction-paths",
         type=int,
         default=None,
-        help="Monte-Carlo paths per expiry of each correction (default 131072)",
+        help="Monte-Carlo paths per expiry of each correction (4 to 1048576; default 131072)",
     )
     cal.add_argument("--save", action="store_true", help="store the fitted set as a derived snapshot in --marketdata")
 
@@ -105,12 +105,21 @@ def run(args: argparse.Namespace) -> int:
     asof = None if args.asof is None else _option_time("--asof", args.asof)
     if sum(x is not None and x is not False for x in (args.store, args.checkpoint, args.reference or None)) > 1:
         raise UsageError("give at most one of --store, --checkpoint and --reference")
-    from spectralmc_server.pricing.calibration import CORRECTION_PATHS, MAX_CORRECTIONS
+    from spectralmc_server.pricing.calibratable import (
+        CORRECTION_PATHS,
+        MAX_CORRECTION_PATHS,
+        MAX_CORRECTIONS,
+        MIN_CORRECTION_PATHS,
+    )
 
     if not 0 <= args.corrections <= MAX_CORRECTIONS:
         raise UsageError(f"--corrections: 0 to {MAX_CORRECTIONS}, got {args.corrections}")
-    if args.correction_paths is not None and (args.correction_paths < 2 or not args.corrections):
-        raise UsageError("--correction-paths: at least 2, and only with --corrections")
+    if args.correction_paths is not None and not args.corrections:
+        raise UsageError("--correction-paths: only with --corrections")
+    if args.correction_paths is not None and not MIN_CORRECTION_PATHS <= args.correction_paths <= MAX_CORRECTION_PATHS:
+        raise UsageError(
+            f"--correction-paths: {MIN_CORRECTION_PATHS} to {MAX_CORRECTION_PATHS}, got {args.correction_paths}"
+        )
     if args.corrections and args.reference:
         raise UsageError("--corrections correct a fit through the learned model; --reference fits without one")
     paths = CORRECTION_PATHS if args.correction_paths is None else args.correction_paths

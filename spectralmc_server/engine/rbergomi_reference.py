@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Literal
 
 import numpy as np
@@ -290,6 +291,7 @@ def rbergomi_european_mc(
     seed: int = 0,
     first_block: int = 0,
     max_elements: int = 1 << 23,
+    on_chunk: Callable[[int], None] | None = None,
 ) -> MCResult:
     """E[(kappa - e^X)^+] (puts) or E[(e^X - kappa)^+] (calls, ``is_call`` (B, J)) per
     point, (B, J) in units of the forward (multiply by D F for money), with its standard
@@ -298,8 +300,11 @@ def rbergomi_european_mc(
     Pseudo-random float64 normals, blocks ``first_block, ...`` of the stream ``seed``
     (disjoint block ranges give independent estimates); with ``antithetic`` a block's
     second half mirrors its first and a pair counts as one sample. Work is chunked so
-    that no temporary holds more than about ``max_elements`` numbers. Any eta > 0 is
-    accepted (the process's param_bounds are for contracts)."""
+    that no temporary holds more than about ``max_elements`` numbers; ``on_chunk(n)``,
+    after each chunk, hears the paths it added over all points (rows times B): a caller
+    that must pause between chunks (a calibration's correction, run in slices) or stop
+    there (by raising) does it in that hook. Any eta > 0 is accepted (the process's
+    param_bounds are for contracts)."""
     if n_paths < 4:
         raise ValueError(f"need at least 4 paths for a standard error, got {n_paths}")
     b, j = log_moneyness.shape
@@ -321,6 +326,8 @@ def rbergomi_european_mc(
         acc.add(pay, controls if control_variate else controls[..., :0])
         done += rows
         block += 1
+        if on_chunk is not None:
+            on_chunk(rows * b)
     return acc.result()
 
 

@@ -72,15 +72,35 @@ class _Fit:
     def __init__(self, spec: FitSpec, served: ServedModel | None) -> None:
         self.spec = spec
         self.iterations = 0
-        self.evaluations = 0
+        self.evaluations = 0  # over the fit and its re-fits
+        self.reference_seconds = 0.0  # computing its corrections' Monte Carlo (pauses not counted)
+        self.reference_paths = 0
 
         def run(checkpoint: Callable[[], None]) -> CalibrationReport:  # on the fit's own thread
-            def hook(iterations: int, evaluations: int) -> None:
-                self.iterations, self.evaluations = iterations, evaluations
+            done = 0  # evaluations of the fits before this one (each re-fit counts from 0)
+            mark = 0.0
+
+            def pause() -> None:
                 if time.monotonic() >= spec.deadline:
-                    raise FitDeadlineError(iterations)
+                    raise FitDeadlineError(self.iterations)
                 checkpoint()
 
+            def hook(iterations: int, evaluations: int) -> None:
+                self.iterations, self.evaluations = iterations, done + evaluations
+                pause()
+
+            def reference(paths: int) -> None:  # a correction's start (0), then each chunk
+                nonlocal done, mark
+                now = time.perf_counter()
+                if paths:
+                    self.reference_seconds += now - mark
+                    self.reference_paths += paths
+                else:
+                    done = self.evaluations
+                pause()
+                mark = time.perf_counter()
+
+            kwargs = {"correction_paths": spec.correction_paths} if spec.correction_paths else {}
             return calibrate_snapshot(
                 spec.snapshot,
                 spec.underlying,
@@ -89,6 +109,9 @@ class _Fit:
                 allow_arbitrage=spec.allow_arbitrage,
                 max_iterations=spec.max_iterations,
                 on_iteration=hook,
+                corrections=spec.corrections,
+                on_reference=reference,
+                **kwargs,
             )
 
         self.task: SlicedTask[CalibrationReport] = SlicedTask(run, name=f"calibration-{spec.process}")
@@ -406,6 +429,7 @@ class EngineCore:
         def work() -> SliceDone:
             t0 = time.perf_counter()
             before, cpu = fit.evaluations, fit.task.cpu_seconds
+            reference, paths = fit.reference_seconds, fit.reference_paths
             finished = fit.task.run_slice(seconds)
             done = SliceDone(
                 finished=finished,
@@ -415,6 +439,8 @@ class EngineCore:
                 evaluations=fit.evaluations - before,
                 iterations=fit.iterations,
                 outcome=fit.outcome() if finished else None,
+                reference_seconds=fit.reference_seconds - reference,
+                reference_paths=fit.reference_paths - paths,
             )
             if finished:
                 self.fits.pop(fit_id, None)

@@ -133,7 +133,9 @@ class FitSpec:
     process: str
     allow_arbitrage: bool
     max_iterations: int
-    deadline: float  # time.monotonic(): the fit stops between iterations past it
+    deadline: float  # time.monotonic(): the fit stops between iterations (and Monte Carlo chunks) past it
+    corrections: int = 0  # reference corrections of a learned fit (pricing/calibration.py)
+    correction_paths: int = 0  # the reference Monte Carlo's paths per expiry (0: the default)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +176,8 @@ class SliceDone:
     evaluations: int  # evaluations in this slice
     iterations: int  # so far
     outcome: FitReport | FitFailed | None = None  # once finished
+    reference_seconds: float = 0.0  # of this slice's wall time, in a correction's reference Monte Carlo
+    reference_paths: int = 0  # the paths (over all expiries) that Monte Carlo added in this slice
 
 
 # -- admin --------------------------------------------------------------------------------

@@ -43,7 +43,13 @@ from spectralmc_server.engine.reference import analytic_cf_y
 from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.marketdata.black import NoImpliedVolError, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams, VolSurface
-from spectralmc_server.pricing.calibratable import CALIBRATABLE
+from spectralmc_server.pricing.calibratable import (
+    CALIBRATABLE,
+    CORRECTION_PATHS,
+    MAX_CORRECTION_PATHS,
+    MAX_CORRECTIONS,
+    MIN_CORRECTION_PATHS,
+)
 
 StartFunction = Callable[[Quotes, tuple[ParameterRange, ...]], list[dict[str, float]]]
 
@@ -63,12 +69,14 @@ STARTS: dict[str, StartFunction] = {"heston": _heston_starts, "rbergomi": rbergo
 VEGA_FLOOR: dict[str, float] = {"heston": 0.0, "rbergomi": 0.1}
 MIN_QUOTES = 8  # a 5-parameter fit on fewer nodes than this is not worth reporting
 MAX_ARBITRAGE_SHOWN = 3
-# Reference corrections of a learned fit (calibrate_snapshot ``corrections``): at most
-# this many, the reference Monte Carlo (rough Bergomi) with CORRECTION_PATHS paths per
-# expiry by default, its k-th correction on the normals of stream CORRECTION_SEED + k.
-MAX_CORRECTIONS = 3
-CORRECTION_PATHS = 1 << 17
+# Reference corrections of a learned fit (calibrate_snapshot ``corrections``; their limits
+# are in pricing/calibratable.py): the k-th correction's Monte Carlo on the normals of
+# stream CORRECTION_SEED + k.
 CORRECTION_SEED = 8_000_000
+# A correction's progress hook: called with 0 as a reference pricing starts and with the
+# paths it added over all expiries after each of its Monte Carlo chunks, so a caller run
+# in slices (engine_service/core.py) pauses or stops there.
+Progress = Callable[[int], None]
 
 
 class SurfaceError(ValueError):
@@ -239,19 +247,23 @@ def calibrate_snapshot(
     on_iteration: Callable[[int, int], None] | None = None,
     corrections: int = 0,
     correction_paths: int = CORRECTION_PATHS,
+    on_reference: Progress | None = None,
 ) -> CalibrationReport:
     """Fit ``process_name`` to ``underlying``'s surface (see the module docstring);
     ``on_iteration`` is the optimiser's hook (engine/fit.py). ``corrections`` (a fit
     through a learned model only) corrects it that many times by the process's
     reference (:func:`reference_quote_prices`; the Monte Carlo's ``correction_paths``
     per expiry): the model then fits the quotes less its own error at the fit so far, so
-    the fit tends to the reference's own (measured: bench/calibration_rbergomi.py)."""
+    the fit tends to the reference's own (measured: bench/calibration_rbergomi.py);
+    ``on_reference`` is the corrections' progress hook (:data:`Progress`)."""
     if process_name not in CALIBRATABLE:
         raise SurfaceError(f"calibration supports {', '.join(CALIBRATABLE)}, not {process_name!r}")
     if not 0 <= corrections <= MAX_CORRECTIONS:
         raise SurfaceError(f"corrections: 0 to {MAX_CORRECTIONS}, got {corrections}")
-    if correction_paths < 2:
-        raise SurfaceError(f"correction paths: at least 2, got {correction_paths}")
+    if not MIN_CORRECTION_PATHS <= correction_paths <= MAX_CORRECTION_PATHS:
+        raise SurfaceError(
+            f"correction paths: {MIN_CORRECTION_PATHS} to {MAX_CORRECTION_PATHS}, got {correction_paths}"
+        )
     process = get_process(process_name)
     learned = served is not None and isinstance(served.pricer.learned.raw_cf, CFModel)
     if not learned and not process.has_analytic_cf:
@@ -302,7 +314,9 @@ def calibrate_snapshot(
 
     try:
         result = fit(weighted, STARTS[process_name](quotes, bounds))
-        result, done, shift = corrected_fit(fit, process_name, result, quotes, weighted, corrections, correction_paths)
+        result, done, shift = corrected_fit(
+            fit, process_name, result, quotes, weighted, corrections, correction_paths, on_reference
+        )
     except CalibrationError as exc:
         raise SurfaceError(str(exc)) from None
     return CalibrationReport(underlying, process_name, method, model, result, nodes, quotes, done, shift)
@@ -316,6 +330,7 @@ def corrected_fit(
     weighted: Quotes,
     corrections: int,
     paths: int,
+    progress: Progress | None = None,
 ) -> tuple[CalibrationResult, tuple[Correction, ...], torch.Tensor | None]:
     """``result`` corrected ``corrections`` times by the reference (calibrate_snapshot):
     the final fit, the corrections and the last one's price shift per quote."""
@@ -324,7 +339,7 @@ def corrected_fit(
     exact = get_process(process_name).has_analytic_cf
     for k in range(corrections):
         t0 = time.perf_counter()
-        ref, stderr = reference_quote_prices(process_name, result.params, quotes, paths, k)
+        ref, stderr = reference_quote_prices(process_name, result.params, quotes, paths, k, progress)
         shift = ref - result.model_price
         at = dict(result.params)
         w = weighted
@@ -334,24 +349,40 @@ def corrected_fit(
     return result, tuple(done), shift
 
 
-ReferencePrices = Callable[[Process, torch.Tensor, Quotes, int, int], tuple[torch.Tensor, torch.Tensor]]
+ReferencePrices = Callable[
+    [Process, torch.Tensor, Quotes, int, int, Progress | None], tuple[torch.Tensor, torch.Tensor]
+]
 
 
 def reference_quote_prices(
-    process_name: str, params: dict[str, float], quotes: Quotes, paths: int, correction: int = 0
+    process_name: str,
+    params: dict[str, float],
+    quotes: Quotes,
+    paths: int,
+    correction: int = 0,
+    progress: Progress | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every quote's out-of-the-money price (normalised like Quotes.price) at ``params``
-    by the process's reference (REFERENCE_PRICES), with its standard error."""
+    by the process's reference (REFERENCE_PRICES), with its standard error; ``progress``
+    hears it start and, for a Monte Carlo, its chunks (:data:`Progress`)."""
     process = get_process(process_name)
     theta = torch.tensor([params[n] for n in process.param_names], dtype=torch.float64)
-    return REFERENCE_PRICES[process_name](process, theta, quotes, paths, correction)
+    if progress is not None:
+        progress(0)
+    return REFERENCE_PRICES[process_name](process, theta, quotes, paths, correction, progress)
+
+
+def correction_paths_total(process_name: str, expiries: int, paths: int) -> int:
+    """The Monte Carlo paths of one correction over a surface of ``expiries`` expiries
+    (what its progress hook adds up to): none where the reference is exact."""
+    return 0 if get_process(process_name).has_analytic_cf else expiries * paths
 
 
 def _analytic_prices(
-    process: Process, theta: torch.Tensor, quotes: Quotes, paths: int, correction: int
+    process: Process, theta: torch.Tensor, quotes: Quotes, paths: int, correction: int, progress: Progress | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """COS on the analytic CF: exact, so standard errors 0 (``paths`` and ``correction``
-    unused)."""
+    """COS on the analytic CF: exact, so standard errors 0 (``paths``, ``correction``
+    and ``progress`` unused)."""
     expiries, rows = torch.unique(quotes.expiry, return_inverse=True)
     with torch.no_grad():
         price = model_prices(
@@ -361,7 +392,7 @@ def _analytic_prices(
 
 
 def _rbergomi_prices(
-    process: Process, theta: torch.Tensor, quotes: Quotes, paths: int, correction: int
+    process: Process, theta: torch.Tensor, quotes: Quotes, paths: int, correction: int, progress: Progress | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rough Bergomi's reference Monte Carlo (engine/rbergomi_reference.py: the hybrid
     scheme the model learned, mixed estimator with control variates), ``paths`` per
@@ -385,6 +416,7 @@ def _rbergomi_prices(
         paths,
         is_call=grid > 0,
         seed=CORRECTION_SEED + correction,
+        on_chunk=progress,
     )
     return res.price[rows, slot], res.stderr[rows, slot]
 

@@ -11,6 +11,12 @@ at most ``queue.max_calibrations`` at once, run in slices of about
 ``queue.max_job_seconds`` between which pricing jobs run, and stopped between
 iterations once its deadline (``X-Request-Timeout`` or the default) has passed. A
 surface of more than ``queue.max_calibration_quotes`` nodes is refused (422).
+
+A fit through a learned model may be corrected by the process's reference
+(``corrections``: pricing/calibration.py ``corrected_fit``). Rough Bergomi's reference is
+a Monte Carlo of seconds (``correction_paths`` per expiry): admission counts its paths
+at their learned cost, and it runs in the same slices, paused between its chunks, so
+pricing goes on meanwhile and the deadline stops it there too.
 """
 
 from __future__ import annotations
@@ -24,7 +30,8 @@ from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine_service.messages import FitReport, FitSpec
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
 from spectralmc_server.marketdata.store import SnapshotRecord, iso
-from spectralmc_server.pricing.calibration import SurfaceError, no_reference_fit
+from spectralmc_server.pricing.calibratable import CORRECTION_PATHS
+from spectralmc_server.pricing.calibration import SurfaceError, correction_paths_total, no_reference_fit
 from spectralmc_server.service import keys
 from spectralmc_server.service.errors import Invalid
 from spectralmc_server.service.jobs import Put, UnchangedError, derive_input, store_derived
@@ -47,11 +54,13 @@ async def fit(
     max_iterations: int = 100,
     timeout: float | None = None,
     connected: Callable[[], bool] = lambda: True,
+    corrections: int = 0,
+    correction_paths: int = CORRECTION_PATHS,
 ) -> FitReport:
     """Calibrate in the engine through the queue (see the module docstring); a bad or too
     large surface is a 422 naming the reason (a process with no analytic CF and no served
-    model: naming ``process``), a fit past its deadline (default
-    ``request_timeout_seconds``) a 504."""
+    model: naming ``process``; corrections with no served model: naming ``corrections``),
+    a fit past its deadline (default ``request_timeout_seconds``) a 504."""
     settings = app[keys.SETTINGS]
     metrics = app[keys.METRICS]
     served = app[keys.MODELS].current.snapshot().get(process)
@@ -59,6 +68,10 @@ async def fit(
         metrics.calibrations.labels(process, "rejected").inc()
         reason = no_reference_fit(process)
         raise Invalid(reason, details=[{"field": "process", "reason": reason}])
+    if corrections and served is None:
+        metrics.calibrations.labels(process, "rejected").inc()
+        reason = f"corrections correct a fit through a learned model, and no {process} model is served"
+        raise Invalid(reason, details=[{"field": "corrections", "reason": reason}])
     surface = snapshot.vol_surfaces.get(underlying)
     limit = settings.queue.max_calibration_quotes
     quotes = 0 if surface is None else len(surface.expiries_years) * len(surface.strikes)
@@ -69,13 +82,24 @@ async def fit(
         )
         raise Invalid(reason, details=[{"field": "underlying", "reason": reason}])
 
-    spec = FitSpec(snapshot, underlying, process, allow_arbitrage, max_iterations, deadline=0.0)  # set when queued
+    spec = FitSpec(
+        snapshot,
+        underlying,
+        process,
+        allow_arbitrage,
+        max_iterations,
+        deadline=0.0,  # set when queued
+        corrections=corrections,
+        correction_paths=correction_paths,
+    )
+    expiries = 0 if surface is None else len(surface.expiries_years)
     future = app[keys.BATCHER].submit_fit(
         spec,
         method="reference" if served is None else "cvnn",
         quotes=max(quotes, 1),
         timeout=settings.request_timeout_seconds if timeout is None else timeout,
         connected=connected,
+        reference_paths=corrections * correction_paths_total(process, expiries, correction_paths),
     )
     try:
         report = await future
@@ -140,7 +164,18 @@ def calibrate_action(job: DeriveJob, app: web.Application) -> Callable[[], Await
     async def action() -> str | None:
         market = app[keys.MARKETDATA]
         latest, snapshot = await derive_input(job, market)
-        reports = [await fit(app, snapshot, u, job.process) for u in job.underlyings]
+        reports = [
+            await fit(
+                app,
+                snapshot,
+                u,
+                job.process,
+                timeout=job.timeout_seconds,
+                corrections=job.corrections,
+                correction_paths=job.correction_paths,
+            )
+            for u in job.underlyings
+        ]
         stored = await store_fit(market.put, latest, snapshot, reports, job.name)
         if stored is None:
             raise UnchangedError(f"the latest snapshot ({iso(latest.data_asof)}) already holds these fits")
@@ -170,6 +205,8 @@ async def calibrate_route(request: web.Request) -> web.Response:
         max_iterations=req.max_iterations,
         timeout=timeout,
         connected=lambda: transport is not None and not transport.is_closing(),
+        corrections=req.corrections,
+        correction_paths=req.correction_paths,
     )
     body: dict[str, Any] = {"market_data": record.describe(), **report.describe(), "stored": None}
     if req.store:

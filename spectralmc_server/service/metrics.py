@@ -289,7 +289,8 @@ class Metrics:
         )
         self.queue_unit_seconds = Gauge(
             "spectralmc_queue_unit_cost_seconds",
-            "Learned compute per contract (per quote-evaluation for fits) by cost class",
+            "Learned compute per contract (per quote-evaluation for fits, per path and expiry for a fit's "
+            "reference correction) by cost class",
             ["process", "method", "tier"],
             registry=r,
         )

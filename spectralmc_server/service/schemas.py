@@ -8,7 +8,13 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from spectralmc_server.pricing.calibratable import CalibratableProcess
+from spectralmc_server.pricing.calibratable import (
+    CORRECTION_PATHS,
+    MAX_CORRECTION_PATHS,
+    MAX_CORRECTIONS,
+    MIN_CORRECTION_PATHS,
+    CalibratableProcess,
+)
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN, in_utc
 from spectralmc_server.rfc3339 import DateTime
 
@@ -150,5 +156,9 @@ class CalibrateRequest(BaseModel):
     store: bool = False  # store the fitted set as a derived snapshot (a later data_asof)
     allow_arbitrage: bool = False  # calibrate to a surface that has arbitrage violations
     max_iterations: int = Field(100, ge=1, le=1000)
+    # correct the learned model's fit this many times by the process's reference (its
+    # analytic CF, or rough Bergomi's Monte Carlo with correction_paths paths per expiry)
+    corrections: int = Field(0, ge=0, le=MAX_CORRECTIONS)
+    correction_paths: int = Field(CORRECTION_PATHS, ge=MIN_CORRECTION_PATHS, le=MAX_CORRECTION_PATHS)
 
     _in_utc = field_validator("val_datetime", "data_asof")(in_utc)

@@ -287,8 +287,9 @@ def test_a_reference_correction_moves_the_fit_to_the_monte_carlos_parameters(ser
     assert stored == [{k: v for k, v in c.items() if k != "seconds"}]  # no timing in what is stored
     with pytest.raises(SurfaceError, match="corrections: 0 to 3"):
         calibrate_snapshot(snapshot, "SPX", "rbergomi", served, corrections=4)
-    with pytest.raises(SurfaceError, match="correction paths: at least 2, got 1"):
-        calibrate_snapshot(snapshot, "SPX", "rbergomi", served, corrections=1, correction_paths=1)
+    for paths in (3, (1 << 20) + 1):  # the Monte Carlo's standard error needs two antithetic pairs
+        with pytest.raises(SurfaceError, match=f"correction paths: 4 to 1048576, got {paths}"):
+            calibrate_snapshot(snapshot, "SPX", "rbergomi", served, corrections=1, correction_paths=paths)
 
 
 def test_a_heston_fit_corrected_by_the_analytic_cf_fits_the_analytic_fit() -> None:

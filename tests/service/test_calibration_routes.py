@@ -437,6 +437,15 @@ BAD_BODIES: list[tuple[str, Any, str]] = [
     ("bad namespace", {"val_datetime": VDT, "underlying": "SPX", "namespace": "a/b"}, "namespace"),
     ("unknown field", {"val_datetime": VDT, "underlying": "SPX", "strike_kind": "moneyness"}, "strike_kind"),
     ("store not a bool", {"val_datetime": VDT, "underlying": "SPX", "store": "maybe"}, "store"),
+    ("corrections -1", {"val_datetime": VDT, "underlying": "SPX", "corrections": -1}, "corrections"),
+    ("corrections 4", {"val_datetime": VDT, "underlying": "SPX", "corrections": 4}, "corrections"),
+    ("corrections not an int", {"val_datetime": VDT, "underlying": "SPX", "corrections": "1"}, "corrections"),
+    ("correction_paths 3", {"val_datetime": VDT, "underlying": "SPX", "correction_paths": 3}, "correction_paths"),
+    (
+        "correction_paths 2^20 + 1",
+        {"val_datetime": VDT, "underlying": "SPX", "correction_paths": (1 << 20) + 1},
+        "correction_paths",
+    ),
 ]
 
 
@@ -611,6 +620,10 @@ def test_calibrate_job_settings(monkeypatch: pytest.MonkeyPatch) -> None:
         Settings(jobs=[{**base, "process": "sabr"}])
     [rough] = Settings(jobs=[{**base, "process": "rbergomi"}]).jobs
     assert isinstance(rough, DeriveJob) and rough.process == "rbergomi"
+    assert (rough.corrections, rough.correction_paths, rough.timeout_seconds) == (0, 1 << 17, None)
+    for field, value in [("corrections", 4), ("correction_paths", 3), ("timeout_seconds", 0)]:
+        with pytest.raises(ValidationError, match=rf"jobs\.0\.derive\.{field}"):
+            Settings(jobs=[{**base, field: value}])
     with pytest.raises(ValidationError, match=r"jobs\.0\.derive\.derive"):
         Settings(jobs=[{**base, "derive": "fit"}])
 
@@ -748,4 +761,124 @@ async def test_calibrate_job_fits_rbergomi(make_client: MakeClient) -> None:
     assert lineage["inputs"] == [key_of(put)] and lineage["models"] == [await rbergomi_model(client)]
     fitted = out["data"]["model_params"]["SPX"]["rbergomi"]
     assert fitted["fit"]["method"] == "cvnn"
+    assert_rbergomi_recovered(fitted["params"])
+
+
+# -- reference corrections ----------------------------------------------------------------
+# A fit through the learned model corrected by the process's reference (corrections):
+# heston's is COS on the analytic CF (instant), rough Bergomi's a Monte Carlo run in the
+# engine's slices, paused between its chunks, so pricing is answered meanwhile and the
+# deadline stops it there.
+
+
+async def test_heston_corrections_over_http_fit_closer_to_the_truth(make_client: MakeClient) -> None:
+    """corrections 2 through the learned heston model: the report lists both corrections
+    (an exact reference: no paths, no standard error), the fit is within tolerance, and
+    its residual is below the uncorrected fit's; the corrections are stored with the fit."""
+    client = await make_client(models=SERVED)
+    await put_ok(client, heston_body())
+    plain = await ok_json(await calibrate(client))
+    out = await ok_json(await calibrate(client, corrections=2, store=True))
+    assert out["method"] == "cvnn" and "corrections" not in plain["fit"]
+    first, second = out["fit"]["corrections"]
+    assert first["at"] == pytest.approx(plain["params"], rel=1e-9)
+    for c in (first, second):
+        assert c["paths"] is None and c["max_stderr"] == 0.0 and c["max_abs_shift"] > 0.0
+    for name, tol in TOLERANCE.items():
+        assert abs(out["params"][name] - TRUE[name]) <= tol, (name, out["params"])
+    assert out["fit"]["rmse_vol"] < 0.5 * plain["fit"]["rmse_vol"], (out["fit"], plain["fit"])
+    latest = await ok_json(await client.get("/v1/marketdata/default/latest"))
+    stored = latest["data"]["model_params"]["SPX"]["heston"]["fit"]["corrections"]
+    assert [c["at"] for c in stored] == [c["at"] for c in out["fit"]["corrections"]]
+
+
+async def test_corrections_without_a_served_model_are_422_naming_corrections(make_client: MakeClient) -> None:
+    """heston without its model fits through the analytic CF itself: corrections have
+    nothing to correct (422 naming ``corrections``, nothing queued)."""
+    client = await make_client(models=NO_HESTON)
+    await put_ok(client, heston_body())
+    err = await assert_error(await calibrate(client, corrections=1), 422, "invalid", ("corrections",))
+    assert "no heston model is served" in err["message"], err
+    text = await metrics_text(client)
+    assert sample(text, "spectralmc_calibrations_total", process="heston", outcome="rejected") == 1
+
+
+RB_CORRECTION_PATHS = 1 << 14  # per expiry: 11 chunks of the Monte Carlo, ~1.4 s on one thread
+
+
+async def test_rbergomi_correction_runs_in_slices_while_pricing_is_answered(make_client: MakeClient) -> None:
+    """A rough Bergomi fit with one Monte-Carlo correction over HTTP: the report lists it
+    (its paths and standard error), the parameters are recovered, and single-contract
+    prices sent while the correction computes are each answered well before it ends: the
+    Monte Carlo pauses between chunks like a fit between iterations. The correction's
+    paths are a cost class of their own in /metrics."""
+    client = await make_client(models=RB_SERVED, queue={"max_job_seconds": 0.05})
+    await put_ok(client, rbergomi_body())
+    contract = {"id": "c", "right": "call", "strike": 100.0, "spot": 100.0, "vol": 0.2, "expiry_years": 1.0}
+    fit = asyncio.create_task(
+        _calibrate_json(client, process="rbergomi", corrections=1, correction_paths=RB_CORRECTION_PATHS)
+    )
+    waits: list[float] = []
+    while not fit.done() and len(waits) < 400:
+        t0 = time.perf_counter()
+        await ok_json(await client.post("/v1/price", json={"contracts": [contract]}))
+        waits.append(time.perf_counter() - t0)
+        await asyncio.sleep(0.01)
+    out = await fit
+    (c,) = out["fit"]["corrections"]
+    assert c["paths"] == RB_CORRECTION_PATHS and 0.0 < c["max_stderr"] < 1e-3, c
+    assert c["seconds"] > 0.5, c  # long enough for the prices to have waited on it
+    assert_rbergomi_recovered(out["params"])
+    assert len(waits) >= 5, waits
+    assert max(waits) < 0.5 * c["seconds"], (max(waits), c["seconds"])
+    text = await metrics_text(client)
+    unit = sample(text, "spectralmc_queue_unit_cost_seconds", process="rbergomi", method="reference", tier="correction")
+    assert 0.0 < unit < 1e-3, unit
+
+
+async def _calibrate_json(client: Client, **fields: Any) -> dict[str, Any]:
+    return await ok_json(await calibrate(client, **fields))
+
+
+async def test_rbergomi_correction_past_its_deadline_is_504(make_client: MakeClient) -> None:
+    """A deadline that ends inside the correction's Monte Carlo stops it between chunks:
+    504, and the engine goes on pricing."""
+    client = await make_client(models=RB_SERVED)
+    await put_ok(client, rbergomi_body())
+    # the fit itself takes well under a second; the correction's 2^20 paths per expiry far more
+    t0 = time.perf_counter()
+    r = await calibrate(client, {"X-Request-Timeout": "3"}, process="rbergomi", corrections=1, correction_paths=1 << 20)
+    err = await assert_error(r, 504, "deadline_exceeded")
+    assert "deadline passed" in err["message"], err
+    assert time.perf_counter() - t0 < 6.0
+    contract = {"id": "c", "right": "call", "strike": 100.0, "spot": 100.0, "vol": 0.2, "expiry_years": 1.0}
+    await ok_json(await client.post("/v1/price", json={"contracts": [contract]}))
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_calibrate_job_with_a_correction(make_client: MakeClient) -> None:
+    """A calibrate job with corrections 1 stores a corrected fit (its corrections in the
+    stored report), under the job's own deadline."""
+    job = {
+        "kind": "derive",
+        "derive": "calibrate",
+        "name": "spx-rb-corrected",
+        "every_seconds": 0.2,
+        "underlyings": ["SPX"],
+        "process": "rbergomi",
+        "corrections": 1,
+        "correction_paths": RB_CORRECTION_PATHS,
+        "timeout_seconds": 60.0,
+    }
+    client = await make_client(models=RB_SERVED, jobs=[job])
+    await put_ok(client, rbergomi_body())
+
+    async def derived() -> dict[str, Any] | None:
+        latest = await ok_json(await client.get("/v1/marketdata/default/latest"))
+        return latest if latest["data_asof"] != ASOF else None
+
+    out: dict[str, Any] = await eventually(derived, "a derived snapshot", timeout=90.0)
+    fitted = out["data"]["model_params"]["SPX"]["rbergomi"]
+    (c,) = fitted["fit"]["corrections"]
+    assert c["paths"] == RB_CORRECTION_PATHS and c["max_stderr"] > 0.0
     assert_rbergomi_recovered(fitted["params"])

@@ -88,6 +88,8 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "store": False,
         "allow_arbitrage": False,
         "max_iterations": 100,
+        "corrections": 0,
+        "correction_paths": 4096,
     },
 }
 MODELS = list(EXAMPLES)

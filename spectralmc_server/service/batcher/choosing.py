@@ -94,24 +94,30 @@ class Choosing(Estimates):
     def _choose(self) -> tuple[Item, float] | None:
         """The next job's lead item and the slack it may use (inf: no one to protect):
         the oldest item, unless it is being split (or computing) and its slack, and that
-        of everything passed, covers a later item's job."""
+        of everything passed, covers a later item's job. A calibration that has had a
+        slice counts as being split between its slices: its next slice goes after the
+        later items its slack covers, else a fit's slices, each started as the last one
+        ends, would hold the worker until it is done."""
         loop_now = asyncio.get_running_loop().time()
         cum = self._inflight_seconds()
         slack = math.inf
         passed = False
+        deferred: tuple[Item, float] | None = None  # a started calibration's next slice
         for item in list(self._items):
             if not self._alive(item, loop_now):
                 continue
             if not item.busy:
                 first = self._first_job_seconds(item)
-                if not passed or first <= slack:
+                if isinstance(item, FitItem) and item.slices and deferred is None:
+                    deferred = (item, slack)
+                elif not passed or first <= slack:
                     return item, slack
             cum += self._fit_remaining(item) if isinstance(item, FitItem) else self._item_seconds(item)
             own = item.deadline - loop_now - item.margin - cum
             if own >= 0:  # one that will be late anyway is not protected (no cascade)
                 slack = min(slack, own)
             passed = True
-        return None
+        return deferred
 
     def _ramp_cap(self, key: ClassKey) -> int | None:
         """The most contracts of ``key`` one job may hold while its cost is still being

@@ -26,7 +26,7 @@ from spectralmc_server.pricing.calibration import SurfaceError
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service.batcher.choosing import Choosing
-from spectralmc_server.service.batcher.costs import ClassKey
+from spectralmc_server.service.batcher.costs import ClassKey, correction_key
 from spectralmc_server.service.batcher.items import (
     FitItem,
     Pending,
@@ -253,8 +253,14 @@ class Computing(Choosing):
         job.started, job.ended = done.started, done.ended
         fit.iterations = done.iterations
         fit.evaluations += done.evaluations
+        fit.reference_done += done.reference_paths
+        # the slice's time: its evaluations', and its corrections' Monte Carlo (a class of its own)
+        ref = min(done.reference_seconds, done.ended - done.started)
         if done.evaluations > 0:
-            self.cost.observe_slice(fit.cls, done.evaluations, fit.quotes, done.ended - done.started, done.cpu)
+            wall, cpu = done.ended - done.started - ref, max(done.cpu - ref, 0.0)
+            self.cost.observe_slice(fit.cls, done.evaluations, fit.quotes, wall, cpu)
+        if done.reference_paths > 0:
+            self.cost.observe_slice(correction_key(fit.cls), done.reference_paths, 1, ref, ref)
         if not done.finished:
             if fit.future.done() and not fit.closed:  # given up on while computing
                 self._close(fit)
@@ -262,7 +268,7 @@ class Computing(Choosing):
         fit.finished = True
         outcome = done.outcome
         if isinstance(outcome, FitReport):
-            self.cost.observe_fit(fit.evaluations)
+            self.cost.observe_fit(fit.evaluations / (1 + fit.corrections))
             if not fit.future.done():
                 fit.future.set_result(outcome)
         elif isinstance(outcome, FitFailed) and outcome.kind == "deadline":
@@ -270,7 +276,8 @@ class Computing(Choosing):
                 fit.future.set_exception(
                     DeadlineExceeded(
                         f"the calibration was stopped after {outcome.iterations} iterations: its deadline passed "
-                        "(send a longer X-Request-Timeout, a lower max_iterations or a smaller surface)",
+                        "(send a longer X-Request-Timeout, a lower max_iterations or a smaller surface"
+                        + (", fewer corrections or correction_paths)" if fit.corrections else ")"),
                         headers=self._retry_after(),
                     )
                 )

@@ -133,11 +133,14 @@ class Batcher(Computing):
         quotes: int,
         timeout: float,
         connected: Callable[[], bool],
+        reference_paths: int = 0,
     ) -> asyncio.Future[FitReport]:
         """Queue a calibration: the engine fits ``spec`` in slices of about
-        ``max_job_seconds`` (between which other jobs run). At most ``max_calibrations``
-        at once; the deadline stops it between iterations (504); a surface it cannot fit
-        fails the future with :class:`~spectralmc_server.pricing.calibration.SurfaceError`."""
+        ``max_job_seconds`` (between which other jobs run), its reference corrections
+        too (``reference_paths``: their Monte Carlo paths in all, paused between chunks).
+        At most ``max_calibrations`` at once; the deadline stops it between iterations
+        or chunks (504); a surface it cannot fit fails the future with
+        :class:`~spectralmc_server.pricing.calibration.SurfaceError`."""
         s = self.settings
         self._check_open()
         running = [f for f in self._fits if not f.closed]
@@ -165,10 +168,12 @@ class Batcher(Computing):
             future,
             cls,
             quotes,
-            2 * spec.max_iterations + 1,
+            (2 * spec.max_iterations + 1) * (1 + spec.corrections),
             deadline,
             connected,
             margin=(1.0 - s.admission_fraction) * timeout,
+            corrections=spec.corrections,
+            reference_paths=reference_paths,
         )
         self._admit(self._fit_remaining(item), timeout, f"this calibration ({quotes} quotes)")
         try:
@@ -262,6 +267,7 @@ class Batcher(Computing):
 
     def _start_slice(self, fit: FitItem) -> None:
         fit.busy = True
+        fit.slices += 1
         job = _Job(self._first_job_seconds(fit))
         self._jobs.add(job)
         self._track(job, self._run_slice(fit, job))

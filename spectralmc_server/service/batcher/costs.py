@@ -12,6 +12,12 @@ from spectralmc_server.service.metrics import Metrics
 
 ClassKey = tuple[str, str, str]  # (process, method, tier)
 
+
+def correction_key(fit: ClassKey) -> ClassKey:
+    """The class of a calibration's reference-correction Monte Carlo (per path and expiry)."""
+    return (fit[0], "reference", "correction")
+
+
 # Starting points of the learned costs (seconds per contract, per quote-evaluation for
 # fits; seconds per job of a tier), on the optimistic side: a class not yet measured gets
 # jobs of at most PROBE_CONTRACTS of its contracts, RAMP times more each job after, so a
@@ -23,6 +29,9 @@ PRIOR_UNIT_SECONDS = {
     "distribution": 4e-5,
     "quantiles_many": 3e-4,
     "fit": 5e-5,
+    # per path and expiry of a calibration's reference correction (rough Bergomi's Monte
+    # Carlo in 256 steps: ~2e-5 s on one thread of this 2-core machine)
+    "correction": 2e-5,
 }
 # Barrier contracts priced by Monte Carlo (engine/barrier_pricer.py) take seconds each
 # (measured with one torch thread: a heston contract's price ~4 s, its Greeks ~6 times
@@ -165,5 +174,5 @@ class CostModel:
             units = evaluations * quotes
             self._update(key, seconds / units, max(cpu, 0.1 * seconds) / units)
 
-    def observe_fit(self, evaluations: int) -> None:
+    def observe_fit(self, evaluations: float) -> None:
         self.fit_evaluations = 0.8 * self.fit_evaluations + 0.2 * evaluations

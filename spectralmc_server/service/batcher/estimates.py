@@ -6,6 +6,7 @@ import asyncio
 import math
 import time
 
+from spectralmc_server.service.batcher.costs import correction_key
 from spectralmc_server.service.batcher.items import FitItem, Item, Pending, _ceil_seconds, _engine_down
 from spectralmc_server.service.batcher.state import HICCUP_SECONDS, MAX_PRESSURE, BatcherState
 from spectralmc_server.service.errors import (
@@ -50,9 +51,14 @@ class Estimates(BatcherState):
         return min((2 * elapsed - oldest.estimate) / oldest.estimate, MAX_PRESSURE)  # as long again to go
 
     def _fit_remaining(self, fit: FitItem) -> float:
-        expected = min(max(self.cost.fit_evaluations, 2.0), float(fit.max_evaluations))
+        """A calibration's estimated compute to go: the fit and each correction's re-fit
+        at the usual evaluations of a fit, and what is left of its corrections' Monte Carlo."""
+        fits = 1 + fit.corrections
+        expected = min(max(self.cost.fit_evaluations, 2.0) * fits, float(fit.max_evaluations))
         left = max(expected - fit.evaluations, 2.0)
-        return self.cost.fit_seconds(fit.cls, left, fit.quotes)
+        paths = max(fit.reference_paths - fit.reference_done, 0)
+        reference = self.cost.fit_seconds(correction_key(fit.cls), paths, 1) if paths else 0.0
+        return self.cost.fit_seconds(fit.cls, left, fit.quotes) + reference
 
     def _queued_seconds(self) -> float:
         s = self.settings

@@ -246,6 +246,10 @@ class FitItem:
     iterations: int = 0  # as of its last slice
     evaluations: int = 0
     finished: bool = False  # the engine is done with it
+    slices: int = 0  # started so far
+    corrections: int = 0  # reference corrections: each a re-fit (and for a Monte Carlo, its paths)
+    reference_paths: int = 0  # the corrections' Monte Carlo paths in all (over every expiry)
+    reference_done: int = 0  # of those, computed so far
 
 
 Item = Pending | FitItem

@@ -29,6 +29,7 @@ from spectralmc_server.pricing.calibratable import (
     MAX_CORRECTIONS,
     MIN_CORRECTION_PATHS,
     CalibratableProcess,
+    paths_need_corrections,
 )
 from spectralmc_server.pricing.schemas import MAX_CONTRACTS, Contract, Measure
 
@@ -340,7 +341,9 @@ class DeriveJob(BaseModel):
     # the Monte Carlo's paths per expiry, and each fit's deadline (None: request_timeout_seconds)
     corrections: int = Field(0, ge=0, le=MAX_CORRECTIONS)
     correction_paths: int = Field(CORRECTION_PATHS, ge=MIN_CORRECTION_PATHS, le=MAX_CORRECTION_PATHS)
-    timeout_seconds: float | None = Field(None, gt=0)
+    timeout_seconds: float | None = Field(None, gt=0, le=3600, allow_inf_nan=False)
+
+    _paths_need_corrections = field_validator("correction_paths")(paths_need_corrections)
 
 
 Job = Annotated[PriceJob | DeriveJob, Field(discriminator="kind")]

@@ -74,11 +74,14 @@ class _Fit:
         self.iterations = 0
         self.evaluations = 0  # over the fit and its re-fits
         self.reference_seconds = 0.0  # computing its corrections' Monte Carlo (pauses not counted)
+        self.reference_cpu = 0.0  # the same in the thread's CPU time
         self.reference_paths = 0
 
         def run(checkpoint: Callable[[], None]) -> CalibrationReport:  # on the fit's own thread
-            done = 0  # evaluations of the fits before this one (each re-fit counts from 0)
-            mark = 0.0
+            # iterations and evaluations of the fits before this one (a re-fit counts
+            # from 0; what a fit's last step evaluated after its last hook is not seen)
+            iterations_before = evaluations_before = 0
+            mark = cpu_mark = 0.0
 
             def pause() -> None:
                 if time.monotonic() >= spec.deadline:
@@ -86,19 +89,20 @@ class _Fit:
                 checkpoint()
 
             def hook(iterations: int, evaluations: int) -> None:
-                self.iterations, self.evaluations = iterations, done + evaluations
+                self.iterations = iterations_before + iterations
+                self.evaluations = evaluations_before + evaluations
                 pause()
 
             def reference(paths: int) -> None:  # a correction's start (0), then each chunk
-                nonlocal done, mark
-                now = time.perf_counter()
+                nonlocal iterations_before, evaluations_before, mark, cpu_mark
                 if paths:
-                    self.reference_seconds += now - mark
+                    self.reference_seconds += time.perf_counter() - mark
+                    self.reference_cpu += time.thread_time() - cpu_mark
                     self.reference_paths += paths
                 else:
-                    done = self.evaluations
+                    iterations_before, evaluations_before = self.iterations, self.evaluations
                 pause()
-                mark = time.perf_counter()
+                mark, cpu_mark = time.perf_counter(), time.thread_time()
 
             kwargs = {"correction_paths": spec.correction_paths} if spec.correction_paths else {}
             return calibrate_snapshot(
@@ -429,7 +433,7 @@ class EngineCore:
         def work() -> SliceDone:
             t0 = time.perf_counter()
             before, cpu = fit.evaluations, fit.task.cpu_seconds
-            reference, paths = fit.reference_seconds, fit.reference_paths
+            reference, reference_cpu, paths = fit.reference_seconds, fit.reference_cpu, fit.reference_paths
             finished = fit.task.run_slice(seconds)
             done = SliceDone(
                 finished=finished,
@@ -440,6 +444,7 @@ class EngineCore:
                 iterations=fit.iterations,
                 outcome=fit.outcome() if finished else None,
                 reference_seconds=fit.reference_seconds - reference,
+                reference_cpu=fit.reference_cpu - reference_cpu,
                 reference_paths=fit.reference_paths - paths,
             )
             if finished:

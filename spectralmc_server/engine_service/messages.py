@@ -177,6 +177,7 @@ class SliceDone:
     iterations: int  # so far
     outcome: FitReport | FitFailed | None = None  # once finished
     reference_seconds: float = 0.0  # of this slice's wall time, in a correction's reference Monte Carlo
+    reference_cpu: float = 0.0  # of its thread's CPU time, the same
     reference_paths: int = 0  # the paths (over all expiries) that Monte Carlo added in this slice
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
+from pydantic import ValidationInfo
+
 # Each needs a start heuristic (engine/fit.py, pricing/calibration.py STARTS).
 CalibratableProcess = Literal["heston", "rbergomi"]
 CALIBRATABLE: tuple[str, ...] = get_args(CalibratableProcess)
@@ -20,6 +22,15 @@ CORRECTION_PATHS = 1 << 17
 MIN_CORRECTION_PATHS = 4
 MAX_CORRECTION_PATHS = 1 << 20
 
+
+def paths_need_corrections(paths: int, info: ValidationInfo) -> int:
+    """A ``correction_paths`` field validator (the calibrate body, the calibrate job):
+    given without ``corrections`` it would be silently unused, so it is refused."""
+    if info.data.get("corrections", 1) == 0:  # (an invalid corrections is named on its own)
+        raise ValueError("correction_paths is only used with corrections (1 to 3): give both, or neither")
+    return paths
+
+
 __all__ = [
     "CALIBRATABLE",
     "CORRECTION_PATHS",
@@ -27,4 +38,5 @@ __all__ = [
     "MAX_CORRECTION_PATHS",
     "MIN_CORRECTION_PATHS",
     "CalibratableProcess",
+    "paths_need_corrections",
 ]

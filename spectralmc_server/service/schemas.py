@@ -14,6 +14,7 @@ from spectralmc_server.pricing.calibratable import (
     MAX_CORRECTIONS,
     MIN_CORRECTION_PATHS,
     CalibratableProcess,
+    paths_need_corrections,
 )
 from spectralmc_server.pricing.schemas import NAMESPACE_PATTERN, in_utc
 from spectralmc_server.rfc3339 import DateTime
@@ -162,3 +163,4 @@ class CalibrateRequest(BaseModel):
     correction_paths: int = Field(CORRECTION_PATHS, ge=MIN_CORRECTION_PATHS, le=MAX_CORRECTION_PATHS)
 
     _in_utc = field_validator("val_datetime", "data_asof")(in_utc)
+    _paths_need_corrections = field_validator("correction_paths")(paths_need_corrections)

@@ -88,7 +88,7 @@ EXAMPLES: dict[type[BaseModel], dict[str, Any]] = {
         "store": False,
         "allow_arbitrage": False,
         "max_iterations": 100,
-        "corrections": 0,
+        "corrections": 1,
         "correction_paths": 4096,
     },
 }

@@ -97,7 +97,9 @@ class Choosing(Estimates):
         of everything passed, covers a later item's job. A calibration that has had a
         slice counts as being split between its slices: its next slice goes after the
         later items its slack covers, else a fit's slices, each started as the last one
-        ends, would hold the worker until it is done."""
+        ends, would hold the worker until it is done. One with no slack left (its
+        remaining work would end past its deadline less its margin) is not passed: it
+        runs, and its deadline decides."""
         loop_now = asyncio.get_running_loop().time()
         cum = self._inflight_seconds()
         slack = math.inf
@@ -108,7 +110,12 @@ class Choosing(Estimates):
                 continue
             if not item.busy:
                 first = self._first_job_seconds(item)
-                if isinstance(item, FitItem) and item.slices and deferred is None:
+                if (
+                    isinstance(item, FitItem)
+                    and item.slices
+                    and deferred is None
+                    and item.deadline - loop_now - item.margin - (cum + self._fit_remaining(item)) >= 0
+                ):
                     deferred = (item, slack)
                 elif not passed or first <= slack:
                     return item, slack

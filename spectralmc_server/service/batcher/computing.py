@@ -256,11 +256,12 @@ class Computing(Choosing):
         fit.reference_done += done.reference_paths
         # the slice's time: its evaluations', and its corrections' Monte Carlo (a class of its own)
         ref = min(done.reference_seconds, done.ended - done.started)
+        ref_cpu = min(done.reference_cpu, done.cpu)
         if done.evaluations > 0:
-            wall, cpu = done.ended - done.started - ref, max(done.cpu - ref, 0.0)
+            wall, cpu = done.ended - done.started - ref, done.cpu - ref_cpu
             self.cost.observe_slice(fit.cls, done.evaluations, fit.quotes, wall, cpu)
         if done.reference_paths > 0:
-            self.cost.observe_slice(correction_key(fit.cls), done.reference_paths, 1, ref, ref)
+            self.cost.observe_slice(correction_key(fit.cls), done.reference_paths, 1, ref, ref_cpu)
         if not done.finished:
             if fit.future.done() and not fit.closed:  # given up on while computing
                 self._close(fit)

@@ -203,9 +203,10 @@ MIX: list[dict[str, Any]] = [
 
 
 async def test_an_overload_burst_is_answered_200_or_503_not_504(make_client: MakeClient) -> None:
-    """32 requests of 1,000 contracts at once (prices, Greeks, 32 quantiles), with a
+    """40 requests of 1,000 contracts at once (prices, Greeks, 32 quantiles), with a
     deadline of five times what the heaviest takes alone (at least 2 s): several times
-    more work than fits. Each is priced in time or refused at once with 503
+    more work than fits (with 32, where the 2 s floor holds, as few as 7 were refused in
+    one CI run: 25 fitted). Each is priced in time or refused at once with 503
     overloaded and Retry-After; none waits out its deadline (504). The queue learned
     its costs from two requests of each kind first, as a server under way has."""
     client = await make_client(torch_threads=1)
@@ -223,7 +224,7 @@ async def test_an_overload_burst_is_answered_200_or_503_not_504(make_client: Mak
         await r.read()
         return r, time.perf_counter() - start
 
-    answers = await asyncio.gather(*(one(bodies[i % 3]) for i in range(32)))
+    answers = await asyncio.gather(*(one(bodies[i % 3]) for i in range(40)))
     statuses = Counter(r.status for r, _ in answers)
     assert set(statuses) <= {200, 503}, (statuses, deadline)
     assert statuses[200] >= 2 and statuses[503] >= 8, (statuses, deadline)  # an overload, and work went on

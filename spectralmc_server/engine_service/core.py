@@ -104,7 +104,6 @@ class _Fit:
                 pause()
                 mark, cpu_mark = time.perf_counter(), time.thread_time()
 
-            kwargs = {"correction_paths": spec.correction_paths} if spec.correction_paths else {}
             return calibrate_snapshot(
                 spec.snapshot,
                 spec.underlying,
@@ -114,8 +113,8 @@ class _Fit:
                 max_iterations=spec.max_iterations,
                 on_iteration=hook,
                 corrections=spec.corrections,
+                correction_paths=spec.correction_paths,
                 on_reference=reference,
-                **kwargs,
             )
 
         self.task: SlicedTask[CalibrationReport] = SlicedTask(run, name=f"calibration-{spec.process}")

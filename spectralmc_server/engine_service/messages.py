@@ -20,6 +20,7 @@ from spectralmc_server.engine_service.metrics import ProcessStats, TrainingState
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams
 from spectralmc_server.marketdata.store import SnapshotRecord
 from spectralmc_server.pricing.book import Book, LazyContracts
+from spectralmc_server.pricing.calibratable import CORRECTION_PATHS
 from spectralmc_server.pricing.errors import RequestRefusedError
 from spectralmc_server.pricing.schemas import Contract, Measure, PriceRequest
 
@@ -135,7 +136,7 @@ class FitSpec:
     max_iterations: int
     deadline: float  # time.monotonic(): the fit stops between iterations (and Monte Carlo chunks) past it
     corrections: int = 0  # reference corrections of a learned fit (pricing/calibration.py)
-    correction_paths: int = 0  # the reference Monte Carlo's paths per expiry (0: the default)
+    correction_paths: int = CORRECTION_PATHS  # the reference Monte Carlo's paths per expiry
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,18 +108,16 @@ class Choosing(Estimates):
         for item in list(self._items):
             if not self._alive(item, loop_now):
                 continue
+            fit = item if isinstance(item, FitItem) else None
+            rest = 0.0 if fit is None else self._fit_remaining(fit)  # a request's: once passed
             if not item.busy:
                 first = self._first_job_seconds(item)
-                if (
-                    isinstance(item, FitItem)
-                    and item.slices
-                    and deferred is None
-                    and item.deadline - loop_now - item.margin - (cum + self._fit_remaining(item)) >= 0
-                ):
-                    deferred = (item, slack)
+                ahead = item.deadline - loop_now - item.margin - (cum + rest)
+                if fit is not None and fit.slices and deferred is None and ahead >= 0:
+                    deferred = (fit, slack)
                 elif not passed or first <= slack:
                     return item, slack
-            cum += self._fit_remaining(item) if isinstance(item, FitItem) else self._item_seconds(item)
+            cum += rest if isinstance(item, FitItem) else self._item_seconds(item)
             own = item.deadline - loop_now - item.margin - cum
             if own >= 0:  # one that will be late anyway is not protected (no cascade)
                 slack = min(slack, own)

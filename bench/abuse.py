@@ -92,7 +92,7 @@ class Sizes:
 
 ALL_MEASURES = ("price", "delta", "gamma", "vega", "theta", "rho", "digital", "mean", "stdev")
 FULL = Sizes(10, 81, (1024, 4096), 3, (40, 60), 12, 5000, 50, 768, 256, 32, 8, 5000, 10.0, 300.0, ALL_MEASURES)
-QUICK = Sizes(2, 9, (64, 256), 1, (16, 24), 12, 200, 4, 32, 16, 4, 2, 1000, 2.0, 30.0)
+QUICK = Sizes(2, 9, (64, 256), 1, (16, 24), 12, 200, 4, 32, 16, 4, 2, 1000, 1.0, 30.0)
 
 
 @dataclass

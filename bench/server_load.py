@@ -306,7 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=10.0, help="duration of each wrk run")
     ap.add_argument("--soak-minutes", type=float, default=0.0, help="memory soak run length (0: none)")
     output_args(ap, IMG / "server_load.png")
-    ap.add_argument("--quick", action="store_true", help="a short smoke run (1 s per scenario, no training)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a short smoke run (1 s per scenario, no warm-up, no training)"
+    )
     ap.add_argument(
         "--engines",
         default="1",
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
                 time.sleep(1.0)
                 idle = rss_bytes(pid)
                 for name, (n, conns, payload, ctype) in payloads.items():
-                    wrk(url, payload, conns, min(seconds, 2.0), work, pid, ctype)  # warm-up
+                    if not args.quick:
+                        wrk(url, payload, conns, min(seconds, 2.0), work, pid, ctype)  # warm-up
                     load = wrk(url, payload, conns, seconds, work, pid, ctype)
                     label = f"spectralmc {'training' if training else 'serving only'}"
                     if len(modes) > 1 or mode != "process":

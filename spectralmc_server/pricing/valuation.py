@@ -27,7 +27,7 @@ from spectralmc_server.engine.reference_pricers import reference_bounds, referen
 from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.store import iso
-from spectralmc_server.pricing.book import Book, all_explicit, book_of, book_of_requests, processes
+from spectralmc_server.pricing.book import Book, all_explicit, book_of, book_of_requests, cached_book, processes
 from spectralmc_server.pricing.schemas import BARRIER_MEASURE_NAMES, PriceRequest
 
 
@@ -125,7 +125,14 @@ def check_barriers(request: PriceRequest) -> None:
     """Refuse (RequestError) what barrier contracts are not priced for: a distribution
     measure (the law of a knocked-out price is not a distribution: its mass is the
     survival probability), or more than ``MAX_SIMULATED_REFERENCE_POINTS`` contracts
-    that only Monte Carlo can price (Heston, or monitoring dates)."""
+    that only Monte Carlo can price (Heston, or monitoring dates).
+
+    A request whose Book is not built yet and that has no barrier builds none here: the
+    batcher joins small requests' contracts into one Book per job (book_of_requests),
+    and a Book per request only for this check cost more than the rest of admission
+    (~10 us of a one-contract request; measured)."""
+    if cached_book(request) is None and all(c.barrier is None for c in request.contracts):
+        return
     book = book_of(request)
     rows = book.barrier_rows()
     if not rows.any():

@@ -104,3 +104,22 @@ def test_a_valid_book_of_rows_builds_no_contract_objects() -> None:
     book = book_of(request)
     assert book.strike.tolist() == [90.0 + i / 4 for i in range(80)]
     assert request == PriceRequest.model_validate({"measures": ["price", "delta"], "contracts": rows})
+
+
+def test_admitting_a_small_request_without_barriers_builds_no_book() -> None:
+    """Admission's barrier check reads the contracts of a small row request and builds no
+    Book for it: the batcher joins small requests' contracts into one Book per job
+    (book_of_requests), so a Book per request would be work spent twice. A barrier
+    contract still gets its Book and its checks."""
+    from spectralmc_server.pricing.book import cached_book
+    from spectralmc_server.pricing.valuation import RequestError, check_barriers, check_request
+
+    vanilla = parse({"contracts": [GOOD, {**GOOD, "id": "b", "strike": 90.0}]})
+    assert cached_book(vanilla) is None
+    check_request(vanilla, {})
+    assert cached_book(vanilla) is None
+    barrier = {**GOOD, "id": "x", "barrier": {"type": "down-and-out", "level": 80.0}}
+    knocked = parse({"contracts": [GOOD, barrier], "measures": ["price", "mean"]})
+    with pytest.raises(RequestError, match="mean are not defined for a barrier contract"):
+        check_barriers(knocked)
+    assert cached_book(knocked) is not None

@@ -376,6 +376,9 @@ class EngineCore:
         entries: list[Entry] = []
         live: list[int] = []
         models: dict[int, dict[str, ModelId]] = {}
+        # One identity dict per lease, shared by the requests holding it: pickled once a
+        # job (pickle's memo), not a ModelId per served model per request.
+        identities: dict[int, dict[str, ModelId]] = {}
         for k, e in enumerate(job.entries):
             if e.req in self.forgotten:
                 continue
@@ -384,7 +387,10 @@ class EngineCore:
                 if fresh is None:
                     fresh = self.host.snapshot()
                 lease = self.leases[e.req] = fresh
-            models[e.req] = {p: ModelId(s.name, s.version, s.content_hash) for p, s in lease.items()}
+            ids = identities.get(id(lease))
+            if ids is None:
+                ids = identities[id(lease)] = {p: ModelId(s.name, s.version, s.content_hash) for p, s in lease.items()}
+            models[e.req] = ids
             market = None
             if e.market is not None:
                 record, snapshot = e.market

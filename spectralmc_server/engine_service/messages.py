@@ -11,9 +11,11 @@ engine_service/process.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from spectralmc_server.engine.device import BudgetReport
 from spectralmc_server.engine_service.metrics import ProcessStats, TrainingState
@@ -27,6 +29,25 @@ from spectralmc_server.pricing.schemas import Contract, Measure, PriceRequest
 SNAPSHOTS_KEPT = 128  # market snapshots an engine keeps per connection (first in, first out)
 
 
+_T = TypeVar("_T")
+
+
+def wire(cls: type[_T]) -> type[_T]:
+    """Pickle a message as its constructor's arguments. A slotted dataclass's own pickling
+    (dataclasses' __getstate__ and __setstate__) calls ``fields()`` for every object
+    both ways: ~3.5 us a WireEntry each way against ~1.6 (measured), and a job crosses
+    per request a WireEntry and its Head one way and a ModelId per served model back."""
+    values: Callable[[Any], Any] = operator.attrgetter(*(f.name for f in fields(cast(Any, cls))))
+    count = len(fields(cast(Any, cls)))
+
+    def __reduce__(self: Any) -> tuple[type[_T], tuple[Any, ...]]:  # noqa: N807 (pickle's protocol name)
+        got = values(self)
+        return cls, (got if count > 1 else (got,))
+
+    cls.__reduce__ = __reduce__  # type: ignore[method-assign]
+    return cls
+
+
 class EngineDeadError(RuntimeError):
     """The engine has failed, stopped or gone, and takes no more work."""
 
@@ -38,6 +59,7 @@ class JobFailedError(RuntimeError):
 # -- pricing ------------------------------------------------------------------------------
 
 
+@wire
 @dataclass(frozen=True, slots=True)
 class Head:
     """A request's fields other than its contracts."""
@@ -63,6 +85,7 @@ class Head:
         return request
 
 
+@wire
 @dataclass(frozen=True, slots=True)
 class ModelId:
     """Which version of a served model an answer comes from."""
@@ -72,6 +95,7 @@ class ModelId:
     content_hash: str
 
 
+@wire
 @dataclass(frozen=True, slots=True)
 class WireEntry:
     """One request, or one slice of it, in a job. ``req`` names the request for all its
@@ -97,6 +121,7 @@ class WireEntry:
         return job.book.rows(*self.rows)
 
 
+@wire
 @dataclass(frozen=True, slots=True)
 class PriceJob:
     """Entries to price. ``book`` holds the contracts of every entry whose own ``book``
@@ -115,6 +140,7 @@ class Skipped:
 Outcome = dict[str, Any] | RequestRefusedError | Skipped
 
 
+@wire
 @dataclass(frozen=True, slots=True)
 class PriceResult:
     outcomes: tuple[Outcome, ...]  # one per entry, in order

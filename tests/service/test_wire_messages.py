@@ -1,0 +1,67 @@
+"""The engine's messages (engine_service/messages.py) pickle as their constructors'
+arguments (``wire``): every field crosses, equal and of its type, and what the engine
+shares crosses shared."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from spectralmc_server.engine_service.messages import Head, ModelId, PriceJob, PriceResult, WireEntry
+from spectralmc_server.pricing.book import book_of
+from spectralmc_server.pricing.schemas import PriceRequest
+
+CONTRACT = {"id": "a", "right": "call", "strike": 100.0, "spot": 100.0, "expiry_years": 1.0, "vol": 0.2}
+WHEN = datetime(2026, 12, 7, 16, 0, tzinfo=UTC)
+
+
+def _entry(req: int) -> WireEntry:
+    book = book_of(PriceRequest.model_validate({"contracts": [CONTRACT]}))
+    head = Head("ns", WHEN, None, ("price", "quantiles"), (0.1, 0.9))
+    return WireEntry(req=req, head=head, book=book, offset=7, columnar=True, market=None, rows=(2, 5))
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        Head("ns", WHEN, WHEN, ("price",), None),
+        ModelId("gbm", None, "sha256:ab"),
+        _entry(3),
+        PriceJob((_entry(1), _entry(2)), None),
+        PriceResult(({"results": []},), {1: {"gbm": ModelId("gbm", 4, "sha256:cd")}}, 1.5, 2.5, 0.25),
+    ],
+    ids=lambda m: type(m).__name__,
+)
+def test_a_message_crosses_whole(message: object) -> None:
+    got = pickle.loads(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+    assert type(got) is type(message)
+    for f in dataclasses.fields(message):  # type: ignore[arg-type]
+        want, value = getattr(message, f.name), getattr(got, f.name)
+        if f.name == "book" and want is not None:
+            assert {k: str(v) for k, v in vars(value).items()} == {k: str(v) for k, v in vars(want).items()}
+            assert np.array_equal(value.strike, want.strike)
+        elif f.name == "entries":
+            assert [e.head for e in value] == [e.head for e in want]
+        else:
+            assert value == want and type(value) is type(want), f.name
+
+
+def test_identities_shared_by_requests_cross_once() -> None:
+    """An identity dict shared by requests (the engine gives the requests of one lease
+    one dict: core.py _price) crosses once and arrives shared; one per request, as the
+    engine made them before, costs ten times the bytes and a ModelId each."""
+    names = ("gbm", "heston", "merton", "asian", "rbergomi")
+
+    def identities() -> dict[str, ModelId]:
+        return {p: ModelId(p, 1, f"sha256:{p}") for p in names}
+
+    shared = PriceResult((), dict.fromkeys(range(64), identities()), 0.0, 1.0, 0.5)
+    apart = PriceResult((), {r: identities() for r in range(64)}, 0.0, 1.0, 0.5)  # as before
+    got = pickle.loads(pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL))
+    assert got == shared and all(got.models[r] is got.models[0] for r in range(64))
+    size = len(pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL))
+    assert size * 10 < len(pickle.dumps(apart, protocol=pickle.HIGHEST_PROTOCOL)), size

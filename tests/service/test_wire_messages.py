@@ -1,19 +1,25 @@
 """The engine's messages (engine_service/messages.py) pickle as their constructors'
-arguments (``wire``): every field crosses, equal and of its type, and what the engine
-shares crosses shared."""
+arguments (``wire``): every field crosses, equal and of its type; the engine gives the
+requests of one job and lease one identity dict, which crosses once and arrives shared."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pickle
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import pytest
+from server_fixtures import make_client  # noqa: F401
+from server_util import CONTRACT as SERVED_CONTRACT
+from server_util import MakeClient, app_of, block_worker
 
 from spectralmc_server.engine_service.messages import Head, ModelId, PriceJob, PriceResult, WireEntry
 from spectralmc_server.pricing.book import book_of
 from spectralmc_server.pricing.schemas import PriceRequest
+from spectralmc_server.service import keys
 
 CONTRACT = {"id": "a", "right": "call", "strike": 100.0, "spot": 100.0, "expiry_years": 1.0, "vol": 0.2}
 WHEN = datetime(2026, 12, 7, 16, 0, tzinfo=UTC)
@@ -65,3 +71,38 @@ def test_identities_shared_by_requests_cross_once() -> None:
     assert got == shared and all(got.models[r] is got.models[0] for r in range(64))
     size = len(pickle.dumps(shared, protocol=pickle.HIGHEST_PROTOCOL))
     assert size * 10 < len(pickle.dumps(apart, protocol=pickle.HIGHEST_PROTOCOL)), size
+
+
+async def test_the_engine_gives_a_jobs_requests_one_identity_dict(
+    make_client: MakeClient,  # noqa: F811
+) -> None:
+    """core.py _price: requests batched into one job under one lease share the identity
+    dict of their answer (the engine on a thread here, so the PriceResult is the
+    engine's own object), and each answer still names the version it came from."""
+    client = await make_client()
+    engine = app_of(client)[keys.ENGINE]
+    results: list[PriceResult] = []
+    price = engine.price
+
+    def spy(job: PriceJob) -> asyncio.Future[PriceResult]:
+        future = price(job)
+        future.add_done_callback(lambda f: results.append(f.result()) if not f.exception() else None)
+        return future
+
+    engine.price = spy  # type: ignore[method-assign]
+    held = block_worker(client, 0.5)  # the requests queue meanwhile, then go as one job
+
+    async def post(k: int) -> Any:
+        body = {"contracts": [{**SERVED_CONTRACT, "id": f"c{k}", "strike": 90.0 + k}]}
+        r = await client.post("/v1/price", json=body)
+        assert r.status == 200, await r.text()
+        return await r.json()
+
+    answers = await asyncio.gather(*(post(k) for k in range(8)))
+    await held
+    shared = [r for r in results if len(r.models) > 1]
+    assert shared, [len(r.models) for r in results]
+    for result in shared:
+        first = next(iter(result.models.values()))
+        assert all(ids is first for ids in result.models.values())
+    assert all(a["models"]["gbm"]["version"] == answers[0]["models"]["gbm"]["version"] for a in answers)

@@ -1,5 +1,5 @@
 """The engine's messages (engine_service/messages.py) pickle as their constructors'
-arguments (``wire``): every field crosses, equal and of its type; the engine gives the
+arguments (``Wire``): every field crosses, equal and of its type; the engine gives the
 requests of one job and lease one identity dict, which crosses once and arrives shared."""
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 from server_fixtures import make_client  # noqa: F401
-from server_util import CONTRACT as SERVED_CONTRACT
-from server_util import MakeClient, app_of, block_worker
+from server_util import CONTRACT, MakeClient, app_of, block_worker
 
 from spectralmc_server.engine_service.messages import Head, ModelId, PriceJob, PriceResult, WireEntry
 from spectralmc_server.pricing.book import book_of
 from spectralmc_server.pricing.schemas import PriceRequest
 from spectralmc_server.service import keys
 
-CONTRACT = {"id": "a", "right": "call", "strike": 100.0, "spot": 100.0, "expiry_years": 1.0, "vol": 0.2}
 WHEN = datetime(2026, 12, 7, 16, 0, tzinfo=UTC)
 
 
@@ -42,10 +40,10 @@ def _entry(req: int) -> WireEntry:
     ],
     ids=lambda m: type(m).__name__,
 )
-def test_a_message_crosses_whole(message: object) -> None:
+def test_a_message_crosses_whole(message: Any) -> None:
     got = pickle.loads(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
     assert type(got) is type(message)
-    for f in dataclasses.fields(message):  # type: ignore[arg-type]
+    for f in dataclasses.fields(message):
         want, value = getattr(message, f.name), getattr(got, f.name)
         if f.name == "book" and want is not None:
             assert {k: str(v) for k, v in vars(value).items()} == {k: str(v) for k, v in vars(want).items()}
@@ -75,6 +73,7 @@ def test_identities_shared_by_requests_cross_once() -> None:
 
 async def test_the_engine_gives_a_jobs_requests_one_identity_dict(
     make_client: MakeClient,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """core.py _price: requests batched into one job under one lease share the identity
     dict of their answer (the engine on a thread here, so the PriceResult is the
@@ -86,14 +85,19 @@ async def test_the_engine_gives_a_jobs_requests_one_identity_dict(
 
     def spy(job: PriceJob) -> asyncio.Future[PriceResult]:
         future = price(job)
-        future.add_done_callback(lambda f: results.append(f.result()) if not f.exception() else None)
+
+        def keep(f: asyncio.Future[PriceResult]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                results.append(f.result())
+
+        future.add_done_callback(keep)
         return future
 
-    engine.price = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(engine, "price", spy)
     held = block_worker(client, 0.5)  # the requests queue meanwhile, then go as one job
 
     async def post(k: int) -> Any:
-        body = {"contracts": [{**SERVED_CONTRACT, "id": f"c{k}", "strike": 90.0 + k}]}
+        body = {"contracts": [{**CONTRACT, "id": f"c{k}", "strike": 90.0 + k}]}
         r = await client.post("/v1/price", json=body)
         assert r.status == 200, await r.text()
         return await r.json()

@@ -343,6 +343,86 @@ def test_train_unknown_config_field(tmp_path: Path) -> None:
     assert "pathz" in message
 
 
+PHASE_TOML = """\
+[train]
+lr = 1e-3
+warmup_steps = 2
+focus = { share = 0.25, ranges = { vol = [0.5, 1.0] } }
+"""
+
+
+def test_a_fine_tuning_phase_restarts_the_schedule_from_the_checkpoint(trained: Trained, tmp_path: Path) -> None:
+    phase = tmp_path / "phase.toml"
+    phase.write_text(PHASE_TOML)
+    out = tmp_path / "tuned"
+    args = ("train", "--process", "gbm", "--resume", trained.dir, "--config", phase, "--steps", "10", "--out", out)
+    proc = _run(*args, "--quiet", "--no-certify")
+    assert proc.returncode == 0, proc.stderr
+    assert _json_line(proc.stdout)["step"] == 30
+    manifest = orjson.loads((out / "manifest.json").read_bytes())
+    training = manifest["training"]
+    assert (training["schedule_start"], training["schedule_steps"], training["lr"]) == (20, 10, 1e-3)
+    assert training["focus"] == {"share": 0.25, "ranges": {"vol": [0.5, 1.0]}}
+    assert training["paths"] == 64  # the rest is the checkpoint's
+    first = orjson.loads((trained.dir / "manifest.json").read_bytes())
+    origin = manifest["run"]["trained_from"]
+    from spectralmc_server.engine.checkpoint import read_dir
+
+    assert origin["content_hash"] == read_dir(trained.dir).content_hash
+    assert origin["phase_of"] == {
+        "lr": first["training"]["lr"],
+        "warmup_steps": first["training"]["warmup_steps"],
+        "focus": None,
+        "schedule_start": 0,
+        "schedule_steps": 20,
+    }
+    # a plain resume of the tuned checkpoint continues its phase as configured
+    again = _run("train", "--process", "gbm", "--resume", out, "--steps", "2", "--out", tmp_path / "on", "--quiet")
+    assert again.returncode == 0, again.stderr
+    on = orjson.loads((tmp_path / "on" / "manifest.json").read_bytes())["training"]
+    assert (on["schedule_start"], on["schedule_steps"], on["focus"]) == (20, 10, training["focus"])
+
+
+@pytest.mark.parametrize(
+    ("toml", "steps", "needle"),
+    [
+        ("[train]\nlr = 1e-3\npaths = 128\n", True, "paths would change what the checkpoint learned"),
+        ("[train]\nlr = 1e-3\n", False, "give its length with --steps or --minutes"),
+        ("[train]\nfocus = { share = 0.5, ranges = { kappa = [1, 2] } }\n", True, "focus.ranges.kappa"),
+    ],
+)
+def test_a_fine_tuning_phase_refuses_what_it_may_not_set(
+    trained: Trained, tmp_path: Path, toml: str, steps: bool, needle: str
+) -> None:
+    phase = tmp_path / "phase.toml"
+    phase.write_text(toml)
+    length = ("--steps", "5") if steps else ()
+    out = tmp_path / "x"
+    message = _usage_error(
+        _run("train", "--process", "gbm", "--resume", trained.dir, "--config", phase, *length, "--out", out)
+    )
+    assert needle in message
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ("[train]\npaths = 128\n", "may set only lr, lr_final_ratio, warmup_steps"),
+        ('[train]\nprocess = "heston"\nlr = 1e-3\n', "process 'heston' does not match --process gbm"),
+        ("[train]\n", "sets no phase field"),
+    ],
+)
+def test_a_fine_tuning_phase_file_is_checked_before_anything_loads(tmp_path: Path, toml: str, needle: str) -> None:
+    from spectralmc_server.cli.common import UsageError
+    from spectralmc_server.cli.train import _phase_fields
+
+    phase = tmp_path / "phase.toml"
+    phase.write_text(toml)
+    with pytest.raises(UsageError, match=needle):
+        _phase_fields(phase, "gbm")
+
+
 def test_train_resume_with_seed(trained: Trained, tmp_path: Path) -> None:
     args = (
         "train",

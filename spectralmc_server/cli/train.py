@@ -53,7 +53,13 @@ def add_parser(sub: Any) -> None:
         choices=["auto", "torch", "fused"],
         help="path simulation on CUDA: fused kernels where available (auto, the default), torch, or fused only",
     )
-    train.add_argument("--config", type=Path, help="TOML file whose [train] table sets TrainConfig fields")
+    train.add_argument(
+        "--config",
+        type=Path,
+        help="TOML file whose [train] table sets TrainConfig fields; with --resume, a fine-tuning phase: a new "
+        "learning-rate schedule over --steps/--minutes and where points are drawn (lr, lr_final_ratio, "
+        "warmup_steps, ema_decay, grad_clip, focus, validate_every)",
+    )
     train.add_argument(
         "--resume",
         help="continue from a checkpoint directory, or with --store from a version: N, 'head', 'pin' (the pinned "
@@ -355,18 +361,44 @@ def _resumed_trainer(
 ) -> tuple[Any, int, dict[str, Any]]:
     from spectralmc_server.engine.trainer import Trainer
 
-    if args.seed is not None or args.config is not None:
-        raise UsageError("--resume continues a run as configured: drop --seed and --config")
+    if args.seed is not None:
+        raise UsageError("--resume continues a run as configured: drop --seed")
     ckpt, origin, what = _resume_checkpoint(args.resume, session)
     if ckpt.manifest["training"]["process"] != args.process:
         raise UsageError(
             f"--process {args.process} does not match the checkpoint's process {ckpt.manifest['training']['process']!r}"
         )
-    trainer = Trainer.from_checkpoint(ckpt, **overrides)
+    phase = _phase_fields(args.config, args.process) if args.config is not None else None
+    if phase is not None and args.steps is None and args.minutes is None:
+        raise UsageError("--resume with --config starts a new schedule: give its length with --steps or --minutes")
+    trainer = Trainer.from_checkpoint(ckpt, **overrides, **(phase or {}))
     if not args.quiet:
         print(f"resuming from {what} at step {trainer.step}", file=sys.stderr)
     steps = args.steps if args.steps is not None else _steps_for_minutes(trainer.config, args.minutes)
+    if phase is not None:  # a warm restart: the schedule counts from here, over this run
+        previous = {k: ckpt.manifest["training"].get(k) for k in (*phase, "schedule_start", "schedule_steps")}
+        trainer.config = trainer.config.model_copy(update={"schedule_start": trainer.step, "schedule_steps": steps})
+        origin = {**origin, "phase_of": previous}
     return trainer, steps, origin
+
+
+def _phase_fields(path: Path, process: str) -> dict[str, Any]:
+    """--config with --resume: a fine-tuning phase, which may set only PHASE_FIELDS."""
+    from spectralmc_server.engine.trainer import PHASE_FIELDS
+
+    fields = _load_toml(path)
+    if fields.get("process", process) != process:
+        raise UsageError(f"--config: process {fields['process']!r} does not match --process {process}")
+    fields.pop("process", None)
+    other = sorted(set(fields) - set(PHASE_FIELDS))
+    if other:
+        raise UsageError(
+            f"--config with --resume sets a fine-tuning phase, which may set only {', '.join(PHASE_FIELDS)}: "
+            f"{other[0]} would change what the checkpoint learned or how"
+        )
+    if not fields:
+        raise UsageError(f"--config: {path} sets no phase field ({', '.join(PHASE_FIELDS)})")
+    return fields
 
 
 def _new_trainer(args: argparse.Namespace, overrides: dict[str, Any]) -> tuple[Any, int]:

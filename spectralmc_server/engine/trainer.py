@@ -53,7 +53,24 @@ def _with_moneyness(domain: ModelDomain) -> ModelDomain:
 
 
 TRAINING_HOLDER = "trainer: weights, EMA, Adam moments, activations"
+# The fields a fine-tuning phase may set (``spectralmc train --resume DIR --config F``):
+# the optimiser's schedule and where the points are drawn, never the law learned, the
+# network or the data streams. The CLI sets schedule_start and schedule_steps itself.
+PHASE_FIELDS = ("lr", "lr_final_ratio", "warmup_steps", "ema_decay", "grad_clip", "focus", "validate_every")
 VALIDATION_SEED = 2**31 + 7  # held-out Sobol scramble for validation points
+
+
+class FocusBox(BaseModel):
+    """A sub-box of the domain that receives a fixed share of every step's points: the
+    last ``round(batch_points * share)`` points of each Sobol draw are mapped into it
+    (its ranges in each parameter's own units, its other axes left whole). A region the
+    uniform draw visits rarely (rough Bergomi's high vol of vol at long expiries is 0.7%
+    of the box under the log scales) then gets the samples its harder law needs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    ranges: dict[str, tuple[float, float]]
+    share: float = Field(gt=0, lt=1)
 
 
 class TrainConfig(BaseModel):
@@ -90,6 +107,12 @@ class TrainConfig(BaseModel):
     lr_final_ratio: float = Field(0.02, gt=0, le=1)  # lr at the end of the cosine, over peak
     warmup_steps: int = Field(200, ge=0)
     schedule_steps: int = Field(10_000, ge=1)  # horizon of the cosine decay
+    # The step at which the schedule's warmup starts: 0 for a run from scratch, the
+    # resumed step for a fine-tuning phase (a warm restart of the cosine).
+    schedule_start: int = Field(0, ge=0)
+    # Where a share of each step's points is drawn (None: the whole domain, uniformly in
+    # the domain's scales).
+    focus: FocusBox | None = None
     ema_decay: float = Field(0.999, ge=0, lt=1)
     grad_clip: float = Field(1.0, gt=0)  # max global gradient norm
     validate_every: int = Field(250, ge=1)  # steps between validations
@@ -125,13 +148,30 @@ class TrainConfig(BaseModel):
             raise ValueError("targets = 'conditional' takes no control_variate (set control_variate = false)")
         if self.targets == "exact" and not process.has_analytic_cf:
             raise ValueError(f"targets = 'exact' needs an analytic CF, which {self.process!r} lacks")
+        if self.focus is not None:
+            self._check_focus(self.focus, domain)
         return self
+
+    def _check_focus(self, focus: FocusBox, domain: ModelDomain) -> None:
+        ranges = {r.name: r for r in domain.ranges}
+        if not focus.ranges:
+            raise ValueError("focus.ranges: name at least one of " + ", ".join(ranges))
+        for name, (low, high) in focus.ranges.items():
+            if name not in ranges:
+                raise ValueError(f"focus.ranges.{name}: not a domain axis (the axes: {', '.join(ranges)})")
+            r = ranges[name]
+            if not (r.low <= low < high <= r.high):
+                raise ValueError(f"focus.ranges.{name}: need {r.low} <= low < high <= {r.high}, got [{low}, {high}]")
+        if round(self.batch_points * focus.share) < 1:
+            raise ValueError(f"focus.share: {focus.share} of {self.batch_points} points rounds to none")
 
     def resolved_domain(self) -> ModelDomain:
         return self.domain or get_process(self.process).default_domain()
 
     def lr_at(self, step: int) -> float:
-        """Warmup, then cosine from lr to lr * lr_final_ratio at schedule_steps, then flat."""
+        """Warmup, then cosine from lr to lr * lr_final_ratio at schedule_steps, then flat;
+        counted from schedule_start."""
+        step = max(step - self.schedule_start, 0)
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         span = max(self.schedule_steps - self.warmup_steps, 1)
@@ -253,6 +293,8 @@ class Trainer:
     def _draw_points(self) -> tuple[torch.Tensor, torch.Tensor]:
         u: torch.Tensor = self._sobol.draw(self.config.batch_points, dtype=torch.float64)  # (B, dims)
         self.sobol_index += self.config.batch_points
+        if self.config.focus is not None:
+            u = _focused(u, self.config.focus, self.domain)
         theta, expiry = self.domain.from_unit(u.to(self.device))
         return self.process.canonical_params(theta), expiry
 
@@ -399,6 +441,17 @@ class Trainer:
             for v in timed_history(ckpt.manifest)
         ]
         return trainer
+
+
+def _focused(u: torch.Tensor, focus: FocusBox, domain: ModelDomain) -> torch.Tensor:
+    """u (B, dims) in [0, 1] with its last round(B * share) rows mapped into the focus box."""
+    u = u.clone()
+    rows = slice(u.shape[0] - round(u.shape[0] * focus.share), u.shape[0])
+    for i, r in enumerate(domain.ranges):
+        if r.name in focus.ranges:
+            low, high = (float(r.to_unit(torch.tensor(v, dtype=torch.float64))) for v in focus.ranges[r.name])
+            u[rows, i] = low + (high - low) * u[rows, i]
+    return u
 
 
 def mc_targets(

@@ -181,3 +181,47 @@ def test_a_refused_trainer_holds_no_memory_and_leaves_global_rng_alone() -> None
     torch.manual_seed(123)
     Trainer(_config()).close()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_a_restarted_schedule_counts_from_its_start() -> None:
+    c = _config(lr=1e-2, lr_final_ratio=0.1, warmup_steps=10, schedule_steps=110, schedule_start=1000)
+    assert c.lr_at(1000) == pytest.approx(1e-3)  # the warmup again, from the phase's first step
+    assert c.lr_at(1010) == pytest.approx(1e-2)
+    assert c.lr_at(1060) == pytest.approx(0.5 * (1e-2 + 1e-3))
+    assert c.lr_at(1110) == pytest.approx(1e-3)
+    assert c.lr_at(500) == c.lr_at(1000)  # before its start: the start's rate, never a negative step
+
+
+def test_focus_puts_its_share_of_every_draw_in_its_box() -> None:
+    focus = {"share": 0.25, "ranges": {"vol": [0.5, 0.6], "expiry_years": [1.0, 1.5]}}
+    plain, focused = Trainer(_config()), Trainer(_config(focus=focus))
+    try:
+        for _ in range(3):
+            (theta0, t0), (theta1, t1) = plain._draw_points(), focused._draw_points()
+            assert torch.equal(theta0[:24], theta1[:24]) and torch.equal(t0[:24], t1[:24])  # the rest: as before
+            sigma, t = theta1[24:, 0], t1[24:]
+            assert bool(((sigma >= 0.5 - 1e-12) & (sigma <= 0.6 + 1e-12)).all()), sigma
+            assert bool(((t >= 1.0 - 1e-12) & (t <= 1.5 + 1e-12)).all()), t
+            assert len(set(sigma.tolist())) == 8  # spread over the box, not one point
+            # the box's share of the plain draw: the focus changes where points fall
+            assert bool(((theta0[24:, 0] < 0.5) | (theta0[24:, 0] > 0.6) | (t0[24:] < 1.0) | (t0[24:] > 1.5)).any())
+        assert focused.sobol_index == plain.sobol_index == 3 * 32
+    finally:
+        plain.close()
+        focused.close()
+
+
+@pytest.mark.parametrize(
+    ("focus", "message"),
+    [
+        ({"share": 0.25, "ranges": {"kappa": [0.1, 0.2]}}, "focus.ranges.kappa: not a domain axis"),
+        ({"share": 0.25, "ranges": {"vol": [0.6, 0.5]}}, r"focus.ranges.vol: need .* low < high"),
+        ({"share": 0.25, "ranges": {"vol": [0.01, 0.5]}}, r"focus.ranges.vol: need .*<= low"),
+        ({"share": 0.25, "ranges": {}}, "focus.ranges: name at least one"),
+        ({"share": 0.01, "ranges": {"vol": [0.2, 0.3]}}, "focus.share: 0.01 of 32 points rounds to none"),
+        ({"share": 1.0, "ranges": {"vol": [0.2, 0.3]}}, "less than 1"),
+    ],
+)
+def test_focus_errors_name_the_field(focus: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _config(focus=focus)

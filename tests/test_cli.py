@@ -517,3 +517,17 @@ def test_train_out_must_be_writable_before_training(tmp_path: Path, trained: Tra
         assert "is not writable" in message
     finally:
         locked.chmod(0o700)
+
+
+def test_the_shipped_fine_tuning_phase_applies_to_the_rbergomi_configuration() -> None:
+    import tomllib
+
+    from spectralmc_server.cli.train import _phase_fields
+    from spectralmc_server.engine.trainer import TrainConfig
+
+    root = Path(__file__).resolve().parents[1]
+    phase = _phase_fields(root / "config" / "rbergomi_focus.toml", "rbergomi")
+    assert set(phase) == {"lr", "lr_final_ratio", "warmup_steps", "focus"}
+    first = tomllib.loads((root / "config" / "rbergomi.toml").read_text())["train"]
+    tuned = TrainConfig.model_validate({**first, **phase})
+    assert tuned.focus is not None and tuned.focus.ranges == {"eta": (2.5, 4.0), "expiry_years": (0.7, 2.0)}

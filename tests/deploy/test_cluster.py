@@ -5,10 +5,10 @@ One S3 server (SeaweedFS), two ``spectralmc serve --role serve`` replicas, one
 Prometheus loading ``deploy/prometheus/alerts.yml``, all on 127.0.0.1. A client load
 runs against the replicas through every step and records each answer:
 
-1. three versions committed by the trainer, each served by both replicas within one
+1. two versions committed by the trainer, each served by both replicas within one
    poll interval (plus the load of the new weights), no failed request through the swaps;
 2. Prometheus scrapes every process and loads the alert rules;
-3. the object store stopped for 10 s under load: no failed pricing request, /readyz of
+3. the object store stopped for 6 s under load: no failed pricing request, /readyz of
    both replicas says ``degraded`` with the reason, and after the store returns the
    replicas serve a new version again;
 4. two trainers commit concurrently: one linear chain of versions, ``verify`` ok;
@@ -46,9 +46,9 @@ BUCKET = "spectralmc"
 POLL_SECONDS = 1.0
 LOAD_SECONDS_ALLOWANCE = 1.0  # fetching and loading a new version after the poll that finds it
 MAX_BACKOFF_SECONDS = 2.0
-OUTAGE_SECONDS = 10.0
-SWAPS = 3  # commits served through under load (step 1)
-RACE_ROUNDS = 2  # rounds of two concurrent commits (step 4)
+OUTAGE_SECONDS = 6.0  # several of the replicas' 1 s polls fail in it
+SWAPS = 2  # commits served through under load (step 1; each certifies: seconds under load)
+RACE_ROUNDS = 1  # rounds of two concurrent commits (step 4)
 CONTRACTS = [
     {"id": "c", "right": "call", "strike": 105.0, "spot": 100.0, "expiry_years": 0.5, "vol": 0.25},
     {"id": "p", "right": "put", "strike": 95.0, "spot": 100.0, "expiry_years": 1.0, "vol": 0.3, "rate": 0.02},
@@ -309,7 +309,7 @@ async def test_cluster(cluster: Cluster) -> None:
         load = Load(session, {p.name: p.url for p in api})
         await asyncio.sleep(1.0)
 
-        # 1. Three swaps under load, each reaching both replicas within one poll interval
+        # 1. Swaps under load, each reaching both replicas within one poll interval
         # (each commit certifies its version: a few seconds of this 2-core machine under load).
         lags: list[float] = []
         versions: list[int] = []
@@ -345,7 +345,7 @@ async def test_cluster(cluster: Cluster) -> None:
 
         mark("Prometheus checked")
         await asyncio.to_thread(c.wait_ready, "trainer-2")  # up before the outage, which it rides out too
-        # 3. The object store down for 10 s under load.
+        # 3. The object store down under load.
         t_down = time.monotonic()
         await asyncio.to_thread(c.s3.stop)
         degraded: dict[str, str] = {}

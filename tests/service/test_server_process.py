@@ -184,7 +184,7 @@ def test_real_prometheus_scrapes_the_server(serve: Serve, tmp_path: Path) -> Non
 # -- fuzzing ------------------------------------------------------------------------------
 
 SCHEMATHESIS_CONFIG = """\
-generation.max-examples = 30
+generation.max-examples = 20
 
 # Admin routes get the served model's name most of the time (random names: 404).
 [dictionaries.models]

@@ -351,12 +351,24 @@ focus = { share = 0.25, ranges = { vol = [0.5, 1.0] } }
 """
 
 
-def test_a_fine_tuning_phase_restarts_the_schedule_from_the_checkpoint(trained: Trained, tmp_path: Path) -> None:
+def _train_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> subprocess.CompletedProcess[str]:
+    """``main(["train", ...])`` here: the same code without a fresh interpreter (the
+    console script's own train runs are the tests above)."""
+    from spectralmc_server.cli import main
+
+    code = main(["train", *map(str, args)])
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
+def test_a_fine_tuning_phase_restarts_the_schedule_from_the_checkpoint(
+    trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     phase = tmp_path / "phase.toml"
     phase.write_text(PHASE_TOML)
     out = tmp_path / "tuned"
-    args = ("train", "--process", "gbm", "--resume", trained.dir, "--config", phase, "--steps", "10", "--out", out)
-    proc = _run(*args, "--quiet", "--no-certify")
+    args = ("--process", "gbm", "--resume", trained.dir, "--config", phase, "--steps", "10", "--out", out)
+    proc = _train_in_process(capsys, *args, "--quiet", "--no-certify")
     assert proc.returncode == 0, proc.stderr
     assert _json_line(proc.stdout)["step"] == 30
     manifest = orjson.loads((out / "manifest.json").read_bytes())
@@ -377,7 +389,7 @@ def test_a_fine_tuning_phase_restarts_the_schedule_from_the_checkpoint(trained: 
         "schedule_steps": 20,
     }
     # a plain resume of the tuned checkpoint continues its phase as configured
-    again = _run("train", "--process", "gbm", "--resume", out, "--steps", "2", "--out", tmp_path / "on", "--quiet")
+    again = _train_in_process(capsys, "--process", "gbm", "--resume", out, "--steps", "2", "--out", tmp_path / "on")
     assert again.returncode == 0, again.stderr
     on = orjson.loads((tmp_path / "on" / "manifest.json").read_bytes())["training"]
     assert (on["schedule_start"], on["schedule_steps"], on["focus"]) == (20, 10, training["focus"])
@@ -392,15 +404,14 @@ def test_a_fine_tuning_phase_restarts_the_schedule_from_the_checkpoint(trained: 
     ],
 )
 def test_a_fine_tuning_phase_refuses_what_it_may_not_set(
-    trained: Trained, tmp_path: Path, toml: str, steps: bool, needle: str
+    trained: Trained, tmp_path: Path, capsys: pytest.CaptureFixture[str], toml: str, steps: bool, needle: str
 ) -> None:
     phase = tmp_path / "phase.toml"
     phase.write_text(toml)
     length = ("--steps", "5") if steps else ()
     out = tmp_path / "x"
-    message = _usage_error(
-        _run("train", "--process", "gbm", "--resume", trained.dir, "--config", phase, *length, "--out", out)
-    )
+    args = ("--process", "gbm", "--resume", trained.dir, "--config", phase, *length, "--out", out)
+    message = _usage_error(_train_in_process(capsys, *args))
     assert needle in message
     assert not out.exists()
 

@@ -27,12 +27,24 @@ def add_parser(sub: Any) -> None:
     serve.add_argument("--worker-dir", type=Path, help=argparse.SUPPRESS)
 
 
+def _check_config_file(config: Path | None) -> None:
+    """A missing or unparsable --config, refused before anything heavy is imported (the
+    settings import torch: seconds, where these two take milliseconds)."""
+    if config is None:
+        return
+    if not config.is_file():
+        raise UsageError(f"--config: no such file {config}")
+    try:
+        tomllib.loads(config.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {config}: not valid TOML: {exc}") from None
+
+
 def _settings(args: argparse.Namespace) -> Any:
+    _check_config_file(args.config)
     from spectralmc_server.settings import Settings
     from spectralmc_server.store.uri import InvalidStoreURIError, parse_store_uri
 
-    if args.config is not None and not args.config.is_file():
-        raise UsageError(f"--config: no such file {args.config}")
     try:
         settings = Settings.load(
             args.config, host=args.host, port=args.port, role=args.role, data_dir=args.data_dir, store=args.store
@@ -48,6 +60,7 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    _check_config_file(args.config)
     import logging
 
     from spectralmc_server.cli import serve_workers

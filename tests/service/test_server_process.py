@@ -334,6 +334,24 @@ def test_serve_invalid_toml(tmp_path: Path) -> None:
     assert_usage_error(run_serve(tmp_path, "--config", str(bad)), "not valid TOML", str(bad))
 
 
+@pytest.mark.parametrize("content", [None, "port = [\n", b"\xff\xfe"])
+def test_a_bad_config_file_is_refused_before_torch_is_imported(tmp_path: Path, content: str | bytes | None) -> None:
+    config = tmp_path / "server.toml"
+    if isinstance(content, str):
+        config.write_text(content)
+    elif isinstance(content, bytes):
+        config.write_bytes(content)
+    probe = (
+        "import sys\n"
+        "from spectralmc_server.cli import main\n"
+        f"code = main(['serve', '--config', {str(config)!r}])\n"
+        "print(code, 'torch' in sys.modules)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
+    assert run.stdout.split() == ["2", "False"], (run.stdout, run.stderr)
+    assert run.stderr.startswith("error: --config") and str(config) in run.stderr, run.stderr
+
+
 def test_serve_invalid_env_setting(tmp_path: Path) -> None:
     run = run_serve(tmp_path, env={"SPECTRALMC_PORT": "notaport", "SPECTRALMC_QUEUE__MAX_WAIT_SECONDS": "5"})
     assert_usage_error(run, "invalid settings", "port", "queue.max_wait_seconds")

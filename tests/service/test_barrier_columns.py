@@ -24,6 +24,7 @@ from server_util import MakeClient, assert_error
 from test_arrow import bits, post_arrow, table
 from test_columns import rows_of_answer
 
+from spectralmc_server.engine import barrier_pricer
 from spectralmc_server.pricing.arrow import REQUEST_METADATA, answer_of_ipc, book_ipc, read_book
 from spectralmc_server.pricing.book import Book, book_of
 from spectralmc_server.pricing.cells import BARRIER_COLUMNS, BARRIER_PREFIX, PARAMS_PREFIX
@@ -128,7 +129,14 @@ def test_a_barrier_book_as_columns_is_the_row_request() -> None:
 
 
 @pytest.mark.slow
-async def test_rows_columns_and_arrow_give_bit_identical_barrier_answers(make_client: MakeClient) -> None:
+async def test_rows_columns_and_arrow_give_bit_identical_barrier_answers(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The engine runs on a thread of this process: its barrier Monte Carlo at 2^13 paths
+    # (2^16 served). Bit-identity across the forms holds at any path count, and the MC
+    # contracts are most of this test's time (the served pricer's Monte Carlo is checked
+    # in tests/engine/test_barrier_pricer.py).
+    monkeypatch.setattr(barrier_pricer, "MC_PATHS", 1 << 13)
     client = await make_client(models=["gbm", "heston"], request_timeout_seconds=MC_DEADLINE)
     head = {"measures": MEASURES}
     r = await client.post("/v1/price", json={**head, "contracts": BOOK})

@@ -416,6 +416,15 @@ def test_a_fine_tuning_phase_refuses_what_it_may_not_set(
     assert not out.exists()
 
 
+def test_a_fine_tuning_phase_file_is_read_before_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    phase = tmp_path / "phase.toml"
+    phase.write_text("[train]\npaths = 128\n")
+    args = ("--process", "gbm", "--resume", tmp_path / "no-such-checkpoint", "--config", phase, "--steps", "5")
+    assert "paths would change what the checkpoint learned" in _usage_error(_train_in_process(capsys, *args))
+
+
 @pytest.mark.parametrize(
     ("toml", "needle"),
     [

@@ -36,12 +36,14 @@ def _check_config_file(config: Path | None) -> None:
         raise UsageError(f"--config: no such file {config}")
     try:
         tomllib.loads(config.read_text())
+    except OSError as exc:
+        raise UsageError(f"--config {config}: cannot read it: {exc.strerror or exc}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"--config {config}: not valid TOML: {exc}") from None
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    _check_config_file(args.config)
+    """The settings of ``args`` (its --config already checked by :func:`run`)."""
     from spectralmc_server.settings import Settings
     from spectralmc_server.store.uri import InvalidStoreURIError, parse_store_uri
 

@@ -363,14 +363,15 @@ def _resumed_trainer(
 
     if args.seed is not None:
         raise UsageError("--resume continues a run as configured: drop --seed")
+    # the phase file before the checkpoint, which may come from a store
+    phase = _phase_fields(args.config, args.process) if args.config is not None else None
+    if phase is not None and args.steps is None and args.minutes is None:
+        raise UsageError("--resume with --config starts a new schedule: give its length with --steps or --minutes")
     ckpt, origin, what = _resume_checkpoint(args.resume, session)
     if ckpt.manifest["training"]["process"] != args.process:
         raise UsageError(
             f"--process {args.process} does not match the checkpoint's process {ckpt.manifest['training']['process']!r}"
         )
-    phase = _phase_fields(args.config, args.process) if args.config is not None else None
-    if phase is not None and args.steps is None and args.minutes is None:
-        raise UsageError("--resume with --config starts a new schedule: give its length with --steps or --minutes")
     trainer = Trainer.from_checkpoint(ckpt, **overrides, **(phase or {}))
     if not args.quiet:
         print(f"resuming from {what} at step {trainer.step}", file=sys.stderr)

@@ -352,6 +352,23 @@ def test_a_bad_config_file_is_refused_before_torch_is_imported(tmp_path: Path, c
     assert run.stderr.startswith("error: --config") and str(config) in run.stderr, run.stderr
 
 
+def test_an_unreadable_config_file_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from spectralmc_server.cli import main
+
+    config = tmp_path / "server.toml"
+    config.write_text("port = 8080\n")
+
+    def denied(self: Path, *args: Any, **kwargs: Any) -> str:
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "read_text", denied)  # root reads any file: the error is simulated
+    assert main(["serve", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --config {config}: cannot read it: Permission denied\n", err
+
+
 def test_serve_invalid_env_setting(tmp_path: Path) -> None:
     run = run_serve(tmp_path, env={"SPECTRALMC_PORT": "notaport", "SPECTRALMC_QUEUE__MAX_WAIT_SECONDS": "5"})
     assert_usage_error(run, "invalid settings", "port", "queue.max_wait_seconds")

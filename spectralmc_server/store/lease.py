@@ -13,10 +13,13 @@ Every change is a conditional write (store/objects.py), so two writers never bot
   exists and has expired or been released, replace it with put-if-match on the etag just
   read (``If-Match``). A lost race raises :class:`LeaseHeldError` naming the winner.
 - **renew**: put-if-match on the etag of the holder's own last write; a holder whose
-  lease was taken over (it expired) gets :class:`LeaseLostError`.
+  lease was taken over (it expired) gets :class:`LeaseLostError`. A refused write
+  re-reads the lease first: when it is still this acquisition (a write of ours landed
+  but its answer was lost, e.g. a renewal cancelled in flight), it writes on that etag.
 - **release**: put-if-match writing ``"released": true`` and ``expires`` = now. The
   object is not deleted: S3 has no conditional delete everywhere, and an unconditional
   one could remove a lease a later holder took over. The next acquirer takes it over.
+  A refused release re-reads the lease as a renewal does (a release that landed is done).
 
 Times are the holders' Unix clocks: ``expires`` is written by the holder and compared
 with the reader's own clock. That is sound while the clocks of the machines sharing the
@@ -203,7 +206,7 @@ class Lease:
         now = self.clock()
         data = self._body(held.acquired, now, released=False, rnd=held.last_round)
         try:
-            etag = await self.objects.put_if_match(self.key, data, held.etag)
+            etag = await self._write_ours(held, data, releasing=False)
         except PreconditionFailedError:
             self.state = None
             raise LeaseLostError(f"{self.what}: the lease was lost (taken over after it expired)") from None
@@ -219,9 +222,30 @@ class Lease:
         rnd = held.last_round if last_round is None else last_round
         data = self._body(held.acquired, now, released=True, rnd=rnd)
         try:
-            await self.objects.put_if_match(self.key, data, held.etag)
+            await self._write_ours(held, data, releasing=True)
         except PreconditionFailedError:
             raise LeaseLostError(f"{self.what}: the lease was lost before it was released") from None
+
+    async def _write_ours(self, held: LeaseState, data: bytes, *, releasing: bool) -> str:
+        """Replace our lease with ``data``, conditional on its etag; the new etag.
+
+        The etag we know can be stale while the lease is still ours: a write of ours
+        landed but its answer did not reach us (a timeout, or a renewal cancelled in
+        flight when ``hold`` ends). So a refused write re-reads the lease, and when the
+        stored one is still this acquisition (same holder, same ``acquired``, not
+        released) writes again on its etag. A release that already landed counts as
+        done. Anything else is another holder's: PreconditionFailedError."""
+        try:
+            return await self.objects.put_if_match(self.key, data, held.etag)
+        except PreconditionFailedError:
+            current = await self.read()
+            if current is None or (current.holder, current.acquired) != (held.holder, held.acquired):
+                raise
+            if current.released:
+                if releasing:
+                    return current.etag  # our release landed before
+                raise
+            return await self.objects.put_if_match(self.key, data, current.etag)
 
     def _held(self) -> LeaseState:
         if self.state is None:

@@ -22,7 +22,7 @@ from conftest import Backend
 from store_util import tiny_files
 
 from spectralmc_server.store.lease import LEASE_FORMAT, Lease, LeaseHeldError, LeaseLostError
-from spectralmc_server.store.objects import LocalObjectStore, ObjectStore
+from spectralmc_server.store.objects import MAX_PAGE, Blob, LocalObjectStore, ObjectStore, Page
 from spectralmc_server.store.versions import VersionStore
 
 KEY = "models/m/leases/gc.json"
@@ -128,6 +128,99 @@ async def test_hold_renews_in_the_background_and_releases(backend: Backend) -> N
                 _ = 1 / 0
         stored = await other.read()
         assert stored is not None and stored.released and stored.holder == "long job"
+
+
+class LostReplies:
+    """The store, except that the next ``lose`` conditional replacements land and then
+    raise ``error`` instead of answering: the write happened, its etag never arrived (a
+    client timeout, or a renewal cancelled in flight)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.description = f"{store.description} (losing answers)"
+        self.lose = 0
+        self.error: BaseException = TimeoutError("the store's answer was lost")
+        self.lost = 0
+
+    async def get(self, key: str) -> Blob | None:
+        return await self.store.get(key)
+
+    async def put_if_absent(self, key: str, data: bytes) -> str:
+        return await self.store.put_if_absent(key, data)
+
+    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
+        out = await self.store.put_if_match(key, data, etag)
+        if self.lose:
+            self.lose -= 1
+            self.lost += 1
+            raise self.error
+        return out
+
+    async def list(self, prefix: str, start_after: str | None = None, limit: int = MAX_PAGE) -> Page:
+        return await self.store.list(prefix, start_after, limit)
+
+    async def delete(self, key: str) -> None:
+        await self.store.delete(key)
+
+    async def close(self) -> None:
+        await self.store.close()
+
+
+async def test_a_write_whose_answer_was_lost_keeps_the_lease(backend: Backend) -> None:
+    """A renewal or release of ours that landed without its answer leaves the etag we
+    know stale; the lease is still ours, so the next renewal and the release re-read it
+    and go on: no false 'lost', and the lease is free when released (not held until it
+    expires, which would make other replicas skip their GC rounds)."""
+    clock = Clock()
+    async with backend.open() as raw:
+        store = LostReplies(raw)
+        a, b = lease(store, "a", clock), lease(store, "b", clock)
+        first = await a.acquire()
+        store.lose = 1
+        clock.t += 1.0
+        with pytest.raises(TimeoutError):
+            await a.renew()
+        assert store.lost == 1
+        clock.t += 1.0
+        renewed = await a.renew()  # on the stale etag: refused, re-read, still ours
+        assert renewed.acquired == first.acquired and renewed.expires == clock.t + 10.0
+        await a.release(last_round=7.0)
+        stored = await a.read()
+        assert stored is not None and stored.released and stored.last_round == 7.0
+        again = await b.acquire()  # free at once
+        assert again.holder == "b" and again.last_round == 7.0
+
+        store.lose = 1  # b's release lands, its answer is lost; b's retry finds it done
+        with pytest.raises(TimeoutError):
+            await b.release()
+        b.state = again  # as if that release had never been tried: the retry
+        await b.release()
+        stored = await b.read()
+        assert stored is not None and stored.released and stored.holder == "b"
+
+        # another holder's lease is never taken for ours: same holder name, later acquisition
+        await a.acquire()
+        stale = a.state
+        await a.release()
+        clock.t += 1.0
+        await lease(store, "a", clock).acquire()
+        a.state = stale
+        with pytest.raises(LeaseLostError):
+            await a.renew()
+
+
+async def test_hold_releases_after_a_renewal_cancelled_in_flight(backend: Backend) -> None:
+    """``hold`` cancels its renewer when the body ends; a renewal that had landed without
+    its answer must not stop the release (the lease would stay held to its expiry)."""
+    async with backend.open() as raw:
+        store = LostReplies(raw)
+        holder = Lease(store, KEY, "job", 0.3)
+        store.lose, store.error = 1, asyncio.CancelledError()
+        async with holder.hold() as holding:
+            await asyncio.sleep(0.2)  # the first renewal (at 0.1 s) lands, its answer is lost
+            assert store.lost == 1 and not holding.lost
+        stored = await holder.read()
+        assert stored is not None and stored.released and stored.holder == "job"
 
 
 def test_cli_gc_refuses_while_the_lease_is_held(tmp_path: Path) -> None:

@@ -91,7 +91,9 @@ async def advance_ref(
     *,
     attempts: int = CAS_ATTEMPTS,
 ) -> bool:
-    """Compare-and-swap ``ref`` forward; True when this call wrote it.
+    """Compare-and-swap ``ref`` forward; True when this call wrote it (a refused write
+    after which the ref holds this call's bytes counts: the store client retried a write
+    that had landed, whose answer was lost).
 
     ``update(current)`` gets the ref's bytes (None when it does not exist) and returns
     the bytes to write, or None to leave the ref as it is (it is already at or past
@@ -102,8 +104,11 @@ async def advance_ref(
     does not parse) and from the store propagate."""
     if attempts < 1:
         raise ValueError(f"attempts must be at least 1, got {attempts}")
+    tried: bytes | None = None  # what the last refused write offered
     for attempt in range(attempts):
         blob = await objects.get(ref)
+        if tried is not None and blob is not None and blob.data == tried:
+            return True  # that write landed, its answer was lost (the store client retried it)
         data = update(None if blob is None else blob.data)
         if data is None:
             return False
@@ -114,8 +119,12 @@ async def advance_ref(
                 await objects.put_if_match(ref, data, blob.etag)
             return True
         except PreconditionFailedError:
+            tried = data
             if attempt + 1 < attempts:
                 await backoff(attempt)
+    last = await objects.get(ref)
+    if last is not None and last.data == tried:
+        return True
     raise RefContentionError(ref, attempts)
 
 

@@ -2,7 +2,9 @@
 
 A :class:`Chain` is entries created once at ``prefix/<index:012d>.json`` (index 1, 2,
 ...), each naming its parent's hash, and a ref pointing at the tip. Claiming entry n is
-put-if-absent, so two writers can never both own it; the ref moves with
+put-if-absent, so two writers can never both own it (a refused claim whose entry holds
+the writer's own bytes is its own write, landed while the answer was lost: it is not a
+race lost, so a retried commit never appends twice); the ref moves with
 :func:`~spectralmc_server.store.cas.advance_ref` and is only a cache of the tip: a
 writer that dies after its entry and before the ref leaves it behind, and every reader
 rolls it forward (and moves it, helping) by probing the next entry. The model versions
@@ -185,10 +187,13 @@ class Chain:
             try:
                 await self.objects.put_if_absent(self.key(index + 1), data)
             except PreconditionFailedError:
-                if not retry:
-                    winner = await self.read(index + 1)
-                    raise CommitConflictError(index + 1, winner.body if winner else {}) from None
-                continue
+                # The entry exists: another writer's, or ours (a write that landed while
+                # its answer was lost, then was retried): the same bytes are ours.
+                winner = await self.read(index + 1)
+                if winner is None or winner.data != data:
+                    if not retry:
+                        raise CommitConflictError(index + 1, winner.body if winner else {}) from None
+                    continue
             h = sha256_hex(data)
             await self.move_ref(index + 1, h)
             return Entry(index + 1, body, data, h)

@@ -165,7 +165,10 @@ class SnapshotStore:
         lineage: dict[str, Any] | None = None,
     ) -> tuple[SnapshotRecord, bool]:
         """Store ``snapshot`` under the key; ``(record, created)``. Same content again is
-        idempotent (``created`` False); different content raises SnapshotConflictError."""
+        idempotent (``created`` False); different content raises SnapshotConflictError.
+        A record found holding this call's own bytes (its stored_at is this call's) was
+        created by this call: its write landed while the answer was lost and the
+        store client's retry was refused, so it is ``created`` (and its listeners told)."""
         data = await asyncio.to_thread(canonical, snapshot)
         h = await put_content(self.objects, self._content_prefix(namespace), data)  # content first; idempotent
         record = SnapshotRecord(
@@ -181,7 +184,7 @@ class SnapshotStore:
             first = await create_once(self.objects, key, record.to_bytes())
         except PreconditionFailedError:  # created, then deleted before it could be read: not something this store does
             raise SnapshotConflictError(f"{key} changed while it was written; put it again") from None
-        if first is not None:
+        if first is not None and first.data != record.to_bytes():  # the same bytes: ours, its answer lost
             existing = SnapshotRecord.from_bytes(first.data, key)
             if existing.hash != h:
                 raise SnapshotConflictError(

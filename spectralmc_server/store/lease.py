@@ -11,7 +11,9 @@ Every change is a conditional write (store/objects.py), so two writers never bot
 
 - **acquire**: create the object with put-if-absent (``If-None-Match: *``); or, when it
   exists and has expired or been released, replace it with put-if-match on the etag just
-  read (``If-Match``). A lost race raises :class:`LeaseHeldError` naming the winner.
+  read (``If-Match``). A lost race raises :class:`LeaseHeldError` naming the winner;
+  a refused write whose body is found in the store on the re-read was ours (it landed
+  while its answer was lost) and is the acquisition.
 - **renew**: put-if-match on the etag of the holder's own last write; a holder whose
   lease was taken over (it expired) gets :class:`LeaseLostError`. A refused write
   re-reads the lease first: when it is still this acquisition (a write of ours landed
@@ -170,8 +172,11 @@ class Lease:
         the same holder name: a lease is not re-entrant)."""
         if self.state is not None:
             raise RuntimeError(f"{self.key}: this Lease already holds it")
+        offered: bytes | None = None  # the body of our last refused write
         for _ in range(ACQUIRE_ATTEMPTS):
             blob = await self.objects.get(self.key)
+            if offered is not None and blob is not None and blob.data == offered:
+                return self._adopt(blob.data, blob.etag)  # it landed; its answer was lost
             current = None if blob is None else _decode(blob.data, blob.etag, self.key)
             now = self.clock()
             if current is not None and current.live(now):
@@ -184,7 +189,8 @@ class Lease:
                 else:
                     etag = await self.objects.put_if_match(self.key, data, blob.etag)
             except PreconditionFailedError:
-                continue  # another writer got there first: read what it wrote
+                offered = data
+                continue  # another writer got there first (or ours landed unanswered): read what is there
             if current is not None and not current.released:
                 log.warning(
                     "%s: took over the lease of %r, which expired at %s (it did not release it)",
@@ -194,11 +200,21 @@ class Lease:
                 )
             self.state = LeaseState(self.holder, now, now, now + self.ttl, False, rnd, etag)
             return self.state
-        current = await self.read()
+        blob = await self.objects.get(self.key)
+        if offered is not None and blob is not None and blob.data == offered:
+            return self._adopt(blob.data, blob.etag)
+        current = None if blob is None else _decode(blob.data, blob.etag, self.key)
         now = self.clock()
         if current is not None and current.live(now):
             raise LeaseHeldError(self.what, current.holder, current.expires, now)
         raise LeaseHeldError(self.what, "another holder (it took and released the lease meanwhile)", now, now)
+
+    def _adopt(self, data: bytes, etag: str) -> LeaseState:
+        """Our acquiring write, found in the store after the store refused its retry."""
+        state = _decode(data, etag, self.key)
+        assert state is not None  # the body we wrote
+        self.state = state
+        return state
 
     async def renew(self) -> LeaseState:
         """Move our expiry to now + ttl; LeaseLostError when someone else has it now."""

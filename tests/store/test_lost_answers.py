@@ -7,8 +7,10 @@ precondition that is no lost race. Every conditional writer must tell the two ap
 - a commit must not append its version twice (store/chain.py), nor report a conflict
   with itself;
 - a ref moved by compare-and-swap reports it moved it (store/cas.py);
-- a lease renewed or released that way is still this holder's (store/lease.py), so it
-  is released at once rather than held to its expiry.
+- a lease taken, renewed or released that way is still this holder's (store/lease.py),
+  so it is released at once rather than held to its expiry;
+- a market-data snapshot stored that way was created by this PUT (marketdata/store.py),
+  so the server tells its streams about it.
 
 The answers are lost by a TCP proxy on loopback between the client and SeaweedFS: it
 forwards a chosen PUT and drops the connection when the server's answer comes back,
@@ -20,9 +22,13 @@ import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
 
+from marketdata_util import snapshot
 from store_util import tiny_files
 
+from spectralmc_server.marketdata.objects import MarketSnapshot
+from spectralmc_server.marketdata.store import SnapshotStore
 from spectralmc_server.store.cas import advance_ref
 from spectralmc_server.store.lease import Lease
 from spectralmc_server.store.s3 import S3ObjectStore, S3Settings
@@ -151,19 +157,38 @@ async def test_a_ref_moved_with_its_answer_lost_reports_it_moved(
         assert blob is not None and blob.data == b"2"
 
 
-async def test_a_lease_renewed_and_released_with_answers_lost_stays_ours(
+async def test_a_lease_taken_renewed_and_released_with_answers_lost_stays_ours(
     s3_settings: S3Settings, make_bucket: Callable[[], str]
 ) -> None:
     async with proxied_store(s3_settings, make_bucket) as (store, proxy):
         key = "models/m/leases/gc.json"
         mine, other = Lease(store, key, "mine", 60.0), Lease(store, key, "other", 60.0)
-        acquired = await mine.acquire()
+        proxy.arm("leases/gc.json")
+        acquired = await mine.acquire()  # created; the answer lost: ours, not held by "another"
+        assert proxy.dropped == 1 and acquired.holder == "mine"
         proxy.arm("leases/gc.json")
         renewed = await mine.renew()
-        assert proxy.dropped == 1 and renewed.acquired == acquired.acquired
+        assert proxy.dropped == 2 and renewed.acquired == acquired.acquired
         proxy.arm("leases/gc.json")
         await mine.release(last_round=3.0)
-        assert proxy.dropped == 2
+        assert proxy.dropped == 3
         stored = await other.read()
         assert stored is not None and stored.released and stored.holder == "mine" and stored.last_round == 3.0
         assert (await other.acquire()).last_round == 3.0  # free at once, not at its expiry
+
+
+async def test_a_snapshot_put_with_its_answer_lost_is_created(
+    s3_settings: S3Settings, make_bucket: Callable[[], str]
+) -> None:
+    """The record's own bytes found on the re-read: created (so the server tells its
+    listeners, the streams, which a repeat PUT does not), and refs/latest moved."""
+    async with proxied_store(s3_settings, make_bucket) as (store, proxy):
+        snapshots = SnapshotStore(store)
+        vdt, asof = datetime(2026, 11, 26, 16, tzinfo=UTC), datetime(2026, 11, 26, 16, 0, 5, tzinfo=UTC)
+        body = MarketSnapshot.model_validate(snapshot())
+        proxy.arm("/snapshots/")
+        record, created = await snapshots.put("ns", vdt, asof, body)
+        assert proxy.dropped == 1 and created
+        assert (await snapshots.latest("ns")) == record
+        again, created = await snapshots.put("ns", vdt, asof, body)  # a repeat: not created
+        assert not created and again == record

@@ -551,3 +551,8 @@ def test_the_shipped_fine_tuning_phase_applies_to_the_rbergomi_configuration() -
     first = tomllib.loads((root / "config" / "rbergomi.toml").read_text())["train"]
     tuned = TrainConfig.model_validate({**first, **phase})
     assert tuned.focus is not None and tuned.focus.ranges == {"eta": (2.5, 4.0), "expiry_years": (0.7, 2.0)}
+    anneal = _phase_fields(root / "config" / "rbergomi_anneal.toml", "rbergomi")  # the second phase tried
+    assert set(anneal) == {"lr", "lr_final_ratio", "warmup_steps", "ema_decay", "focus"}
+    low = TrainConfig.model_validate({**first, **anneal})
+    assert low.lr == 2e-4 and low.ema_decay == 0.9995
+    assert low.focus is not None and low.focus.share == 0.125

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 import pytest
+from cli_util import main_in_process
 
 from spectralmc_server.engine.certificate import DEFAULT_TOLERANCE
 
@@ -352,13 +353,9 @@ focus = { share = 0.25, ranges = { vol = [0.5, 1.0] } }
 
 
 def _train_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``main(["train", ...])`` here: the same code without a fresh interpreter (the
-    console script's own train runs are the tests above)."""
-    from spectralmc_server.cli import main
-
-    code = main(["train", *map(str, args)])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    """``spectralmc train ...`` without a fresh interpreter (the console script's own
+    train runs are the tests above)."""
+    return main_in_process(capsys, "train", *args)
 
 
 def test_a_fine_tuning_phase_restarts_the_schedule_from_the_checkpoint(

@@ -22,8 +22,8 @@ from typing import Any
 
 import orjson
 import pytest
+from cli_util import main_in_process
 
-from spectralmc_server.cli import main
 from spectralmc_server.engine.checkpoint import read_dir
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord, SnapshotStore
@@ -82,10 +82,8 @@ def _run(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 def _run_in_process(capsys: pytest.CaptureFixture[str], *args: str | Path) -> subprocess.CompletedProcess[str]:
-    """``main(["calibrate", ...])`` here: the same code without a fresh interpreter."""
-    code = main(["calibrate", *map(str, args)])
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+    """``spectralmc calibrate ...`` without a fresh interpreter."""
+    return main_in_process(capsys, "calibrate", *args)
 
 
 def _usage_error(proc: subprocess.CompletedProcess[str]) -> str:

@@ -44,8 +44,10 @@ P95_TARGET, MAX_TARGET = 5.0, 25.0  # bp of spot (issue 21)
 K = len(STRIKES)
 # The truth is re-priced with --fine-paths at the points of the worst REFINE_SHARE of the
 # options whose truth's 3 SE is at least REFINE_SE_SHARE of their error: there the
-# truth's own noise is a large part of the error measured (the rule of engine/certify.py
-# refine_truth, over a larger share, since a max is what the target bounds). An option
+# truth's own noise is a large part of the error measured (engine/certify.py's
+# noisy_worst_rows has the same test over a smaller share, ranking error + 3 SE, the
+# certificate's error; here the error alone is ranked, since a max of it is what the
+# target bounds). An option
 # outside that set has an error under the set's smallest, so the max measured after it is
 # the model's, not the truth's noise.
 REFINE_SHARE = 0.01

@@ -296,3 +296,36 @@ def test_errors_from_update_propagate(backend: Backend) -> None:
                 await advance_ref(store, "refs/head", update)
 
     asyncio.run(run())
+
+
+class RefusedAfterLanding:
+    """A store whose conditional replacements land and then answer a failed precondition
+    (what the S3 client's retry of a write whose answer was lost meets)."""
+
+    def __init__(self, store: ObjectStore) -> None:
+        self.store = store
+        self.description = store.description
+
+    async def put_if_match(self, key: str, data: bytes, etag: str) -> str:
+        await self.store.put_if_match(key, data, etag)
+        raise PreconditionFailedError(f"{key}: 412")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.store, name)
+
+
+def test_a_move_refused_after_it_landed_is_this_calls_even_on_the_last_attempt(backend: Backend) -> None:
+    """With one attempt the refused write has no next read to be recognised in: the look
+    taken before giving up finds the ref holding its bytes, so the move is reported done
+    rather than as contention."""
+
+    async def run() -> None:
+        async with backend.open() as store:
+            await store.put_if_absent("refs/head", b"1")
+            refusing = RefusedAfterLanding(store)
+            assert await advance_ref(refusing, "refs/head", set_to(b"2"), attempts=1) is True
+            assert await advance_ref(refusing, "refs/head", set_to(b"3"), attempts=3) is True
+            blob = await store.get("refs/head")
+            assert blob is not None and blob.data == b"3"
+
+    asyncio.run(run())

@@ -117,9 +117,7 @@ async def errors_and_metrics(request: web.Request, handler: Handler) -> web.Stre
         log.exception("unhandled error on %s %s", request.method, request.path)
         generic = APIError("internal error (logged on the server)")
         response = _error_response(generic)
-    m = request.app[keys.METRICS]
-    m.requests.labels(route, request.method, str(response.status)).inc()
-    m.request_seconds.labels(route).observe(time.perf_counter() - t0)
+    request.app[keys.METRICS].observe_request(route, request.method, response.status, time.perf_counter() - t0)
     return response
 
 

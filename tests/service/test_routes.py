@@ -582,6 +582,28 @@ async def test_metrics(make_client: MakeClient) -> None:
 # -- roles -------------------------------------------------------------------------------
 
 
+async def test_request_metrics_name_only_standard_methods(make_client: MakeClient) -> None:
+    """A method outside the standard ones (the HTTP parser passes WebDAV's and others)
+    is counted as "other": a client cannot add series to /metrics (nor entries to the
+    label cache) by its choice of method."""
+    client = await make_client()
+    for method in ("PURGE", "PROPFIND", "MKCOL"):
+        r = await client.request(method, "/v1/price")
+        assert r.status == 405
+        r = await client.request(method, "/nowhere")
+        assert r.status == 404
+    r = await client.request("DELETE", "/v1/price")
+    assert r.status == 405
+    text = await (await client.get("/metrics")).text()
+    # a method no route of the path takes is "unmatched" too (405)
+    assert metric(text, "spectralmc_http_requests_total", route="unmatched", method="other", status="405") == 3
+    assert metric(text, "spectralmc_http_requests_total", route="unmatched", method="other", status="404") == 3
+    assert metric(text, "spectralmc_http_requests_total", route="unmatched", method="DELETE", status="405") == 1
+    assert not re.search("PURGE|PROPFIND|MKCOL", text)
+    counts = app_of(client)[keys.METRICS]._request_counts
+    assert {m for _, m, _ in counts} <= {"GET", "POST", "DELETE", "other"}
+
+
 async def test_train_role_does_not_price(make_client: MakeClient) -> None:
     client = await make_client(role="train", train={"enabled": True})
     r = await price(client, {"contracts": [CONTRACT]})

@@ -6,8 +6,14 @@ concurrency 64, 1,000-contract requests at concurrency 8 as row JSON and as colu
 JSON, and 10,000-contract Arrow IPC books at concurrency 4; next to an aiohttp
 hello-world handler (it reads the same body and answers a constant) and the engine
 alone (the served GBM model's pricer on the same 10,000 contracts, in this process, best
-of 5), both measured in the same run. Reports requests/s, options/s, p50 / p99 latency (wrk's own histogram), non-2xx
-answers, and the server's resident memory idle and under load. ``--soak-minutes M``
+of 5), both measured in the same run. The single-contract scenario also loads the
+serving path's floor (bench/floor_server.py: aiohttp, batching and an engine process,
+with no validation, admission, metrics or model): what a server of this shape pays
+before any of spectralmc's own work. Reports requests/s, options/s, p50 / p99 latency
+(wrk's own histogram), non-2xx answers, the server's resident memory idle and under
+load, and the CPU (user + system, from /proc) per request of the HTTP process(es), the
+engine process(es) and wrk itself over each run: per-core figures for sizing a host
+(a core serves 1e6 / us requests/s of that process's work). ``--soak-minutes M``
 adds a run of M minutes of single-contract load sampling RSS every 5 s, to show memory
 stays flat after warm-up.
 
@@ -24,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -168,6 +175,8 @@ def server(
     port = free_port()
     if kind == "hello":
         cmd = [sys.executable, "-c", HELLO, str(port)]
+    elif kind == "floor":
+        cmd = [sys.executable, str(Path(__file__).resolve().parent / "floor_server.py"), str(port)]
     else:
         cmd = [sys.executable, "-m", "spectralmc_server.cli", "serve", "--port", str(port)]
         cmd += ["--data-dir", str(workdir / "data"), "--log-level", "warning"]
@@ -234,6 +243,34 @@ class Load:
     p99_ms: float
     non_2xx: int
     rss_peak: int
+    cpu_us: dict[str, float]  # CPU (user + system) per request: "http", "engine" processes and "wrk"
+
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def cpu_by_role(pid: int) -> dict[str, float]:
+    """CPU seconds (user + system) of the server's process tree rooted at ``pid`` by
+    role: ``engine`` (spectralmc's engine processes, the floor's engine) or ``http``."""
+    out = {"http": 0.0, "engine": 0.0}
+    for p in _descendants(pid):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            role = "engine" if b"engine_service" in cmd or b"--engine" in cmd else "http"
+            out[role] += (int(fields[11]) + int(fields[12])) / TICK
+    return out
 
 
 def _ms(text: str) -> float:
@@ -261,11 +298,13 @@ def wrk(
         f'wrk.headers["Content-Type"] = "{content_type}"\n'
     )
     cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(int(seconds), 1)}s", "--latency", "-s", str(script)]
+    before, children = cpu_by_role(pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     proc = subprocess.Popen([*cmd, url + "/v1/price"], stdout=subprocess.PIPE, text=True)
     peak = 0
     while proc.poll() is None:
         peak = max(peak, rss_bytes(pid))
         time.sleep(0.25)
+    after, reaped = cpu_by_role(pid), resource.getrusage(resource.RUSAGE_CHILDREN)
     out = proc.stdout.read() if proc.stdout else ""
     found = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if found is None:
@@ -277,7 +316,11 @@ def wrk(
     non_2xx = int(bad.group(1)) if bad else 0
     if errors:
         print(f"  wrk: {errors.group(0)}")
-    return Load(rps, _ms(lat["50"]), _ms(lat["99"]), non_2xx, peak)
+    done = re.search(r"(\d+) requests in", out)
+    count = max(int(done.group(1)) if done else 0, 1)
+    cpu = {role: 1e6 * (after[role] - before[role]) / count for role in after}
+    cpu["wrk"] = 1e6 * (reaped.ru_utime + reaped.ru_stime - children.ru_utime - children.ru_stime) / count
+    return Load(rps, _ms(lat["50"]), _ms(lat["99"]), non_2xx, peak, cpu)
 
 
 def soak(url: str, pid: int, minutes: float, workdir: Path) -> list[tuple[float, int]]:
@@ -334,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[list[object]] = []
     payloads = {name: (n, conns, make(n), ctype) for name, n, conns, make, ctype in SCENARIOS}
     engine_rate = engine_alone(10_000)
-    rows.append(["engine alone (in process)", "arrow 10,000", "-", "-", "-", engine_rate, "-", "-", "-", "-"])
+    rows.append(["engine alone (in process)", "arrow 10,000", "-", "-", "-", engine_rate, *["-"] * 7])
     soak_samples: list[tuple[float, int]] = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -343,20 +386,13 @@ def main(argv: list[str] | None = None) -> int:
                 if ctype != "application/json" or name.startswith("columns"):
                     continue  # the hello world reads any body: rows stand for the rest
                 load = wrk(url, payload, conns, seconds, work, pid)
-                rows.append(
-                    [
-                        "aiohttp hello world",
-                        name,
-                        conns,
-                        "-",
-                        load.requests_per_s,
-                        "-",
-                        load.p50_ms,
-                        load.p99_ms,
-                        load.non_2xx,
-                        "-",
-                    ]
-                )
+                rows.append(["aiohttp hello world", name, conns, "-", load.requests_per_s, "-", *_tail(load)])
+        with server("floor", work, False) as (url, pid):  # bench/floor_server.py: single contracts only
+            _n, conns, payload, _ctype = payloads["single"]
+            if not args.quick:
+                wrk(url, payload, conns, min(seconds, 2.0), work, pid)  # warm-up
+            load = wrk(url, payload, conns, seconds, work, pid)
+            rows.append([FLOOR, "single", conns, "-", load.requests_per_s, "-", *_tail(load)])
         modes = [m.strip() for m in args.modes.split(",") if m.strip()]
         counts = [int(e) for e in args.engines.split(",") if e.strip()]
         workers = [int(w) for w in args.http_workers.split(",") if w.strip()]
@@ -377,20 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                         label += f" ({engines} engine{'s' if engines > 1 else ''})"
                     if nworkers > 1 or len(workers) > 1:
                         label += f" ({nworkers} HTTP worker{'s' if nworkers > 1 else ''})"
-                    rows.append(
-                        [
-                            label,
-                            name,
-                            conns,
-                            f"{idle / 2**20:.0f}",
-                            load.requests_per_s,
-                            load.requests_per_s * n,
-                            load.p50_ms,
-                            load.p99_ms,
-                            load.non_2xx,
-                            f"{load.rss_peak / 2**20:.0f}",
-                        ]
-                    )
+                    row = [label, name, conns, f"{idle / 2**20:.0f}", load.requests_per_s, load.requests_per_s * n]
+                    rows.append([*row, *_tail(load, f"{load.rss_peak / 2**20:.0f}")])
                 if args.soak_minutes and not training and not args.quick and (mode, engines, nworkers) == setups[0]:
                     soak_samples = soak(url, pid, args.soak_minutes, work)
     headers = [
@@ -404,6 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         "p99 ms",
         "non-2xx",
         "RSS load MiB",
+        "CPU us/req HTTP",  # user + system over the wrk run, per request: the HTTP process(es)
+        "engine",  # the engine process(es)
+        "wrk",  # the load generator, on the same cores
     ]
     text = table(headers, rows)
     print(text)
@@ -423,12 +450,24 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+FLOOR = "floor: aiohttp, batching, an engine process"
+
+
+def _tail(load: Load, rss: str = "-") -> list[object]:
+    """A row's columns from p50 on: latency, errors, RSS under load, CPU per request."""
+    cpu = [f"{load.cpu_us[k]:.0f}" for k in ("http", "engine", "wrk")]
+    return [load.p50_ms, load.p99_ms, load.non_2xx, rss, *cpu]
+
+
 def _ratios(rows: list[list[object]]) -> str:
     """The targets' ratios from the table: req/s against the hello world's (single), and
     the Arrow book's options/s against the engine alone's."""
     hello = {r[1]: float(str(r[4])) for r in rows if r[0] == "aiohttp hello world"}
     engine = next(float(str(r[5])) for r in rows if str(r[0]).startswith("engine alone"))
+    floor = next((float(str(r[4])) for r in rows if r[0] == FLOOR), None)
     lines = []
+    if floor is not None and hello.get("single"):
+        lines.append(f"- {FLOOR}, single: {floor / hello['single']:.2f}x hello world req/s")
     for r in rows:
         if not str(r[0]).startswith("spectralmc"):
             continue

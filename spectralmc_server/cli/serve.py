@@ -63,6 +63,11 @@ def _settings(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     _check_config_file(args.config)
+    from spectralmc_server import lazy_torch
+
+    # The HTTP process imports the engine's modules for their constants and types, and
+    # runs no torch with the engine in its own process: torch is imported on first use.
+    lazy_torch.install()
     import logging
 
     from spectralmc_server.cli import serve_workers

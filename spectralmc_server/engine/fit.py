@@ -23,7 +23,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import torch
 
@@ -31,12 +31,15 @@ from spectralmc_server.engine.cos import cos_coefficients
 from spectralmc_server.engine.processes.base import ParameterRange, Process
 from spectralmc_server.engine.spectrum import SpectrumConfig
 
-CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (theta (B, P), T (B,)) -> phi_Y (B, K)
+# (the aliases are strings: this module is imported where torch is not, lazy_torch.py)
+CFFunction: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], torch.Tensor]"  # (theta (B, P), T (B,)) -> phi_Y (B, K)
 # (theta (B, P), T (B,), d_theta (Q, B, P), d_scale (Q, B)) -> phi_Y (B, K), d phi_Y (Q, B, K):
 # a CF with its derivatives along Q parameter directions (CFModel.forward_with_tangents).
-TangentCF = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+TangentCF: TypeAlias = (
+    "Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]"
+)
 # theta (P,) -> the normalised out-of-the-money prices (n,) of the quotes, like Quotes.price
-PriceFunction = Callable[[torch.Tensor], torch.Tensor]
+PriceFunction: TypeAlias = "Callable[[torch.Tensor], torch.Tensor]"
 Start = Mapping[str, float]
 _SQRT_2PI = math.sqrt(2.0 * math.pi)
 

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from typing import TypeAlias
 
 import torch
 
@@ -45,8 +46,9 @@ from spectralmc_server.engine.processes.asian import asian_log_moments
 from spectralmc_server.engine.processes.heston import heston_explosion_time, heston_log_moments
 from spectralmc_server.engine.processes.merton import merton_log_moments
 
-LogMoments = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-MomentFunction = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# (aliases as strings: this module is imported where torch is not, lazy_torch.py)
+LogMoments: TypeAlias = "tuple[torch.Tensor, torch.Tensor, torch.Tensor]"
+MomentFunction: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]"
 """(theta (B, P), T (B,)) float64 -> {"stdev": stdev of R, "skew", "kurtosis"} (B,) each."""
 
 ORDER = {"stdev": 2, "skew": 3, "kurtosis": 4}  # the highest moment of R each measure needs

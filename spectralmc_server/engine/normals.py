@@ -33,12 +33,19 @@ from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
-from torch.quasirandom import SobolEngine
 
 from spectralmc_server.engine.device import MemoryBudget, tensor_bytes
 
-SOBOL_MAX_DIMS = SobolEngine.MAXDIM  # 21201 in torch
-_Sobol: Any = SobolEngine  # torch.quasirandom carries no type annotations
+SOBOL_MAX_DIMS = 21201  # torch's SobolEngine.MAXDIM (tests/engine/test_normals.py checks)
+
+
+def _Sobol(dims: int, **kwargs: Any) -> Any:  # noqa: N802 (it stands for the class)
+    """torch's SobolEngine (untyped), imported here: this module is imported where torch
+    is not (lazy_torch.py)."""
+    from torch.quasirandom import SobolEngine
+
+    engine: Any = SobolEngine  # torch.quasirandom carries no type annotations
+    return engine(dims, **kwargs)
 
 
 def sobol_engine(dims: int, seed: int) -> Any:
@@ -48,8 +55,6 @@ def sobol_engine(dims: int, seed: int) -> Any:
 
 NormalsMode = Literal["sobol", "sobol_shift", "pseudo"]
 SOBOL_BITS = 30  # torch's Sobol points are k / 2^30
-
-_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 
 
 class NormalsConfig(BaseModel):
@@ -83,7 +88,7 @@ class NormalsConfig(BaseModel):
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return _DTYPES[self.dtype]
+        return {"float32": torch.float32, "float64": torch.float64}[self.dtype]
 
     def block_bytes(self) -> int:
         return tensor_bytes((self.rows, self.dims), self.torch_dtype)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import torch
 
@@ -36,7 +36,7 @@ REQUEST_MEASURES = (*MEASURES, *BARRIER_MEASURES)  # what a request may ask for
 # admission); beyond, the reference does, from exact moments (engine/moments.py).
 SPREAD_MEASURES = frozenset({"stdev", "skew", "kurtosis"})
 
-CFFunction = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+CFFunction: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], torch.Tensor]"  # a string: lazy_torch.py
 CF_CHUNK = 64  # CF evaluations take a multiple of this many rows: answers are batch-invariant
 # Y = X / s on [-64, 64] with 2,048 terms. Heston's left tail can be very heavy (close
 # to a power law in S_T when xi is large against a small variance level): at the domain's

@@ -39,9 +39,9 @@ class SpectrumConfig(BaseModel):
     def bin_width(self) -> float:
         return 2.0 * self.half_width / self.n_bins
 
-    def frequencies(self, dtype: torch.dtype = torch.float64, device: torch.device | None = None) -> torch.Tensor:
-        """w_k = k pi / (2L), shape (K,)."""
-        k = torch.arange(self.n_freq, dtype=dtype, device=device)
+    def frequencies(self, dtype: torch.dtype | None = None, device: torch.device | None = None) -> torch.Tensor:
+        """w_k = k pi / (2L), shape (K,), in ``dtype`` (None: float64)."""
+        k = torch.arange(self.n_freq, dtype=torch.float64 if dtype is None else dtype, device=device)
         return k * (math.pi / (2.0 * self.half_width))
 
 

@@ -21,12 +21,11 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import orjson
 import torch
 
-from spectralmc_server.engine.cvnn import CFModel
 from spectralmc_server.engine.fit import (
     CalibrationError,
     CalibrationResult,
@@ -40,7 +39,6 @@ from spectralmc_server.engine.pricer import REFERENCE_SPECTRUM
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.base import ParameterRange, Process
 from spectralmc_server.engine.reference import analytic_cf_y
-from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.marketdata.black import NoImpliedVolError, implied_vol
 from spectralmc_server.marketdata.objects import MarketSnapshot, ModelParams, VolSurface
 from spectralmc_server.pricing.calibratable import (
@@ -50,6 +48,9 @@ from spectralmc_server.pricing.calibratable import (
     MAX_CORRECTIONS,
     MIN_CORRECTION_PATHS,
 )
+
+if TYPE_CHECKING:  # the served network's modules (and torch) only where a fit runs: lazy_torch.py
+    from spectralmc_server.engine.served import ServedModel
 
 StartFunction = Callable[[Quotes, tuple[ParameterRange, ...]], list[dict[str, float]]]
 
@@ -264,6 +265,8 @@ def calibrate_snapshot(
         raise SurfaceError(
             f"correction paths: {MIN_CORRECTION_PATHS} to {MAX_CORRECTION_PATHS}, got {correction_paths}"
         )
+    from spectralmc_server.engine.cvnn import CFModel  # here: imported where torch is not (lazy_torch.py)
+
     process = get_process(process_name)
     learned = served is not None and isinstance(served.pricer.learned.raw_cf, CFModel)
     if not learned and not process.has_analytic_cf:
@@ -349,9 +352,9 @@ def corrected_fit(
     return result, tuple(done), shift
 
 
-ReferencePrices = Callable[
-    [Process, torch.Tensor, Quotes, int, int, Progress | None], tuple[torch.Tensor, torch.Tensor]
-]
+ReferencePrices: TypeAlias = (  # a string: this module is imported where torch is not (lazy_torch.py)
+    "Callable[[Process, torch.Tensor, Quotes, int, int, Progress | None], tuple[torch.Tensor, torch.Tensor]]"
+)
 
 
 def reference_quote_prices(
@@ -444,6 +447,8 @@ def model_surface(
     """The Black vol surface (moneyness K/F x expiry) the served learned model implies at
     ``params``, priced exactly as a calibration through it prices (COS on the network's
     CF): a surface whose fit through the same model must give ``params`` back."""
+    from spectralmc_server.engine.cvnn import CFModel
+
     net = served.pricer.learned.raw_cf
     if not isinstance(net, CFModel):
         raise TypeError(f"the {served.name} model has no learned CF")

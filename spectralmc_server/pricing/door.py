@@ -23,7 +23,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import torch
 from pydantic import ValidationError
@@ -31,7 +31,6 @@ from pydantic import ValidationError
 from spectralmc_server.engine.pricer import PRICE_MEASURES, REFERENCE_SPECTRUM
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.refined import refine_level
-from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.objects import MarketSnapshot
 from spectralmc_server.marketdata.store import SnapshotRecord
@@ -51,9 +50,12 @@ from spectralmc_server.pricing.valuation import (
     check_request,
 )
 
+if TYPE_CHECKING:  # the network's modules (and torch) only where a model is served: lazy_torch.py
+    from spectralmc_server.engine.served import ServedModel
+
 log = logging.getLogger(__name__)
 
-Models = Mapping[str, ServedModel]
+Models: TypeAlias = "Mapping[str, ServedModel]"  # a string: ServedModel imports torch (lazy_torch.py)
 Views = Mapping[str, ModelView]
 # Below this many contracts the row schema is faster than the columnar checks (their
 # numpy calls cost ~0.2 ms whatever the size; the schema ~5-8 us a contract; measured).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import orjson
@@ -24,11 +24,13 @@ from spectralmc_server.engine.pricer import MOMENT_MAX_SPREAD, PRICE_MEASURES, S
 from spectralmc_server.engine.processes import get_process
 from spectralmc_server.engine.processes.spec import servable_np
 from spectralmc_server.engine.reference_pricers import reference_bounds, reference_pricer, reference_with_error
-from spectralmc_server.engine.served import ServedModel
 from spectralmc_server.engine.view import ModelView
 from spectralmc_server.marketdata.store import iso
 from spectralmc_server.pricing.book import Book, all_explicit, book_of, book_of_requests, cached_book, processes
 from spectralmc_server.pricing.schemas import BARRIER_MEASURE_NAMES, PriceRequest
+
+if TYPE_CHECKING:  # the network's modules (and torch) only where a model is served: lazy_torch.py
+    from spectralmc_server.engine.served import ServedModel
 
 
 class RequestError(ValueError):

@@ -25,7 +25,6 @@ import orjson
 from aiohttp import web
 
 from spectralmc_server.engine.device import BudgetReport, Budgets
-from spectralmc_server.engine_service.core import EngineCore
 from spectralmc_server.engine_service.messages import EngineDeadError
 from spectralmc_server.engine_service.metrics import ModelState, TrainingState, process_stats
 from spectralmc_server.engine_service.views import ModelDirectory
@@ -198,7 +197,9 @@ async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
     elif s.engine.mode == "process":
         engine = ProcessEngine(s, app[keys.MODELS], app[keys.METRICS])
         engine.on_give_up = lambda: _give_up(app)
-    else:
+    else:  # the engine's modules (and torch) only where it runs: not in process mode
+        from spectralmc_server.engine_service.core import EngineCore
+
         core = EngineCore(s, app[keys.OBJECTS], app[keys.METRICS], app[keys.BUDGETS])
         engine = LocalEngine(core, app[keys.MODELS])
         app[keys.HOST] = core.host

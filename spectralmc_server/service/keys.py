@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
 from spectralmc_server.engine.device import Budgets
-from spectralmc_server.engine_service.models import ModelHost
 from spectralmc_server.engine_service.views import ModelDirectory
-from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining
 from spectralmc_server.service.batcher import Batcher
 from spectralmc_server.service.engine import EngineClient
 from spectralmc_server.service.jobs import Schedule
@@ -19,6 +18,10 @@ from spectralmc_server.service.stream import StreamHub
 from spectralmc_server.settings import Settings
 from spectralmc_server.store.objects import ObjectStore
 from spectralmc_server.store.versions import VersionStore
+
+if TYPE_CHECKING:  # the engine's own objects (thread mode): their modules import torch (lazy_torch.py)
+    from spectralmc_server.engine_service.models import ModelHost
+    from spectralmc_server.engine_service.worker import ComputeWorker, OnlineTraining
 
 
 @dataclass
@@ -40,9 +43,9 @@ MODELS = web.AppKey("models", ModelDirectory)  # the served models as plain data
 STORES: web.AppKey[dict[str, VersionStore]] = web.AppKey("stores")  # each served model's store (admin, /v1/models)
 # The engine's own objects, set only when it runs on a thread of this process (engine.mode
 # "thread"): for tests that look inside it. The HTTP side's code never reads them.
-HOST = web.AppKey("host", ModelHost)
-WORKER = web.AppKey("worker", ComputeWorker)
-TRAINING = web.AppKey("training", OnlineTraining)
+HOST: web.AppKey[ModelHost] = web.AppKey("host")
+WORKER: web.AppKey[ComputeWorker] = web.AppKey("worker")
+TRAINING: web.AppKey[OnlineTraining] = web.AppKey("training")
 BATCHER = web.AppKey("batcher", Batcher)
 OPENAPI = web.AppKey("openapi", bytes)
 MARKETDATA = web.AppKey("marketdata", MarketData)

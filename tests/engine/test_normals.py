@@ -275,3 +275,13 @@ def test_cuda_block_generation_stays_within_the_pool_reservation() -> None:
         assert torch.cuda.memory_allocated() - base == z.untyped_storage().nbytes() == cfg.block_bytes()
         assert peak <= cfg.generation_bytes() + cfg.block_bytes(), (mode, peak)
         del z
+
+
+def test_the_sobol_dimension_bound_is_torchs() -> None:
+    """engine/normals.py states SobolEngine's bound without importing torch (it is
+    imported where torch is not: spectralmc_server/lazy_torch.py)."""
+    from torch.quasirandom import SobolEngine
+
+    from spectralmc_server.engine.normals import SOBOL_MAX_DIMS
+
+    assert SobolEngine.MAXDIM == SOBOL_MAX_DIMS

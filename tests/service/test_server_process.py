@@ -234,6 +234,9 @@ def test_schemathesis_finds_no_server_error(serve: Serve, tmp_path: Path) -> Non
     assert run.returncode == 0, f"schemathesis exited {run.returncode}:\n{output}"
     assert "unhandled error" not in log_text(server), log_text(server)
     assert server.proc.poll() is None, "the server died during fuzzing"
+    # nothing the fuzzer sent made the HTTP process load torch (lazy_torch.py)
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps, "the HTTP process loaded torch"
 
 
 # -- graceful shutdown --------------------------------------------------------------------

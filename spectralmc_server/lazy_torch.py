@@ -6,9 +6,9 @@ serve`` with the engine in its own process; docs/architecture.md).
 then binds the stand-in, and the first attribute read from it (``torch.cat``,
 ``torch.Tensor``) imports the real torch, which from then on is ``sys.modules["torch"]``
 itself: the modules that bound the stand-in are rebound to it, and the stand-in
-forwards any other read. Importing torch costs ~0.8 s and ~180
-MiB of resident memory (measured on this project's 2-core VM), which a process that
-never computes with it need not pay.
+forwards any other read. Importing torch costs ~0.8 s and ~180 MiB of resident memory
+(measured on this project's 2-core VM), which a process that never computes with it
+need not pay.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ from spectralmc_server.engine.device import MemoryBudget, tensor_bytes
 SOBOL_MAX_DIMS = 21201  # torch's SobolEngine.MAXDIM (tests/engine/test_normals.py checks)
 
 
-def _Sobol(dims: int, **kwargs: Any) -> Any:  # noqa: N802 (it stands for the class)
+def _sobol(dims: int, **kwargs: Any) -> Any:
     """torch's SobolEngine (untyped), imported here: this module is imported where torch
     is not (lazy_torch.py)."""
     from torch.quasirandom import SobolEngine
@@ -50,7 +50,7 @@ def _Sobol(dims: int, **kwargs: Any) -> Any:  # noqa: N802 (it stands for the cl
 
 def sobol_engine(dims: int, seed: int) -> Any:
     """A scrambled (LMS + digital shift) Sobol engine over [0, 1)^dims."""
-    return _Sobol(dims, scramble=True, seed=seed)
+    return _sobol(dims, scramble=True, seed=seed)
 
 
 NormalsMode = Literal["sobol", "sobol_shift", "pseudo"]
@@ -109,7 +109,7 @@ class NormalsConfig(BaseModel):
 @functools.lru_cache(maxsize=8)
 def _unscrambled_state(dims: int) -> torch.Tensor:
     """Sobol direction numbers (dims, 30) for ``dims`` coordinates, unscrambled."""
-    state: torch.Tensor = _Sobol(dims, scramble=False).sobolstate
+    state: torch.Tensor = _sobol(dims, scramble=False).sobolstate
     return state.clone()
 
 
@@ -161,7 +161,7 @@ def generate_block(
         if on_device:
             bits = sobol_bits(_unscrambled_state(config.dims), shift, n, device).to(torch.int64)
         else:
-            raw = _Sobol(config.dims, scramble=False).draw(n, dtype=torch.float64)  # (n, dims), k / 2^30
+            raw = _sobol(config.dims, scramble=False).draw(n, dtype=torch.float64)  # (n, dims), k / 2^30
             bits = (raw * float(1 << SOBOL_BITS)).to(torch.int64) ^ shift  # digital shift
         u_mid = (bits.to(torch.float64) + 0.5) * 2.0**-SOBOL_BITS  # cell centres: never 0 or 1
         z: torch.Tensor = torch.special.ndtri(u_mid).to(device=device, dtype=config.torch_dtype)

@@ -101,3 +101,18 @@ def test_the_http_process_never_loads_torch(server: ServerProcess) -> None:
     engines = engine_pids(pid)
     assert engines and all(mapped(e, "libtorch") for e in engines)  # the check can fail
     assert not mapped(pid, "libtorch"), "the HTTP process loaded torch"
+
+
+def test_a_thread_mode_server_loads_torch_through_the_stand_in(tmp_path: Path) -> None:
+    """With the engine on a thread of the server's process the same start-up (the
+    stand-in installed first) loads torch when the engine starts, and prices."""
+    env = {"SPECTRALMC_TRAIN__ENABLED": "false", "SPECTRALMC_ENGINE__MODE": "thread"}
+    server = start_server(tmp_path, env=env)
+    try:
+        status, body = call(server.url, "POST", "/v1/price", {"contracts": [CONTRACT]})
+        assert status == 200, body
+        assert json.loads(body)["results"][0]["price"] > 0
+        assert mapped(server.proc.pid, "libtorch")
+        assert not engine_pids(server.proc.pid)
+    finally:
+        server.stop(signal.SIGKILL)

@@ -11,6 +11,7 @@ each scrape of the HTTP side: engine_service/server.py). :class:`ModelState` and
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -154,11 +155,12 @@ class ProcessStats:
     open_fds: int | None
     max_fds: int | None
     gc: tuple[tuple[int, int, int], ...]  # per generation: collections, collected, uncollectable
+    gc_frozen: int = 0  # objects in the permanent generation (gc_freeze at start-up)
 
 
 def process_stats() -> ProcessStats:
     """This process's :class:`ProcessStats` now."""
-    return ProcessStats(cpu_seconds(), open_fds(), max_fds(), gc_generations())
+    return ProcessStats(cpu_seconds(), open_fds(), max_fds(), gc_generations(), gc.get_freeze_count())
 
 
 PROCESS_FAMILIES = (
@@ -168,6 +170,7 @@ PROCESS_FAMILIES = (
     "spectralmc_python_gc_collections",
     "spectralmc_python_gc_objects_collected",
     "spectralmc_python_gc_objects_uncollectable",
+    "spectralmc_python_gc_frozen_objects",
 )
 
 
@@ -193,10 +196,16 @@ def process_metrics(processes: Iterable[tuple[str, ProcessStats | None]]) -> lis
     uncollectable = CounterMetricFamily(
         "spectralmc_python_gc_objects_uncollectable", "Objects Python's cyclic GC found uncollectable", labels=gen
     )
+    frozen = GaugeMetricFamily(
+        "spectralmc_python_gc_frozen_objects",
+        "Objects frozen out of Python's cyclic GC at start-up (gc_freeze), by process",
+        labels=label,
+    )
     for name, stats in processes:
         if stats is None:
             continue
         cpu.add_metric([name], stats.cpu_seconds)
+        frozen.add_metric([name], stats.gc_frozen)
         if stats.open_fds is not None:
             fds.add_metric([name], stats.open_fds)
         if stats.max_fds is not None:
@@ -205,4 +214,4 @@ def process_metrics(processes: Iterable[tuple[str, ProcessStats | None]]) -> lis
             runs.add_metric([name, str(g)], n)
             collected.add_metric([name, str(g)], c)
             uncollectable.add_metric([name, str(g)], u)
-    return [cpu, fds, limit, runs, collected, uncollectable]
+    return [cpu, fds, limit, runs, collected, uncollectable, frozen]

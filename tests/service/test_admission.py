@@ -203,20 +203,31 @@ MIX: list[dict[str, Any]] = [
 
 
 async def test_an_overload_burst_is_answered_200_or_503_not_504(make_client: MakeClient) -> None:
-    """40 requests of 1,000 contracts at once (prices, Greeks, 32 quantiles), with a
-    deadline of five times what the heaviest takes alone (at least 2 s): several times
-    more work than fits (with 32, where the 2 s floor holds, as few as 7 were refused in
-    one CI run: 25 fitted). Each is priced in time or refused at once with 503
-    overloaded and Retry-After; none waits out its deadline (504). The queue learned
-    its costs from two requests of each kind first, as a server under way has."""
+    """40 to 90 requests of 1,000 contracts at once (prices, Greeks, 32 quantiles), with
+    a deadline of five times what the heaviest takes alone (at least 2 s), and as many as
+    make their own compute three deadlines: several times more work than fits (a fixed
+    40 let 33 fit on one fast CI run, under the 8 refusals asked). Each is priced in
+    time or refused at once with 503 overloaded and Retry-After; none waits out its
+    deadline (504). The queue learned its costs from two requests of each kind first,
+    as a server under way has."""
     client = await make_client(torch_threads=1)
     bodies = [orjson.dumps({**kind, "contracts": book(1000)}) for kind in MIX]
     headers = {"Content-Type": "application/json"}
     for raw in bodies * 2:
         await ok(await client.post("/v1/price", data=raw, headers=headers))
-    t0 = time.perf_counter()
-    await ok(await client.post("/v1/price", data=bodies[2], headers=headers))
-    deadline = max(2.0, 5 * (time.perf_counter() - t0))
+    alone = []
+    for raw in bodies:  # each kind alone, the best of two
+        times = []
+        for _ in range(2):
+            t0 = time.perf_counter()
+            await ok(await client.post("/v1/price", data=raw, headers=headers))
+            times.append(time.perf_counter() - t0)
+        alone.append(min(times))
+    deadline = max(2.0, 5 * alone[2])
+    # Several times more work than fits: the burst's own compute at least three deadlines
+    # (40 requests were too few where the 2 s floor holds on a fast run: 33 fitted), and at
+    # most 90 requests (90,000 contracts, inside the queue's bound of 100,000).
+    count = min(max(40, math.ceil(3 * deadline / (sum(alone) / len(alone)))), 90)
 
     async def one(raw: bytes) -> tuple[ClientResponse, float]:
         start = time.perf_counter()
@@ -224,7 +235,7 @@ async def test_an_overload_burst_is_answered_200_or_503_not_504(make_client: Mak
         await r.read()
         return r, time.perf_counter() - start
 
-    answers = await asyncio.gather(*(one(bodies[i % 3]) for i in range(40)))
+    answers = await asyncio.gather(*(one(bodies[i % 3]) for i in range(count)))
     statuses = Counter(r.status for r, _ in answers)
     assert set(statuses) <= {200, 503}, (statuses, deadline)
     assert statuses[200] >= 2 and statuses[503] >= 8, (statuses, deadline)  # an overload, and work went on

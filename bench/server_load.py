@@ -142,16 +142,14 @@ def free_port() -> int:
 
 
 def rss_bytes(pid: int) -> int:
-    """RSS of ``pid`` and its children (the server's engine process)."""
+    """RSS of ``pid`` and its descendants (the server's engine processes)."""
     total = 0
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1]) * 1024
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    except OSError:
-        return total
-    return total + sum(rss_bytes(int(c)) for c in children)
+    for p in _descendants(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
 
 
 def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:

@@ -94,3 +94,33 @@ def test_nothing_is_done_where_torch_cannot_be_found() -> None:
         """
     )
     assert out.strip() == "False"
+
+
+def test_a_failed_import_leaves_the_stand_in_for_the_next_read() -> None:
+    """torch failing to import (a broken install, memory exhausted) raises at the read
+    that needed it, and the stand-in stays: a later read tries again."""
+    out = run(
+        """
+        import importlib, sys
+        from spectralmc_server import lazy_torch
+        lazy_torch.install()
+        import torch
+        real_import = importlib.import_module
+        def failing(name, *args):
+            if name == "torch":
+                raise ImportError("torch is broken here")
+            return real_import(name, *args)
+        importlib.import_module = failing
+        try:
+            torch.cat
+        except ImportError as exc:
+            assert "broken" in str(exc)
+        else:
+            raise AssertionError("no error")
+        assert not lazy_torch.loaded() and sys.modules["torch"] is torch
+        importlib.import_module = real_import
+        assert float(torch.ones(2).sum()) == 2.0 and lazy_torch.loaded()
+        print("ok")
+        """
+    )
+    assert out.strip() == "ok"

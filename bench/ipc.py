@@ -46,7 +46,8 @@ from common import IMG, ROOT, output_args, publish, save_figure, table
 from spectralmc_server.ipc.framing import FrameProtocol, connect, encode, recv_frame, send_frame
 from spectralmc_server.ipc.unpickling import http_side_allow
 
-ENGINE_OPTIONS_PER_S = 297_699.0  # docs/benchmarks.md, server_load: "engine alone (in process)", arrow 10,000
+# the engine alone in an earlier server_load recording (docs/benchmarks.md; the best of 5 calls)
+ENGINE_OPTIONS_PER_S = 297_699.0
 ROUNDS = 4  # the blocking cells are measured in this many interleaved rounds
 FLOAT_COLUMNS = ("spot", "strike", "expiry_years", "rate", "dividend", "vol")
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import signal
@@ -48,7 +47,7 @@ from spectralmc_server.engine_service.protocol import (
     StartFailed,
     Tell,
 )
-from spectralmc_server.engine_service.rss import malloc_trim_fn, reclaim
+from spectralmc_server.engine_service.rss import freeze_loaded, malloc_trim_fn, reclaim
 from spectralmc_server.engine_service.views import Directory
 from spectralmc_server.ipc.framing import FrameProtocol, connect, recv_frame, write_frame
 from spectralmc_server.ipc.unpickling import engine_side_allow
@@ -157,13 +156,9 @@ class EngineServer:
                 return 1
             self.core = core
             core.host.on_change.append(self.push_directory)
-            # As the HTTP process does (service/app.py gc_ctx): what start-up loaded (torch,
-            # the models) out of the cyclic GC's reach. Otherwise the first full collection
-            # over it, a few seconds into load, stalled pricing for ~50-100 ms (measured).
-            if s.gc_freeze:
-                gc.collect()
-                gc.freeze()
-            gc.set_threshold(s.gc_gen0_threshold, *gc.get_threshold()[1:])
+            # As the HTTP process does (service/app.py gc_ctx): otherwise the first full
+            # collection, a few seconds into load, stalled pricing for ~50-100 ms (measured).
+            freeze_loaded(s.gc_freeze, s.gc_gen0_threshold)
             self.send(Ready(core.directory(), core.status()))
             log.info("engine %d ready: serving %s", os.getpid(), ", ".join(s.models))
             # until stopped: a commit at shutdown takes ~30 s

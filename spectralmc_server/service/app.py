@@ -27,6 +27,7 @@ from aiohttp import web
 from spectralmc_server.engine.device import BudgetReport, Budgets
 from spectralmc_server.engine_service.messages import EngineDeadError
 from spectralmc_server.engine_service.metrics import ModelState, TrainingState, process_stats
+from spectralmc_server.engine_service.rss import freeze_loaded
 from spectralmc_server.engine_service.views import ModelDirectory
 from spectralmc_server.marketdata.store import SnapshotStore, iso
 from spectralmc_server.pricing.schemas import PriceRequest
@@ -291,11 +292,7 @@ async def gc_ctx(app: web.Application) -> AsyncIterator[None]:
     collections rarer. Full collections over torch and pydantic objects otherwise stall
     the event loop for 100+ ms every few seconds under load."""
     s = app[keys.SETTINGS]
-    previous = gc.get_threshold()
-    if s.gc_freeze:
-        gc.collect()
-        gc.freeze()
-    gc.set_threshold(s.gc_gen0_threshold, *previous[1:])
+    previous = freeze_loaded(s.gc_freeze, s.gc_gen0_threshold)
     yield
     gc.set_threshold(*previous)
     if s.gc_freeze:

@@ -6,10 +6,12 @@ A request enters the pricing code here, twice at most and never more:
   schema, the inputs a snapshot cannot fix (``val_datetime`` for contracts by
   reference), and the checks against the served models (moments' spread, bounded
   simulated-reference cost) on its explicit contracts. Every refusal is a
-  :class:`RequestRefusedError` naming the field and the reason.
+  :class:`RequestRefusedError` naming the field and the reason. It runs no torch: the
+  server's HTTP process admits by it (lazy_torch.py).
 - :func:`value_batch` takes the requests of one batch (or parts of them: a large
   request is priced in slices), makes the ones by reference explicit against their
-  snapshot, checks what the snapshot filled in, and values them all in one
+  snapshot, checks what the snapshot filled in and what needs torch (moments that are
+  infinite or past float64, simulated and refined reference work), and values them all in one
   :class:`~spectralmc_server.pricing.valuation.Valuer` call per model set. A request that
   fails there fails alone; the others are answered.
 
@@ -47,6 +49,7 @@ from spectralmc_server.pricing.valuation import (
     Valuer,
     check_explicit,
     check_inputs,
+    check_moments,
     check_request,
 )
 
@@ -201,6 +204,7 @@ def value_batch(entries: Sequence[Entry]) -> list[dict[str, Any] | RequestRefuse
                 key = entry.market[0].key()
             check_explicit(request)  # by reference with no snapshot to take inputs from
             check_request(request, {p: served.view for p, served in entry.models.items()})
+            check_moments(request)
             check_simulated(request, entry.models)
             check_refined(request, entry.models)
         except RequestError as exc:

@@ -98,10 +98,12 @@ def _check_finite(
 
 
 def check_request(request: PriceRequest, models: Mapping[str, ModelView]) -> None:
-    """What an explicit request must satisfy before pricing, beyond its schema: a
-    bounded simulated-reference cost (:func:`check_cost`), higher moments only where
-    the spread allows them and where they are finite (:func:`check_moments`). Raises
-    RequestError (a 422 naming the contract)."""
+    """What an explicit request must satisfy before pricing, beyond its schema, checked
+    without torch (the HTTP process admits by it, lazy_torch.py): barriers, a bounded
+    simulated-reference cost (:func:`check_cost`), higher moments only where the spread
+    allows them. Whether those moments are finite needs the exact moments, in torch:
+    :func:`check_moments`, which the engine runs (pricing/door.py ``value_batch``).
+    Raises RequestError (a 422 naming the contract)."""
     check_barriers(request)
     if SPREAD_MEASURES & set(request.measures):
         for name, index in book_of(request).by_process().items():
@@ -119,7 +121,6 @@ def check_request(request: PriceRequest, models: Mapping[str, ModelView]) -> Non
                         f"{MOMENT_MAX_SPREAD:g} (docs/method.md); this {c.process} contract's is {s:.4g}",
                         market=False,
                     )
-        check_moments(request)
     check_cost(request, models)
 
 

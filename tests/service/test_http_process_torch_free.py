@@ -1,7 +1,8 @@
 """``spectralmc serve`` with the engine in its own process: the HTTP process never loads
 torch (spectralmc_server/lazy_torch.py), whatever it is asked. One real server is
 driven through every kind of request the HTTP side handles (rows, columns and Arrow
-books, a refusal, market data and pricing by reference, a stream, a calibration, the
+books, every process with every measure, barriers, the admission refusals,
+market data and pricing by reference, a stream, a calibration, the
 admin routes, the pages and the metrics, with online training on), then the HTTP
 process's memory map is read: libtorch is mapped in the engine process, not in it."""
 
@@ -73,8 +74,54 @@ def heston_snapshot() -> dict[str, Any]:
     return body
 
 
+MARKET = {"spot": 100.0, "rate": 0.03, "dividend": 0.01}
+PROCESSES: list[dict[str, Any]] = [
+    {"vol": 0.25},
+    {"process": "heston", "params": {"v0": 0.04, "kappa": 1.5, "theta": 0.05, "xi": 0.5, "rho": -0.7}},
+    {"process": "merton", "params": {"sigma": 0.2, "lambda": 0.5, "mu_j": -0.1, "sigma_j": 0.15}},
+    {"process": "asian", "vol": 0.25, "fixings": 12},
+    {"process": "rbergomi", "params": {"H": 0.1, "eta": 1.5, "rho": -0.9, "xi0": 0.04}},
+]
+MEASURES = ["price", "delta", "gamma", "vega", "theta", "rho", "digital", "mean", "stdev", "skew", "kurtosis"]
+# Heston whose E[S_T^4] explodes before T = 2 (tests/engine/test_exact_moments.py)
+EXPLODING = {"v0": 0.01, "kappa": 0.5, "theta": 0.01, "xi": 1.0, "rho": 0.3}
+
+
+def every_process_and_measure(url: str) -> None:
+    """Each process with every measure and quantiles, a barrier contract, and the
+    refusals at admission that read the contracts' laws (an exploding moment, a spread
+    too wide for moments, rough Bergomi's infinite stdev): their checks run where the
+    HTTP process runs too, and must not load torch there."""
+    for k, law in enumerate(PROCESSES):
+        contract = {"id": f"p{k}", "right": "call", "strike": 100.0, "expiry_years": 1.0, **MARKET, **law}
+        for measures in (MEASURES, ["quantiles"]):
+            status, body = call(url, "POST", "/v1/price", {"contracts": [contract], "measures": measures})
+            assert status == 200, (law, measures, body)
+    barrier = {**CONTRACT, "id": "b", "barrier": {"type": "down-and-out", "level": 90.0}}
+    assert call(url, "POST", "/v1/price", {"contracts": [barrier], "measures": ["price", "survival"]})[0] == 200
+    exploding = {"id": "x", "right": "call", "strike": 100.0, "expiry_years": 2.0, **MARKET}
+    exploding |= {"process": "heston", "params": EXPLODING}
+    refusals = [
+        ({"contracts": [exploding], "measures": ["kurtosis"]}, "kurtosis is infinite"),
+        ({"contracts": [{**CONTRACT, "vol": 3.0, "expiry_years": 5.0}], "measures": ["stdev"]}, "spread"),
+        (
+            {
+                "contracts": [
+                    {**exploding, "process": "rbergomi", "params": {"H": 0.1, "eta": 1.5, "rho": -0.7, "xi0": 0.04}}
+                ],
+                "measures": ["stdev"],
+            },
+            "stdev is infinite",
+        ),
+    ]
+    for request, reason in refusals:
+        status, body = call(url, "POST", "/v1/price", request)
+        assert status == 422 and reason in body.decode(), (request, body)
+
+
 def test_the_http_process_never_loads_torch(server: ServerProcess) -> None:
     url, pid = server.url, server.proc.pid
+    every_process_and_measure(url)
     status, _ = call(url, "POST", "/v1/price", {"contracts": [CONTRACT], "measures": ["price", "delta", "vega"]})
     assert status == 200
     columns = {k: [v, v] for k, v in CONTRACT.items()} | {"id": ["a", "b"]}
